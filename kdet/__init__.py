@@ -1,0 +1,30 @@
+"""kdet: a Keras 3 model zoo for object detection.
+
+Submodules are imported lazily so that ``import kdet`` stays cheap and so that
+TensorFlow-only parts (``kdet.data``, ``kdet.export``) are not pulled in on the
+JAX backend unless asked for.
+
+    >>> import kdet
+    >>> kdet.boxes.pairwise_iou  # doctest: +ELLIPSIS
+    <function pairwise_iou at ...>
+"""
+import importlib
+
+__version__ = "0.1.0"
+
+_SUBMODULES = (
+    "anchors", "backbones", "boxes", "data", "export", "layers", "losses",
+    "matching", "metrics", "models", "ops", "utils", "zoo", "cli",
+)
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        module = importlib.import_module(f"kdet.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'kdet' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_SUBMODULES))

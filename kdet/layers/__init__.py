@@ -1,0 +1,12 @@
+"""Keras layers shared by the detectors."""
+from kdet._lazy import lazy_exports
+
+_EXPORTS = {
+    "ConvNormAct": ".conv_norm_act", "SeparableConvNormAct": ".conv_norm_act",
+    "FrozenBatchNormalization": ".normalization", "ImageNormalization": ".normalization",
+    "FPN": ".fpn", "BiFPN": ".bifpn", "WeightedFusion": ".bifpn", "ResampleFeature": ".bifpn",
+    "EfficientDetHead": ".heads", "RetinaNetHead": ".heads",
+    "RoIAlign": ".roi", "RoIPool": ".roi", "MultiLevelRoIAlign": ".roi",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

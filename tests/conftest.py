@@ -1,0 +1,40 @@
+"""Shared fixtures.
+
+torch/torchvision must be imported before TensorFlow/Keras in the same process
+(the other order segfaults on the first torchvision op), so do it here first.
+"""
+import os
+import pathlib
+
+try:  # optional reference implementation
+    import torch  # noqa: F401
+    import torchvision  # noqa: F401
+    HAVE_TORCHVISION = True
+except Exception:  # pragma: no cover - depends on the machine
+    HAVE_TORCHVISION = False
+
+import numpy as np
+import pytest
+
+SHARED_DATA = pathlib.Path(
+    os.environ.get("KDET_SHARED_DATA",
+                   pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture
+def shared_data():
+    """Path to ../shared/data; skips when absent (a user's fresh clone)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared test data not found at {SHARED_DATA} "
+                    "(set KDET_SHARED_DATA to run these tests)")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def backend():
+    import keras
+    return keras.backend.backend()
