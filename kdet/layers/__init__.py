@@ -6,6 +6,7 @@ _EXPORTS = {
     "FrozenBatchNormalization": ".normalization", "ImageNormalization": ".normalization",
     "FPN": ".fpn", "BiFPN": ".bifpn", "WeightedFusion": ".bifpn", "ResampleFeature": ".bifpn",
     "EfficientDetHead": ".heads", "RetinaNetHead": ".heads",
+    "DetectionDecoder": ".detection_decoder",
     "RoIAlign": ".roi", "RoIPool": ".roi", "MultiLevelRoIAlign": ".roi",
 }
 __all__ = sorted(_EXPORTS)

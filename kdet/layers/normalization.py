@@ -1,0 +1,165 @@
+"""Normalisation layers with no trainable state.
+
+``FrozenBatchNormalization`` is torchvision's ``FrozenBatchNorm2d``: a batch
+norm whose statistics and affine parameters are constants, used by the
+pretrained torchvision detectors for the backbone. ``ImageNormalization`` turns
+raw 0..255 RGB pixels into the network's input range, so exported models take
+raw pixels.
+"""
+import keras
+import numpy as np
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="kdet")
+class FrozenBatchNormalization(keras.layers.Layer):
+    """Batch normalisation with fixed statistics and affine parameters.
+
+    ``y = (x - moving_mean) * gamma / sqrt(moving_variance + epsilon) + beta``
+    over the last (channel) axis, identical in training and inference. The
+    variables carry the names of ``keras.layers.BatchNormalization`` so weights
+    of a trained BN load by name; none is trainable, and
+    ``kdet.utils.count_params`` skips them all (``is_buffer_only``) as PyTorch
+    does for ``FrozenBatchNorm2d`` buffers.
+
+    Args:
+        epsilon: added to the variance. torchvision's ``FrozenBatchNorm2d``
+            uses 1e-5; its v1 pretrained ResNet detectors use 0.0, which is
+            allowed (the variance is then expected to be positive).
+
+    >>> import numpy as np
+    >>> layer = FrozenBatchNormalization()
+    >>> y = layer(np.ones((1, 2, 2, 3), "float32"))
+    >>> [v.name for v in layer.weights]
+    ['gamma', 'beta', 'moving_mean', 'moving_variance']
+    """
+
+    is_buffer_only = True
+
+    def __init__(self, epsilon=1e-5, **kwargs):
+        super().__init__(**kwargs)
+        epsilon = float(epsilon)
+        if epsilon < 0:
+            raise ValueError(f"FrozenBatchNormalization: epsilon must be >= 0, got {epsilon}")
+        self.epsilon = epsilon
+        self.axis = -1
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if channels is None:
+            raise ValueError("FrozenBatchNormalization: the channel (last) axis must be known, "
+                             f"got input shape {input_shape}")
+        shape = (channels,)
+        self.gamma = self.add_weight(shape=shape, initializer="ones", trainable=False,
+                                     autocast=False, name="gamma")
+        self.beta = self.add_weight(shape=shape, initializer="zeros", trainable=False,
+                                    autocast=False, name="beta")
+        self.moving_mean = self.add_weight(shape=shape, initializer="zeros", trainable=False,
+                                           autocast=False, name="moving_mean")
+        self.moving_variance = self.add_weight(shape=shape, initializer="ones",
+                                               trainable=False, autocast=False,
+                                               name="moving_variance")
+
+    def call(self, inputs):
+        # Fold into one scale and shift in float32 (as FrozenBatchNorm2d does),
+        # then apply in the compute dtype.
+        scale = self.gamma * ops.rsqrt(self.moving_variance + self.epsilon)
+        shift = self.beta - self.moving_mean * scale
+        scale = ops.cast(scale, inputs.dtype)
+        shift = ops.cast(shift, inputs.dtype)
+        return inputs * scale + shift
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"epsilon": self.epsilon})
+        return config
+
+
+def _as_channel_tuple(value, name):
+    if isinstance(value, (int, float)):
+        return (float(value),)
+    try:
+        values = tuple(float(v) for v in value)
+    except TypeError as error:
+        raise ValueError(f"ImageNormalization: {name} must be a number or a sequence of "
+                         f"numbers, got {value!r}") from error
+    if not values:
+        raise ValueError(f"ImageNormalization: {name} must not be empty")
+    return values
+
+
+@keras.saving.register_keras_serializable(package="kdet")
+class ImageNormalization(keras.layers.Layer):
+    """Map raw pixels to the network's input range: ``(x / scale - mean) / std``.
+
+    The defaults are the ImageNet statistics used by torchvision and the
+    EfficientDet D-models. The EfficientDet-Lite models scale to [-1, 1]
+    (``x / 127.5 - 1``): ``ImageNormalization(mean=0.5, std=0.5)``, or
+    ``ImageNormalization.for_mode("lite")``. The constants are config, not
+    weights.
+
+    Args:
+        mean, std: per-channel (or one scalar) statistics in the 0..1 range.
+        scale: divides the input first (255 for 0..255 pixels).
+
+    >>> import numpy as np
+    >>> layer = ImageNormalization(mean=0.5, std=0.5)
+    >>> np.asarray(layer(np.array([[[[0.0, 127.5, 255.0]]]], "float32"))).tolist()
+    [[[[-1.0, 0.0, 1.0]]]]
+    """
+
+    MODES = {
+        "imagenet": {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
+        "lite": {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},
+    }
+
+    def __init__(self, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), scale=255.0,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.mean = _as_channel_tuple(mean, "mean")
+        self.std = _as_channel_tuple(std, "std")
+        if len(self.mean) != len(self.std) and 1 not in (len(self.mean), len(self.std)):
+            raise ValueError(f"ImageNormalization: mean {self.mean} and std {self.std} have "
+                             "different lengths")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"ImageNormalization: std must be positive, got {self.std}")
+        self.scale = float(scale)
+        if self.scale <= 0:
+            raise ValueError(f"ImageNormalization: scale must be positive, got {self.scale}")
+
+    @classmethod
+    def for_mode(cls, mode, **kwargs):
+        """``"imagenet"`` (torchvision, EfficientDet D0-D7) or ``"lite"`` ([-1, 1])."""
+        if mode not in cls.MODES:
+            raise ValueError(f"ImageNormalization: unknown mode {mode!r}, expected one of "
+                             f"{sorted(cls.MODES)}")
+        return cls(**cls.MODES[mode], **kwargs)
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) != 1 and channels is not None and len(values) != channels:
+                raise ValueError(f"ImageNormalization: {name} has {len(values)} values but the "
+                                 f"input has {channels} channels")
+
+    def call(self, inputs):
+        x = ops.cast(inputs, self.compute_dtype)
+        # One multiply-add: x * (1 / (scale * std)) - mean / std, folded in
+        # float64 on the host so the constants are exact to float32.
+        mean, std = np.broadcast_arrays(np.asarray(self.mean), np.asarray(self.std))
+        multiplier = 1.0 / (self.scale * std)
+        offset = mean / std
+        multiplier = ops.convert_to_tensor(multiplier, dtype=self.compute_dtype)
+        offset = ops.convert_to_tensor(offset, dtype=self.compute_dtype)
+        return x * multiplier - offset
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"mean": list(self.mean), "std": list(self.std), "scale": self.scale})
+        return config

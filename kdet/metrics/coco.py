@@ -1,0 +1,968 @@
+"""COCO evaluation (bbox, segm, keypoints) that gives pycocotools' numbers, vectorised.
+
+`COCOEvaluator` reproduces ``pycocotools.cocoeval.COCOeval`` (``evaluate();
+accumulate(); summarize()``) including ``COCO.loadRes``: the same IoU/OKS values
+bit for bit, the same greedy matching, the same 101-point interpolated
+precision. Where pycocotools loops in Python over every (image, category, area
+range, IoU threshold, detection, ground truth), this module works on whole
+arrays:
+
+* IoU (bbox) and OKS (keypoints) for every (detection, ground truth) pair of
+  every (image, category) at once; mask IoU goes through ``pycocotools.mask``.
+* Greedy matching steps through the detection rank only; each step advances
+  every (image, category) group, the 4 area ranges and the 10 IoU thresholds
+  together.
+* Accumulation sorts all detections of a category once (``np.lexsort``) and
+  reads precision at the recall thresholds with integer ``searchsorted``.
+
+Bad input (unknown image/category ids, non-finite or negative-size boxes,
+missing keys, malformed JSON) raises ``ValueError`` naming the record.
+"""
+import json
+import os
+
+import numpy as np
+
+__all__ = ["COCOEvaluator"]
+
+# pycocotools' Params, built the same way: np.linspace, so index 8 is 0.8999999999999999.
+IOU_THRESHOLDS = np.linspace(.5, 0.95, int(np.round((0.95 - .5) / .05)) + 1, endpoint=True)
+RECALL_THRESHOLDS = np.linspace(.0, 1.00, int(np.round((1.00 - .0) / .01)) + 1, endpoint=True)
+COCO_KEYPOINT_SIGMAS = np.array([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62,
+                                 1.07, 1.07, .87, .87, .89, .89]) / 10.0
+DETECTION_AREA_RANGES = {"all": (0 ** 2, 1e5 ** 2), "small": (0 ** 2, 32 ** 2),
+                         "medium": (32 ** 2, 96 ** 2), "large": (96 ** 2, 1e5 ** 2)}
+KEYPOINT_AREA_RANGES = {"all": (0 ** 2, 1e5 ** 2), "medium": (32 ** 2, 96 ** 2),
+                        "large": (96 ** 2, 1e5 ** 2)}
+
+# (name, is AP, IoU threshold or None for all, area label, max detections). A max
+# detections of ("index", i) means params.maxDets[i], as pycocotools' summarize does;
+# an int is a literal (pycocotools' AP uses maxDets=100, keypoints use 20).
+_DETECTION_STATS = (
+    ("AP", 1, None, "all", 100), ("AP50", 1, .5, "all", ("index", 2)),
+    ("AP75", 1, .75, "all", ("index", 2)), ("APs", 1, None, "small", ("index", 2)),
+    ("APm", 1, None, "medium", ("index", 2)), ("APl", 1, None, "large", ("index", 2)),
+    ("AR1", 0, None, "all", ("index", 0)), ("AR10", 0, None, "all", ("index", 1)),
+    ("AR100", 0, None, "all", ("index", 2)), ("ARs", 0, None, "small", ("index", 2)),
+    ("ARm", 0, None, "medium", ("index", 2)), ("ARl", 0, None, "large", ("index", 2)),
+)
+_KEYPOINT_STATS = (
+    ("AP", 1, None, "all", 20), ("AP50", 1, .5, "all", 20), ("AP75", 1, .75, "all", 20),
+    ("APm", 1, None, "medium", 20), ("APl", 1, None, "large", 20),
+    ("AR", 0, None, "all", 20), ("AR50", 0, .5, "all", 20), ("AR75", 0, .75, "all", 20),
+    ("ARm", 0, None, "medium", 20), ("ARl", 0, None, "large", 20),
+)
+_IOU_TYPES = ("bbox", "segm", "keypoints")
+_BOX_FORMATS = ("xyxy", "yxyx", "xywh", "center_xywh", "center_yxhw",
+                "rel_xyxy", "rel_yxyx", "rel_xywh", "rel_center_xywh", "rel_center_yxhw")
+
+
+def _mask_api():
+    try:
+        from pycocotools import mask
+    except ImportError as err:  # pragma: no cover - pycocotools is a dependency
+        raise ImportError("iou_type='segm' needs pycocotools (pip install pycocotools)") from err
+    return mask
+
+
+# --------------------------------------------------------------------------- ground truth
+def _read_ground_truth(ground_truth):
+    """Return the COCO dict of ``ground_truth`` (a dict or a path to a JSON file)."""
+    if isinstance(ground_truth, (str, os.PathLike)):
+        path = os.fspath(ground_truth)
+        try:
+            with open(path, encoding="utf-8") as f:
+                dataset = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: malformed JSON: {err}") from err
+        except OSError as err:
+            raise ValueError(f"{path}: cannot read ground truth: {err}") from err
+        where = path
+    elif isinstance(ground_truth, dict):
+        dataset, where = ground_truth, "ground truth"
+    else:
+        raise ValueError("ground_truth must be a COCO-format dict or a path to a JSON file, "
+                         f"got {type(ground_truth).__name__}")
+    if not isinstance(dataset, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(dataset).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if key not in dataset:
+            raise ValueError(f"{where}: missing '{key}' (a COCO ground truth needs "
+                             "'images', 'annotations' and 'categories')")
+        if not isinstance(dataset[key], list):
+            raise ValueError(f"{where}: '{key}' must be a list, got {type(dataset[key]).__name__}")
+    return dataset, where
+
+
+def _column(records, key, what):
+    """``[r[key] for r in records]`` with an error naming the first record without it."""
+    try:
+        return [r[key] for r in records]
+    except (KeyError, TypeError):
+        for i, r in enumerate(records):
+            if not isinstance(r, dict):
+                raise ValueError(f"{what(i)}: expected a dict, got {type(r).__name__}") from None
+            if key not in r:
+                raise ValueError(f"{what(i)}: missing key '{key}'") from None
+        raise
+
+
+def _float_rows(values, width, key, what):
+    """Stack ``values`` into a float64 ``[N, width]`` array, naming the first bad record."""
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+        if arr.ndim == 2 and arr.shape[1] == width or (len(values) == 0):
+            return arr.reshape(len(values), width)
+    except (ValueError, TypeError):
+        pass
+    for i, v in enumerate(values):
+        try:
+            ok = np.asarray(v, dtype=np.float64).shape == (width,)
+        except (ValueError, TypeError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{what(i)}: '{key}' must be {width} numbers, got {v!r}")
+    raise ValueError(f"'{key}' values are not {width} numbers")  # pragma: no cover
+
+
+def _float_values(values, key, what):
+    """``values`` as a float64 vector, naming the first record that is not a number."""
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+        if arr.shape == (len(values),):
+            return arr
+    except (ValueError, TypeError):
+        pass
+    for i, v in enumerate(values):
+        try:
+            ok = np.asarray(v, dtype=np.float64).shape == ()
+        except (ValueError, TypeError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{what(i)}: '{key}' must be a number, got {v!r}")
+    raise ValueError(f"'{key}' values are not numbers")  # pragma: no cover
+
+
+def _check_boxes(boxes, what, valid=None):
+    """Reject NaN/inf and negative width/height in ``[N, 4]`` xywh ``boxes``."""
+    bad = ~np.isfinite(boxes).all(axis=1) | (boxes[:, 2] < 0) | (boxes[:, 3] < 0)
+    if valid is not None:
+        bad &= valid
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        problem = "is not finite" if not np.isfinite(boxes[i]).all() else "has negative size"
+        raise ValueError(f"{what(i)}: bbox {boxes[i].tolist()} {problem}")
+
+
+def _to_rle(segmentation, height, width, what):
+    """COCO.annToRLE: polygons and uncompressed RLE -> compressed RLE of ``height x width``."""
+    mask_api = _mask_api()
+    try:
+        if isinstance(segmentation, list):
+            rle = mask_api.merge(mask_api.frPyObjects(segmentation, height, width))
+        elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
+            if isinstance(segmentation["counts"], list):
+                rle = mask_api.frPyObjects(segmentation, height, width)
+            else:
+                rle = segmentation
+        else:
+            raise ValueError("expected polygons or an RLE dict with 'size' and 'counts'")
+        size = [int(s) for s in rle["size"]]
+    except ValueError as err:
+        raise ValueError(f"{what}: bad segmentation: {err}") from err
+    except (TypeError, KeyError, IndexError) as err:
+        raise ValueError(f"{what}: bad segmentation ({type(err).__name__}: {err})") from err
+    if size != [height, width]:
+        raise ValueError(f"{what}: segmentation size {size} differs from the image size "
+                         f"[{height}, {width}]")
+    return rle
+
+
+class _GroundTruth:
+    """The ground truth as arrays, annotations sorted by (image, category, file order).
+
+    That order is pycocotools' ``_gts[img, cat]`` order (``getAnnIds`` walks images
+    in sorted id order, each image's annotations in file order).
+    """
+
+    def __init__(self, ground_truth, iou_type):
+        dataset, where = _read_ground_truth(ground_truth)
+        images, categories, anns = dataset["images"], dataset["categories"], dataset["annotations"]
+
+        image_ids = _column(images, "id", lambda i: f"{where}: images[{i}]")
+        self.image_ids = self._sorted_unique(image_ids, f"{where}: image")
+        self.image_index = {img_id: i for i, img_id in enumerate(self.image_ids)}
+        self.heights = np.zeros(len(images), np.int64)
+        self.widths = np.zeros(len(images), np.int64)
+        self.has_size = np.zeros(len(images), bool)
+        for img in images:
+            if "height" in img and "width" in img:
+                i = self.image_index[img["id"]]
+                self.heights[i], self.widths[i] = img["height"], img["width"]
+                self.has_size[i] = True
+
+        cat_ids = _column(categories, "id", lambda i: f"{where}: categories[{i}]")
+        self.category_ids = self._sorted_unique(cat_ids, f"{where}: category")
+        self.category_index = {cat_id: k for k, cat_id in enumerate(self.category_ids)}
+        names = {c["id"]: str(c.get("name", c["id"])) for c in categories}
+        self.category_names = [names[c] for c in self.category_ids]
+
+        def what(i):  # names annotation i (file order) in error messages
+            ann_id = f" (id={anns[i].get('id')!r})" if isinstance(anns[i], dict) else ""
+            return f"{where}: annotations[{i}]{ann_id}"
+
+        needed = ["id", "image_id", "category_id", "area", "iscrowd"]
+        needed += {"bbox": ["bbox"], "segm": ["segmentation"],
+                   "keypoints": ["bbox", "keypoints", "num_keypoints"]}[iou_type]
+        columns = {key: _column(anns, key, what) for key in needed}
+        img = np.array([self.image_index.get(i, -1) for i in columns["image_id"]], np.int64)
+        cat = np.array([self.category_index.get(c, -1) for c in columns["category_id"]], np.int64)
+        for arr, key in ((img, "image_id"), (cat, "category_id")):
+            if (arr < 0).any():
+                i = int(np.flatnonzero(arr < 0)[0])
+                raise ValueError(f"{what(i)}: {key} {columns[key][i]!r} is not in "
+                                 f"'{'images' if key == 'image_id' else 'categories'}'")
+        ids = columns["id"]
+        if len(set(ids)) != len(ids):
+            seen = set()
+            for i, ann_id in enumerate(ids):
+                if ann_id in seen:
+                    raise ValueError(f"{what(i)}: duplicate annotation id {ann_id!r}")
+                seen.add(ann_id)
+        area = _float_values(columns["area"], "area", what)
+        if not np.isfinite(area).all():
+            i = int(np.flatnonzero(~np.isfinite(area))[0])
+            raise ValueError(f"{what(i)}: area {columns['area'][i]!r} is not finite")
+
+        # Stable sort into (image, category, file order) groups.
+        order = np.lexsort((np.arange(len(anns)), cat, img))
+        self.image = img[order]
+        self.category = cat[order]
+        self.area = area[order]
+        # pycocotools: gt['ignore'] = iscrowd (any 'ignore' field is overwritten) and
+        # maskUtils.iou gets int(iscrowd).
+        self.crowd = np.array([bool(c) for c in columns["iscrowd"]], bool)[order]
+        # dtMatches stores the matched ground truth's id and accumulate tests it for
+        # truth, so a match to an annotation with id 0 counts as no match.
+        self.id_nonzero = np.array([a != 0 for a in ids], bool)[order]
+        self.ignore = self.crowd.copy()
+        self.describe = lambda i: what(order[i])  # names sorted annotation i
+        if "bbox" in columns:
+            self.bbox = _float_rows(columns["bbox"], 4, "bbox", what)[order]
+            _check_boxes(self.bbox, self.describe)
+        if iou_type == "segm":
+            no_size = ~self.has_size[self.image]
+            if no_size.any():
+                i = int(order[np.flatnonzero(no_size)[0]])
+                raise ValueError(f"{what(i)}: its image has no 'height'/'width' (needed for masks)")
+            self.segmentation = [columns["segmentation"][i] for i in order]
+            self._rles = {}
+        if iou_type == "keypoints":
+            num_keypoints = np.array(columns["num_keypoints"])[order]
+            self.ignore = (num_keypoints == 0) | self.ignore
+            self.keypoints = [columns["keypoints"][i] for i in order]
+        self.num_categories = len(self.category_ids)
+        self.group_key = self.image * self.num_categories + self.category
+
+    @staticmethod
+    def _sorted_unique(ids, what):
+        try:
+            unique = sorted(set(ids))
+        except TypeError as err:
+            raise ValueError(f"{what} ids must be mutually comparable: {err}") from err
+        if len(unique) != len(ids):
+            seen = set()
+            for i in ids:
+                if i in seen:
+                    raise ValueError(f"{what} id {i!r} appears twice")
+                seen.add(i)
+        return unique
+
+    def rle(self, i):
+        """Compressed RLE of (sorted) annotation ``i``, converted on first use."""
+        if i not in self._rles:
+            img = self.image[i]
+            self._rles[i] = _to_rle(self.segmentation[i], int(self.heights[img]),
+                                    int(self.widths[img]), self.describe(i))
+        return self._rles[i]
+
+
+# --------------------------------------------------------------------------- detections
+class _Detections:
+    """Detections in arrival order (pycocotools' ``loadRes`` order)."""
+
+    def __init__(self, image, category, score, bbox=None, segmentation=None, keypoints=None):
+        n = len(image)
+        self.image = np.asarray(image, np.int64)
+        self.category = np.asarray(category, np.int64)
+        self.score = np.asarray(score, np.float64)
+        self.has_bbox = np.zeros(n, bool) if bbox is None else ~np.isnan(bbox[:, 0])
+        self.bbox = np.full((n, 4), np.nan) if bbox is None else bbox
+        self.segmentation = [None] * n if segmentation is None else segmentation
+        self.keypoints = [None] * n if keypoints is None else keypoints
+
+    def __len__(self):
+        return len(self.image)
+
+    @classmethod
+    def concatenate(cls, chunks):
+        if not chunks:
+            return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+        out = cls.__new__(cls)
+        for name in ("image", "category", "score", "has_bbox", "bbox"):
+            setattr(out, name, np.concatenate([getattr(c, name) for c in chunks]))
+        out.segmentation = [s for c in chunks for s in c.segmentation]
+        out.keypoints = [k for c in chunks for k in c.keypoints]
+        return out
+
+
+def _convert_boxes(boxes, source_format, heights, widths):
+    """``[B, D, 4]`` boxes in a Keras box format -> absolute COCO xywh (float64)."""
+    boxes = np.asarray(boxes, np.float64)
+    relative = source_format.startswith("rel_")
+    fmt = source_format[4:] if relative else source_format
+    a, b, c, d = boxes[..., 0], boxes[..., 1], boxes[..., 2], boxes[..., 3]
+    if fmt == "yxyx":
+        a, b, c, d = b, a, d, c
+    elif fmt == "center_yxhw":
+        a, b, c, d = b, a, d, c
+    if relative:
+        w, h = widths[:, None].astype(np.float64), heights[:, None].astype(np.float64)
+        a, b, c, d = a * w, b * h, c * w, d * h
+    if fmt in ("xyxy", "yxyx"):
+        return np.stack([a, b, c - a, d - b], axis=-1)
+    if fmt == "xywh":
+        return np.stack([a, b, c, d], axis=-1)
+    return np.stack([a - c / 2, b - d / 2, c, d], axis=-1)  # center formats
+
+
+# --------------------------------------------------------------------------- IoU / OKS
+def _pair_box_iou(det_boxes, gt_boxes, gt_crowd):
+    """IoU of aligned (detection, ground truth) xywh pairs, in maskApi.c ``bbIou``'s
+    operation order so every value is bit-identical to ``maskUtils.iou``."""
+    dx, dy, dw, dh = det_boxes.T
+    gx, gy, gw, gh = gt_boxes.T
+    w = np.minimum(dw + dx, gw + gx) - np.maximum(dx, gx)
+    h = np.minimum(dh + dy, gh + gy) - np.maximum(dy, gy)
+    inter = w * h
+    det_area = dw * dh
+    union = np.where(gt_crowd, det_area, det_area + gw * gh - inter)
+    overlap = (w > 0) & (h > 0)
+    return np.divide(inter, union, out=np.zeros_like(inter), where=overlap)
+
+
+def _pair_oks(det_kpts, gt_kpts, gt_boxes, gt_area, sigmas):
+    """Object keypoint similarity of aligned pairs, as pycocotools' ``computeOks``.
+
+    det_kpts, gt_kpts: ``[P, 3K]``; gt_boxes ``[P, 4]``; gt_area ``[P]``. Sums run over
+    compacted rows of visible keypoints so they add in numpy's order for a 1-D array.
+    """
+    variances = (sigmas * 2) ** 2
+    k = len(sigmas)
+    xd, yd = det_kpts[:, 0::3], det_kpts[:, 1::3]
+    xg, yg, vg = gt_kpts[:, 0::3], gt_kpts[:, 1::3], gt_kpts[:, 2::3]
+    visible = vg > 0
+    k1 = np.count_nonzero(visible, axis=1)
+    bx, by, bw, bh = (gt_boxes[:, i:i + 1] for i in range(4))
+    x0, x1 = bx - bw, bx + bw * 2
+    y0, y1 = by - bh, by + bh * 2
+    labelled = (k1 > 0)[:, None]
+    # No labelled keypoint: distance to the ground truth box grown to twice its size.
+    dx = np.where(labelled, xd - xg, np.maximum(0, x0 - xd) + np.maximum(0, xd - x1))
+    dy = np.where(labelled, yd - yg, np.maximum(0, y0 - yd) + np.maximum(0, yd - y1))
+    e = (dx ** 2 + dy ** 2) / variances / (gt_area[:, None] + np.spacing(1)) / 2
+    used = np.where(labelled, visible, True)
+    count = np.where(k1 > 0, k1, k)
+    # Move the used keypoints to the front (stable), then sum rows of equal length.
+    e = np.take_along_axis(e, np.argsort(~used, axis=1, kind="stable"), axis=1)
+    oks = np.zeros(len(e))
+    for n in np.unique(count):
+        rows = np.flatnonzero(count == n)
+        oks[rows] = np.sum(np.exp(-np.ascontiguousarray(e[rows, :n])), axis=1) / n
+    return oks
+
+
+# --------------------------------------------------------------------------- matching
+def _greedy_match(pair_iou, pair_start, group_first, group_ndet, group_gt_first, group_ngt,
+                  gt_ignore, gt_crowd, gt_id_nonzero, num_dets, thresholds):
+    """pycocotools' ``evaluateImg`` matching for every group, area range and threshold.
+
+    Each detection (in score order) takes, among ground truths not yet matched (crowd
+    ones stay available), the best IoU >= threshold, ties going to the later ground
+    truth; an ignored ground truth only when no regular one qualifies. Groups are
+    bucketed by ground-truth count (padded to a power of two) and advanced one
+    detection rank at a time, all groups, area ranges and thresholds together.
+
+    Returns ``matched[num_dets, A, T]`` (matched to a ground truth whose id is not 0)
+    and ``matched_ignored[num_dets, A, T]`` (matched to an ignored ground truth).
+    """
+    num_areas, num_thr = gt_ignore.shape[1], len(thresholds)
+    matched_out = np.zeros((num_dets, num_areas, num_thr), bool)
+    ignored_out = np.zeros((num_dets, num_areas, num_thr), bool)
+    if len(group_first) == 0:
+        return matched_out, ignored_out
+    padded = 1 << np.ceil(np.log2(group_ngt)).astype(np.int64)
+    for width in np.unique(padded):
+        sel = np.flatnonzero(padded == width)
+        sel = sel[np.argsort(-group_ndet[sel], kind="stable")]  # active groups form a prefix
+        first, ndet = group_first[sel], group_ndet[sel]
+        gt_first, ngt = group_gt_first[sel], group_ngt[sel]
+        num_groups, max_det = len(sel), int(ndet[0])
+        # Ground-truth tables [groups, width], padded slots point at a real annotation
+        # but get IoU -inf, so they never qualify.
+        slot = np.arange(width)
+        real = slot[None, :] < ngt[:, None]
+        gt_index = np.where(real, gt_first[:, None] + slot[None, :], gt_first[:, None])
+        crowd = gt_crowd[gt_index]
+        ignore = np.transpose(gt_ignore[gt_index], (0, 2, 1))[:, :, None, :]  # [g, A, 1, W]
+        id_nonzero = gt_id_nonzero[gt_index]
+        # IoU rows in step order: rank 0 of every group, then rank 1 of groups with >1 ...
+        active = np.array([np.count_nonzero(ndet > r) for r in range(max_det)])
+        offsets = np.concatenate([[0], np.cumsum(active)])
+        det_group = np.repeat(np.arange(num_groups), ndet)
+        det_rank = np.arange(len(det_group)) - np.repeat(np.cumsum(ndet) - ndet, ndet)
+        det_index = first[det_group] + det_rank
+        rows = np.full((len(det_index), width), -np.inf)
+        row_of_det = offsets[det_rank] + det_group
+        pair_rows = np.repeat(row_of_det, ngt[det_group])
+        pair_slots = np.arange(len(pair_rows)) - np.repeat(
+            np.cumsum(ngt[det_group]) - ngt[det_group], ngt[det_group])
+        pair_index = np.repeat(pair_start[det_index], ngt[det_group]) + pair_slots
+        rows[pair_rows, pair_slots] = pair_iou[pair_index]
+        step_dets = np.empty(len(det_index), np.int64)
+        step_dets[row_of_det] = det_index
+
+        taken = np.zeros((num_groups, num_areas, num_thr, width), bool)
+        for r in range(max_det):
+            c = active[r]
+            iou = rows[offsets[r]:offsets[r] + c]  # [c, W]
+            above = iou[:, None, :] >= thresholds[None, :, None]  # [c, T, W]
+            qualifies = (~taken[:c] | crowd[:c, None, None, :]) & above[:, None]  # [c, A, T, W]
+            regular = qualifies & ~ignore[:c]
+            candidates = np.where(regular.any(-1, keepdims=True), regular, qualifies)
+            found = candidates.any(-1)
+            score = np.where(candidates, iou[:, None, None, :], -np.inf)
+            best = width - 1 - np.argmax(score[..., ::-1], axis=-1)  # last of the maxima
+            g, a, t = np.nonzero(found)
+            b = best[g, a, t]
+            taken[g, a, t, b] = True
+            dets = step_dets[offsets[r] + g]
+            matched_out[dets, a, t] = id_nonzero[g, b]
+            ignored_out[dets, a, t] = ignore[g, a, 0, b]
+    return matched_out, ignored_out
+
+
+# --------------------------------------------------------------------------- accumulate
+def _accumulate(category, rank, score, image, true_pos, false_pos, num_positives, max_dets,
+                num_categories):
+    """pycocotools' ``accumulate``: precision ``[T, R, K, A, M]`` and recall ``[T, K, A, M]``.
+
+    ``true_pos``/``false_pos``: ``[N, A, T]`` per evaluated detection; ``num_positives``:
+    ``[K, A]`` non-ignored ground truths. Detections past a max-detections limit stay
+    in the arrays as zero increments: that repeats earlier (recall, precision) points,
+    which changes neither the interpolated precision nor the final recall.
+    """
+    num_areas, num_thr = num_positives.shape[1], true_pos.shape[2]
+    num_rec, num_m = len(RECALL_THRESHOLDS), len(max_dets)
+    precision = -np.ones((num_thr, num_rec, num_categories, num_areas, num_m))
+    recall = -np.ones((num_thr, num_categories, num_areas, num_m))
+    # pycocotools concatenates images in id order, each in rank order, then mergesorts
+    # by descending score: i.e. order by (score desc, image, rank). Sorting by category
+    # first makes every category a contiguous run.
+    order = np.lexsort((rank, image, -score, category))
+    bounds = np.searchsorted(category[order], np.arange(num_categories + 1))
+    # Detections on the first axis: cumsum and the running max then run down columns,
+    # vectorised over the (area, max-dets, threshold) rows.
+    true_pos, false_pos = true_pos[order], false_pos[order]  # [N, A, T]
+    within = (rank[order][:, None] < np.asarray(max_dets)[None, :])[:, None, :, None]  # [N,1,M,1]
+    rows = np.arange(num_areas * num_m * num_thr)
+    row_area = rows // (num_m * num_thr)
+    for k in range(num_categories):
+        npig = num_positives[k]  # [A]
+        has_gt = npig > 0
+        if not has_gt.any():
+            continue  # -1: no ground truth for this category
+        start, stop = bounds[k], bounds[k + 1]
+        n = stop - start
+        if n == 0:
+            precision[:, :, k, has_gt, :] = 0
+            recall[:, k, has_gt, :] = 0
+            continue
+        valid = within[start:stop]
+        tp = np.cumsum(true_pos[start:stop, :, None, :] & valid, axis=0)  # [n, A, M, T]
+        fp = np.cumsum(false_pos[start:stop, :, None, :] & valid, axis=0)
+        tp_f = tp.astype(np.float64)
+        pr = fp.astype(np.float64)
+        pr += tp_f
+        pr += np.spacing(1)
+        np.divide(tp_f, pr, out=pr)  # tp / (fp + tp + eps), pycocotools' operation order
+        pr = np.maximum.accumulate(pr[::-1], axis=0)[::-1]  # monotone from the right
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rc_last = tp_f[-1] / npig[:, None, None]  # [A, M, T]
+        recall[:, k, has_gt, :] = rc_last[has_gt].transpose(2, 0, 1)
+        # searchsorted(rc, recThrs, 'left') with rc = tp / npig, done exactly on the
+        # integer tp: the least count whose float tp / npig reaches each threshold.
+        needed = np.zeros((num_areas, num_rec), np.int64)
+        for a in np.flatnonzero(has_gt):
+            needed[a] = np.searchsorted(np.arange(npig[a] + 1) / npig[a], RECALL_THRESHOLDS,
+                                        side="left")
+        needed = np.minimum(needed, n + 1)
+        # One searchsorted over all rows: row r's counts are shifted by r * (n + 2).
+        keys = (tp.reshape(n, -1).T + (rows * (n + 2))[:, None]).ravel()
+        queries = needed[row_area] + (rows * (n + 2))[:, None]  # [A*M*T, R]
+        pos = np.searchsorted(keys, queries.ravel(), side="left").reshape(queries.shape)
+        pos -= (rows * n)[:, None]
+        q = np.where(pos < n, pr.reshape(n, -1)[np.minimum(pos, n - 1), rows[:, None]], 0.0)
+        q = q.reshape(num_areas, num_m, num_thr, num_rec).transpose(2, 3, 0, 1)  # [T, R, A, M]
+        precision[:, :, k, has_gt, :] = q[:, :, has_gt, :]
+    return precision, recall
+
+
+def _summarize_one(precision, recall, iou_thrs, area_labels, max_dets, ap, iou_thr, area,
+                   max_det):
+    """pycocotools' ``_summarize``: mean of the selected entries > -1, else -1."""
+    aind = [i for i, label in enumerate(area_labels) if label == area]
+    mind = [i for i, m in enumerate(max_dets) if m == max_det]
+    s = precision if ap == 1 else recall
+    if iou_thr is not None:
+        s = s[np.where(iou_thr == iou_thrs)[0]]
+    s = s[:, :, :, aind, mind] if ap == 1 else s[:, :, aind, mind]
+    return -1 if len(s[s > -1]) == 0 else np.mean(s[s > -1])
+
+
+# --------------------------------------------------------------------------- evaluator
+class COCOEvaluator:
+    """COCO detection, instance-mask and keypoint metrics equal to pycocotools.
+
+    Args:
+        ground_truth: COCO-format dict, or the path of a COCO JSON file.
+        iou_type: ``"bbox"``, ``"segm"`` or ``"keypoints"``.
+        kpt_oks_sigmas: keypoint OKS sigmas: one array for every category, or a
+            dict ``{category_id: sigmas}``. Default: the 17 COCO person sigmas.
+        max_dets: max detections per image and category, pycocotools' ``maxDets``.
+            Default ``(1, 10, 100)``, or ``(20,)`` for keypoints.
+        area_ranges: ``{label: (min_area, max_area)}``, pycocotools' ``areaRng`` and
+            ``areaRngLbl``. Default all/small/medium/large (all/medium/large for
+            keypoints).
+
+    Example:
+    >>> gt = {"images": [{"id": 1, "height": 100, "width": 100}],
+    ...       "categories": [{"id": 3, "name": "car"}],
+    ...       "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "iscrowd": 0,
+    ...                        "bbox": [10, 10, 40, 40], "area": 1600}]}
+    >>> ev = COCOEvaluator(gt)
+    >>> ev.add_detections([{"image_id": 1, "category_id": 3, "bbox": [12, 10, 40, 40],
+    ...                     "score": 0.9}])
+    >>> round(ev.evaluate()["AP50"], 3), ev.evaluate()["per_class_AP"][3] > 0
+    (1.0, True)
+    """
+
+    def __init__(self, ground_truth, iou_type="bbox", kpt_oks_sigmas=None, max_dets=None,
+                 area_ranges=None):
+        if iou_type not in _IOU_TYPES:
+            raise ValueError(f"iou_type must be one of {_IOU_TYPES}, got {iou_type!r}")
+        self.iou_type = iou_type
+        keypoints = iou_type == "keypoints"
+        if max_dets is None:
+            max_dets = (20,) if keypoints else (1, 10, 100)
+        self.max_dets = sorted(int(m) for m in max_dets)
+        if not self.max_dets or min(self.max_dets) < 1:
+            raise ValueError(f"max_dets must be positive integers, got {max_dets!r}")
+        if not keypoints and len(self.max_dets) < 3:
+            raise ValueError("bbox/segm summaries read max_dets[0..2] (as pycocotools): "
+                             f"give 3 values, got {max_dets!r}")
+        if area_ranges is None:
+            area_ranges = KEYPOINT_AREA_RANGES if keypoints else DETECTION_AREA_RANGES
+        self.area_labels = list(area_ranges)
+        self.area_ranges = np.array([area_ranges[k] for k in self.area_labels], np.float64)
+        if self.area_ranges.ndim != 2 or self.area_ranges.shape[1] != 2:
+            raise ValueError(f"area_ranges must map labels to (min, max), got {area_ranges!r}")
+        self.kpt_oks_sigmas = COCO_KEYPOINT_SIGMAS if kpt_oks_sigmas is None else kpt_oks_sigmas
+        self._gt = _GroundTruth(ground_truth, iou_type)
+        if keypoints:
+            for i, kp in enumerate(self._gt.keypoints):
+                n = 3 * len(self._sigmas(self._gt.category[i]))
+                if len(kp) != n:
+                    raise ValueError(f"{self._gt.describe(i)}: keypoints has {len(kp)} values, "
+                                     f"expected {n} (3 per sigma)")
+        self._chunks = []
+        self._num_detections = 0
+        self._stats = None
+        self.precision = self.recall = None
+
+    # ------------------------------------------------------------------ input
+    def _sigmas(self, category_index):
+        sigmas = self.kpt_oks_sigmas
+        if isinstance(sigmas, dict):
+            cat_id = self._gt.category_ids[category_index]
+            if cat_id not in sigmas:
+                raise ValueError(f"kpt_oks_sigmas has no entry for category {cat_id!r}")
+            sigmas = sigmas[cat_id]
+        return np.asarray(sigmas, np.float64)
+
+    def reset_detections(self):
+        """Forget every detection added so far (the ground truth stays)."""
+        self._chunks = []
+        self._num_detections = 0
+        self._stats = None
+
+    def add_detections(self, detections):
+        """Add COCO result dicts ``{"image_id", "category_id", "bbox" | "segmentation" |
+        "keypoints", "score"}`` (the list ``COCO.loadRes`` takes)."""
+        if not isinstance(detections, (list, tuple)):
+            raise ValueError(f"detections must be a list of dicts, got {type(detections).__name__}")
+        if len(detections) == 0:
+            return
+        start = self._num_detections
+        what = lambda i: f"detection #{start + i}" + (  # noqa: E731
+            f" (image_id={detections[i].get('image_id')!r}, "
+            f"category_id={detections[i].get('category_id')!r})"
+            if isinstance(detections[i], dict) else "")
+        gt = self._gt
+        image = self._indices(_column(detections, "image_id", what), gt.image_index, "image_id",
+                              "ground truth images", what)
+        category = self._indices(_column(detections, "category_id", what), gt.category_index,
+                                 "category_id", "ground truth categories", what)
+        score = _float_values(_column(detections, "score", what), "score", what)
+        if not np.isfinite(score).all():
+            i = int(np.flatnonzero(~np.isfinite(score))[0])
+            value = detections[i]["score"]
+            problem = "is not finite" if isinstance(value, (int, float, np.number)) else \
+                "must be a number"
+            raise ValueError(f"{what(i)}: score {value!r} {problem}")
+        needed = {"bbox": "bbox", "segm": "segmentation", "keypoints": "keypoints"}[self.iou_type]
+        _column(detections, needed, what)  # raises naming the first record without it
+        has_bbox = np.array(["bbox" in d for d in detections])
+        bbox = np.full((len(detections), 4), np.nan)
+        if has_bbox.any():
+            rows = np.flatnonzero(has_bbox)
+            values = [detections[i]["bbox"] for i in rows]
+            bbox[rows] = _float_rows(values, 4, "bbox", lambda j: what(rows[j]))
+            _check_boxes(bbox, what, valid=has_bbox)
+        segmentation = keypoints = None
+        if self.iou_type == "segm" or (self.iou_type == "keypoints" and
+                                        any("segmentation" in d for d in detections)):
+            segmentation = [
+                _to_rle(d["segmentation"], int(gt.heights[image[i]]), int(gt.widths[image[i]]),
+                        what(i)) if "segmentation" in d else None
+                for i, d in enumerate(detections)]
+        if self.iou_type == "keypoints":
+            keypoints = []
+            for i, d in enumerate(detections):
+                n = 3 * len(self._sigmas(category[i]))
+                kp = _float_rows([d["keypoints"]], n, "keypoints", lambda _: what(i))[0]
+                if not np.isfinite(kp).all():
+                    raise ValueError(f"{what(i)}: keypoints are not all finite")
+                keypoints.append(kp)
+        self._append(_Detections(image, category, score, bbox, segmentation, keypoints))
+
+    @staticmethod
+    def _indices(values, index, key, where, what):
+        try:
+            out = np.array([index.get(v, -1) for v in values], np.int64)
+        except TypeError:  # unhashable id
+            out = np.array([index.get(v, -1) if isinstance(v, (int, str, float)) else -1
+                            for v in values], np.int64)
+        if (out < 0).any():
+            i = int(np.flatnonzero(out < 0)[0])
+            raise ValueError(f"{what(i)}: {key} {values[i]!r} is not in the {where}")
+        return out
+
+    def _append(self, chunk):
+        if len(chunk):
+            self._chunks.append(chunk)
+            self._num_detections += len(chunk)
+            self._stats = None
+
+    def add_predictions(self, image_ids, predictions, category_ids=None,
+                        bounding_box_format="xyxy", scale=None):
+        """Add padded model outputs for the images ``image_ids``.
+
+        Args:
+            image_ids: ``B`` ground-truth image ids, one per batch row.
+            predictions: dict of ``"boxes" [B, D, 4]``, ``"scores" [B, D]``,
+                ``"labels" [B, D]`` and optionally ``"num_detections" [B]``;
+                ``"masks" [B, D, H, W]`` (image space, cut to each image's size and
+                thresholded at 0.5) for ``segm``, ``"keypoints" [B, D, K, 3]`` for
+                ``keypoints``. NumPy arrays or backend tensors.
+            category_ids: COCO category id of each contiguous label ``0..C-1``.
+                Default: the sorted ground-truth category ids.
+            bounding_box_format: Keras box format of ``"boxes"`` (``rel_*`` formats
+                use the ground-truth image width/height).
+            scale: multiplies absolute coordinates (boxes after conversion to xywh,
+                keypoint x/y): a number, ``[B]``, or ``[B, 2]`` as (x scale, y scale),
+                e.g. original size / network input size.
+
+        Rows with label -1 or index >= ``num_detections`` are skipped. Records are
+        built as torchvision's COCO converters do: ``bbox`` for bbox, only
+        ``segmentation`` for segm, only ``keypoints`` for keypoints.
+        """
+        gt = self._gt
+        if not isinstance(predictions, dict):
+            raise ValueError(f"predictions must be a dict, got {type(predictions).__name__}")
+        needed = ["scores", "labels"] + {"bbox": ["boxes"], "segm": ["masks"],
+                                         "keypoints": ["keypoints"]}[self.iou_type]
+        for key in needed:
+            if key not in predictions:
+                raise ValueError(f"predictions: missing key '{key}' (iou_type={self.iou_type!r})")
+        scores = np.asarray(predictions["scores"], np.float64)
+        labels = np.asarray(predictions["labels"])
+        if scores.ndim != 2 or labels.shape != scores.shape:
+            raise ValueError(f"predictions: 'scores' and 'labels' must both be [B, D], got "
+                             f"{scores.shape} and {labels.shape}")
+        batch, max_det = scores.shape
+        image_ids = list(np.asarray(image_ids).tolist()) if not isinstance(image_ids, list) \
+            else image_ids
+        if len(image_ids) != batch:
+            raise ValueError(f"predictions: {len(image_ids)} image ids for a batch of {batch}")
+        image = self._indices(image_ids, gt.image_index, "image_id", "ground truth images",
+                              lambda i: f"predictions row {i}")
+        if not np.issubdtype(labels.dtype, np.number) or np.any(labels != np.round(labels)):
+            raise ValueError("predictions: 'labels' must be integers")
+        labels = labels.astype(np.int64)
+        if category_ids is None:
+            category_ids = gt.category_ids
+        category_ids = list(category_ids)
+        valid = labels >= 0
+        if "num_detections" in predictions:
+            counts = np.asarray(predictions["num_detections"]).reshape(-1).astype(np.int64)
+            if counts.shape != (batch,):
+                raise ValueError(f"predictions: 'num_detections' must be [B]={batch}, "
+                                 f"got {counts.shape}")
+            valid &= np.arange(max_det)[None, :] < counts[:, None]
+        if (labels[valid] >= len(category_ids)).any():
+            b, d = (int(x[0]) for x in np.nonzero(valid & (labels >= len(category_ids))))
+            raise ValueError(f"predictions row {b}, detection {d}: label {labels[b, d]} "
+                             f">= {len(category_ids)} category ids")
+        label_category = self._indices(category_ids, gt.category_index, "category_id",
+                                       "ground truth categories",
+                                       lambda i: f"category_ids[{i}]")
+        if scale is None:
+            scale_xy = np.ones((batch, 2))
+        else:
+            scale_xy = np.asarray(scale, np.float64)
+            if scale_xy.ndim == 0:
+                scale_xy = np.full((batch, 2), float(scale_xy))
+            elif scale_xy.shape == (batch,):
+                scale_xy = np.repeat(scale_xy[:, None], 2, axis=1)
+            elif scale_xy.shape != (batch, 2):
+                raise ValueError(f"scale must be a number, [B] or [B, 2], got {scale_xy.shape}")
+            if bounding_box_format.startswith("rel_") and self.iou_type == "bbox":
+                raise ValueError("scale makes no sense with a relative box format")
+        b_idx, d_idx = np.nonzero(valid)
+        what = lambda i: (f"predictions row {b_idx[i]}, detection {d_idx[i]} "  # noqa: E731
+                          f"(image_id={image_ids[b_idx[i]]!r})")
+        det_image = image[b_idx]
+        det_category = label_category[labels[b_idx, d_idx]]
+        det_score = scores[b_idx, d_idx]
+        if not np.isfinite(det_score).all():
+            i = int(np.flatnonzero(~np.isfinite(det_score))[0])
+            raise ValueError(f"{what(i)}: score {det_score[i]} is not finite")
+        bbox = segmentation = keypoints = None
+        if self.iou_type == "bbox":
+            if bounding_box_format not in _BOX_FORMATS:
+                raise ValueError(f"bounding_box_format must be one of {_BOX_FORMATS}, "
+                                 f"got {bounding_box_format!r}")
+            boxes = np.asarray(predictions["boxes"])
+            if boxes.shape != (batch, max_det, 4):
+                raise ValueError(f"predictions: 'boxes' must be [B, D, 4]={batch, max_det, 4}, "
+                                 f"got {boxes.shape}")
+            xywh = _convert_boxes(boxes, bounding_box_format, gt.heights[image], gt.widths[image])
+            xywh = xywh * np.tile(scale_xy, 2)[:, None, :]
+            bbox = xywh[b_idx, d_idx]
+            _check_boxes(bbox, what)
+        elif self.iou_type == "segm":
+            masks = np.asarray(predictions["masks"])
+            if masks.ndim != 4 or masks.shape[:2] != (batch, max_det):
+                raise ValueError(f"predictions: 'masks' must be [B, D, H, W], got {masks.shape}")
+            mask_api = _mask_api()
+            segmentation = []
+            for i, (b, d) in enumerate(zip(b_idx, d_idx)):
+                h, w = int(gt.heights[image[b]]), int(gt.widths[image[b]])
+                if masks.shape[2] < h or masks.shape[3] < w:
+                    raise ValueError(f"{what(i)}: mask {masks.shape[2:]} is smaller than the "
+                                     f"image ({h}, {w})")
+                m = np.asfortranarray(masks[b, d, :h, :w] > 0.5, dtype=np.uint8)
+                segmentation.append(mask_api.encode(m))
+        else:
+            kpts = np.asarray(predictions["keypoints"], np.float64)
+            if kpts.ndim != 4 or kpts.shape[:2] != (batch, max_det) or kpts.shape[3] != 3:
+                raise ValueError(f"predictions: 'keypoints' must be [B, D, K, 3], got {kpts.shape}")
+            kpts = kpts.copy()
+            kpts[..., 0] *= scale_xy[:, 0, None, None]
+            kpts[..., 1] *= scale_xy[:, 1, None, None]
+            flat = kpts[b_idx, d_idx].reshape(len(b_idx), -1)
+            if not np.isfinite(flat).all():
+                i = int(np.flatnonzero(~np.isfinite(flat).all(axis=1))[0])
+                raise ValueError(f"{what(i)}: keypoints are not all finite")
+            for i in range(len(flat)):
+                if flat.shape[1] != 3 * len(self._sigmas(det_category[i])):
+                    raise ValueError(f"{what(i)}: {flat.shape[1] // 3} keypoints, but "
+                                     f"{len(self._sigmas(det_category[i]))} sigmas")
+            keypoints = list(flat)
+        self._append(_Detections(det_image, det_category, det_score, bbox, segmentation,
+                                 keypoints))
+
+    # ------------------------------------------------------------------ evaluation
+    def _detection_areas(self, det):
+        """``COCO.loadRes``: the first result decides how every result's area is set."""
+        n = len(det)
+        if n == 0:
+            return np.zeros(0)
+        if det.has_bbox[0]:  # bbox branch: area = w * h
+            if not det.has_bbox.all():
+                i = int(np.flatnonzero(~det.has_bbox)[0])
+                raise ValueError(f"detection #{i} has no 'bbox' but the first one has: "
+                                 "COCO.loadRes then takes every area from 'bbox'")
+            return det.bbox[:, 2] * det.bbox[:, 3]
+        if det.segmentation[0] is not None:  # segmentation branch: mask area
+            missing = [i for i, s in enumerate(det.segmentation) if s is None]
+            if missing:
+                raise ValueError(f"detection #{missing[0]} has no 'segmentation' but the first "
+                                 "one has: COCO.loadRes then takes every area from the mask")
+            # maskUtils.area overflows on lists of more than 255 masks: call it in chunks.
+            segs, area = det.segmentation, _mask_api().area
+            return np.concatenate([area(segs[i:i + 255]) for i in range(0, n, 255)]).astype(
+                np.float64)
+        if det.keypoints[0] is not None:  # keypoints branch: extent of the keypoints
+            kp = np.stack(det.keypoints)
+            x, y = kp[:, 0::3], kp[:, 1::3]
+            return (x.max(1) - x.min(1)) * (y.max(1) - y.min(1))
+        raise ValueError("detection #0 has no 'bbox', 'segmentation' or 'keypoints'")
+
+    def _pair_ious(self, det, ev, pair_det, pair_gt, pair_start, pair_count):
+        """IoU/OKS of every (evaluated detection, ground truth) pair."""
+        gt = self._gt
+        if len(pair_det) == 0:
+            return np.zeros(0)
+        det_index = ev[pair_det]
+        if self.iou_type == "bbox":
+            return _pair_box_iou(det.bbox[det_index], gt.bbox[pair_gt], gt.crowd[pair_gt])
+        out = np.empty(len(pair_det))
+        if self.iou_type == "segm":
+            mask_api = _mask_api()
+            # One maskUtils.iou call per (image, category) group: dets x gts.
+            has_pairs = np.flatnonzero(pair_count > 0)
+            keys = gt.group_key[pair_gt[pair_start[has_pairs]]]
+            run_start = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+            run_end = np.r_[run_start[1:], len(has_pairs)]
+            for s, e in zip(run_start, run_end):
+                dets = has_pairs[s:e]
+                first, count = pair_start[dets[0]], pair_count[dets[0]]
+                gts = pair_gt[first:first + count]
+                iou = mask_api.iou([det.segmentation[i] for i in ev[dets]],
+                                   [gt.rle(g) for g in gts], [int(c) for c in gt.crowd[gts]])
+                out[first:first + len(dets) * count] = np.asarray(iou).ravel()
+            return out
+        categories = gt.category[pair_gt]
+        for k in np.unique(categories):
+            sel = np.flatnonzero(categories == k)
+            d_kp = np.stack([det.keypoints[i] for i in det_index[sel]])
+            g_kp = np.array([gt.keypoints[g] for g in pair_gt[sel]], np.float64)
+            out[sel] = _pair_oks(d_kp, g_kp, gt.bbox[pair_gt[sel]], gt.area[pair_gt[sel]],
+                                 self._sigmas(k))
+        return out
+
+    def evaluate(self):
+        """Run the evaluation; returns the summary stats and ``"per_class_AP"``."""
+        gt = self._gt
+        det = _Detections.concatenate(self._chunks)
+        num_cat = gt.num_categories
+        areas = self._detection_areas(det)
+        lo, hi = self.area_ranges[:, 0], self.area_ranges[:, 1]
+
+        # Detections per (image, category) group in descending score order (stable),
+        # the first max(max_dets) of each are evaluated (computeIoU / evaluateImg).
+        n = len(det)
+        order = np.lexsort((np.arange(n), -det.score, det.category, det.image))
+        key = det.image[order] * num_cat + det.category[order]
+        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if n else np.zeros(0, int)
+        rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+        keep = rank < self.max_dets[-1]
+        ev, ev_rank, ev_key = order[keep], rank[keep], key[keep]
+        num_ev = len(ev)
+
+        # Pairs with every ground truth of the same group (det-major, gt in file order).
+        gt_first = np.searchsorted(gt.group_key, ev_key, side="left")
+        pair_count = np.searchsorted(gt.group_key, ev_key, side="right") - gt_first
+        pair_start = np.cumsum(pair_count) - pair_count
+        pair_det = np.repeat(np.arange(num_ev), pair_count)
+        pair_gt = (np.repeat(gt_first, pair_count) + np.arange(len(pair_det))
+                   - np.repeat(pair_start, pair_count))
+        pair_iou = self._pair_ious(det, ev, pair_det, pair_gt, pair_start, pair_count)
+
+        gt_ignore = gt.ignore[:, None] | (gt.area[:, None] < lo) | (gt.area[:, None] > hi)
+        group_first = np.flatnonzero(np.r_[True, ev_key[1:] != ev_key[:-1]]) if num_ev \
+            else np.zeros(0, int)
+        group_ndet = np.diff(np.r_[group_first, num_ev])
+        with_gt = pair_count[group_first] > 0
+        matched, matched_ignored = _greedy_match(
+            pair_iou, pair_start, group_first[with_gt], group_ndet[with_gt],
+            gt_first[group_first[with_gt]], pair_count[group_first[with_gt]],
+            gt_ignore, gt.crowd, gt.id_nonzero, num_ev, IOU_THRESHOLDS)
+
+        # evaluateImg: unmatched detections outside the area range are ignored.
+        ev_area = areas[ev]
+        outside = (ev_area[:, None] < lo) | (ev_area[:, None] > hi)  # [N, A]
+        ignored = matched_ignored | (~matched & outside[:, :, None])
+        true_pos = matched & ~ignored
+        false_pos = ~matched & ~ignored
+        num_positives = np.zeros((num_cat, len(lo)), np.int64)
+        np.add.at(num_positives, gt.category, (~gt_ignore).astype(np.int64))
+        self.precision, self.recall = _accumulate(
+            det.category[ev], ev_rank, det.score[ev], det.image[ev], true_pos, false_pos,
+            num_positives, self.max_dets, num_cat)
+
+        stats_spec = _KEYPOINT_STATS if self.iou_type == "keypoints" else _DETECTION_STATS
+        results, stats = {}, []
+        for name, ap, iou_thr, area, max_det in stats_spec:
+            if isinstance(max_det, tuple):
+                max_det = self.max_dets[max_det[1]]
+            value = _summarize_one(self.precision, self.recall, IOU_THRESHOLDS,
+                                   self.area_labels, self.max_dets, ap, iou_thr, area, max_det)
+            stats.append(value)
+            results[name] = float(value)
+        self._stats = np.array(stats, dtype=np.float64)
+        self._stat_names = [s[0] for s in stats_spec]
+        results["per_class_AP"] = self._per_class_ap()
+        self._results = results
+        return results
+
+    def _per_class_ap(self):
+        """AP per category over IoU 0.50:0.95, area 'all', the largest max-detections."""
+        area = self.area_labels.index("all") if "all" in self.area_labels else 0
+        per_class = {}
+        for k, cat_id in enumerate(self._gt.category_ids):
+            p = self.precision[:, :, k, area, -1]
+            per_class[cat_id] = float(np.mean(p[p > -1])) if (p > -1).any() else -1.0
+        return per_class
+
+    @property
+    def stats(self):
+        """The summary numbers in pycocotools' ``COCOeval.stats`` order."""
+        if self._stats is None:
+            raise RuntimeError("call evaluate() first")
+        return self._stats
+
+    def summary(self):
+        """pycocotools-style summary lines and a per-category AP table."""
+        if self._stats is None:
+            self.evaluate()
+        spec = _KEYPOINT_STATS if self.iou_type == "keypoints" else _DETECTION_STATS
+        lines = []
+        for value, (name, ap, iou_thr, area, max_det) in zip(self._stats, spec):
+            if isinstance(max_det, tuple):
+                max_det = self.max_dets[max_det[1]]
+            title = "Average Precision  (AP)" if ap else "Average Recall     (AR)"
+            iou = (f"{IOU_THRESHOLDS[0]:0.2f}:{IOU_THRESHOLDS[-1]:0.2f}" if iou_thr is None
+                   else f"{iou_thr:0.2f}")
+            lines.append(f" {title} @[ IoU={iou:<9} | area={area:>6s} | "
+                         f"maxDets={max_det:>3d} ] = {value:0.3f}")
+        names = self._gt.category_names
+        width = max([len("category")] + [len(n) for n in names])
+        lines.append("")
+        lines.append(f" {'category':<{width}}  {'id':>5}  {'AP':>6}")
+        for name, (cat_id, ap) in zip(names, self._results["per_class_AP"].items()):
+            value = f"{ap:6.3f}" if ap > -1 else "   n/a"
+            lines.append(f" {name:<{width}}  {str(cat_id):>5}  {value}")
+        return "\n".join(lines)

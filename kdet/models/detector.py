@@ -1,0 +1,195 @@
+"""Shared base of the single-stage (dense, anchor-based) detectors.
+
+A ``DenseDetector`` is a functional Keras model whose ``call`` returns the raw
+head outputs ``{"cls_logits": [B, A, K], "box_deltas": [B, A, 4]}``. Three
+things are added on top, so a model file (RetinaNet, EfficientDet) only says
+how its graph is built and which loss it uses:
+
+* ``compute_loss`` matches anchors to the padded targets
+  ``{"boxes": [B, N, 4], "labels": [B, N]}`` (label -1 = padding) and applies
+  the model's classification and box losses — so ``model.fit`` works on a
+  ``tf.data`` pipeline with no custom loop, with ``jit_compile=True``, on TF and JAX;
+* ``predict_step`` decodes with :class:`kdet.layers.DetectionDecoder`, so
+  ``model.predict(images)`` returns the padded detection dict of DESIGN.md;
+* ``predict_images`` accepts images of any size: resize-and-pad in, boxes
+  mapped back to each image's own pixels out.
+"""
+import numpy as np
+import keras
+from keras import ops
+
+from kdet import boxes as box_ops
+from kdet import losses
+from kdet.layers.detection_decoder import DetectionDecoder
+from kdet.matching import Matcher, encode_dense_targets
+
+
+def resize_and_pad(image, size):
+    """Resize ``image`` [H, W, 3] keeping aspect so its long side is ``size``; pad bottom/right.
+
+    Returns ``(padded [size, size, 3] float32, scale)`` where ``scale`` maps
+    original pixels to padded-image pixels (``new = old * scale``).
+    """
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected an image [H, W, 3], got shape {image.shape}")
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    image = image[..., :3]
+    height, width = image.shape[:2]
+    scale = size / max(height, width)
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    resized = ops.image.resize(ops.convert_to_tensor(image.astype("float32")), (new_h, new_w),
+                               interpolation="bilinear", antialias=False)
+    padded = np.zeros((size, size, 3), "float32")
+    padded[:new_h, :new_w] = ops.convert_to_numpy(resized)
+    return padded, scale
+
+
+class DenseDetector(keras.Model):
+    """Functional single-stage detector with loss and decoding built in.
+
+    Subclasses build ``inputs`` / ``outputs`` and pass them here together with
+    the anchors of their fixed input size and their loss settings.
+    """
+
+    def __init__(self, inputs, outputs, *, num_classes, image_size, anchors, level_counts,
+                 box_coder, matcher, classification_loss, box_loss, box_loss_weight,
+                 normalizer, decoder, bounding_box_format="xyxy", **kwargs):
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        self.num_classes = int(num_classes)
+        self.image_size = tuple(int(s) for s in image_size)
+        self.anchors = np.asarray(anchors, "float32")
+        self.level_counts = tuple(int(c) for c in level_counts)
+        self.box_coder = box_coder
+        self.matcher = matcher
+        self.classification_loss = dict(classification_loss)
+        self.box_loss = dict(box_loss)
+        self.box_loss_weight = float(box_loss_weight)
+        if normalizer not in ("positives_per_image", "positives_plus_one"):
+            raise ValueError(f"unknown loss normalizer {normalizer!r}")
+        self.normalizer = normalizer
+        self.decoder = decoder
+        self.bounding_box_format = bounding_box_format
+
+    # ------------------------------------------------------------------ loss
+    def _targets_xyxy(self, y):
+        if not isinstance(y, dict) or "boxes" not in y or "labels" not in y:
+            raise ValueError('targets must be a dict with "boxes" [B, N, 4] and "labels" [B, N] '
+                             f"(label -1 for padding); got {type(y).__name__}")
+        gt_boxes = ops.cast(y["boxes"], "float32")
+        gt_labels = ops.cast(y["labels"], "int32")
+        if self.bounding_box_format != "xyxy":
+            gt_boxes = box_ops.convert_format(gt_boxes, self.bounding_box_format, "xyxy",
+                                              height=self.image_size[0], width=self.image_size[1])
+        return gt_boxes, gt_labels
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        gt_boxes, gt_labels = self._targets_xyxy(y)
+        cls_logits = ops.cast(y_pred["cls_logits"], "float32")
+        box_deltas = ops.cast(y_pred["box_deltas"], "float32")
+        anchors = ops.convert_to_tensor(self.anchors)
+        cls_targets, box_targets, matched_boxes = encode_dense_targets(
+            anchors, gt_boxes, gt_labels, self.matcher, self.box_coder)
+        foreground = cls_targets >= 0
+        considered = cls_targets != -2  # -2: between thresholds, ignored
+        fg = ops.cast(foreground, "float32")
+        num_fg = ops.sum(fg, axis=1)  # [B]
+
+        onehot = ops.one_hot(ops.maximum(cls_targets, 0), self.num_classes) * fg[..., None]
+        cls_elem = losses.sigmoid_focal_loss(onehot, cls_logits, **self.classification_loss)
+        cls_per_image = ops.sum(cls_elem * ops.cast(considered, "float32")[..., None], axis=(1, 2))
+
+        box_per_image = self._box_loss_per_image(box_deltas, box_targets, matched_boxes, anchors, fg)
+
+        if self.normalizer == "positives_per_image":  # torchvision RetinaNet
+            denom = ops.maximum(num_fg, 1.0)
+            cls_loss = ops.mean(cls_per_image / denom)
+            box_loss = ops.mean(box_per_image / denom)
+        else:  # automl/effdet: one normaliser for the batch, sum(positives) + 1
+            denom = ops.sum(num_fg) + 1.0
+            cls_loss = ops.sum(cls_per_image) / denom
+            box_loss = ops.sum(box_per_image) / denom
+        total = cls_loss + self.box_loss_weight * box_loss
+        # Regularisation losses added by layers (weight decay via kernel_regularizer).
+        if self.losses:
+            total = total + ops.sum(ops.stack([ops.cast(l, "float32") for l in self.losses]))
+        return total
+
+    def _box_loss_per_image(self, box_deltas, box_targets, matched_boxes, anchors, fg):
+        kind = self.box_loss.get("type", "l1")
+        if kind == "giou":
+            pred_boxes = self.box_coder.decode(box_deltas, anchors[None])
+            elem = losses.giou_loss(pred_boxes, matched_boxes)  # [B, A]
+            return ops.sum(elem * fg, axis=1)
+        if kind == "l1":
+            elem = ops.abs(box_deltas - box_targets)
+        elif kind == "smooth_l1":
+            elem = losses.smooth_l1_loss(box_deltas, box_targets, beta=self.box_loss.get("beta", 1.0 / 9))
+        elif kind == "huber":
+            # automl divides the box loss by 4 * normaliser (mean over coordinates).
+            elem = losses.huber_loss(box_deltas, box_targets, delta=self.box_loss.get("delta", 0.1)) / 4.0
+        else:
+            raise ValueError(f"unknown box loss {kind!r}")
+        return ops.sum(elem * fg[..., None], axis=(1, 2))
+
+    # ------------------------------------------------------------ prediction
+    def decode_predictions(self, raw, scale=None):
+        """Raw head outputs -> padded detections (boxes in input pixels / ``scale``)."""
+        return self.decoder(raw["cls_logits"], raw["box_deltas"], self.anchors,
+                            level_counts=self.level_counts, image_size=self.image_size,
+                            scale=scale)
+
+    def predict_step(self, *args):
+        outputs = super().predict_step(*args)
+        if isinstance(outputs, tuple):  # JAX: (outputs, non_trainable_variables)
+            return self.decode_predictions(outputs[0]), outputs[1]
+        return self.decode_predictions(outputs)
+
+    def predict_images(self, images, batch_size=8):
+        """Detect on a list of images of any size; boxes in each image's pixels.
+
+        >>> # detections = model.predict_images([np.asarray(PIL.Image.open(p)) for p in paths])
+        """
+        size = self.image_size[0]
+        results = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            padded, scales = zip(*(resize_and_pad(im, size) for im in chunk))
+            batch = np.stack(padded)
+            raw = self(batch, training=False)
+            out = self.decode_predictions(raw, scale=np.asarray(scales, "float32"))
+            results.append({k: ops.convert_to_numpy(v) for k, v in out.items()})
+        return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
+
+    # -------------------------------------------------------------- defaults
+    def compile(self, optimizer="default", **kwargs):
+        if isinstance(optimizer, str) and optimizer == "default":
+            optimizer = self.default_optimizer()
+        kwargs.setdefault("loss", None)
+        super().compile(optimizer=optimizer, **kwargs)
+
+    def default_optimizer(self, steps=10000):
+        raise NotImplementedError
+
+    def get_config(self):
+        raise NotImplementedError  # subclasses return their constructor arguments
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def make_matcher(high, low, allow_low_quality):
+    return Matcher(high_threshold=high, low_threshold=low,
+                   allow_low_quality_matches=allow_low_quality)
+
+
+def make_decoder(num_classes, score_threshold, iou_threshold, max_detections, pre_nms_topk,
+                 per_level_topk, box_coder):
+    return DetectionDecoder(num_classes=num_classes, score_threshold=score_threshold,
+                            iou_threshold=iou_threshold, max_detections=max_detections,
+                            pre_nms_topk=pre_nms_topk, per_level_topk=per_level_topk,
+                            box_coder=box_coder.get_config())

@@ -1,0 +1,126 @@
+"""RetinaNet (Lin et al., 2017) in torchvision's two flavours.
+
+* ``version=1``: the paper / torchvision ``retinanet_resnet50_fpn``: FPN P3-P7
+  with P6 from P5 (torchvision v1), plain conv heads, focal loss + L1 box loss.
+* ``version=2``: torchvision ``retinanet_resnet50_fpn_v2``: P6 from C5,
+  GroupNorm(32) heads, GIoU box loss.
+
+Both: 9 anchors per location (sizes 32..512 x octaves 2^(0, 1/3, 2/3), ratios
+0.5/1/2, torchvision rounding), matcher fg >= 0.5, bg < 0.4 with low-quality
+matches, focal alpha 0.25 gamma 2 normalised by positives per image;
+post-processing: score > 0.05, top-1000 per level, NMS 0.5, 100 detections.
+
+    >>> import kdet
+    >>> model = kdet.models.RetinaNet(num_classes=91, version=2)    # doctest: +SKIP
+    >>> model.compile()                                             # doctest: +SKIP
+"""
+import keras
+
+from kdet.anchors import AnchorGenerator
+from kdet.backbones.efficientnet import EfficientNet as EfficientNetBackbone
+from kdet.backbones.mobilenet import MobileNetV2 as MobileNetV2Backbone
+from kdet.backbones.resnet import ResNet
+from kdet.boxes import BoxCoder
+from kdet.layers.fpn import FPN
+from kdet.layers.heads import RetinaNetHead
+from kdet.layers.normalization import ImageNormalization
+from kdet.models.detector import DenseDetector, make_decoder, make_matcher
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ANCHOR_BASE_SIZES = (32, 64, 128, 256, 512)
+
+
+def _backbone(name, size, weights, backbone_norm, trainable_layers):
+    shape = (size, size, 3)
+    if isinstance(name, keras.Model):
+        return name
+    if name in ("resnet50", "resnet101"):
+        return ResNet(depth=int(name[6:]), input_shape=shape, weights=weights, norm=backbone_norm,
+                      trainable_layers=trainable_layers)
+    if name.startswith("efficientnet_b"):
+        return EfficientNetBackbone(name[len("efficientnet_"):], input_shape=shape, weights=weights)
+    if name == "mobilenet_v2":
+        return MobileNetV2Backbone(input_shape=shape, weights=weights)
+    raise ValueError(f"unknown RetinaNet backbone {name!r}: use 'resnet50', 'resnet101', "
+                     "'efficientnet_b0'..'efficientnet_b7', 'mobilenet_v2' or a Keras model "
+                     "returning a dict with C3, C4, C5")
+
+
+@keras.saving.register_keras_serializable(package="kdet")
+class RetinaNet(DenseDetector):
+    """RetinaNet as a Keras functional model.
+
+    Args:
+        num_classes: foreground classes (torchvision COCO: 91).
+        backbone: "resnet50" | "resnet101" | "efficientnet_b0".."b7" | "mobilenet_v2".
+        version: 1 or 2 (see module docstring).
+        image_size: square input size, a multiple of 128 (torchvision resizes
+            to 800-1333; kdet trains on fixed padded squares).
+        backbone_norm: "batch" (torchvision with ``weights=None``) or
+            "frozen_batch" (torchvision's pretrained builders).
+        trainable_backbone_layers: 0..5, torchvision semantics.
+    """
+
+    def __init__(self, num_classes=91, backbone="resnet50", version=1, image_size=640,
+                 backbone_weights=None, backbone_norm="batch", trainable_backbone_layers=5,
+                 score_threshold=0.05, iou_threshold=0.5, max_detections=100, pre_nms_topk=1000,
+                 bounding_box_format="xyxy", **kwargs):
+        if version not in (1, 2):
+            raise ValueError(f"RetinaNet version must be 1 or 2, got {version!r}")
+        size = int(image_size)
+        if size % 128:
+            raise ValueError(f"image_size {size} must be a multiple of 128 (P7 has stride 128)")
+        images = keras.Input((size, size, 3), name="images")
+        x = ImageNormalization(mean=IMAGENET_MEAN, std=IMAGENET_STD, name="normalize")(images)
+        body = _backbone(backbone, size, backbone_weights, backbone_norm, trainable_backbone_layers)
+        features = body(x)
+        features = {k: features[k] for k in ("C3", "C4", "C5")}
+        pyramid = FPN(out_channels=256, in_levels=(3, 4, 5),
+                      extra_blocks="p6p7_from_p5" if version == 1 else "p6p7_from_c5",
+                      name="fpn")(features)
+        levels = [pyramid[f"P{l}"] for l in range(3, 8)]
+        anchor_generator = AnchorGenerator(
+            convention="torchvision",
+            sizes=tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in ANCHOR_BASE_SIZES),
+            aspect_ratios=((0.5, 1.0, 2.0),) * 5, strides=(8, 16, 32, 64, 128))
+        head = RetinaNetHead(num_classes=num_classes,
+                             num_anchors=anchor_generator.num_anchors_per_location(),
+                             channels=256, norm="group" if version == 2 else None, name="head")
+        cls_logits, box_deltas = head(levels)
+        outputs = {"cls_logits": cls_logits, "box_deltas": box_deltas}
+        anchors, level_counts = anchor_generator.anchors_for((size, size), return_counts=True)
+        box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+        super().__init__(
+            inputs=images, outputs=outputs, num_classes=num_classes, image_size=(size, size),
+            anchors=anchors, level_counts=level_counts, box_coder=box_coder,
+            matcher=make_matcher(0.5, 0.4, True),
+            classification_loss=dict(alpha=0.25, gamma=2.0),
+            box_loss=dict(type="giou" if version == 2 else "l1"), box_loss_weight=1.0,
+            normalizer="positives_per_image",
+            decoder=make_decoder(num_classes, score_threshold, iou_threshold, max_detections,
+                                 pre_nms_topk, per_level_topk=True, box_coder=box_coder),
+            bounding_box_format=bounding_box_format,
+            name=kwargs.pop("name", f"retinanet_{backbone if isinstance(backbone, str) else 'custom'}_v{version}"),
+            **kwargs)
+        self._config = dict(num_classes=num_classes, backbone=backbone, version=version,
+                            image_size=size, backbone_weights=backbone_weights,
+                            backbone_norm=backbone_norm,
+                            trainable_backbone_layers=trainable_backbone_layers,
+                            score_threshold=score_threshold, iou_threshold=iou_threshold,
+                            max_detections=max_detections, pre_nms_topk=pre_nms_topk,
+                            bounding_box_format=bounding_box_format)
+
+    def default_optimizer(self, steps=90000, learning_rate=0.01, milestones=None):
+        """torchvision detection recipe: SGD 0.01 momentum 0.9, wd 1e-4, x0.1 at 2/3 and 8/9 of training."""
+        milestones = milestones or (int(steps * 2 / 3), int(steps * 8 / 9))
+        schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
+            boundaries=list(milestones),
+            values=[learning_rate, learning_rate * 0.1, learning_rate * 0.01])
+        return keras.optimizers.SGD(learning_rate=schedule, momentum=0.9, weight_decay=1e-4,
+                                    global_clipnorm=10.0)
+
+    def get_config(self):
+        if not isinstance(self._config["backbone"], str):
+            raise ValueError("a RetinaNet with a custom backbone model cannot be serialised by config")
+        return dict(self._config, name=self.name)

@@ -1,0 +1,490 @@
+"""RoIAlign (Mask R-CNN), FPN level mapping and multi-level RoIAlign.
+
+Exact torchvision semantics (``torchvision.ops.roi_align``, its CPU kernel
+``roi_align_forward_kernel_impl``; ``poolers.LevelMapper`` and
+``MultiScaleRoIAlign``), channels-last and with static shapes:
+
+    features [B, H, W, C], rois [B, R, 4] xyxy input-image pixels
+    -> [B, R, out_h, out_w, C]
+
+For RoI ``(x1, y1, x2, y2)`` (one axis shown): ``start = y1 * scale - offset``
+(``offset = 0.5`` if ``aligned``), ``size = (y2 - y1) * scale`` (at least 1
+unless ``aligned``), ``bin = size / out``; the bin ``p`` is the mean of a grid
+of ``g`` samples ``y = start + p * bin + (i + 0.5) * bin / g``, where
+``g = sampling_ratio`` if it is positive, else ``ceil(size / out)`` for that
+RoI (adaptive), and the mean divides by ``max(g_h * g_w, 1)``. A sample with
+``y < -1`` or ``y > H`` (or x likewise) contributes 0; otherwise ``y`` is
+clamped to ``[0, H - 1]`` and read bilinearly. All coordinate arithmetic is
+float32 in torchvision's order, so the sample positions agree to the bit.
+
+Two evaluation strategies, both exact:
+
+* **gather** (``sampling_ratio > 0``, the detection heads' setting): one gather
+  of the 4 bilinear neighbours of every sample from the flattened features;
+  memory ``4 * g_h * g_w`` times the output.
+* **separable** (adaptive ``sampling_ratio <= 0``): the per-RoI sample count
+  is data dependent and unbounded (a RoI as large as the map on a 200 x 200
+  map needs 29 x 29 samples per bin), so no static sample grid is exact.
+  Bilinear sampling, the validity test and the clamping are all separable in
+  y and x, hence the bin means are ``A_y @ F @ A_x^T / count`` with
+  interpolation matrices ``A_y [out_h, H]``, ``A_x [out_w, W]`` per RoI. With
+  ``g = ceil(bin)`` the samples are more than half a pixel apart, so at most a
+  handful of samples touch any row: ``A`` is built from a fixed window of
+  ``_SEPARABLE_CANDIDATES`` candidate samples per (bin, row), with no cap on
+  ``g``. Cost ``O(R * out_h * H * W * C)`` matmul FLOPs. On GPUs whose float32
+  matmuls run in TF32 (TensorFlow's default on Ampere+), this path inherits
+  TF32 precision; disable TF32 for bit-level agreement.
+
+Pass ``max_sampling_ratio=k`` to evaluate the adaptive mode by gathering on a
+static ``k x k`` grid instead (masked to each RoI's own grid): exact whenever
+``ceil(size / out) <= k``; larger RoIs are sampled on a ``k``-wide grid (the
+grid is clamped to ``k`` and the mean is over the clamped grid).
+
+Gradients flow to ``features`` (gathers / matmuls) and, like torchvision, not
+to ``rois``.
+
+    >>> import numpy as np
+    >>> features = np.arange(16, dtype="float32").reshape(1, 4, 4, 1)
+    >>> rois = np.array([[[0.0, 0.0, 2.0, 2.0]]], "float32")
+    >>> out = roi_align(features, rois, output_size=1, sampling_ratio=1)
+    >>> float(np.asarray(out)[0, 0, 0, 0, 0])  # bilinear value at (1, 1)
+    5.0
+"""
+import numbers
+
+import numpy as np
+from keras import ops
+
+# Candidate samples tried per (bin, row) by the separable adaptive path. With
+# g = ceil(bin) >= 2 the sample spacing bin/g exceeds 1/2 px, and only samples
+# within 2 px of a row can touch it (bilinear support 1 px plus the clamping of
+# [-1, 0] onto row 0 and [H-1, H] onto row H-1): at most 8 samples, plus a
+# margin of 2 for the float rounding of the window start and 1 more for luck.
+_SEPARABLE_CANDIDATES = 12
+
+
+def _output_pair(output_size, owner="roi_align"):
+    if isinstance(output_size, numbers.Integral):
+        output_size = (int(output_size), int(output_size))
+    try:
+        out_h, out_w = (int(v) for v in output_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"{owner}: output_size must be an int or (height, width), "
+                         f"got {output_size!r}") from None
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"{owner}: output_size must be positive, got {output_size!r}")
+    return out_h, out_w
+
+
+def _check_inputs(features, rois, owner):
+    if len(features.shape) != 4:
+        raise ValueError(f"{owner}: features must be [B, H, W, C] (channels last), "
+                         f"got shape {tuple(features.shape)}")
+    if len(rois.shape) != 3 or rois.shape[-1] != 4:
+        raise ValueError(f"{owner}: rois must be [B, R, 4] xyxy boxes, "
+                         f"got shape {tuple(rois.shape)}")
+    fb, rb = features.shape[0], rois.shape[0]
+    if fb is not None and rb is not None and fb != rb:
+        raise ValueError(f"{owner}: features batch {fb} != rois batch {rb}")
+
+
+def _check_sampling(sampling_ratio, max_sampling_ratio, owner):
+    if not isinstance(sampling_ratio, numbers.Integral):
+        raise ValueError(f"{owner}: sampling_ratio must be an int, got {sampling_ratio!r}")
+    if max_sampling_ratio is not None and (
+            not isinstance(max_sampling_ratio, numbers.Integral) or max_sampling_ratio < 1):
+        raise ValueError(f"{owner}: max_sampling_ratio must be None or a positive int, "
+                         f"got {max_sampling_ratio!r}")
+
+
+def _f32(value):
+    return ops.convert_to_tensor(np.float32(value))
+
+
+def _exact_divide(numerator, denominator):
+    """``numerator / denominator`` correctly rounded, also under XLA.
+
+    XLA (always on JAX, and TensorFlow with ``jit_compile``) and TensorFlow's
+    graph optimizer turn a division by a constant or by a broadcast tensor into
+    a multiplication by its reciprocal, which is one ulp off for most
+    quotients: enough to turn ``ceil(14 / 7)`` into 3. Adding a zero that has
+    the numerator's shape and is opaque to the compiler makes the divisor a
+    full tensor, which they divide exactly (IEEE).
+    """
+    zero = ops.minimum(ops.cast(ops.isnan(numerator), numerator.dtype), 0.0)
+    return numerator / (denominator + zero)
+
+
+def _roi_geometry(rois, spatial_scale, aligned, out_h, out_w):
+    """Start, size and bin size per RoI and axis, float32 as torchvision computes them.
+
+    ``spatial_scale`` may be a Python float or a ``[B, R]`` tensor (per-RoI
+    level scale). Returns dict of ``[B, R]`` tensors.
+    """
+    rois = ops.cast(ops.stop_gradient(rois), "float32")
+    if not hasattr(spatial_scale, "shape"):
+        spatial_scale = _f32(spatial_scale)
+    offset = _f32(0.5 if aligned else 0.0)
+    x1 = rois[..., 0] * spatial_scale - offset
+    y1 = rois[..., 1] * spatial_scale - offset
+    x2 = rois[..., 2] * spatial_scale - offset
+    y2 = rois[..., 3] * spatial_scale - offset
+    roi_w, roi_h = x2 - x1, y2 - y1
+    if not aligned:  # torchvision forces malformed RoIs to 1 x 1
+        roi_w = ops.maximum(roi_w, 1.0)
+        roi_h = ops.maximum(roi_h, 1.0)
+    return {"start_y": y1, "start_x": x1, "size_h": roi_h, "size_w": roi_w,
+            "bin_h": _exact_divide(roi_h, _f32(out_h)),
+            "bin_w": _exact_divide(roi_w, _f32(out_w))}
+
+
+def _sample_coordinates(start, bin_size, grid, out_size, num_samples):
+    """``start + p * bin + (i + 0.5) * bin / grid`` as ``[B, R, out, num_samples]``.
+
+    ``grid`` is float ``[B, R]`` (must be >= 1 where used; callers mask the
+    rest). The operation order is torchvision's, so values agree bitwise.
+    """
+    p = ops.cast(ops.arange(out_size), "float32")[:, None]
+    i = ops.cast(ops.arange(num_samples), "float32")[None, :]
+    start, bin_size, grid = (v[..., None, None] for v in (start, bin_size, grid))
+    return (start + p * bin_size) + _exact_divide((i + 0.5) * bin_size, grid)
+
+
+def _bilinear_axis(coord, size):
+    """torchvision's ``bilinear_interpolate`` along one axis.
+
+    Returns ``(valid, low, l)``: validity (``-1 <= coord <= size``; NaN is
+    invalid), the low neighbour (float, integer valued, ``<= size - 1``) and the
+    fractional weight ``l`` of the high neighbour ``low + 1`` (0 when clamped
+    to the last row, where torchvision sets ``high = low``).
+    """
+    valid = ops.logical_and(coord >= -1.0, coord <= size)
+    coord = ops.where(valid, ops.maximum(coord, 0.0), 0.0)
+    low = ops.floor(coord)
+    at_edge = low >= size - 1.0
+    low = ops.where(at_edge, size - 1.0, low)
+    coord = ops.where(at_edge, low, coord)
+    return valid, low, coord - low
+
+
+def _adaptive_grid(size, out_size):
+    """``ceil(roi_size / out)`` as torchvision (float; <= 0 or NaN means no samples)."""
+    return ops.ceil(_exact_divide(size, _f32(out_size)))
+
+
+def _gather_roi_align(flat_features, base, row_stride, height, width, geometry,
+                      grid_h, grid_w, max_grid_h, max_grid_w, out_h, out_w, dtype):
+    """Bin means by gathering the 4 neighbours of every sample.
+
+    ``flat_features [N, C]``; per RoI ``[B, R]``: ``base`` (flat index of pixel
+    (0, 0) of the RoI's image/level), ``row_stride`` (its width, int32),
+    ``height``/``width`` (float32), ``grid_h``/``grid_w`` (float sample counts,
+    masked to ``max_grid_*`` static slots).
+    """
+    safe_gh = ops.where(grid_h >= 1.0, grid_h, 1.0)
+    safe_gw = ops.where(grid_w >= 1.0, grid_w, 1.0)
+    ys = _sample_coordinates(geometry["start_y"], geometry["bin_h"], safe_gh, out_h, max_grid_h)
+    xs = _sample_coordinates(geometry["start_x"], geometry["bin_w"], safe_gw, out_w, max_grid_w)
+    valid_y, y_low, ly = _bilinear_axis(ys, height[..., None, None])
+    valid_x, x_low, lx = _bilinear_axis(xs, width[..., None, None])
+    # Static slots beyond the RoI's own grid are padding.
+    slot_h = ops.cast(ops.arange(max_grid_h), "float32")
+    slot_w = ops.cast(ops.arange(max_grid_w), "float32")
+    valid_y = ops.logical_and(valid_y, slot_h < grid_h[..., None, None])
+    valid_x = ops.logical_and(valid_x, slot_w < grid_w[..., None, None])
+    count = ops.maximum(grid_h * grid_w, 1.0)
+
+    # Per-axis neighbour weights [B, R, out, G] (zero for invalid samples).
+    wy = (ops.where(valid_y, 1.0 - ly, 0.0), ops.where(valid_y, ly, 0.0))
+    wx = (ops.where(valid_x, 1.0 - lx, 0.0), ops.where(valid_x, lx, 0.0))
+    y_max = ops.cast(height, "int32")[..., None, None] - 1
+    x_max = ops.cast(width, "int32")[..., None, None] - 1
+    y_low_i = ops.cast(y_low, "int32")
+    x_low_i = ops.cast(x_low, "int32")
+    rows = (y_low_i, ops.minimum(y_low_i + 1, y_max))
+    cols = (x_low_i, ops.minimum(x_low_i + 1, x_max))
+
+    # Broadcast to [B, R, out_h, G_h, out_w, G_w].
+    base = base[..., None, None, None, None]
+    stride = row_stride[..., None, None]
+    scale = ops.cast(1.0 / count, "float32")[..., None, None, None, None]
+    total_rows = ops.shape(flat_features)[0]
+    result = None
+    for a in range(2):
+        row_index = (rows[a] * stride)[..., :, :, None, None]
+        row_weight = wy[a][..., :, :, None, None] * scale
+        for b in range(2):
+            index = base + row_index + cols[b][..., None, None, :, :]
+            index = ops.clip(index, 0, total_rows - 1)  # invalid samples read pixel 0 x 0
+            weight = ops.cast(row_weight * wx[b][..., None, None, :, :], dtype)
+            values = ops.take(flat_features, index, axis=0)  # [B,R,out_h,G_h,out_w,G_w,C]
+            term = ops.sum(values * weight[..., None], axis=(3, 5))
+            result = term if result is None else result + term
+    return result
+
+
+def _interpolation_matrix(start, bin_size, grid, out_size, size):
+    """``A [B, R, out, size]``: summed bilinear weights of bin samples on each row.
+
+    ``A[p, h] = sum_i valid_i * tent(clamp(y_i) - h)`` over the ``grid``
+    samples of bin ``p`` (adaptive mode: ``grid = ceil(bin)``, so consecutive
+    samples are > 1/2 px apart unless grid is 1). Each (bin, row) looks at
+    ``_SEPARABLE_CANDIDATES`` candidate samples starting just below the first
+    sample that can reach the row.
+    """
+    usable = grid >= 1.0  # False for empty (aligned, size <= 0) and NaN RoIs
+    safe_grid = ops.where(usable, grid, 1.0)
+    safe_bin = ops.where(usable, bin_size, 1.0)
+    spacing = (safe_bin / safe_grid)[..., None, None]
+    p = ops.cast(ops.arange(out_size), "float32")[:, None]
+    rows = ops.cast(ops.arange(size), "float32")
+    bin_start = (ops.where(usable, start, 0.0)[..., None, None] + p * safe_bin[..., None, None])
+    first = ops.floor((rows - 2.0 - bin_start) / spacing - 0.5) - 1.0
+    last_slot = (safe_grid - 1.0)[..., None, None]
+    first = ops.minimum(ops.maximum(first, 0.0), last_slot)
+    first = ops.where(ops.isnan(first), 0.0, first)
+    size_f = _f32(size) if isinstance(size, int) else ops.cast(size, "float32")
+    grid_b = grid[..., None, None]
+    bin_b = safe_bin[..., None, None]
+    grid_safe_b = safe_grid[..., None, None]
+    usable_b = usable[..., None, None]
+    matrix = None
+    for k in range(_SEPARABLE_CANDIDATES):
+        slot = first + float(k)
+        coord = bin_start + _exact_divide((slot + 0.5) * bin_b, grid_safe_b)
+        valid, low, frac = _bilinear_axis(coord, size_f)
+        valid = ops.logical_and(ops.logical_and(valid, slot < grid_b), usable_b)
+        term = (ops.where(ops.logical_and(valid, low == rows), 1.0 - frac, 0.0)
+                + ops.where(ops.logical_and(valid, low + 1.0 == rows), frac, 0.0))
+        matrix = term if matrix is None else matrix + term
+    return matrix
+
+
+def _separable_roi_align(features, geometry, out_h, out_w):
+    """Adaptive RoIAlign of one level as ``A_y @ F @ A_x^T / count`` (exact, no cap)."""
+    height, width = features.shape[1], features.shape[2]
+    if height is None or width is None:
+        height, width = ops.shape(features)[1], ops.shape(features)[2]
+    grid_h = _adaptive_grid(geometry["size_h"], out_h)
+    grid_w = _adaptive_grid(geometry["size_w"], out_w)
+    count = ops.maximum(ops.where(ops.isnan(grid_h * grid_w), 1.0, grid_h * grid_w), 1.0)
+    a_y = _interpolation_matrix(geometry["start_y"], geometry["bin_h"], grid_h, out_h, height)
+    a_x = _interpolation_matrix(geometry["start_x"], geometry["bin_w"], grid_w, out_w, width)
+    a_y = ops.cast(a_y / count[..., None, None], features.dtype)
+    a_x = ops.cast(a_x, features.dtype)
+    # Contract the larger spatial axis first when sizes are static.
+    if (isinstance(height, int) and isinstance(width, int)
+            and out_w * height * (width + out_h) < out_h * width * (height + out_w)):
+        partial = ops.einsum("brqw,bhwc->brqhc", a_x, features)
+        return ops.einsum("brqhc,brph->brpqc", partial, a_y)
+    partial = ops.einsum("brph,bhwc->brpwc", a_y, features)
+    return ops.einsum("brpwc,brqw->brpqc", partial, a_x)
+
+
+def _flatten_levels(features_list):
+    """Concatenate ``[B, H_l, W_l, C]`` maps into ``[sum_l B*H_l*W_l, C]``.
+
+    Returns ``(flat, offsets, heights, widths)`` with per-level start offsets
+    and (possibly dynamic) sizes.
+    """
+    flats, offsets, heights, widths = [], [], [], []
+    offset = 0
+    for features in features_list:
+        shape = ops.shape(features)
+        height = features.shape[1] if features.shape[1] is not None else shape[1]
+        width = features.shape[2] if features.shape[2] is not None else shape[2]
+        flats.append(ops.reshape(features, [-1, features.shape[-1]]))
+        offsets.append(offset)
+        heights.append(height)
+        widths.append(width)
+        offset = offset + shape[0] * height * width
+    flat = flats[0] if len(flats) == 1 else ops.concatenate(flats, axis=0)
+    return flat, offsets, heights, widths
+
+
+def _gather_path(features_list, level_index, rois, geometry, sampling_ratio,
+                 max_sampling_ratio, out_h, out_w):
+    """Gather strategy over one or several levels (``level_index [B, R]`` picks)."""
+    flat, offsets, heights, widths = _flatten_levels(features_list)
+    batch = ops.shape(rois)[0]
+    image = ops.arange(batch, dtype="int32")[:, None]
+
+    def per_roi(values, dtype):
+        values = ops.stack([ops.cast(v, dtype) for v in values])
+        if len(features_list) == 1:
+            return ops.zeros_like(level_index, dtype=dtype) + values[0]
+        return ops.take(values, level_index)
+
+    height = per_roi(heights, "float32")
+    width = per_roi(widths, "float32")
+    stride = per_roi(widths, "int32")
+    base = per_roi(offsets, "int32") + image * per_roi(
+        [h * w for h, w in zip(heights, widths)], "int32")
+    if sampling_ratio > 0:
+        grid_h = ops.full_like(geometry["size_h"], float(sampling_ratio))
+        grid_w = ops.full_like(geometry["size_w"], float(sampling_ratio))
+        max_h = max_w = int(sampling_ratio)
+    else:
+        cap = float(max_sampling_ratio)
+        grid_h = ops.minimum(_adaptive_grid(geometry["size_h"], out_h), cap)
+        grid_w = ops.minimum(_adaptive_grid(geometry["size_w"], out_w), cap)
+        grid_h = ops.where(ops.isnan(grid_h), 0.0, grid_h)
+        grid_w = ops.where(ops.isnan(grid_w), 0.0, grid_w)
+        max_h = max_w = int(max_sampling_ratio)
+    return _gather_roi_align(flat, base, stride, height, width, geometry, grid_h, grid_w,
+                             max_h, max_w, out_h, out_w, features_list[0].dtype)
+
+
+def roi_align(features, rois, output_size, spatial_scale=1.0, sampling_ratio=-1,
+              aligned=False, max_sampling_ratio=None):
+    """RoIAlign, exactly ``torchvision.ops.roi_align`` (channels last, batched RoIs).
+
+    Args:
+        features: ``[B, H, W, C]`` feature map.
+        rois: ``[B, R, 4]`` xyxy boxes in input-image pixels; RoI ``r`` of
+            image ``b`` pools from ``features[b]``. Padding rows give finite
+            (meaningless) outputs.
+        output_size: int or ``(out_h, out_w)``.
+        spatial_scale: feature pixels per input pixel (``1 / stride``).
+        sampling_ratio: samples per bin side; ``<= 0`` is adaptive,
+            ``ceil(roi_size / output_size)`` per RoI (torchvision's default -1).
+        aligned: subtract half a pixel (Detectron2 / Mask R-CNN ``aligned=True``).
+        max_sampling_ratio: adaptive mode only. ``None`` (default) evaluates
+            it exactly with the separable matmul strategy (no cap); an int
+            ``k`` gathers on a static ``k x k`` grid instead (exact for RoIs
+            whose adaptive grid is ``<= k``, grid clamped to ``k`` above).
+
+    Returns:
+        ``[B, R, out_h, out_w, C]`` in ``features.dtype``.
+    """
+    out_h, out_w = _output_pair(output_size)
+    _check_sampling(sampling_ratio, max_sampling_ratio, "roi_align")
+    features = ops.convert_to_tensor(features)
+    rois = ops.convert_to_tensor(rois)
+    _check_inputs(features, rois, "roi_align")
+    geometry = _roi_geometry(rois, spatial_scale, aligned, out_h, out_w)
+    if sampling_ratio <= 0 and max_sampling_ratio is None:
+        return _separable_roi_align(features, geometry, out_h, out_w)
+    level_index = ops.zeros(ops.shape(rois)[:2], dtype="int32")
+    return _gather_path([features], level_index, rois, geometry, sampling_ratio,
+                        max_sampling_ratio, out_h, out_w)
+
+
+def map_roi_levels(rois, k_min=2, k_max=5, canonical_scale=224, canonical_level=4, eps=1e-6):
+    """FPN level of each RoI: torchvision ``LevelMapper`` (FPN paper eq. 1).
+
+    ``floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps)``
+    clamped to ``[k_min, k_max]``, ``area = (x2 - x1) * (y2 - y1)`` (no +1),
+    in float32 like torchvision. Returns the level number itself (``k_min`` ..
+    ``k_max``, int32, shape ``rois.shape[:-1]``), not torchvision's offset
+    ``level - k_min``. Degenerate RoIs (area ``<= 0``, e.g. padding) map to
+    ``k_min`` (torchvision gives ``k_min`` for area 0 and undefined for < 0).
+
+    >>> import numpy as np
+    >>> rois = np.array([[0, 0, 224, 224], [0, 0, 32, 32], [0, 0, 2000, 2000]], "float32")
+    >>> np.asarray(map_roi_levels(rois)).tolist()
+    [4, 2, 5]
+    """
+    if k_min > k_max:
+        raise ValueError(f"map_roi_levels: k_min {k_min} > k_max {k_max}")
+    rois = ops.cast(ops.stop_gradient(ops.convert_to_tensor(rois)), "float32")
+    if rois.shape[-1] != 4:
+        raise ValueError(f"map_roi_levels: rois must end in 4 xyxy coordinates, "
+                         f"got shape {tuple(rois.shape)}")
+    area = (rois[..., 2] - rois[..., 0]) * (rois[..., 3] - rois[..., 1])
+    positive = area > 0.0
+    scale = ops.sqrt(ops.where(positive, area, 1.0))
+    level = ops.floor((_f32(canonical_level) + ops.log2(_exact_divide(scale, _f32(canonical_scale))))
+                      + _f32(eps))
+    level = ops.where(positive, level, float(k_min))
+    return ops.cast(ops.clip(level, float(k_min), float(k_max)), "int32")
+
+
+def _level_features(features_by_level, levels, owner):
+    if isinstance(features_by_level, dict):
+        out = []
+        for level in levels:
+            for key in (level, f"P{level}", f"p{level}", str(level)):
+                if key in features_by_level:
+                    out.append(features_by_level[key])
+                    break
+            else:
+                raise ValueError(f"{owner}: no feature map for level {level} in dict keys "
+                                 f"{sorted(map(str, features_by_level))} (use {level} or "
+                                 f"'P{level}')")
+        return out
+    out = list(features_by_level)
+    if len(out) != len(levels):
+        raise ValueError(f"{owner}: got {len(out)} feature maps for levels {list(levels)}")
+    return out
+
+
+def _check_levels(levels, owner):
+    levels = tuple(int(level) for level in levels)
+    if not levels or list(levels) != list(range(levels[0], levels[0] + len(levels))):
+        raise ValueError(f"{owner}: levels must be consecutive and increasing "
+                         f"(like torchvision's LevelMapper), got {levels}")
+    return levels
+
+
+def multilevel_roi_align(features_by_level, rois, output_size, levels=(2, 3, 4, 5),
+                         sampling_ratio=2, aligned=False, canonical_scale=224,
+                         canonical_level=4, max_sampling_ratio=None):
+    """``torchvision.ops.MultiScaleRoIAlign``: each RoI pooled from its FPN level.
+
+    The level of a RoI is ``map_roi_levels(rois, levels[0], levels[-1], ...)``
+    and level ``l`` is read with ``spatial_scale = 2 ** -l`` (torchvision infers
+    the same power of two from feature and image sizes).
+
+    With ``sampling_ratio > 0`` (torchvision's Faster/Mask R-CNN use 2) all
+    levels are flattened into one table and every RoI gathers from its own
+    level only, so the cost is that of a single ``roi_align``. Adaptive
+    sampling computes each level for all RoIs and selects.
+
+    Args:
+        features_by_level: list of ``[B, H_l, W_l, C]`` in ``levels`` order, or
+            a dict keyed by level number or ``"P{level}"``.
+        rois: ``[B, R, 4]`` xyxy in input-image pixels.
+        output_size, sampling_ratio, aligned, max_sampling_ratio: as ``roi_align``.
+        levels: consecutive pyramid levels present, e.g. ``(2, 3, 4, 5)``.
+        canonical_scale, canonical_level: LevelMapper constants (224, 4).
+
+    Returns:
+        ``[B, R, out_h, out_w, C]``.
+
+    >>> import numpy as np
+    >>> feats = [np.ones((1, 64 // 2 ** l, 64 // 2 ** l, 8), "float32") for l in (2, 3, 4, 5)]
+    >>> rois = np.array([[[0, 0, 10, 10], [0, 0, 60, 60]]], "float32")
+    >>> multilevel_roi_align(feats, rois, 7).shape
+    (1, 2, 7, 7, 8)
+    """
+    owner = "multilevel_roi_align"
+    out_h, out_w = _output_pair(output_size, owner)
+    _check_sampling(sampling_ratio, max_sampling_ratio, owner)
+    levels = _check_levels(levels, owner)
+    features_list = [ops.convert_to_tensor(f) for f in _level_features(
+        features_by_level, levels, owner)]
+    rois = ops.convert_to_tensor(rois)
+    channels = {f.shape[-1] for f in features_list}
+    if len(channels) != 1:
+        raise ValueError(f"{owner}: all levels need the same channel count, got {channels}")
+    for features in features_list:
+        _check_inputs(features, rois, owner)
+    level = map_roi_levels(rois, levels[0], levels[-1], canonical_scale, canonical_level)
+    level_index = level - levels[0]
+    scales = ops.convert_to_tensor(np.array([2.0 ** -lv for lv in levels], "float32"))
+    if sampling_ratio > 0 or max_sampling_ratio is not None:
+        scale = ops.take(scales, level_index)
+        geometry = _roi_geometry(rois, scale, aligned, out_h, out_w)
+        return _gather_path(features_list, level_index, rois, geometry, sampling_ratio,
+                            max_sampling_ratio, out_h, out_w)
+    result = None
+    for index, (features, lv) in enumerate(zip(features_list, levels)):
+        geometry = _roi_geometry(rois, 2.0 ** -lv, aligned, out_h, out_w)
+        pooled = _separable_roi_align(features, geometry, out_h, out_w)
+        if result is None:
+            result = pooled
+        else:
+            chosen = (level_index == index)[..., None, None, None]
+            result = ops.where(chosen, pooled, result)
+    return result

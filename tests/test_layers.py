@@ -1,0 +1,830 @@
+"""Shared layers: numpy references, torchvision / effdet conformance, Keras contract.
+
+References: formulas written out in numpy here; torchvision's
+FeaturePyramidNetwork / LastLevelP6P7 / RetinaNetHead / FrozenBatchNorm2d and
+effdet's BiFpn / HeadNet (weights copied) when importable.
+"""
+import functools
+import pathlib
+
+import numpy as np
+import pytest
+
+from conftest import HAVE_TORCHVISION
+
+try:  # effdet (timm) needs torch, which conftest imported first
+    import effdet
+    from effdet.config import get_efficientdet_config, set_config_writeable
+    from effdet.efficientdet import BiFpn as EffdetBiFpn, HeadNet as EffdetHeadNet
+    HAVE_EFFDET = True
+except Exception:  # pragma: no cover - depends on the machine
+    HAVE_EFFDET = False
+
+if HAVE_TORCHVISION:
+    import torch
+    import torchvision
+    from torchvision.ops import FeaturePyramidNetwork
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+import keras  # noqa: E402  (after torch, see conftest)
+from keras import ops  # noqa: E402
+
+from kdet.layers import (BiFPN, ConvNormAct, EfficientDetHead, FPN,  # noqa: E402
+                         FrozenBatchNormalization, ImageNormalization, ResampleFeature,
+                         RetinaNetHead, SeparableConvNormAct, WeightedFusion)
+from kdet.layers.bifpn import bifpn_nodes  # noqa: E402
+from kdet.layers.fpn import resize_nearest  # noqa: E402
+from kdet.utils import count_params  # noqa: E402
+
+needs_torchvision = pytest.mark.skipif(not HAVE_TORCHVISION, reason="torchvision not installed")
+needs_effdet = pytest.mark.skipif(not HAVE_EFFDET, reason="effdet (timm) not installed")
+
+
+# --------------------------------------------------------------------------- numpy references
+
+def np_conv2d(x, kernel, bias=None, stride=1, pads=(0, 0, 0, 0)):
+    """NHWC conv, kernel (kh, kw, cin, cout), pads (top, bottom, left, right)."""
+    x = np.pad(x, ((0, 0), pads[:2], pads[2:], (0, 0)))
+    kh, kw = kernel.shape[:2]
+    out_h = (x.shape[1] - kh) // stride + 1
+    out_w = (x.shape[2] - kw) // stride + 1
+    out = np.zeros((x.shape[0], out_h, out_w, kernel.shape[-1]), np.float64)
+    for i in range(kh):
+        for j in range(kw):
+            patch = x[:, i:i + stride * out_h:stride, j:j + stride * out_w:stride, :]
+            out += patch @ kernel[i, j]
+    return out if bias is None else out + bias
+
+
+def np_depthwise(x, kernel, pads):
+    """Depthwise conv, kernel (kh, kw, C, 1), stride 1."""
+    x = np.pad(x, ((0, 0), pads[:2], pads[2:], (0, 0)))
+    kh, kw = kernel.shape[:2]
+    out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    out = np.zeros((x.shape[0], out_h, out_w, x.shape[-1]))
+    for i in range(kh):
+        for j in range(kw):
+            out += x[:, i:i + out_h, j:j + out_w, :] * kernel[i, j, :, 0]
+    return out
+
+
+def np_batch_norm(x, gamma, beta, mean, var, eps):
+    return (x - mean) / np.sqrt(var + eps) * gamma + beta
+
+
+def np_max_pool_same(x, k, s):
+    """TF SAME max-pool: pad total max((ceil(n/s)-1)*s + k - n, 0), extra at the end."""
+    n_h, n_w = x.shape[1:3]
+    out_h, out_w = -(-n_h // s), -(-n_w // s)
+    pad_h, pad_w = max((out_h - 1) * s + k - n_h, 0), max((out_w - 1) * s + k - n_w, 0)
+    xp = np.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2),
+                    (0, 0)), constant_values=-np.inf)
+    out = np.full((x.shape[0], out_h, out_w, x.shape[-1]), -np.inf)
+    for i in range(k):
+        for j in range(k):
+            out = np.maximum(out, xp[:, i:i + s * out_h:s, j:j + s * out_w:s, :])
+    return out
+
+
+def np_nearest(x, out_h, out_w):
+    """PyTorch nearest: src = floor(dst * in / out)."""
+    rows = np.floor(np.arange(out_h) * x.shape[1] / out_h).astype(int)
+    cols = np.floor(np.arange(out_w) * x.shape[2] / out_w).astype(int)
+    return x[:, rows][:, :, cols]
+
+
+def randomize_bn(layer, rng):
+    """Non-trivial BN statistics so that a missing or misplaced BN shows."""
+    c = layer.gamma.shape[0]
+    layer.gamma.assign(rng.uniform(0.5, 1.5, c).astype("float32"))
+    layer.beta.assign(rng.normal(0, 0.5, c).astype("float32"))
+    layer.moving_mean.assign(rng.normal(0, 0.5, c).astype("float32"))
+    layer.moving_variance.assign(rng.uniform(0.5, 2.0, c).astype("float32"))
+
+
+def to_np(x):
+    return np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float64)
+
+
+# --------------------------------------------------------------------------- weight copy (torch -> kdet)
+
+def _t(p):
+    return p.detach().cpu().numpy()
+
+
+def copy_conv(keras_conv, torch_conv):
+    """torch Conv2d [out, in, kh, kw] -> keras Conv2D [kh, kw, in, out] (or depthwise)."""
+    w = _t(torch_conv.weight)
+    if isinstance(keras_conv, keras.layers.DepthwiseConv2D):
+        keras_conv.kernel.assign(w.transpose(2, 3, 0, 1))
+    else:
+        keras_conv.kernel.assign(w.transpose(2, 3, 1, 0))
+    assert (torch_conv.bias is None) == (not keras_conv.use_bias)
+    if torch_conv.bias is not None:
+        keras_conv.bias.assign(_t(torch_conv.bias))
+
+
+def copy_norm(keras_norm, torch_norm):
+    keras_norm.gamma.assign(_t(torch_norm.weight))
+    keras_norm.beta.assign(_t(torch_norm.bias))
+    if hasattr(keras_norm, "moving_mean"):
+        keras_norm.moving_mean.assign(_t(torch_norm.running_mean))
+        keras_norm.moving_variance.assign(_t(torch_norm.running_var))
+
+
+def randomize_torch(module, seed=0):
+    """Random weights and BN/GN statistics so every parameter matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.3)
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.3)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+            if isinstance(m, torch.nn.Conv2d):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) / np.sqrt(fan_in))
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
+    return module.eval()
+
+
+def nchw(x):
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def nhwc(t):
+    return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+# --------------------------------------------------------------------------- normalisation
+
+def test_frozen_batch_norm_formula(rng):
+    layer = FrozenBatchNormalization(epsilon=1e-5)
+    x = rng.normal(size=(2, 5, 6, 7)).astype("float32")
+    layer.build(x.shape)
+    randomize_bn(layer, rng)
+    want = np_batch_norm(x, *(to_np(v) for v in (layer.gamma, layer.beta, layer.moving_mean,
+                                                  layer.moving_variance)), 1e-5)
+    for training in (False, True):  # frozen: identical in training
+        np.testing.assert_allclose(to_np(layer(x, training=training)), want, atol=1e-5)
+    assert [v.name for v in layer.weights] == ["gamma", "beta", "moving_mean", "moving_variance"]
+    assert not layer.trainable_weights
+    assert FrozenBatchNormalization.is_buffer_only
+    model = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Conv2D(2, 1, use_bias=False),
+                              FrozenBatchNormalization()])
+    assert count_params(model) == 6  # only the conv kernel, as FrozenBatchNorm2d buffers
+
+
+def test_frozen_batch_norm_eps_zero_and_bn_weights_load_by_name(rng):
+    bn = keras.layers.BatchNormalization(epsilon=0.0)
+    bn.build((None, 3))
+    randomize_bn(bn, rng)
+    frozen = FrozenBatchNormalization(epsilon=0.0)
+    frozen.build((None, 3))
+    for v in frozen.weights:  # by name
+        v.assign(getattr(bn, v.name))
+    x = rng.normal(size=(4, 3)).astype("float32")
+    np.testing.assert_allclose(to_np(frozen(x)), to_np(bn(x, training=False)), atol=1e-5)
+    with pytest.raises(ValueError, match="epsilon"):
+        FrozenBatchNormalization(epsilon=-1)
+
+
+@needs_torchvision
+def test_frozen_batch_norm_matches_torchvision(rng):
+    ref = torchvision.ops.FrozenBatchNorm2d(6, eps=0.0)
+    ref.weight.copy_(torch.rand(6) + 0.5)
+    ref.bias.copy_(torch.randn(6))
+    ref.running_mean.copy_(torch.randn(6))
+    ref.running_var.copy_(torch.rand(6) + 0.5)
+    layer = FrozenBatchNormalization(epsilon=0.0)
+    layer.build((None, None, None, 6))
+    copy_norm(layer, ref)
+    x = rng.normal(size=(2, 3, 4, 6)).astype("float32")
+    got = to_np(layer(x))
+    np.testing.assert_allclose(got, nhwc(ref(nchw(x))), atol=1e-5)
+
+
+def test_image_normalization_real_image(shared_data):
+    from PIL import Image
+    path = sorted((shared_data / "coco128" / "train2017").glob("*.jpg"))[0]
+    image = np.asarray(Image.open(path).convert("RGB").resize((40, 30)), "float32")[None]
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    got = to_np(ImageNormalization()(image))
+    np.testing.assert_allclose(got, (image / 255.0 - mean) / std, atol=1e-5)
+    lite = to_np(ImageNormalization.for_mode("lite")(image))
+    np.testing.assert_allclose(lite, image / 127.5 - 1.0, atol=1e-6)
+    np.testing.assert_allclose(to_np(ImageNormalization(mean=0.5, std=0.5)(image)), lite,
+                               atol=1e-6)
+    layer = ImageNormalization()
+    layer(image)
+    assert not layer.weights  # constants are config, not weights
+
+
+def test_image_normalization_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="std"):
+        ImageNormalization(std=(0.2, 0.0, 0.2))
+    with pytest.raises(ValueError, match="lengths"):
+        ImageNormalization(mean=(0.1, 0.2), std=(0.1, 0.2, 0.3))
+    with pytest.raises(ValueError, match="channels"):
+        ImageNormalization()(np.zeros((1, 2, 2, 4), "float32"))
+    with pytest.raises(ValueError, match="mode"):
+        ImageNormalization.for_mode("caffe")
+
+
+# --------------------------------------------------------------------------- conv blocks
+
+@pytest.mark.parametrize("stride,padding,size", [(1, "torch", 7), (2, "torch", 7), (2, "torch", 8),
+                                                 (2, "same", 8), (2, "same", 7), (1, "valid", 6)])
+def test_conv_norm_act_padding_matches_numpy(rng, stride, padding, size):
+    layer = ConvNormAct(5, 3, strides=stride, padding=padding, norm="batch", activation="relu",
+                        bn_epsilon=1e-3)
+    x = rng.normal(size=(2, size, size + 1, 4)).astype("float32")
+    layer(x)
+    randomize_bn(layer.norm_layer, rng)
+    if padding == "torch":
+        pads = (1, 1, 1, 1)
+    elif padding == "same":  # TF SAME: extra pixel at the end
+        def total(n):
+            return max((-(-n // stride) - 1) * stride + 3 - n, 0)
+        th, tw = total(size), total(size + 1)
+        pads = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+    else:
+        pads = (0, 0, 0, 0)
+    bn = layer.norm_layer
+    want = np_conv2d(x, to_np(layer.conv.kernel), None, stride, pads)
+    want = np.maximum(np_batch_norm(want, *(to_np(v) for v in (
+        bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance)), 1e-3), 0)
+    np.testing.assert_allclose(to_np(layer(x, training=False)), want, atol=1e-4)
+
+
+def test_conv_norm_act_bias_rule_and_counts():
+    def built(**kw):
+        layer = ConvNormAct(8, 3, **kw)
+        layer.build((None, None, None, 4))
+        return layer
+    assert count_params(built()) == 3 * 3 * 4 * 8 + 8  # no norm: bias
+    assert count_params(built(norm="batch")) == 3 * 3 * 4 * 8 + 2 * 8  # BN: no bias, gamma/beta
+    assert count_params(built(norm="batch", use_bias=True)) == 3 * 3 * 4 * 8 + 8 + 2 * 8
+    assert count_params(built(norm="frozen_batch")) == 3 * 3 * 4 * 8
+    assert count_params(built(norm="group", groups=4)) == 3 * 3 * 4 * 8 + 2 * 8
+    sep = SeparableConvNormAct(8, 3, norm="batch", use_bias=True)
+    sep.build((None, None, None, 4))
+    assert count_params(sep) == 9 * 4 + 4 * 8 + 8 + 2 * 8  # dw, pw + redundant bias, BN
+    with pytest.raises(ValueError, match="norm"):
+        ConvNormAct(8, 3, norm="layer")
+    with pytest.raises(ValueError, match="activation"):
+        ConvNormAct(8, 3, activation="gelu")
+    with pytest.raises(ValueError, match="padding"):
+        SeparableConvNormAct(8, 3, padding="reflect")
+
+
+@pytest.mark.parametrize("activation", ["swish", "relu6", None])
+def test_separable_conv_norm_act_matches_numpy(rng, activation):
+    layer = SeparableConvNormAct(6, 3, norm="batch", use_bias=True, activation=activation)
+    x = rng.normal(size=(2, 5, 7, 4)).astype("float32") * 3
+    layer(x)
+    layer.conv_pw.bias.assign(rng.normal(size=6).astype("float32"))
+    randomize_bn(layer.norm_layer, rng)
+    bn = layer.norm_layer
+    y = np_depthwise(x, to_np(layer.conv_dw.kernel), (1, 1, 1, 1))
+    y = np_conv2d(y, to_np(layer.conv_pw.kernel), to_np(layer.conv_pw.bias))
+    y = np_batch_norm(y, *(to_np(v) for v in (bn.gamma, bn.beta, bn.moving_mean,
+                                              bn.moving_variance)), 1e-3)
+    if activation == "swish":
+        y = y / (1 + np.exp(-y))
+    elif activation == "relu6":
+        y = np.clip(y, 0, 6)
+    np.testing.assert_allclose(to_np(layer(x, training=False)), y, atol=1e-4)
+
+
+@needs_torchvision
+def test_conv_norm_act_group_norm_matches_torchvision(rng):
+    ref = randomize_torch(torchvision.ops.Conv2dNormActivation(
+        4, 8, kernel_size=3, stride=2, norm_layer=functools.partial(torch.nn.GroupNorm, 2)))
+    layer = ConvNormAct(8, 3, strides=2, padding="torch", norm="group", groups=2,
+                        activation="relu")
+    x = rng.normal(size=(2, 9, 10, 4)).astype("float32")
+    layer(x)
+    copy_conv(layer.conv, ref[0])
+    copy_norm(layer.norm_layer, ref[1])
+    with torch.no_grad():
+        want = nhwc(ref(nchw(x)))
+    np.testing.assert_allclose(to_np(layer(x)), want, atol=1e-4)
+    assert count_params(layer) == sum(p.numel() for p in ref.parameters())
+
+
+# --------------------------------------------------------------------------- FPN
+
+@pytest.mark.parametrize("size", [(3, 5), (4, 4), (5, 9)])
+def test_resize_nearest_is_torch_rule(rng, size):
+    x = rng.normal(size=(1, 3, 4, 2)).astype("float32")
+    out_h, out_w = size[0] * 2 - 1, size[1] + 3
+    np.testing.assert_array_equal(to_np(resize_nearest(x, (out_h, out_w))),
+                                  np_nearest(x, out_h, out_w))
+    if HAVE_TORCHVISION:
+        want = torch.nn.functional.interpolate(nchw(x), size=(out_h, out_w), mode="nearest")
+        np.testing.assert_array_equal(to_np(resize_nearest(x, (out_h, out_w))), nhwc(want))
+
+
+def fpn_param_formula(in_channels, out, norm, extra, p6_in):
+    """Count of torchvision FeaturePyramidNetwork (+ extra block), written out."""
+    bias_or_bn = 2 * out if norm else out
+    count = sum(c * out + bias_or_bn for c in in_channels)
+    count += len(in_channels) * (9 * out * out + bias_or_bn)
+    if extra and extra.startswith("p6p7"):
+        count += (9 * p6_in * out + out) + (9 * out * out + out)
+    return count
+
+
+@pytest.mark.parametrize("extra,norm", [("p6p7_from_p5", None), ("p6p7_from_c5", None),
+                                        ("maxpool", "batch")])
+def test_fpn_param_count_real_config(extra, norm):
+    """RetinaNet v1 (P6 from P5) / v2 (from C5) and Faster R-CNN v2 (BN) FPNs."""
+    levels = (2, 3, 4, 5) if extra == "maxpool" else (3, 4, 5)
+    chans = [256, 512, 1024, 2048][-len(levels):]
+    layer = FPN(256, in_levels=levels, extra_blocks=extra, norm=norm)
+    layer.build({f"C{lv}": (None, None, None, c) for lv, c in zip(levels, chans)})
+    p6_in = 2048 if extra == "p6p7_from_c5" else 256
+    assert count_params(layer) == fpn_param_formula(chans, 256, norm, extra, p6_in)
+    if HAVE_TORCHVISION:
+        blocks = {"p6p7_from_p5": LastLevelP6P7(256, 256), "p6p7_from_c5": LastLevelP6P7(2048, 256),
+                  "maxpool": LastLevelMaxPool()}
+        ref = FeaturePyramidNetwork(chans, 256, extra_blocks=blocks[extra],
+                                    norm_layer=torch.nn.BatchNorm2d if norm else None)
+        assert count_params(layer) == sum(p.numel() for p in ref.parameters())
+    # DESIGN.md totals minus ResNet-50 without fc (23,508,032) minus the heads
+    # (test_retinanet_head_param_count_real_config): v1 uses P5, v2 uses C5.
+    if extra == "p6p7_from_p5":
+        assert count_params(layer) == 34_068_119 - 23_508_032 - 6_691_415
+    if extra == "p6p7_from_c5":
+        assert count_params(layer) == 38_198_935 - 23_508_032 - 6_693_463
+
+
+def copy_fpn(layer, ref, norm):
+    for k_blocks, t_blocks in ((layer.inner_blocks, ref.inner_blocks),
+                               (layer.layer_blocks, ref.layer_blocks)):
+        for k, t in zip(k_blocks, t_blocks):
+            copy_conv(k.conv, t[0])
+            if norm:
+                copy_norm(k.norm_layer, t[1])
+    if isinstance(ref.extra_blocks, LastLevelP6P7):
+        copy_conv(layer.p6.conv, ref.extra_blocks.p6)
+        copy_conv(layer.p7.conv, ref.extra_blocks.p7)
+
+
+@needs_torchvision
+@pytest.mark.parametrize("extra,norm", [("p6p7_from_p5", None), ("p6p7_from_c5", "batch"),
+                                        ("maxpool", None)])
+def test_fpn_matches_torchvision(rng, extra, norm):
+    levels = (2, 3, 4, 5) if extra == "maxpool" else (3, 4, 5)
+    chans = [4, 8, 16, 32][-len(levels):]
+    # Odd sizes (an 148x199 image): top-down upsampling is not an exact x2.
+    sizes = [(37, 50), (19, 25), (10, 13), (5, 7)][-len(levels):]
+    blocks = {"p6p7_from_p5": LastLevelP6P7(16, 16), "p6p7_from_c5": LastLevelP6P7(32, 16),
+              "maxpool": LastLevelMaxPool()}
+    ref = randomize_torch(FeaturePyramidNetwork(
+        chans, 16, extra_blocks=blocks[extra], norm_layer=torch.nn.BatchNorm2d if norm else None))
+    layer = FPN(16, in_levels=levels, extra_blocks=extra, norm=norm)
+    feats = {f"C{lv}": rng.normal(size=(2, h, w, c)).astype("float32")
+             for lv, (h, w), c in zip(levels, sizes, chans)}
+    feats["C1"] = np.zeros((2, 3, 3, 3), "float32")  # extra keys are ignored
+    layer(feats)
+    copy_fpn(layer, ref, norm)
+    out = layer(feats, training=False)
+    with torch.no_grad():
+        want = list(ref({k: nchw(feats[f"C{lv}"]) for k, lv in zip("abcd", levels)}).values())
+    assert list(out) == [f"P{lv}" for lv in layer.out_levels]
+    assert len(out) == len(want)
+    for got, w in zip(out.values(), want):
+        np.testing.assert_allclose(to_np(got), nhwc(w), atol=1e-4)
+    assert count_params(layer) == sum(p.numel() for p in ref.parameters())
+
+
+def test_fpn_rejects_bad_input():
+    with pytest.raises(ValueError, match="extra_blocks"):
+        FPN(8, extra_blocks="p6")
+    with pytest.raises(ValueError, match="consecutive"):
+        FPN(8, in_levels=(3, 5))
+    with pytest.raises(ValueError, match="C5"):
+        FPN(8, in_levels=(3, 4, 5))({"C3": np.zeros((1, 4, 4, 2), "float32"),
+                                     "C4": np.zeros((1, 2, 2, 2), "float32")})
+
+
+# --------------------------------------------------------------------------- BiFPN
+
+def test_bifpn_nodes_follow_effdet_config():
+    nodes = bifpn_nodes(3, 7)
+    # inputs P3..P7 are 0..4; top-down P6'(5) P5'(6) P4'(7) P3'(8); bottom-up 9..12
+    assert nodes == [(6, (3, 4)), (5, (2, 5)), (4, (1, 6)), (3, (0, 7)),
+                     (4, (1, 7, 8)), (5, (2, 6, 9)), (6, (3, 5, 10)), (7, (4, 11))]
+    if HAVE_EFFDET:
+        from effdet.config import get_fpn_config
+        for name in ("bifpn_fa", "bifpn_sum"):
+            for max_level in (7, 8):
+                ref = get_fpn_config(name, min_level=3, max_level=max_level)
+                assert bifpn_nodes(3, max_level) == [
+                    (n["feat_level"], tuple(n["inputs_offsets"])) for n in ref.nodes]
+
+
+@pytest.mark.parametrize("mode", ["fast", "softmax", "attn", "sum"])
+def test_weighted_fusion_formula(rng, mode):
+    xs = [rng.normal(size=(2, 3, 3, 4)).astype("float32") for _ in range(3)]
+    layer = WeightedFusion(mode)
+    layer(xs)
+    if mode == "sum":
+        assert not layer.weights
+        want = sum(xs)
+    else:
+        w = np.array([0.7, -0.4, 2.0], "float32")
+        layer.edge_weights.assign(w)
+        norm = (np.maximum(w, 0) / (np.maximum(w, 0).sum() + 1e-4) if mode == "fast"
+                else np.exp(w) / np.exp(w).sum())
+        want = sum(n * x for n, x in zip(norm, xs))
+    np.testing.assert_allclose(to_np(layer(xs)), want, atol=1e-5)
+    with pytest.raises(ValueError, match="mode"):
+        WeightedFusion("mean")
+
+
+def test_resample_feature_matches_numpy(rng):
+    x = rng.normal(size=(2, 9, 7, 6)).astype("float32")
+    layer = ResampleFeature(4, apply_bn=True, redundant_bias=True)
+    y = layer(x)  # no target: one level down (3x3/s2 SAME)
+    randomize_bn(layer.conv.norm_layer, rng)
+    layer.conv.conv.bias.assign(rng.normal(size=4).astype("float32"))
+    bn = layer.conv.norm_layer
+    conv = np_conv2d(x, to_np(layer.conv.conv.kernel), to_np(layer.conv.conv.bias))
+    conv = np_batch_norm(conv, *(to_np(v) for v in (bn.gamma, bn.beta, bn.moving_mean,
+                                                    bn.moving_variance)), 1e-3)
+    np.testing.assert_allclose(to_np(layer(x, training=False)), np_max_pool_same(conv, 3, 2),
+                               atol=1e-4)
+    assert tuple(y.shape) == (2, 5, 4, 4)
+    assert count_params(layer) == 6 * 4 + 4 + 2 * 4
+    # same channels: no conv; resample to a target's size up (nearest) or down
+    same = ResampleFeature(6)
+    up_target, down_target = np.zeros((1, 17, 13, 1)), np.zeros((1, 5, 4, 1))
+    np.testing.assert_array_equal(to_np(same(x, target=up_target)), np_nearest(x, 17, 13))
+    np.testing.assert_allclose(to_np(same(x, target=down_target)), np_max_pool_same(x, 3, 2))
+    assert not same.weights
+
+
+def effdet_small_config(fusion="fast", act="swish", channels=16, repeats=2, box_repeats=2,
+                        image_size=(80, 80), separable=True):
+    cfg = get_efficientdet_config("tf_efficientdet_d0")
+    set_config_writeable(cfg)
+    cfg.fpn_channels, cfg.fpn_cell_repeats, cfg.box_class_repeats = channels, repeats, box_repeats
+    cfg.image_size = image_size
+    cfg.fpn_name = {"fast": "bifpn_fa", "sum": "bifpn_sum", "softmax": "bifpn_attn"}[fusion]
+    cfg.act_type = act
+    cfg.separable_conv = separable
+    return cfg
+
+
+def copy_effdet_conv_block(block, ref):
+    """effdet ConvBnAct2d / SeparableConv2d -> kdet ConvNormAct / SeparableConvNormAct."""
+    if hasattr(ref, "conv_dw"):
+        copy_conv(block.conv_dw, ref.conv_dw)
+        copy_conv(block.conv_pw, ref.conv_pw)
+    else:
+        copy_conv(block.conv, ref.conv)
+    assert (ref.bn is None) == (block.norm_layer is None)
+    if ref.bn is not None:
+        copy_norm(block.norm_layer, ref.bn)
+
+
+def copy_effdet_resample(layer, ref):
+    assert hasattr(ref, "conv") == (layer.conv is not None)
+    if layer.conv is not None:
+        copy_effdet_conv_block(layer.conv, ref.conv)
+
+
+def copy_effdet_bifpn(layer, ref):
+    for k, t in zip(layer.extra_resample, ref.resample.values(), strict=True):
+        copy_effdet_resample(k, t)
+    for cell, ref_cell in zip(layer.cells, ref.cell, strict=True):
+        for node, fnode in zip(cell, ref_cell.fnode, strict=True):
+            for k, t in zip(node.resample, fnode.combine.resample.values(), strict=True):
+                copy_effdet_resample(k, t)
+            if fnode.combine.edge_weights is not None:
+                node.combine.edge_weights.assign(_t(fnode.combine.edge_weights))
+            copy_effdet_conv_block(node.conv, fnode.after_combine.conv)
+
+
+@needs_effdet
+@pytest.mark.parametrize("fusion,act,separable", [("fast", "swish", True),
+                                                  ("sum", "relu6", False),
+                                                  ("softmax", "swish", True)])
+def test_bifpn_matches_effdet(rng, fusion, act, separable):
+    """80x80 image: levels 10, 5, 3, 2, 1 (odd sizes, non-x2 upsampling)."""
+    cfg = effdet_small_config(fusion, act, separable=separable)
+    chans = [6, 10, 12]
+    ref = EffdetBiFpn(cfg, [dict(num_chs=c, reduction=2 ** lv) for c, lv in zip(chans, (3, 4, 5))])
+    ref = randomize_torch(ref, seed=1)
+    with torch.no_grad():
+        for m in ref.modules():
+            if getattr(m, "edge_weights", None) is not None:
+                m.edge_weights.copy_(torch.rand(m.edge_weights.shape) + 0.2)
+    layer = BiFPN(16, 2, fusion=fusion, activation=act, separable=separable)
+    feats = {f"C{lv}": rng.normal(size=(2, s, s, c)).astype("float32")
+             for lv, s, c in zip((3, 4, 5), (10, 5, 3), chans)}
+    layer(feats)
+    copy_effdet_bifpn(layer, ref)
+    out = layer(feats, training=False)
+    with torch.no_grad():
+        want = ref([nchw(feats[f"C{lv}"]) for lv in (3, 4, 5)])
+    assert list(out) == ["P3", "P4", "P5", "P6", "P7"]
+    for got, w in zip(out.values(), want):
+        assert tuple(got.shape) == nhwc(w).shape
+        np.testing.assert_allclose(to_np(got), nhwc(w), atol=2e-4, rtol=1e-4)
+    assert count_params(layer) == sum(p.numel() for p in ref.parameters())
+
+
+# Backbone C3..C5 channels (timm tf_efficientnet_b0..b3 / lite0) and the effdet
+# BiFPN / class net / box net parameter counts (90 classes); from effdet when it
+# is importable, else these values from effdet's `create_model(...).fpn` etc.
+EFFDET_CASES = {
+    "tf_efficientdet_d0": ((40, 112, 320), 64, 3, 3, "fast", "swish", (196281, 69354, 19044)),
+    "tf_efficientdet_d1": ((40, 112, 320), 88, 4, 3, "fast", "swish", (390972, 101394, 32508)),
+    "tf_efficientdet_d2": ((48, 120, 352), 112, 5, 3, "fast", "swish", (708159, 136890, 49428)),
+    "tf_efficientdet_d3": ((48, 136, 384), 160, 6, 4, "fast", "swish", (1559474, 247050, 122436)),
+    "tf_efficientdet_lite0": ((40, 112, 320), 64, 3, 3, "sum", "relu6", (196224, 69354, 19044)),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def effdet_counts(name):
+    model = effdet.create_model(name, pretrained=False, pretrained_backbone=False)
+    chans = tuple(f["num_chs"] for f in model.backbone.feature_info.get_dicts())
+    counts = tuple(sum(p.numel() for p in m.parameters())
+                   for m in (model.fpn, model.class_net, model.box_net))
+    return chans, counts
+
+
+@pytest.mark.parametrize("name", [
+    "tf_efficientdet_d0", "tf_efficientdet_lite0",
+    pytest.param("tf_efficientdet_d1", marks=pytest.mark.slow),
+    pytest.param("tf_efficientdet_d2", marks=pytest.mark.slow),
+    pytest.param("tf_efficientdet_d3", marks=pytest.mark.slow)])
+def test_bifpn_and_head_param_counts_match_effdet(name):
+    chans, width, d_bifpn, d_head, fusion, act, counts = EFFDET_CASES[name]
+    if HAVE_EFFDET:
+        assert effdet_counts(name) == (chans, counts)
+    bifpn = BiFPN(width, d_bifpn, fusion=fusion, activation=act)
+    bifpn.build({f"C{lv}": (None, None, None, c) for lv, c in zip((3, 4, 5), chans)})
+    shapes = [(None, None, None, width)] * 5
+    class_net = EfficientDetHead(90, depth=d_head, activation=act, prior_probability=0.01)
+    box_net = EfficientDetHead(4, depth=d_head, activation=act)
+    class_net.build(shapes)
+    box_net.build(shapes)
+    assert (count_params(bifpn), count_params(class_net), count_params(box_net)) == counts
+    if name == "tf_efficientdet_d0":  # DESIGN.md: full D0 = 3,880,067 with the B0 backbone
+        assert 3_880_067 - sum(counts) == 3_595_388  # timm tf_efficientnet_b0 features
+
+
+def test_bifpn_d7x_levels_and_input_errors():
+    bifpn = BiFPN(8, 1, max_level=8, fusion="sum")
+    feats = {"C3": np.zeros((1, 16, 16, 4), "float32"), "C4": np.zeros((1, 8, 8, 4), "float32"),
+             "C5": np.zeros((1, 4, 4, 4), "float32")}
+    out = bifpn(feats)
+    assert [(k, tuple(v.shape)[1:3]) for k, v in out.items()] == [
+        ("P3", (16, 16)), ("P4", (8, 8)), ("P5", (4, 4)), ("P6", (2, 2)), ("P7", (1, 1)),
+        ("P8", (1, 1))]
+    with pytest.raises(ValueError, match="C3"):
+        BiFPN(8, 1)({"C4": feats["C4"]})
+    with pytest.raises(ValueError, match="fusion"):
+        BiFPN(8, 1, fusion="mean")
+
+
+# --------------------------------------------------------------------------- heads
+
+def test_retinanet_head_order_matches_numpy(rng):
+    """num_convs=0: one conv; output rows must be (level, y, x, anchor) with K per row."""
+    head = RetinaNetHead(3, num_anchors=2, num_convs=0)
+    feats = [rng.normal(size=(2, 4, 5, 6)).astype("float32"),
+             rng.normal(size=(2, 2, 3, 6)).astype("float32")]
+    out = head(feats)
+    cls_kernel, cls_bias = to_np(head.cls_logits.conv.kernel), to_np(head.cls_logits.conv.bias)
+    np.testing.assert_allclose(cls_bias, -np.log(0.99 / 0.01), rtol=1e-6)
+    want = []
+    for x in feats:
+        y = np_conv2d(x, cls_kernel, cls_bias, pads=(1, 1, 1, 1))  # [B, H, W, A*K]
+        b, h, w, _ = y.shape
+        want.append(y.reshape(b, h, w, 2, 3).reshape(b, h * w * 2, 3))
+    np.testing.assert_allclose(to_np(out["cls_logits"]), np.concatenate(want, 1), atol=1e-5)
+    assert tuple(out["bbox_regression"].shape) == (2, (20 + 6) * 2, 4)
+
+
+@needs_torchvision
+@pytest.mark.parametrize("norm", [None, "group"])
+def test_retinanet_head_matches_torchvision(rng, norm):
+    from torchvision.models.detection.retinanet import RetinaNetHead as TorchRetinaNetHead
+    ref = randomize_torch(TorchRetinaNetHead(
+        16, 3, 5, norm_layer=functools.partial(torch.nn.GroupNorm, 4) if norm else None))
+    head = RetinaNetHead(5, num_anchors=3, norm=norm, groups=4)
+    feats = {f"P{lv}": rng.normal(size=(2, s, s + 1, 16)).astype("float32")
+             for lv, s in zip((3, 4, 5), (8, 4, 2))}
+    head(feats)
+    for k_convs, t_branch in ((head.classification_convs, ref.classification_head),
+                              (head.regression_convs, ref.regression_head)):
+        for k, t in zip(k_convs, t_branch.conv, strict=True):
+            copy_conv(k.conv, t[0])
+            if norm:
+                copy_norm(k.norm_layer, t[1])
+    copy_conv(head.cls_logits.conv, ref.classification_head.cls_logits)
+    copy_conv(head.bbox_reg.conv, ref.regression_head.bbox_reg)
+    out = head(feats)
+    with torch.no_grad():
+        want = ref([nchw(feats[f"P{lv}"]) for lv in (3, 4, 5)])
+    for key in ("cls_logits", "bbox_regression"):
+        np.testing.assert_allclose(to_np(out[key]), want[key].numpy(), atol=1e-4)
+    assert count_params(head) == sum(p.numel() for p in ref.parameters())
+
+
+@pytest.mark.parametrize("norm,want", [(None, 6_691_415), ("group", 6_693_463)])
+def test_retinanet_head_param_count_real_config(norm, want):
+    """torchvision RetinaNetHead(256, 9, 91), v1 (no norm) and v2 (GroupNorm(32))."""
+    head = RetinaNetHead(91, norm=norm)
+    head.build([(None, None, None, 256)] * 5)
+    conv = 9 * 256 * 256 + (2 * 256 if norm else 256)
+    formula = 8 * conv + (9 * 256 * 9 * 91 + 9 * 91) + (9 * 256 * 9 * 4 + 9 * 4)
+    assert count_params(head) == formula == want
+    if HAVE_TORCHVISION:
+        from torchvision.models.detection.retinanet import RetinaNetHead as TorchRetinaNetHead
+        ref = TorchRetinaNetHead(256, 9, 91, norm_layer=functools.partial(
+            torch.nn.GroupNorm, 32) if norm else None)
+        assert count_params(head) == sum(p.numel() for p in ref.parameters())
+
+
+@needs_effdet
+@pytest.mark.parametrize("num_outputs,separable,act", [(5, True, "swish"), (4, False, "relu6")])
+def test_efficientdet_head_matches_effdet(rng, num_outputs, separable, act):
+    cfg = effdet_small_config(act=act, separable=separable)
+    ref = randomize_torch(EffdetHeadNet(cfg, num_outputs), seed=2)
+    head = EfficientDetHead(num_outputs, num_anchors=9, depth=2, activation=act,
+                            separable=separable, prior_probability=0.01)
+    feats = [rng.normal(size=(2, s, s, 16)).astype("float32") for s in (10, 5, 3, 2, 1)]
+    head(feats)
+    for k, t in zip(head.conv_rep, ref.conv_rep, strict=True):
+        copy_effdet_conv_block(k, t)
+    for k_bns, t_bns in zip(head.bn_rep, ref.bn_rep, strict=True):
+        for k, t in zip(k_bns, t_bns, strict=True):
+            copy_norm(k, t.bn)
+    copy_effdet_conv_block(head.predict, ref.predict)
+    out = head({f"P{lv}": x for lv, x in zip(range(3, 8), feats)}, training=False)
+    with torch.no_grad():
+        levels = ref([nchw(x) for x in feats])
+    want = np.concatenate([t.permute(0, 2, 3, 1).reshape(2, -1, num_outputs).numpy()
+                           for t in levels], axis=1)
+    np.testing.assert_allclose(to_np(out), want, atol=2e-4, rtol=1e-4)
+    assert count_params(head) == sum(p.numel() for p in ref.parameters())
+
+
+def test_efficientdet_head_prior_bias_and_errors():
+    head = EfficientDetHead(3, num_anchors=2, depth=1, num_levels=2, prior_probability=0.01)
+    head.build([(None, None, None, 8)] * 2)
+    np.testing.assert_allclose(to_np(head.predict.conv_pw.bias), -np.log(99.0), rtol=1e-6)
+    assert [bn.name for bn in head.bn_rep[0]] == ["bn_0_0", "bn_0_1"]
+    with pytest.raises(ValueError, match="levels"):
+        head([np.zeros((1, 2, 2, 8), "float32")])
+    with pytest.raises(ValueError, match="num_channels"):
+        EfficientDetHead(3, num_channels=16, num_levels=1)([np.zeros((1, 2, 2, 8), "float32")])
+
+
+# --------------------------------------------------------------------------- Keras contract
+
+def _pyramid(batch=2, channels=8, sizes=(8, 4, 2, 1, 1), prefix="P", first=3):
+    rng = np.random.default_rng(1)
+    return {f"{prefix}{first + i}": rng.normal(size=(batch, s, s, channels)).astype("float32")
+            for i, s in enumerate(sizes)}
+
+
+def _backbone(batch=2):
+    rng = np.random.default_rng(2)
+    return {f"C{lv}": rng.normal(size=(batch, s, s, c)).astype("float32")
+            for lv, s, c in zip((3, 4, 5), (8, 4, 2), (6, 10, 12))}
+
+
+def _image(batch=2):
+    return np.random.default_rng(3).uniform(0, 255, (batch, 8, 8, 3)).astype("float32")
+
+
+CASES = {
+    "frozen_bn": (lambda: FrozenBatchNormalization(), _image),
+    "image_norm": (lambda: ImageNormalization.for_mode("lite"), _image),
+    "conv_norm_act": (lambda: ConvNormAct(8, 3, strides=2, padding="torch", norm="group",
+                                          groups=4, activation="relu"), _image),
+    "separable": (lambda: SeparableConvNormAct(8, 3, norm="batch", use_bias=True,
+                                               activation="swish"), _image),
+    "fpn": (lambda: FPN(8, in_levels=(3, 4, 5), extra_blocks="p6p7_from_c5", norm="batch"),
+            _backbone),
+    "bifpn": (lambda: BiFPN(8, 1, fusion="fast"), _backbone),
+    "fusion": (lambda: WeightedFusion("softmax"),
+               lambda: list(_pyramid(sizes=(4, 4, 4)).values())),
+    "resample": (lambda: ResampleFeature(8), _image),
+    "effdet_head": (lambda: EfficientDetHead(4, num_anchors=3, depth=2, prior_probability=0.01),
+                    _pyramid),
+    "retinanet_head": (lambda: RetinaNetHead(3, num_anchors=3, num_convs=1, norm="group",
+                                             groups=4), _pyramid),
+}
+
+
+def _symbolic(inputs):
+    if isinstance(inputs, dict):
+        return {k: keras.Input(v.shape[1:], name=k) for k, v in inputs.items()}
+    if isinstance(inputs, list):
+        return [keras.Input(v.shape[1:]) for v in inputs]
+    return keras.Input(inputs.shape[1:])
+
+
+def _flat(outputs):
+    return [to_np(v) for v in keras.tree.flatten(outputs)]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_keras_file_round_trip(case, tmp_path):
+    make, make_inputs = CASES[case]
+    inputs = make_inputs()
+    symbolic = _symbolic(inputs)
+    layer = make()
+    model = keras.Model(symbolic, layer(symbolic))
+    assert type(layer).from_config(layer.get_config()).get_config() == layer.get_config()
+    # perturb every float weight so a weight that is not restored shows
+    for i, v in enumerate(model.weights):
+        if "float" in str(v.dtype):
+            v.assign(v + ops.cast(0.01 * (i + 1), v.dtype))
+    path = tmp_path / f"{case}.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    for got, want in zip(_flat(loaded(inputs, training=False)), _flat(model(inputs, training=False))):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    assert count_params(loaded) == count_params(model)
+
+
+@pytest.fixture
+def policy():
+    yield keras.mixed_precision.set_global_policy
+    keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("name", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_mixed_precision(case, name, policy):
+    make, make_inputs = CASES[case]
+    reference = _flat(_run_fresh(make, make_inputs, seed=7))
+    policy(name)
+    got = _run_fresh(make, make_inputs, seed=7)
+    compute = name.split("_")[1]
+    for x, want in zip(keras.tree.flatten(got), reference):
+        assert keras.backend.standardize_dtype(x.dtype) == compute
+        x = to_np(x)
+        assert np.isfinite(x).all()
+        tol = 0.05 if compute == "float16" else 0.3  # relative to the output's scale
+        assert np.abs(x - want).max() <= tol * max(1.0, np.abs(want).max())
+    layer = make()
+    assert layer.dtype_policy.name == name
+
+
+def _run_fresh(make, make_inputs, seed):
+    keras.utils.set_random_seed(seed)
+    layer = make()
+    return layer(make_inputs(), training=False)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_jit_compile(case):
+    make, make_inputs = CASES[case]
+    layer = make()
+    inputs = make_inputs()
+    eager = _flat(layer(inputs, training=False))
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+        compiled = tf.function(lambda x: layer(x, training=False), jit_compile=True)
+    elif keras.backend.backend() == "jax":
+        import jax
+        compiled = jax.jit(lambda x: layer(x, training=False))
+    else:
+        pytest.skip(f"no jit test for backend {keras.backend.backend()}")
+    for got, want in zip(_flat(compiled(inputs)), eager):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_layers_are_registered():
+    for cls in (ConvNormAct, SeparableConvNormAct, FrozenBatchNormalization, ImageNormalization,
+                FPN, BiFPN, WeightedFusion, ResampleFeature, EfficientDetHead, RetinaNetHead):
+        assert keras.saving.get_registered_object(f"kdet>{cls.__name__}") is cls
+
+
+def test_module_docstring_examples_run():
+    import doctest
+    import kdet.layers.bifpn
+    import kdet.layers.conv_norm_act
+    import kdet.layers.fpn
+    import kdet.layers.heads
+    import kdet.layers.normalization
+    for module in (kdet.layers.normalization, kdet.layers.conv_norm_act, kdet.layers.fpn,
+                   kdet.layers.bifpn, kdet.layers.heads):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0, module.__name__
+    assert pathlib.Path(kdet.layers.fpn.__file__).name == "fpn.py"
