@@ -42,7 +42,7 @@ CONVENTIONS = ("torchvision", "automl")
 
 
 def retinanet_sizes(base_sizes=(32, 64, 128, 256, 512), num_scales=3):
-    """torchvision RetinaNet anchor sizes: ``(x, int(x * 2**(1/3)), int(x * 2**(2/3)))`` per level."""
+    """torchvision RetinaNet sizes: ``(x, int(x * 2**(1/3)), int(x * 2**(2/3)))`` per level."""
     return tuple(tuple(int(x * 2 ** (i / num_scales)) for i in range(num_scales))
                  for x in base_sizes)
 
@@ -85,7 +85,8 @@ def _image_hw(image_size):
         height, width = image_size[1:3]
     else:
         raise ValueError(
-            f"AnchorGenerator: image size must be (H, W), (H, W, C) or (B, H, W, C), got {image_size}")
+            "AnchorGenerator: image size must be (H, W), (H, W, C) or (B, H, W, C), "
+            f"got {image_size}")
     if height is None or width is None:
         raise ValueError(
             f"AnchorGenerator: image height/width must be static, got {image_size} "
@@ -140,7 +141,7 @@ class AnchorGenerator(keras.layers.Layer):
             sizes = tuple(sizes)
             if not isinstance(sizes[0], (list, tuple)):
                 sizes = tuple((s,) for s in sizes)  # torchvision accepts (32, 64, ...) too
-            self.sizes = tuple(tuple(float(s) if not float(s).is_integer() else int(s) for s in level)
+            self.sizes = tuple(tuple(int(s) if float(s).is_integer() else float(s) for s in level)
                                for level in sizes)
             num_levels = len(self.sizes)
             if aspect_ratios is None:
@@ -169,7 +170,8 @@ class AnchorGenerator(keras.layers.Layer):
             for r in aspect_ratios:
                 if isinstance(r, (list, tuple)):
                     if len(r) != 2:
-                        raise ValueError(f"AnchorGenerator: automl aspect ratio must be (x, y), got {r}")
+                        raise ValueError(
+                            f"AnchorGenerator: automl aspect ratio must be (x, y), got {r}")
                     ratios.append((float(r[0]), float(r[1])))
                 else:
                     ratios.append(float(r))
@@ -258,14 +260,12 @@ class AnchorGenerator(keras.layers.Layer):
 
     def _automl_anchors(self, height, width):
         sizes = automl_feature_sizes((height, width), self.max_level)
-        divisor = 2 ** self.max_level
-        if height % divisor or width % divisor:
-            raise ValueError(f"AnchorGenerator(convention='automl'): image size {height}x{width} "
-                             f"must be divisible by 2**max_level = {divisor} (as in effdet/automl)")
         out = []
         for index, level in enumerate(range(self.min_level, self.max_level + 1)):
-            stride_h = sizes[0][0] // sizes[level][0]
-            stride_w = sizes[0][1] // sizes[level][1]
+            # effdet: stride = image / feature size as a float, so sizes that are not
+            # multiples of 2**max_level (lite0 at 320) get fractional strides.
+            stride_h = sizes[0][0] / float(sizes[level][0])
+            stride_w = sizes[0][1] / float(sizes[level][1])
             scale = (self.anchor_scale[index] if isinstance(self.anchor_scale, tuple)
                      else self.anchor_scale)
             # float64 like effdet's NumPy code, cast to float32 at the end.

@@ -239,7 +239,8 @@ class SigmoidFocalLoss(keras.losses.Loss):
     def __init__(self, alpha=0.25, gamma=2.0, label_smoothing=0.0, name="sigmoid_focal_loss",
                  reduction="sum_over_batch_size", dtype=None):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.alpha, self.gamma, self.label_smoothing = float(alpha), float(gamma), float(label_smoothing)
+        self.alpha, self.gamma = float(alpha), float(gamma)
+        self.label_smoothing = float(label_smoothing)
 
     def call(self, y_true, y_pred):
         return ops.sum(sigmoid_focal_loss(y_true, y_pred, self.alpha, self.gamma,

@@ -168,8 +168,6 @@ def test_automl_feature_sizes_ceil_halving():
 
 
 def test_bad_arguments_raise():
-    with pytest.raises(ValueError, match="divisible"):
-        AnchorGenerator(convention="automl").anchors_for((500, 512))
     with pytest.raises(ValueError, match="convention"):
         AnchorGenerator(sizes=FPN_SIZES, strides=FPN_STRIDES, convention="detectron")
     with pytest.raises(ValueError, match="strides"):
@@ -243,3 +241,15 @@ def test_anchor_order_matches_channels_last_head_reshape():
     centres = (grid[..., :2] + grid[..., 2:]) / 2
     for i, j in itertools.product(range(3), range(5)):
         np.testing.assert_allclose(centres[i, j], np.tile([[8 * j, 8 * i]], (6, 1)), atol=0.51)
+
+
+@pytest.mark.parametrize("image_size,anchor_scale", [((320, 320), 3.0), ((512, 384), 4.0)])
+def test_automl_matches_effdet_including_non_divisible_sizes(image_size, anchor_scale):
+    """lite0 runs at 320, not a multiple of 2**7: effdet then uses fractional strides."""
+    effdet_anchors = pytest.importorskip("effdet.anchors", reason="effdet not installed")
+    ref = effdet_anchors.Anchors(3, 7, 3, [(1.0, 1.0), (1.4, 0.7), (0.7, 1.4)], anchor_scale,
+                                 image_size).boxes.numpy()  # yxyx
+    ref_xyxy = ref[:, [1, 0, 3, 2]]
+    ours, counts = AnchorGenerator(convention="automl", anchor_scale=anchor_scale).anchors_for(image_size)
+    assert ours.shape == ref_xyxy.shape and sum(counts) == ref.shape[0]
+    np.testing.assert_allclose(ours, ref_xyxy, rtol=0, atol=1e-4)

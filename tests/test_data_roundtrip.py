@@ -90,7 +90,8 @@ def test_tfrecord_round_trip_coco_category_ids_crowd_masks(shared_data, tmp_path
     source = COCODataset(shared_data / "coco128/annotations/instances_train2017.json",
                          shared_data / "coco128/train2017", include_masks=True)
     crowd = [i for i, r in enumerate(source.records) if r["iscrowd"].any()][:1]
-    source = source.subset([0, 1] + crowd)
+    empty = [i for i, r in enumerate(source.records) if len(r["labels"]) == 0][:1]
+    source = source.subset([0, 1] + crowd + empty)
     write_tfrecord(source, str(tmp_path / "coco.tfrecord"))
     items, _ = read_label_map(str(tmp_path / "label_map.pbtxt"))
     assert items[90] == "toothbrush" and len(items) == 80

@@ -106,7 +106,21 @@ def to_np(x):
     return np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float64)
 
 
-# --------------------------------------------------------------------------- weight copy (torch -> kdet)
+def build_for(layer, inputs):
+    """Build from the inputs' shapes without running the layer eagerly."""
+    layer.build(keras.tree.map_structure(lambda x: tuple(x.shape), inputs))
+    return layer
+
+
+def infer(layer, inputs):
+    """Inference call; one jax.jit compile on JAX instead of an eager compile per op."""
+    if keras.backend.backend() == "jax":
+        import jax
+        return jax.jit(lambda x: layer(x, training=False))(inputs)
+    return layer(inputs, training=False)
+
+
+# --------------------------------------------------------------------------- torch -> kdet weights
 
 def _t(p):
     return p.detach().cpu().numpy()
@@ -391,9 +405,9 @@ def test_fpn_matches_torchvision(rng, extra, norm):
     feats = {f"C{lv}": rng.normal(size=(2, h, w, c)).astype("float32")
              for lv, (h, w), c in zip(levels, sizes, chans)}
     feats["C1"] = np.zeros((2, 3, 3, 3), "float32")  # extra keys are ignored
-    layer(feats)
+    build_for(layer, feats)
     copy_fpn(layer, ref, norm)
-    out = layer(feats, training=False)
+    out = infer(layer, feats)
     with torch.no_grad():
         want = list(ref({k: nchw(feats[f"C{lv}"]) for k, lv in zip("abcd", levels)}).values())
     assert list(out) == [f"P{lv}" for lv in layer.out_levels]
@@ -529,9 +543,9 @@ def test_bifpn_matches_effdet(rng, fusion, act, separable):
     layer = BiFPN(16, 2, fusion=fusion, activation=act, separable=separable)
     feats = {f"C{lv}": rng.normal(size=(2, s, s, c)).astype("float32")
              for lv, s, c in zip((3, 4, 5), (10, 5, 3), chans)}
-    layer(feats)
+    build_for(layer, feats)
     copy_effdet_bifpn(layer, ref)
-    out = layer(feats, training=False)
+    out = infer(layer, feats)
     with torch.no_grad():
         want = ref([nchw(feats[f"C{lv}"]) for lv in (3, 4, 5)])
     assert list(out) == ["P3", "P4", "P5", "P6", "P7"]
@@ -587,7 +601,7 @@ def test_bifpn_d7x_levels_and_input_errors():
     bifpn = BiFPN(8, 1, max_level=8, fusion="sum")
     feats = {"C3": np.zeros((1, 16, 16, 4), "float32"), "C4": np.zeros((1, 8, 8, 4), "float32"),
              "C5": np.zeros((1, 4, 4, 4), "float32")}
-    out = bifpn(feats)
+    out = infer(build_for(bifpn, feats), feats)
     assert [(k, tuple(v.shape)[1:3]) for k, v in out.items()] == [
         ("P3", (16, 16)), ("P4", (8, 8)), ("P5", (4, 4)), ("P6", (2, 2)), ("P7", (1, 1)),
         ("P8", (1, 1))]
@@ -625,7 +639,7 @@ def test_retinanet_head_matches_torchvision(rng, norm):
     head = RetinaNetHead(5, num_anchors=3, norm=norm, groups=4)
     feats = {f"P{lv}": rng.normal(size=(2, s, s + 1, 16)).astype("float32")
              for lv, s in zip((3, 4, 5), (8, 4, 2))}
-    head(feats)
+    build_for(head, feats)
     for k_convs, t_branch in ((head.classification_convs, ref.classification_head),
                               (head.regression_convs, ref.regression_head)):
         for k, t in zip(k_convs, t_branch.conv, strict=True):
@@ -634,7 +648,7 @@ def test_retinanet_head_matches_torchvision(rng, norm):
                 copy_norm(k.norm_layer, t[1])
     copy_conv(head.cls_logits.conv, ref.classification_head.cls_logits)
     copy_conv(head.bbox_reg.conv, ref.regression_head.bbox_reg)
-    out = head(feats)
+    out = infer(head, feats)
     with torch.no_grad():
         want = ref([nchw(feats[f"P{lv}"]) for lv in (3, 4, 5)])
     for key in ("cls_logits", "bbox_regression"):
@@ -665,14 +679,14 @@ def test_efficientdet_head_matches_effdet(rng, num_outputs, separable, act):
     head = EfficientDetHead(num_outputs, num_anchors=9, depth=2, activation=act,
                             separable=separable, prior_probability=0.01)
     feats = [rng.normal(size=(2, s, s, 16)).astype("float32") for s in (10, 5, 3, 2, 1)]
-    head(feats)
+    build_for(head, feats)
     for k, t in zip(head.conv_rep, ref.conv_rep, strict=True):
         copy_effdet_conv_block(k, t)
     for k_bns, t_bns in zip(head.bn_rep, ref.bn_rep, strict=True):
         for k, t in zip(k_bns, t_bns, strict=True):
             copy_norm(k, t.bn)
     copy_effdet_conv_block(head.predict, ref.predict)
-    out = head({f"P{lv}": x for lv, x in zip(range(3, 8), feats)}, training=False)
+    out = infer(head, {f"P{lv}": x for lv, x in zip(range(3, 8), feats)})
     with torch.no_grad():
         levels = ref([nchw(x) for x in feats])
     want = np.concatenate([t.permute(0, 2, 3, 1).reshape(2, -1, num_outputs).numpy()
@@ -694,7 +708,7 @@ def test_efficientdet_head_prior_bias_and_errors():
 
 # --------------------------------------------------------------------------- Keras contract
 
-def _pyramid(batch=2, channels=8, sizes=(8, 4, 2, 1, 1), prefix="P", first=3):
+def _pyramid(batch=2, channels=8, sizes=(8, 4, 2), prefix="P", first=3):
     rng = np.random.default_rng(1)
     return {f"{prefix}{first + i}": rng.normal(size=(batch, s, s, channels)).astype("float32")
             for i, s in enumerate(sizes)}
@@ -719,11 +733,12 @@ CASES = {
                                                activation="swish"), _image),
     "fpn": (lambda: FPN(8, in_levels=(3, 4, 5), extra_blocks="p6p7_from_c5", norm="batch"),
             _backbone),
-    "bifpn": (lambda: BiFPN(8, 1, fusion="fast"), _backbone),
+    "bifpn": (lambda: BiFPN(8, 1, max_level=6, fusion="fast"), _backbone),
     "fusion": (lambda: WeightedFusion("softmax"),
                lambda: list(_pyramid(sizes=(4, 4, 4)).values())),
     "resample": (lambda: ResampleFeature(8), _image),
-    "effdet_head": (lambda: EfficientDetHead(4, num_anchors=3, depth=2, prior_probability=0.01),
+    "effdet_head": (lambda: EfficientDetHead(4, num_anchors=3, depth=2, num_levels=3,
+                                             prior_probability=0.01),
                     _pyramid),
     "retinanet_head": (lambda: RetinaNetHead(3, num_anchors=3, num_convs=1, norm="group",
                                              groups=4), _pyramid),
@@ -757,7 +772,7 @@ def test_keras_file_round_trip(case, tmp_path):
     path = tmp_path / f"{case}.keras"
     model.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)
-    for got, want in zip(_flat(loaded(inputs, training=False)), _flat(model(inputs, training=False))):
+    for got, want in zip(_flat(infer(loaded, inputs)), _flat(infer(model, inputs))):
         np.testing.assert_allclose(got, want, atol=1e-6)
     assert count_params(loaded) == count_params(model)
 
@@ -788,8 +803,8 @@ def test_mixed_precision(case, name, policy):
 
 def _run_fresh(make, make_inputs, seed):
     keras.utils.set_random_seed(seed)
-    layer = make()
-    return layer(make_inputs(), training=False)
+    inputs = make_inputs()
+    return infer(build_for(make(), inputs), inputs)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -808,6 +823,33 @@ def test_jit_compile(case):
         pytest.skip(f"no jit test for backend {keras.backend.backend()}")
     for got, want in zip(_flat(compiled(inputs)), eager):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_fpn_and_head_with_unknown_spatial_size(rng):
+    """keras.Input((None, None, C)): the top-down resize takes its size at run time."""
+    symbolic = {f"C{lv}": keras.Input((None, None, c), name=f"C{lv}")
+                for lv, c in zip((3, 4, 5), (4, 6, 8))}
+    fpn = FPN(8, in_levels=(3, 4, 5), extra_blocks="p6p7_from_p5")
+    head = RetinaNetHead(3, num_anchors=2, num_convs=1)
+    pyramid = fpn(symbolic)
+    model = keras.Model(symbolic, [pyramid, head(pyramid)])
+    feats = {f"C{lv}": rng.normal(size=(2, h, w, c)).astype("float32")
+             for lv, (h, w), c in zip((3, 4, 5), [(19, 25), (10, 13), (5, 7)], (4, 6, 8))}
+    got = model.predict(feats, verbose=0)
+    static = fpn(feats)
+    want = [static, head(static)]
+    for g, w in zip(keras.tree.flatten(got), keras.tree.flatten(want)):
+        np.testing.assert_allclose(to_np(g), to_np(w), atol=1e-5)
+
+
+def test_resample_feature_with_target_round_trip(tmp_path, rng):
+    x, target = keras.Input((9, 7, 6)), keras.Input((17, 13, 1))
+    model = keras.Model([x, target], ResampleFeature(4)(x, target=target))
+    model.save(tmp_path / "resample.keras")
+    loaded = keras.saving.load_model(tmp_path / "resample.keras", safe_mode=True)
+    data = [rng.normal(size=(1, 9, 7, 6)).astype("float32"), np.zeros((1, 17, 13, 1), "float32")]
+    np.testing.assert_array_equal(to_np(loaded(data)), to_np(model(data)))
+    assert tuple(loaded(data).shape) == (1, 17, 13, 4)
 
 
 def test_layers_are_registered():

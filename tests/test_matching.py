@@ -71,7 +71,8 @@ def force_match_reference(q, threshold):
 
 def random_quality(rng, batch, num_gt, num_pred, levels=6):
     # Coarse values force many ties, both per prediction and per ground truth.
-    return (rng.integers(0, levels, size=(batch, num_gt, num_pred)) / (levels - 1)).astype("float32")
+    values = rng.integers(0, levels, size=(batch, num_gt, num_pred)) / (levels - 1)
+    return values.astype("float32")
 
 
 def padded_batch(rng, q):
@@ -252,7 +253,8 @@ def test_dense_targets_by_hand():
                        "float32")
     gt_boxes = np.array([[[0, 0, 10, 10], [0, 0, 0, 0], [20, 20, 30, 30]]], "float32")
     gt_labels = np.array([[3, -1, 0]], "int32")
-    out = encode_dense_targets(anchors, gt_boxes, gt_labels, Matcher(0.5, 0.4, True))
+    out = run(lambda *a: encode_dense_targets(*a, Matcher(0.5, 0.4, True)),
+              anchors, gt_boxes, gt_labels)
     np.testing.assert_array_equal(np_(out["labels"]), [[3, 3, -2, -1, 0]])
     np.testing.assert_array_equal(np_(out["matches"]), [[0, 0, -2, -1, 2]])
     expected = np.zeros((5, 4))
@@ -264,8 +266,8 @@ def test_dense_targets_by_hand():
     np.testing.assert_array_equal(np_(out["matched_boxes"])[0, [2, 3]], 0)
     # automl: force match + yx deltas
     coder = BoxCoder(clip=None, order="yx")
-    out = encode_dense_targets(anchors, gt_boxes, gt_labels,
-                               Matcher(0.5, 0.5, force_match_for_each_gt=True), coder)
+    out = run(lambda *a: encode_dense_targets(
+        *a, Matcher(0.5, 0.5, force_match_for_each_gt=True), coder), anchors, gt_boxes, gt_labels)
     np.testing.assert_array_equal(np_(out["labels"]), [[3, 3, -1, -1, 0]])
     np.testing.assert_allclose(np_(out["box_targets"])[0, 1], [-0.25, 0, np.log(0.5), 0],
                                atol=1e-6)
@@ -387,7 +389,7 @@ def test_roi_targets_by_hand_and_sampling(rng):
     gt_boxes = np.array([[[0, 0, 10, 10], [0, 0, 0, 0]]], "float32")
     gt_labels = np.array([[2, -1]], "int32")
     valid = np.array([[True, True, True, False]])
-    out = encode_roi_targets(proposals, gt_boxes, gt_labels, proposals_valid=valid)
+    out = run(encode_roi_targets, proposals, gt_boxes, gt_labels, None, valid)
     # candidates: 3 valid proposals + gt0 (gt1 and proposal 3 are padding)
     np.testing.assert_array_equal(np_(out["valid"]), [[1, 1, 1, 1, 0, 0]])
     np.testing.assert_array_equal(np_(out["labels"]), [[2, 2, -1, 2, -2, -2]])

@@ -286,15 +286,17 @@ def test_scale_key_maps_predictions_back_to_original_pixels():
     assert voc.evaluate(model)["mAP"] == 1.0
 
 
-def test_voc_mode_reads_ground_truth_from_targets():
+def test_voc_mode_reads_ground_truth_from_targets(capsys):
     tf = pytest.importorskip("tensorflow")
     gt, encoded, targets = make_data(num_images=7, seed=2)
     dataset = tf.data.Dataset.from_tensor_slices((encoded, targets)).batch(3)
-    callback = COCOEvalCallback(dataset, metric="voc", verbose=0)
+    callback = COCOEvalCallback(dataset, metric="voc", verbose=1)
     model = make_model(0.0)
     history = model.fit(encoded, {"boxes": targets["boxes"], "labels": targets["labels"]},
                         batch_size=7, epochs=1, verbose=0, callbacks=[callback])
     assert history.history["val_mAP"] == [1.0]
+    assert "Epoch 1: VOC evaluation" in capsys.readouterr().out
+    callback.verbose = 0
     # shifted: equals VOCEvaluator fed by hand (GT in the same 0-based continuous frame)
     model = make_model(7.0)
     results = callback.evaluate(model)
@@ -327,6 +329,29 @@ def test_voc_mode_with_prepared_evaluator_and_dict_elements():
     assert shifted < 1.0 and evaluator.num_images == 4
     assert callback.evaluate(make_model(0.0))["mAP"] == 1.0
     assert list(callback.scalar_logs()) == ["eval_mAP"]
+
+
+class Batches(keras.utils.PyDataset):
+    def __init__(self, items):
+        super().__init__()
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+
+def test_pydataset_and_steps():
+    gt, encoded, targets = make_data(num_images=6, seed=5)
+    data = Batches(batches(encoded, targets, batch_size=2))
+    model = make_model(0.0)
+    assert COCOEvalCallback(data, metric="voc", verbose=0).evaluate(model)["mAP"] == 1.0
+    # steps=1: only the first 2 images are scored (GT from targets, so still perfect)
+    limited = COCOEvalCallback(data, metric="voc", steps=1, verbose=0)
+    limited.evaluate(model)
+    assert limited.last_evaluator.num_images == 2
 
 
 def test_bad_input():

@@ -36,6 +36,35 @@ def _record(name, value):
     DEVIATIONS[name] = max(DEVIATIONS.get(name, 0.0), float(value))
 
 
+def _run(fn, *arrays):
+    """``fn(*arrays)`` as NumPy: eager on TensorFlow, under ``jax.jit`` on JAX.
+
+    Eager JAX compiles every primitive for every new shape (seconds per call
+    on a shared CPU); one jit per call is 10x cheaper. Eager JAX is still
+    covered by ``test_roi_align_compiled_matches_reference``.
+    """
+    if backend() == "jax":
+        import jax
+        return np.asarray(jax.jit(fn)(*arrays))
+    return np.asarray(fn(*arrays))
+
+
+def align(features, rois, *args, **kwargs):
+    return _run(lambda f, r: roi_align(f, r, *args, **kwargs), features, rois)
+
+
+def pool(features, rois, *args, **kwargs):
+    return _run(lambda f, r: roi_pool(f, r, *args, **kwargs), features, rois)
+
+
+def multilevel(features, rois, *args, **kwargs):
+    return _run(lambda f, r: multilevel_roi_align(f, r, *args, **kwargs), features, rois)
+
+
+def levels_of(rois, *args):
+    return _run(lambda r: map_roi_levels(r, *args), rois)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _report_deviations():
     yield
@@ -279,12 +308,25 @@ ALIGN_CASES = [(sr, aligned, si, (si + k) % 3)
 # roi_align
 # --------------------------------------------------------------------------
 
+# The reference and the torchvision tests share one op call and one reference
+# run per case (the op compiles once per case on JAX).
+_RESULTS = {}
+
+
+def _align_result(sampling_ratio, aligned, scale_i, out_i):
+    key = ("align", sampling_ratio, aligned, scale_i, out_i)
+    if key not in _RESULTS:
+        scale, out = SCALES[scale_i], OUTPUT_SIZES[out_i]
+        features, rois = _case(np.random.default_rng(0), scale, out)
+        got = align(features, rois, out, scale, sampling_ratio, aligned)
+        expected = ref_roi_align(features, rois, out, scale, sampling_ratio, aligned)
+        _RESULTS[key] = features, rois, got, expected
+    return _RESULTS[key]
+
+
 @pytest.mark.parametrize("sampling_ratio,aligned,scale_i,out_i", ALIGN_CASES)
-def test_roi_align_matches_reference(rng, sampling_ratio, aligned, scale_i, out_i):
-    scale, out = SCALES[scale_i], OUTPUT_SIZES[out_i]
-    features, rois = _case(rng, scale, out)
-    expected = ref_roi_align(features, rois, out, scale, sampling_ratio, aligned)
-    got = np.asarray(roi_align(features, rois, out, scale, sampling_ratio, aligned))
+def test_roi_align_matches_reference(sampling_ratio, aligned, scale_i, out_i):
+    _, _, got, expected = _align_result(sampling_ratio, aligned, scale_i, out_i)
     assert got.shape == expected.shape and got.dtype == np.float32
     _record("roi_align vs numpy reference", np.abs(got - expected).max())
     np.testing.assert_allclose(got, expected, atol=TOL, rtol=TOL)
@@ -292,16 +334,14 @@ def test_roi_align_matches_reference(rng, sampling_ratio, aligned, scale_i, out_
 
 @needs_torchvision
 @pytest.mark.parametrize("sampling_ratio,aligned,scale_i,out_i", ALIGN_CASES)
-def test_roi_align_matches_torchvision(rng, sampling_ratio, aligned, scale_i, out_i):
+def test_roi_align_matches_torchvision(sampling_ratio, aligned, scale_i, out_i):
+    features, rois, got, reference = _align_result(sampling_ratio, aligned, scale_i, out_i)
     scale, out = SCALES[scale_i], OUTPUT_SIZES[out_i]
-    features, rois = _case(rng, scale, out)
     expected = _from_torch(torchvision.ops.roi_align(
         _torch_features(features), _torch_rois(rois), out, scale, sampling_ratio, aligned), rois)
-    got = np.asarray(roi_align(features, rois, out, scale, sampling_ratio, aligned))
     _record("roi_align vs torchvision", np.abs(got - expected).max())
     np.testing.assert_allclose(got, expected, atol=TOL, rtol=TOL)
     # The NumPy reference itself agrees with torchvision (checks the reference).
-    reference = ref_roi_align(features, rois, out, scale, sampling_ratio, aligned)
     np.testing.assert_allclose(reference, expected, atol=TOL, rtol=TOL)
 
 
@@ -311,11 +351,11 @@ def test_roi_align_adaptive_gather_with_cap(rng, aligned):
     features, rois = _case(rng, 0.25, 7)
     big_enough = int(np.ceil(np.abs(rois[..., 2:] - rois[..., :2]).max() * 0.25 / 7))
     expected = ref_roi_align(features, rois, 7, 0.25, -1, aligned)
-    got = np.asarray(roi_align(features, rois, 7, 0.25, -1, aligned,
-                               max_sampling_ratio=big_enough))
+    got = align(features, rois, 7, 0.25, -1, aligned,
+                               max_sampling_ratio=big_enough)
     np.testing.assert_allclose(got, expected, atol=TOL, rtol=TOL)
     capped = ref_roi_align(features, rois, 7, 0.25, -1, aligned, grid_cap=2)
-    got = np.asarray(roi_align(features, rois, 7, 0.25, -1, aligned, max_sampling_ratio=2))
+    got = align(features, rois, 7, 0.25, -1, aligned, max_sampling_ratio=2)
     _record("roi_align (max_sampling_ratio) vs numpy reference", np.abs(got - capped).max())
     np.testing.assert_allclose(got, capped, atol=TOL, rtol=TOL)
     assert np.abs(capped - expected).max() > 1e-3  # the cap did bite on the huge RoIs
@@ -324,12 +364,12 @@ def test_roi_align_adaptive_gather_with_cap(rng, aligned):
 def test_roi_align_small_known_values():
     features = np.arange(20, dtype=np.float32).reshape(1, 4, 5, 1)
     rois = np.array([[[0, 0, 2, 2], [1, 1, 3, 2], [-3, -3, -2.5, -2.5]]], np.float32)
-    out = np.asarray(roi_align(features, rois, 1, 1.0, 1, False))[0, :, 0, 0, 0]
+    out = align(features, rois, 1, 1.0, 1, False)[0, :, 0, 0, 0]
     # centre (1, 1) -> 6; centre (y=1.5, x=2) -> 7 + 2.5; fully outside (< -1) -> 0
     np.testing.assert_allclose(out, [6.0, 9.5, 0.0])
     # aligned: half a pixel earlier -> samples at (0.5, 0.5) and (y=1, x=1.5); the
     # second RoI keeps its height of 1 only because aligned skips the max(., 1).
-    out = np.asarray(roi_align(features, rois, 1, 1.0, 1, True))[0, :2, 0, 0, 0]
+    out = align(features, rois, 1, 1.0, 1, True)[0, :2, 0, 0, 0]
     np.testing.assert_allclose(out, [3.0, 6.5])
 
 
@@ -339,14 +379,12 @@ def test_roi_align_padding_rows_finite(rng):
     rois[0, 1] = np.nan
     rois[1, 2] = [np.inf, -np.inf, np.inf, 1e30]
     rois[1, 3] = [-1e30, -1e30, 1e30, 1e30]
-    for sr, cap in ((2, None), (-1, None), (0, 3)):
-        for aligned in (False, True):
-            out = np.asarray(roi_align(features, rois, 7, 0.5, sr, aligned,
-                                       max_sampling_ratio=cap))
-            assert np.isfinite(out).all(), (sr, aligned)
-    out = np.asarray(roi_pool(features, rois, 7, 0.5))
+    for sr, cap, aligned in ((2, None, True), (-1, None, False), (0, None, True), (0, 3, False)):
+        out = align(features, rois, 7, 0.5, sr, aligned, max_sampling_ratio=cap)
+        assert np.isfinite(out).all(), (sr, aligned)
+    out = pool(features, rois, 7, 0.5)
     assert np.isfinite(out).all()
-    out = np.asarray(multilevel_roi_align([features] * 2, rois, 7, levels=(2, 3)))
+    out = multilevel([features] * 2, rois, 7, levels=(2, 3))
     assert np.isfinite(out).all()
 
 
@@ -378,12 +416,16 @@ def _gradient(loss, features):
         return np.asarray(tape.gradient(value, x))
     if backend() == "jax":
         import jax
-        return np.asarray(jax.grad(loss)(features))
+        return np.asarray(jax.jit(jax.grad(loss))(features))
     pytest.skip(f"no gradient helper for backend {backend()}")
 
 
 def test_roi_align_finite_differences(rng):
-    """Tiny case: autodiff gradient == finite differences (roi_align is linear in F)."""
+    """Tiny case: autodiff gradient == central finite differences.
+
+    All perturbed inputs go through one batched call (image i of the batch is
+    the input with element i nudged), so the check costs two op calls.
+    """
     features = rng.normal(size=(1, 4, 5, 2)).astype(np.float32)
     rois = np.array([[[0.3, 0.2, 3.7, 2.9], [-1.5, 1.0, 2.0, 5.5]]], np.float32)
     upstream = rng.normal(size=(1, 2, 2, 2, 2)).astype(np.float32)
@@ -392,12 +434,29 @@ def test_roi_align_finite_differences(rng):
         return keras.ops.sum(roi_align(x, rois, 2, 1.0, 0, True) * upstream)
 
     got = _gradient(loss, features)
-    numeric = np.zeros(features.shape)
-    for index in np.ndindex(features.shape):
-        step = np.zeros_like(features)
-        step[index] = 1.0
-        numeric[index] = (float(loss(features + step)) - float(loss(features - step))) / 2.0
+    size = features.size
+    steps = np.eye(size, dtype=np.float32).reshape(size, *features.shape[1:])
+    batch = np.concatenate([features + steps, features - steps])
+    out = align(batch, np.repeat(rois, 2 * size, axis=0), 2, 1.0, 0, True)
+    values = (out.astype(np.float64) * upstream).reshape(2 * size, -1).sum(axis=1)
+    numeric = ((values[:size] - values[size:]) / 2.0).reshape(features.shape)
     np.testing.assert_allclose(got, numeric, atol=1e-4)
+    assert np.abs(numeric).max() > 0.1
+
+
+def test_roi_align_adaptive_dense_sample_spacing(rng):
+    """Adaptive grids where samples are densest (bin just above an integer: spacing
+    just above 1/2 px) and large grids: the separable path must see every sample."""
+    features = rng.normal(size=(1, 11, 12, 2)).astype(np.float32)
+    out = 3
+    k = rng.integers(1, 6, size=(40, 2)).astype(np.float32)
+    bins = k + rng.choice([1e-3, 0.05, 0.5, 1.0], size=(40, 2)).astype(np.float32)
+    xy = rng.uniform(-3, 9, size=(40, 2)).astype(np.float32)
+    rois = np.concatenate([xy, xy + bins * out], axis=1)[None].astype(np.float32)
+    for aligned in (False, True):
+        expected = ref_roi_align(features, rois, out, 1.0, 0, aligned)
+        got = align(features, rois, out, 1.0, 0, aligned)
+        np.testing.assert_allclose(got, expected, atol=TOL, rtol=TOL)
 
 
 # --------------------------------------------------------------------------
@@ -407,30 +466,35 @@ def test_roi_align_finite_differences(rng):
 POOL_CASES = [(si, oi) for si in range(3) for oi in range(3)]
 
 
+def _pool_result(scale_i, out_i):
+    key = ("pool", scale_i, out_i)
+    if key not in _RESULTS:
+        scale, out = SCALES[scale_i], OUTPUT_SIZES[out_i]
+        features, rois = _case(np.random.default_rng(0), scale, out)
+        # Corners at exact half feature pixels: C round goes away from zero.
+        rois[0, 6] = np.array([-0.5, -1.5, 2.5, 0.5], np.float32) / scale
+        got = pool(features, rois, out, scale)
+        _RESULTS[key] = features, rois, got, ref_roi_pool(features, rois, out, scale)[0]
+    return _RESULTS[key]
+
+
 @pytest.mark.parametrize("scale_i,out_i", POOL_CASES)
-def test_roi_pool_matches_reference(rng, scale_i, out_i):
-    scale, out = SCALES[scale_i], OUTPUT_SIZES[out_i]
-    features, rois = _case(rng, scale, out)
-    # Corners at exact half feature pixels: C round goes away from zero.
-    rois[0, 6] = np.array([-0.5, -1.5, 2.5, 0.5], np.float32) / scale
-    expected, _ = ref_roi_pool(features, rois, out, scale)
-    got = np.asarray(roi_pool(features, rois, out, scale))
+def test_roi_pool_matches_reference(scale_i, out_i):
+    _, _, got, expected = _pool_result(scale_i, out_i)
     _record("roi_pool vs numpy reference", np.abs(got - expected).max())
     np.testing.assert_array_equal(got, expected)
 
 
 @needs_torchvision
 @pytest.mark.parametrize("scale_i,out_i", POOL_CASES)
-def test_roi_pool_matches_torchvision(rng, scale_i, out_i):
+def test_roi_pool_matches_torchvision(scale_i, out_i):
+    features, rois, got, reference = _pool_result(scale_i, out_i)
     scale, out = SCALES[scale_i], OUTPUT_SIZES[out_i]
-    features, rois = _case(rng, scale, out)
-    rois[0, 6] = np.array([-0.5, -1.5, 2.5, 0.5], np.float32) / scale
     expected = _from_torch(torchvision.ops.roi_pool(
         _torch_features(features), _torch_rois(rois), out, scale), rois)
-    got = np.asarray(roi_pool(features, rois, out, scale))
     _record("roi_pool vs torchvision", np.abs(got - expected).max())
     np.testing.assert_array_equal(got, expected)
-    np.testing.assert_array_equal(ref_roi_pool(features, rois, out, scale)[0], expected)
+    np.testing.assert_array_equal(reference, expected)
 
 
 def test_roi_pool_gradient_goes_to_argmax(rng):
@@ -445,7 +509,7 @@ def test_roi_pool_gradient_goes_to_argmax(rng):
 def test_roi_pool_whole_map_and_single_pixel():
     features = np.random.default_rng(1).normal(size=(1, 6, 7, 2)).astype(np.float32)
     rois = np.array([[[0, 0, 100, 100], [3, 2, 3, 2]]], np.float32)
-    out = np.asarray(roi_pool(features, rois, 1, 1.0))
+    out = pool(features, rois, 1, 1.0)
     np.testing.assert_array_equal(out[0, 0, 0, 0], features[0].max(axis=(0, 1)))
     np.testing.assert_array_equal(out[0, 1, 0, 0], features[0, 2, 3])
 
@@ -465,11 +529,11 @@ def _level_rois(rng, count=40, max_size=1200.0):
 
 def test_map_roi_levels_formula(rng):
     rois = _level_rois(rng)
-    got = np.asarray(map_roi_levels(rois))
+    got = levels_of(rois)
     np.testing.assert_array_equal(got, ref_level(rois))
     assert got[:4].tolist() == [4, 3, 5, 2]
     assert set(got.tolist()) == {2, 3, 4, 5}
-    got = np.asarray(map_roi_levels(rois.reshape(4, 10, 4), 3, 6, 128, 5))
+    got = levels_of(rois.reshape(4, 10, 4), 3, 6, 128, 5)
     np.testing.assert_array_equal(got, ref_level(rois, 3, 6, 128, 5).reshape(4, 10))
 
 
@@ -480,7 +544,7 @@ def test_map_roi_levels_matches_torchvision_level_mapper(rng):
     for k_min, k_max, scale, level in ((2, 5, 224, 4), (3, 6, 96, 5)):
         mapper = LevelMapper(k_min, k_max, canonical_scale=scale, canonical_level=level)
         expected = mapper([torch.from_numpy(rois)]).numpy() + k_min
-        got = np.asarray(map_roi_levels(rois, k_min, k_max, scale, level))
+        got = levels_of(rois, k_min, k_max, scale, level)
         np.testing.assert_array_equal(got, expected)
 
 
@@ -501,14 +565,16 @@ def test_multilevel_matches_reference(rng, sampling_ratio, aligned):
     features = _pyramid(rng)
     rois = _pyramid_rois(rng, 64)
     expected = ref_multilevel(features, rois, (7, 5), levels, sampling_ratio, aligned, 32)
-    got = np.asarray(multilevel_roi_align(features, rois, (7, 5), levels, sampling_ratio,
-                                          aligned, canonical_scale=32))
+    got = multilevel(features, rois, (7, 5), levels, sampling_ratio,
+                                          aligned, canonical_scale=32)
     assert len(set(ref_level(rois, 2, 5, 32).ravel().tolist())) >= 3  # several levels used
     _record("multilevel_roi_align vs numpy reference", np.abs(got - expected).max())
     np.testing.assert_allclose(got, expected, atol=TOL, rtol=TOL)
+    if sampling_ratio != 2:
+        return
     as_dict = {f"P{lv}": f for lv, f in zip(levels, features)}
-    got_dict = np.asarray(multilevel_roi_align(as_dict, rois, (7, 5), levels, sampling_ratio,
-                                               aligned, canonical_scale=32))
+    got_dict = multilevel(as_dict, rois, (7, 5), levels, sampling_ratio,
+                                               aligned, canonical_scale=32)
     np.testing.assert_array_equal(got_dict, got)
 
 
@@ -526,8 +592,8 @@ def test_multilevel_matches_torchvision(rng, image, canonical_scale, sampling_ra
                                   zip(levels, features)),
                       [torch.from_numpy(r) for r in rois], [(image, image)] * 2)
     expected = _from_torch(expected, rois)
-    got = np.asarray(multilevel_roi_align(features, rois, (7, 5), levels, sampling_ratio,
-                                          canonical_scale=canonical_scale))
+    got = multilevel(features, rois, (7, 5), levels, sampling_ratio,
+                                          canonical_scale=canonical_scale)
     _record("multilevel_roi_align vs torchvision MultiScaleRoIAlign",
             np.abs(got - expected).max())
     np.testing.assert_allclose(got, expected, atol=TOL, rtol=TOL)
@@ -573,12 +639,14 @@ def test_roi_align_compiled_matches_reference(rng, sampling_ratio, cap):
     fn = _compiled(lambda f, r: roi_align(f, r, (5, 3), 0.25, sampling_ratio, False,
                                           max_sampling_ratio=cap))
     got = np.asarray(fn(features, rois))
-    eager = np.asarray(roi_align(features, rois, (5, 3), 0.25, sampling_ratio, False,
-                                 max_sampling_ratio=cap))
     expected = ref_roi_align(features, rois, (5, 3), 0.25, sampling_ratio, False,
                              grid_cap=cap)
-    _record("roi_align compiled vs eager", np.abs(got - eager).max())
     np.testing.assert_allclose(got, expected, atol=TOL, rtol=TOL)
+    if backend() == "jax" and sampling_ratio != 2:
+        return  # op-by-op JAX compiles ~100 primitives: one eager case is enough
+    eager = np.asarray(roi_align(features, rois, (5, 3), 0.25, sampling_ratio, False,
+                                 max_sampling_ratio=cap))
+    _record("roi_align compiled vs eager", np.abs(got - eager).max())
     np.testing.assert_allclose(got, eager, atol=1e-6)
 
 
@@ -603,9 +671,9 @@ def test_layers_keras_round_trip(rng, tmp_path):
     pyramid_in = [keras.Input((64 // 2 ** lv, 64 // 2 ** lv, 3)) for lv in levels]
     rois_in = keras.Input((10, 4))
     single = RoIAlign((7, 5), spatial_scale=0.25, sampling_ratio=-1, aligned=True)
-    pool = RoIPool(3, spatial_scale=0.25)
+    pooler = RoIPool(3, spatial_scale=0.25)
     multi = MultiLevelRoIAlign(7, levels=levels, sampling_ratio=2, canonical_scale=32)
-    outputs = {"align": single(pyramid_in[0], rois_in), "pool": pool(pyramid_in[0], rois_in),
+    outputs = {"align": single(pyramid_in[0], rois_in), "pool": pooler(pyramid_in[0], rois_in),
                "multi": multi(pyramid_in, rois_in)}
     model = keras.Model([*pyramid_in, rois_in], outputs)
     assert tuple(model.output["multi"].shape) == (None, 10, 7, 7, 3)
@@ -655,7 +723,7 @@ def test_layer_mixed_precision_keeps_float32_rois(rng):
     x1 = rng.uniform(2000, 2050, size=(1, 6)).astype(np.float32) + 0.3
     rois = np.stack([x1, np.full_like(x1, 0.4), x1 + 5.3, np.full_like(x1, 3.1)], axis=-1)
     layer = RoIAlign(3, 1.0, sampling_ratio=2, dtype="mixed_float16")
-    got = layer(features, rois)
+    got = _run(layer, features, rois)
     assert keras.backend.standardize_dtype(got.dtype) == "float16"
     expected = ref_roi_align(features, rois, 3, 1.0, 2, False)
     # float16 RoIs would be off by up to 1 px here (errors ~0.5); features in

@@ -66,7 +66,9 @@ def read_image_header(path, *, apply_exif, max_pixels, check, log, where):
     ``orientation`` is the EXIF tag (1 when not applied). Returns ``None`` when
     the file is missing, unreadable, too large or not decodable by TF; the
     problem goes to ``log`` (which raises in ``"raise"`` mode).
-    ``check="full"`` also decodes the pixels to catch truncated files.
+    ``check="full"`` also decodes the pixels to catch truncated files
+    (``"header"`` and ``"none"`` read the header only: readers that need the
+    size always read it).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -294,6 +296,11 @@ class DetectionDataset:
     @property
     def num_classes(self):
         return len(self.class_names)
+
+    @property
+    def category_ids(self):
+        """Dataset category id of each label ``0..C-1`` (for the COCO evaluator)."""
+        return [self.label_to_category_id[i] for i in range(self.num_classes)]
 
     @property
     def num_keypoints(self):

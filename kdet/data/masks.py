@@ -76,7 +76,7 @@ class MaskFolderDataset(DetectionDataset):
             mask_file = os.path.join(self.mask_dir, f"{stem}{mask_suffix}.png")
             where = f"{file_name}"
             header = read_image_header(file_name, apply_exif=False, max_pixels=max_pixels,
-                                       check=check_images if check_images != "none" else "header",
+                                       check=check_images,
                                        log=log, where=where)
             if header is None:
                 continue

@@ -40,8 +40,6 @@ zipped to the stream), so masks, keypoints and boxes share one draw and a
     >>> images.shape, targets["boxes"].shape, targets["masks"].shape
     (TensorShape([4, 128, 128, 3]), TensorShape([4, 100, 4]), TensorShape([4, 100, 128, 128]))
 """
-import numpy as np
-
 AUGMENTATIONS = ("scale_jitter", "flip", "color")
 BOX_FORMATS = ("xyxy", "yxyx", "xywh", "center_xywh", "center_yxhw",
                "rel_xyxy", "rel_yxyx", "rel_xywh", "rel_center_xywh")
@@ -183,11 +181,12 @@ def pad_objects(objects, max_boxes):
 
     out = {}
     for key, value in objects.items():
+        inner = value.shape[1:].as_list()
         value = value[:max_boxes]
         pad = max_boxes - tf.shape(value)[0]
         paddings = tf.concat([[[0, pad]], tf.zeros([tf.rank(value) - 1, 2], tf.int32)], 0)
         value = tf.pad(value, paddings, constant_values=-1 if key == "labels" else 0)
-        out[key] = tf.ensure_shape(value, [max_boxes] + value.shape[1:].as_list())
+        out[key] = tf.ensure_shape(value, [max_boxes] + inner)
     return out
 
 
@@ -269,6 +268,7 @@ def build_pipeline(dataset, image_size, batch_size, training, max_boxes=100,
     spec = ds.element_spec
     with_masks = "masks" in spec and include_masks is not False
     with_keypoints = "keypoints" in spec
+    with_difficult = "difficult" in spec
     flip_map = keypoint_flip_map if keypoint_flip_map is not None else flip_map_default
     if with_keypoints and "flip" in augment and flip_map is None:
         raise ValueError("flipping keypoints needs keypoint_flip_map (which keypoint becomes "
@@ -282,6 +282,8 @@ def build_pipeline(dataset, image_size, batch_size, training, max_boxes=100,
             objects["masks"] = tf.cast(example["masks"], tf.uint8)
         if with_keypoints:
             objects["keypoints"] = tf.cast(example["keypoints"], tf.float32)
+        if with_difficult:
+            objects["difficult"] = tf.cast(example["difficult"], tf.int32)
         if not keep_crowd and "iscrowd" in example:
             objects = {k: tf.boolean_mask(v, tf.equal(example["iscrowd"], 0))
                        for k, v in objects.items()}
@@ -311,6 +313,8 @@ def build_pipeline(dataset, image_size, batch_size, training, max_boxes=100,
             targets["masks"] = objects["masks"]
         if with_keypoints:
             targets["keypoints"] = objects["keypoints"]
+        if with_difficult:
+            targets["difficult"] = objects["difficult"]
         return image, targets
 
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
@@ -319,7 +323,8 @@ def build_pipeline(dataset, image_size, batch_size, training, max_boxes=100,
         ds = ds.repeat()
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     options = tf.data.Options()
-    options.deterministic = bool(deterministic)
+    # evaluation keeps the order; training may trade it for speed unless asked not to
+    options.deterministic = bool(deterministic) or not training
     ds = ds.with_options(options)
     return ds.prefetch(tf.data.AUTOTUNE)
 

@@ -10,7 +10,8 @@ pattern and noise) with 1..``max_objects`` non-overlapping coloured shapes:
 
 so every shape has ``K = 3`` keypoints named ``("top", "bottom_left",
 "bottom_right")`` and a horizontal flip swaps the last two
-(``keypoint_flip_map = (0, 2, 1)``). Shapes are 24..96 px (``size_range``),
+(``keypoint_flip_map = (0, 2, 1)``). Shapes are 24..96 px at 256 px images
+(``size_range``; scaled down with smaller images),
 all visible (visibility 2), boxes are exact in continuous coordinates and
 masks mark the pixels whose centre lies inside the shape.
 
@@ -78,12 +79,16 @@ class ShapesDataset(DetectionDataset):
         image_size: side of the square images.
         seed: images depend only on ``(seed, index)``.
         max_objects: at most this many shapes per image (at least one).
-        size_range: shape size range in pixels.
+        size_range: shape size range in pixels; default ``(24, 96)`` times
+            ``min(1, image_size / 256)``.
     """
 
     has_masks = True
 
-    def __init__(self, num_images, image_size=256, seed=0, max_objects=4, size_range=(24, 96)):
+    def __init__(self, num_images, image_size=256, seed=0, max_objects=4, size_range=None):
+        if size_range is None:
+            factor = min(1.0, image_size / 256)
+            size_range = (24 * factor, 96 * factor)
         if not 0 < size_range[0] <= size_range[1] <= image_size:
             raise ValueError(f"size_range {size_range} must lie in (0, image_size={image_size}]")
         if max_objects < 1:

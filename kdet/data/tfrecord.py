@@ -299,7 +299,17 @@ class TFRecordDataset(DetectionDataset):
                         continue
                     parsed = {key: (tf.sparse.to_dense(v) if isinstance(v, tf.SparseTensor)
                                     else v).numpy() for key, v in parsed.items()}
-                    raw.append((where, parsed))
+                    # keep the scan light: image header and mask count, not the bytes
+                    header = None
+                    if check_images != "none":
+                        header = read_image_header(parsed.pop("image/encoded"),
+                                                   apply_exif=False, max_pixels=max_pixels,
+                                                   check="header", log=log, where=where)
+                        if header is None:
+                            raw.append(None)
+                            continue
+                    parsed["num_masks"] = len(parsed.pop("image/object/mask"))
+                    raw.append((where, parsed, header))
                     for cid, text in zip(parsed["image/object/class/label"],
                                          parsed["image/object/class/text"]):
                         names_seen.setdefault(int(cid), text.decode("utf8"))
@@ -311,7 +321,7 @@ class TFRecordDataset(DetectionDataset):
         category_ids = sorted(label_map)
         label_of = {cid: i for i, cid in enumerate(category_ids)}
         label_of_name = {label_map[cid]: i for i, cid in enumerate(category_ids)}
-        has_masks = any(r is not None and len(r[1]["image/object/mask"]) for r in raw)
+        has_masks = any(r is not None and r[1]["num_masks"] for r in raw)
         self.has_masks = has_masks if include_masks is None else bool(include_masks)
         num_kp = len(keypoint_names) if keypoint_names else max(
             [_num_keypoints(r[1]) for r in raw if r is not None] or [0])
@@ -320,8 +330,7 @@ class TFRecordDataset(DetectionDataset):
         for position, item in enumerate(raw):
             if item is None:
                 continue
-            record = self._record(item[0], item[1], label_of, label_of_name, num_kp, log,
-                                  max_pixels, check_images)
+            record = self._record(*item, label_of, label_of_name, num_kp, log, max_pixels)
             if record is not None:
                 record["stream_index"] = position
                 records.append(record)
@@ -334,22 +343,16 @@ class TFRecordDataset(DetectionDataset):
                          keypoint_names=keypoint_names, keypoint_flip_map=keypoint_flip_map,
                          problems=log.counts, source=str(file_pattern))
 
-    def _record(self, where, p, label_of, label_of_name, num_kp, log, max_pixels, check_images):
+    def _record(self, where, p, header, label_of, label_of_name, num_kp, log, max_pixels):
         height, width = int(p["image/height"]), int(p["image/width"])
-        if check_images != "none":
-            header = read_image_header(p["image/encoded"], apply_exif=False,
-                                       max_pixels=max_pixels, check="header", log=log,
-                                       where=where)
-            if header is None:
-                return None
-            header = header[:2]
+        if header is not None:  # the encoded image was checked during the scan
             if height <= 0 or width <= 0:
                 log.fixed("size_from_image", where, "no image/height or image/width")
-            elif (height, width) != header:
+            elif (height, width) != header[:2]:
                 log.error("size_mismatch", where, f"image/width x height = {width}x{height}, "
                           f"encoded image is {header[1]}x{header[0]}")
                 return None
-            height, width = header
+            height, width = header[:2]
         elif height <= 0 or width <= 0:
             log.error("malformed_annotation", where, "no image/height or image/width")
             return None
@@ -360,9 +363,8 @@ class TFRecordDataset(DetectionDataset):
         if any(len(p[f"image/object/bbox/{k}"]) != n for k in ("ymin", "xmax", "ymax")):
             log.error("malformed_annotation", where, "bbox lists of different lengths")
             return None
-        masks = p["image/object/mask"]
-        if self.has_masks and len(masks) != n:
-            log.error("bad_mask", where, f"{len(masks)} masks for {n} objects")
+        if self.has_masks and p["num_masks"] != n:
+            log.error("bad_mask", where, f"{p['num_masks']} masks for {n} objects")
             return None
         ids, texts = p["image/object/class/label"], p["image/object/class/text"]
         labels = np.full(n, -1, np.int64)
@@ -472,11 +474,16 @@ class TFRecordDataset(DetectionDataset):
                 pngs = tf.gather(tf.sparse.to_dense(parsed["image/object/mask"]),
                                  element["object_index"])
                 size = tf.shape(image)[:2]
-                masks = tf.map_fn(
-                    lambda png: tf.cast(tf.io.decode_png(png, channels=1)[..., 0] > 0, tf.uint8),
-                    pngs, fn_output_signature=tf.TensorSpec([None, None], tf.uint8))
-                masks = tf.reshape(masks, tf.concat([tf.shape(pngs), size], 0))
-                example["masks"] = masks
+
+                def decode_all():
+                    return tf.map_fn(
+                        lambda png: tf.cast(tf.io.decode_png(png, channels=1)[..., 0] > 0,
+                                            tf.uint8),
+                        pngs, fn_output_signature=tf.TensorSpec([None, None], tf.uint8))
+
+                masks = tf.cond(tf.size(pngs) > 0, decode_all,  # map_fn cannot stack 0 items
+                                lambda: tf.zeros(tf.concat([[0], size], 0), tf.uint8))
+                example["masks"] = tf.reshape(masks, tf.concat([tf.shape(pngs), size], 0))
             return example
 
         ds = tf.data.Dataset.zip((stream, annotations))

@@ -139,7 +139,7 @@ class VOCDataset(DetectionDataset):
             return None
         if check_images != "none" or not (height > 0 and width > 0):
             header = read_image_header(file_name, apply_exif=apply_exif, max_pixels=max_pixels,
-                                       check=check_images if check_images != "none" else "header",
+                                       check=check_images,
                                        log=log, where=where)
             if header is None:
                 return None

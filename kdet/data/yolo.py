@@ -122,7 +122,7 @@ class YOLODataset(DetectionDataset):
             else:
                 label_file = image_to_label_path(file_name)
             header = read_image_header(file_name, apply_exif=apply_exif, max_pixels=max_pixels,
-                                       check=check_images if check_images != "none" else "header",
+                                       check=check_images,
                                        log=log, where=file_name)
             if header is None:
                 continue

@@ -184,7 +184,8 @@ class RetinaNetHead(keras.layers.Layer):
 
     >>> import numpy as np
     >>> head = RetinaNetHead(3, num_anchors=2, num_convs=1)
-    >>> out = head({"P3": np.zeros((1, 4, 4, 8), "float32"), "P4": np.zeros((1, 2, 2, 8), "float32")})
+    >>> out = head({"P3": np.zeros((1, 4, 4, 8), "float32"),
+    ...             "P4": np.zeros((1, 2, 2, 8), "float32")})
     >>> tuple(out["cls_logits"].shape), tuple(out["bbox_regression"].shape)
     ((1, 40, 3), (1, 40, 4))
     """

@@ -8,7 +8,8 @@ see them, provided they come AFTER this callback in the ``callbacks`` list
 (Keras calls the callbacks in list order with one shared ``logs`` dict;
 ``History`` and the progress bar are appended last by Keras).
 
-Example (a tiny model whose predictions are the ground truth, so AP = 1):
+Example (``val_ds`` batches are ``(images, targets)`` with ``targets["image_id"]``,
+as ``kdet.data.build_pipeline`` makes them):
 
 >>> import numpy as np, keras
 >>> from kdet.metrics import COCOEvalCallback
@@ -18,7 +19,10 @@ Example (a tiny model whose predictions are the ground truth, so AP = 1):
 ...                        "bbox": [8, 8, 20, 20], "area": 400, "iscrowd": 0}]}
 >>> data = [(np.zeros((1, 64, 64, 3), "float32"), {"image_id": np.array([1])})]
 >>> callback = COCOEvalCallback(data, gt, category_ids=[1], verbose=0)
->>> # model.fit(train_ds, epochs=10, callbacks=[callback,
+>>> callback.every_n_epochs, callback.prefix
+(1, 'val_')
+>>> # model.fit(train_ds, epochs=10, callbacks=[
+>>> #     COCOEvalCallback(val_ds, "instances_val2017.json", scale_key="scale"),
 >>> #     keras.callbacks.ModelCheckpoint("best.keras", monitor="val_AP", mode="max",
 >>> #                                     save_best_only=True)])
 """
@@ -157,8 +161,10 @@ class COCOEvalCallback(keras.callbacks.Callback):
             summary table when it has one.
 
     After each evaluation ``callback.last_results`` holds the evaluator's full
-    result dict (including ``per_class_AP``) and ``callback.evaluated_epochs``
-    the 0-based epochs evaluated so far.
+    result dict (including ``per_class_AP``), ``callback.last_evaluator`` the
+    evaluator itself (e.g. for ``summary()``) and ``callback.evaluated_epochs``
+    the 0-based epochs evaluated so far. ``callback.evaluate(model)`` runs one
+    evaluation outside ``fit``.
     """
 
     def __init__(self, dataset, ground_truth=None, every_n_epochs=1, prefix="val_",
@@ -213,7 +219,7 @@ class COCOEvalCallback(keras.callbacks.Callback):
         self.evaluated_epochs = []
         self._evaluator = None  # persistent evaluator (instance or built from a dict/path)
         self._voc_gt_from_targets = None
-        self._last_evaluator = None
+        self.last_evaluator = None
 
     # ------------------------------------------------------------ evaluator
     def _is_evaluator(self, obj):
@@ -320,7 +326,7 @@ class COCOEvalCallback(keras.callbacks.Callback):
         if batches == 0:
             raise ValueError("the evaluation dataset yielded no batches")
         self.last_results = evaluator.evaluate()
-        self._last_evaluator = evaluator
+        self.last_evaluator = evaluator
         return self.last_results
 
     def scalar_logs(self, results=None):
@@ -345,9 +351,9 @@ class COCOEvalCallback(keras.callbacks.Callback):
             logs.update(scalars)
         if self.verbose:
             shown = ", ".join(f"{k}={v:.4f}" for k, v in scalars.items())
-            keras.utils.io_utils.print_msg(
-                f"Epoch {epoch + 1}: {self.metric.upper()} evaluation "
-                f"({time.perf_counter() - start:.1f} s): {shown}")
-            summary = getattr(self._last_evaluator, "summary", None)
+            # leading newline as Keras' own callbacks: the progress bar line is still open
+            print(f"\nEpoch {epoch + 1}: {self.metric.upper()} evaluation "
+                  f"({time.perf_counter() - start:.1f} s): {shown}", flush=True)
+            summary = getattr(self.last_evaluator, "summary", None)
             if self.verbose >= 2 and callable(summary):
-                keras.utils.io_utils.print_msg(str(summary()))
+                print(summary(), flush=True)

@@ -91,8 +91,9 @@ class DenseDetector(keras.Model):
         cls_logits = ops.cast(y_pred["cls_logits"], "float32")
         box_deltas = ops.cast(y_pred["box_deltas"], "float32")
         anchors = ops.convert_to_tensor(self.anchors)
-        cls_targets, box_targets, matched_boxes = encode_dense_targets(
-            anchors, gt_boxes, gt_labels, self.matcher, self.box_coder)
+        targets = encode_dense_targets(anchors, gt_boxes, gt_labels, self.matcher, self.box_coder)
+        cls_targets = targets["labels"]
+        box_targets, matched_boxes = targets["box_targets"], targets["matched_boxes"]
         foreground = cls_targets >= 0
         considered = cls_targets != -2  # -2: between thresholds, ignored
         fg = ops.cast(foreground, "float32")
@@ -182,9 +183,10 @@ class DenseDetector(keras.Model):
         return cls(**config)
 
 
-def make_matcher(high, low, allow_low_quality):
+def make_matcher(high, low, allow_low_quality=False, force_match_for_each_gt=False):
     return Matcher(high_threshold=high, low_threshold=low,
-                   allow_low_quality_matches=allow_low_quality)
+                   allow_low_quality_matches=allow_low_quality,
+                   force_match_for_each_gt=force_match_for_each_gt)
 
 
 def make_decoder(num_classes, score_threshold, iou_threshold, max_detections, pre_nms_topk,

@@ -87,8 +87,6 @@ class EfficientDet(DenseDetector):
         lite = variant.startswith("lite")
         size = int(image_size or cfg["image_size"])
         min_level, max_level = 3, cfg.get("max_level", 7)
-        if size % (2 ** max_level):
-            raise ValueError(f"image_size {size} must be divisible by 2**{max_level}")
         activation = "relu6" if lite else "swish"
         fusion_mode = fusion or cfg["fusion"]
 
@@ -118,14 +116,14 @@ class EfficientDet(DenseDetector):
         anchor_generator = AnchorGenerator(
             convention="automl", min_level=min_level, max_level=max_level, num_scales=NUM_SCALES,
             aspect_ratios=ASPECT_RATIOS, anchor_scale=cfg["anchor_scale"])
-        anchors, level_counts = anchor_generator.anchors_for((size, size), return_counts=True)
+        anchors, level_counts = anchor_generator.anchors_for((size, size))
         # automl/effdet FasterRcnnBoxCoder: (ty, tx, th, tw), no weights, no clamp.
         box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0), clip=None, order="yx")
         super().__init__(
             inputs=images, outputs=outputs, num_classes=num_classes, image_size=(size, size),
             anchors=anchors, level_counts=level_counts, box_coder=box_coder,
             # effdet ArgMaxMatcher(0.5, 0.5, force_match_for_each_row=True): no ignore band.
-            matcher=make_matcher(0.5, 0.5, True),
+            matcher=make_matcher(0.5, 0.5, force_match_for_each_gt=True),
             classification_loss=dict(alpha=0.25, gamma=1.5),
             box_loss=dict(type="huber", delta=0.1), box_loss_weight=50.0,
             normalizer="positives_plus_one",

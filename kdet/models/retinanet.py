@@ -85,11 +85,12 @@ class RetinaNet(DenseDetector):
             sizes=tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in ANCHOR_BASE_SIZES),
             aspect_ratios=((0.5, 1.0, 2.0),) * 5, strides=(8, 16, 32, 64, 128))
         head = RetinaNetHead(num_classes=num_classes,
-                             num_anchors=anchor_generator.num_anchors_per_location(),
-                             channels=256, norm="group" if version == 2 else None, name="head")
-        cls_logits, box_deltas = head(levels)
-        outputs = {"cls_logits": cls_logits, "box_deltas": box_deltas}
-        anchors, level_counts = anchor_generator.anchors_for((size, size), return_counts=True)
+                             num_anchors=anchor_generator.num_anchors_per_location()[0],
+                             norm="group" if version == 2 else None, name="head")
+        head_outputs = head(levels)
+        outputs = {"cls_logits": head_outputs["cls_logits"],
+                   "box_deltas": head_outputs["bbox_regression"]}
+        anchors, level_counts = anchor_generator.anchors_for((size, size))
         box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
         super().__init__(
             inputs=images, outputs=outputs, num_classes=num_classes, image_size=(size, size),

@@ -33,6 +33,7 @@ of candidates.
     >>> np.asarray(indices).tolist(), int(count)
     ([0, 2, -1, -1], 2)
 """
+import functools
 import math
 import numbers
 
@@ -75,8 +76,8 @@ def nms(boxes, scores, iou_threshold=0.5, max_output_size=100,
     >>> np.asarray(nms(boxes, scores, 0.3, max_output_size=3)[0]).tolist()
     [1, -1, -1]
     """
-    return _nms(boxes, scores, None, iou_threshold, max_output_size,
-                score_threshold, valid_mask, "mask", tile_size)
+    return _dispatch(boxes, scores, None, iou_threshold, max_output_size,
+                     score_threshold, valid_mask, "mask", tile_size)
 
 
 def batched_nms(boxes, scores, labels, iou_threshold=0.5, max_output_size=100,
@@ -111,8 +112,8 @@ def batched_nms(boxes, scores, labels, iou_threshold=0.5, max_output_size=100,
     """
     if method not in _METHODS:
         raise ValueError(f"kdet.ops.batched_nms: method must be one of {_METHODS}, got {method!r}")
-    return _nms(boxes, scores, labels, iou_threshold, max_output_size,
-                score_threshold, valid_mask, method, tile_size)
+    return _dispatch(boxes, scores, labels, iou_threshold, max_output_size,
+                     score_threshold, valid_mask, method, tile_size)
 
 
 def select_detections(boxes, scores, labels, indices, valid_count):
@@ -180,6 +181,38 @@ def _float32_threshold(iou_threshold):
     return ops.convert_to_tensor(t, "float32")
 
 
+def _dispatch(boxes, scores, labels, iou_threshold, max_output_size, score_threshold,
+              valid_mask, method, tile_size):
+    """Run :func:`_nms`; on eager JAX through one cached compilation per configuration.
+
+    Eager JAX compiles every op for every new shape (seconds under load for the
+    ~100 ops here) and would compile ``while_loop`` bodies on every call; one
+    ``jax.jit`` per (shapes, static arguments) costs about as much once and then
+    runs in milliseconds. Traced calls (jit, tf.function) and eager TF run
+    :func:`_nms` directly.
+    """
+    static_numbers = (isinstance(iou_threshold, numbers.Real)
+                      and isinstance(score_threshold, numbers.Real))
+    if (keras.backend.backend() == "jax" and static_numbers
+            and _is_eager(ops.convert_to_tensor(boxes))):
+        compiled = _jax_compiled(float(iou_threshold), int(max_output_size),
+                                 float(score_threshold), method, int(tile_size))
+        return compiled(boxes, scores, labels, valid_mask)
+    return _nms(boxes, scores, labels, iou_threshold, max_output_size,
+                score_threshold, valid_mask, method, tile_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _jax_compiled(iou_threshold, max_output_size, score_threshold, method, tile_size):
+    import jax  # dispatch only: the math is _nms, in keras.ops
+
+    def run(boxes, scores, labels, valid_mask):
+        return _nms(boxes, scores, labels, iou_threshold, max_output_size,
+                    score_threshold, valid_mask, method, tile_size)
+
+    return jax.jit(run)
+
+
 def _is_eager(x):
     """True when ``x`` holds a value now, False while tracing for a graph or jit.
 
@@ -198,8 +231,8 @@ def _is_eager(x):
 def _while(cond, body, state, eager):
     """``ops.while_loop``, or the same loop driven from Python when eager.
 
-    Eager JAX would otherwise compile the nested loops on every call (~2 s);
-    stepping them from Python costs a few ms and runs the very same ops.
+    Eager TF runs ``tf.while_loop`` from Python anyway; driving it here lets
+    the tile loop stop as soon as the answer is known.
     """
     if not eager:
         return ops.while_loop(cond, body, state)

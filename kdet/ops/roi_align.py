@@ -244,20 +244,17 @@ def _interpolation_matrix(start, bin_size, grid, out_size, size):
     first = ops.minimum(ops.maximum(first, 0.0), last_slot)
     first = ops.where(ops.isnan(first), 0.0, first)
     size_f = _f32(size) if isinstance(size, int) else ops.cast(size, "float32")
-    grid_b = grid[..., None, None]
-    bin_b = safe_bin[..., None, None]
-    grid_safe_b = safe_grid[..., None, None]
-    usable_b = usable[..., None, None]
-    matrix = None
-    for k in range(_SEPARABLE_CANDIDATES):
-        slot = first + float(k)
-        coord = bin_start + _exact_divide((slot + 0.5) * bin_b, grid_safe_b)
-        valid, low, frac = _bilinear_axis(coord, size_f)
-        valid = ops.logical_and(ops.logical_and(valid, slot < grid_b), usable_b)
-        term = (ops.where(ops.logical_and(valid, low == rows), 1.0 - frac, 0.0)
-                + ops.where(ops.logical_and(valid, low + 1.0 == rows), frac, 0.0))
-        matrix = term if matrix is None else matrix + term
-    return matrix
+    # Candidate axis last: [B, R, out, size, K] (one op each, not K of them).
+    slot = first[..., None] + ops.cast(ops.arange(_SEPARABLE_CANDIDATES), "float32")
+    grid_k = grid[..., None, None, None]
+    coord = bin_start[..., None] + _exact_divide((slot + 0.5) * safe_bin[..., None, None, None],
+                                                 safe_grid[..., None, None, None])
+    valid, low, frac = _bilinear_axis(coord, size_f)
+    valid = ops.logical_and(ops.logical_and(valid, slot < grid_k), usable[..., None, None, None])
+    rows_k = rows[:, None]
+    term = (ops.where(ops.logical_and(valid, low == rows_k), 1.0 - frac, 0.0)
+            + ops.where(ops.logical_and(valid, low + 1.0 == rows_k), frac, 0.0))
+    return ops.sum(term, axis=-1)
 
 
 def _separable_roi_align(features, geometry, out_h, out_w):
@@ -393,9 +390,8 @@ def map_roi_levels(rois, k_min=2, k_max=5, canonical_scale=224, canonical_level=
                          f"got shape {tuple(rois.shape)}")
     area = (rois[..., 2] - rois[..., 0]) * (rois[..., 3] - rois[..., 1])
     positive = area > 0.0
-    scale = ops.sqrt(ops.where(positive, area, 1.0))
-    level = ops.floor((_f32(canonical_level) + ops.log2(_exact_divide(scale, _f32(canonical_scale))))
-                      + _f32(eps))
+    relative = _exact_divide(ops.sqrt(ops.where(positive, area, 1.0)), _f32(canonical_scale))
+    level = ops.floor((_f32(canonical_level) + ops.log2(relative)) + _f32(eps))
     level = ops.where(positive, level, float(k_min))
     return ops.cast(ops.clip(level, float(k_min), float(k_max)), "int32")
 

@@ -1,0 +1,380 @@
+"""Detection post-processing as TensorFlow graph ops that every export target runs.
+
+A dense detector's raw outputs (``cls_logits [B, A, K]``, ``box_deltas [B, A, 4]``)
+become final detections inside the exported graph, in one of two layouts:
+
+``builtin`` (default): the same decode as :class:`kdet.layers.DetectionDecoder`
+(sigmoid, pre-NMS top-k per level or over all levels, box decoding, clipping),
+then class-aware NMS with torchvision's coordinate-offset trick on
+``NonMaxSuppressionV4`` — a TF kernel, the ``NON_MAX_SUPPRESSION_V4`` LiteRT
+builtin and ONNX ``NonMaxSuppression`` after tf2onnx. Output: kdet's padded dict
+``{"boxes" [B, D, 4] xyxy pixels, "scores" [B, D], "labels" [B, D] int32,
+"num_detections" [B] int32}`` (padding: zero box, score 0, label -1).
+
+Three details make it equal to ``model.decode_predictions`` (kdet's own NMS):
+
+* Order. NMS kernels sort candidates by score with no rule for ties (a heap in
+  TF and LiteRT, ORT's sort). kdet visits them by score with the lower
+  candidate index first. So the graph sorts the candidates itself (``top_k`` is
+  stable) and hands the kernel strictly decreasing *rank* scores; the kernel's
+  visiting order is then exactly kdet's, even when scores tie (saturated
+  sigmoids, int8 models).
+* Threshold semantics. kdet suppresses when ``IoU > t`` (strict), ``t`` the
+  float32 value just below the Python threshold (torchvision, see
+  ``kdet.ops.nms``). The TF kernel and onnxruntime also test ``IoU > t``; the
+  LiteRT kernel tests ``IoU >= t`` (measured: a pair with IoU exactly 0.5 is
+  suppressed at 0.5 in LiteRT, kept in TF), so the LiteRT graph gets the next
+  float32 above ``t``, which makes ``>=`` the same test as kdet's ``>``.
+* IoU arithmetic. All three kernels compute ``inter / (area_a + area_b - inter)``
+  in float32 with the same products as ``kdet.boxes.pairwise_iou`` (NMS is
+  symmetric in x and y, so xyxy boxes go in as they are).
+
+``tflite_postprocess``: the ``TFLite_Detection_PostProcess`` custom op of the TF
+object-detection API / automl (box encodings ``(ty, tx, th, tw)`` with
+``y/x/h/w_scale`` = the box coder weights, sigmoid class scores, anchors as
+normalised ``(yc, xc, h, w)``; regular per-class NMS). Output: its SSD layout
+``{"detection_boxes" [B, D, 4] normalised (ymin, xmin, ymax, xmax),
+"detection_classes" [B, D] float, "detection_scores" [B, D], "num_detections" [B]
+float}``, the layout on-device detection libraries read. It is not equal to
+kdet's decode: the op has no pre-NMS top-k, does not clip boxes before NMS,
+keeps scores ``>=`` its threshold (the graph passes the next float32 above
+kdet's, so ``>`` holds) and caps detections per class. Its TF body is
+``tf.image.combined_non_max_suppression`` (the same regular NMS), so the graph
+also runs in TF; the LiteRT converter replaces the body with the custom op.
+
+    >>> import numpy as np, tensorflow as tf
+    >>> settings = PostprocessSettings(
+    ...     num_classes=2, image_size=(32, 32), max_detections=3, pre_nms_topk=10,
+    ...     anchors=np.array([[0, 0, 10, 10], [20, 20, 30, 30]], "float32"))
+    >>> logits = tf.constant([[[5., -5.], [-5., 5.]]])
+    >>> out = detections(logits, tf.zeros((1, 2, 4)), settings)
+    >>> out["labels"].numpy().tolist(), out["num_detections"].numpy().tolist()
+    ([[0, 1, -1]], [2])
+"""
+import dataclasses
+import math
+import numbers
+
+import numpy as np
+
+from kdet.boxes import BoxCoder, clip_boxes
+
+RUNTIMES = ("tensorflow", "litert", "onnx")
+NMS_MODES = ("builtin", "tflite_postprocess")
+DETECTION_KEYS = ("boxes", "scores", "labels", "num_detections")
+SSD_KEYS = ("detection_boxes", "detection_classes", "detection_scores", "num_detections")
+
+
+@dataclasses.dataclass
+class PostprocessSettings:
+    """Everything the exported post-processing needs, copied from a model.
+
+    Build it with :func:`settings_from_model`; the fields mirror
+    :class:`kdet.layers.DetectionDecoder` plus the model's anchors and size.
+    """
+
+    num_classes: int
+    image_size: tuple
+    anchors: np.ndarray
+    level_counts: tuple = ()
+    per_level_topk: bool = False
+    pre_nms_topk: int = 1000
+    score_threshold: float = 0.05
+    iou_threshold: float = 0.5
+    max_detections: int = 100
+    box_coder: BoxCoder = dataclasses.field(default_factory=BoxCoder)
+    clip_to_image: bool = True
+
+    def __post_init__(self):
+        self.anchors = np.asarray(self.anchors, np.float32)
+        if self.anchors.ndim != 2 or self.anchors.shape[1] != 4:
+            raise ValueError(f"anchors must be [A, 4] xyxy, got shape {self.anchors.shape}")
+        self.image_size = tuple(int(s) for s in self.image_size)
+        self.level_counts = tuple(int(c) for c in self.level_counts)
+        if self.level_counts and sum(self.level_counts) != len(self.anchors):
+            raise ValueError(f"level_counts {self.level_counts} do not add up to "
+                             f"{len(self.anchors)} anchors")
+        if isinstance(self.box_coder, dict):
+            self.box_coder = BoxCoder(**self.box_coder)
+        self.num_classes = int(self.num_classes)
+        self.pre_nms_topk = int(self.pre_nms_topk)
+        self.max_detections = int(self.max_detections)
+        if self.max_detections < 1:
+            raise ValueError(f"max_detections must be >= 1, got {self.max_detections}")
+        if not 0.0 <= float(self.iou_threshold) <= 1.0:
+            raise ValueError(f"iou_threshold must lie in [0, 1], got {self.iou_threshold}")
+        self.iou_threshold = float(self.iou_threshold)
+        self.score_threshold = float(self.score_threshold)
+
+
+def settings_from_model(model, max_detections=None, score_threshold=None, iou_threshold=None):
+    """:class:`PostprocessSettings` of a dense detector, with optional overrides.
+
+    The model needs what :class:`kdet.models.DenseDetector` has: ``num_classes``,
+    ``image_size``, ``anchors``, ``level_counts`` and a ``decoder``
+    (:class:`kdet.layers.DetectionDecoder`).
+    """
+    missing = [a for a in ("num_classes", "image_size", "anchors", "decoder")
+               if not hasattr(model, a)]
+    if missing:
+        raise ValueError(
+            f"kdet.export: {type(model).__name__} has no {', '.join(missing)}; export "
+            "supports dense detectors (kdet.models.RetinaNet, EfficientDet, DenseDetector)")
+    decoder = model.decoder
+    return PostprocessSettings(
+        num_classes=model.num_classes, image_size=model.image_size, anchors=model.anchors,
+        level_counts=getattr(model, "level_counts", ()) or (),
+        per_level_topk=decoder.per_level_topk, pre_nms_topk=decoder.pre_nms_topk,
+        score_threshold=decoder.score_threshold if score_threshold is None else score_threshold,
+        iou_threshold=decoder.iou_threshold if iou_threshold is None else iou_threshold,
+        max_detections=decoder.max_detections if max_detections is None else max_detections,
+        box_coder=decoder.box_coder, clip_to_image=decoder.clip_to_image)
+
+
+# ------------------------------------------------------------- thresholds
+def float32_iou_threshold(value):
+    """The float32 ``t`` with ``iou > t`` iff ``float64(iou) > value`` (as kdet / torchvision)."""
+    t = np.float32(value)
+    if math.isfinite(value) and float(t) > value:
+        t = np.nextafter(t, np.float32(-np.inf))
+    return t
+
+
+def kernel_iou_threshold(value, runtime):
+    """Threshold to give the NMS kernel of ``runtime`` so it suppresses iff ``IoU > value``.
+
+    TF's and onnxruntime's kernels test ``iou > threshold``; LiteRT's tests
+    ``iou >= threshold``, so it gets the next float32 up.
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    t = float32_iou_threshold(float(value))
+    if runtime == "litert":
+        t = np.nextafter(t, np.float32(np.inf))
+    return t
+
+
+# --------------------------------------------------------------- decoding
+def decode_candidates(cls_logits, box_deltas, settings):
+    """Pre-NMS candidates exactly as ``DetectionDecoder``: ``(boxes, scores, labels)``.
+
+    ``boxes [B, C, 4]`` xyxy (clipped to the image when the decoder clips),
+    ``scores [B, C]`` sigmoid probabilities, ``labels [B, C]`` int32, ``C`` the
+    pre-NMS top-k over all levels or per level.
+    """
+    import tensorflow as tf
+
+    k = settings.num_classes
+    probs = tf.sigmoid(tf.cast(cls_logits, tf.float32))
+    num_anchors = len(settings.anchors)
+    counts = settings.level_counts if (settings.per_level_topk and settings.level_counts) \
+        else (num_anchors,)
+    scores, anchor_index, labels = [], [], []
+    start = 0
+    for count in counts:
+        level = tf.reshape(probs[:, start:start + count, :], [-1, count * k])
+        values, flat = tf.math.top_k(level, k=min(settings.pre_nms_topk, count * k), sorted=True)
+        scores.append(values)
+        anchor_index.append(flat // k + start)  # flat index = anchor * K + class
+        labels.append(flat % k)
+        start += count
+    scores = tf.concat(scores, axis=1)
+    anchor_index = tf.concat(anchor_index, axis=1)
+    labels = tf.cast(tf.concat(labels, axis=1), tf.int32)
+    deltas = tf.gather(tf.cast(box_deltas, tf.float32), anchor_index, batch_dims=1)
+    anchors = tf.gather(tf.constant(settings.anchors), anchor_index)
+    boxes = settings.box_coder.decode(deltas, anchors)  # kdet's formula, TF ops on TF
+    if settings.clip_to_image:
+        boxes = clip_boxes(boxes, settings.image_size[0], settings.image_size[1])
+    return boxes, scores, labels
+
+
+# -------------------------------------------------------------------- NMS
+def class_aware_nms(boxes, scores, labels, settings, runtime="tensorflow"):
+    """kdet's ``batched_nms`` for one image on the ``NonMaxSuppressionV4`` kernel.
+
+    Args:
+        boxes ``[C, 4]``, scores ``[C]``, labels ``[C]``: candidates of one image.
+        runtime: where the graph will run ("tensorflow", "litert", "onnx"); picks
+            the threshold that gives strict ``IoU >`` semantics there.
+
+    Returns ``(indices [D] int32 padded with -1, count)``, indices into the
+    candidates in kdet's output order.
+    """
+    import tensorflow as tf
+
+    num = int(boxes.shape[0])
+    limit = settings.max_detections
+    valid = scores > tf.constant(settings.score_threshold, tf.float32)
+    any_valid = tf.reduce_any(valid)
+    # torchvision coordinate trick: shift each class by label * (max coordinate
+    # over the candidates + 1), as kdet.ops.batched_nms(method="offset") does.
+    masked = tf.where(valid[:, None], boxes, tf.constant(-np.inf, tf.float32))
+    top = tf.reduce_max(masked)
+    finite = tf.logical_and(any_valid, tf.abs(top) < np.inf)
+    top = tf.where(finite, top, tf.zeros_like(top))
+    shifted = boxes + tf.cast(labels, tf.float32)[:, None] * (top + 1.0)
+    # kdet's visiting order: score descending, lower index first on ties
+    # (top_k is stable); the kernel gets strictly decreasing rank scores.
+    keys = tf.where(valid, scores, tf.constant(-np.inf, tf.float32))
+    _, order = tf.math.top_k(keys, k=num, sorted=True)
+    rank_score = tf.cast(num - tf.range(num), tf.float32)
+    rank_score = tf.where(tf.gather(valid, order), rank_score, -tf.ones_like(rank_score))
+    selected, count = tf.raw_ops.NonMaxSuppressionV4(
+        boxes=tf.gather(shifted, order), scores=rank_score, max_output_size=limit,
+        iou_threshold=tf.constant(kernel_iou_threshold(settings.iou_threshold, runtime)),
+        score_threshold=tf.constant(0.0, tf.float32), pad_to_max_output_size=True)
+    slots = tf.range(limit)
+    indices = tf.where(slots < count, tf.gather(order, selected), -tf.ones_like(selected))
+    return indices, count
+
+
+def _gather_detections(boxes, scores, labels, indices, count):
+    import tensorflow as tf
+
+    valid = indices >= 0
+    safe = tf.maximum(indices, 0)
+    out_boxes = tf.where(valid[:, None], tf.gather(boxes, safe), tf.zeros([1, 4], tf.float32))
+    out_scores = tf.where(valid, tf.gather(scores, safe), tf.zeros_like(scores[:1]))
+    out_labels = tf.where(valid, tf.gather(labels, safe), -tf.ones_like(labels[:1]))
+    return out_boxes, out_scores, out_labels, tf.cast(count, tf.int32)
+
+
+def detections(cls_logits, box_deltas, settings, runtime="tensorflow", batch_size=None):
+    """Raw head outputs -> kdet's padded detection dict, NMS included.
+
+    ``batch_size`` None (or the batch dimension unknown) maps the per-image
+    NMS over the batch (``tf.map_fn``); a static batch is unrolled, which is
+    what LiteRT needs (its NMS kernel takes one image).
+    """
+    import tensorflow as tf
+
+    boxes, scores, labels = decode_candidates(cls_logits, box_deltas, settings)
+
+    def one_image(b, s, l):
+        indices, count = class_aware_nms(b, s, l, settings, runtime)
+        return _gather_detections(b, s, l, indices, count)
+
+    if batch_size is None:
+        batch_size = cls_logits.shape[0]
+    if batch_size is None:
+        limit = settings.max_detections
+        signature = (tf.TensorSpec([limit, 4], tf.float32), tf.TensorSpec([limit], tf.float32),
+                     tf.TensorSpec([limit], tf.int32), tf.TensorSpec([], tf.int32))
+        parts = tf.map_fn(lambda x: one_image(*x), (boxes, scores, labels),
+                          fn_output_signature=signature)
+    else:
+        per_image = [one_image(boxes[i], scores[i], labels[i]) for i in range(int(batch_size))]
+        parts = [tf.stack(p, axis=0) for p in zip(*per_image)]
+    return dict(zip(DETECTION_KEYS, parts))
+
+
+# ---------------------------------------------- TFLite_Detection_PostProcess
+def _attr(key, value):
+    if isinstance(value, bool):
+        return 'attr { key: "%s" value { b: %s } }' % (key, str(value).lower())
+    if isinstance(value, numbers.Integral):
+        return 'attr { key: "%s" value { i: %d } }' % (key, value)
+    # repr keeps every digit: a float32 nudged by one ulp must survive the text form.
+    return 'attr { key: "%s" value { f: %r } }' % (key, float(value))
+
+
+def ssd_anchors(settings):
+    """Anchors as the custom op wants them: normalised ``(yc, xc, h, w)`` float32 ``[A, 4]``."""
+    a = settings.anchors.astype(np.float64)
+    height, width = settings.image_size
+    w, h = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
+    xc, yc = a[:, 0] + 0.5 * w, a[:, 1] + 0.5 * h
+    return np.stack([yc / height, xc / width, h / height, w / width], axis=1).astype(np.float32)
+
+
+def ssd_implements_signature(settings, detections_per_class=None):
+    """The ``experimental_implements`` string that the converter turns into the custom op."""
+    wx, wy, ww, wh = settings.box_coder.weights
+    # The op keeps scores >= its threshold; the next float32 up gives kdet's '>'.
+    score_threshold = np.nextafter(np.float32(settings.score_threshold), np.float32(np.inf))
+    per_class = settings.max_detections if detections_per_class is None else detections_per_class
+    parts = ['name: "TFLite_Detection_PostProcess"',
+             _attr("max_detections", int(settings.max_detections)),
+             _attr("max_classes_per_detection", 1),
+             _attr("detections_per_class", int(per_class)),
+             _attr("use_regular_nms", True),
+             _attr("nms_score_threshold", score_threshold),
+             _attr("nms_iou_threshold", float32_iou_threshold(settings.iou_threshold)),
+             _attr("y_scale", wy), _attr("x_scale", wx), _attr("h_scale", wh),
+             _attr("w_scale", ww), _attr("num_classes", int(settings.num_classes))]
+    return " ".join(parts)
+
+
+def _ssd_function(settings, detections_per_class):
+    """A tf.function with the custom op's signature whose TF body does the same NMS."""
+    import tensorflow as tf
+
+    limit = settings.max_detections
+    per_class = limit if detections_per_class is None else int(detections_per_class)
+    score_threshold = float(np.nextafter(np.float32(settings.score_threshold),
+                                         np.float32(np.inf)))
+    iou_threshold = float(float32_iou_threshold(settings.iou_threshold))
+    wx, wy, ww, wh = settings.box_coder.weights
+
+    @tf.function(experimental_implements=ssd_implements_signature(settings, detections_per_class))
+    def tflite_detection_postprocess(box_encodings, class_predictions, anchors):
+        yc = box_encodings[..., 0] / wy * anchors[:, 2] + anchors[:, 0]
+        xc = box_encodings[..., 1] / wx * anchors[:, 3] + anchors[:, 1]
+        half_h = 0.5 * tf.exp(box_encodings[..., 2] / wh) * anchors[:, 2]
+        half_w = 0.5 * tf.exp(box_encodings[..., 3] / ww) * anchors[:, 3]
+        boxes = tf.stack([yc - half_h, xc - half_w, yc + half_h, xc + half_w], axis=-1)
+        # combined NMS keeps scores > threshold; the op >= the nudged one: the same set.
+        nmsed_boxes, nmsed_scores, nmsed_classes, count = tf.image.combined_non_max_suppression(
+            boxes[:, :, None, :], class_predictions, max_output_size_per_class=per_class,
+            max_total_size=limit, iou_threshold=iou_threshold,
+            score_threshold=np.nextafter(np.float32(score_threshold), np.float32(-np.inf)),
+            pad_per_class=False, clip_boxes=False)
+        return nmsed_boxes, nmsed_classes, nmsed_scores, tf.cast(count, tf.float32)
+
+    return tflite_detection_postprocess
+
+
+def ssd_detections(cls_logits, box_deltas, settings, batch_size=1, detections_per_class=None):
+    """Raw head outputs -> the ``TFLite_Detection_PostProcess`` outputs (SSD layout).
+
+    The custom op takes one image, so a static batch is unrolled.
+    """
+    import tensorflow as tf
+
+    if batch_size is None:
+        raise ValueError("nms='tflite_postprocess' needs a static batch size "
+                         "(TFLite_Detection_PostProcess takes one image per call)")
+    coder = settings.box_coder
+    deltas = tf.cast(box_deltas, tf.float32)
+    if coder.order == "xy":  # the op reads (ty, tx, th, tw)
+        deltas = tf.gather(deltas, [1, 0, 3, 2], axis=-1)
+    if coder.clip is not None:  # kdet clamps dh/dw (after dividing by the weights)
+        wx, wy, ww, wh = coder.weights
+        limit = tf.constant([np.inf, np.inf, coder.clip * wh, coder.clip * ww], tf.float32)
+        deltas = tf.minimum(deltas, limit)
+    probs = tf.sigmoid(tf.cast(cls_logits, tf.float32))
+    anchors = tf.constant(ssd_anchors(settings))
+    postprocess = _ssd_function(settings, detections_per_class)
+    per_image = [postprocess(deltas[i:i + 1], probs[i:i + 1], anchors)
+                 for i in range(int(batch_size))]
+    parts = [tf.concat(p, axis=0) for p in zip(*per_image)]
+    return dict(zip(SSD_KEYS, parts))
+
+
+def ssd_to_detections(outputs, image_size, clip_to_image=True):
+    """SSD-layout outputs (numpy) -> kdet's padded dict in input pixels."""
+    height, width = image_size
+    boxes = np.asarray(outputs["detection_boxes"], np.float32)
+    classes = np.asarray(outputs["detection_classes"])
+    scores = np.asarray(outputs["detection_scores"], np.float32)
+    count = np.asarray(outputs["num_detections"]).reshape(-1).astype(np.int32)
+    xyxy = np.stack([boxes[..., 1] * width, boxes[..., 0] * height,
+                     boxes[..., 3] * width, boxes[..., 2] * height], axis=-1)
+    if clip_to_image:
+        xyxy = np.clip(xyxy, 0, [width, height, width, height]).astype(np.float32)
+    valid = np.arange(scores.shape[1])[None, :] < count[:, None]
+    return {"boxes": np.where(valid[..., None], xyxy, 0).astype(np.float32),
+            "scores": np.where(valid, scores, 0).astype(np.float32),
+            "labels": np.where(valid, np.round(classes), -1).astype(np.int32),
+            "num_detections": count}
