@@ -16,6 +16,13 @@ except Exception:  # pragma: no cover - depends on the machine
 import numpy as np
 import pytest
 
+if os.environ.get("KERAS_BACKEND") == "jax":
+    # JAX 0.10 on CPU compiles each random initialiser shape in ~5 s with the
+    # partitionable threefry; the classic one takes ~0.25 s. Tests never rely on
+    # particular random draws, so the cheaper generator is safe here.
+    import jax
+    jax.config.update("jax_threefry_partitionable", False)
+
 SHARED_DATA = pathlib.Path(
     os.environ.get("KDET_SHARED_DATA",
                    pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"))

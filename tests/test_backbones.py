@@ -368,6 +368,9 @@ def test_efficientnet_shapes_and_strides():
     assert not {type(layer).__name__ for layer in model.layers} & {"Rescaling", "Normalization"}
     assert model.layers[1].name == "stem_conv_pad"
     assert not any(layer.name.startswith("top_") for layer in model.layers)
+    # Intermediate layers belong to the backbone's own graph.
+    inner = keras.Model(model.input, model.get_layer("block6a_expand_activation").output)
+    assert tuple(inner.output.shape) == (None, 16, 16, 672)
     expected = {"C1": (None, 128, 128, 16), "C2": (None, 64, 64, 24),
                 "C3": (None, 32, 32, 40), "C4": (None, 16, 16, 112), "C5": (None, 8, 8, 320)}
     assert _shapes(model) == expected

@@ -147,6 +147,11 @@ def scenario_bank():
     tie_scores[::7] = 0.75
     images["disjoint_ties"] = padded(row_boxes(np.arange(N) * 20), tie_scores)
     images["identical"] = padded(np.tile([[5, 5, 15, 15]], (5, 1)), np.ones(5))
+    # Negative coordinates: torchvision's offset trick then lets labels overlap
+    # (it assumes 0 <= x1); method="offset" reproduces that, "mask" does not.
+    negative = random_boxes(rng, N, spread=15) - 150
+    negative[1::2] = negative[0::2] + 0.5  # near-duplicate pairs
+    images["negative_coords"] = padded(negative, rng.uniform(size=N))
     names = {name: i for i, name in enumerate(images)}
     boxes, scores, valid = (np.stack(parts) for parts in zip(*images.values()))
     return names, boxes.astype(np.float32), scores.astype(np.float32), valid
@@ -335,12 +340,16 @@ def test_batched_nms_matches_references(mode, method):
     check_batch(idx, count, expected, list(names))
     # identical boxes, labels 0 1 2 0 1: one per label survives
     np.testing.assert_array_equal(expected[names["identical"]], [0, 1, 2])
-    # moderate coordinates: the offset trick and per-class NMS agree
+    # moderate, non-negative coordinates: the offset trick and per-class NMS agree
     for name in ("clustered", "integer_ties", "chain"):
         b = names[name]
         np.testing.assert_array_equal(
             ref_batched_offset(boxes[b], scores[b], labels[b], 0.5, 48, 0.05),
             ref_per_class(boxes[b], scores[b], labels[b], 0.5, 48, 0.05))
+    b = names["negative_coords"]  # ... and differ where torchvision's trick breaks down
+    assert not np.array_equal(
+        ref_batched_offset(boxes[b], scores[b], labels[b], 0.5, 48, 0.05),
+        ref_per_class(boxes[b], scores[b], labels[b], 0.5, 48, 0.05))
 
 
 def test_dynamic_batch_under_tf_function(rng):
@@ -438,7 +447,7 @@ def test_batched_nms_matches_torchvision():
     idx, count = run_batched("jit", boxes, np.where(valid, scores, -np.inf).astype(np.float32),
                              labels, method="offset", iou_threshold=0.5, max_output_size=48,
                              score_threshold=0.05, tile_size=32)
-    for name in ("clustered", "degenerate", "chain", "identical"):
+    for name in ("clustered", "degenerate", "chain", "identical", "negative_coords"):
         b = names[name]
         keep = np.flatnonzero((scores[b] > np.float32(0.05)) & valid[b])
         # few boxes: torchvision takes its coordinate-trick path

@@ -10,7 +10,8 @@ for B0-B7, [-1, 1] for Lite).
 ``EfficientNet`` reuses ``keras.applications.EfficientNetB*`` (built with
 ``weights=None``, nothing downloads) from its stem onwards: the application's
 ``Rescaling`` + ``Normalization`` preprocessing is skipped by calling its
-layers again on a fresh input. Its stride-2 convs pad like TF ``SAME`` on
+layers again on a fresh input (then rebuilding from that model's config, so
+every layer belongs to one graph and ``get_layer(name).output`` works). Its stride-2 convs pad like TF ``SAME`` on
 even-sized inputs (``correct_pad``), as the automl/timm ``tf_`` models do.
 
 ``EfficientNetLite`` is built here after timm's ``tf_efficientnet_lite*``:
@@ -104,6 +105,11 @@ def EfficientNet(variant="b0", input_shape=(None, None, 3), weights=None,
         last = [layer_name for layer_name in outputs if layer_name.startswith(prefix)][-1]
         features[level] = outputs[last]
     model = feature_model(inputs, features, levels, name or f"efficientnet_b{index}")
+    # The re-called layers still remember their first call inside the
+    # application, so `layer.output` would point into a graph that includes the
+    # preprocessing. Rebuilding from the config gives fresh layers called once
+    # (the initialisation is random either way).
+    model = keras.Model.from_config(model.get_config())
     return load_weights_file(model, weights, "EfficientNet")
 
 

@@ -80,7 +80,13 @@ def export_litert(model, path, settings=None, quantization=None, representative_
     entries = {METADATA_KEY: json.dumps(meta).encode("utf-8")}
     if labels:
         entries[LABELS_KEY] = "".join(n + "\n" for n in labels).encode("utf-8")
-    flatbuffer = add_metadata(flatbuffer, entries)
+    custom_options = None
+    if nms == "tflite_postprocess":
+        # The converter drops this attribute (the kernel then uses 100): set it here.
+        per_class = settings.max_detections if detections_per_class is None \
+            else int(detections_per_class)
+        custom_options = {"TFLite_Detection_PostProcess": {"detections_per_class": per_class}}
+    flatbuffer = add_metadata(flatbuffer, entries, custom_options)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     with open(path, "wb") as f:
@@ -168,11 +174,17 @@ def _flatbuffer_utils():
     return flatbuffer_utils
 
 
-def add_metadata(flatbuffer, entries):
-    """Return the ``.tflite`` bytes with ``{name: bytes}`` added to its metadata table."""
+def add_metadata(flatbuffer, entries, custom_options=None):
+    """Return the ``.tflite`` bytes with ``{name: bytes}`` added to its metadata table.
+
+    ``custom_options`` ``{custom op name: {key: value}}`` adds or replaces keys
+    in the flexbuffer options of every such custom op.
+    """
     fb = _flatbuffer_utils()
     schema = fb.schema_fb
     model = fb.convert_bytearray_to_object(bytearray(flatbuffer))
+    for op_name, extra in (custom_options or {}).items():
+        _update_custom_options(model, op_name, extra)
 
     def name_of(entry):
         return entry.name.decode() if isinstance(entry.name, bytes) else entry.name
@@ -187,6 +199,25 @@ def add_metadata(flatbuffer, entries):
         entry.buffer = len(model.buffers) - 1
         model.metadata.append(entry)
     return bytes(fb.convert_object_to_bytearray(model))
+
+
+def _update_custom_options(model, op_name, extra):
+    from flatbuffers import flexbuffers
+
+    codes = [i for i, code in enumerate(model.operatorCodes)
+             if code.customCode is not None and
+             (code.customCode.decode() if isinstance(code.customCode, bytes)
+              else code.customCode) == op_name]
+    found = 0
+    for subgraph in model.subgraphs:
+        for op in subgraph.operators:
+            if op.opcodeIndex in codes:
+                options = flexbuffers.Loads(bytes(bytearray(op.customOptions)))
+                options.update(extra)
+                op.customOptions = np.frombuffer(bytes(flexbuffers.Dumps(options)), np.uint8)
+                found += 1
+    if not found:
+        raise ValueError(f"converted model has no {op_name} op to configure")
 
 
 def read_metadata(path_or_bytes):

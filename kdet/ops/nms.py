@@ -92,8 +92,10 @@ def batched_nms(boxes, scores, labels, iou_threshold=0.5, max_output_size=100,
     IoU on the original coordinates and only lets equal labels suppress each
     other: the result of running ``nms`` class by class (torchvision's
     ``_batched_nms_vanilla``, which it uses on CPU for more than 1000 boxes).
-    The two differ only where the shift rounds coordinates (large labels or
-    coordinates); for ordinary inputs they agree.
+    The two agree for non-negative coordinates up to float32 rounding of the
+    shifted boxes (large labels times large coordinates). Like torchvision's,
+    the offset trick assumes ``x1, y1 >= 0``: with negative coordinates the
+    shifted classes can overlap, so clip boxes first or use ``"mask"``.
 
     Args:
         labels: ``[B, N]`` or ``[N]`` integer class ids.

@@ -194,33 +194,27 @@ def _gather_roi_align(flat_features, base, row_stride, height, width, geometry,
     valid_x = ops.logical_and(valid_x, slot_w < grid_w[..., None, None])
     count = ops.maximum(grid_h * grid_w, 1.0)
 
-    # Per-axis neighbour weights [B, R, out, G] (zero for invalid samples).
-    wy = (ops.where(valid_y, 1.0 - ly, 0.0), ops.where(valid_y, ly, 0.0))
-    wx = (ops.where(valid_x, 1.0 - lx, 0.0), ops.where(valid_x, lx, 0.0))
-    y_max = ops.cast(height, "int32")[..., None, None] - 1
-    x_max = ops.cast(width, "int32")[..., None, None] - 1
+    # Per-axis taps [B, R, out, 2G]: low and high neighbour of every sample,
+    # weights zero for invalid samples (which then read a harmless pixel).
     y_low_i = ops.cast(y_low, "int32")
     x_low_i = ops.cast(x_low, "int32")
-    rows = (y_low_i, ops.minimum(y_low_i + 1, y_max))
-    cols = (x_low_i, ops.minimum(x_low_i + 1, x_max))
+    y_max = ops.cast(height, "int32")[..., None, None] - 1
+    x_max = ops.cast(width, "int32")[..., None, None] - 1
+    rows = ops.concatenate([y_low_i, ops.minimum(y_low_i + 1, y_max)], axis=-1)
+    cols = ops.concatenate([x_low_i, ops.minimum(x_low_i + 1, x_max)], axis=-1)
+    wy = ops.concatenate([ops.where(valid_y, 1.0 - ly, 0.0), ops.where(valid_y, ly, 0.0)], axis=-1)
+    wx = ops.concatenate([ops.where(valid_x, 1.0 - lx, 0.0), ops.where(valid_x, lx, 0.0)], axis=-1)
+    wy = wy / count[..., None, None]
 
-    # Broadcast to [B, R, out_h, G_h, out_w, G_w].
-    base = base[..., None, None, None, None]
-    stride = row_stride[..., None, None]
-    scale = ops.cast(1.0 / count, "float32")[..., None, None, None, None]
-    total_rows = ops.shape(flat_features)[0]
-    result = None
-    for a in range(2):
-        row_index = (rows[a] * stride)[..., :, :, None, None]
-        row_weight = wy[a][..., :, :, None, None] * scale
-        for b in range(2):
-            index = base + row_index + cols[b][..., None, None, :, :]
-            index = ops.clip(index, 0, total_rows - 1)  # invalid samples read pixel 0 x 0
-            weight = ops.cast(row_weight * wx[b][..., None, None, :, :], dtype)
-            values = ops.take(flat_features, index, axis=0)  # [B,R,out_h,G_h,out_w,G_w,C]
-            term = ops.sum(values * weight[..., None], axis=(3, 5))
-            result = term if result is None else result + term
-    return result
+    # Lattice of taps [B, R, out_h, out_w, 2G_h, 2G_w]: one gather, then the
+    # weighted sum over the taps as a batched matmul (bins x taps @ taps x C).
+    index = (base[..., None, None, None, None]
+             + (rows * row_stride[..., None, None])[..., :, None, :, None]
+             + cols[..., None, :, None, :])
+    index = ops.clip(index, 0, ops.shape(flat_features)[0] - 1)
+    weight = ops.cast(wy[..., :, None, :, None] * wx[..., None, :, None, :], dtype)
+    values = ops.take(flat_features, index, axis=0)
+    return ops.einsum("brpqij,brpqijc->brpqc", weight, values)
 
 
 def _interpolation_matrix(start, bin_size, grid, out_size, size):
@@ -400,14 +394,13 @@ def _level_features(features_by_level, levels, owner):
     if isinstance(features_by_level, dict):
         out = []
         for level in levels:
-            for key in (level, f"P{level}", f"p{level}", str(level)):
-                if key in features_by_level:
-                    out.append(features_by_level[key])
-                    break
-            else:
+            keys = [key for key in (level, f"P{level}", f"p{level}", str(level))
+                    if key in features_by_level]
+            if not keys:
                 raise ValueError(f"{owner}: no feature map for level {level} in dict keys "
                                  f"{sorted(map(str, features_by_level))} (use {level} or "
                                  f"'P{level}')")
+            out.append(features_by_level[keys[0]])
         return out
     out = list(features_by_level)
     if len(out) != len(levels):
@@ -451,7 +444,7 @@ def multilevel_roi_align(features_by_level, rois, output_size, levels=(2, 3, 4, 
     >>> import numpy as np
     >>> feats = [np.ones((1, 64 // 2 ** l, 64 // 2 ** l, 8), "float32") for l in (2, 3, 4, 5)]
     >>> rois = np.array([[[0, 0, 10, 10], [0, 0, 60, 60]]], "float32")
-    >>> multilevel_roi_align(feats, rois, 7).shape
+    >>> tuple(multilevel_roi_align(feats, rois, 7).shape)
     (1, 2, 7, 7, 8)
     """
     owner = "multilevel_roi_align"

@@ -14,9 +14,9 @@ work) the max over any rectangle is read from a 2-D sparse table
 for all powers of two up to the map size. A window of height ``n`` is covered
 by two (possibly overlapping) rows of height ``2**floor(log2 n)``, likewise in
 width, so every bin is the max of 4 table entries: 4 gathers of ``[B, R,
-out_h, out_w, C]``. The table costs ``(floor(log2 H) + 1) * (floor(log2 W) + 1)``
-times the feature map (36x for a 38 x 50 VGG conv5 map), independent of the
-number of RoIs. Gradients reach ``features`` through the maxima (to the
+out_h, out_w, C]``. Entry ``(kh, kw)`` only holds the windows that fit, so
+the table is ``sum_kh (H - 2**kh + 1) * sum_kw (W - 2**kw + 1)`` pixels: 22x
+the map for a 38 x 50 VGG conv5 map, independent of the number of RoIs. Gradients reach ``features`` through the maxima (to the
 argmax element, as torchvision's backward does); none reach ``rois``.
 
     >>> import numpy as np
@@ -45,24 +45,28 @@ def _num_levels(size):
 
 
 def _sparse_table(features, num_h, num_w):
-    """``[num_h * num_w, B, H, W, C]``: maxima over ``2**kh x 2**kw`` windows.
+    """Flattened 2-D sparse table of ``features`` ``[B, H, W, C]``.
 
-    Entries whose window runs past the map hold arbitrary values; the query
-    never reads them.
+    Entry ``(kh, kw)`` is ``[B, H - 2**kh + 1, W - 2**kw + 1, C]`` with
+    ``T[h, w] = max F[h : h + 2**kh, w : w + 2**kw]`` (windows inside the map
+    only), built by doubling. Returns ``(table [N, C], sizes)`` where
+    ``sizes[kh * num_w + kw] = (rows, cols)`` and the entries are concatenated
+    in that order.
     """
-    tables = []
+    flats, sizes = [], []
     row_table = features
     for kh in range(num_h):
         if kh:
             shift = 2 ** (kh - 1)
-            row_table = ops.maximum(row_table, ops.roll(row_table, -shift, axis=1))
+            row_table = ops.maximum(row_table[:, :-shift], row_table[:, shift:])
         table = row_table
         for kw in range(num_w):
             if kw:
                 shift = 2 ** (kw - 1)
-                table = ops.maximum(table, ops.roll(table, -shift, axis=2))
-            tables.append(table)
-    return ops.stack(tables, axis=0)
+                table = ops.maximum(table[:, :, :-shift], table[:, :, shift:])
+            sizes.append((table.shape[1], table.shape[2]))
+            flats.append(ops.reshape(table, [-1, features.shape[-1]]))
+    return ops.concatenate(flats, axis=0), sizes
 
 
 def _bin_windows(start, end, out_size, size):
@@ -85,10 +89,11 @@ def _window_query(lo, hi, num_levels, size):
         level = level + ops.cast(length >= 2 ** k, "int32")
     span = ops.take(ops.convert_to_tensor(np.array([2 ** k for k in range(num_levels)],
                                                    "int32")), level)
-    first = ops.cast(lo, "int32")
-    second = ops.cast(hi, "int32") - span
-    first = ops.clip(first, 0, size - 1)
-    second = ops.clip(second, 0, size - 1)
+    # Both starts lie in [0, size - span] (the entry's row count) for
+    # non-empty windows; clipping only tames empty ones.
+    limit = size - span
+    first = ops.minimum(ops.maximum(ops.cast(lo, "int32"), 0), limit)
+    second = ops.minimum(ops.maximum(ops.cast(hi, "int32") - span, 0), limit)
     return level, first, second
 
 
@@ -125,17 +130,24 @@ def roi_pool(features, rois, output_size, spatial_scale=1.0):
         ops.logical_not(y_hi > y_lo)[..., :, None], ops.logical_not(x_hi > x_lo)[..., None, :])
 
     num_h, num_w = _num_levels(height), _num_levels(width)
-    table = ops.reshape(_sparse_table(features, num_h, num_w), [-1, channels])
+    table, sizes = _sparse_table(features, num_h, num_w)
     level_h, row_a, row_b = _window_query(y_lo, y_hi, num_h, height)
     level_w, col_a, col_b = _window_query(x_lo, x_hi, num_w, width)
+    # Entry (kh, kw) of bin [B, R, out_h, out_w]: its first row in the table
+    # (entries are stacked per image: offset * batch) and its shape.
+    entry = level_h[..., :, None] * num_w + level_w[..., None, :]
+    areas = [rows * cols for rows, cols in sizes]
+    starts = np.cumsum([0] + areas[:-1]).astype("int32")
     batch = ops.shape(features)[0]
     image = ops.arange(batch, dtype="int32")[:, None, None, None]
-    plane = (level_h[..., :, None] * num_w + level_w[..., None, :]) * batch + image
-    base = plane * (height * width)  # [B, R, out_h, out_w]
+    entry_rows = ops.take(np.array([r for r, _ in sizes], "int32"), entry)
+    entry_cols = ops.take(np.array([c for _, c in sizes], "int32"), entry)
+    base = ops.take(starts, entry) * batch + image * entry_rows * entry_cols
     result = None
     for rows in (row_a, row_b):
         for cols in (col_a, col_b):
-            index = base + (rows * width)[..., :, None] + cols[..., None, :]
+            # row_* / col_* are < H - 2**k + 1 by construction (clipped for empty bins)
+            index = base + (rows[..., :, None] * entry_cols) + cols[..., None, :]
             values = ops.take(table, index, axis=0)
             result = values if result is None else ops.maximum(result, values)
     return ops.where(empty[..., None], ops.zeros_like(result), result)

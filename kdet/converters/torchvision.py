@@ -1,0 +1,164 @@
+"""torchvision detection checkpoints -> kdet models.
+
+torchvision's detectors share one layout: ``backbone.body.*`` (a ResNet,
+loaded by ``kdet.backbones.resnet.load_torchvision_state_dict``),
+``backbone.fpn.*`` (``FeaturePyramidNetwork``) and a model-specific head
+(``head.*`` for RetinaNet; ``rpn.*`` and ``roi_heads.*`` for Faster/Mask/
+Keypoint R-CNN). ``TORCHVISION_ARCHITECTURES`` holds one entry per
+torchvision builder: the kdet builder and its arguments, and the rule rows
+for the non-backbone parts. A new detector is a new entry (its FPN rows are
+shared), not new code.
+
+    >>> import kdet.converters as C                                      # doctest: +SKIP
+    >>> model = C.build_torchvision("retinanet_resnet50_fpn_v2")          # doctest: +SKIP
+    >>> C.convert_torchvision("retinanet_resnet50_fpn_v2_coco-5905b1c5.pth", model)  # doctest: +SKIP
+
+Checkpoints saved before torchvision 0.13 (``retinanet_resnet50_fpn_coco``
+among them) use older module names; ``upgrade_legacy_keys`` renames them the
+way torchvision's own ``_load_from_state_dict`` hooks do.
+"""
+import re
+
+from kdet.converters._mapping import (check_unused, copy_weights, find_backbone,
+                                      model_variables, plan)
+from kdet.converters._pth import as_state_dict
+
+# backbone.fpn.*: torchvision FeaturePyramidNetwork (Conv2dNormActivation
+# blocks: ".0" conv, ".1" norm when the FPN has one) and LastLevelP6P7.
+FPN_RULES = (
+    (r"fpn/inner_block_(\d+)/conv", r"backbone.fpn.inner_blocks.\1.0"),
+    (r"fpn/inner_block_(\d+)/(?:bn|gn)", r"backbone.fpn.inner_blocks.\1.1"),
+    (r"fpn/layer_block_(\d+)/conv", r"backbone.fpn.layer_blocks.\1.0"),
+    (r"fpn/layer_block_(\d+)/(?:bn|gn)", r"backbone.fpn.layer_blocks.\1.1"),
+    (r"fpn/(p6|p7)/conv", r"backbone.fpn.extra_blocks.\1"),
+)
+
+# head.*: torchvision RetinaNetHead (v1: conv + bias; v2: conv + GroupNorm).
+RETINANET_HEAD_RULES = (
+    (r"head/classification_conv_(\d+)/conv", r"head.classification_head.conv.\1.0"),
+    (r"head/classification_conv_(\d+)/(?:gn|bn)", r"head.classification_head.conv.\1.1"),
+    (r"head/cls_logits/conv", r"head.classification_head.cls_logits"),
+    (r"head/regression_conv_(\d+)/conv", r"head.regression_head.conv.\1.0"),
+    (r"head/regression_conv_(\d+)/(?:gn|bn)", r"head.regression_head.conv.\1.1"),
+    (r"head/bbox_reg/conv", r"head.regression_head.bbox_reg"),
+)
+
+# torchvision builder -> kdet builder, its arguments, and the rule rows.
+# "backbone_eps" reproduces torchvision's overwrite_eps(model, 0.0), which its
+# v1 COCO weights were trained and evaluated with (FrozenBatchNorm2d, eps 0).
+TORCHVISION_ARCHITECTURES = {
+    "retinanet_resnet50_fpn": dict(
+        builder="kdet.models.RetinaNet",
+        kwargs=dict(backbone="resnet50", version=1, num_classes=91, backbone_norm="frozen_batch"),
+        backbone_eps=0.0, rules=FPN_RULES + RETINANET_HEAD_RULES),
+    "retinanet_resnet50_fpn_v2": dict(
+        builder="kdet.models.RetinaNet",
+        kwargs=dict(backbone="resnet50", version=2, num_classes=91, backbone_norm="batch"),
+        backbone_eps=None, rules=FPN_RULES + RETINANET_HEAD_RULES),
+}
+
+# Entries a torchvision checkpoint may hold that no kdet weight takes.
+IGNORED = (r"num_batches_tracked$", r"^backbone\.body\.fc\.")
+
+# torchvision < 0.13 names -> current names (FeaturePyramidNetwork and
+# RetinaNet heads gained Conv2dNormActivation wrappers: ".i" -> ".i.0";
+# the RetinaNet heads' Sequential(conv, relu, conv, relu, ...) -> ".i.0").
+_LEGACY = (
+    (re.compile(r"^(backbone\.fpn\.(?:inner|layer)_blocks\.\d+)\.(weight|bias)$"), r"\1.0.\2"),
+    (re.compile(r"^(head\.(?:classification|regression)_head\.conv)\.(\d+)\.(weight|bias)$"),
+     lambda m: f"{m[1]}.{int(m[2]) // 2}.0.{m[3]}"),
+)
+
+
+def upgrade_legacy_keys(state_dict):
+    """Rename pre-0.13 torchvision keys to today's (a no-op on current checkpoints)."""
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in _LEGACY:
+            if pattern.match(key):
+                key = pattern.sub(replacement, key)
+                break
+        out[key] = value
+    return out
+
+
+def architecture_of(model):
+    """The ``TORCHVISION_ARCHITECTURES`` name that fits a kdet model."""
+    config = getattr(model, "_config", {})
+    if type(model).__name__ == "RetinaNet" and config.get("backbone") == "resnet50":
+        return {1: "retinanet_resnet50_fpn", 2: "retinanet_resnet50_fpn_v2"}[config["version"]]
+    raise ValueError(f"convert_torchvision: no torchvision mapping for model {model.name!r} "
+                     f"({type(model).__name__}); known: {sorted(TORCHVISION_ARCHITECTURES)}")
+
+
+def build_torchvision(name, num_classes=None, image_size=640, **kwargs):
+    """The kdet model of torchvision builder ``name``, ready for ``convert_torchvision``.
+
+    ``num_classes`` defaults to torchvision's COCO 91; ``image_size`` is
+    kdet's fixed square input; other ``kwargs`` go to the kdet builder
+    (score threshold, ...). The defaults reproduce the pretrained COCO
+    builder; ``backbone_norm="batch"`` gives the ``weights=None`` one
+    (``BatchNorm2d``, eps 1e-5) for v1.
+
+    >>> model = build_torchvision("retinanet_resnet50_fpn_v2", num_classes=3, image_size=256)  # doctest: +SKIP
+    """
+    from kdet.zoo import resolve_builder
+
+    if name not in TORCHVISION_ARCHITECTURES:
+        raise ValueError(f"build_torchvision: unknown architecture {name!r}; known: "
+                         f"{sorted(TORCHVISION_ARCHITECTURES)}")
+    spec = TORCHVISION_ARCHITECTURES[name]
+    args = dict(spec["kwargs"], image_size=image_size, **kwargs)
+    if num_classes is not None:
+        args["num_classes"] = num_classes
+    model = resolve_builder(spec["builder"])(**args)
+    if spec["backbone_eps"] is not None and args.get("backbone_norm") == "frozen_batch":
+        set_backbone_epsilon(model, spec["backbone_eps"])
+    return model
+
+
+def set_backbone_epsilon(model, epsilon):
+    """Set the epsilon of every frozen BN of the backbone (torchvision ``overwrite_eps``).
+
+    The value lives on the layers only: a model rebuilt from its config has
+    the builder's default again (``kdet.zoo.load`` rebuilds through here).
+    """
+    from kdet.layers.normalization import FrozenBatchNormalization
+
+    for layer in find_backbone(model)._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, FrozenBatchNormalization):
+            layer.epsilon = float(epsilon)
+    return model
+
+
+def convert_torchvision(source, model, strict=True):
+    """Copy a torchvision checkpoint into ``model`` name by name; returns ``model``.
+
+    Args:
+        source: path to a ``.pth`` file (read with ``weights_only=True``) or a
+            state_dict (tensors or arrays), e.g. ``retinanet.state_dict()``.
+        model: a kdet model built for the same architecture and class count
+            (``build_torchvision``), or a kdet ``MobileNetV2``/``ResNet``
+            backbone for a torchvision classification checkpoint.
+        strict: also fail when checkpoint entries are left unused (other than
+            BN counters and a classifier's ``fc``).
+
+    Detector outputs match torchvision's head outputs
+    (``head(backbone(x))``) on the same normalised input.
+    """
+    state = upgrade_legacy_keys(as_state_dict(source))
+    if type(model).__name__ != "RetinaNet":  # a classification backbone
+        from kdet.converters.backbones import convert_torchvision_backbone
+        return convert_torchvision_backbone(state, model, strict=strict)
+    from kdet.backbones.resnet import load_torchvision_state_dict
+
+    name = architecture_of(model)
+    spec = TORCHVISION_ARCHITECTURES[name]
+    backbone = find_backbone(model)
+    used = load_torchvision_state_dict(backbone, state, prefix="backbone.body.", strict=strict)
+    pairs = plan(model_variables(model, skip=[backbone]), spec["rules"],
+                 owner=f"convert_torchvision[{name}]")
+    used += copy_weights(pairs, state, owner=f"convert_torchvision[{name}]")
+    if strict:
+        check_unused(state, used, IGNORED, owner=f"convert_torchvision[{name}]")
+    return model
