@@ -305,3 +305,31 @@ def test_config_round_trip_and_keras_file(tmp_path, rng):
     b = keras.ops.convert_to_numpy(loaded(images, training=False)["cls_logits"])
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert loaded.decoder.max_detections == 7 and loaded.decoder.score_threshold == 0.2
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "efficientnet_b0"])
+def test_retinanet_other_backbones_build_and_run(backbone, rng):
+    model = kdet.models.RetinaNet(num_classes=3, backbone=backbone, image_size=128, version=2)
+    raw = model(rng.uniform(0, 255, (1, 128, 128, 3)).astype("float32"), training=False)
+    assert tuple(raw["cls_logits"].shape) == (1, model.anchors.shape[0], 3)
+    assert tuple(raw["box_deltas"].shape) == (1, model.anchors.shape[0], 4)
+    keras.backend.clear_session()
+
+
+def test_default_optimizers_follow_the_recipes(small_efficientdet, small_retinanets):
+    effdet_opt = small_efficientdet.default_optimizer(steps=1000, learning_rate=0.08)
+    assert isinstance(effdet_opt, keras.optimizers.SGD)
+    assert effdet_opt.use_ema and effdet_opt.global_clipnorm == 10.0
+    assert effdet_opt.weight_decay == pytest.approx(4e-5) and effdet_opt.momentum == 0.9
+    schedule = small_efficientdet.learning_rate_schedule(steps=1000, learning_rate=0.08)
+    lr = [float(keras.ops.convert_to_numpy(schedule(s))) for s in (0, 50, 100, 550, 1000)]
+    # linear warmup to 0.08 over 100 steps, then cosine to 0
+    np.testing.assert_allclose(lr[:3], [0.0, 0.04, 0.08], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(lr[3], 0.08 * 0.5 * (1 + np.cos(np.pi * 450 / 900)), rtol=1e-4)
+    assert lr[4] == pytest.approx(0.0, abs=1e-7)
+
+    retina_opt = small_retinanets[1].default_optimizer(steps=900)
+    schedule = small_retinanets[1].learning_rate_schedule(steps=900)
+    lr = [float(keras.ops.convert_to_numpy(schedule(s))) for s in (0, 601, 801)]
+    np.testing.assert_allclose(lr, [0.01, 0.001, 0.0001], rtol=1e-5)
+    assert retina_opt.momentum == 0.9

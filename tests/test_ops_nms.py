@@ -352,6 +352,25 @@ def test_batched_nms_matches_references(mode, method):
         ref_per_class(boxes[b], scores[b], labels[b], 0.5, 48, 0.05))
 
 
+def test_offset_method_is_torchvision_trick_with_negative_coordinates():
+    """Max coordinate 10: label 1 shifts by 11, B lands on (-1,-1,9,9), IoU 0.68 with A."""
+    boxes = np.array([[0, 0, 10, 10], [-12, -12, -2, -2]], np.float32)
+    scores = np.array([0.9, 0.8], np.float32)
+    labels = np.array([0, 1], np.int32)
+    idx, count = batched_nms(boxes, scores, labels, 0.5, 2, method="offset")
+    np.testing.assert_array_equal(kdet_result(idx, count), [0])  # shifted by 10 it would be kept
+    np.testing.assert_array_equal(kdet_result(idx, count),
+                                  ref_batched_offset(boxes, scores, labels, 0.5))
+    idx, count = batched_nms(boxes, scores, labels, 0.5, 2, method="mask")
+    np.testing.assert_array_equal(kdet_result(idx, count), [0, 1])
+    if HAVE_TORCHVISION:
+        import torch
+        import torchvision
+        tv = torchvision.ops.batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores),
+                                         torch.from_numpy(labels.astype(np.int64)), 0.5)
+        np.testing.assert_array_equal(tv.numpy(), [0])
+
+
 def test_dynamic_batch_under_tf_function(rng):
     if backend() != "tensorflow":
         pytest.skip("input_signature with an unknown batch is a tf.function feature")

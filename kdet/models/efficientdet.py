@@ -138,19 +138,23 @@ class EfficientDet(DenseDetector):
                             pre_nms_topk=pre_nms_topk, fusion=fusion,
                             bounding_box_format=bounding_box_format)
 
-    def default_optimizer(self, steps=10000, learning_rate=0.08, batch_size=64, warmup_steps=None):
-        """automl recipe: SGD momentum 0.9, cosine decay with linear warmup, EMA 0.9998, clip 10.
-
-        automl's lr 0.08 is for batch 64 with weight decay 4e-5 (as L2 on the
-        kernels); here it is AdamW-free SGD with ``weight_decay`` applied by the
-        optimizer, gradient ``global_clipnorm=10`` and EMA of weights.
-        """
+    def learning_rate_schedule(self, steps=10000, learning_rate=0.08, warmup_steps=None):
+        """automl: linear warmup to ``learning_rate`` then cosine decay to 0 at ``steps``."""
         warmup = warmup_steps if warmup_steps is not None else max(1, min(1000, steps // 10))
-        schedule = keras.optimizers.schedules.CosineDecay(
+        return keras.optimizers.schedules.CosineDecay(
             initial_learning_rate=0.0, decay_steps=max(1, steps - warmup), alpha=0.0,
             warmup_target=learning_rate, warmup_steps=warmup)
-        return keras.optimizers.SGD(learning_rate=schedule, momentum=0.9, weight_decay=4e-5,
-                                    global_clipnorm=10.0, use_ema=True, ema_momentum=0.9998)
+
+    def default_optimizer(self, steps=10000, learning_rate=0.08, warmup_steps=None):
+        """automl recipe: SGD momentum 0.9, cosine decay with warmup, weight decay 4e-5,
+        gradient clipping at norm 10 and an EMA of the weights (momentum 0.9998).
+
+        automl's learning rate 0.08 is for batch 64: scale it with your batch size.
+        """
+        return keras.optimizers.SGD(
+            learning_rate=self.learning_rate_schedule(steps, learning_rate, warmup_steps),
+            momentum=0.9, weight_decay=4e-5, global_clipnorm=10.0, use_ema=True,
+            ema_momentum=0.9998)
 
     def get_config(self):
         return dict(self._config, name=self.name)

@@ -112,14 +112,18 @@ class RetinaNet(DenseDetector):
                             max_detections=max_detections, pre_nms_topk=pre_nms_topk,
                             bounding_box_format=bounding_box_format)
 
-    def default_optimizer(self, steps=90000, learning_rate=0.01, milestones=None):
-        """torchvision detection recipe: SGD 0.01 momentum 0.9, wd 1e-4, x0.1 at 2/3 and 8/9 of training."""
+    def learning_rate_schedule(self, steps=90000, learning_rate=0.01, milestones=None):
+        """torchvision detection recipe: x0.1 at 2/3 and 8/9 of training."""
         milestones = milestones or (int(steps * 2 / 3), int(steps * 8 / 9))
-        schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
+        return keras.optimizers.schedules.PiecewiseConstantDecay(
             boundaries=list(milestones),
             values=[learning_rate, learning_rate * 0.1, learning_rate * 0.01])
-        return keras.optimizers.SGD(learning_rate=schedule, momentum=0.9, weight_decay=1e-4,
-                                    global_clipnorm=10.0)
+
+    def default_optimizer(self, steps=90000, learning_rate=0.01, milestones=None):
+        """torchvision detection recipe: SGD 0.01, momentum 0.9, weight decay 1e-4, step schedule."""
+        return keras.optimizers.SGD(
+            learning_rate=self.learning_rate_schedule(steps, learning_rate, milestones),
+            momentum=0.9, weight_decay=1e-4, global_clipnorm=10.0)
 
     def get_config(self):
         if not isinstance(self._config["backbone"], str):
