@@ -212,10 +212,10 @@ class BoxCoder:
             dx, dy, dw, dh = (deltas[..., i] for i in range(4))
         else:
             dy, dx, dh, dw = (deltas[..., i] for i in range(4))
+        dx, dy, dw, dh = dx / wx, dy / wy, dw / ww, dh / wh
         if self.clip is not None:
             dw = ops.minimum(dw, self.clip)
             dh = ops.minimum(dh, self.clip)
-        dx, dy, dw, dh = dx / wx, dy / wy, dw / ww, dh / wh
         xa, ya, wa, ha = to_center(anchors)
         cx = dx * wa + xa
         cy = dy * ha + ya

@@ -11,8 +11,9 @@ for B0-B7, [-1, 1] for Lite).
 ``weights=None``, nothing downloads) from its stem onwards: the application's
 ``Rescaling`` + ``Normalization`` preprocessing is skipped by calling its
 layers again on a fresh input (then rebuilding from that model's config, so
-every layer belongs to one graph and ``get_layer(name).output`` works). Its stride-2 convs pad like TF ``SAME`` on
-even-sized inputs (``correct_pad``), as the automl/timm ``tf_`` models do.
+every layer belongs to one graph and ``get_layer(name).output`` works). Its
+stride-2 convs pad like TF ``SAME`` on even-sized inputs (``correct_pad``),
+as the automl/timm ``tf_`` models do.
 
 ``EfficientNetLite`` is built here after timm's ``tf_efficientnet_lite*``:
 ReLU6, no squeeze-excite, 32-channel stem, first and last stage depth not

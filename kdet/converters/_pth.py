@@ -34,6 +34,10 @@ def _is_tensor(value):
     return hasattr(value, "detach") and hasattr(value, "dtype")
 
 
+def _is_array(value):
+    return _is_tensor(value) or isinstance(value, (np.ndarray, np.generic))
+
+
 def unwrap_state_dict(obj, key=None, source="checkpoint"):
     """The ``{name: tensor}`` mapping inside a loaded checkpoint object.
 
@@ -48,13 +52,13 @@ def unwrap_state_dict(obj, key=None, source="checkpoint"):
         if key not in obj:
             raise ValueError(f"{source}: no entry {key!r}; top-level keys: {sorted(obj)[:10]}")
         obj = obj[key]
-    elif not any(_is_tensor(v) for v in obj.values()):
+    elif not any(_is_array(v) for v in obj.values()):
         nested = [k for k in NESTED_KEYS if isinstance(obj.get(k), dict)]
         if not nested:
             raise ValueError(f"{source}: holds no tensors and none of {NESTED_KEYS}; "
                              f"top-level keys: {sorted(obj)[:10]}")
         obj = obj[nested[0]]
-    tensors = {k: v for k, v in obj.items() if _is_tensor(v) or isinstance(v, np.ndarray)}
+    tensors = {k: v for k, v in obj.items() if _is_array(v)}
     if not tensors:
         raise ValueError(f"{source}: the selected entry holds no tensors")
     if all(k.startswith("module.") for k in tensors):

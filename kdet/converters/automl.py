@@ -131,9 +131,10 @@ def _backbone_names(backbone, scope):
             block = f"blocks.{stage}.{index}"
             parts = _IR_PARTS if block in expanded else _DS_PARTS
             part = f"blocks_{flat[(int(stage), int(index))]}/{parts[rest]}"
+        var = _TF_VARIABLE[var]
         if var == "kernel" and part.endswith("depthwise_conv2d"):
             var = "depthwise_kernel"
-        names[variable.path] = f"{scope}/{part}/{_TF_VARIABLE[var]}"
+        names[variable.path] = f"{scope}/{part}/{var}"
     return names
 
 

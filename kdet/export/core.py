@@ -124,9 +124,9 @@ def export(model, path, format="saved_model", quantization=None, representative_
         format: "saved_model" | "litert" (alias "tflite") | "onnx"; None picks
             it from ``path``'s extension.
         quantization: LiteRT only: None (float32), "fp16" (float16 weights),
-            "dynamic" (int8 weights, dynamic-range activations) or "int8" (full
-            integer with ``representative_dataset``; ops without int8 kernels,
-            such as NMS, stay float).
+            "dynamic" (int8 weights, dynamic-range activations) or "int8" (the
+            network in full integer, calibrated on ``representative_dataset``;
+            the post-processing stays float, see :mod:`kdet.export.litert`).
         representative_dataset: int8 calibration images (0-255): an iterable or
             a callable returning one, of images ``[H, W, 3]``, batches
             ``[B, H, W, 3]``, ``(images, targets)`` pairs or dicts with

@@ -1,4 +1,4 @@
-"""ONNX export with tf2onnx: the same serving graph as the SavedModel, NMS as ONNX ``NonMaxSuppression``.
+"""ONNX export (tf2onnx): the SavedModel's serving graph, NMS as ONNX ``NonMaxSuppression``.
 
     >>> kdet.export.export(model, "d0.onnx", format="onnx", batch_size=None)   # doctest: +SKIP
     >>> import onnxruntime as ort                                              # doctest: +SKIP

@@ -63,6 +63,8 @@ RUNTIMES = ("tensorflow", "litert", "onnx")
 NMS_MODES = ("builtin", "tflite_postprocess")
 DETECTION_KEYS = ("boxes", "scores", "labels", "num_detections")
 SSD_KEYS = ("detection_boxes", "detection_classes", "detection_scores", "num_detections")
+# Name scope of every post-processing op: int8 export keeps these in float.
+SCOPE = "kdet_postprocess"
 
 
 @dataclasses.dataclass
@@ -249,6 +251,13 @@ def detections(cls_logits, box_deltas, settings, runtime="tensorflow", batch_siz
     """
     import tensorflow as tf
 
+    with tf.name_scope(SCOPE):
+        return _detections(cls_logits, box_deltas, settings, runtime, batch_size)
+
+
+def _detections(cls_logits, box_deltas, settings, runtime, batch_size):
+    import tensorflow as tf
+
     boxes, scores, labels = decode_candidates(cls_logits, box_deltas, settings)
 
     def one_image(b, s, l):
@@ -345,6 +354,13 @@ def ssd_detections(cls_logits, box_deltas, settings, batch_size=1, detections_pe
     if batch_size is None:
         raise ValueError("nms='tflite_postprocess' needs a static batch size "
                          "(TFLite_Detection_PostProcess takes one image per call)")
+    with tf.name_scope(SCOPE):
+        return _ssd_detections(cls_logits, box_deltas, settings, batch_size, detections_per_class)
+
+
+def _ssd_detections(cls_logits, box_deltas, settings, batch_size, detections_per_class):
+    import tensorflow as tf
+
     coder = settings.box_coder
     deltas = tf.cast(box_deltas, tf.float32)
     if coder.order == "xy":  # the op reads (ty, tx, th, tw)

@@ -15,13 +15,16 @@ of ``g`` samples ``y = start + p * bin + (i + 0.5) * bin / g``, where
 RoI (adaptive), and the mean divides by ``max(g_h * g_w, 1)``. A sample with
 ``y < -1`` or ``y > H`` (or x likewise) contributes 0; otherwise ``y`` is
 clamped to ``[0, H - 1]`` and read bilinearly. All coordinate arithmetic is
-float32 in torchvision's order, so the sample positions agree to the bit.
+float32 in torchvision's order, so the sample positions agree to the bit
+(XLA may fuse a multiply-add into one FMA and move a sample by an ulp: ~5e-6
+on unit-variance features in the tests; divisions are kept exact, see
+``_exact_divide``, because ``ceil(size / out)`` is discontinuous).
 
 Two evaluation strategies, both exact:
 
 * **gather** (``sampling_ratio > 0``, the detection heads' setting): one gather
-  of the 4 bilinear neighbours of every sample from the flattened features;
-  memory ``4 * g_h * g_w`` times the output.
+  of the 4 bilinear neighbours of every sample from the flattened features
+  and a weighted sum; memory ``4 * g_h * g_w`` times the output.
 * **separable** (adaptive ``sampling_ratio <= 0``): the per-RoI sample count
   is data dependent and unbounded (a RoI as large as the map on a 200 x 200
   map needs 29 x 29 samples per bin), so no static sample grid is exact.
@@ -31,9 +34,11 @@ Two evaluation strategies, both exact:
   ``g = ceil(bin)`` the samples are more than half a pixel apart, so at most a
   handful of samples touch any row: ``A`` is built from a fixed window of
   ``_SEPARABLE_CANDIDATES`` candidate samples per (bin, row), with no cap on
-  ``g``. Cost ``O(R * out_h * H * W * C)`` matmul FLOPs. On GPUs whose float32
-  matmuls run in TF32 (TensorFlow's default on Ampere+), this path inherits
-  TF32 precision; disable TF32 for bit-level agreement.
+  ``g``. Cost ``O(R * out_h * H * W * C)`` matmul FLOPs. Where float32
+  matmuls run in TF32 (TensorFlow's default on Ampere and newer GPUs; JAX's
+  default matmul precision on GPU may too), this path inherits TF32
+  precision; disable TF32 (or use ``max_sampling_ratio``) for float32
+  agreement.
 
 Pass ``max_sampling_ratio=k`` to evaluate the adaptive mode by gathering on a
 static ``k x k`` grid instead (masked to each RoI's own grid): exact whenever
@@ -207,14 +212,15 @@ def _gather_roi_align(flat_features, base, row_stride, height, width, geometry,
     wy = wy / count[..., None, None]
 
     # Lattice of taps [B, R, out_h, out_w, 2G_h, 2G_w]: one gather, then the
-    # weighted sum over the taps as a batched matmul (bins x taps @ taps x C).
+    # weighted sum over the taps (tap axes next to C for a fast reduction).
+    # Elementwise, not a matmul: float32 exact even where matmuls use TF32.
     index = (base[..., None, None, None, None]
              + (rows * row_stride[..., None, None])[..., :, None, :, None]
              + cols[..., None, :, None, :])
     index = ops.clip(index, 0, ops.shape(flat_features)[0] - 1)
     weight = ops.cast(wy[..., :, None, :, None] * wx[..., None, :, None, :], dtype)
     values = ops.take(flat_features, index, axis=0)
-    return ops.einsum("brpqij,brpqijc->brpqc", weight, values)
+    return ops.sum(values * weight[..., None], axis=(4, 5))
 
 
 def _interpolation_matrix(start, bin_size, grid, out_size, size):

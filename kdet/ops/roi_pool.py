@@ -16,8 +16,9 @@ by two (possibly overlapping) rows of height ``2**floor(log2 n)``, likewise in
 width, so every bin is the max of 4 table entries: 4 gathers of ``[B, R,
 out_h, out_w, C]``. Entry ``(kh, kw)`` only holds the windows that fit, so
 the table is ``sum_kh (H - 2**kh + 1) * sum_kw (W - 2**kw + 1)`` pixels: 22x
-the map for a 38 x 50 VGG conv5 map, independent of the number of RoIs. Gradients reach ``features`` through the maxima (to the
-argmax element, as torchvision's backward does); none reach ``rois``.
+the map for a 38 x 50 VGG conv5 map, independent of the number of RoIs.
+Gradients reach ``features`` through the maxima (to the argmax element, as
+torchvision's backward does); none reach ``rois``.
 
     >>> import numpy as np
     >>> features = np.arange(16, dtype="float32").reshape(1, 4, 4, 1)
@@ -41,7 +42,7 @@ def _round_half_away(value):
 
 def _num_levels(size):
     """Number of power-of-two window sizes ``1, 2, 4, ... <= size``."""
-    return int(np.floor(np.log2(size))) + 1 if size > 0 else 1
+    return max(int(size).bit_length(), 1)
 
 
 def _sparse_table(features, num_h, num_w):

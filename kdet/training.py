@@ -1,0 +1,267 @@
+"""Train a detector from a settings dict: what ``kdet train`` runs.
+
+    >>> import kdet.training
+    >>> result = kdet.training.train({                                 # doctest: +SKIP
+    ...     "format": "coco", "train_data": "annotations/instances_train2017.json",
+    ...     "train_images": "train2017", "val_fraction": 0.1,
+    ...     "model": "efficientdet", "phi": 0, "image_size": 512,
+    ...     "epochs": 50, "batch_size": 8, "output_dir": "runs/d0"})
+    >>> result.best_checkpoint                                          # doctest: +SKIP
+    'runs/d0/best.keras'
+
+Settings are those of :mod:`kdet.workflow.config` (``kdet train --help``
+lists them). ``train`` reads the data (:mod:`kdet.workflow.data`), builds the
+model (:mod:`kdet.workflow.models`), compiles it with the model's own recipe
+(``model.default_optimizer(steps=epochs * steps_per_epoch)``: EfficientDet's
+SGD + cosine + EMA, RetinaNet's step schedule) and fits with
+:func:`default_callbacks`. ``<output_dir>`` then holds:
+
+================  ===================================================================
+``best.keras``    best ``val_AP`` so far (with a validation set), EMA weights if used
+``last.keras``    the model after the last finished epoch (EMA weights if used)
+``history.csv``   loss, learning rate and the 12 COCO numbers per epoch
+``logs/``         TensorBoard
+``backup/``       training state of an unfinished run (removed when ``fit`` ends)
+``labels.txt``    class names, one per line (``kdet predict`` / ``export`` read it)
+``config.yaml``   the resolved settings
+================  ===================================================================
+
+Every checkpoint is written atomically. If the process dies, running the same
+command again resumes at the last finished epoch, with the same data order
+and augmentation as an uninterrupted run (epoch-indexed pipeline, see
+:mod:`kdet.workflow.data`).
+"""
+import dataclasses
+import inspect
+import os
+import shutil
+
+from kdet.workflow import callbacks as cb
+from kdet.workflow.config import resolve
+
+BEST = "best.keras"
+LAST = "last.keras"
+CSV = "history.csv"
+BACKUP = "backup"
+LOGS = "logs"
+LABELS = "labels.txt"
+CONFIG = "config.yaml"
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`train` made: the fitted model (EMA weights if used) and its files."""
+
+    model: object
+    history: object
+    output_dir: str
+    best_checkpoint: str
+    last_checkpoint: str
+    csv_log: str
+    first_epoch: int
+
+
+def coco_stat_names():
+    from kdet.metrics.callbacks import COCO_STAT_NAMES
+    return COCO_STAT_NAMES
+
+
+def default_callbacks(model, output_dir, *, val_dataset=None, val_batches=None, eval_every=1,
+                      resume_epoch=0, tensorboard=True, verbose=1, use_ema=None):
+    """The callbacks ``kdet train`` uses, in the order they must run.
+
+    ``[TerminateOnNaN, AtomicBackupAndRestore(<out>/backup), EMAWeightsAtEpochEnd
+    (when the optimizer keeps an EMA), COCOEvalCallback (with a validation set),
+    AtomicModelCheckpoint(best.keras, val_AP, max), AtomicModelCheckpoint(last.keras),
+    LearningRateLogger, EpochCSVLogger(history.csv), TensorBoard(<out>/logs)]``.
+
+    Args:
+        model: the compiled model (its optimizer decides ``use_ema``).
+        output_dir: where the files go.
+        val_dataset: a kdet dataset whose ``coco_ground_truth()`` (original
+            pixels) scores ``val_batches``; predicted boxes are divided by
+            ``targets["scale"]`` to match.
+        val_batches: evaluation batches (:func:`kdet.workflow.data.evaluation_batches`).
+        eval_every: evaluate every N epochs (the others repeat the last values,
+            so the best checkpoint only changes after an evaluation).
+        resume_epoch: epochs already finished (from the backup): keeps the CSV
+            rows up to it and the best value of ``best.keras``.
+    """
+    import keras
+
+    from kdet.metrics import COCOEvalCallback
+
+    if use_ema is None:
+        use_ema = cb.optimizer_uses_ema(model.optimizer)
+    best_path = os.path.join(output_dir, BEST)
+    callbacks = [keras.callbacks.TerminateOnNaN(),
+                 cb.AtomicBackupAndRestore(os.path.join(output_dir, BACKUP),
+                                           double_checkpoint=True)]
+    if use_ema:
+        callbacks.append(cb.EMAWeightsAtEpochEnd())
+    keys = ["loss", "learning_rate"]
+    if val_dataset is not None:
+        if val_batches is None:
+            raise ValueError("val_dataset needs val_batches (evaluation_batches(val_dataset, ...))")
+        callbacks.append(COCOEvalCallback(
+            val_batches, val_dataset.coco_ground_truth(), every_n_epochs=eval_every,
+            category_ids=val_dataset.category_ids, scale_key="scale", fill_skipped_epochs=True,
+            verbose=1 if verbose else 0))
+        best = cb.read_best(best_path, "val_AP") if resume_epoch else None
+        callbacks.append(cb.AtomicModelCheckpoint(
+            best_path, monitor="val_AP", mode="max", save_best_only=True,
+            initial_value_threshold=best, verbose=0))
+        keys += ["val_" + name for name in coco_stat_names()]
+    callbacks += [
+        _FiniteLossCheckpoint(os.path.join(output_dir, LAST), save_best_only=False, verbose=0),
+        cb.LearningRateLogger(),
+        cb.EpochCSVLogger(os.path.join(output_dir, CSV), keys,
+                          resume_from=resume_epoch if resume_epoch else None),
+    ]
+    if tensorboard == "auto":
+        tensorboard = _tensorboard_installed()
+    elif tensorboard and not _tensorboard_installed():
+        raise ValueError("tensorboard=true but the tensorboard package is not installed "
+                         "(pip install tensorboard), or pass --tensorboard false")
+    if tensorboard:
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(output_dir, LOGS),
+                                                     write_graph=False, profile_batch=0))
+    return callbacks
+
+
+def _tensorboard_installed():
+    import importlib.util
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+class _FiniteLossCheckpoint(cb.AtomicModelCheckpoint):
+    """The per-epoch checkpoint, never overwritten by a diverged (NaN loss) model."""
+
+    def _save_model(self, epoch, batch, logs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not _finite(loss):
+            return
+        super()._save_model(epoch, batch, logs)
+
+
+def _finite(value):
+    import math
+
+    import numpy as np
+    return math.isfinite(float(np.asarray(value)))
+
+
+def make_optimizer(model, settings, total_steps):
+    """The model's recipe (``default_optimizer``) with the settings' overrides."""
+    import keras
+
+    overrides = {}
+    if settings.get("learning_rate") is not None:
+        overrides["learning_rate"] = settings["learning_rate"]
+    if settings.get("warmup_steps") is not None:
+        overrides["warmup_steps"] = settings["warmup_steps"]
+    factory = getattr(model, "default_optimizer", None)
+    if factory is None:
+        optimizer = keras.optimizers.SGD(learning_rate=overrides.get("learning_rate", 0.01),
+                                         momentum=0.9)
+    else:
+        accepted = inspect.signature(factory).parameters
+        unknown = [k for k in overrides if k not in accepted]
+        if unknown:
+            raise ValueError(f"{type(model).__name__}.default_optimizer takes no {unknown}")
+        optimizer = factory(steps=total_steps, **overrides)
+    ema = settings.get("ema", "auto")
+    if ema != "auto":
+        optimizer.use_ema = bool(ema)
+    if settings.get("ema_momentum") is not None:
+        momentum = float(settings["ema_momentum"])
+        if not 0 <= momentum < 1:
+            raise ValueError(f"ema_momentum must lie in [0, 1), got {momentum}")
+        optimizer.ema_momentum = momentum
+    return optimizer
+
+
+def _write_labels(path, names):
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(f"{n}\n" for n in names))
+    cb.atomic_write(path, write)
+
+
+def train(config, *, model=None, datasets=None, extra_callbacks=(), config_path="config"):
+    """Train as ``kdet train`` does; returns a :class:`TrainResult`.
+
+    Args:
+        config: settings (``kdet train`` flags as keys); missing ones take
+            their defaults, unknown ones raise ``ValueError``.
+        model: use this (compiled or not) model instead of building one.
+        datasets: ``(train, val)`` kdet datasets instead of reading them.
+        extra_callbacks: appended after the defaults.
+    """
+    import keras
+
+    from kdet.workflow import data as wdata
+    from kdet.workflow.config import dump
+    from kdet.workflow.models import build_model, model_image_size, resolve_jit_compile
+
+    settings = resolve("train", file_config=config, config_path=config_path)
+    seed = int(settings["seed"])
+    train_ds, val_ds = datasets if datasets is not None else wdata.read_datasets(settings)
+    if train_ds is None or len(train_ds) == 0:
+        raise ValueError("no training images")
+    num_classes = settings["num_classes"] or train_ds.num_classes
+    if num_classes < train_ds.num_classes:
+        raise ValueError(f"num_classes={num_classes} but the data has {train_ds.num_classes} "
+                         f"classes {list(train_ds.class_names)}")
+    image_size = settings["image_size"]
+    if image_size is None and settings["format"] == "shapes":
+        image_size = wdata.SHAPES_IMAGE_SIZE
+    if model is None:
+        keras.utils.set_random_seed(seed)  # initial weights
+        model = build_model(settings, num_classes, image_size)
+    image_size = model_image_size(model)
+    settings.update(num_classes=int(num_classes), image_size=int(image_size))
+
+    output_dir = settings["output_dir"]
+    os.makedirs(output_dir, exist_ok=True)
+    backup_dir = os.path.join(output_dir, BACKUP)
+    if not settings["resume"] and os.path.isdir(backup_dir):
+        shutil.rmtree(backup_dir)
+    first_epoch = cb.backup_epoch(backup_dir) if settings["resume"] else 0
+    epochs = int(settings["epochs"])
+    if first_epoch >= epochs:
+        raise ValueError(f"{backup_dir} records {first_epoch} finished epochs, as many as "
+                         f"epochs={epochs}: raise --epochs, or pass --resume false to start over")
+
+    batch_size = int(settings["batch_size"])
+    steps = settings["steps_per_epoch"] or wdata.default_steps_per_epoch(train_ds, batch_size)
+    optimizer = make_optimizer(model, settings, total_steps=epochs * steps)
+    model.compile(optimizer=optimizer, jit_compile=resolve_jit_compile(settings["jit_compile"]))
+
+    # tf.data resolves its op seeds against TF's global seed when a pipeline is built: fix it
+    # here, so an interrupted run and its resumption build identical epochs
+    keras.utils.set_random_seed(seed)
+    batches = wdata.training_batches(
+        train_ds, image_size, batch_size, steps, first_epoch, epochs, seed=seed,
+        augment=settings["augment"], scale_range=settings["scale_range"],
+        max_boxes=settings["max_boxes"], deterministic=settings["deterministic"])
+    val_batches = None
+    if val_ds is not None:
+        val_batches = wdata.evaluation_batches(val_ds, image_size, batch_size,
+                                               max_boxes=settings["max_boxes"])
+    callbacks = default_callbacks(
+        model, output_dir, val_dataset=val_ds, val_batches=val_batches,
+        eval_every=settings["eval_every"], resume_epoch=first_epoch,
+        tensorboard=settings["tensorboard"], verbose=settings["verbose"]) + list(extra_callbacks)
+
+    _write_labels(os.path.join(output_dir, LABELS), train_ds.class_names)
+    cb.atomic_write(os.path.join(output_dir, CONFIG), lambda tmp: dump(settings, tmp))
+    if first_epoch and settings["verbose"]:
+        print(f"Resuming from {backup_dir}: {first_epoch} of {epochs} epochs done", flush=True)
+    history = model.fit(batches, epochs=epochs, initial_epoch=first_epoch, steps_per_epoch=steps,
+                        callbacks=callbacks, verbose=settings["verbose"], shuffle=False)
+    best = os.path.join(output_dir, BEST)
+    return TrainResult(model=model, history=history, output_dir=output_dir,
+                       best_checkpoint=best if os.path.isfile(best) else None,
+                       last_checkpoint=os.path.join(output_dir, LAST),
+                       csv_log=os.path.join(output_dir, CSV), first_epoch=first_epoch)

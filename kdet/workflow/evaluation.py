@@ -1,0 +1,302 @@
+"""Evaluate a detector on a dataset: what ``kdet eval`` runs.
+
+:func:`evaluate` predicts over the validation set (resize-with-pad batches,
+boxes mapped back to original pixels with ``targets["scale"]``), scores them
+with :class:`kdet.metrics.COCOEvaluator` against the dataset's ground truth
+in original pixels, prints the pycocotools-style summary and writes into
+``output_dir``:
+
+* ``eval_results.json``: the 12 COCO numbers and AP per class (by name);
+* ``pr_curves.png``: per-class precision-recall at IoU 0.5, all areas,
+  100 detections (``COCOEvaluator.precision[0, :, k, 0, -1]``);
+* ``confusion_matrix.png`` (and ``.json``): :func:`confusion_matrix`;
+* ``training_curves.png`` from a ``history.csv`` when there is one.
+
+The confusion matrix follows the common detection convention (ultralytics,
+TF OD API tools): detections with ``score >= score_threshold`` are matched
+one-to-one to ground-truth boxes, *whatever their classes*, greedily by
+decreasing IoU among pairs with ``IoU >= iou_threshold``. A matched pair adds
+1 at ``[gt class, predicted class]``; an unmatched ground truth adds 1 at
+``[gt class, background]`` (missed); an unmatched detection adds 1 at
+``[background, predicted class]`` (false alarm). Crowd regions take no part,
+and a detection whose IoU with a crowd region reaches the threshold is not
+counted as a false alarm.
+
+    >>> import numpy as np
+    >>> m = confusion_matrix([(np.array([[0, 0, 10, 10.]]), np.array([1]))],
+    ...                      [(np.array([[0, 0, 10, 9.]]), np.array([0]), np.array([0.9]))],
+    ...                      num_classes=2)
+    >>> m.tolist()   # a class-1 object detected as class 0
+    [[0, 0, 0], [1, 0, 0], [0, 0, 0]]
+"""
+import dataclasses
+import os
+
+import numpy as np
+
+from kdet.workflow.config import resolve
+
+PR_CURVES = "pr_curves.png"
+CONFUSION = "confusion_matrix.png"
+CURVES = "training_curves.png"
+RESULTS = "eval_results.json"
+
+
+def _iou(a, b):
+    """``[N, M]`` IoU of xyxy boxes (0 where the union is empty)."""
+    a = np.asarray(a, np.float64).reshape(-1, 4)
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
+    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=-1)
+    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=-1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def match_greedy(iou, threshold):
+    """One-to-one ``(gt, det)`` pairs, greedy by decreasing IoU among ``iou >= threshold``.
+
+    Ties keep the lower (gt, det) index first (a stable sort of the flat pairs).
+    """
+    if iou.size == 0:
+        return []
+    gt_index, det_index = np.nonzero(iou >= threshold)
+    order = np.argsort(-iou[gt_index, det_index], kind="stable")
+    used_gt, used_det, pairs = set(), set(), []
+    for g, d in zip(gt_index[order], det_index[order]):
+        if g not in used_gt and d not in used_det:
+            used_gt.add(g)
+            used_det.add(d)
+            pairs.append((int(g), int(d)))
+    return pairs
+
+
+def confusion_matrix(ground_truth, detections, num_classes, iou_threshold=0.5,
+                     score_threshold=0.25):
+    """``[C + 1, C + 1]`` int counts (rows GT class + background, columns predicted + background).
+
+    Args:
+        ground_truth: per image ``(boxes [G, 4] xyxy, labels [G])`` or
+            ``(boxes, labels, iscrowd [G])``.
+        detections: per image ``(boxes [D, 4], labels [D], scores [D])``, same order.
+        num_classes: ``C``; labels are ``0 .. C-1``.
+    See the module docstring for the matching rule.
+    """
+    if len(ground_truth) != len(detections):
+        raise ValueError(f"{len(ground_truth)} ground-truth images but {len(detections)} "
+                         "detection images")
+    background = num_classes
+    matrix = np.zeros((num_classes + 1, num_classes + 1), np.int64)
+    for image_gt, image_det in zip(ground_truth, detections):
+        gt_boxes = np.asarray(image_gt[0], np.float64).reshape(-1, 4)
+        gt_labels = np.asarray(image_gt[1], np.int64).reshape(-1)
+        crowd = (np.asarray(image_gt[2]).reshape(-1).astype(bool) if len(image_gt) > 2
+                 else np.zeros(len(gt_labels), bool))
+        det_boxes = np.asarray(image_det[0], np.float64).reshape(-1, 4)
+        det_labels = np.asarray(image_det[1], np.int64).reshape(-1)
+        det_scores = np.asarray(image_det[2], np.float64).reshape(-1)
+        keep = (det_scores >= score_threshold) & (det_labels >= 0)
+        det_boxes, det_labels = det_boxes[keep], det_labels[keep]
+        for labels, what in ((gt_labels, "ground-truth"), (det_labels, "detection")):
+            if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+                raise ValueError(f"{what} label outside 0..{num_classes - 1}: "
+                                 f"{labels[(labels < 0) | (labels >= num_classes)][:5]}")
+        real_boxes, real_labels = gt_boxes[~crowd], gt_labels[~crowd]
+        pairs = match_greedy(_iou(real_boxes, det_boxes), iou_threshold)
+        matched_gt = {g for g, _ in pairs}
+        matched_det = {d for _, d in pairs}
+        for g, d in pairs:
+            matrix[real_labels[g], det_labels[d]] += 1
+        for g in range(len(real_labels)):
+            if g not in matched_gt:
+                matrix[real_labels[g], background] += 1
+        on_crowd = np.zeros(len(det_labels), bool)
+        if crowd.any() and len(det_labels):
+            on_crowd = (_iou(gt_boxes[crowd], det_boxes) >= iou_threshold).any(axis=0)
+        for d in range(len(det_labels)):
+            if d not in matched_det and not on_crowd[d]:
+                matrix[background, det_labels[d]] += 1
+    return matrix
+
+
+def predict_batches(model, batches, verbose=1, total=None):
+    """Predict over evaluation batches; boxes divided by ``targets["scale"]`` (original pixels).
+
+    Returns ``(image_ids [N], predictions)``: the padded prediction dict
+    stacked over all images (numpy).
+    """
+    from tqdm.auto import tqdm
+
+    image_ids, chunks = [], []
+    iterator = batches.as_numpy_iterator() if hasattr(batches, "as_numpy_iterator") else batches
+    for images, targets in tqdm(iterator, total=total, desc="predict", unit="batch",
+                                disable=not verbose):
+        ids = [i.item() if isinstance(i, np.generic) else i
+               for i in np.asarray(targets["image_id"]).reshape(-1)]
+        raw = model.predict_on_batch(images)
+        if not isinstance(raw, dict) or not {"boxes", "scores", "labels"} <= set(raw):
+            raise ValueError("model.predict_on_batch must return the padded detection dict "
+                             "{'boxes','scores','labels','num_detections'}")
+        out = {k: np.asarray(v) for k, v in raw.items()}
+        scale = np.asarray(targets["scale"], np.float64).reshape(len(ids), -1)
+        scale_xy = np.broadcast_to(scale, (len(ids), 2))
+        out["boxes"] = out["boxes"].astype(np.float64) / np.concatenate(
+            [scale_xy, scale_xy], axis=1)[:, None, :]
+        if "keypoints" in out:
+            kp = out["keypoints"].astype(np.float64)
+            kp[..., :2] /= scale_xy[:, None, None, :]
+            out["keypoints"] = kp
+        image_ids.extend(ids)
+        chunks.append(out)
+    if not chunks:
+        raise ValueError("the evaluation data yielded no batches")
+    keys = [k for k in chunks[0] if k != "masks"]  # masks: resized-image space, not mapped
+    return image_ids, {k: np.concatenate([c[k] for c in chunks]) for k in keys}
+
+
+def detections_to_coco(image_ids, predictions, category_ids):
+    """COCO results records ``{"image_id", "category_id", "bbox" (xywh), "score"}``."""
+    records = []
+    counts = predictions.get("num_detections")
+    for b, image_id in enumerate(image_ids):
+        n = int(counts[b]) if counts is not None else len(predictions["scores"][b])
+        for i in range(n):
+            label = int(predictions["labels"][b, i])
+            if label < 0:
+                continue
+            x1, y1, x2, y2 = (float(v) for v in predictions["boxes"][b, i])
+            records.append({"image_id": image_id, "category_id": int(category_ids[label]),
+                            "bbox": [x1, y1, x2 - x1, y2 - y1],
+                            "score": float(predictions["scores"][b, i])})
+    return records
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """What :func:`evaluate` computed and wrote."""
+
+    results: dict
+    evaluator: object
+    confusion: np.ndarray
+    class_names: tuple
+    files: dict
+
+
+def _labels_beside(model_path):
+    if not isinstance(model_path, str):
+        return None
+    path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "labels.txt")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            names = [line.rstrip("\n") for line in f if line.strip()]
+        return names or None
+    return None
+
+
+def evaluate(config, *, model=None, dataset=None, config_path="config"):
+    """Evaluate as ``kdet eval`` does; returns an :class:`EvalResult`.
+
+    Args:
+        config: settings (``kdet eval`` flags as keys).
+        model: use this model instead of loading ``config["model"]``.
+        dataset: evaluate on this kdet dataset instead of the configured
+            validation data.
+    """
+    from kdet.metrics import COCOEvaluator
+    from kdet.workflow import data as wdata
+    from kdet.workflow.models import load_model, model_image_size, resolve_jit_compile
+
+    settings = resolve("eval", file_config=config, config_path=config_path)
+    if settings["class_names"] is None and settings["format"] in ("voc", "yolo"):
+        settings["class_names"] = _labels_beside(settings["model"])
+    if model is None:
+        model = load_model(settings["model"])
+        if resolve_jit_compile(settings["jit_compile"]):
+            model.jit_compile = True
+    image_size = model_image_size(model)
+    if dataset is None:
+        if settings["format"] == "shapes" and settings["image_size"] is None:
+            settings["image_size"] = image_size
+        _, dataset = wdata.read_datasets(settings, need_train=False)
+        if dataset is None:
+            raise ValueError("kdet eval needs validation data: --val-data (and --val-images), "
+                             "--val-fraction with --train-data, or --val-num-images for shapes")
+    num_classes = getattr(model, "num_classes", dataset.num_classes)
+    if dataset.num_classes > num_classes:
+        raise ValueError(f"the data has {dataset.num_classes} classes, the model predicts "
+                         f"{num_classes}")
+
+    batch_size = int(settings["batch_size"])
+    batches = wdata.evaluation_batches(dataset, image_size, batch_size,
+                                       max_boxes=settings["max_boxes"])
+    total = -(-len(dataset) // batch_size)
+    image_ids, predictions = predict_batches(model, batches, verbose=settings["verbose"],
+                                             total=total)
+
+    evaluator = COCOEvaluator(dataset.coco_ground_truth())
+    evaluator.add_predictions(image_ids, predictions, category_ids=dataset.category_ids)
+    results = evaluator.evaluate()
+    names = tuple(dataset.class_names)
+    print(evaluator.summary(), flush=True)
+
+    out = settings["output_dir"]
+    os.makedirs(out, exist_ok=True)
+    files = {}
+    by_id = {r["image_id"]: r for r in dataset.records}
+    ground_truth, detections = [], []
+    for b, image_id in enumerate(image_ids):
+        record = by_id[image_id]
+        ground_truth.append((record["boxes"], record["labels"], record["iscrowd"]))
+        n = int(predictions["num_detections"][b]) if "num_detections" in predictions else None
+        detections.append((predictions["boxes"][b][:n], predictions["labels"][b][:n],
+                           predictions["scores"][b][:n]))
+    matrix = confusion_matrix(ground_truth, detections, dataset.num_classes,
+                              iou_threshold=settings["iou_threshold"],
+                              score_threshold=settings["score_threshold"])
+
+    from kdet import visualize
+    from kdet.workflow.callbacks import write_json_atomic
+
+    per_class = {name: results["per_class_AP"][cat]
+                 for name, cat in zip(names, dataset.category_ids)}
+    summary = {k: v for k, v in results.items() if k != "per_class_AP"}
+    files["results"] = write_json_atomic(os.path.join(out, RESULTS), {
+        "model": str(settings["model"]), "images": len(image_ids), "stats": summary,
+        "per_class_AP": per_class})
+    files["pr_curves"] = visualize.plot_precision_recall(
+        evaluator.precision, names, os.path.join(out, PR_CURVES))
+    files["confusion_matrix"] = visualize.plot_confusion_matrix(
+        matrix, names, os.path.join(out, CONFUSION),
+        title=f"Confusion matrix (IoU >= {settings['iou_threshold']}, "
+              f"score >= {settings['score_threshold']})")
+    write_json_atomic(os.path.join(out, "confusion_matrix.json"),
+                      {"labels": list(names) + ["background"], "rows": "ground truth",
+                       "columns": "predicted", "matrix": matrix.tolist(),
+                       "iou_threshold": settings["iou_threshold"],
+                       "score_threshold": settings["score_threshold"]})
+    csv_log = settings["csv_log"]
+    if csv_log is None and isinstance(settings["model"], str):
+        beside = os.path.join(os.path.dirname(os.path.abspath(settings["model"])), "history.csv")
+        csv_log = beside if os.path.isfile(beside) else None
+    if csv_log is not None:
+        if not os.path.isfile(csv_log):
+            raise ValueError(f"--csv-log {csv_log}: file not found")
+        files["training_curves"] = visualize.plot_training_curves(csv_log,
+                                                                  os.path.join(out, CURVES))
+    if settings["detections_out"]:
+        files["detections"] = write_json_atomic(
+            settings["detections_out"],
+            detections_to_coco(image_ids, predictions, dataset.category_ids))
+    if settings["verbose"]:
+        for key, path in files.items():
+            print(f"wrote {key}: {path}", flush=True)
+    return EvalResult(results=results, evaluator=evaluator, confusion=matrix, class_names=names,
+                      files=files)
+
+
+def format_stats(results):
+    """One line with the headline numbers."""
+    return ", ".join(f"{k}={results[k]:.4f}" for k in ("AP", "AP50", "AP75", "AR100")
+                     if k in results)

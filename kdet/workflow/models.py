@@ -1,0 +1,119 @@
+"""Models from workflow settings: build, load, pick ``jit_compile``.
+
+``--model`` is ``efficientdet`` / ``retinanet`` (built from ``phi``,
+``backbone``, ``version``, ``num_classes``, ``image_size``), a saved
+``.keras`` file, or a :mod:`kdet.zoo` card name.
+
+    >>> from kdet.workflow.models import resolve_jit_compile
+    >>> resolve_jit_compile(False)
+    False
+"""
+import os
+
+from kdet.workflow.config import MODEL_NAMES
+
+
+def accelerator_visible():
+    """True when the backend sees a GPU or TPU."""
+    import keras
+
+    try:
+        devices = keras.distribution.list_devices()
+    except Exception:  # a backend without the distribution API
+        return False
+    return any(not str(d).lower().startswith("cpu") for d in devices)
+
+
+def resolve_jit_compile(value):
+    """``"auto"``: XLA on accelerators, off on CPU (DESIGN.md: CPU XLA convs are ~10x slower)."""
+    if value == "auto" or value is None:
+        return accelerator_visible()
+    return bool(value)
+
+
+def is_saved_model_file(name):
+    return isinstance(name, (str, os.PathLike)) and os.fspath(name).endswith(".keras")
+
+
+def _zoo_names():
+    try:
+        from kdet import zoo
+    except ImportError:
+        return []
+    try:
+        return zoo.list_models()
+    except Exception:  # no cards folder in this install
+        return []
+
+
+def load_model(name, weights=None):
+    """A ready model from a ``.keras`` file or a zoo name (``weights``: the zoo source file)."""
+    import keras
+
+    if is_saved_model_file(name):
+        path = os.fspath(name)
+        if not os.path.isfile(path):
+            raise ValueError(f"--model {path}: file not found")
+        model = keras.saving.load_model(path, safe_mode=True, compile=False)
+        return model
+    if name in _zoo_names():
+        from kdet import zoo
+        return zoo.load(name, weights=weights)
+    raise ValueError(f"--model {name!r}: not a .keras file, not one of {MODEL_NAMES} and not a "
+                     f"kdet.zoo model ({', '.join(_zoo_names()) or 'no zoo cards found'})")
+
+
+def build_model(config, num_classes, image_size):
+    """The detector ``config`` names, with ``num_classes`` outputs at ``image_size``.
+
+    ``weights`` (a ``.weights.h5`` or ``.keras`` file of the same
+    architecture) initialises it; for a ``.keras`` or zoo ``--model`` the
+    file's own weights are used and its class count must equal
+    ``num_classes``.
+    """
+    import keras
+
+    name = config.get("model", "efficientdet")
+    weights = config.get("weights")
+    if name == "efficientdet":
+        from kdet.models import EfficientDet
+        model = EfficientDet(phi=config.get("phi", 0), num_classes=num_classes,
+                             image_size=image_size,
+                             backbone_weights=config.get("backbone_weights"))
+    elif name == "retinanet":
+        from kdet.models import RetinaNet
+        kwargs = {} if image_size is None else {"image_size": image_size}
+        model = RetinaNet(num_classes=num_classes, backbone=config.get("backbone", "resnet50"),
+                          version=int(config.get("retinanet_version", 1)),
+                          backbone_weights=config.get("backbone_weights"), **kwargs)
+    else:
+        model = load_model(name, weights=weights)
+        weights = None if not is_saved_model_file(name) else weights
+        got = getattr(model, "num_classes", None)
+        if got is not None and num_classes is not None and int(got) != int(num_classes):
+            raise ValueError(f"--model {name} predicts {got} classes, the data has {num_classes}; "
+                             "train a new head with --model efficientdet/retinanet --weights ...")
+    if weights:
+        if not os.path.isfile(weights):
+            raise ValueError(f"--weights {weights}: file not found")
+        if not (weights.endswith(".weights.h5") or weights.endswith(".keras")):
+            raise ValueError(f"--weights {weights}: expected a .weights.h5 or .keras file")
+        try:
+            model.load_weights(weights)
+        except ValueError as error:
+            raise ValueError(f"--weights {weights} does not fit {model.name}: {error}") from error
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"--model {name} did not give a Keras model")
+    return model
+
+
+def model_image_size(model):
+    size = getattr(model, "image_size", None)
+    if size is None:
+        shape = model.inputs[0].shape
+        size = (shape[1], shape[2])
+    if isinstance(size, int):
+        return size
+    if size[0] != size[1]:
+        raise ValueError(f"kdet workflows use square inputs; {model.name} takes {size}")
+    return int(size[0])
