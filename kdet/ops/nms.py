@@ -24,7 +24,11 @@ depends on earlier boxes only), and after ``k`` rounds the first ``k`` boxes
 are final, so the loop ends, exactly, in at most ``tile_size`` rounds (a few
 in practice). Survivors are appended to a buffer of kept boxes; the loop over
 tiles stops as soon as every image has ``max_output_size`` boxes or runs out
-of candidates.
+of candidates. Cost is about ``N * (max_output_size + tile_size)`` IoUs per
+image: a few ms for N=5000 and 100 outputs on one CPU core, compiled.
+
+Called eagerly on JAX, the function compiles itself once per shape and
+configuration (a second or two) instead of op by op.
 
     >>> import numpy as np
     >>> boxes = np.array([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]], "float32")
