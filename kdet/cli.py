@@ -63,11 +63,12 @@ EXAMPLES = {
   kdet bench --model retinanet --backbone resnet50 --image-size 640 --bench-train false
   kdet bench --model runs/d0/best.keras --jit-compile true""",
     "convert": """examples:
-  kdet convert --source effdet --arch tf_efficientdet_d0 --checkpoint tf_efficientdet_d0_34-f153e0cf.pth \\
-               --output d0_coco.keras
+  kdet convert --source effdet --arch tf_efficientdet_d0 \\
+               --checkpoint tf_efficientdet_d0_34-f153e0cf.pth --output d0_coco.keras
   kdet convert --source torchvision --arch retinanet_resnet50_fpn_v2 \\
                --checkpoint retinanet_resnet50_fpn_v2_coco-5905b1c5.pth --output retinanet.keras
-  kdet convert --source automl --arch efficientdet-d0 --checkpoint efficientdet-d0/ --output d0.keras""",
+  kdet convert --source automl --arch efficientdet-d0 --checkpoint efficientdet-d0/ \\
+               --output d0.keras""",
     "inspect": """examples:
   kdet datasets inspect --format coco --train-data coco128/annotations/instances_train2017.json \\
                         --train-images coco128/train2017

@@ -36,7 +36,6 @@ import inspect
 import os
 import shutil
 
-from kdet.workflow import callbacks as cb
 from kdet.workflow.config import resolve
 
 BEST = "best.keras"
@@ -90,6 +89,7 @@ def default_callbacks(model, output_dir, *, val_dataset=None, val_batches=None, 
     import keras
 
     from kdet.metrics import COCOEvalCallback
+    from kdet.workflow import callbacks as cb
 
     if use_ema is None:
         use_ema = cb.optimizer_uses_ema(model.optimizer)
@@ -113,7 +113,7 @@ def default_callbacks(model, output_dir, *, val_dataset=None, val_batches=None, 
             initial_value_threshold=best, verbose=0))
         keys += ["val_" + name for name in coco_stat_names()]
     callbacks += [
-        _FiniteLossCheckpoint(os.path.join(output_dir, LAST), save_best_only=False, verbose=0),
+        cb.FiniteLossCheckpoint(os.path.join(output_dir, LAST), save_best_only=False, verbose=0),
         cb.LearningRateLogger(),
         cb.EpochCSVLogger(os.path.join(output_dir, CSV), keys,
                           resume_from=resume_epoch if resume_epoch else None),
@@ -132,23 +132,6 @@ def default_callbacks(model, output_dir, *, val_dataset=None, val_batches=None, 
 def _tensorboard_installed():
     import importlib.util
     return importlib.util.find_spec("tensorboard") is not None
-
-
-class _FiniteLossCheckpoint(cb.AtomicModelCheckpoint):
-    """The per-epoch checkpoint, never overwritten by a diverged (NaN loss) model."""
-
-    def _save_model(self, epoch, batch, logs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not _finite(loss):
-            return
-        super()._save_model(epoch, batch, logs)
-
-
-def _finite(value):
-    import math
-
-    import numpy as np
-    return math.isfinite(float(np.asarray(value)))
 
 
 def make_optimizer(model, settings, total_steps):
@@ -182,6 +165,8 @@ def make_optimizer(model, settings, total_steps):
 
 
 def _write_labels(path, names):
+    from kdet.workflow import callbacks as cb
+
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             f.write("".join(f"{n}\n" for n in names))
@@ -198,13 +183,14 @@ def train(config, *, model=None, datasets=None, extra_callbacks=(), config_path=
         datasets: ``(train, val)`` kdet datasets instead of reading them.
         extra_callbacks: appended after the defaults.
     """
-    import keras
+    settings = resolve("train", file_config=config, config_path=config_path)
+    import keras  # after the settings check: a typo fails without loading TensorFlow
 
+    from kdet.workflow import callbacks as cb
     from kdet.workflow import data as wdata
     from kdet.workflow.config import dump
     from kdet.workflow.models import build_model, model_image_size, resolve_jit_compile
 
-    settings = resolve("train", file_config=config, config_path=config_path)
     seed = int(settings["seed"])
     train_ds, val_ds = datasets if datasets is not None else wdata.read_datasets(settings)
     if train_ds is None or len(train_ds) == 0:

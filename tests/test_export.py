@@ -503,7 +503,7 @@ def test_tflite_postprocess_custom_op(style, tmp_path):
 
 # ------------------------------------------------- quantized variants
 @TF_ONLY
-@pytest.mark.parametrize("quantization", ["fp16", "dynamic"])
+@pytest.mark.parametrize("quantization", ["fp16", pytest.param("dynamic", marks=pytest.mark.slow)])
 def test_litert_quantized_variants_stay_close(tiny, exported, tmp_path, quantization):
     import kdet.export
 

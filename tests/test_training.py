@@ -111,6 +111,9 @@ def test_model_checkpoint_crash_while_saving_keeps_previous_file(tmp_path, monke
     for a, b in zip(loaded.get_weights(), good):
         np.testing.assert_array_equal(a, b)
     assert sorted(os.listdir(tmp_path)) == ["best.keras", "best.keras.json"]  # no temp left
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
     # the same crash through Keras' own ModelCheckpoint destroys the last good file:
     # what the atomic one exists for
@@ -126,11 +129,9 @@ def test_model_checkpoint_crash_while_saving_keeps_previous_file(tmp_path, monke
 
 
 def test_checkpoint_never_overwritten_by_a_nan_model(tmp_path):
-    from kdet.training import _FiniteLossCheckpoint
-
     path = tmp_path / "last.keras"
     model = _small_model()
-    checkpoint = _FiniteLossCheckpoint(str(path), save_best_only=False, verbose=0)
+    checkpoint = cb.FiniteLossCheckpoint(str(path), save_best_only=False, verbose=0)
     checkpoint.set_model(model)
     checkpoint.on_epoch_end(0, {"loss": 0.5})
     before = path.read_bytes()

@@ -66,8 +66,8 @@ def no_network(monkeypatch):
 
 def test_every_card_is_complete():
     assert sorted(zoo.list_models()) == sorted(EXPECTED)
-    assert set(zoo.list_models("backbone")) == {"mobilenet_v2", "efficientnet_lite0",
-                                                 "efficientnet_lite1", "efficientnet_lite2"}
+    backbones = {"mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
+    assert set(zoo.list_models("backbone")) == backbones
     for name in zoo.list_models():
         card = zoo.get_card(name)
         assert callable(zoo.resolve_builder(card["architecture"]["builder"]))
@@ -131,7 +131,8 @@ def test_load_mobilenet_from_pypi_then_cache(tmp_path, monkeypatch, no_network):
     from kdet.converters import convert_mobilenet_v2
     import kdet
     model = zoo.load("mobilenet_v2", cache_dir=tmp_path, input_shape=(64, 64, 3))
-    direct = convert_mobilenet_v2(_mobilenet_file(), kdet.backbones.MobileNetV2(input_shape=(64, 64, 3)))
+    direct = convert_mobilenet_v2(_mobilenet_file(),
+                                  kdet.backbones.MobileNetV2(input_shape=(64, 64, 3)))
     for a, b in zip(_weights(model), _weights(direct)):
         np.testing.assert_array_equal(a, b)
     cached = list((tmp_path / "converted").glob("mobilenet_v2-*.weights.h5"))
@@ -239,5 +240,5 @@ def test_load_detector_card_from_effdet_file(tmp_path, no_network):
         classes, _ = ref(torch.from_numpy((images / 127.5 - 1).transpose(0, 3, 1, 2)))
     expected = np.concatenate([c.numpy().transpose(0, 2, 3, 1).reshape(1, -1, 90)
                                for c in classes], axis=1)
-    actual = keras.ops.convert_to_numpy(model(images)["cls_logits"])
+    actual = keras.ops.convert_to_numpy(model(images, training=False)["cls_logits"])
     assert np.abs(actual - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())

@@ -86,8 +86,9 @@ def read_pth(path, key=None):
     try:
         import torch
     except ImportError as error:  # pragma: no cover - depends on the machine
-        raise ImportError(f"read_pth: reading {path!r} needs PyTorch (pip install torch; the "
-                          "CPU wheel is enough). kdet never unpickles .pth files itself.") from error
+        raise ImportError(f"read_pth: reading {path!r} needs PyTorch (pip install torch; "
+                          "the CPU wheel is enough). kdet never unpickles .pth files "
+                          "itself.") from error
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as error:

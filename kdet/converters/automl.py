@@ -139,7 +139,7 @@ def _backbone_names(backbone, scope):
 
 
 def backbone_scope(model):
-    """automl backbone scope of a kdet EfficientDet: ``"efficientnet-b0"`` / ``"efficientnet-lite0"``."""
+    """automl scope of the backbone of a kdet EfficientDet: ``"efficientnet-b0"``, ...."""
     from kdet.models.efficientdet import EFFICIENTDET_CONFIGS
 
     variant = getattr(model, "variant", None)
@@ -207,7 +207,7 @@ class _CheckpointSource:
 
 
 def build_automl(name, num_classes=90, image_size=None, **kwargs):
-    """kdet ``EfficientDet`` for an automl model name (``"efficientdet-d0"``, ``"efficientdet-lite0"``).
+    """kdet ``EfficientDet`` for an automl name (``"efficientdet-d0"``, ``"efficientdet-lite0"``).
 
     automl's COCO checkpoints have 90 classes; ``kwargs`` go to ``EfficientDet``.
     """

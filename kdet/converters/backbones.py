@@ -80,7 +80,7 @@ def lukemelas_to_timm(state_dict, layout):
 
 
 def convert_mobilenet_v2(source, model, strict=True):
-    """torchvision MobileNetV2 checkpoint (path or state_dict) -> kdet ``MobileNetV2``; returns ``model``."""
+    """torchvision MobileNetV2 checkpoint (path or state_dict) -> kdet ``MobileNetV2``."""
     from kdet.backbones.mobilenet import load_torchvision_state_dict
 
     load_torchvision_state_dict(model, as_state_dict(source), strict=strict)

@@ -56,7 +56,7 @@ _LEVEL_FIRST_BN = re.compile(r"^(class_net|box_net)\.bn_rep\.(\d+)\.(\d+)\.(\w+)
 
 
 def repeat_first_head_bn(state_dict):
-    """effdet's torchscript layout ``bn_rep.<level>.<repeat>.*`` -> ``bn_rep.<repeat>.<level>.bn.*``."""
+    """Head BNs ``bn_rep.<level>.<repeat>.*`` -> ``bn_rep.<repeat>.<level>.bn.*``."""
     out = {}
     for key, value in state_dict.items():
         match = _LEVEL_FIRST_BN.match(key)
@@ -88,7 +88,7 @@ def effdet_variant(name):
 
 
 def build_effdet(name, num_classes=90, image_size=None, **kwargs):
-    """kdet ``EfficientDet`` for an effdet model name (``"tf_efficientdet_d0"``, ``"tf_efficientdet_lite0"``).
+    """kdet ``EfficientDet`` for an effdet name (``"tf_efficientdet_d0"``, ``"..._lite0"``).
 
     ``num_classes`` defaults to COCO's 90 (effdet/automl); ``image_size``
     defaults to the variant's resolution; other ``kwargs`` go to

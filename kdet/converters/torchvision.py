@@ -11,7 +11,8 @@ shared), not new code.
 
     >>> import kdet.converters as C                                      # doctest: +SKIP
     >>> model = C.build_torchvision("retinanet_resnet50_fpn_v2")          # doctest: +SKIP
-    >>> C.convert_torchvision("retinanet_resnet50_fpn_v2_coco-5905b1c5.pth", model)  # doctest: +SKIP
+    >>> C.convert_torchvision("retinanet_resnet50_fpn_v2_coco-5905b1c5.pth",
+    ...                       model)                                       # doctest: +SKIP
 
 Checkpoints saved before torchvision 0.13 (``retinanet_resnet50_fpn_coco``
 among them) use older module names; ``upgrade_legacy_keys`` renames them the
@@ -100,7 +101,8 @@ def build_torchvision(name, num_classes=None, image_size=640, **kwargs):
     builder; ``backbone_norm="batch"`` gives the ``weights=None`` one
     (``BatchNorm2d``, eps 1e-5) for v1.
 
-    >>> model = build_torchvision("retinanet_resnet50_fpn_v2", num_classes=3, image_size=256)  # doctest: +SKIP
+    >>> model = build_torchvision("retinanet_resnet50_fpn_v2", num_classes=3,
+    ...                           image_size=256)                          # doctest: +SKIP
     """
     from kdet.zoo import resolve_builder
 

@@ -198,10 +198,16 @@ def export(model, path, format="saved_model", quantization=None, representative_
 def _load_keras_model(path):
     import keras
 
+    import kdet.models
+
     if not os.path.exists(path):
         raise ValueError(f"model file {path!r} does not exist")
     if not path.endswith(".keras"):
         raise ValueError(f"expected a .keras model file, got {path!r}")
+    # kdet.models exports lazily; a model class is registered with Keras only
+    # once its module is imported, so import them all before deserialising.
+    for name in kdet.models.__all__:
+        getattr(kdet.models, name)
     return keras.saving.load_model(path, safe_mode=True)
 
 

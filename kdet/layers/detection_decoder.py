@@ -72,7 +72,9 @@ class DetectionDecoder(keras.layers.Layer):
         k = self.num_classes
         probs = ops.sigmoid(ops.cast(cls_logits, "float32"))
         if not self.per_level_topk or not level_counts:
-            level_counts = (int(cls_logits.shape[1]),)
+            # the anchors' count, not cls_logits.shape[1]: the latter is None when Keras
+            # retraces predict for a smaller last batch (dynamic batch dimension).
+            level_counts = (int(anchors.shape[0]),)
         scores, anchor_index, labels = [], [], []
         start = 0
         for count in level_counts:

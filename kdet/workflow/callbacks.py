@@ -44,6 +44,8 @@ import numpy as np
 
 _SUFFIXES = (".weights.h5", ".keras", ".h5")
 METADATA_ATTRIBUTE = "kdet_training_metadata"
+_UMASK = os.umask(0o022)  # read the process umask (set it back at once)
+os.umask(_UMASK)
 
 
 def _suffix(path):
@@ -89,6 +91,7 @@ def atomic_write(path, write):
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a checkpoint is an ordinary file
         _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -158,6 +161,16 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
             write_json_atomic(filepath + ".json", {
                 "epoch": int(epoch) + 1, "monitor": self.monitor,
                 "best": float(np.asarray(self.best))})
+
+
+class FiniteLossCheckpoint(AtomicModelCheckpoint):
+    """An :class:`AtomicModelCheckpoint` never overwritten by a diverged model (NaN loss)."""
+
+    def _save_model(self, epoch, batch, logs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(np.asarray(loss))):
+            return
+        super()._save_model(epoch, batch, logs)
 
 
 def read_best(path, monitor):

@@ -71,7 +71,8 @@ def _phi(value):
 
 def _optional(kind):
     def convert(value):
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        if value is None or (isinstance(value, str)
+                             and value.strip().lower() in ("", "none", "null")):
             return None
         return kind(value)
     convert.__name__ = getattr(kind, "__name__", "value")
@@ -102,13 +103,15 @@ _DATA = ("train", "eval", "export", "inspect")
 _MODEL = ("train", "eval", "predict", "export", "bench")
 
 OPTIONS = (
-    *_group("data",
+    *_group(
+        "data",
         Option("format", str, None, "dataset format", _DATA, choices=DATA_FORMATS),
         Option("train_data", _optional(str), None,
                "training data: COCO JSON | VOC root | YOLO data.yaml | TFRecord glob | mask folder",
                _DATA, metavar="PATH"),
         Option("train_images", _optional(str), None,
-               "image folder of the training data (COCO; VOC when not <root>/JPEGImages or images/)",
+               "image folder of the training data (COCO; VOC when not <root>/JPEGImages or "
+               "images/)",
                _DATA, metavar="DIR"),
         Option("val_data", _optional(str), None, "validation data (same kinds as --train-data)",
                _DATA, metavar="PATH"),
@@ -123,9 +126,11 @@ OPTIONS = (
                "without --val-data: hold out this fraction of the training images for validation "
                "(a fixed split drawn with --seed)", _DATA),
         Option("class_names", _str_list, None,
-               "class names (VOC/YOLO order; masks: the one class); comma-separated on the command line",
+               "class names (VOC/YOLO order; masks: the one class); comma-separated on the "
+               "command line",
                _DATA + ("predict",), metavar="A,B,..."),
-        Option("label_map", _optional(str), None, "TFRecord label_map.pbtxt", _DATA, metavar="PATH"),
+        Option("label_map", _optional(str), None, "TFRecord label_map.pbtxt", _DATA,
+               metavar="PATH"),
         Option("on_error", str, "raise", "bad records: raise, or skip and count them", _DATA,
                choices=("raise", "skip")),
         Option("num_images", int, 64, "shapes: number of synthetic training images", _DATA),
@@ -135,7 +140,8 @@ OPTIONS = (
                choices=("train", "val")),
         Option("json", _bool, False, "print the report as JSON", ("inspect",)),
     ),
-    *_group("model",
+    *_group(
+        "model",
         Option("model", str, "efficientdet",
                "efficientdet | retinanet | a kdet.zoo model name | a saved .keras file", _MODEL),
         Option("phi", _phi, 0, "EfficientDet variant: 0..7, 7x, lite0..lite4", _MODEL),
@@ -152,14 +158,16 @@ OPTIONS = (
         Option("backbone_weights", _optional(str), None, "backbone .weights.h5 (ImageNet)", _MODEL,
                metavar="PATH"),
     ),
-    *_group("training",
+    *_group(
+        "training",
         Option("epochs", int, 10, "training epochs", ("train",)),
         Option("steps_per_epoch", _optional(int), None,
                "batches per epoch (default: training images / batch size)", ("train",)),
         Option("batch_size", int, 8, "images per batch", ("train", "eval", "bench")),
         Option("learning_rate", _optional(float), None,
                "peak learning rate (default: the model's recipe)", ("train",)),
-        Option("warmup_steps", _optional(int), None, "EfficientDet: linear warmup steps", ("train",)),
+        Option("warmup_steps", _optional(int), None, "EfficientDet: linear warmup steps",
+               ("train",)),
         Option("ema", _auto_bool, "auto",
                "weight EMA: auto (the model's optimizer decides), true or false", ("train",)),
         Option("ema_momentum", _optional(float), None,
@@ -180,23 +188,27 @@ OPTIONS = (
         Option("seed", int, 0, "seed of data order, augmentation and initial weights",
                ("train", "eval", "export", "bench", "inspect")),
         Option("deterministic", _bool, True,
-               "keep the data order fixed under parallelism (needed for exact resumes)", ("train",)),
+               "keep the data order fixed under parallelism (needed for exact resumes)",
+               ("train",)),
         Option("jit_compile", _auto_bool, "auto",
                "XLA: auto (on when a GPU/TPU is visible, off on CPU), true or false",
                ("train", "eval", "bench")),
         Option("verbose", int, 1, "0 silent, 1 progress bars, 2 one line per epoch",
                ("train", "eval", "predict", "bench")),
     ),
-    *_group("evaluation / prediction",
+    *_group(
+        "evaluation / prediction",
         Option("score_threshold", float, 0.25,
-               "eval: detections counted in the confusion matrix; predict: drawn", ("eval", "predict")),
+               "eval: detections counted in the confusion matrix; predict: drawn",
+               ("eval", "predict")),
         Option("iou_threshold", float, 0.5, "confusion matrix: IoU for a detection to match a GT",
                ("eval",)),
         Option("csv_log", _optional(str), None,
                "training CSV log to plot as curves (default: <output-dir>/history.csv if present)",
                ("eval",), metavar="PATH"),
         Option("detections_out", _optional(str), None,
-               "also write the detections in COCO results format (JSON)", ("eval",), metavar="PATH"),
+               "also write the detections in COCO results format (JSON)", ("eval",),
+               metavar="PATH"),
         Option("labels", _optional(str), None,
                "class names file, one per line (default: labels.txt beside the model)",
                ("predict", "export"), metavar="PATH"),
@@ -204,7 +216,8 @@ OPTIONS = (
         Option("draw_masks", _bool, True, "draw instance masks when the model predicts them",
                ("predict",)),
     ),
-    *_group("export",
+    *_group(
+        "export",
         Option("output", _optional(str), None,
                "export: a folder (SavedModel), .tflite or .onnx; convert: a .keras file",
                ("export", "convert"), metavar="PATH"),
@@ -220,7 +233,8 @@ OPTIONS = (
         Option("calibration_steps", int, 100, "int8: calibration images from the training data",
                ("export",)),
     ),
-    *_group("convert",
+    *_group(
+        "convert",
         Option("source", _optional(str), None, "kind of checkpoint to convert", ("convert",),
                choices=("torchvision", "effdet", "automl")),
         Option("arch", _optional(str), None,
@@ -232,7 +246,8 @@ OPTIONS = (
         Option("strict", _bool, True, "fail on checkpoint entries the model does not use",
                ("convert",)),
     ),
-    *_group("bench",
+    *_group(
+        "bench",
         Option("bench_steps", int, 10, "timed batches per measurement", ("bench",)),
         Option("warmup", int, 2, "untimed batches first (tracing, compilation)", ("bench",)),
         Option("bench_train", _bool, True, "also time the training step", ("bench",)),
@@ -307,14 +322,12 @@ def resolve(command, file_config=None, overrides=None, config_path="config"):
     _check_known(overrides, "arguments")
     settings = {}
     for option in options_for(command):
-        value = option.default
+        value = list(option.default) if isinstance(option.default, list) else option.default
         where = "default"
         if option.name in file_config:
             value, where = file_config[option.name], config_path
         if option.name in overrides:
             value, where = overrides[option.name], "command line"
-        if isinstance(value, (list, tuple)) and option.name in ("augment", "scale_range"):
-            value = list(value) if option.name == "augment" else tuple(value)
         settings[option.name] = convert_value(option.name, value, where) \
             if where != "default" else value
     if "augment" in settings and settings["augment"] is not None:

@@ -102,7 +102,7 @@ def read_dataset(config, which, like=None):
         if os.path.isdir(location):
             if not class_names:
                 raise ValueError(f"{location} is a folder of images: give --class-names "
-                             f"(or point --{which}-data at a data.yaml)")
+                                 f"(or point --{which}-data at a data.yaml)")
             return data.YOLODataset(images_dir=location, labels_dir=images,
                                     class_names=class_names, on_error=on_error)
         return data.YOLODataset(location, split=split or which, class_names=class_names,

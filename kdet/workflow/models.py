@@ -46,6 +46,18 @@ def _zoo_names():
         return []
 
 
+def register_kdet_objects():
+    """Import every kdet model module, so their Keras-serializable classes are registered.
+
+    kdet imports lazily; a fresh process that only calls ``keras.saving.load_model``
+    would otherwise not know ``kdet>EfficientDet``.
+    """
+    from kdet import models
+
+    for name in models.__all__:
+        getattr(models, name)
+
+
 def load_model(name, weights=None):
     """A ready model from a ``.keras`` file or a zoo name (``weights``: the zoo source file)."""
     import keras
@@ -54,8 +66,8 @@ def load_model(name, weights=None):
         path = os.fspath(name)
         if not os.path.isfile(path):
             raise ValueError(f"--model {path}: file not found")
-        model = keras.saving.load_model(path, safe_mode=True, compile=False)
-        return model
+        register_kdet_objects()
+        return keras.saving.load_model(path, safe_mode=True, compile=False)
     if name in _zoo_names():
         from kdet import zoo
         return zoo.load(name, weights=weights)
