@@ -13,7 +13,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "anchors", "backbones", "boxes", "data", "export", "layers", "losses",
+    "anchors", "backbones", "boxes", "converters", "data", "export", "layers", "losses",
     "matching", "metrics", "models", "ops", "utils", "zoo", "cli",
 )
 

@@ -31,13 +31,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 ANCHOR_BASE_SIZES = (32, 64, 128, 256, 512)
 
 
-def _backbone(name, size, weights, backbone_norm, trainable_layers):
+def _backbone(name, size, weights, backbone_norm, trainable_layers, norm_epsilon):
     shape = (size, size, 3)
     if isinstance(name, keras.Model):
         return name
     if name in ("resnet50", "resnet101"):
         return ResNet(depth=int(name[6:]), input_shape=shape, weights=weights, norm=backbone_norm,
-                      trainable_layers=trainable_layers)
+                      trainable_layers=trainable_layers, norm_epsilon=norm_epsilon)
     if name.startswith("efficientnet_b"):
         return EfficientNetBackbone(name[len("efficientnet_"):], input_shape=shape, weights=weights)
     if name == "mobilenet_v2":
@@ -60,10 +60,13 @@ class RetinaNet(DenseDetector):
         backbone_norm: "batch" (torchvision with ``weights=None``) or
             "frozen_batch" (torchvision's pretrained builders).
         trainable_backbone_layers: 0..5, torchvision semantics.
+        backbone_norm_epsilon: BN epsilon of the ResNet (torchvision's pretrained
+            v1 weights are evaluated with frozen BN and epsilon 0.0).
     """
 
     def __init__(self, num_classes=91, backbone="resnet50", version=1, image_size=640,
                  backbone_weights=None, backbone_norm="batch", trainable_backbone_layers=5,
+                 backbone_norm_epsilon=1e-5,
                  score_threshold=0.05, iou_threshold=0.5, max_detections=100, pre_nms_topk=1000,
                  bounding_box_format="xyxy", **kwargs):
         if version not in (1, 2):
@@ -73,7 +76,8 @@ class RetinaNet(DenseDetector):
             raise ValueError(f"image_size {size} must be a multiple of 128 (P7 has stride 128)")
         images = keras.Input((size, size, 3), name="images")
         x = ImageNormalization(mean=IMAGENET_MEAN, std=IMAGENET_STD, name="normalize")(images)
-        body = _backbone(backbone, size, backbone_weights, backbone_norm, trainable_backbone_layers)
+        body = _backbone(backbone, size, backbone_weights, backbone_norm, trainable_backbone_layers,
+                         backbone_norm_epsilon)
         features = body(x)
         features = {k: features[k] for k in ("C3", "C4", "C5")}
         pyramid = FPN(out_channels=256, in_levels=(3, 4, 5),
@@ -108,6 +112,7 @@ class RetinaNet(DenseDetector):
                             image_size=size, backbone_weights=backbone_weights,
                             backbone_norm=backbone_norm,
                             trainable_backbone_layers=trainable_backbone_layers,
+                            backbone_norm_epsilon=backbone_norm_epsilon,
                             score_threshold=score_threshold, iou_threshold=iou_threshold,
                             max_detections=max_detections, pre_nms_topk=pre_nms_topk,
                             bounding_box_format=bounding_box_format)
