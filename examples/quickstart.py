@@ -97,7 +97,6 @@ def draw(images, predictions, class_names, path, min_score=0.3, zoom=2):
     """Save a grid of images with their detections (box, class, score) as a PNG."""
     from PIL import Image, ImageDraw
 
-    colours = [(255, 64, 64), (64, 160, 255), (255, 220, 0)]
     tiles = []
     for i, image in enumerate(images):
         tile = Image.fromarray(np.asarray(image).astype("uint8")).resize(
@@ -107,10 +106,13 @@ def draw(images, predictions, class_names, path, min_score=0.3, zoom=2):
                                      predictions["labels"][i]):
             if score < min_score or label < 0:
                 continue
-            colour = colours[int(label) % len(colours)]
-            pen.rectangle([float(v) * zoom for v in box], outline=colour, width=2)
-            pen.text((float(box[0]) * zoom + 3, float(box[1]) * zoom + 1),
-                     f"{class_names[int(label)]} {score:.2f}", fill=colour)
+            x1, y1, x2, y2 = (float(v) * zoom for v in box)
+            pen.rectangle([x1 - 1, y1 - 1, x2 + 1, y2 + 1], outline=(0, 0, 0), width=1)
+            pen.rectangle([x1, y1, x2, y2], outline=(255, 255, 255), width=2)
+            text = f"{class_names[int(label)]} {score:.2f}"
+            left, top, right, bottom = pen.textbbox((x1, y1), text)
+            pen.rectangle([left, top, right + 2, bottom + 1], fill=(0, 0, 0))
+            pen.text((x1 + 1, y1), text, fill=(255, 255, 255))
         tiles.append(tile)
     columns = 4
     rows = (len(tiles) + columns - 1) // columns
@@ -225,14 +227,16 @@ def main(argv=None):
     draw(shown[0], shown[1], train_data.class_names, picture)
     log(f"wrote {picture}")
 
+    litert_agrees = None
     if args.no_export:
         pass
     elif keras.backend.backend() != "tensorflow":
         log("LiteRT export skipped: it needs KERAS_BACKEND=tensorflow")
     else:
-        export_and_check(model, shown[0], os.path.join(args.out, "shapes_lite0.tflite"))
+        litert_agrees = export_and_check(model, shown[0],
+                                         os.path.join(args.out, "shapes_lite0.tflite"))
     log("done")
-    return stats
+    return {"coco": stats, "litert_agrees": litert_agrees}
 
 
 if __name__ == "__main__":

@@ -17,15 +17,22 @@ from kdet.export import core, postprocess
 
 def write_saved_model(model, path, settings, input_dtype="float32", batch_size=1,
                       runtime="tensorflow", nms="builtin", detections_per_class=None):
-    """Write the serving graph with ``keras.export.ExportArchive`` (variables tracked)."""
-    import keras
+    """Write the serving graph as a ``tf.Module`` that tracks the model's ``tf.Variable`` s.
+
+    The module holds the TF variables under the Keras ones: tracking the Keras
+    model itself gives a SavedModel that TF loads but whose weights the LiteRT
+    converter does not find (it converted with zero weights), and
+    ``keras.export.ExportArchive`` checkpoints every variable twice (measured:
+    7.75M values for EfficientDet-D0's 3.88M).
+    """
+    import tensorflow as tf
 
     fn, signature = core.serving_function(model, settings, input_dtype, batch_size, runtime, nms,
                                           detections_per_class)
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(name="serving_default", fn=fn, input_signature=signature)
-    archive.write_out(os.fspath(path), verbose=False)
+    module = tf.Module()
+    module.model_variables = [getattr(v, "value", v) for v in model.variables]
+    module.serve = tf.function(fn, input_signature=signature)
+    tf.saved_model.save(module, os.fspath(path), signatures={"serving_default": module.serve})
 
 
 def export_saved_model(model, path, settings=None, input_dtype="float32", batch_size=1,
