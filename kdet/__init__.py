@@ -18,6 +18,21 @@ _SUBMODULES = (
 )
 
 
+def load_model(path, safe_mode=True, **kwargs):
+    """Load a kdet ``.keras`` file (registers kdet's classes first).
+
+    ``keras.saving.load_model`` only finds kdet's models and layers once their
+    modules are imported; this imports them, then loads.
+    """
+    import keras
+    for package in ("kdet.models", "kdet.layers"):
+        module = importlib.import_module(package)
+        for name in getattr(module, "__all__", ()):
+            getattr(module, name)
+    importlib.import_module("kdet.anchors")
+    return keras.saving.load_model(path, safe_mode=safe_mode, **kwargs)
+
+
 def __getattr__(name):
     if name in _SUBMODULES:
         module = importlib.import_module(f"kdet.{name}")
