@@ -195,28 +195,35 @@ def launch(runtime, model, batch, args):
 
 
 def markdown(rows):
-    """One table: a line per (model, size, batch, task), a column per runtime, ratio to effdet."""
+    """One table: a line per (model, size, batch, task), a column per runtime, ratios to effdet.
+
+    Ratios compare kdet's fastest runtime with effdet: by wall-clock images/s,
+    and by CPU seconds per image (the steadier figure on a shared machine).
+    """
     keys = sorted({(r["model"], r["size"], r["batch"], r["task"]) for r in rows},
                   key=lambda k: (k[3], k[0], k[1], k[2]))
     runtimes = [rt for rt in RUNTIMES if any(r["runtime"] == rt for r in rows)]
     index = {(r["runtime"], r["model"], r["size"], r["batch"], r["task"]): r for r in rows}
     head = ("| task | model @ size | batch | " + " | ".join(
-        f"{rt} img/s (cpu-s/img)" for rt in runtimes) + " | kdet best / effdet |")
+        f"{rt} img/s (cpu-s/img)" for rt in runtimes)
+        + " | kdet / effdet, wall | kdet / effdet, CPU |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for model, size, batch, task in keys:
-        cells, best = [], None
+        cells, fastest, cheapest = [], None, None
         for rt in runtimes:
             r = index.get((rt, model, size, batch, task))
             if r is None:
                 cells.append("-")
                 continue
-            cells.append(f"{r['images_per_s']:.2f} ({r['cpu_s_per_image']:.2f})")
+            cells.append(f"{r['images_per_s']:.2f} ({r['cpu_s_per_image']:.3f})")
             if rt != "effdet":
-                best = max(best or 0.0, r["images_per_s"])
+                fastest = max(fastest or 0.0, r["images_per_s"])
+                cheapest = min(cheapest or float("inf"), r["cpu_s_per_image"])
         peer = index.get(("effdet", model, size, batch, task))
-        ratio = f"{best / peer['images_per_s']:.2f}x" if best and peer else "-"
+        wall = f"{fastest / peer['images_per_s']:.2f}x" if fastest and peer else "-"
+        cpu = f"{peer['cpu_s_per_image'] / cheapest:.2f}x" if cheapest and peer else "-"
         lines.append(f"| {task} | {model} @ {size} | {batch} | " + " | ".join(cells)
-                     + f" | {ratio} |")
+                     + f" | {wall} | {cpu} |")
     return "\n".join(lines)
 
 
@@ -237,12 +244,20 @@ def main(argv=None):
                              "shared with other jobs use 1: spinning thread pools (OpenMP, "
                              "Eigen) waste most of their time waiting for descheduled peers")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--table-from", help="only print the table of a --json file")
     parser.add_argument("--worker-runtime", help=argparse.SUPPRESS)
     parser.add_argument("--worker-model", help=argparse.SUPPRESS)
     parser.add_argument("--worker-batch", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker_runtime:
         return worker(args)
+    if args.table_from:
+        rows = []
+        for path in args.table_from.split(","):
+            with open(path) as f:
+                rows += json.load(f)
+        print(markdown(rows))
+        return rows
 
     runtimes = [r for r in args.runtimes.split(",") if r]
     unknown = set(runtimes) - set(RUNTIMES)
