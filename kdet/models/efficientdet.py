@@ -25,8 +25,6 @@ from kdet.layers.heads import EfficientDetHead
 from kdet.layers.normalization import ImageNormalization
 from kdet.models.detector import DenseDetector, make_decoder, make_matcher
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # effdet `tf_efficientdet_*` configs (DESIGN.md table).
 EFFICIENTDET_CONFIGS = {
@@ -96,7 +94,7 @@ class EfficientDet(DenseDetector):
             backbone = EfficientNetLiteBackbone(int(cfg["backbone"][-1]), input_shape=(size, size, 3),
                                                 weights=backbone_weights)
         else:
-            x = ImageNormalization(mean=IMAGENET_MEAN, std=IMAGENET_STD, name="normalize")(images)
+            x = ImageNormalization(name="normalize")(images)  # ImageNet mean/std
             backbone = EfficientNetBackbone(cfg["backbone"], input_shape=(size, size, 3),
                                             weights=backbone_weights)
         features = backbone(x)

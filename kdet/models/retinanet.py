@@ -26,8 +26,6 @@ from kdet.layers.heads import RetinaNetHead
 from kdet.layers.normalization import ImageNormalization
 from kdet.models.detector import DenseDetector, make_decoder, make_matcher
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 ANCHOR_BASE_SIZES = (32, 64, 128, 256, 512)
 
 
@@ -75,7 +73,7 @@ class RetinaNet(DenseDetector):
         if size % 128:
             raise ValueError(f"image_size {size} must be a multiple of 128 (P7 has stride 128)")
         images = keras.Input((size, size, 3), name="images")
-        x = ImageNormalization(mean=IMAGENET_MEAN, std=IMAGENET_STD, name="normalize")(images)
+        x = ImageNormalization(name="normalize")(images)  # ImageNet mean/std
         body = _backbone(backbone, size, backbone_weights, backbone_norm, trainable_backbone_layers,
                          backbone_norm_epsilon)
         features = body(x)
