@@ -229,6 +229,8 @@ def _gather_rows(values, indices):
     for _ in extra:
         idx = ops.expand_dims(idx, -1)
     if extra:
+        # ops.shape, not .shape: the batch dimension is None when Keras traces
+        # evaluate / a smaller last batch with a dynamic batch size.
         idx = ops.broadcast_to(idx, tuple(indices.shape) + extra)
     return ops.take_along_axis(values, idx, axis=1)
 

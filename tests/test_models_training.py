@@ -198,6 +198,22 @@ def test_predict_images_maps_boxes_back_to_each_image(trained_tiny, rng):
         assert np.all(got["boxes"][i, n:] == 0) and np.all(got["labels"][i, n:] == -1)
 
 
+def test_evaluate_and_partial_last_batches(trained_tiny):
+    """Keras traces evaluate and a smaller last batch with a dynamic batch dimension."""
+    model, _, images, targets = trained_tiny
+    five = {k: v[:5] for k, v in targets.items()}
+    loss = model.evaluate(images[:5], five, batch_size=4, verbose=0)
+    assert np.isfinite(loss)
+    out = model.predict(images[:5], batch_size=4, verbose=0)
+    assert out["boxes"].shape == (5, 20, 4)
+    weights = model.get_weights()
+    try:
+        history = model.fit(images[:5], five, batch_size=4, epochs=1, verbose=0)  # 4 + 1
+        assert np.isfinite(history.history["loss"][0])
+    finally:
+        model.set_weights(weights)  # the fixture is shared
+
+
 # ----------------------------------------------------------- compile modes
 
 
