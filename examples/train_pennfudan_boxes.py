@@ -1,7 +1,7 @@
 """Fine-tune EfficientDet-Lite0 on Penn-Fudan pedestrians (boxes) and report COCO AP.
 
     python examples/train_pennfudan_boxes.py --data /work/shared/data/pennfudan
-    python examples/train_pennfudan_boxes.py --steps 1500 --image-size 320   # longer, better
+    python examples/train_pennfudan_boxes.py --steps 1500 --image-size 320   # Lite0's own size
 
 The 170 Penn-Fudan images are split by a seeded permutation into 120 for
 training and 50 for validation. Boxes come from the instance masks
@@ -93,9 +93,9 @@ def main(argv=None):
                         help="Penn-Fudan root (PNGImages/, PedMasks/)")
     parser.add_argument("--phi", default="lite0", help="EfficientDet variant (lite0 gets ImageNet "
                         "backbone weights when available; others start from random init)")
-    parser.add_argument("--image-size", type=int, default=192)
+    parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--val-images", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)

@@ -231,7 +231,7 @@ def _gather_rows(values, indices):
     if extra:
         # ops.shape, not .shape: the batch dimension is None when Keras traces
         # evaluate / a smaller last batch with a dynamic batch size.
-        idx = ops.broadcast_to(idx, tuple(indices.shape) + extra)
+        idx = ops.broadcast_to(idx, tuple(ops.shape(indices)) + extra)
     return ops.take_along_axis(values, idx, axis=1)
 
 

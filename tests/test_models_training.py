@@ -314,11 +314,35 @@ def _iou(a, b):
     return inter / area
 
 
+def precise_batchnorm(model, images):
+    """Set every BN layer's moving statistics to those of ``images`` (PreciseBN, Detectron).
+
+    After a short run on fast-changing weights the moving averages (momentum
+    0.99) still lag behind; one training-mode pass with momentum 0 replaces
+    them with the statistics of the data the network was fitted to.
+    """
+    layers = [layer for layer in model._flatten_layers(include_self=False, recursive=True)
+              if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.momentum = 0.0
+    try:
+        model(images, training=True)
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+    return len(layers)
+
+
 @pytest.mark.slow
 def test_efficientdet_lite0_overfits_four_pennfudan_images(shared_data):
-    """Random init, 4 real images, no augmentation: loss / 5 and every pedestrian found."""
-    import tensorflow as tf
+    """Random init, 4 real images, no augmentation: loss / 5 and every pedestrian found.
 
+    Measured (TF): loss 3.77 -> 0.03 in 200 steps; after ``precise_batchnorm``
+    ``predict`` finds each of the 6 pedestrians with IoU 0.81-0.92 and score
+    > 0.87, and nothing else above 0.2 (without it the lagging BN statistics
+    leave the inference-mode output far off: IoU 0-0.65).
+    """
     size = 128
     data = kdet.data.MaskFolderDataset(shared_data / "pennfudan").subset([0, 1, 2, 3])
     batch = next(iter(kdet.data.build_pipeline(data, image_size=size, batch_size=4,
@@ -326,22 +350,22 @@ def test_efficientdet_lite0_overfits_four_pennfudan_images(shared_data):
                                                max_boxes=8)))
     images = batch[0].numpy()
     targets = {"boxes": batch[1]["boxes"].numpy(), "labels": batch[1]["labels"].numpy()}
-    del tf
     keras.utils.set_random_seed(0)
     model = kdet.models.EfficientDet(phi="lite0", num_classes=1, image_size=size)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=False)
-    history = model.fit(images, targets, batch_size=4, epochs=250, shuffle=False, verbose=0)
+    history = model.fit(images, targets, batch_size=4, epochs=200, shuffle=False, verbose=0)
     losses = history.history["loss"]
     assert np.all(np.isfinite(losses))
     assert losses[-1] < losses[0] / 5, (losses[0], losses[-1])
+    assert precise_batchnorm(model, images) > 100
     out = model.predict(images, verbose=0)
     for b in range(4):
-        keep = out["scores"][b] > 0.3
-        for box, label in zip(targets["boxes"][b], targets["labels"][b]):
-            if label < 0:
-                continue
-            ious = [_iou(box, d) for d, l in zip(out["boxes"][b][keep], out["labels"][b][keep])
-                    if l == label]
+        confident = out["scores"][b] > 0.5
+        gt = targets["labels"][b] >= 0
+        assert confident.sum() == gt.sum(), (b, out["scores"][b][:5])
+        for box, label in zip(targets["boxes"][b][gt], targets["labels"][b][gt]):
+            found = zip(out["boxes"][b][confident], out["labels"][b][confident])
+            ious = [_iou(box, d) for d, l in found if l == label]
             assert ious and max(ious) > 0.5, (b, box, ious)
 
 
