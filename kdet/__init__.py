@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "anchors", "backbones", "boxes", "converters", "data", "export", "layers", "losses",
-    "matching", "metrics", "models", "ops", "utils", "zoo", "cli",
+    "matching", "metrics", "models", "ops", "optimizers", "utils", "zoo", "cli",
 )
 
 
@@ -30,6 +30,7 @@ def load_model(path, safe_mode=True, **kwargs):
         for name in getattr(module, "__all__", ()):
             getattr(module, name)
     importlib.import_module("kdet.anchors")
+    importlib.import_module("kdet.optimizers")
     return keras.saving.load_model(path, safe_mode=safe_mode, **kwargs)
 
 

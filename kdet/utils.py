@@ -44,3 +44,26 @@ def count_params(model):
                 continue
             total += int(v.numpy().size) if hasattr(v, "numpy") else int(keras.ops.size(v))
     return total
+
+
+def box_iou_numpy(a, b):
+    """``[N, M]`` IoU of xyxy boxes in numpy float64 (0 where the union is empty).
+
+    For host-side checks (comparing exported and Keras detections, confusion
+    matrices); model code uses ``kdet.boxes.pairwise_iou``.
+
+    >>> import numpy as np
+    >>> box_iou_numpy([[0, 0, 2, 2]], [[1, 1, 3, 3], [5, 5, 5, 5]]).round(4).tolist()
+    [[0.1429, 0.0]]
+    """
+    import numpy as np
+
+    a = np.asarray(a, np.float64).reshape(-1, 4)
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
+    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=-1)
+    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=-1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)

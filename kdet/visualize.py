@@ -142,6 +142,40 @@ def save_image(array, path):
     return path
 
 
+def detection_grid(images, predictions, class_names=None, score_threshold=0.3, columns=4,
+                   zoom=1):
+    """One picture of ``images`` in a grid, each with its detections drawn.
+
+    ``predictions`` is a padded prediction dict for the batch ``images``
+    ``[B, H, W, 3]``; ``zoom`` enlarges small images (nearest) before drawing.
+
+    >>> import numpy as np
+    >>> images = np.zeros((3, 32, 32, 3), "uint8")
+    >>> preds = {"boxes": np.array([[[4., 4, 20, 20]]] * 3), "scores": np.ones((3, 1)),
+    ...          "labels": np.zeros((3, 1), int), "num_detections": np.ones(3, int)}
+    >>> detection_grid(images, preds, ["shape"], columns=2, zoom=2).shape
+    (128, 128, 3)
+    """
+    tiles = []
+    for i, image in enumerate(np.asarray(images)):
+        if zoom != 1:
+            image = np.repeat(np.repeat(image, zoom, axis=0), zoom, axis=1)
+        found = select_detections(predictions, i, score_threshold)
+        tiles.append(draw_detections(image, found["boxes"] * zoom, found["labels"],
+                                     found["scores"], class_names,
+                                     masks=None if "masks" not in found else
+                                     np.repeat(np.repeat(found["masks"], zoom, 1), zoom, 2),
+                                     keypoints=None if "keypoints" not in found else
+                                     found["keypoints"] * np.array([zoom, zoom, 1])))
+    rows = -(-len(tiles) // columns)
+    height, width = tiles[0].shape[:2]
+    sheet = np.zeros((rows * height, columns * width, 3), np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, columns)
+        sheet[r * height:(r + 1) * height, c * width:(c + 1) * width] = tile
+    return sheet
+
+
 # ---- plots ---------------------------------------------------------------------------------
 def _figure(width, height):
     try:

@@ -1,8 +1,15 @@
-"""The building-blocks example builds a working detector (its graph, loss and decoding)."""
+"""The examples run: the quickstart end to end (the README's first command), the
+building-blocks example builds a working detector (its graph, loss and decoding)."""
+import os
 import pathlib
+import re
 import runpy
+import subprocess
+import sys
 
+import keras
 import numpy as np
+import pytest
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
@@ -40,3 +47,34 @@ def test_kdet_load_model_in_a_fresh_process(tmp_path):
     subprocess.run([sys.executable, "-c", save], check=True, capture_output=True)
     out = subprocess.run([sys.executable, "-c", load], check=True, capture_output=True, text=True)
     assert out.stdout.split()[-2:] == ["EfficientDet", "2"]
+
+
+def _run_example(script, *args, cwd):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    result = subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_quickstart_fast_runs_end_to_end(tmp_path):
+    """``python examples/quickstart.py --fast`` from another folder: trains, prints COCO AP,
+    draws, exports a .tflite (TF backend) and finds it agrees with the Keras model."""
+    out = _run_example("quickstart.py", "--fast", "--out", "qs", cwd=tmp_path)
+    ap = re.search(r"COCO box AP on 16 held-out images: AP ([\d.]+)  AP50 ([\d.]+)", out)
+    assert ap and 0.0 <= float(ap[2]) <= 1.0, out
+    assert (tmp_path / "qs" / "predictions.png").stat().st_size > 10_000
+    if keras.backend.backend() == "tensorflow":
+        assert (tmp_path / "qs" / "shapes_lite0.tflite").stat().st_size > 1_000_000
+        assert "100% found" in out and "-> they agree" in out, out
+    else:
+        assert "LiteRT export skipped" in out
+
+
+@pytest.mark.slow
+def test_pennfudan_boxes_example_smoke(tmp_path, shared_data):
+    out = _run_example("train_pennfudan_boxes.py", "--data", str(shared_data / "pennfudan"),
+                       "--steps", "3", "--image-size", "128", "--val-images", "4",
+                       "--out", "pf", cwd=tmp_path)
+    assert re.search(r"COCO box AP on 4 validation images: AP [\d.]+", out), out
+    assert (tmp_path / "pf" / "pennfudan_lite0.keras").stat().st_size > 0

@@ -22,12 +22,30 @@ from conftest import SHARED_DATA
 
 import keras
 
+from kdet.export.compare import match_detections
+
 TF_ONLY = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
                              reason="kdet.export builds TensorFlow graphs (TF backend only)")
 IMAGE_SIZE = 128
 
 
 # ------------------------------------------------------------------ helpers
+def test_match_detections_flags_moved_relabelled_and_missing_boxes():
+    ref = {"boxes": np.array([[[0., 0, 10, 10], [20, 20, 40, 40], [0, 0, 5, 5]]]),
+           "scores": np.array([[0.9, 0.8, 0.0]]), "labels": np.array([[1, 2, -1]]),
+           "num_detections": np.array([2])}
+    assert match_detections(ref, ref) == (1.0, 0.0, 1.0, [])
+    moved = dict(ref, boxes=ref["boxes"] + np.array([[[0., 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]]]))
+    fraction, _, _, unmatched = match_detections(ref, moved)
+    assert fraction == 0.5 and unmatched == [(0, 1, 0.8, 2)]
+    relabelled = dict(ref, labels=np.array([[0, 2, -1]]))
+    assert match_detections(ref, relabelled)[3] == [(0, 0, 0.9, 1)]
+    rescored = dict(ref, scores=np.array([[0.9, 0.79, 0.0]]))
+    assert match_detections(ref, rescored, score_tol=1e-3)[0] == 0.5
+    with pytest.raises(AssertionError, match="2 reference detections vs 1"):
+        match_detections(ref, dict(ref, num_detections=np.array([1])))
+
+
 def tiny_detector(style="efficientdet", image_size=IMAGE_SIZE, num_classes=3, seed=0,
                   score_threshold=0.3, pre_nms_topk=300, max_detections=50, head_bias=-1.5,
                   head_std=0.5, width=16):
@@ -109,41 +127,6 @@ def box_iou(a, b):
     area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=-1)
     union = area_a[:, None] + area_b[None, :] - inter
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0)
-
-
-def match_detections(ref, got, iou_min=0.99, score_tol=1e-3):
-    """Match detections image by image: same label, IoU >= iou_min, |score diff| <= score_tol.
-
-    Returns ``(fraction of reference detections matched, max |score diff|,
-    min IoU over matches, unmatched list)``. A reference detection may stay
-    unmatched only when the list is full (``num == D``) and its score is within
-    ``score_tol`` of the last kept score: there a float tie decides the cut.
-    """
-    matched, total, worst_score, worst_iou, unmatched = 0, 0, 0.0, 1.0, []
-    for b in range(len(ref["num_detections"])):
-        n_ref, n_got = int(ref["num_detections"][b]), int(got["num_detections"][b])
-        capacity = ref["scores"].shape[1]
-        assert abs(n_ref - n_got) == 0 or (n_ref == capacity or n_got == capacity), \
-            f"image {b}: {n_ref} reference detections vs {n_got}"
-        iou = box_iou(ref["boxes"][b, :n_ref], got["boxes"][b, :n_got])
-        used = np.zeros(n_got, bool)
-        cut = ref["scores"][b, n_ref - 1] if n_ref == capacity else -np.inf
-        for i in range(n_ref):
-            ok = (~used & (got["labels"][b, :n_got] == ref["labels"][b, i]) & (iou[i] >= iou_min)
-                  & (np.abs(got["scores"][b, :n_got] - ref["scores"][b, i]) <= score_tol))
-            total += 1
-            if ok.any():
-                j = int(np.flatnonzero(ok)[np.argmax(iou[i][ok])])
-                used[j] = True
-                matched += 1
-                diff = abs(float(got["scores"][b, j] - ref["scores"][b, i]))
-                worst_score = max(worst_score, diff)
-                worst_iou = min(worst_iou, float(iou[i, j]))
-            elif ref["scores"][b, i] > cut + score_tol:
-                unmatched.append((b, i, float(ref["scores"][b, i]), int(ref["labels"][b, i])))
-            else:
-                matched += 1  # at the capacity cut: a tie in float rounding decides
-    return matched / max(total, 1), worst_score, worst_iou, unmatched
 
 
 def assert_same_detections(got, ref, box_atol=1e-4, score_atol=1e-6):

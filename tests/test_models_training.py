@@ -367,21 +367,3 @@ def test_efficientdet_lite0_overfits_four_pennfudan_images(shared_data):
             found = zip(out["boxes"][b][confident], out["labels"][b][confident])
             ious = [_iou(box, d) for d, l in found if l == label]
             assert ious and max(ious) > 0.5, (b, box, ious)
-
-
-@pytest.mark.slow
-def test_quickstart_fast_runs_end_to_end(tmp_path):
-    """``examples/quickstart.py --fast``: trains, evaluates, draws, exports and checks LiteRT."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
-    spec = importlib.util.spec_from_file_location("kdet_quickstart", path)
-    quickstart = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quickstart)
-    result = quickstart.main(["--fast", "--out", str(tmp_path)])
-    assert 0.0 <= result["coco"]["AP50"] <= 1.0
-    assert (tmp_path / "predictions.png").stat().st_size > 0
-    if keras.backend.backend() == "tensorflow":
-        assert (tmp_path / "shapes_lite0.tflite").stat().st_size > 0
-        assert result["litert_agrees"] is True

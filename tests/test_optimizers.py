@@ -1,0 +1,73 @@
+"""EMA warm-up optimizers vs the written-out automl / tf.train.ExponentialMovingAverage rule."""
+import keras
+import numpy as np
+import pytest
+
+import kdet
+from kdet.optimizers import AdamW, SGD, ema_momentum_at
+
+
+def _run(optimizer, steps, seed=0):
+    """Apply ``steps`` random gradients to two variables; weights after each step and the EMA."""
+    rng = np.random.default_rng(seed)
+    variables = [keras.Variable(rng.normal(size=(3, 2)).astype("float32")),
+                 keras.Variable(rng.normal(size=(4,)).astype("float32"))]
+    optimizer.build(variables)
+    history = []
+    for _ in range(steps):
+        grads = [keras.ops.convert_to_tensor(rng.normal(size=v.shape).astype("float32"))
+                 for v in variables]
+        optimizer.apply(grads, variables)
+        history.append([keras.ops.convert_to_numpy(v) for v in variables])
+    averages = [keras.ops.convert_to_numpy(a) for a in optimizer._model_variables_moving_average]
+    return history, averages
+
+
+def _reference_ema(history, ema_momentum, warmup):
+    """avg_0 = w_0; avg_t = m_t avg_{t-1} + (1 - m_t) w_t, m_t = min(m, (1 + t) / (10 + t))."""
+    average = [w.astype(np.float64) for w in history[0]]
+    for t, weights in enumerate(history[1:], start=1):
+        m = min(ema_momentum, (1 + t) / (10 + t)) if warmup else ema_momentum
+        average = [m * a + (1 - m) * w for a, w in zip(average, weights)]
+    return average
+
+
+def test_momentum_schedule_formula():
+    for t in [0, 1, 5, 90, 1000, 44990, 45000, 10 ** 6]:
+        expected = min(0.9998, (1 + t) / (10 + t))
+        np.testing.assert_allclose(float(ema_momentum_at(t, 0.9998)), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [SGD, AdamW])
+def test_ema_follows_warmup_rule(cls):
+    optimizer = cls(learning_rate=0.1, use_ema=True, ema_momentum=0.9998)
+    history, averages = _run(optimizer, 25)
+    expected = _reference_ema(history, 0.9998, warmup=True)
+    for got, want in zip(averages, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # Without warm-up the average would still sit next to the first weights.
+    fixed = _reference_ema(history, 0.9998, warmup=False)
+    assert np.abs(averages[0] - fixed[0]).max() > 1e-2
+
+
+def test_warmup_off_equals_keras():
+    _, ours = _run(SGD(0.1, momentum=0.9, use_ema=True, ema_momentum=0.99, ema_warmup=False), 12)
+    _, theirs = _run(keras.optimizers.SGD(0.1, momentum=0.9, use_ema=True, ema_momentum=0.99), 12)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_efficientdet_default_optimizer_warms_up_and_round_trips(tmp_path):
+    model = kdet.models.EfficientDet(phi="lite0", num_classes=2, image_size=64,
+                                     backbone_weights=None)
+    optimizer = model.default_optimizer(steps=100)
+    assert isinstance(optimizer, SGD) and optimizer.use_ema and optimizer.ema_warmup
+    config = keras.optimizers.serialize(optimizer)
+    restored = keras.optimizers.deserialize(config)
+    assert type(restored) is SGD and restored.ema_warmup and restored.ema_momentum == 0.9998
+
+
+def test_module_docstring_example_runs():
+    import doctest
+    import kdet.optimizers
+    assert doctest.testmod(kdet.optimizers).failed == 0
