@@ -663,3 +663,28 @@ def test_backbone_converter_errors():
         convert_efficientnet_lite(read_pth(lite_file(1)), lite)
     with pytest.raises(ValueError, match="unknown entry"):
         lukemelas_to_timm(dict(lite_state, extra=np.zeros(1)), block_layout(lite))
+
+
+@needs_torchvision
+def test_installed_imagenet_backbones_load_into_detectors():
+    from kdet.converters.backbones import (installed_imagenet_checkpoint,
+                                           load_installed_imagenet_backbone)
+    from kdet.workflow.models import build_model
+    assert installed_imagenet_checkpoint("mobilenet_v2") == str(mobilenet_file())
+    assert installed_imagenet_checkpoint("efficientnet_lite0") == str(lite_file(0))
+    with pytest.raises(ValueError, match="no ImageNet package known for 'resnet50'"):
+        installed_imagenet_checkpoint("resnet50")
+    # --backbone-weights imagenet: the stem kernel is the checkpoint's (OIHW -> HWIO).
+    model = build_model({"model": "efficientdet", "phi": "lite0", "backbone_weights": "imagenet"},
+                        num_classes=2, image_size=128)
+    stem = read_pth(lite_file(0))["_conv_stem.weight"].transpose(2, 3, 1, 0)
+    kernels = [_np(w) for w in model.weights if tuple(w.shape) == stem.shape]
+    assert any(np.array_equal(k, stem) for k in kernels)
+    model = kdet.models.RetinaNet(backbone="mobilenet_v2", num_classes=2, image_size=128)
+    assert load_installed_imagenet_backbone(model, "mobilenet_v2")
+    first = read_pth(mobilenet_file())["features.0.0.weight"].transpose(2, 3, 1, 0)
+    assert any(np.array_equal(_np(w), first) for w in model.weights
+               if tuple(w.shape) == first.shape)
+    with pytest.raises(ValueError, match="no installable ImageNet checkpoint for efficientdet 0"):
+        build_model({"model": "efficientdet", "phi": 0, "backbone_weights": "imagenet"},
+                    num_classes=2, image_size=128)
