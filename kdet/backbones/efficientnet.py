@@ -91,7 +91,7 @@ def EfficientNet(variant="b0", input_shape=(None, None, 3), weights=None,
 
     >>> import numpy as np
     >>> backbone = EfficientNet("b0", input_shape=(64, 64, 3), return_levels=(3, 4, 5))
-    >>> {k: v.shape for k, v in backbone(np.zeros((1, 64, 64, 3), "float32")).items()}
+    >>> {k: tuple(v.shape) for k, v in backbone(np.zeros((1, 64, 64, 3), "float32")).items()}
     {'C3': (1, 8, 8, 40), 'C4': (1, 4, 4, 112), 'C5': (1, 2, 2, 320)}
     """
     index = _variant_index(variant, "b", 8, "EfficientNet")
@@ -217,7 +217,7 @@ def EfficientNetLite(variant=0, input_shape=(None, None, 3), weights=None,
 
     >>> import numpy as np
     >>> backbone = EfficientNetLite(0, input_shape=(64, 64, 3), return_levels=(3, 4, 5))
-    >>> {k: v.shape for k, v in backbone(np.zeros((1, 64, 64, 3), "float32")).items()}
+    >>> {k: tuple(v.shape) for k, v in backbone(np.zeros((1, 64, 64, 3), "float32")).items()}
     {'C3': (1, 8, 8, 40), 'C4': (1, 4, 4, 112), 'C5': (1, 2, 2, 320)}
     """
     index = _variant_index(variant, "lite", 5, "EfficientNetLite")

@@ -93,7 +93,7 @@ def MobileNetV2(alpha=1.0, input_shape=(None, None, 3), weights=None, norm="batc
 
     >>> import numpy as np
     >>> backbone = MobileNetV2(input_shape=(64, 64, 3), return_levels=(4, 5))
-    >>> {k: v.shape for k, v in backbone(np.zeros((1, 64, 64, 3), "float32")).items()}
+    >>> {k: tuple(v.shape) for k, v in backbone(np.zeros((1, 64, 64, 3), "float32")).items()}
     {'C4': (1, 4, 4, 96), 'C5': (1, 2, 2, 1280)}
     """
     if not float(alpha) > 0:

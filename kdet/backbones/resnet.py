@@ -134,7 +134,7 @@ def ResNet(depth=50, input_shape=(None, None, 3), weights=None, norm="batch",
 
     >>> import numpy as np
     >>> backbone = ResNet(18, input_shape=(64, 64, 3))
-    >>> {k: v.shape for k, v in backbone(np.zeros((1, 64, 64, 3), "float32")).items()}
+    >>> {k: tuple(v.shape) for k, v in backbone(np.zeros((1, 64, 64, 3), "float32")).items()}
     {'C2': (1, 16, 16, 64), 'C3': (1, 8, 8, 128), 'C4': (1, 4, 4, 256), 'C5': (1, 2, 2, 512)}
     """
     if depth not in RESNET_SPECS:
