@@ -5,7 +5,6 @@ FeaturePyramidNetwork / LastLevelP6P7 / RetinaNetHead / FrozenBatchNorm2d and
 effdet's BiFpn / HeadNet (weights copied) when importable.
 """
 import functools
-import pathlib
 
 import numpy as np
 import pytest
