@@ -116,7 +116,7 @@ def roi_pool(features, rois, output_size, spatial_scale=1.0):
     features = ops.convert_to_tensor(features)
     rois = ops.convert_to_tensor(rois)
     _check_inputs(features, rois, "roi_pool")
-    height, width, channels = features.shape[1], features.shape[2], features.shape[3]
+    height, width = features.shape[1], features.shape[2]
     if height is None or width is None:
         raise ValueError(f"roi_pool: needs a static feature height and width, "
                          f"got shape {tuple(features.shape)}")
