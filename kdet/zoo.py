@@ -54,10 +54,15 @@ _REQUIRED = {"name": str, "task": str, "architecture": dict, "source": dict, "me
 
 
 def cards_dir():
-    """Folder of the model cards: ``$KDET_ZOO_CARDS`` or the repository's ``zoo/cards``."""
+    """Folder of the model cards: ``$KDET_ZOO_CARDS``, else the repository's ``zoo/cards``
+    (a source checkout or editable install), else the copy a wheel ships as ``kdet.zoo_cards``."""
     folder = os.environ.get(CARDS_ENV)
-    repository = pathlib.Path(__file__).resolve().parents[1]
-    path = pathlib.Path(folder) if folder else repository / "zoo" / "cards"
+    if folder:
+        path = pathlib.Path(folder)
+    else:
+        path = pathlib.Path(__file__).resolve().parents[1] / "zoo" / "cards"
+        if not path.is_dir():
+            path = pathlib.Path(__file__).resolve().parent / "zoo_cards"
     if not path.is_dir():
         raise ValueError(f"kdet.zoo: model cards folder {str(path)!r} not found (set "
                          f"{CARDS_ENV} to the folder holding the <name>.yaml cards)")
