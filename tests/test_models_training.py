@@ -367,3 +367,32 @@ def test_efficientdet_lite0_overfits_four_pennfudan_images(shared_data):
             found = zip(out["boxes"][b][confident], out["labels"][b][confident])
             ious = [_iou(box, d) for d, l in found if l == label]
             assert ious and max(ious) > 0.5, (b, box, ious)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build", [
+    lambda: kdet.models.EfficientDet(phi="lite0", num_classes=3, image_size=128),
+    lambda: kdet.models.RetinaNet(backbone="resnet50", version=2, num_classes=3, image_size=128),
+], ids=["efficientdet_lite0", "retinanet_v2"])
+def test_real_models_fit_tf_data_compiled(build):
+    """model.fit on a tf.data pipeline with jit_compile=True (XLA on TF, jax.jit on JAX) and the
+    model's default recipe (EfficientDet: SGD + warmed-up EMA), then predict."""
+    import tensorflow as tf
+
+    data = ShapesDataset(8, image_size=128, seed=4, size_range=(16, 48))
+    pipeline = kdet.data.build_pipeline(data, image_size=128, batch_size=4, training=True,
+                                        augment=("flip",), include_masks=False, max_boxes=6,
+                                        seed=0, repeat=True)
+    pipeline = pipeline.map(lambda x, y: (x, {"boxes": y["boxes"], "labels": y["labels"]}))
+    assert isinstance(pipeline, tf.data.Dataset)
+    keras.utils.set_random_seed(0)
+    model = build()
+    model.compile(optimizer=model.default_optimizer(steps=100), jit_compile=True)
+    before = [to_numpy(w) for w in model.trainable_weights]
+    history = model.fit(pipeline, steps_per_epoch=3, epochs=2, verbose=0)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses)), losses
+    changed = sum(not np.allclose(a, to_numpy(b)) for a, b in zip(before, model.trainable_weights))
+    assert changed > len(before) // 2
+    out = model.predict(next(iter(pipeline))[0], verbose=0)
+    assert out["boxes"].shape[0] == 4 and np.all(np.isfinite(out["scores"]))

@@ -44,6 +44,20 @@ RETINANET_HEAD_RULES = (
     (r"head/bbox_reg/conv", r"head.regression_head.bbox_reg"),
 )
 
+# rpn.* and roi_heads.*: torchvision RPNHead (conv is a Conv2dNormActivation
+# without norm: ".0.0"), TwoMLPHead, FastRCNNPredictor, MaskRCNNHeads
+# (Conv2dNormActivation blocks ".i.0") and MaskRCNNPredictor.
+RCNN_RULES = (
+    (r"rpn_head/conv", r"rpn.head.conv.0.0"),
+    (r"rpn_head/(cls_logits|bbox_pred)", r"rpn.head.\1"),
+    (r"roi_heads/box_head/(fc6|fc7)", r"roi_heads.box_head.\1"),
+    (r"roi_heads/box_predictor/(cls_score|bbox_pred)", r"roi_heads.box_predictor.\1"),
+)
+MASK_RCNN_RULES = (
+    (r"roi_heads/mask_head/mask_fcn(\d+)", r"roi_heads.mask_head.\1.0"),
+    (r"roi_heads/mask_head/(conv5_mask|mask_fcn_logits)", r"roi_heads.mask_predictor.\1"),
+)
+
 # torchvision builder -> kdet builder, its arguments, and the rule rows.
 # "backbone_eps" reproduces torchvision's overwrite_eps(model, 0.0), which its
 # v1 COCO weights were trained and evaluated with (FrozenBatchNorm2d, eps 0).
@@ -56,6 +70,24 @@ TORCHVISION_ARCHITECTURES = {
         builder="kdet.models.RetinaNet",
         kwargs=dict(backbone="resnet50", version=2, num_classes=91, backbone_norm="batch"),
         backbone_eps=None, rules=FPN_RULES + RETINANET_HEAD_RULES),
+    # kdet counts foreground classes: torchvision's 91 (background + 90) is 90.
+    "fasterrcnn_resnet50_fpn": dict(
+        builder="kdet.models.FasterRCNN",
+        kwargs=dict(backbone="resnet50", version=1, num_classes=90, backbone_norm="frozen_batch",
+                    trainable_backbone_layers=3),
+        backbone_eps=0.0, rules=FPN_RULES + RCNN_RULES),
+    "maskrcnn_resnet50_fpn": dict(
+        builder="kdet.models.MaskRCNN",
+        kwargs=dict(backbone="resnet50", version=1, num_classes=90, backbone_norm="frozen_batch",
+                    trainable_backbone_layers=3),
+        backbone_eps=0.0, rules=FPN_RULES + RCNN_RULES + MASK_RCNN_RULES),
+}
+
+# kdet model class -> its torchvision architecture names by version.
+_KNOWN_MODELS = {
+    "RetinaNet": {1: "retinanet_resnet50_fpn", 2: "retinanet_resnet50_fpn_v2"},
+    "FasterRCNN": {1: "fasterrcnn_resnet50_fpn"},
+    "MaskRCNN": {1: "maskrcnn_resnet50_fpn"},
 }
 
 # Entries a torchvision checkpoint may hold that no kdet weight takes.
@@ -86,8 +118,9 @@ def upgrade_legacy_keys(state_dict):
 def architecture_of(model):
     """The ``TORCHVISION_ARCHITECTURES`` name that fits a kdet model."""
     config = getattr(model, "_config", {})
-    if type(model).__name__ == "RetinaNet" and config.get("backbone") == "resnet50":
-        return {1: "retinanet_resnet50_fpn", 2: "retinanet_resnet50_fpn_v2"}[config["version"]]
+    names = _KNOWN_MODELS.get(type(model).__name__, {})
+    if config.get("backbone") == "resnet50" and config.get("version") in names:
+        return names[config["version"]]
     raise ValueError(f"convert_torchvision: no torchvision mapping for model {model.name!r} "
                      f"({type(model).__name__}); known: {sorted(TORCHVISION_ARCHITECTURES)}")
 
@@ -149,7 +182,7 @@ def convert_torchvision(source, model, strict=True):
     (``head(backbone(x))``) on the same normalised input.
     """
     state = upgrade_legacy_keys(as_state_dict(source))
-    if type(model).__name__ != "RetinaNet":  # a classification backbone
+    if type(model).__name__ not in _KNOWN_MODELS:  # a classification backbone
         from kdet.converters.backbones import convert_torchvision_backbone
         return convert_torchvision_backbone(state, model, strict=strict)
     from kdet.backbones.resnet import load_torchvision_state_dict
@@ -158,7 +191,10 @@ def convert_torchvision(source, model, strict=True):
     spec = TORCHVISION_ARCHITECTURES[name]
     backbone = find_backbone(model)
     used = load_torchvision_state_dict(backbone, state, prefix="backbone.body.", strict=strict)
-    pairs = plan(model_variables(model, skip=[backbone]), spec["rules"],
+    # Sampler seed states (Faster/Mask R-CNN) are not weights.
+    variables = {path: v for path, v in model_variables(model, skip=[backbone]).items()
+                 if not path.split("/")[-1].startswith("seed_generator_state")}
+    pairs = plan(variables, spec["rules"],
                  owner=f"convert_torchvision[{name}]")
     used += copy_weights(pairs, state, owner=f"convert_torchvision[{name}]")
     if strict:

@@ -17,9 +17,7 @@ post-processing: score > 0.05, top-1000 per level, NMS 0.5, 100 detections.
 import keras
 
 from kdet.anchors import AnchorGenerator
-from kdet.backbones.efficientnet import EfficientNet as EfficientNetBackbone
-from kdet.backbones.mobilenet import MobileNetV2 as MobileNetV2Backbone
-from kdet.backbones.resnet import ResNet
+from kdet.backbones.factory import build_backbone
 from kdet.boxes import BoxCoder
 from kdet.layers.fpn import FPN
 from kdet.layers.heads import RetinaNetHead
@@ -27,22 +25,6 @@ from kdet.layers.normalization import ImageNormalization
 from kdet.models.detector import DenseDetector, make_decoder, make_matcher
 
 ANCHOR_BASE_SIZES = (32, 64, 128, 256, 512)
-
-
-def _backbone(name, size, weights, backbone_norm, trainable_layers, norm_epsilon):
-    shape = (size, size, 3)
-    if isinstance(name, keras.Model):
-        return name
-    if name in ("resnet50", "resnet101"):
-        return ResNet(depth=int(name[6:]), input_shape=shape, weights=weights, norm=backbone_norm,
-                      trainable_layers=trainable_layers, norm_epsilon=norm_epsilon)
-    if name.startswith("efficientnet_b"):
-        return EfficientNetBackbone(name[len("efficientnet_"):], input_shape=shape, weights=weights)
-    if name == "mobilenet_v2":
-        return MobileNetV2Backbone(input_shape=shape, weights=weights)
-    raise ValueError(f"unknown RetinaNet backbone {name!r}: use 'resnet50', 'resnet101', "
-                     "'efficientnet_b0'..'efficientnet_b7', 'mobilenet_v2' or a Keras model "
-                     "returning a dict with C3, C4, C5")
 
 
 @keras.saving.register_keras_serializable(package="kdet")
@@ -74,8 +56,9 @@ class RetinaNet(DenseDetector):
             raise ValueError(f"image_size {size} must be a multiple of 128 (P7 has stride 128)")
         images = keras.Input((size, size, 3), name="images")
         x = ImageNormalization(name="normalize")(images)  # ImageNet mean/std
-        body = _backbone(backbone, size, backbone_weights, backbone_norm, trainable_backbone_layers,
-                         backbone_norm_epsilon)
+        body = build_backbone(backbone, size, backbone_weights, backbone_norm,
+                              trainable_backbone_layers, backbone_norm_epsilon, levels=(3, 4, 5),
+                              owner="RetinaNet")
         features = body(x)
         features = {k: features[k] for k in ("C3", "C4", "C5")}
         pyramid = FPN(out_channels=256, in_levels=(3, 4, 5),

@@ -1,0 +1,39 @@
+"""Backbones by name, for the detectors' ``backbone=`` argument (one place for all of them).
+
+    >>> from kdet.backbones.factory import build_backbone
+    >>> model = build_backbone("mobilenet_v2", 64, levels=(3, 4, 5))
+    >>> sorted(model.output)
+    ['C3', 'C4', 'C5']
+"""
+import keras
+
+from kdet.backbones.efficientnet import EfficientNet
+from kdet.backbones.mobilenet import MobileNetV2
+from kdet.backbones.resnet import ResNet
+
+NAMES = ("resnet50", "resnet101", "efficientnet_b0..efficientnet_b7", "mobilenet_v2")
+
+
+def build_backbone(name, image_size, weights=None, norm="batch", trainable_layers=5,
+                   norm_epsilon=1e-5, levels=(3, 4, 5), owner="detector"):
+    """The feature extractor ``name`` for square ``image_size`` inputs, returning ``C<level>``.
+
+    ``name`` may also be a Keras model returning those levels (used as it is;
+    such a detector cannot be rebuilt from its config). ``norm``,
+    ``trainable_layers`` and ``norm_epsilon`` apply to ResNets (torchvision
+    semantics); MobileNetV2 takes ``norm``.
+    """
+    if isinstance(name, keras.Model):
+        return name
+    shape = (int(image_size), int(image_size), 3)
+    levels = tuple(levels)
+    if name in ("resnet50", "resnet101"):
+        return ResNet(depth=int(name[6:]), input_shape=shape, weights=weights, norm=norm,
+                      trainable_layers=trainable_layers, norm_epsilon=norm_epsilon)
+    if isinstance(name, str) and name.startswith("efficientnet_b"):
+        return EfficientNet(name[len("efficientnet_"):], input_shape=shape, weights=weights,
+                            return_levels=levels)
+    if name == "mobilenet_v2":
+        return MobileNetV2(input_shape=shape, weights=weights, norm=norm, return_levels=levels)
+    raise ValueError(f"unknown {owner} backbone {name!r}: use one of {', '.join(NAMES)} or a "
+                     f"Keras model returning a dict with {', '.join(f'C{i}' for i in levels)}")

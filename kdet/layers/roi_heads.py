@@ -1,0 +1,408 @@
+"""Second-stage (RoI) heads of Faster / Mask R-CNN, torchvision semantics.
+
+* ``TwoMLPHead``: torchvision ``TwoMLPHead``, flatten the pooled ``7 x 7 x C``
+  RoI features in PyTorch's (C, y, x) order, then fc6 + ReLU, fc7 + ReLU.
+* ``FastRCNNPredictor``: class logits (``num_classes`` columns, background
+  first) and per-class box deltas (``4 * num_classes``).
+* ``MaskRCNNHead``: torchvision ``MaskRCNNHeads`` + ``MaskRCNNPredictor``:
+  4x (3x3 conv 256 + ReLU), 2x2/s2 transposed conv 256 + ReLU, 1x1 conv to
+  ``num_classes`` mask logits (28 x 28 from 14 x 14 RoIs).
+* ``postprocess_detections``: torchvision ``RoIHeads.postprocess_detections``
+  (softmax, per-class decode with weights (10, 10, 5, 5), clip, drop the
+  background column, score > 0.05, side >= 1e-2, class-wise NMS 0.5, top 100)
+  on padded tensors.
+* ``paste_masks``: torchvision ``paste_masks_in_image`` (pad the 28 x 28 mask
+  by one pixel, grow the box by 30/28, truncate it to integers, bilinearly
+  resize into it) as two separable interpolation matrices per detection.
+* ``RoIHeads``: the inference path of the whole second stage as one layer
+  (pool, heads, post-process, masks). Training (target sampling and losses)
+  lives in :mod:`kdet.models.faster_rcnn`, which calls the same sub-layers.
+
+Channel layout: every predictor column 0 is background (torchvision); kdet's
+user labels ``c = 0..K-1`` are columns ``c + 1``, and ``postprocess_detections``
+returns ``c`` again.
+
+    >>> import numpy as np
+    >>> head = MaskRCNNHead(num_classes=3, layers=(8,), dim_reduced=8)
+    >>> tuple(head(np.zeros((1, 2, 14, 14, 4), "float32")).shape)
+    (1, 2, 28, 28, 3)
+"""
+import keras
+import numpy as np
+from keras import ops
+
+from kdet.boxes import BoxCoder, clip_boxes
+from kdet.layers.roi import MultiLevelRoIAlign
+from kdet.ops.nms import batched_nms
+
+
+def _torch_linear_kernel():
+    # torch.nn.Linear default: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    return keras.initializers.VarianceScaling(1.0 / 3.0, mode="fan_in", distribution="uniform")
+
+
+def _kaiming_fan_out():
+    # torch.nn.init.kaiming_normal_(mode="fan_out", nonlinearity="relu").
+    return keras.initializers.VarianceScaling(2.0, mode="fan_out",
+                                              distribution="untruncated_normal")
+
+
+def _merge_rois(x):
+    """``[B, R, ...]`` -> ``[B * R, ...]`` (static trailing dims)."""
+    return ops.reshape(x, (-1,) + tuple(x.shape[2:]))
+
+
+@keras.saving.register_keras_serializable(package="kdet")
+class TwoMLPHead(keras.layers.Layer):
+    """torchvision ``TwoMLPHead``: ``[B, R, h, w, C]`` -> ``[B, R, representation_size]``.
+
+    The pooled features are flattened channels-first, as PyTorch does, so
+    torchvision's ``fc6`` weight copies over unchanged.
+
+    >>> import numpy as np
+    >>> tuple(TwoMLPHead(16)(np.zeros((2, 3, 7, 7, 4), "float32")).shape)
+    (2, 3, 16)
+    """
+
+    def __init__(self, representation_size=1024, **kwargs):
+        super().__init__(**kwargs)
+        self.representation_size = int(representation_size)
+        common = dict(activation="relu", kernel_initializer=_torch_linear_kernel(),
+                      dtype=self.dtype_policy)
+        self.fc6 = keras.layers.Dense(self.representation_size, name="fc6", **common)
+        self.fc7 = keras.layers.Dense(self.representation_size, name="fc7", **common)
+
+    def build(self, input_shape):
+        flat = int(np.prod(input_shape[2:]))
+        self.fc6.build((None, flat))
+        self.fc7.build((None, self.representation_size))
+
+    def call(self, x):
+        x = ops.transpose(x, (0, 1, 4, 2, 3))  # (C, y, x) like torch's flatten of NCHW
+        x = ops.reshape(x, (ops.shape(x)[0], ops.shape(x)[1], int(np.prod(x.shape[2:]))))
+        return self.fc7(self.fc6(x))
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:2]) + (self.representation_size,)
+
+    def get_config(self):
+        config = super().get_config()
+        config["representation_size"] = self.representation_size
+        return config
+
+
+@keras.saving.register_keras_serializable(package="kdet")
+class FastRCNNPredictor(keras.layers.Layer):
+    """torchvision ``FastRCNNPredictor``: class logits ``[..., K+1]``, box deltas ``[..., 4(K+1)]``.
+
+    Returns ``{"class_logits", "box_regression"}``.
+
+    Args:
+        num_classes: columns including background (torchvision's count).
+
+    >>> import numpy as np
+    >>> out = FastRCNNPredictor(3)(np.zeros((1, 2, 8), "float32"))
+    >>> tuple(out["class_logits"].shape), tuple(out["box_regression"].shape)
+    ((1, 2, 3), (1, 2, 12))
+    """
+
+    def __init__(self, num_classes, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = int(num_classes)
+        common = dict(kernel_initializer=_torch_linear_kernel(), dtype=self.dtype_policy)
+        self.cls_score = keras.layers.Dense(self.num_classes, name="cls_score", **common)
+        self.bbox_pred = keras.layers.Dense(4 * self.num_classes, name="bbox_pred", **common)
+
+    def build(self, input_shape):
+        self.cls_score.build(input_shape)
+        self.bbox_pred.build(input_shape)
+
+    def call(self, x):
+        return {"class_logits": self.cls_score(x), "box_regression": self.bbox_pred(x)}
+
+    def compute_output_spec(self, x):
+        lead = tuple(x.shape[:-1])
+        return {"class_logits": keras.KerasTensor(lead + (self.num_classes,), self.compute_dtype),
+                "box_regression": keras.KerasTensor(lead + (4 * self.num_classes,),
+                                                    self.compute_dtype)}
+
+    def get_config(self):
+        config = super().get_config()
+        config["num_classes"] = self.num_classes
+        return config
+
+
+@keras.saving.register_keras_serializable(package="kdet")
+class MaskRCNNHead(keras.layers.Layer):
+    """torchvision ``MaskRCNNHeads`` + ``MaskRCNNPredictor`` (channels last).
+
+    ``[B, R, 14, 14, C]`` RoI features -> ``[B, R, 28, 28, K+1]`` mask logits.
+
+    Args:
+        num_classes: output channels including background (torchvision's count).
+        layers: channels of the 3x3 convs, default ``(256,) * 4``.
+        dim_reduced: channels of the 2x2/s2 transposed conv, 256.
+    """
+
+    def __init__(self, num_classes, layers=(256, 256, 256, 256), dim_reduced=256, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = int(num_classes)
+        self.layer_channels = tuple(int(c) for c in layers)
+        self.dim_reduced = int(dim_reduced)
+        common = dict(kernel_initializer=_kaiming_fan_out(), bias_initializer="zeros",
+                      dtype=self.dtype_policy)
+        self.convs = [keras.layers.Conv2D(c, 3, padding="same", activation="relu",
+                                          name=f"mask_fcn{i}", **common)
+                      for i, c in enumerate(self.layer_channels)]
+        self.conv5_mask = keras.layers.Conv2DTranspose(self.dim_reduced, 2, strides=2,
+                                                       activation="relu", name="conv5_mask",
+                                                       **common)
+        self.mask_fcn_logits = keras.layers.Conv2D(self.num_classes, 1, name="mask_fcn_logits",
+                                                   **common)
+
+    def build(self, input_shape):
+        shape = (None,) + tuple(input_shape[2:])
+        for conv in self.convs:
+            conv.build(shape)
+            shape = conv.compute_output_shape(shape)
+        self.conv5_mask.build(shape)
+        shape = self.conv5_mask.compute_output_shape(shape)
+        self.mask_fcn_logits.build(shape)
+
+    def call(self, x):
+        batch, rois = ops.shape(x)[0], ops.shape(x)[1]
+        y = _merge_rois(x)
+        for conv in self.convs:
+            y = conv(y)
+        y = self.mask_fcn_logits(self.conv5_mask(y))
+        return ops.reshape(y, (batch, rois) + tuple(y.shape[1:]))
+
+    def compute_output_shape(self, input_shape):
+        h, w = input_shape[2], input_shape[3]
+        return (input_shape[0], input_shape[1], 2 * h, 2 * w, self.num_classes)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_classes=self.num_classes, layers=list(self.layer_channels),
+                      dim_reduced=self.dim_reduced)
+        return config
+
+
+def postprocess_detections(class_logits, box_regression, proposals, proposals_valid, image_size,
+                           score_threshold=0.05, nms_threshold=0.5, detections_per_image=100,
+                           min_size=1e-2, box_coder=None):
+    """torchvision ``RoIHeads.postprocess_detections`` with static shapes.
+
+    Args:
+        class_logits: ``[B, R, K+1]`` (column 0 background).
+        box_regression: ``[B, R, 4(K+1)]`` deltas per class.
+        proposals: ``[B, R, 4]`` xyxy; proposals_valid: ``[B, R]`` bool.
+        image_size: ``(H, W)`` for clipping.
+
+    Returns:
+        ``{"boxes": [B, D, 4], "scores": [B, D], "labels": [B, D], "num_detections": [B]}``
+        with kdet labels ``0..K-1`` (torchvision's label minus one), padded
+        with zero boxes, score 0 and label -1, in descending score order.
+    """
+    box_coder = box_coder or BoxCoder((10.0, 10.0, 5.0, 5.0))
+    class_logits = ops.cast(class_logits, "float32")
+    box_regression = ops.cast(box_regression, "float32")
+    num_columns = class_logits.shape[-1]
+    num_rois = class_logits.shape[1]
+    deltas = ops.reshape(box_regression, (-1, num_rois, num_columns, 4))
+    boxes = box_coder.decode(deltas, proposals[:, :, None, :])
+    boxes = clip_boxes(boxes, image_size[0], image_size[1])[:, :, 1:]  # drop background
+    scores = ops.softmax(class_logits, axis=-1)[:, :, 1:]
+    num_fg = num_columns - 1
+    boxes = ops.reshape(boxes, (-1, num_rois * num_fg, 4))
+    scores = ops.reshape(scores, (-1, num_rois * num_fg))
+    labels = ops.convert_to_tensor(np.tile(np.arange(num_fg, dtype="int32"), num_rois))
+    labels = ops.broadcast_to(labels[None], ops.shape(scores))
+    valid = ops.reshape(ops.repeat(ops.cast(proposals_valid, "bool")[:, :, None], num_fg, axis=2),
+                        (-1, num_rois * num_fg))
+    width = boxes[..., 2] - boxes[..., 0]
+    height = boxes[..., 3] - boxes[..., 1]
+    valid = valid & (scores > score_threshold) & (width >= min_size) & (height >= min_size)
+    index, count = batched_nms(boxes, scores, labels, iou_threshold=nms_threshold,
+                               max_output_size=detections_per_image, method="mask",
+                               valid_mask=valid)
+    keep = index >= 0
+    safe = ops.where(keep, index, 0)
+    out_boxes = ops.where(keep[..., None], ops.take_along_axis(boxes, safe[..., None], axis=1), 0.0)
+    out_scores = ops.where(keep, ops.take_along_axis(scores, safe, axis=1), 0.0)
+    out_labels = ops.where(keep, ops.take_along_axis(labels, safe, axis=1), -1)
+    return {"boxes": out_boxes, "scores": out_scores, "labels": ops.cast(out_labels, "int32"),
+            "num_detections": ops.cast(count, "int32")}
+
+
+def _trunc(x):
+    # torch's float -> int64 conversion rounds toward zero.
+    return ops.sign(x) * ops.floor(ops.abs(x))
+
+
+def _paste_weights(start, end, mask_size, out_size):
+    """Interpolation matrix ``[B, D, out_size, mask_size]`` of one axis.
+
+    Pixel ``p`` of the image lies in the integer box ``[start, end]`` and
+    reads column ``j = p - start`` of the mask resized (bilinear,
+    ``align_corners=False``) to ``end - start + 1`` pixels.
+    """
+    length = ops.maximum(end - start + 1.0, 1.0)[..., None]  # [B, D, 1]
+    pixel = ops.cast(ops.arange(out_size), "float32")[None, None, :]
+    j = pixel - start[..., None]
+    scale = float(mask_size) / length
+    src = ops.maximum(scale * (j + 0.5) - 0.5, 0.0)
+    i0 = ops.floor(src)
+    lam = src - i0
+    i0 = ops.cast(ops.minimum(i0, mask_size - 1), "int32")
+    i1 = ops.minimum(i0 + 1, mask_size - 1)
+    weights = (ops.one_hot(i0, mask_size) * (1.0 - lam)[..., None]
+               + ops.one_hot(i1, mask_size) * lam[..., None])
+    inside = (pixel >= start[..., None]) & (pixel <= end[..., None])
+    return weights * ops.cast(inside, "float32")[..., None]
+
+
+def paste_masks(masks, boxes, image_size, padding=1):
+    """torchvision ``paste_masks_in_image``: ``[B, D, M, M]`` masks into ``[B, D, H, W]``.
+
+    Each mask is zero-padded by ``padding`` pixels, its box grown by
+    ``(M + 2 padding) / M`` about the centre and truncated to integers
+    ``(x0, y0, x1, y1)``; the mask is bilinearly resized
+    (``align_corners=False``) to ``(y1 - y0 + 1, x1 - x0 + 1)`` and written at
+    ``[y0:y1 + 1, x0:x1 + 1]`` (clipped to the image), zeros elsewhere.
+
+    >>> import numpy as np
+    >>> out = paste_masks(np.ones((1, 1, 28, 28), "float32"),
+    ...                   np.array([[[2, 2, 9, 9]]], "float32"), (12, 12))
+    >>> tuple(out.shape), float(np.asarray(out)[0, 0, 5, 5]), float(np.asarray(out)[0, 0, 0, 0])
+    ((1, 1, 12, 12), 1.0, 0.0)
+    """
+    masks = ops.cast(masks, "float32")
+    boxes = ops.cast(boxes, "float32")
+    size = masks.shape[-1]
+    padded_size = size + 2 * padding
+    masks = ops.pad(masks, [(0, 0), (0, 0), (padding, padding), (padding, padding)])
+    scale = padded_size / size
+    half_w = (boxes[..., 2] - boxes[..., 0]) * 0.5 * scale
+    half_h = (boxes[..., 3] - boxes[..., 1]) * 0.5 * scale
+    center_x = (boxes[..., 2] + boxes[..., 0]) * 0.5
+    center_y = (boxes[..., 3] + boxes[..., 1]) * 0.5
+    x0, x1 = _trunc(center_x - half_w), _trunc(center_x + half_w)
+    y0, y1 = _trunc(center_y - half_h), _trunc(center_y + half_h)
+    weights_y = _paste_weights(y0, y1, padded_size, int(image_size[0]))
+    weights_x = _paste_weights(x0, x1, padded_size, int(image_size[1]))
+    rows = ops.einsum("bdyi,bdij->bdyj", weights_y, masks)
+    return ops.einsum("bdyj,bdxj->bdyx", rows, weights_x)
+
+
+@keras.saving.register_keras_serializable(package="kdet")
+class RoIHeads(keras.layers.Layer):
+    """The second stage at inference: proposals -> detections (+ pasted masks).
+
+    Args:
+        num_classes: foreground classes ``K`` (predictors get ``K + 1`` columns).
+        image_size: ``(H, W)`` of the model input.
+        levels: pyramid levels pooled, ``(2, 3, 4, 5)``.
+        representation_size: 1024; score_threshold 0.05; nms_threshold 0.5;
+        detections_per_image 100; min_size 1e-2 (torchvision defaults).
+        with_masks: add the Mask R-CNN head (RoIAlign 14, sampling 2).
+
+    Call ``(features [P2..P5], proposals [B, P, 4], proposals_valid [B, P],
+    training=None)`` -> the padded detection dict (``"masks" [B, D, H, W]``
+    probabilities with ``with_masks``). With ``training=True`` the heads are
+    skipped and the dict holds zeros (the model's loss samples its own RoIs
+    and calls ``box_roi_pool``, ``box_head``, ``box_predictor``,
+    ``mask_roi_pool`` and ``mask_head`` directly).
+    """
+
+    def __init__(self, num_classes, image_size, levels=(2, 3, 4, 5), representation_size=1024,
+                 score_threshold=0.05, nms_threshold=0.5, detections_per_image=100,
+                 min_size=1e-2, with_masks=False, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = int(num_classes)
+        self.image_size = tuple(int(s) for s in (
+            image_size if isinstance(image_size, (list, tuple)) else (image_size, image_size)))
+        self.levels = tuple(int(level) for level in levels)
+        self.representation_size = int(representation_size)
+        self.score_threshold = float(score_threshold)
+        self.nms_threshold = float(nms_threshold)
+        self.detections_per_image = int(detections_per_image)
+        self.min_size = float(min_size)
+        self.with_masks = bool(with_masks)
+        self.box_coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+        self.box_roi_pool = MultiLevelRoIAlign(7, levels=self.levels, sampling_ratio=2,
+                                               name="box_roi_pool")
+        self.box_head = TwoMLPHead(self.representation_size, name="box_head",
+                                   dtype=self.dtype_policy)
+        self.box_predictor = FastRCNNPredictor(self.num_classes + 1, name="box_predictor",
+                                               dtype=self.dtype_policy)
+        self.mask_roi_pool = self.mask_head = None
+        if self.with_masks:
+            self.mask_roi_pool = MultiLevelRoIAlign(14, levels=self.levels, sampling_ratio=2,
+                                                    name="mask_roi_pool")
+            self.mask_head = MaskRCNNHead(self.num_classes + 1, name="mask_head",
+                                          dtype=self.dtype_policy)
+
+    def build(self, features_shape, proposals_shape, proposals_valid_shape=None):
+        channels = features_shape[0][-1]
+        self.box_head.build((None, None, 7, 7, channels))
+        self.box_predictor.build((None, None, self.representation_size))
+        if self.with_masks:
+            self.mask_head.build((None, None, 14, 14, channels))
+
+    def box_logits(self, features, rois):
+        """Box-head outputs for ``rois [B, R, 4]``: class logits and box regression."""
+        pooled = self.box_roi_pool(features, rois)
+        return self.box_predictor(self.box_head(pooled))
+
+    def mask_logits(self, features, rois):
+        """Mask logits ``[B, R, 28, 28, K+1]`` for ``rois [B, R, 4]``."""
+        return self.mask_head(self.mask_roi_pool(features, rois))
+
+    def _zeros(self, batch):
+        d = self.detections_per_image
+        out = {"boxes": ops.zeros((batch, d, 4)), "scores": ops.zeros((batch, d)),
+               "labels": ops.full((batch, d), -1, "int32"),
+               "num_detections": ops.zeros((batch,), "int32")}
+        if self.with_masks:
+            out["masks"] = ops.zeros((batch, d) + self.image_size)
+        return out
+
+    def call(self, features, proposals, proposals_valid, training=None):
+        features = list(features)
+        if training:
+            return self._zeros(ops.shape(proposals)[0])
+        head = self.box_logits(features, proposals)
+        out = postprocess_detections(
+            head["class_logits"], head["box_regression"], proposals, proposals_valid,
+            self.image_size, self.score_threshold, self.nms_threshold,
+            self.detections_per_image, self.min_size, self.box_coder)
+        if self.with_masks:
+            logits = ops.cast(self.mask_logits(features, out["boxes"]), "float32")
+            channel = ops.maximum(out["labels"], 0) + 1  # column of the detected class
+            index = ops.broadcast_to(channel[:, :, None, None, None],
+                                     tuple(ops.shape(logits)[:4]) + (1,))
+            probs = ops.sigmoid(ops.take_along_axis(logits, index, axis=-1)[..., 0])
+            pasted = paste_masks(probs, out["boxes"], self.image_size)
+            detected = ops.cast(out["labels"] >= 0, "float32")[:, :, None, None]
+            out["masks"] = pasted * detected
+        return out
+
+    def compute_output_spec(self, features, proposals, proposals_valid, training=None):
+        batch, d = proposals.shape[0], self.detections_per_image
+        out = {"boxes": keras.KerasTensor((batch, d, 4), "float32"),
+               "scores": keras.KerasTensor((batch, d), "float32"),
+               "labels": keras.KerasTensor((batch, d), "int32"),
+               "num_detections": keras.KerasTensor((batch,), "int32")}
+        if self.with_masks:
+            out["masks"] = keras.KerasTensor((batch, d) + self.image_size, "float32")
+        return out
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_classes=self.num_classes, image_size=list(self.image_size),
+                      levels=list(self.levels), representation_size=self.representation_size,
+                      score_threshold=self.score_threshold, nms_threshold=self.nms_threshold,
+                      detections_per_image=self.detections_per_image, min_size=self.min_size,
+                      with_masks=self.with_masks)
+        return config

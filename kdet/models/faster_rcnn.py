@@ -1,0 +1,371 @@
+"""Faster R-CNN with FPN (Ren et al. 2015; Lin et al. 2017), torchvision semantics.
+
+``FasterRCNN`` is torchvision's ``fasterrcnn_resnet50_fpn`` as a Keras
+functional model on a fixed square input (kdet trains on padded squares):
+
+* ResNet-50 (torchvision layout) -> FPN P2-P5 + "pool" P6 (max-pool k1 s2 on P5);
+* RPN: anchors 32..512 on P2-P6 x ratios (0.5, 1, 2), ``RPNHead``,
+  ``ProposalGenerator`` (pre-NMS top 2000/1000 per level in training/test,
+  NMS 0.7, post-NMS top 2000/1000);
+* RoI heads: ``MultiLevelRoIAlign(7, sampling 2)``, ``TwoMLPHead`` (1024),
+  ``FastRCNNPredictor``, post-processing score > 0.05, NMS 0.5, 100 detections.
+
+Training (``compute_loss``, so ``model.fit`` works with ``jit_compile`` on TF
+and JAX): RPN targets fg IoU >= 0.7 / bg < 0.3 (+ each GT's best anchors),
+256 anchors per image at 50 % positive, BCE objectness and smooth-L1
+(beta 1/9) box loss divided by the sampled count; RoI targets: proposals plus
+the GT boxes, fg IoU >= 0.5, 512 RoIs per image at 25 % foreground, softmax
+cross-entropy and smooth-L1 (beta 1/9) on the GT class's deltas, divided by
+the sampled count. The total loss is the sum of the four terms
+(``loss_terms`` gives them one by one, named as torchvision's loss dict).
+
+Classes: ``num_classes`` is the number of *foreground* classes; user labels
+are ``0..num_classes-1`` as in every kdet detector. The predictors have
+``num_classes + 1`` columns with background first (torchvision's layout), so
+kdet label ``c`` is torchvision label ``c + 1``: torchvision's COCO model
+(``num_classes=91``) is ``FasterRCNN(num_classes=90)``.
+
+The functional graph returns the detections (``"boxes"``, ``"scores"``,
+``"labels"``, ``"num_detections"``) together with what the loss needs (RPN
+outputs, proposals, pyramid features); ``predict`` returns only the
+detections.
+
+    >>> import kdet
+    >>> model = kdet.models.FasterRCNN(num_classes=20, image_size=512)   # doctest: +SKIP
+    >>> model.compile()                                                    # doctest: +SKIP
+    >>> model.fit(train_ds, epochs=12)                                     # doctest: +SKIP
+"""
+import keras
+import numpy as np
+from keras import ops
+
+from kdet import boxes as box_ops
+from kdet import losses
+from kdet.backbones.factory import build_backbone
+from kdet.layers.fpn import FPN
+from kdet.layers.normalization import ImageNormalization
+from kdet.layers.roi_heads import RoIHeads
+from kdet.layers.rpn import ProposalGenerator, RPNHead
+from kdet.matching import BalancedSampler, Matcher, encode_roi_targets, encode_rpn_targets
+from kdet.models.detector import resize_and_pad
+from kdet.ops.roi_align import roi_align
+
+ANCHOR_SIZES = (32, 64, 128, 256, 512)
+ASPECT_RATIOS = (0.5, 1.0, 2.0)
+PREDICTION_KEYS = ("boxes", "scores", "labels", "num_detections", "masks")
+
+
+@keras.saving.register_keras_serializable(package="kdet")
+class FasterRCNN(keras.Model):
+    """Faster R-CNN R50-FPN (torchvision ``fasterrcnn_resnet50_fpn``, v1) as a Keras model.
+
+    Args:
+        num_classes: foreground classes (labels ``0..num_classes-1``).
+        backbone: "resnet50" | "resnet101" | "mobilenet_v2" | "efficientnet_b0".."b7" (or a
+            Keras model returning C2..C5).
+        version: 1 (torchvision v1; v2 is not implemented).
+        image_size: square input size, a multiple of 32.
+        backbone_weights, backbone_norm ("batch" as torchvision ``weights=None``,
+            or "frozen_batch"), trainable_backbone_layers (0..5),
+            backbone_norm_epsilon: as :class:`kdet.models.RetinaNet`.
+        rpn_*: torchvision ``RegionProposalNetwork`` settings.
+        box_*: torchvision ``RoIHeads`` settings (``box_batch_size_per_image``
+            512, ``box_positive_fraction`` 0.25, thresholds 0.5/0.5,
+            ``box_score_thresh`` 0.05, ``box_nms_thresh`` 0.5,
+            ``box_detections_per_img`` 100).
+        seed: seed of the two random samplers.
+    """
+
+    with_masks = False
+
+    def __init__(self, num_classes=90, backbone="resnet50", version=1, image_size=800,
+                 backbone_weights=None, backbone_norm="batch", trainable_backbone_layers=5,
+                 backbone_norm_epsilon=1e-5,
+                 rpn_pre_nms_top_n_train=2000, rpn_pre_nms_top_n_test=1000,
+                 rpn_post_nms_top_n_train=2000, rpn_post_nms_top_n_test=1000,
+                 rpn_nms_thresh=0.7, rpn_fg_iou_thresh=0.7, rpn_bg_iou_thresh=0.3,
+                 rpn_batch_size_per_image=256, rpn_positive_fraction=0.5, rpn_score_thresh=0.0,
+                 box_score_thresh=0.05, box_nms_thresh=0.5, box_detections_per_img=100,
+                 box_fg_iou_thresh=0.5, box_bg_iou_thresh=0.5, box_batch_size_per_image=512,
+                 box_positive_fraction=0.25, mask_batch_size_per_image=None,
+                 bounding_box_format="xyxy", seed=None, **kwargs):
+        if version != 1:
+            raise ValueError(f"{type(self).__name__}: only version=1 (torchvision v1) is "
+                             f"implemented, got {version!r}")
+        size = int(image_size)
+        if size % 32:
+            raise ValueError(f"{type(self).__name__}: image_size {size} must be a multiple of 32")
+        if int(num_classes) < 1:
+            raise ValueError(f"{type(self).__name__}: num_classes must be >= 1, got {num_classes}")
+        images = keras.Input((size, size, 3), name="images")
+        x = ImageNormalization(name="normalize")(images)
+        body = build_backbone(backbone, size, backbone_weights, backbone_norm,
+                              trainable_backbone_layers, backbone_norm_epsilon,
+                              levels=(2, 3, 4, 5), owner=type(self).__name__)
+        features = body(x)
+        features = {k: features[k] for k in ("C2", "C3", "C4", "C5")}
+        pyramid = FPN(out_channels=256, in_levels=(2, 3, 4, 5), extra_blocks="maxpool",
+                      name="fpn")(features)
+        levels = [pyramid[f"P{level}"] for level in range(2, 7)]
+        rpn = RPNHead(num_anchors=len(ASPECT_RATIOS), channels=256, name="rpn_head")(levels)
+        proposal_layer = ProposalGenerator(
+            image_size=size, anchor_sizes=ANCHOR_SIZES, aspect_ratios=ASPECT_RATIOS,
+            strides=(4, 8, 16, 32, 64), pre_nms_top_n_train=rpn_pre_nms_top_n_train,
+            pre_nms_top_n_test=rpn_pre_nms_top_n_test,
+            post_nms_top_n_train=rpn_post_nms_top_n_train,
+            post_nms_top_n_test=rpn_post_nms_top_n_test, nms_threshold=rpn_nms_thresh,
+            score_threshold=rpn_score_thresh, name="proposals")
+        proposals = proposal_layer(rpn["objectness"], rpn["box_deltas"])
+        roi_heads = RoIHeads(num_classes=num_classes, image_size=(size, size),
+                             score_threshold=box_score_thresh, nms_threshold=box_nms_thresh,
+                             detections_per_image=box_detections_per_img,
+                             with_masks=self.with_masks, name="roi_heads")
+        pooled_levels = levels[:4]
+        detections = roi_heads(pooled_levels, proposals["proposals"], proposals["valid"])
+        outputs = dict(detections)
+        outputs.update({
+            "rpn_objectness": rpn["objectness"], "rpn_box_deltas": rpn["box_deltas"],
+            "proposals": proposals["proposals"], "proposals_valid": proposals["valid"],
+            **{f"P{level}": pyramid[f"P{level}"] for level in range(2, 6)}})
+        name = kwargs.pop("name", None) or (
+            f"{'mask' if self.with_masks else 'faster'}rcnn_"
+            f"{backbone if isinstance(backbone, str) else 'custom'}_fpn")
+        super().__init__(inputs=images, outputs=outputs, name=name, **kwargs)
+
+        self.num_classes = int(num_classes)
+        self.image_size = (size, size)
+        self.bounding_box_format = bounding_box_format
+        self.anchors = proposal_layer.anchors
+        self.roi_heads = roi_heads
+        self.rpn_matcher = Matcher(rpn_fg_iou_thresh, rpn_bg_iou_thresh,
+                                   allow_low_quality_matches=True)
+        self.box_matcher = Matcher(box_fg_iou_thresh, box_bg_iou_thresh)
+        self.rpn_sampler = BalancedSampler(rpn_batch_size_per_image, rpn_positive_fraction,
+                                           seed=seed, name="rpn_sampler")
+        self.box_sampler = BalancedSampler(box_batch_size_per_image, box_positive_fraction,
+                                           seed=None if seed is None else seed + 1,
+                                           name="box_sampler")
+        # Mask RoIs per image: the sampler keeps at most this many positives.
+        self.mask_batch_size_per_image = int(
+            mask_batch_size_per_image
+            or max(1, int(box_batch_size_per_image * box_positive_fraction)))
+        self._config = dict(
+            num_classes=num_classes, backbone=backbone, version=version, image_size=size,
+            backbone_weights=backbone_weights, backbone_norm=backbone_norm,
+            trainable_backbone_layers=trainable_backbone_layers,
+            backbone_norm_epsilon=backbone_norm_epsilon,
+            rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
+            rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
+            rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
+            rpn_post_nms_top_n_test=rpn_post_nms_top_n_test, rpn_nms_thresh=rpn_nms_thresh,
+            rpn_fg_iou_thresh=rpn_fg_iou_thresh, rpn_bg_iou_thresh=rpn_bg_iou_thresh,
+            rpn_batch_size_per_image=rpn_batch_size_per_image,
+            rpn_positive_fraction=rpn_positive_fraction, rpn_score_thresh=rpn_score_thresh,
+            box_score_thresh=box_score_thresh, box_nms_thresh=box_nms_thresh,
+            box_detections_per_img=box_detections_per_img,
+            box_fg_iou_thresh=box_fg_iou_thresh, box_bg_iou_thresh=box_bg_iou_thresh,
+            box_batch_size_per_image=box_batch_size_per_image,
+            box_positive_fraction=box_positive_fraction,
+            mask_batch_size_per_image=mask_batch_size_per_image,
+            bounding_box_format=bounding_box_format, seed=seed)
+
+    # ------------------------------------------------------------------ loss
+    def _targets(self, y):
+        if not isinstance(y, dict) or "boxes" not in y or "labels" not in y:
+            raise ValueError(f'{type(self).__name__}: targets must be a dict with "boxes" '
+                             '[B, N, 4] and "labels" [B, N] (label -1 for padding)'
+                             + (' and "masks" [B, N, H, W]' if self.with_masks else "")
+                             + f"; got {type(y).__name__}")
+        if self.with_masks and "masks" not in y:
+            raise ValueError(f'{type(self).__name__}: targets lack "masks" [B, N, H, W]')
+        gt_boxes = ops.cast(y["boxes"], "float32")
+        gt_labels = ops.cast(y["labels"], "int32")
+        if self.bounding_box_format != "xyxy":
+            gt_boxes = box_ops.convert_format(gt_boxes, self.bounding_box_format, "xyxy",
+                                              height=self.image_size[0],
+                                              width=self.image_size[1])
+        return gt_boxes, gt_labels
+
+    def loss_terms(self, y, y_pred):
+        """The loss terms, named as torchvision's training loss dict.
+
+        ``loss_objectness``, ``loss_rpn_box_reg``, ``loss_classifier``,
+        ``loss_box_reg`` (+ ``loss_mask`` for Mask R-CNN), each a scalar.
+        """
+        gt_boxes, gt_labels = self._targets(y)
+        terms = self._rpn_loss(y_pred, gt_boxes, gt_labels)
+        roi = encode_roi_targets(
+            ops.stop_gradient(ops.cast(y_pred["proposals"], "float32")), gt_boxes, gt_labels,
+            sampler=self.box_sampler, proposals_valid=y_pred["proposals_valid"],
+            matcher=self.box_matcher, box_coder=self.roi_heads.box_coder)
+        features = [y_pred[f"P{level}"] for level in self.roi_heads.levels]
+        head = self.roi_heads.box_logits(features, roi["rois"])
+        terms.update(fastrcnn_loss(head["class_logits"], head["box_regression"], roi["labels"],
+                                   roi["box_targets"]))
+        if self.with_masks:
+            terms["loss_mask"] = self._mask_loss(features, roi, y)
+        return terms
+
+    def _rpn_loss(self, y_pred, gt_boxes, gt_labels):
+        targets = encode_rpn_targets(self.anchors, gt_boxes, gt_labels, sampler=self.rpn_sampler,
+                                     matcher=self.rpn_matcher)
+        return rpn_loss(y_pred["rpn_objectness"], y_pred["rpn_box_deltas"], targets["labels"],
+                        targets["box_targets"])
+
+    def _mask_loss(self, features, roi, y):
+        return mask_rcnn_loss(self.roi_heads, features, roi, y["masks"], self.image_size,
+                              self.mask_batch_size_per_image)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        terms = self.loss_terms(y, y_pred)
+        total = ops.sum(ops.stack([ops.cast(v, "float32") for v in terms.values()]))
+        if self.losses:  # regularisation added by layers
+            total = total + ops.sum(ops.stack([ops.cast(v, "float32") for v in self.losses]))
+        return total
+
+    # ------------------------------------------------------------ prediction
+    def predict_step(self, *args):
+        outputs = super().predict_step(*args)
+        if isinstance(outputs, tuple):  # JAX: (outputs, non_trainable_variables)
+            return {k: v for k, v in outputs[0].items() if k in PREDICTION_KEYS}, outputs[1]
+        return {k: v for k, v in outputs.items() if k in PREDICTION_KEYS}
+
+    def predict_images(self, images, batch_size=8):
+        """Detect on a list of images of any size; boxes in each image's pixels.
+
+        Masks (Mask R-CNN) stay in the resized-and-padded model input space;
+        ``"scale"`` [N] maps original pixels to it (``new = old * scale``).
+        """
+        size = self.image_size[0]
+        results = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            padded, scales = zip(*(resize_and_pad(im, size) for im in chunk))
+            out = self(np.stack(padded), training=False)
+            out = {k: ops.convert_to_numpy(v) for k, v in out.items() if k in PREDICTION_KEYS}
+            scales = np.asarray(scales, "float32")
+            out["boxes"] = out["boxes"] / scales[:, None, None]
+            out["scale"] = scales
+            results.append(out)
+        return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
+
+    # -------------------------------------------------------------- defaults
+    def compile(self, optimizer="default", **kwargs):
+        if isinstance(optimizer, str) and optimizer == "default":
+            optimizer = self.default_optimizer()
+        kwargs.setdefault("loss", None)
+        super().compile(optimizer=optimizer, **kwargs)
+
+    def default_optimizer(self, steps=90000, learning_rate=0.02, milestones=None):
+        """torchvision detection recipe: SGD 0.02, momentum 0.9, weight decay 1e-4, x0.1 steps."""
+        milestones = milestones or (int(steps * 2 / 3), int(steps * 8 / 9))
+        schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
+            boundaries=list(milestones),
+            values=[learning_rate, learning_rate * 0.1, learning_rate * 0.01])
+        return keras.optimizers.SGD(learning_rate=schedule, momentum=0.9, weight_decay=1e-4,
+                                    global_clipnorm=10.0)
+
+    def get_config(self):
+        if not isinstance(self._config["backbone"], str):
+            raise ValueError(f"a {type(self).__name__} with a custom backbone model cannot be "
+                             "serialised by config")
+        return dict(self._config, name=self.name)
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+# ---------------------------------------------------------------- loss functions
+def rpn_loss(objectness, box_deltas, labels, box_targets, beta=1.0 / 9):
+    """torchvision ``RegionProposalNetwork.compute_loss`` on kdet's encoded RPN targets.
+
+    ``labels [B, A]``: 0 object, -1 background, -2 not sampled. Objectness BCE
+    is the mean over the sampled anchors of the batch; the box loss is the
+    smooth-L1 sum over the positive anchors divided by the sampled count.
+    """
+    objectness = ops.cast(objectness, "float32")
+    sampled = ops.cast(labels >= -1, "float32")
+    positive = ops.cast(labels == 0, "float32")
+    num_sampled = ops.maximum(ops.sum(sampled), 1.0)
+    bce = losses.sigmoid_cross_entropy(positive, objectness)
+    box = losses.smooth_l1_loss(box_deltas, box_targets, beta=beta)
+    return {"loss_objectness": ops.sum(bce * sampled) / num_sampled,
+            "loss_rpn_box_reg": ops.sum(box * positive[..., None]) / num_sampled}
+
+
+def fastrcnn_loss(class_logits, box_regression, labels, box_targets, beta=1.0 / 9):
+    """torchvision ``fastrcnn_loss`` on kdet's encoded RoI targets.
+
+    ``labels [B, S]``: class ``c >= 0`` (column ``c + 1``), -1 background, -2
+    padding. Cross-entropy is the mean over the sampled RoIs; the smooth-L1
+    loss of the GT class's deltas is summed over foreground RoIs and divided
+    by the sampled count.
+    """
+    labels = ops.cast(labels, "int32")
+    sampled = ops.cast(labels >= -1, "float32")
+    num_sampled = ops.maximum(ops.sum(sampled), 1.0)
+    ce = losses.softmax_cross_entropy_with_background(labels, class_logits)
+    num_columns = class_logits.shape[-1]
+    deltas = ops.reshape(ops.cast(box_regression, "float32"),
+                         tuple(ops.shape(labels)) + (num_columns, 4))
+    column = ops.maximum(labels, 0) + 1
+    index = ops.broadcast_to(column[..., None, None], tuple(ops.shape(labels)) + (1, 4))
+    picked = ops.take_along_axis(deltas, index, axis=-2)[..., 0, :]
+    foreground = ops.cast(labels >= 0, "float32")
+    box = losses.smooth_l1_loss(picked, box_targets, beta=beta)
+    return {"loss_classifier": ops.sum(ce) / num_sampled,
+            "loss_box_reg": ops.sum(box * foreground[..., None]) / num_sampled}
+
+
+def _take_rows(values, index):
+    extra = tuple(values.shape[2:])
+    idx = ops.reshape(index, tuple(ops.shape(index)) + (1,) * len(extra))
+    idx = ops.broadcast_to(idx, tuple(ops.shape(index)) + extra)
+    return ops.take_along_axis(values, idx, axis=1)
+
+
+def project_masks_on_boxes(gt_masks, rois, matches, image_size, output_size=28):
+    """torchvision ``project_masks_on_boxes``: ``roi_align`` (adaptive sampling,
+    ``aligned=False``) of each RoI's matched GT mask, ``[B, R, M, M]``.
+
+    Masks ``[B, N, Hm, Wm]`` whose size differs from the image are read with
+    the RoIs scaled to the mask grid.
+    """
+    gt_masks = ops.cast(gt_masks, "float32")
+    mask_h, mask_w = gt_masks.shape[2], gt_masks.shape[3]
+    rois = ops.cast(rois, "float32")
+    if (mask_h, mask_w) != tuple(image_size):
+        scale = ops.convert_to_tensor(np.array(
+            [mask_w / image_size[1], mask_h / image_size[0]] * 2, "float32"))
+        rois = rois * scale
+    # Each RoI reads only its own matched mask: gather it, then one RoI per "image".
+    per_roi = _take_rows(gt_masks, ops.maximum(matches, 0))  # [B, R, Hm, Wm]
+    batch, num_rois = ops.shape(rois)[0], rois.shape[1]
+    pooled = roi_align(ops.reshape(per_roi, (-1, mask_h, mask_w, 1)),
+                       ops.reshape(rois, (-1, 1, 4)), output_size, spatial_scale=1.0,
+                       sampling_ratio=-1, aligned=False)  # [B * R, 1, M, M, 1]
+    return ops.reshape(pooled, (batch, num_rois, output_size, output_size))
+
+
+def mask_rcnn_loss(roi_heads, features, roi, gt_masks, image_size, max_rois):
+    """torchvision ``maskrcnn_loss`` over the foreground RoIs of ``encode_roi_targets``.
+
+    The first ``max_rois`` foreground RoIs of each image (all of them under
+    the default sampler, which keeps at most 25 % of 512) run the mask head.
+    """
+    labels = roi["labels"]
+    foreground = labels >= 0
+    num_rois = labels.shape[1]
+    k = min(int(max_rois), num_rois)
+    order_key = ops.where(foreground, num_rois - ops.arange(num_rois, dtype="int32"), 0)
+    key, index = ops.top_k(ops.cast(order_key, "int32"), k)
+    selected = key > 0
+    rois = ops.where(selected[..., None], _take_rows(roi["rois"], index), 0.0)
+    mask_labels = ops.where(selected, ops.take_along_axis(labels, index, axis=1), 0)
+    matches = ops.where(selected, ops.take_along_axis(roi["matches"], index, axis=1), 0)
+    targets = ops.stop_gradient(project_masks_on_boxes(gt_masks, rois, matches, image_size,
+                                                       output_size=28))
+    logits = roi_heads.mask_logits(features, rois)
+    return losses.mask_bce_loss(logits, mask_labels + 1, targets, valid=selected,
+                                data_format="channels_last")
