@@ -191,10 +191,12 @@ def mask_bce_loss(mask_logits, labels, mask_targets, valid=None, data_format=Non
     channel = ops.clip(ops.cast(labels, "int32"), 0, num_channels - 1)
     index = channel[..., None, None, None]
     if channels_last:
-        index = ops.broadcast_to(index, tuple(logits.shape[:-1]) + (1,))
+        # ops.shape: leading dimensions may be dynamic (evaluate / a smaller last batch)
+        index = ops.broadcast_to(index, tuple(ops.shape(logits)[:-1]) + (1,))
         picked = ops.take_along_axis(logits, index, axis=-1)[..., 0]
     else:
-        index = ops.broadcast_to(index, tuple(logits.shape[:-3]) + (1,) + tuple(logits.shape[-2:]))
+        index = ops.broadcast_to(index, tuple(ops.shape(logits)[:-3]) + (1,)
+                                 + tuple(logits.shape[-2:]))
         picked = ops.take_along_axis(logits, index, axis=-3)[..., 0, :, :]
     pixel_loss = sigmoid_cross_entropy(targets, picked)
     if valid is None:
@@ -223,7 +225,7 @@ def keypoint_loss(keypoint_logits, keypoint_targets, valid, data_format=None):
     if channels_last:
         logits = ops.moveaxis(logits, -1, -3)  # -> [..., R, K, S, S]
     size_h, size_w = logits.shape[-2], logits.shape[-1]
-    logits = ops.reshape(logits, tuple(logits.shape[:-2]) + (size_h * size_w,))
+    logits = ops.reshape(logits, tuple(ops.shape(logits)[:-2]) + (size_h * size_w,))
     target = ops.clip(ops.cast(keypoint_targets, "int32"), 0, size_h * size_w - 1)
     log_probs = ops.log_softmax(logits, axis=-1)
     nll = -ops.take_along_axis(log_probs, target[..., None], axis=-1)[..., 0]

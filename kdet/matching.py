@@ -133,7 +133,7 @@ class Matcher:
 
 def _scatter_mask(indices, keep, num_items):
     """Boolean ``[R, num_items]`` with True at ``indices[r, j]`` where ``keep[r, j]``."""
-    rows, k = indices.shape
+    rows, k = ops.shape(indices)[0], int(indices.shape[1])  # rows may be dynamic
     row_ids = ops.repeat(ops.arange(rows, dtype="int32")[:, None], k, axis=1)
     coords = ops.stack([ops.reshape(row_ids, (-1,)),
                         ops.reshape(ops.cast(indices, "int32"), (-1,))], axis=-1)
@@ -180,11 +180,13 @@ class BalancedSampler(keras.layers.Layer):
     def call(self, positive, negative):
         positive = ops.cast(positive, "bool")
         negative = ops.logical_and(ops.cast(negative, "bool"), ops.logical_not(positive))
-        shape = tuple(positive.shape)
-        num_items = shape[-1]
+        # ops.shape: the batch dimension is None when Keras traces evaluate / a
+        # smaller last batch; the item count stays static.
+        shape = tuple(ops.shape(positive))
+        num_items = int(positive.shape[-1])
         positive = ops.reshape(positive, (-1, num_items))
         negative = ops.reshape(negative, (-1, num_items))
-        rows = positive.shape[0]
+        rows = ops.shape(positive)[0]
 
         scores = keras.random.uniform((rows, num_items), dtype="float32",
                                       seed=self.seed_generator)

@@ -80,8 +80,16 @@ class RPNHead(keras.layers.Layer):
             t = self.conv(x)
             logits = self.cls_logits(t)  # [B, H, W, A]: (y, x, anchor) order as torchvision
             boxes = self.bbox_pred(t)    # [B, H, W, 4A], channel = anchor * 4 + coordinate
-            objectness.append(ops.reshape(logits, (ops.shape(x)[0], -1)))
-            deltas.append(ops.reshape(boxes, (ops.shape(x)[0], -1, 4)))
+            height, width = x.shape[1], x.shape[2]
+            if height is not None and width is not None:
+                # Static anchor count with a dynamic batch (Keras traces predict / a
+                # smaller last batch with batch size None).
+                count = height * width * self.num_anchors
+                objectness.append(ops.reshape(logits, (-1, count)))
+                deltas.append(ops.reshape(boxes, (-1, count, 4)))
+            else:
+                objectness.append(ops.reshape(logits, (ops.shape(x)[0], -1)))
+                deltas.append(ops.reshape(boxes, (ops.shape(x)[0], -1, 4)))
         return {"objectness": ops.concatenate(objectness, axis=1),
                 "box_deltas": ops.concatenate(deltas, axis=1)}
 
