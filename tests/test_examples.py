@@ -78,3 +78,12 @@ def test_pennfudan_boxes_example_smoke(tmp_path, shared_data):
                        "--out", "pf", cwd=tmp_path)
     assert re.search(r"COCO box AP on 4 validation images: AP [\d.]+", out), out
     assert (tmp_path / "pf" / "pennfudan_lite0.keras").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_pennfudan_mask_rcnn_example_smoke(tmp_path, shared_data):
+    out = _run_example("finetune_pennfudan.py", "--data", str(shared_data / "pennfudan"),
+                       "--steps", "3", "--image-size", "128", "--val-images", "4",
+                       "--out", "pfm", cwd=tmp_path)
+    assert re.search(r"COCO mask AP on 4 validation images: AP [\d.]+", out), out
+    assert (tmp_path / "pfm" / "pennfudan_maskrcnn.keras").stat().st_size > 0
