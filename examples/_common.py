@@ -1,4 +1,5 @@
-"""What the example scripts share: a timed log line and a progress callback for fit."""
+"""What the example scripts share: a timed log line, a progress callback for fit, a seeded
+train/validation split and the learning-rate schedule."""
 import os
 import time
 
@@ -62,3 +63,11 @@ def chunked_cosine_schedule(steps, learning_rate, max_chunks=20):
         initial_learning_rate=0.0, decay_steps=max(1, total - warmup), alpha=0.01,
         warmup_target=learning_rate, warmup_steps=warmup)
     return epochs, steps_per_epoch, total, schedule
+
+
+def split(dataset, num_val, seed):
+    """``(train, val)`` subsets of a kdet dataset: a seeded permutation, ``num_val`` held out."""
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(len(dataset))
+    return dataset.subset(sorted(order[num_val:])), dataset.subset(sorted(order[:num_val]))

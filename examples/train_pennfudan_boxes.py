@@ -22,18 +22,12 @@ except ImportError:
     torch = None
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 
 import kdet  # noqa: E402
-from _common import Progress, chunked_cosine_schedule, log  # noqa: E402
+from _common import Progress, chunked_cosine_schedule, log, split  # noqa: E402
 from kdet.converters.backbones import load_installed_imagenet_backbone  # noqa: E402
 from kdet.data import MaskFolderDataset, build_pipeline  # noqa: E402
 from kdet.metrics import COCOEvaluator  # noqa: E402
-
-
-def split(dataset, num_val, seed):
-    order = np.random.default_rng(seed).permutation(len(dataset))
-    return dataset.subset(sorted(order[num_val:])), dataset.subset(sorted(order[:num_val]))
 
 
 def evaluate(model, val_data, size, batch_size=8):
