@@ -224,7 +224,7 @@ def _gt_valid(gt_labels):
     return ops.convert_to_tensor(gt_labels) >= 0
 
 
-def _gather_rows(values, indices):
+def gather_rows(values, indices):
     """``values [B, M, ...]`` gathered along M by ``indices [B, N]`` -> ``[B, N, ...]``."""
     extra = tuple(values.shape[2:])
     idx = indices
@@ -261,8 +261,8 @@ def _match_and_label(boxes, gt_boxes, gt_labels, matcher):
         matched_boxes = ops.zeros((batch, num_boxes, 4), gt_boxes.dtype)
     else:
         safe = ops.maximum(matches, 0)
-        matched_labels = _gather_rows(ops.cast(gt_labels, "int32"), safe)
-        matched_boxes = _gather_rows(gt_boxes, safe)
+        matched_labels = gather_rows(ops.cast(gt_labels, "int32"), safe)
+        matched_boxes = gather_rows(gt_boxes, safe)
     labels = ops.where(foreground, matched_labels,
                        ops.where(matches == BETWEEN_THRESHOLDS, IGNORE, BACKGROUND))
     matched_boxes = ops.where(foreground[..., None], matched_boxes, ops.zeros_like(matched_boxes))
@@ -394,12 +394,12 @@ def encode_roi_targets(proposals, gt_boxes, gt_labels, sampler=None, proposals_v
     order_key = ops.where(sampled, num_candidates - ops.arange(num_candidates, dtype="int32"), 0)
     key, index = ops.top_k(ops.cast(order_key, "int32"), num_out)
     valid = key > 0
-    fg = ops.logical_and(_gather_rows(positive, index), valid)
+    fg = ops.logical_and(gather_rows(positive, index), valid)
 
-    rois = _gather_rows(candidates, index)
-    labels = ops.where(fg, _gather_rows(labels, index), ops.where(valid, BACKGROUND, IGNORE))
-    matched_boxes = ops.where(fg[..., None], _gather_rows(matched_boxes, index), 0.0)
+    rois = gather_rows(candidates, index)
+    labels = ops.where(fg, gather_rows(labels, index), ops.where(valid, BACKGROUND, IGNORE))
+    matched_boxes = ops.where(fg[..., None], gather_rows(matched_boxes, index), 0.0)
     box_targets = _encode_boxes(box_coder, matched_boxes, rois, fg)
-    matches = ops.where(fg, _gather_rows(matches, index), BELOW_LOW_THRESHOLD)
+    matches = ops.where(fg, gather_rows(matches, index), BELOW_LOW_THRESHOLD)
     return {"rois": rois, "labels": ops.cast(labels, "int32"), "box_targets": box_targets,
             "matched_boxes": matched_boxes, "matches": ops.cast(matches, "int32"), "valid": valid}

@@ -48,7 +48,35 @@ def resize_and_pad(image, size):
     return padded, scale
 
 
-class DenseDetector(keras.Model):
+class DetectorMixin:
+    """What every kdet detector adds to ``keras.Model``: ``predict_images`` on images of any
+    size and ``compile()`` with the model's own recipe (``default_optimizer``) and no Keras
+    loss (``compute_loss`` is the model's). A detector implements
+    ``_predict_resized(batch, scales)``: numpy predictions for a resized-and-padded batch,
+    boxes mapped back with ``scales`` (``new = old * scale``)."""
+
+    def predict_images(self, images, batch_size=8):
+        """Detect on a list of images of any size; boxes in each image's pixels.
+
+        >>> # detections = model.predict_images([np.asarray(PIL.Image.open(p)) for p in paths])
+        """
+        size = self.image_size[0]
+        results = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            padded, scales = zip(*(resize_and_pad(im, size) for im in chunk))
+            results.append(self._predict_resized(np.stack(padded),
+                                                 np.asarray(scales, "float32")))
+        return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
+
+    def compile(self, optimizer="default", **kwargs):
+        if isinstance(optimizer, str) and optimizer == "default":
+            optimizer = self.default_optimizer()
+        kwargs.setdefault("loss", None)
+        super().compile(optimizer=optimizer, **kwargs)
+
+
+class DenseDetector(DetectorMixin, keras.Model):
     """Functional single-stage detector with loss and decoding built in.
 
     Subclasses build ``inputs`` / ``outputs`` and pass them here together with
@@ -149,29 +177,12 @@ class DenseDetector(keras.Model):
             return self.decode_predictions(outputs[0]), outputs[1]
         return self.decode_predictions(outputs)
 
-    def predict_images(self, images, batch_size=8):
-        """Detect on a list of images of any size; boxes in each image's pixels.
-
-        >>> # detections = model.predict_images([np.asarray(PIL.Image.open(p)) for p in paths])
-        """
-        size = self.image_size[0]
-        results = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
-            padded, scales = zip(*(resize_and_pad(im, size) for im in chunk))
-            batch = np.stack(padded)
-            raw = self(batch, training=False)
-            out = self.decode_predictions(raw, scale=np.asarray(scales, "float32"))
-            results.append({k: ops.convert_to_numpy(v) for k, v in out.items()})
-        return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
+    def _predict_resized(self, batch, scales):
+        raw = self(batch, training=False)
+        out = self.decode_predictions(raw, scale=scales)
+        return {k: ops.convert_to_numpy(v) for k, v in out.items()}
 
     # -------------------------------------------------------------- defaults
-    def compile(self, optimizer="default", **kwargs):
-        if isinstance(optimizer, str) and optimizer == "default":
-            optimizer = self.default_optimizer()
-        kwargs.setdefault("loss", None)
-        super().compile(optimizer=optimizer, **kwargs)
-
     def default_optimizer(self, steps=10000):
         raise NotImplementedError
 

@@ -46,8 +46,9 @@ from kdet.layers.fpn import FPN
 from kdet.layers.normalization import ImageNormalization
 from kdet.layers.roi_heads import RoIHeads
 from kdet.layers.rpn import ProposalGenerator, RPNHead
-from kdet.matching import BalancedSampler, Matcher, encode_roi_targets, encode_rpn_targets
-from kdet.models.detector import resize_and_pad
+from kdet.matching import (BalancedSampler, Matcher, encode_roi_targets, encode_rpn_targets,
+                           gather_rows)
+from kdet.models.detector import DetectorMixin
 from kdet.ops.roi_align import roi_align
 
 ANCHOR_SIZES = (32, 64, 128, 256, 512)
@@ -56,7 +57,7 @@ PREDICTION_KEYS = ("boxes", "scores", "labels", "num_detections", "masks")
 
 
 @keras.saving.register_keras_serializable(package="kdet")
-class FasterRCNN(keras.Model):
+class FasterRCNN(DetectorMixin, keras.Model):
     """Faster R-CNN R50-FPN (torchvision ``fasterrcnn_resnet50_fpn``, v1) as a Keras model.
 
     Args:
@@ -230,32 +231,16 @@ class FasterRCNN(keras.Model):
             return {k: v for k, v in outputs[0].items() if k in PREDICTION_KEYS}, outputs[1]
         return {k: v for k, v in outputs.items() if k in PREDICTION_KEYS}
 
-    def predict_images(self, images, batch_size=8):
-        """Detect on a list of images of any size; boxes in each image's pixels.
-
-        Masks (Mask R-CNN) stay in the resized-and-padded model input space;
-        ``"scale"`` [N] maps original pixels to it (``new = old * scale``).
-        """
-        size = self.image_size[0]
-        results = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
-            padded, scales = zip(*(resize_and_pad(im, size) for im in chunk))
-            out = self(np.stack(padded), training=False)
-            out = {k: ops.convert_to_numpy(v) for k, v in out.items() if k in PREDICTION_KEYS}
-            scales = np.asarray(scales, "float32")
-            out["boxes"] = out["boxes"] / scales[:, None, None]
-            out["scale"] = scales
-            results.append(out)
-        return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
+    def _predict_resized(self, batch, scales):
+        """Masks (Mask R-CNN) stay in the resized-and-padded model input space;
+        ``"scale"`` [N] maps original pixels to it (``new = old * scale``)."""
+        out = self(batch, training=False)
+        out = {k: ops.convert_to_numpy(v) for k, v in out.items() if k in PREDICTION_KEYS}
+        out["boxes"] = out["boxes"] / scales[:, None, None]
+        out["scale"] = scales
+        return out
 
     # -------------------------------------------------------------- defaults
-    def compile(self, optimizer="default", **kwargs):
-        if isinstance(optimizer, str) and optimizer == "default":
-            optimizer = self.default_optimizer()
-        kwargs.setdefault("loss", None)
-        super().compile(optimizer=optimizer, **kwargs)
-
     def default_optimizer(self, steps=90000, learning_rate=0.02, milestones=None):
         """torchvision detection recipe: SGD 0.02, momentum 0.9, weight decay 1e-4, x0.1 steps."""
         milestones = milestones or (int(steps * 2 / 3), int(steps * 8 / 9))
@@ -318,13 +303,6 @@ def fastrcnn_loss(class_logits, box_regression, labels, box_targets, beta=1.0 / 
             "loss_box_reg": ops.sum(box * foreground[..., None]) / num_sampled}
 
 
-def _take_rows(values, index):
-    extra = tuple(values.shape[2:])
-    idx = ops.reshape(index, tuple(ops.shape(index)) + (1,) * len(extra))
-    idx = ops.broadcast_to(idx, tuple(ops.shape(index)) + extra)
-    return ops.take_along_axis(values, idx, axis=1)
-
-
 def project_masks_on_boxes(gt_masks, rois, matches, image_size, output_size=28):
     """torchvision ``project_masks_on_boxes``: ``roi_align`` (adaptive sampling,
     ``aligned=False``) of each RoI's matched GT mask, ``[B, R, M, M]``.
@@ -340,7 +318,7 @@ def project_masks_on_boxes(gt_masks, rois, matches, image_size, output_size=28):
             [mask_w / image_size[1], mask_h / image_size[0]] * 2, "float32"))
         rois = rois * scale
     # Each RoI reads only its own matched mask: gather it, then one RoI per "image".
-    per_roi = _take_rows(gt_masks, ops.maximum(matches, 0))  # [B, R, Hm, Wm]
+    per_roi = gather_rows(gt_masks, ops.maximum(matches, 0))  # [B, R, Hm, Wm]
     batch, num_rois = ops.shape(rois)[0], rois.shape[1]
     pooled = roi_align(ops.reshape(per_roi, (-1, mask_h, mask_w, 1)),
                        ops.reshape(rois, (-1, 1, 4)), output_size, spatial_scale=1.0,
@@ -361,7 +339,7 @@ def mask_rcnn_loss(roi_heads, features, roi, gt_masks, image_size, max_rois):
     order_key = ops.where(foreground, num_rois - ops.arange(num_rois, dtype="int32"), 0)
     key, index = ops.top_k(ops.cast(order_key, "int32"), k)
     selected = key > 0
-    rois = ops.where(selected[..., None], _take_rows(roi["rois"], index), 0.0)
+    rois = ops.where(selected[..., None], gather_rows(roi["rois"], index), 0.0)
     mask_labels = ops.where(selected, ops.take_along_axis(labels, index, axis=1), 0)
     matches = ops.where(selected, ops.take_along_axis(roi["matches"], index, axis=1), 0)
     targets = ops.stop_gradient(project_masks_on_boxes(gt_masks, rois, matches, image_size,
