@@ -85,8 +85,9 @@ def reference_voc_eval(gt, dets, class_index, iou_threshold=0.5, use_07_metric=T
 
 
 def evaluate_both(gt, dets, num_classes, iou_threshold, use_07_metric):
+    # The reference works on the XML's inclusive pixels: feed the same frame.
     evaluator = VOCEvaluator(num_classes=num_classes, use_07_metric=use_07_metric,
-                             iou_threshold=iou_threshold)
+                             iou_threshold=iou_threshold, pixel_convention="inclusive")
     for image_id, objects in gt.items():
         evaluator.add_ground_truth(image_id, [o[0] for o in objects], [o[1] for o in objects],
                                    [o[2] for o in objects])
@@ -192,7 +193,8 @@ def hand_case():
 ])
 def test_hand_computed_ap(use_07_metric, expected):
     ev_gt, dets = hand_case()
-    evaluator = VOCEvaluator(class_names=["thing", "ghost"], use_07_metric=use_07_metric)
+    evaluator = VOCEvaluator(class_names=["thing", "ghost"], use_07_metric=use_07_metric,
+                             pixel_convention="inclusive")
     for image_id, (boxes, labels, difficult) in ev_gt.items():
         evaluator.add_ground_truth(image_id, boxes, labels, difficult)
     for image_id, box, score, label in dets:
@@ -208,16 +210,16 @@ def test_hand_computed_ap(use_07_metric, expected):
 def test_plus_one_pixel_convention_and_strict_threshold():
     # GT [0,0,2,2] and det [0,0,2,1]: with +1 pixels the areas are 9 and 6 and the
     # intersection 6 -> IoU 2/3 (TP); without the +1 it would be 2/4 = 0.5, not > 0.5.
-    evaluator = VOCEvaluator(num_classes=1)
+    evaluator = VOCEvaluator(num_classes=1, pixel_convention="inclusive")
     evaluator.add_ground_truth(0, [[0, 0, 2, 2]], [0])
     evaluator.add_detections(0, [[0, 0, 2, 1]], [1.0], [0])
     assert evaluator.evaluate()["mAP"] == 1.0
     # GT [0,0,9,9] (area 100) and det [0,0,9,4] (area 50, inside): IoU exactly 0.5 -> FP.
-    evaluator = VOCEvaluator(num_classes=1)
+    evaluator = VOCEvaluator(num_classes=1, pixel_convention="inclusive")
     evaluator.add_ground_truth(0, [[0, 0, 9, 9]], [0])
     evaluator.add_detections(0, [[0, 0, 9, 4]], [1.0], [0])
     assert evaluator.evaluate()["mAP"] == 0.0
-    evaluator = VOCEvaluator(num_classes=1, iou_threshold=0.49)
+    evaluator = VOCEvaluator(num_classes=1, iou_threshold=0.49, pixel_convention="inclusive")
     evaluator.add_ground_truth(0, [[0, 0, 9, 9]], [0])
     evaluator.add_detections(0, [[0, 0, 9, 4]], [1.0], [0])
     assert evaluator.evaluate()["mAP"] == 1.0
@@ -264,7 +266,7 @@ def test_add_predictions_equals_add_detections(rng):
     xywh[..., 2:] -= xywh[..., :2]
     evaluators = []
     for fmt, boxes in (("xyxy", batch["boxes"]), ("xywh", xywh)):
-        ev = VOCEvaluator(num_classes=3)
+        ev = VOCEvaluator(num_classes=3, pixel_convention="inclusive")
         for image_id, objects in gt.items():
             ev.add_ground_truth(image_id, [o[0] for o in objects], [o[1] for o in objects],
                                 [o[2] for o in objects])
@@ -320,9 +322,27 @@ def test_raccoon_xml_matches_reference(shared_data, use_07_metric):
     assert_matches(got, expected)
 
 
+def test_default_convention_is_kdets_continuous_frame():
+    """kdet models predict, and kdet readers give, 0-based continuous boxes: the default
+    must read them so. A 2x2-pixel GT (XML [1,1,2,2] = kdet [0,0,2,2]) and a 2x1
+    detection (kdet [0,0,2,1]) overlap 2/4 = 0.5, not > 0.5: a false positive. Read as
+    inclusive pixels (the old default) they would be 3x3 and 3x2 boxes, IoU 6/9: a TP."""
+    assert VOCEvaluator().pixel_convention == "continuous"
+    evaluator = VOCEvaluator(num_classes=1)
+    evaluator.add_ground_truth(0, [[0, 0, 2, 2]], [0])
+    evaluator.add_detections(0, [[0, 0, 2, 1]], [1.0], [0])
+    assert evaluator.evaluate()["mAP"] == 0.0
+    # A kdet box equal to the GT is found whatever its size, including a one-pixel object.
+    evaluator = VOCEvaluator(num_classes=1)
+    evaluator.add_ground_truth(0, [[4, 4, 5, 5]], [0])
+    evaluator.add_detections(0, [[4, 4, 5, 5], [4.4, 4, 5.4, 5]], [1.0, 0.9], [0, 0])
+    assert evaluator.evaluate()["mAP"] == 1.0
+
+
 def test_continuous_convention_reproduces_devkit_on_xml(shared_data):
     """kdet loaders store VOC boxes as x1 = xmin - 1, x2 = xmax (0-based, continuous);
-    pixel_convention="continuous" must give the devkit's AP on the original XML boxes."""
+    the default pixel_convention="continuous" must give the devkit's AP on the original
+    XML boxes."""
     folder = pathlib.Path(shared_data) / "raccoon" / "annotations"
     rng = np.random.default_rng(11)
     gt, dets = {}, []
@@ -338,8 +358,7 @@ def test_continuous_convention_reproduces_devkit_on_xml(shared_data):
     shift = np.array([-1.0, -1.0, 0.0, 0.0])  # XML -> kdet continuous frame
     for use_07_metric in (True, False):
         expected = reference_voc_eval(gt, dets, 0, 0.5, use_07_metric)
-        evaluator = VOCEvaluator(num_classes=1, use_07_metric=use_07_metric,
-                                 pixel_convention="continuous")
+        evaluator = VOCEvaluator(num_classes=1, use_07_metric=use_07_metric)
         for image_id, objects in gt.items():
             evaluator.add_ground_truth(image_id, np.array([o[0] for o in objects]) + shift,
                                        [0] * len(objects))

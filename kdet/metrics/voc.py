@@ -8,8 +8,9 @@ The matching and AP follow py-faster-rcnn's ``lib/datasets/voc_eval.py``
 * each detection takes the ground truth (GT) box of its image with the largest
   IoU, IoU measured with the devkit's inclusive-pixel ``+1`` convention:
   ``iw = min(x2) - max(x1) + 1``, ``area = (x2 - x1 + 1) * (y2 - y1 + 1)``
-  (``pixel_convention="continuous"`` first maps kdet's 0-based continuous
-  boxes, ``x1 = xmin - 1``, back to the XML's inclusive pixels);
+  (with the default ``pixel_convention="continuous"``, kdet's 0-based
+  continuous boxes, ``x1 = xmin - 1``, are first mapped back to the XML's
+  inclusive pixels, so kdet's own outputs and GT give the devkit's numbers);
 * ``IoU > iou_threshold`` (strict): a ``difficult`` GT makes the detection
   neither a true nor a false positive; a GT not yet claimed makes it a true
   positive and is claimed; a claimed GT makes it a false positive (duplicate).
@@ -172,13 +173,18 @@ class VOCEvaluator:
             VOC2010+ area under the precision envelope.
         iou_threshold: a detection matches a GT when IoU > this (strict).
         pixel_convention: how to read the ``xyxy`` boxes.
-            ``"inclusive"`` (default): integer pixel indices as written in VOC
-            XML, ``xmax`` included, so a box is ``x2 - x1 + 1`` wide; GT from
-            the XML gives the devkit's numbers as is.
-            ``"continuous"``: 0-based continuous coordinates, as kdet's data
-            loaders and models use (``x1 = xmin - 1, x2 = xmax``); boxes are
-            moved to the inclusive form by ``x1 + 1, y1 + 1``, which gives the
-            devkit's numbers on the original XML (and equals the plain IoU).
+            ``"continuous"`` (default): 0-based continuous coordinates, what
+            every kdet model predicts and every kdet reader
+            (``kdet.data.VOCDataset`` included: ``x1 = xmin - 1, x2 = xmax``)
+            yields; boxes are moved to the inclusive form by ``x1 + 1,
+            y1 + 1``, which gives the devkit's numbers on the original XML
+            (and equals the plain IoU). Use it for kdet predictions and GT.
+            ``"inclusive"``: integer pixel indices exactly as written in VOC
+            XML, ``xmax`` included, so a box is ``x2 - x1 + 1`` wide. Choose it
+            only when both GT and detections come in the devkit's own frame
+            (raw XML numbers, or detections from a devkit-style tool such as
+            py-faster-rcnn's result files); mixing it with kdet boxes shifts
+            every box by one pixel.
 
     Detections must be in the same frame as the GT.
     Images are keyed by any hashable id (``np.int64`` and ``bytes`` ids, as
@@ -200,7 +206,7 @@ class VOCEvaluator:
     """
 
     def __init__(self, class_names=None, num_classes=None, use_07_metric=True,
-                 iou_threshold=0.5, pixel_convention="inclusive"):
+                 iou_threshold=0.5, pixel_convention="continuous"):
         if class_names is not None:
             class_names = [str(name) for name in class_names]
             if len(set(class_names)) != len(class_names):
