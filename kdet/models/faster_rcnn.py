@@ -53,7 +53,7 @@ from kdet.ops.roi_align import roi_align
 
 ANCHOR_SIZES = (32, 64, 128, 256, 512)
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
-PREDICTION_KEYS = ("boxes", "scores", "labels", "num_detections", "masks")
+PREDICTION_KEYS = ("boxes", "scores", "labels", "num_detections", "masks", "keypoints")
 
 
 @keras.saving.register_keras_serializable(package="kdet")
@@ -117,10 +117,10 @@ class FasterRCNN(DetectorMixin, keras.Model):
             post_nms_top_n_test=rpn_post_nms_top_n_test, nms_threshold=rpn_nms_thresh,
             score_threshold=rpn_score_thresh, name="proposals")
         proposals = proposal_layer(rpn["objectness"], rpn["box_deltas"])
-        roi_heads = RoIHeads(num_classes=num_classes, image_size=(size, size),
-                             score_threshold=box_score_thresh, nms_threshold=box_nms_thresh,
-                             detections_per_image=box_detections_per_img,
-                             with_masks=self.with_masks, name="roi_heads")
+        roi_heads = self._make_roi_heads(
+            num_classes=num_classes, image_size=(size, size), score_threshold=box_score_thresh,
+            nms_threshold=box_nms_thresh, detections_per_image=box_detections_per_img,
+            with_masks=self.with_masks, name="roi_heads")
         pooled_levels = levels[:4]
         detections = roi_heads(pooled_levels, proposals["proposals"], proposals["valid"])
         outputs = dict(detections)
@@ -205,7 +205,16 @@ class FasterRCNN(DetectorMixin, keras.Model):
                                    roi["box_targets"]))
         if self.with_masks:
             terms["loss_mask"] = self._mask_loss(features, roi, y)
+        terms.update(self._extra_roi_losses(features, roi, y))
         return terms
+
+    # Hooks for subclasses with more RoI branches (Keypoint R-CNN). _make_roi_heads runs
+    # before keras.Model.__init__, so it may read only plain attributes set before it.
+    def _make_roi_heads(self, **kwargs):
+        return RoIHeads(**kwargs)
+
+    def _extra_roi_losses(self, features, roi, y):
+        return {}
 
     def _rpn_loss(self, y_pred, gt_boxes, gt_labels):
         targets = encode_rpn_targets(self.anchors, gt_boxes, gt_labels, sampler=self.rpn_sampler,
