@@ -282,10 +282,7 @@ def test_segm_matches_pycocotools_on_coco128(shared_data, with_bbox):
     assert_same_as_reference(ev, result, ref)
 
 
-@pytest.mark.parametrize("source", ["generated", *KEYPOINT_FILES])
-@pytest.mark.parametrize("with_bbox", [False, True], ids=["kpt-area", "box-area"])
-def test_keypoints_match_pycocotools(shared_data, source, with_bbox):
-    gt = keypoint_ground_truth(4) if source == "generated" else load_json(shared_data / source)
+def _check_keypoints_against_pycocotools(gt, with_bbox):
     dets = keypoint_detections(gt, 5, with_bbox)
     ev, result = run_kdet(gt, dets, "keypoints")
     ref = reference_eval(gt, dets, "keypoints")
@@ -293,6 +290,18 @@ def test_keypoints_match_pycocotools(shared_data, source, with_bbox):
         "AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"]
     assert 0.05 < ref.stats[0] < 0.95
     assert_same_as_reference(ev, result, ref)
+
+
+@pytest.mark.parametrize("with_bbox", [False, True], ids=["kpt-area", "box-area"])
+def test_keypoints_match_pycocotools_on_generated_data(with_bbox):
+    """Needs no files: runs (never skips) on a fresh clone."""
+    _check_keypoints_against_pycocotools(keypoint_ground_truth(4), with_bbox)
+
+
+@pytest.mark.parametrize("source", KEYPOINT_FILES)
+@pytest.mark.parametrize("with_bbox", [False, True], ids=["kpt-area", "box-area"])
+def test_keypoints_match_pycocotools_on_real_files(shared_data, source, with_bbox):
+    _check_keypoints_against_pycocotools(load_json(shared_data / source), with_bbox)
 
 
 def test_keypoints_custom_sigmas():
@@ -475,6 +484,11 @@ def test_add_predictions_masks_and_keypoints():
     ev = COCOEvaluator(gt, iou_type="segm")
     ev.add_predictions(image_ids, {"masks": masks, "scores": scores, "labels": labels})
     assert_same_as_reference(ev, ev.evaluate(), reference_eval(gt, mask_dets, "segm"))
+    # results(): the same detections as a loadRes list (JSON-serialisable) score the same.
+    saved = json.loads(json.dumps(ev.results()))
+    assert len(saved) == len(mask_dets)
+    assert_same_as_reference(ev, ev.evaluate(),
+                             reference_eval(gt, saved, "segm"))
 
     kpts = np.concatenate([rng.uniform(0, 320, (len(image_ids), 3, 17, 2)),
                            rng.random((len(image_ids), 3, 17, 1))], axis=-1)
@@ -485,6 +499,40 @@ def test_add_predictions_masks_and_keypoints():
     ev.add_predictions(image_ids, {"keypoints": kpts, "scores": scores, "labels": labels},
                        scale=np.tile([2.0, 1.5], (len(image_ids), 1)))
     assert_same_as_reference(ev, ev.evaluate(), reference_eval(gt, kp_dets, "keypoints"))
+    saved = json.loads(json.dumps(ev.results()))
+    np.testing.assert_allclose([d["keypoints"] for d in saved],
+                               [d["keypoints"] for d in kp_dets], rtol=1e-12)
+    assert_same_as_reference(ev, ev.evaluate(), reference_eval(gt, saved, "keypoints"))
+
+
+def test_results_round_trip_through_pycocotools():
+    """results() of padded box predictions (xyxy, scaled) is what loadRes scores the same."""
+    gt = keypoint_ground_truth(13, num_images=10)
+    rng = np.random.default_rng(14)
+    image_ids = [im["id"] for im in gt["images"]]
+    xy = rng.uniform(0, 300, (len(image_ids), 5, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(5, 150, (len(image_ids), 5, 2))], -1)
+    for a in gt["annotations"]:  # first rows: jittered GT (in the half-size input frame)
+        b, (x, y, w, h) = image_ids.index(a["image_id"]), a["bbox"]
+        row = sum(1 for o in gt["annotations"][:gt["annotations"].index(a)]
+                  if o["image_id"] == a["image_id"])
+        if row < 4:
+            boxes[b, row] = (np.array([x, y, x + w, y + h]) + rng.normal(0, 0.05 * w, 4)) / 2
+    scores = np.round(rng.random((len(image_ids), 5)), 2)
+    labels = np.zeros((len(image_ids), 5), np.int64)
+    labels[:, -1] = -1  # padding rows are not results
+    ev = COCOEvaluator(gt)
+    ev.add_predictions(image_ids, {"boxes": boxes, "scores": scores, "labels": labels},
+                       scale=2.0)
+    saved = json.loads(json.dumps(ev.results()))
+    assert len(saved) == len(image_ids) * 4
+    first = saved[0]
+    x1, y1, x2, y2 = boxes[0, 0] * 2.0
+    np.testing.assert_allclose(first["bbox"], [x1, y1, x2 - x1, y2 - y1], rtol=1e-12)
+    assert first["image_id"] == image_ids[0] and first["category_id"] == 1
+    ref = reference_eval(gt, saved, "bbox")
+    assert ref.stats[1] > 0.0  # some boxes land on people: a non-trivial check
+    assert_same_as_reference(ev, ev.evaluate(), ref)
 
 
 # --------------------------------------------------------------------------- edge cases

@@ -937,6 +937,30 @@ class COCOEvaluator:
             per_class[cat_id] = float(np.mean(p[p > -1])) if (p > -1).any() else -1.0
         return per_class
 
+    def results(self):
+        """Every detection added so far as COCO result dicts (the list ``COCO.loadRes``
+        takes, e.g. to save as a ``results.json`` or to score with pycocotools), in
+        arrival order. Boxes are COCO ``[x, y, w, h]`` floats, masks compressed RLE
+        (``counts`` as ``str``), keypoints flat ``[x1, y1, v1, ...]``."""
+        det = _Detections.concatenate(self._chunks)
+        image_ids, category_ids = self._gt.image_ids, self._gt.category_ids
+        out = []
+        for i in range(len(det)):
+            record = {"image_id": image_ids[det.image[i]],
+                      "category_id": category_ids[det.category[i]],
+                      "score": float(det.score[i])}
+            if det.has_bbox[i]:
+                record["bbox"] = [float(v) for v in det.bbox[i]]
+            if det.segmentation[i] is not None:
+                rle = dict(det.segmentation[i])
+                if isinstance(rle.get("counts"), bytes):
+                    rle["counts"] = rle["counts"].decode("ascii")
+                record["segmentation"] = rle
+            if det.keypoints[i] is not None:
+                record["keypoints"] = [float(v) for v in np.asarray(det.keypoints[i]).ravel()]
+            out.append(record)
+        return out
+
     @property
     def stats(self):
         """The summary numbers in pycocotools' ``COCOeval.stats`` order."""
