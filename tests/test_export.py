@@ -179,7 +179,8 @@ def exported(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     saved = kdet.export.export(model, str(root / "saved"), batch_size=None,
                                labels=["circle", "square", "triangle"])
-    tflite = kdet.export.export(model, str(root / "tiny.tflite"), format="litert",
+    # no format: the .tflite extension picks LiteRT (issue #10 item 2)
+    tflite = kdet.export.export(model, str(root / "tiny.tflite"),
                                 batch_size=3, labels=["circle", "square", "triangle"])
     return {"saved_model": saved, "litert": tflite, "root": root}
 
@@ -304,6 +305,60 @@ def test_decode_and_nms_equal_kdet_decoder_on_random_heads():
                 assert_padding(got)
 
 
+def test_default_format_follows_the_extension(tiny, exported):
+    """``export(model, "x.tflite")`` writes a LiteRT file, not a SavedModel folder (#10 item 2)."""
+    from kdet.export.core import format_for_path
+
+    path = exported["litert"]
+    assert os.path.isfile(path)
+    with open(path, "rb") as f:
+        assert f.read(8)[4:8] == b"TFL3"  # the flatbuffer file identifier
+    assert os.path.isfile(os.path.join(exported["saved_model"], "saved_model.pb"))
+    assert format_for_path(None, "m.onnx") == "onnx"
+    assert format_for_path(None, "m.TFLITE") == "litert"
+    assert format_for_path(None, "saved/m") == "saved_model"
+    assert format_for_path("tflite", "m") == "litert"  # no extension: nothing to contradict
+
+
+def test_export_modules_import_downward():
+    """No import circle in kdet.export: formats import core/postprocess, dispatch imports formats.
+
+    Function-level imports count too (issue #10 item 15: core.export imported
+    the format modules, which import core).
+    """
+    import ast
+    import pathlib
+
+    import kdet.export
+
+    package = pathlib.Path(kdet.export.__file__).parent
+    graph = {}
+    for path in package.glob("*.py"):
+        name = path.stem
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module == "kdet.export":
+                    found |= {a.name for a in node.names}
+                elif node.module.startswith("kdet.export."):
+                    found.add(node.module.split(".")[2])
+            elif isinstance(node, ast.Import):
+                found |= {a.name.split(".")[2] for a in node.names
+                          if a.name.startswith("kdet.export.")}
+        graph[name] = found & {p.stem for p in package.glob("*.py")} - {name}
+    formats = {"saved_model", "litert", "onnx"}
+    assert graph["postprocess"] == set() and graph["core"] <= {"postprocess"}
+    for fmt in formats:
+        assert graph[fmt] <= {"core", "postprocess"}, (fmt, graph[fmt])
+    assert formats <= graph["dispatch"]
+
+    def reaches(start, target, seen=()):
+        return any(n == target or (n not in seen and reaches(n, target, seen + (n,)))
+                   for n in graph[start])
+
+    assert not [m for m in graph if reaches(m, m)], graph
+
+
 # ------------------------------------------------------ end-to-end parity
 @TF_ONLY
 def test_saved_model_matches_keras(tiny, exported):
@@ -373,7 +428,7 @@ def test_onnx_matches_keras(tiny, tmp_path):
     import kdet.export
 
     model, images, ref = tiny
-    path = kdet.export.export(model, str(tmp_path / "tiny.onnx"), format="onnx", batch_size=None,
+    path = kdet.export.export(model, str(tmp_path / "tiny.onnx"), batch_size=None,
                               labels=["circle", "square", "triangle"])
     got = run_onnx(path, images)
     fraction, worst_score, worst_iou, unmatched = match_detections(ref, got)
@@ -587,6 +642,14 @@ def test_export_rejects_bad_arguments(tiny, tmp_path):
     out = str(tmp_path / "x")
     with pytest.raises(ValueError, match="unknown export format"):
         kdet.export.export(model, out, format="coreml")
+    # an explicit format must not contradict the extension (issue #10 item 2)
+    with pytest.raises(ValueError, match="extension '.tflite'.*format='saved_model'"):
+        kdet.export.export(model, out + ".tflite", format="saved_model")
+    with pytest.raises(ValueError, match="extension '.onnx'.*format='litert'"):
+        kdet.export.export(model, out + ".onnx", format="litert")
+    with pytest.raises(ValueError, match="extension '.tflite'.*format='onnx'"):
+        kdet.export.export(model, out + ".TFLite", format="onnx")
+    assert not os.path.exists(out + ".tflite") and not os.path.exists(out + ".onnx")
     with pytest.raises(ValueError, match="litert"):
         kdet.export.export(model, out, quantization="int8")
     with pytest.raises(ValueError, match="representative_dataset"):

@@ -6,7 +6,7 @@ runs the ``.tflite`` files with ``ai_edge_litert`` alone.
 from kdet._lazy import lazy_exports
 
 _EXPORTS = {
-    "export": ".core", "serving_function": ".core",
+    "export": ".dispatch", "serving_function": ".core",
     "export_saved_model": ".saved_model",
     "export_litert": ".litert", "LiteRTDetector": ".litert",
     "export_onnx": ".onnx", "match_detections": ".compare",

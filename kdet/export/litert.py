@@ -19,7 +19,7 @@ flatbuffer's ``metadata`` table under ``"kdet_export"`` and the class names unde
 ``"labels"`` (one per line); ``labels.txt`` is written next to the file.
 :class:`LiteRTDetector` reads them back.
 
-    >>> kdet.export.export(model, "d0.tflite", format="litert")     # doctest: +SKIP
+    >>> kdet.export.export(model, "d0.tflite")                      # doctest: +SKIP
     >>> detector = kdet.export.LiteRTDetector("d0.tflite")          # doctest: +SKIP
     >>> out = detector.predict(image)   # any size: resized, padded, mapped back  # doctest: +SKIP
     >>> out["boxes"].shape, out["labels"].dtype                      # doctest: +SKIP
@@ -46,8 +46,6 @@ def export_litert(model, path, settings=None, quantization=None, representative_
     core.require_tensorflow_backend("kdet.export.export_litert")
     import tensorflow as tf
 
-    from kdet.export.saved_model import write_saved_model
-
     settings = settings or postprocess.settings_from_model(model)
     if batch_size is None:
         raise ValueError("LiteRT needs a static batch size (batch_size=1 or N), got None")
@@ -59,7 +57,7 @@ def export_litert(model, path, settings=None, quantization=None, representative_
     path = os.fspath(path)
     with tempfile.TemporaryDirectory(prefix="kdet_litert_") as tmp:
         saved = os.path.join(tmp, "saved_model")
-        write_saved_model(model, saved, settings, input_dtype, batch_size, runtime="litert",
+        core.write_saved_model(model, saved, settings, input_dtype, batch_size, runtime="litert",
                           nms=nms, detections_per_class=detections_per_class)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved)
         if nms == "tflite_postprocess":

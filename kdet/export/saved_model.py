@@ -15,26 +15,6 @@ import os
 from kdet.export import core, postprocess
 
 
-def write_saved_model(model, path, settings, input_dtype="float32", batch_size=1,
-                      runtime="tensorflow", nms="builtin", detections_per_class=None):
-    """Write the serving graph as a ``tf.Module`` that tracks the model's ``tf.Variable`` s.
-
-    The module holds the TF variables under the Keras ones: tracking the Keras
-    model itself gives a SavedModel that TF loads but whose weights the LiteRT
-    converter does not find (it converted with zero weights), and
-    ``keras.export.ExportArchive`` checkpoints every variable twice (measured:
-    7.75M values for EfficientDet-D0's 3.88M).
-    """
-    import tensorflow as tf
-
-    fn, signature = core.serving_function(model, settings, input_dtype, batch_size, runtime, nms,
-                                          detections_per_class)
-    module = tf.Module()
-    module.model_variables = [getattr(v, "value", v) for v in model.variables]
-    module.serve = tf.function(fn, input_signature=signature)
-    tf.saved_model.save(module, os.fspath(path), signatures={"serving_default": module.serve})
-
-
 def export_saved_model(model, path, settings=None, input_dtype="float32", batch_size=1,
                        labels=None):
     """SavedModel of ``model`` with decode + class-aware NMS in ``serving_default``.
@@ -48,7 +28,7 @@ def export_saved_model(model, path, settings=None, input_dtype="float32", batch_
     path = os.fspath(path)
     if os.path.isfile(path):
         raise ValueError(f"SavedModel path {path!r} is a file; give a directory")
-    write_saved_model(model, path, settings, input_dtype, batch_size, "tensorflow")
+    core.write_saved_model(model, path, settings, input_dtype, batch_size, "tensorflow")
     meta = core.model_metadata(settings, "saved_model", input_dtype, batch_size, labels=labels)
     with open(os.path.join(path, "kdet_export.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1)
