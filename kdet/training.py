@@ -19,7 +19,7 @@ SGD + cosine + EMA, RetinaNet's step schedule) and fits with
 ================  ===================================================================
 ``best.keras``    best ``val_AP`` so far (with a validation set), EMA weights if used
 ``last.keras``    the model after the last finished epoch (EMA weights if used)
-``history.csv``   loss, learning rate and the 12 COCO numbers per epoch
+``history.csv``   loss, learning rate and the 12 COCO numbers per epoch (evaluated ones)
 ``logs/``         TensorBoard
 ``backup/``       training state of an unfinished run (removed when ``fit`` ends)
 ``labels.txt``    class names, one per line (``kdet predict`` / ``export`` read it)
@@ -81,10 +81,11 @@ def default_callbacks(model, output_dir, *, val_dataset=None, val_batches=None, 
             pixels) scores ``val_batches``; predicted boxes are divided by
             ``targets["scale"]`` to match.
         val_batches: evaluation batches (:func:`kdet.workflow.data.evaluation_batches`).
-        eval_every: evaluate every N epochs (the others repeat the last values,
-            so the best checkpoint only changes after an evaluation).
-        resume_epoch: epochs already finished (from the backup): keeps the CSV
-            rows up to it and the best value of ``best.keras``.
+        eval_every: evaluate every N epochs; the other epochs have no validation
+            metrics (empty cells in ``history.csv``, nothing printed) and leave
+            ``best.keras`` alone.
+        resume_epoch: epochs already finished (from the backup): keeps the best
+            value of ``best.keras`` (``history.csv`` is rewritten from the backup).
     """
     import keras
 
@@ -94,9 +95,8 @@ def default_callbacks(model, output_dir, *, val_dataset=None, val_batches=None, 
     if use_ema is None:
         use_ema = cb.optimizer_uses_ema(model.optimizer)
     best_path = os.path.join(output_dir, BEST)
-    callbacks = [keras.callbacks.TerminateOnNaN(),
-                 cb.AtomicBackupAndRestore(os.path.join(output_dir, BACKUP),
-                                           double_checkpoint=True)]
+    backup = cb.AtomicBackupAndRestore(os.path.join(output_dir, BACKUP), double_checkpoint=True)
+    callbacks = [keras.callbacks.TerminateOnNaN(), backup]
     if use_ema:
         callbacks.append(cb.EMAWeightsAtEpochEnd())
     keys = ["loss", "learning_rate"]
@@ -105,7 +105,7 @@ def default_callbacks(model, output_dir, *, val_dataset=None, val_batches=None, 
             raise ValueError("val_dataset needs val_batches (evaluation_batches(val_dataset, ...))")
         callbacks.append(COCOEvalCallback(
             val_batches, val_dataset.coco_ground_truth(), every_n_epochs=eval_every,
-            category_ids=val_dataset.category_ids, scale_key="scale", fill_skipped_epochs=True,
+            category_ids=val_dataset.category_ids, scale_key="scale",
             verbose=1 if verbose else 0))
         best = cb.read_best(best_path, "val_AP") if resume_epoch else None
         callbacks.append(cb.AtomicModelCheckpoint(
@@ -115,8 +115,7 @@ def default_callbacks(model, output_dir, *, val_dataset=None, val_batches=None, 
     callbacks += [
         cb.FiniteLossCheckpoint(os.path.join(output_dir, LAST), save_best_only=False, verbose=0),
         cb.LearningRateLogger(),
-        cb.EpochCSVLogger(os.path.join(output_dir, CSV), keys,
-                          resume_from=resume_epoch if resume_epoch else None),
+        cb.EpochCSVLogger(os.path.join(output_dir, CSV), keys, backup=backup),  # commits it
     ]
     if tensorboard == "auto":
         tensorboard = _tensorboard_installed()

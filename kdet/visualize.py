@@ -1,8 +1,7 @@
 """Draw detections on images and plot evaluation results.
 
-Drawing uses Pillow (a core dependency); plots use matplotlib (``pip install
-kdet[viz]``), through ``matplotlib.figure.Figure`` so no global backend is
-switched.
+Drawing uses Pillow and plots use matplotlib (both core dependencies), through
+``matplotlib.figure.Figure`` so no global backend is switched.
 
     >>> import numpy as np
     >>> from kdet.visualize import draw_detections
@@ -181,8 +180,8 @@ def _figure(width, height):
     try:
         from matplotlib.figure import Figure
     except ImportError as error:
-        raise ImportError("kdet's plots need matplotlib: pip install 'kdet[viz]' "
-                          "(or pip install matplotlib)") from error
+        raise ImportError("kdet's plots need matplotlib (a kdet dependency that is missing "
+                          "here): pip install matplotlib") from error
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
@@ -268,10 +267,11 @@ def plot_confusion_matrix(matrix, class_names, path, title=None):
 def plot_training_curves(rows, path):
     """Loss, learning rate and validation AP per epoch (rows of ``history.csv``) to ``path``.
 
-    ``rows``: a CSV path or a list of dicts as :func:`kdet.workflow.callbacks.read_csv_log` gives.
+    ``rows``: a CSV path or a list of dicts as :func:`kdet.history.read_csv_log` gives. A
+    value that is missing (``None``, an empty cell: not measured that epoch) is not drawn.
     """
     if isinstance(rows, (str, bytes)) or hasattr(rows, "__fspath__"):
-        from kdet.workflow.callbacks import read_csv_log
+        from kdet.history import read_csv_log
         rows = read_csv_log(rows)
     if not rows:
         raise ValueError("the training log has no rows")

@@ -10,21 +10,24 @@
   resumed run keeps comparing against it.
 * :class:`AtomicBackupAndRestore` is ``keras.callbacks.BackupAndRestore``
   (weights *and* optimizer state, so a killed run resumes at its last
-  finished epoch) with atomic writes and the epoch stored inside the weights
-  file, so weights and epoch can never disagree.
+  finished epoch) with atomic writes and the epoch and the history rows
+  stored inside the weights file, so weights, epoch and ``history.csv`` can
+  never disagree (the epoch's row and its backup are committed together).
 * :class:`EMAWeightsAtEpochEnd` puts the optimizer's EMA weights in the
   model at every epoch end, so the evaluation and checkpoint callbacks that
   follow it see (and save) the EMA weights; ``fit`` ends with the EMA weights
   in the model (Keras' ``finalize_variable_values``), also when stopped early.
 * :class:`LearningRateLogger` and :class:`EpochCSVLogger` log the learning
-  rate and a CSV with a fixed set of columns.
+  rate and a CSV with a fixed set of columns (empty cells for values not
+  measured that epoch); the logger commits each row with the backup.
 
 Order matters (Keras calls callbacks in list order with one shared ``logs``):
 ``[TerminateOnNaN, AtomicBackupAndRestore, EMAWeightsAtEpochEnd,
 COCOEvalCallback, AtomicModelCheckpoint(s), LearningRateLogger,
 EpochCSVLogger, TensorBoard]``: the backup holds the raw weights (resuming
 swaps nothing back), evaluation and checkpoints see EMA weights and the loggers
-see ``val_AP``. :func:`kdet.training.default_callbacks` builds that list.
+see ``val_AP``; the CSV logger, last of kdet's, commits the epoch's backup.
+:func:`kdet.training.default_callbacks` builds that list.
 ``model.fit`` appends its progress bar and ``History`` last.
 
     >>> import keras, numpy as np, tempfile, os
@@ -33,7 +36,6 @@ see ``val_AP``. :func:`kdet.training.default_callbacks` builds that list.
     >>> atomic_save(model, path) == path, os.listdir(os.path.dirname(path))
     (True, ['m.keras'])
 """
-import csv
 import json
 import math
 import os
@@ -42,8 +44,11 @@ import tempfile
 import keras
 import numpy as np
 
+from kdet.history import format_csv, read_csv_log  # noqa: F401 (read_csv_log: re-exported)
+
 _SUFFIXES = (".weights.h5", ".keras", ".h5")
 METADATA_ATTRIBUTE = "kdet_training_metadata"
+HISTORY_DATASET = "kdet_history"
 _UMASK = os.umask(0o022)  # read the process umask (set it back at once)
 os.umask(_UMASK)
 
@@ -189,22 +194,60 @@ def read_best(path, monitor):
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """``BackupAndRestore`` with atomic writes and the epoch kept in the weights file.
+    """``BackupAndRestore`` with atomic writes, the epoch kept in the weights file and,
+    with an :class:`EpochCSVLogger`, the history rows committed together with the epoch.
 
     Same arguments as ``keras.callbacks.BackupAndRestore``. The backup
     (``<backup_dir>/latest.weights.h5``) holds the model and optimizer
-    variables (EMA averages, step counter, momenta) and, as an HDF5 attribute,
-    the training metadata ``{"epoch", "batch"}``; ``training_metadata.json``
-    is still written for Keras. :func:`backup_epoch` reads it before ``fit``.
+    variables (EMA averages, step counter, momenta), as an HDF5 attribute the
+    training metadata ``{"epoch", "batch"}`` and, as a dataset, the history
+    rows of the finished epochs (:attr:`history`, restored by
+    ``on_train_begin``); ``training_metadata.json`` is still written for
+    Keras. :func:`backup_epoch` reads the epoch before ``fit``.
+
+    An epoch's history row (its ``val_AP`` included) is only known after the
+    evaluation that follows this callback, while the backup must be written
+    here, before :class:`EMAWeightsAtEpochEnd` puts the EMA weights in the
+    model. So when an :class:`EpochCSVLogger` later in the list was given
+    ``backup=this``, the epoch-end save only *stages* the backup
+    (``staged.weights.h5``); the logger's :meth:`commit_epoch` adds the row and
+    moves the staged file over ``latest.weights.h5`` in one ``os.replace``,
+    then writes ``history.csv`` from the rows. A process killed before that
+    move redoes the epoch; killed after it, the resumed run rewrites
+    ``history.csv`` from the backup: the backup and the history always count
+    the same finished epochs.
     """
 
     def __init__(self, backup_dir, *args, **kwargs):
         _require_private(keras.callbacks.BackupAndRestore, ("_save_model", "_load_model"))
         super().__init__(backup_dir, *args, **kwargs)
+        self.history = None  # rows of the finished epochs; None: a backup without them
+        self.restored_epoch = 0  # finished epochs found in the backup by on_train_begin
+        self.stage_epoch_saves = False  # set for the run by EpochCSVLogger(backup=self)
+        self._staged_path = os.path.join(self.backup_dir, "staged.weights.h5")
+        self._staged_epoch = None
+        self._in_epoch_end = False
 
-    def _save_model(self):
-        os.makedirs(self.backup_dir, exist_ok=True)
-        metadata = {"epoch": int(self._current_epoch), "batch": int(self._last_batch_seen)}
+    def on_train_begin(self, logs=None):
+        self.history, self.restored_epoch, self._staged_epoch = [], 0, None
+        super().on_train_begin(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._in_epoch_end = True  # _save_model stages instead of saving (see the docstring)
+        try:
+            super().on_epoch_end(epoch, logs)
+        finally:
+            self._in_epoch_end = False
+
+    def _metadata(self):
+        return {"epoch": int(self._current_epoch), "batch": int(self._last_batch_seen)}
+
+    def _write_state(self, path):
+        """Model and optimizer variables, metadata and history rows to ``path``."""
+        self.model.save_weights(path, overwrite=True)
+        _write_backup_attributes(path, self._metadata(), self.history or [])
+
+    def _keep_previous(self):
         if self.double_checkpoint:  # keep the previous backup too (Keras' fallback)
             for current, previous in ((self._weights_path, self._prev_weights_path),
                                       (self._training_metadata_path,
@@ -212,20 +255,49 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
                 if os.path.exists(current):
                     atomic_write(previous, lambda tmp, source=current: _copy(source, tmp))
 
-        def write(tmp):
-            import h5py
-            self.model.save_weights(tmp, overwrite=True)
-            with h5py.File(tmp, "a") as f:
-                f.attrs[METADATA_ATTRIBUTE] = json.dumps(metadata)
+    def _save_model(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        if self._in_epoch_end and self.stage_epoch_saves:
+            self._write_state(self._staged_path)  # not the backup until commit_epoch
+            self._staged_epoch = int(self._current_epoch)
+            return
+        self._keep_previous()
+        atomic_write(self._weights_path, self._write_state)
+        write_json_atomic(self._training_metadata_path, self._metadata())
 
-        atomic_write(self._weights_path, write)
+    def commit_epoch(self, row):
+        """Add history ``row`` (``row["epoch"]``: 1-based) to the backup of that epoch.
+
+        With staged epoch-end saves the staged file, with the row added, becomes
+        the backup (one ``os.replace``). With ``save_freq=<batches>`` the row
+        rides with the next save (a backup taken inside the next epoch).
+        """
+        epoch = int(row["epoch"])
+        history = list(self.history or []) + [dict(row)]
+        if self.save_freq != "epoch":
+            self.history = history
+            return
+        if self._staged_epoch != epoch:
+            raise RuntimeError(
+                f"no staged backup of epoch {epoch} to commit its history row with: the "
+                "EpochCSVLogger(backup=...) must come after its AtomicBackupAndRestore in the "
+                "callbacks list")
+        metadata = {"epoch": epoch, "batch": 0}
+        _write_backup_attributes(self._staged_path, metadata, history)
+        _fsync(self._staged_path)
+        self._keep_previous()
+        os.replace(self._staged_path, self._weights_path)  # the commit point
+        _fsync_dir(self.backup_dir)
         write_json_atomic(self._training_metadata_path, metadata)
+        self.history, self._staged_epoch = history, None
 
     def _load_model(self):
         super()._load_model()
         metadata = read_backup_metadata(self._weights_path)
         if metadata is not None:  # the weights file is the authority
-            self.model._initial_epoch = int(metadata["epoch"])
+            self.restored_epoch = int(metadata["epoch"])
+            self.model._initial_epoch = self.restored_epoch
+            self.history = read_backup_history(self._weights_path)
 
 
 def _copy(source, target):
@@ -233,19 +305,40 @@ def _copy(source, target):
     shutil.copyfile(source, target)
 
 
-def read_backup_metadata(weights_path):
-    """``{"epoch", "batch"}`` stored in a backup weights file, or ``None``."""
+def _write_backup_attributes(path, metadata, history):
+    import h5py
+    with h5py.File(path, "a") as f:
+        f.attrs[METADATA_ATTRIBUTE] = json.dumps(metadata)
+        if HISTORY_DATASET in f:
+            del f[HISTORY_DATASET]
+        # a dataset, not an attribute: HDF5 attributes stop at 64 KiB (some 300 epochs)
+        f.create_dataset(HISTORY_DATASET, data=json.dumps(history))
+
+
+def _read_backup_entry(weights_path, read):
     if not os.path.isfile(weights_path):
         return None
     import h5py
     try:
         with h5py.File(weights_path, "r") as f:
-            raw = f.attrs.get(METADATA_ATTRIBUTE)
+            raw = read(f)
     except OSError:
         return None
     if raw is None:
         return None
     return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+
+
+def read_backup_metadata(weights_path):
+    """``{"epoch", "batch"}`` stored in a backup weights file, or ``None``."""
+    return _read_backup_entry(weights_path, lambda f: f.attrs.get(METADATA_ATTRIBUTE))
+
+
+def read_backup_history(weights_path):
+    """History rows of the finished epochs stored in a backup weights file, or ``None``
+    (no file, or a backup written before kdet kept them)."""
+    return _read_backup_entry(
+        weights_path, lambda f: f[HISTORY_DATASET][()] if HISTORY_DATASET in f else None)
 
 
 def backup_epoch(backup_dir):
@@ -327,66 +420,64 @@ class LearningRateLogger(keras.callbacks.Callback):
 
 
 class EpochCSVLogger(keras.callbacks.Callback):
-    """One CSV row per epoch with fixed columns ``epoch`` (1-based) + ``keys``.
+    """One CSV row per epoch: columns ``epoch`` (1-based integer) + ``keys``
+    (:mod:`kdet.history` format).
 
     Unlike ``keras.callbacks.CSVLogger`` the columns do not depend on the
-    first epoch's logs (``val_AP`` may first appear at epoch 5); missing
-    values are left empty. ``resume_from=E`` keeps the rows of epochs
-    ``<= E`` of an existing file and appends after them.
+    first epoch's logs (``val_AP`` may first appear at epoch 5); a key missing
+    from an epoch's logs (``val_AP`` of an epoch without evaluation) is an
+    empty cell. The file is rewritten atomically after every epoch.
+
+    ``backup``: an :class:`AtomicBackupAndRestore` earlier in the callbacks
+    list. Each row is then committed together with its epoch's backup, and a
+    resumed run rewrites the file from the rows stored in the backup, so the
+    file lists the backup's finished epochs, each once. ``resume_from=E``
+    (or, with a ``backup`` written before backups kept the rows, the backup's
+    epoch) keeps the rows of epochs ``<= E`` of an existing file instead.
     """
 
-    def __init__(self, filename, keys, resume_from=None):
+    def __init__(self, filename, keys, resume_from=None, backup=None):
         super().__init__()
         self.filename = os.fspath(filename)
         self.keys = list(keys)
         self.resume_from = resume_from
-        self._file = None
-        self._writer = None
+        self.backup = backup
+        self.rows = []
 
     def on_train_begin(self, logs=None):
-        directory = os.path.dirname(os.path.abspath(self.filename))
-        os.makedirs(directory, exist_ok=True)
-        rows = []
-        if self.resume_from is not None and os.path.isfile(self.filename):
-            rows = [r for r in read_csv_log(self.filename)
-                    if int(r["epoch"]) <= int(self.resume_from)]
-        self._file = open(self.filename, "w", newline="", encoding="utf-8")
-        self._writer = csv.DictWriter(self._file, fieldnames=["epoch"] + self.keys,
-                                      extrasaction="ignore")
-        self._writer.writeheader()
-        for row in rows:
-            self._writer.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v))
-                                       else v) for k, v in row.items()})
-        self._file.flush()
+        rows = None
+        resume_from = self.resume_from
+        if self.backup is not None:
+            # the backup restored its state in its own on_train_begin, earlier in the list
+            self.backup.stage_epoch_saves = True
+            rows = self.backup.history
+            if resume_from is None and self.backup.restored_epoch:
+                resume_from = self.backup.restored_epoch
+        if rows is None:
+            rows = []
+            if resume_from is not None and os.path.isfile(self.filename):
+                rows = [r for r in read_csv_log(self.filename)
+                        if r.get("epoch") is not None and r["epoch"] <= int(resume_from)]
+            if self.backup is not None:
+                self.backup.history = [dict(r) for r in rows]
+        self.rows = [dict(r) for r in rows]
+        self._write()
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        row = {"epoch": epoch + 1}
+        row = {"epoch": int(epoch) + 1}
         for key in self.keys:
             value = logs.get(key)
-            row[key] = "" if value is None else float(np.asarray(value))
-        self._writer.writerow(row)
-        self._file.flush()
-        os.fsync(self._file.fileno())
+            row[key] = None if value is None else float(np.asarray(value))
+        if self.backup is not None and self.backup.stage_epoch_saves:
+            self.backup.commit_epoch(row)
+        self.rows.append(row)
+        self._write()
 
-    def on_train_end(self, logs=None):
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+    def _write(self):
+        text = format_csv(self.rows, self.keys)
 
-
-def read_csv_log(path):
-    """Rows of a training CSV as dicts of floats (``None`` for empty/NA cells)."""
-    rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            parsed = {}
-            for key, value in row.items():
-                if key is None:
-                    continue
-                try:
-                    parsed[key] = float(value) if value not in ("", "NA", None) else None
-                except ValueError:
-                    parsed[key] = None
-            rows.append(parsed)
-    return rows
+        def write(tmp):
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                f.write(text)
+        atomic_write(self.filename, write)
