@@ -149,7 +149,7 @@ class COCODataset(DetectionDataset):
             label_to_category_id={i: c["id"] for i, c in enumerate(categories)},
             keypoint_names=keypoint_names if include_keypoints else None,
             skeleton=skeleton if include_keypoints else None,
-            problems=log.counts, source=self.annotation_file)
+            problems=log.counts, source=self.annotation_file, on_error=on_error)
         self.has_masks = bool(include_masks)
 
     @staticmethod

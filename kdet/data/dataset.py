@@ -31,14 +31,16 @@ key                 dtype / shape            meaning
     ((64, 64, 3), dtype('float32'))
 """
 import collections
+import concurrent.futures
 import copy
 import io
 import os
+import re
 import warnings
 
 import numpy as np
 
-from kdet.data.errors import ProblemLog, sanitize_boxes
+from kdet.data.errors import ON_ERROR, ProblemLog, logger, sanitize_boxes
 
 #: Default ``max_pixels``: 8192 x 8192. Larger images are rejected as bad input.
 DEFAULT_MAX_PIXELS = 8192 * 8192
@@ -221,13 +223,15 @@ class DetectionDataset:
         keypoint_names, keypoint_flip_map, skeleton: keypoint metadata.
         problems: ``collections.Counter`` of problem kinds met while reading.
         source: what was read (a path), for messages.
+        on_error: the reader's policy, also applied by :meth:`check_pixels`
+            (``build_pipeline`` runs it before the first batch).
     """
 
     has_masks = False
 
     def __init__(self, records, class_names, *, label_to_category_id=None,
                  keypoint_names=None, keypoint_flip_map=None, skeleton=None,
-                 problems=None, source="records"):
+                 problems=None, source="records", on_error="raise"):
         self.records = [self._complete(r) for r in records]
         self.class_names = tuple(str(c) for c in class_names)
         if label_to_category_id is None:
@@ -241,6 +245,10 @@ class DetectionDataset:
         self.skeleton = skeleton
         self.problems = problems if problems is not None else collections.Counter()
         self.source = str(source)
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        self.on_error = on_error
+        self.pixels_checked = False  # set by check_pixels
 
     @staticmethod
     def _complete(record):
@@ -290,7 +298,7 @@ class DetectionDataset:
                 r[key] = r[key][keep]
             clean.append(r)
         log.summarize("records")
-        return cls(clean, class_names, problems=log.counts, **kwargs)
+        return cls(clean, class_names, problems=log.counts, on_error=on_error, **kwargs)
 
     # ---- metadata -------------------------------------------------------
     @property
@@ -442,6 +450,118 @@ class DetectionDataset:
             ds = ds.shuffle(max(len(self.records), 1), seed=seed, reshuffle_each_iteration=True)
         return ds.map(to_example, num_parallel_calls=tf.data.AUTOTUNE)
 
+    # ---- full pixel check ---------------------------------------------------
+    def _reads_encoded_images(self):
+        """True when pixels come from encoded files or bytes (which may not decode)."""
+        return any(r.get("file_name") for r in self.records)
+
+    def _image_location(self, index):
+        record = self.records[index]
+        return record.get("file_name") or f"{self.source}: image id {record['image_id']}"
+
+    def check_pixels(self, on_error=None, include_masks=None):
+        """Decode every image once, as training will, and drop or reject the bad ones.
+
+        The readers' default ``check_images="header"`` opens headers only, so
+        a truncated file passes it and would stop ``model.fit`` mid-epoch.
+        Here an image is *bad* when either of kdet's decoders fails on it:
+        the ``tf.data`` view (:meth:`as_tf_dataset`: ``tf.io.decode_*``, the
+        size check and, with ``include_masks``, the masks) or the numpy view
+        (PIL's full decode, :func:`load_image_file`). They disagree on some
+        truncations (PIL accepts a PNG cut inside its end chunk, TF does not),
+        and kdet uses both.
+
+        ``on_error="raise"`` (default: the dataset's ``on_error``) raises a
+        ``ValueError`` naming the first bad file; ``"skip"`` removes the bad
+        images from ``records``, adds them to ``problems["corrupt_image"]``
+        and logs one warning listing them. Runs once per dataset (later calls
+        return at once); returns the list of bad image locations.
+
+        >>> from kdet.data.shapes import ShapesDataset
+        >>> ShapesDataset(2, image_size=64, seed=0).check_pixels()  # nothing encoded
+        []
+        """
+        if self.pixels_checked:
+            return []
+        on_error = on_error or self.on_error
+        include_masks = self.has_masks if include_masks is None else include_masks
+        if not self._reads_encoded_images():
+            self.pixels_checked = True
+            return []
+        reasons = self._pil_decode_failures()
+        for index, reason in self._tf_decode_failures(include_masks).items():
+            reasons.setdefault(index, reason)
+        log = ProblemLog(on_error)
+        for index in sorted(reasons):  # raises at the first one in "raise" mode
+            where = self._image_location(index)
+            log.error("corrupt_image", where, f"image does not decode ({reasons[index]})")
+        bad = [self._image_location(i) for i in sorted(reasons)]
+        if bad:
+            self.records = [r for i, r in enumerate(self.records) if i not in reasons]
+            self.problems = collections.Counter(self.problems)
+            self.problems.update(log.counts)
+            shown = "; ".join(f"{where} ({reasons[i]})"
+                              for where, i in zip(bad[:20], sorted(reasons)))
+            logger.warning("%s: skipped %d image(s) that do not decode [corrupt_image]: %s%s",
+                           self.source, len(bad), shown, "; ..." if len(bad) > 20 else "")
+        self.pixels_checked = True
+        return bad
+
+    def _pil_decode_failures(self):
+        """``{index: reason}`` of the file images PIL cannot fully decode."""
+        from PIL import Image
+
+        def failure(path):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    with Image.open(path) as im:
+                        im.load()
+            except Exception as e:  # noqa: BLE001 - any failure makes the file unusable
+                return f"PIL: {e}"
+            return None
+
+        files = [(i, r["file_name"]) for i, r in enumerate(self.records) if r.get("file_name")]
+        # PIL releases the GIL while decoding: threads decode in parallel
+        with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            results = pool.map(failure, [path for _, path in files])
+            return {i: reason for (i, _), reason in zip(files, results) if reason}
+
+    def _tf_decode_failures(self, include_masks):
+        """``{index: reason}`` of the images whose ``as_tf_dataset`` element fails.
+
+        A failing element of a ``tf.data`` map raises once and the iterator
+        moves on, so (unshuffled) element ``k`` is record ``k``.
+        """
+        import tensorflow as tf
+
+        failures = {}
+        iterator = iter(self.as_tf_dataset(include_masks=include_masks))
+        for index in range(len(self.records)):
+            try:
+                next(iterator)
+            except tf.errors.OpError as e:
+                failures[index] = "TF: " + _short_tf_message(e.message)
+        return failures
+
+    # ---- objects per image ---------------------------------------------------
+    def objects_per_image(self, keep_crowd=False):
+        """int ``[num_images]``: objects of each image the pipeline keeps
+        (crowd objects count only with ``keep_crowd``, as in ``build_pipeline``)."""
+        return np.array([len(r["labels"]) if keep_crowd else int((r["iscrowd"] == 0).sum())
+                         for r in self.records], np.int64)
+
+    def objects_beyond(self, max_boxes, keep_crowd=False):
+        """``(objects, images)``: how many objects ``build_pipeline(max_boxes=...)``
+        drops because their image has more than ``max_boxes``, and in how many images.
+
+        Before augmentation: a training crop may remove some objects first, so
+        for training this is an upper bound; for evaluation it is exact.
+        """
+        counts = self.objects_per_image(keep_crowd)
+        over = np.maximum(counts - int(max_boxes), 0)
+        return int(over.sum()), int((over > 0).sum())
+
     # ---- evaluation / inspection ----------------------------------------
     def coco_ground_truth(self, image_size=None, include_masks=False):
         """Ground truth as a COCO-format dict (for ``kdet.metrics.COCOEvaluator``).
@@ -511,8 +631,12 @@ class DetectionDataset:
             categories.append(cat)
         return {"images": images, "annotations": annotations, "categories": categories}
 
-    def inspect(self):
-        """Counts, class histogram, sizes and problems (for ``kdet inspect``)."""
+    def inspect(self, max_boxes=None):
+        """Counts, class histogram, sizes and problems (for ``kdet inspect``).
+
+        ``max_boxes``: also count the objects ``build_pipeline`` would drop
+        at that limit (default: the most objects in one image, so none).
+        """
         labels = (np.concatenate([r["labels"] for r in self.records])
                   if self.records else np.zeros(0, np.int32))
         crowd = sum(int(r["iscrowd"].sum()) for r in self.records)
@@ -523,6 +647,9 @@ class DetectionDataset:
         wh = boxes[:, 2:] - boxes[:, :2]
         hist = np.bincount(labels, minlength=self.num_classes) if len(labels) else \
             np.zeros(self.num_classes, int)
+        needed = auto_max_boxes(self)
+        limit = needed if max_boxes is None else int(max_boxes)
+        beyond, beyond_images = self.objects_beyond(limit)
         return {
             "source": self.source,
             "num_images": len(self.records),
@@ -538,8 +665,28 @@ class DetectionDataset:
                              "max": wh.max(0).tolist()} if len(wh) else None),
             "has_masks": self.has_masks,
             "num_keypoints": self.num_keypoints,
+            "max_boxes": limit,
+            "max_boxes_auto": max_boxes is None,
+            "max_boxes_needed": needed,
+            "objects_beyond_max_boxes": beyond,
+            "images_beyond_max_boxes": beyond_images,
             "problems": dict(self.problems),
         }
+
+
+def auto_max_boxes(*datasets, keep_crowd=False):
+    """The most objects one image of ``datasets`` has (at least 1): the
+    ``max_boxes`` that makes ``build_pipeline`` drop nothing."""
+    counts = [int(ds.objects_per_image(keep_crowd).max(initial=0)) for ds in datasets
+              if ds is not None]
+    return max(counts + [1])
+
+
+def _short_tf_message(message):
+    """A TF error message without the ``{{function_node ...}}`` and ``[[...]]`` noise."""
+    text = re.sub(r"\{\{[^}]*\}\}", "", message)
+    text = re.sub(r"\s*\[\[.*", "", text, flags=re.S)
+    return " ".join(text.split())[:200] or "decoding failed"
 
 
 def _resize_masks_nearest(masks, height, width):

@@ -88,7 +88,7 @@ class ProblemLog:
         logger.warning("%s: %s (%s)", source, parts, examples)
 
 
-def sanitize_boxes(boxes, height, width, log, where):
+def sanitize_boxes(boxes, height, width, log, where, tolerance=0.0):
     """Validate xyxy pixel boxes of one image; clip what reaches outside.
 
     Args:
@@ -96,6 +96,11 @@ def sanitize_boxes(boxes, height, width, log, where):
         height, width: image size in pixels.
         log: a :class:`ProblemLog`.
         where: callable ``i -> str`` naming object ``i`` in messages.
+        tolerance: pixels (a scalar, or per coordinate ``[4]`` xyxy) a box
+            may reach past the border without counting as ``box_clipped``:
+            what the rounding of the annotation format explains (see
+            :data:`kdet.data.yolo.ROUNDING_TOLERANCE`). Such boxes are still
+            clipped, silently.
 
     Returns:
         ``(boxes, keep)``: float32 ``[N, 4]`` clipped to the image and a bool
@@ -108,7 +113,8 @@ def sanitize_boxes(boxes, height, width, log, where):
     proper = finite & (safe[:, 2] > safe[:, 0]) & (safe[:, 3] > safe[:, 1])
     clipped = np.clip(safe, 0.0, [width, height, width, height])
     overlaps = proper & (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
-    moved = overlaps & np.any(clipped != safe, axis=1)
+    past = np.maximum(clipped - safe, safe - clipped)  # how far past the border
+    moved = overlaps & np.any(past > np.asarray(tolerance, np.float64), axis=1)
     # only the few bad boxes go through the (slow) per-object messages
     for i in np.flatnonzero(~overlaps | moved):
         box = boxes[i].tolist()

@@ -100,7 +100,8 @@ class MaskFolderDataset(DetectionDataset):
                 "boxes": boxes_from_masks(ids, instance_ids),
                 "labels": np.zeros(len(instance_ids), np.int32)})
         log.summarize(root)
-        super().__init__(records, [class_name], problems=log.counts, source=root)
+        super().__init__(records, [class_name], problems=log.counts, source=root,
+                         on_error=on_error)
 
     def load_masks(self, index):
         record = self.records[index]

@@ -40,6 +40,10 @@ zipped to the stream), so masks, keypoints and boxes share one draw and a
     >>> images.shape, targets["boxes"].shape, targets["masks"].shape
     (TensorShape([4, 128, 128, 3]), TensorShape([4, 100, 4]), TensorShape([4, 100, 128, 128]))
 """
+import logging
+
+logger = logging.getLogger("kdet.data")
+
 AUGMENTATIONS = ("scale_jitter", "flip", "color")
 BOX_FORMATS = ("xyxy", "yxyx", "xywh", "center_xywh", "center_yxhw",
                "rel_xyxy", "rel_yxyx", "rel_xywh", "rel_center_xywh")
@@ -208,11 +212,29 @@ def convert_boxes(boxes, target, image_size):
 
 
 # ---- the pipeline ----------------------------------------------------------------
+def warn_objects_beyond(dataset, max_boxes, keep_crowd=False):
+    """Log (once per dataset and limit) how many objects ``max_boxes`` drops.
+
+    Counted before augmentation (:meth:`~kdet.data.DetectionDataset.objects_beyond`):
+    exact for evaluation, an upper bound for training crops. Returns the count.
+    """
+    dropped, images = dataset.objects_beyond(max_boxes, keep_crowd)
+    warned = dataset.__dict__.setdefault("_warned_beyond_max_boxes", set())
+    key = (int(max_boxes), bool(keep_crowd), dropped, images)
+    if dropped and key not in warned:
+        warned.add(key)
+        most = int(dataset.objects_per_image(keep_crowd).max())
+        logger.warning("%s: %d object(s) in %d image(s) lie beyond max_boxes=%d and are dropped "
+                       "(most objects in one image: %d; pass max_boxes=%d, or None, to keep "
+                       "them)", dataset.source, dropped, images, max_boxes, most, most)
+    return dropped
+
+
 def build_pipeline(dataset, image_size, batch_size, training, max_boxes=100,
                    augment=AUGMENTATIONS, seed=None, deterministic=False,
                    bounding_box_format="xyxy", scale_range=(0.1, 2.0), keypoint_flip_map=None,
                    include_masks=None, mask_size=None, keep_crowd=False, shuffle=None,
-                   shuffle_buffer=2048, drop_remainder=None, repeat=False):
+                   shuffle_buffer=2048, drop_remainder=None, repeat=False, check_pixels=True):
     """Batches of ``(images, targets)`` for ``model.fit`` (see the module docstring).
 
     Args:
@@ -221,7 +243,10 @@ def build_pipeline(dataset, image_size, batch_size, training, max_boxes=100,
         image_size: output side ``S``.
         batch_size: images per batch.
         training: augment and shuffle (evaluation: resize-with-pad only).
-        max_boxes: objects per image after padding (extra ones are dropped).
+        max_boxes: objects per image after padding. Objects beyond it are
+            dropped (in annotation order), and a warning with their count is
+            logged once per dataset. ``None``: the most objects in one image
+            of ``dataset`` (a kdet dataset), so none are dropped.
         augment: subset of ``("scale_jitter", "flip", "color")`` used when
             training; without ``"scale_jitter"`` training resizes with pad.
         seed: makes shuffling and augmentation reproducible.
@@ -240,6 +265,11 @@ def build_pipeline(dataset, image_size, batch_size, training, max_boxes=100,
             shuffle their whole index before decoding).
         drop_remainder: default ``training`` (static batch dimension).
         repeat: repeat forever (then give ``steps_per_epoch`` to ``fit``).
+        check_pixels: first decode every image of a kdet dataset once
+            (:meth:`~kdet.data.DetectionDataset.check_pixels`, once per
+            dataset), so a file that does not decode is skipped and counted,
+            or raises a ``ValueError`` naming it, per the dataset's
+            ``on_error``, instead of stopping ``fit`` mid-epoch.
     """
     import tensorflow as tf
 
@@ -249,6 +279,13 @@ def build_pipeline(dataset, image_size, batch_size, training, max_boxes=100,
     if bounding_box_format not in BOX_FORMATS:
         raise ValueError(f"bounding_box_format must be one of {BOX_FORMATS}, "
                          f"got {bounding_box_format!r}")
+    is_tf_data = isinstance(dataset, tf.data.Dataset)
+    if max_boxes is None:
+        if is_tf_data:
+            raise ValueError("max_boxes=None (from the data) needs a kdet dataset, "
+                             "not a tf.data.Dataset")
+        from kdet.data.dataset import auto_max_boxes
+        max_boxes = auto_max_boxes(dataset, keep_crowd=keep_crowd)
     if image_size < 1 or batch_size < 1 or max_boxes < 1:
         raise ValueError("image_size, batch_size and max_boxes must be positive")
     augment = tuple(augment) if training else ()
@@ -257,7 +294,11 @@ def build_pipeline(dataset, image_size, batch_size, training, max_boxes=100,
     size = int(image_size)
     mask_size = (size, size) if mask_size is None else tuple(int(v) for v in mask_size)
 
-    if isinstance(dataset, tf.data.Dataset):
+    if not is_tf_data:
+        if check_pixels:
+            dataset.check_pixels()
+        warn_objects_beyond(dataset, max_boxes, keep_crowd)
+    if is_tf_data:
         ds = dataset
         if shuffle:
             ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)

@@ -341,7 +341,7 @@ class TFRecordDataset(DetectionDataset):
         super().__init__(records, [label_map[c] for c in category_ids],
                          label_to_category_id={i: c for i, c in enumerate(category_ids)},
                          keypoint_names=keypoint_names, keypoint_flip_map=keypoint_flip_map,
-                         problems=log.counts, source=str(file_pattern))
+                         problems=log.counts, source=str(file_pattern), on_error=on_error)
 
     def _record(self, where, p, header, label_of, label_of_name, num_kp, log, max_pixels):
         height, width = int(p["image/height"]), int(p["image/width"])
@@ -416,6 +416,13 @@ class TFRecordDataset(DetectionDataset):
         if record["image_id"] < 0:  # non-numeric source_id: the stream position
             record["image_id"] = int(record["stream_index"])
         return record
+
+    def _reads_encoded_images(self):
+        return bool(self.records)  # image/encoded bytes, decoded in as_tf_dataset
+
+    def _image_location(self, index):
+        record = self.records[index]
+        return f"{self.source}: record {record['stream_index']} ({record['filename']})"
 
     def load_image(self, index):
         return self._load_stream_item(index)[0]

@@ -125,7 +125,8 @@ class VOCDataset(DetectionDataset):
             if record is not None:
                 records.append(record)
         log.summarize(annotation_dir)
-        super().__init__(records, class_names, problems=log.counts, source=annotation_dir)
+        super().__init__(records, class_names, problems=log.counts, source=annotation_dir,
+                         on_error=on_error)
 
     @staticmethod
     def _record(image_id, path, ann, label_of, include_difficult, image_dir, log,

@@ -28,6 +28,15 @@ from kdet.data.errors import ProblemLog, sanitize_boxes
 from kdet.data.voc import IMAGE_EXTENSIONS
 
 
+#: How far (a fraction of the image side) a box edge may lie past the border
+#: before it counts as ``box_clipped``. Label writers (ultralytics, labelImg,
+#: CVAT) print normalised values with 6 decimals, each off by up to 0.5e-6; an
+#: edge ``c +- w / 2`` is then off by up to 0.75e-6 of the side (0.0005 px on
+#: 640 px), so a clean label can reach that far past the border. Anything
+#: beyond 1e-6 of the side is a real annotation fault.
+ROUNDING_TOLERANCE = 1e-6
+
+
 def image_to_label_path(image_path):
     """ultralytics' rule: last ``/images/`` -> ``/labels/``, extension -> ``.txt``."""
     a, b = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
@@ -138,7 +147,7 @@ class YOLODataset(DetectionDataset):
         names = [f"kp{i}" for i in range(num_kp)] if num_kp else None
         super().__init__(records, class_names, keypoint_names=names,
                          keypoint_flip_map=flip_idx if num_kp else None,
-                         problems=log.counts, source=source)
+                         problems=log.counts, source=source, on_error=on_error)
         self.has_masks = bool(include_masks)
 
     def load_masks(self, index):
@@ -209,7 +218,8 @@ def _parse_label_file(path, height, width, num_classes, num_kp, kp_dims, include
         polygons.append(None if polygon is None else polygon.reshape(-1).tolist())
         rows.append(n)
     boxes, keep = sanitize_boxes(np.asarray(boxes).reshape(-1, 4), height, width, log,
-                                 lambda i: f"{path}: line {rows[i]}")
+                                 lambda i: f"{path}: line {rows[i]}",
+                                 tolerance=ROUNDING_TOLERANCE * np.array([width, height] * 2))
     record = {"boxes": boxes[keep], "labels": np.asarray(labels, np.int32)[keep]}
     if num_kp:
         record["keypoints"] = np.asarray(keypoints, np.float32).reshape(-1, num_kp, 3)[keep]

@@ -178,7 +178,10 @@ OPTIONS = (
                metavar="A,B,..."),
         Option("scale_range", _float_pair, (0.1, 2.0), "scale-jitter range (automl: 0.1,2.0)",
                ("train",), metavar="LOW,HIGH"),
-        Option("max_boxes", int, 100, "objects per image after padding", ("train", "eval")),
+        Option("max_boxes", _optional(int), None,
+               "objects per image after padding; more are dropped and counted in a warning "
+               "(default: the most objects in one image of the data)",
+               ("train", "eval", "inspect")),
         Option("eval_every", int, 1, "evaluate on the validation set every N epochs", ("train",)),
         Option("output_dir", str, "runs/kdet", "where checkpoints, logs and plots go",
                ("train", "eval", "predict")),

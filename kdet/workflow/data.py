@@ -44,7 +44,20 @@ def read_dataset(config, which, like=None):
 
     ``like``: a dataset whose classes this one must use (the training set when
     reading the validation set), so labels mean the same in both.
+
+    Every image is decoded once here (:meth:`kdet.data.DetectionDataset.check_pixels`):
+    with ``on_error="skip"`` files that do not decode are dropped and counted
+    before the set is used (so ``len``, ``steps_per_epoch`` and the COCO ground
+    truth agree with what training and evaluation see); with ``"raise"`` the
+    first one raises a ``ValueError`` naming it, before any training.
     """
+    dataset = _open_dataset(config, which, like)
+    if dataset is not None:
+        dataset.check_pixels(config.get("on_error", "raise"))
+    return dataset
+
+
+def _open_dataset(config, which, like):
     from kdet import data
 
     fmt = config.get("format")
@@ -136,15 +149,18 @@ def split_off(dataset, fraction, seed):
     return dataset.subset(sorted(order[held:])), dataset.subset(sorted(order[:held]))
 
 
-def read_datasets(config, need_train=True):
+def read_datasets(config, need_train=True, need_val=True):
     """``(train, val)`` datasets of ``config`` (either may be ``None``).
 
     ``val_fraction`` splits the training set when no validation data is given.
+    ``need_train=False`` / ``need_val=False`` skip reading a set that is not
+    needed (its problems would be reported too, e.g. a YOLO ``val`` entry
+    naming the training images would print every warning twice).
     """
     train = read_dataset(config, "train") if need_train or config.get("val_fraction") else None
-    val = read_dataset(config, "val", like=train)
+    val = read_dataset(config, "val", like=train) if need_val else None
     fraction = float(config.get("val_fraction") or 0.0)
-    if val is None and fraction > 0 and train is not None:
+    if need_val and val is None and fraction > 0 and train is not None:
         train, val = split_off(train, fraction, int(config.get("seed", 0)))
     if train is not None and val is not None and val.num_classes != train.num_classes:
         raise ValueError(f"the validation set has {val.num_classes} classes "
@@ -160,7 +176,7 @@ def _fit_targets(images, targets):
 
 def training_batches(dataset, image_size, batch_size, steps_per_epoch, first_epoch, epochs,
                      seed=0, augment=("scale_jitter", "flip", "color"), scale_range=(0.1, 2.0),
-                     max_boxes=100, deterministic=True):
+                     max_boxes=None, deterministic=True):
     """``(images, {"boxes", "labels"})`` batches of epochs ``first_epoch .. epochs - 1``.
 
     Exactly ``steps_per_epoch`` batches per epoch (the images repeat as
@@ -169,7 +185,8 @@ def training_batches(dataset, image_size, batch_size, steps_per_epoch, first_epo
 
     Each epoch is its own ``build_pipeline`` (parallel decoding and
     augmentation in tf.data), made when the previous one is used up and
-    chained by ``Dataset.from_generator``. Why not one graph
+    chained by ``Dataset.from_generator``. ``max_boxes=None``: the most objects in
+    one training image (see :func:`resolve_max_boxes`). Why not one graph
     (``Dataset.range(first, epochs).flat_map(...)``): the epoch would enter
     ``shuffle``/``Dataset.random`` as a tensor seed, which TF rejects once a
     global seed is set (``keras.utils.set_random_seed``).
@@ -182,6 +199,7 @@ def training_batches(dataset, image_size, batch_size, steps_per_epoch, first_epo
         raise ValueError(f"no epochs left to train: first_epoch={first_epoch}, epochs={epochs}")
     base_seed = int(seed) * EPOCH_SEED_STRIDE
     augment = tuple(augment or ())
+    max_boxes = resolve_max_boxes(dataset, max_boxes, "training")
 
     def one_epoch(epoch):
         batches = build_pipeline(
@@ -201,10 +219,12 @@ def training_batches(dataset, image_size, batch_size, steps_per_epoch, first_epo
     return batches.prefetch(2)
 
 
-def evaluation_batches(dataset, image_size, batch_size, max_boxes=100):
+def evaluation_batches(dataset, image_size, batch_size, max_boxes=None):
     """Resize-with-pad batches in dataset order, targets with ``image_id`` and ``scale``
-    (predicted boxes / ``scale`` = original pixels)."""
+    (predicted boxes / ``scale`` = original pixels); ``max_boxes=None``: from the data."""
     from kdet.data import build_pipeline
+
+    max_boxes = resolve_max_boxes(dataset, max_boxes, "evaluation")
 
     keep = ("boxes", "labels", "image_id", "scale", "original_size", "difficult")
 
@@ -213,6 +233,22 @@ def evaluation_batches(dataset, image_size, batch_size, max_boxes=100):
 
     return build_pipeline(dataset, image_size=image_size, batch_size=batch_size, training=False,
                           max_boxes=max_boxes, include_masks=False).map(slim)
+
+
+def resolve_max_boxes(dataset, max_boxes, purpose):
+    """``max_boxes`` as given, or (``None``) the most objects in one image of
+    ``dataset``, so the pipeline drops none; the choice is logged."""
+    import logging
+
+    from kdet.data.dataset import auto_max_boxes
+
+    if max_boxes is not None:
+        return int(max_boxes)
+    max_boxes = auto_max_boxes(dataset)
+    logging.getLogger("kdet.data").info(
+        "%s: max_boxes=%d (the most objects in one %s image)", dataset.source, max_boxes,
+        purpose)
+    return max_boxes
 
 
 def default_steps_per_epoch(dataset, batch_size):

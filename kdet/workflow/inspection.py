@@ -20,11 +20,12 @@ def inspect_dataset(config, config_path="config"):
     config = dict(config)
     config.setdefault("on_error", "skip")
     settings = resolve("inspect", file_config=config, config_path=config_path)
-    train, val = read_datasets(settings, need_train=settings["split"] == "train")
+    train, val = read_datasets(settings, need_train=settings["split"] == "train",
+                               need_val=settings["split"] == "val")
     dataset = train if settings["split"] == "train" else val
     if dataset is None:
         raise ValueError(f"no {settings['split']} data configured")
-    report = dataset.inspect()
+    report = dataset.inspect(max_boxes=settings["max_boxes"])
     return report, format_report(report)
 
 
@@ -39,6 +40,18 @@ def format_report(report, bar_width=30):
              f"classes:            {report['num_classes']}"]
     per = report["objects_per_image"]
     lines.append(f"objects per image:  min {per['min']}, mean {per['mean']:.2f}, max {per['max']}")
+    if "max_boxes" in report:
+        limit = report["max_boxes"]
+        if report["max_boxes_auto"]:
+            lines.append(f"max_boxes:          {limit} (auto: the most objects in one image; "
+                         "none dropped)")
+        elif report["objects_beyond_max_boxes"]:
+            lines.append(f"max_boxes:          {limit}: {report['objects_beyond_max_boxes']} "
+                         f"objects in {report['images_beyond_max_boxes']} images beyond it are "
+                         f"DROPPED by the pipeline (--max-boxes {report['max_boxes_needed']} "
+                         "keeps them)")
+        else:
+            lines.append(f"max_boxes:          {limit} (none dropped)")
     sizes = report["image_size_hw"]
     lines.append(f"image size (HxW):   min {sizes['min'][0]}x{sizes['min'][1]}, "
                  f"max {sizes['max'][0]}x{sizes['max'][1]}")
