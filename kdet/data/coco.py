@@ -84,7 +84,7 @@ class COCODataset(DetectionDataset):
         data = _load_json(self.annotation_file)
         name = os.path.basename(self.annotation_file)
 
-        categories = sorted(data.get("categories", []), key=lambda c: c["id"])
+        categories = sorted(_categories(data, self.annotation_file), key=lambda c: c["id"])
         if category_ids is not None:
             by_id = {c["id"]: c for c in categories}
             missing = [c for c in category_ids if c not in by_id]
@@ -101,26 +101,45 @@ class COCODataset(DetectionDataset):
                              "lists 'keypoints' names")
         num_kp = len(keypoint_names) if include_keypoints else 0
 
-        anns_by_image = collections.defaultdict(list)
-        for k, ann in enumerate(data.get("annotations", [])):
-            if not isinstance(ann, dict) or "image_id" not in ann:
-                log.error("malformed_annotation", f"{name}: annotations[{k}]",
-                          "annotation without image_id")
+        annotations = data.get("annotations", [])
+        if not isinstance(annotations, list):
+            raise ValueError(f"{self.annotation_file}: 'annotations' must be a list, got "
+                             f"{type(annotations).__name__}")
+        anns_by_image = collections.defaultdict(list)  # image id -> [(file index, annotation)]
+        ann_ids = set()
+        for k, ann in enumerate(annotations):
+            at = f"{name}: annotations[{k}]"
+            image_id = _integer(ann.get("image_id")) if isinstance(ann, dict) else None
+            if image_id is None:
+                log.error("malformed_annotation", at, "not an object with an integer image_id")
                 continue
-            anns_by_image[ann["image_id"]].append(ann)
+            if "id" in ann:  # pycocotools indexes annotations by id: one id, one annotation
+                ann_id = _integer(ann["id"])
+                if ann_id is None or ann_id in ann_ids:
+                    log.error("malformed_annotation", f"{at} (id {ann['id']!r})",
+                              "annotation id is not an integer" if ann_id is None else
+                              "annotation id listed twice")
+                    continue
+                ann_ids.add(ann_id)
+            anns_by_image[image_id].append((k, ann))
 
         records, seen = [], set()
         for k, image in enumerate(data.get("images", [])):
             where = f"{name}: images[{k}]"
-            try:
-                image_id = int(image["id"])
-                file_name = os.path.join(self.image_dir, image["file_name"])
-                height, width = int(image["height"]), int(image["width"])
-            except (KeyError, TypeError, ValueError) as e:
-                log.error("malformed_annotation", where, f"image entry lacks id/file_name/"
-                          f"height/width ({e!r})")
+            entry = image if isinstance(image, dict) else {}
+            image_id = _integer(entry.get("id"))
+            height, width = _integer(entry.get("height")), _integer(entry.get("width"))
+            file_name = entry.get("file_name")
+            if (image_id is None or height is None or width is None or height <= 0
+                    or width <= 0 or not isinstance(file_name, str) or not file_name):
+                shown = {key: entry.get(key) for key in ("id", "file_name", "height", "width")}
+                log.error("malformed_annotation", where, "image entry needs an integer id, a "
+                          f"file_name and positive integer height/width, got {shown}"
+                          if entry else f"not an image object: {image!r}")
+                seen.add(image_id)  # its annotations go with it, not reported as orphans
                 continue
-            where = f"{name}: image id {image_id} ({image['file_name']})"
+            where = f"{name}: image id {image_id} ({file_name})"
+            file_name = os.path.join(self.image_dir, file_name)
             if image_id in seen:
                 log.error("duplicate_image_id", where, "image id listed twice")
                 continue
@@ -142,6 +161,11 @@ class COCODataset(DetectionDataset):
             record.update(image_id=image_id, file_name=file_name,
                           original_size=(height, width))
             records.append(record)
+        for image_id in sorted(set(anns_by_image) - seen):
+            for k, ann in anns_by_image[image_id]:
+                log.error("malformed_annotation",
+                          f"{name}: annotations[{k}] (id {ann.get('id')!r})",
+                          f"image_id {image_id} is not in 'images'")
 
         log.summarize(self.annotation_file)
         super().__init__(
@@ -154,27 +178,38 @@ class COCODataset(DetectionDataset):
 
     @staticmethod
     def _parse_annotations(anns, height, width, label_of, num_kp, include_masks, log, where):
-        boxes, labels, crowd, area, ids, kps, segs = [], [], [], [], [], [], []
-        for ann in anns:
-            at = f"{where}, annotation id {ann.get('id')}"
-            try:
-                x, y, w, h = (float(v) for v in ann["bbox"])
-                category = ann["category_id"]
-            except (KeyError, TypeError, ValueError) as e:
-                log.error("malformed_annotation", at, f"bad bbox/category_id ({e!r})")
+        """Objects of one image from ``[(file index, annotation)]``; bad ones go to ``log``."""
+        boxes, labels, crowd, area, ids, kps, segs, names = [], [], [], [], [], [], [], []
+        for k, ann in anns:
+            at = f"{where}, annotation id {ann.get('id')} (annotations[{k}])"
+            bbox, category = ann.get("bbox"), ann.get("category_id")
+            if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))):
+                log.error("malformed_annotation", at,
+                          f"bbox {bbox!r} is not 4 numbers [x, y, w, h]")
                 continue
-            if category not in label_of:
-                log.error("unknown_class", at, f"category_id {category} is not in the "
+            x, y, w, h = (float(v) for v in bbox)
+            if not _is_number(category) or category not in label_of:
+                log.error("unknown_class", at, f"category_id {category!r} is not in the "
                           "categories list")
+                continue
+            given_area = ann.get("area", np.nan)  # no 'area': the box's, below
+            if "area" in ann and not (_is_number(given_area) and 0 <= given_area < float("inf")):
+                log.error("malformed_annotation", at, f"area {given_area!r} is not a finite "
+                          "non-negative number")
+                continue
+            is_crowd = ann.get("iscrowd", 0)
+            if is_crowd not in (0, 1) or isinstance(is_crowd, str):
+                log.error("malformed_annotation", at, f"iscrowd {is_crowd!r} is not 0 or 1")
                 continue
             kp = None
             if num_kp:
-                kp = np.asarray(ann.get("keypoints") or np.zeros(num_kp * 3), np.float32)
-                if kp.size != num_kp * 3 or not np.all(np.isfinite(kp)):
-                    log.error("bad_keypoints", at, f"{kp.size} keypoint values, expected "
-                              f"{num_kp} x 3")
+                values = ann.get("keypoints") or [0] * (num_kp * 3)
+                if not (isinstance(values, list) and len(values) == num_kp * 3
+                        and all(_is_number(v) and abs(v) < float("inf") for v in values)):
+                    log.error("bad_keypoints", at, "keypoints must be "
+                              f"{num_kp} x 3 finite numbers, got {values!r}")
                     continue
-                kp = kp.reshape(num_kp, 3)
+                kp = np.asarray(values, np.float32).reshape(num_kp, 3)
             if include_masks:
                 problem = _segmentation_problem(ann.get("segmentation"), height, width)
                 if problem:
@@ -183,15 +218,20 @@ class COCODataset(DetectionDataset):
                 segs.append(ann["segmentation"])
             boxes.append([x, y, x + w, y + h])
             labels.append(label_of[category])
-            crowd.append(int(bool(ann.get("iscrowd", 0))))
-            area.append(float(ann.get("area", w * h)))
-            ids.append(ann.get("id", -1))
+            crowd.append(int(is_crowd))
+            area.append(float(given_area))
+            ids.append(_integer(ann.get("id", -1)))
             kps.append(kp)
+            names.append(at)
         boxes, keep = sanitize_boxes(np.asarray(boxes, np.float64).reshape(-1, 4), height, width,
-                                     log, lambda i: f"{where}, annotation id {ids[i]}")
+                                     log, lambda i: names[i])
+        # no 'area': the box's (after clipping, so that it stays finite)
+        area = np.asarray(area, np.float64).reshape(-1)
+        area = np.where(np.isnan(area), (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
+                        area)
         record = {"boxes": boxes[keep], "labels": np.asarray(labels, np.int32)[keep],
                   "iscrowd": np.asarray(crowd, np.int32)[keep],
-                  "area": np.asarray(area, np.float32)[keep],
+                  "area": area.astype(np.float32)[keep],
                   "annotation_ids": np.asarray(ids, np.int64)[keep]}
         if num_kp:
             record["keypoints"] = np.asarray(kps, np.float32).reshape(-1, num_kp, 3)[keep]
@@ -221,12 +261,18 @@ def _segmentation_problem(segmentation, height, width):
         polygons = [p for p in segmentation if isinstance(p, list)]
         if len(polygons) != len(segmentation) or not any(len(p) >= 6 for p in polygons):
             return "segmentation is not a list of polygons with 3 or more points"
-        if any(len(p) % 2 or not all(isinstance(v, (int, float)) for v in p) for p in polygons):
-            return "polygon with an odd number of values or non-numbers"
+        if any(len(p) % 2 or not all(_is_number(v) and abs(v) < float("inf") for v in p)
+               for p in polygons):
+            return "polygon with an odd number of values or values that are not finite numbers"
         return None
     if isinstance(segmentation, dict) and "counts" in segmentation:
-        if list(segmentation.get("size", [])) != [height, width]:
+        if segmentation.get("size") != [height, width]:
             return f"RLE size {segmentation.get('size')} differs from the image {height}x{width}"
+        counts = segmentation["counts"]
+        if not (isinstance(counts, str) or isinstance(counts, list)
+                and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
+                        for c in counts)):
+            return "RLE counts are neither a string nor a list of non-negative integers"
         return None
     return f"no usable segmentation ({type(segmentation).__name__})"
 
@@ -237,8 +283,40 @@ def _load_json(path):
             data = json.load(f)
     except FileNotFoundError:
         raise ValueError(f"{path}: annotation file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: malformed JSON ({e})") from None
+    except (ValueError, RecursionError) as e:
+        # ValueError: JSONDecodeError, UnicodeDecodeError and integers of more digits
+        # than int() parses; RecursionError: nesting deeper than the parser goes
+        raise ValueError(f"{path}: malformed JSON ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ValueError(f"{path}: not a COCO annotation file (no 'images' list)")
     return data
+
+
+def _is_number(value):
+    """An int or float (JSON number; NaN and inf included), not a bool or a string."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _integer(value):
+    """``value`` as an int when it is an integer number (``3`` or ``3.0``), else ``None``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _categories(data, path):
+    """The ``categories`` list, checked: objects with an integer ``id`` and a ``name``."""
+    categories = data.get("categories", [])
+    if not isinstance(categories, list):
+        raise ValueError(f"{path}: 'categories' must be a list, got {type(categories).__name__}")
+    out = []
+    for k, c in enumerate(categories):
+        if not isinstance(c, dict) or _integer(c.get("id")) is None or "name" not in c:
+            raise ValueError(f"{path}: categories[{k}]: a category needs an integer 'id' and a "
+                             f"'name', got {c!r}")
+        if any(o["id"] == c["id"] for o in out):
+            raise ValueError(f"{path}: categories[{k}]: category id {c['id']} listed twice")
+        out.append(dict(c, id=_integer(c["id"])))
+    return out
