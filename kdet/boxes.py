@@ -153,6 +153,32 @@ def valid_box_mask(boxes, min_size=0.0):
     return ops.logical_and(w > min_size, h > min_size)
 
 
+def nonempty_box_mask(boxes):
+    """True where an ``xyxy`` box can match an object: finite, width and height > 0.
+
+    The rule every detector applies before NMS (dense decoders, and their
+    exports), after clipping: torchvision's ``remove_small_boxes`` with a
+    strict test and NaN/inf rejected. ``0 < w * h < inf`` is required too, so
+    the area that NMS kernels compute is positive and finite (widths that
+    underflow or overflow the float32 product count as empty). Written with
+    ``abs``/comparisons only, which every export runtime has (LiteRT has no
+    ``is_finite``).
+
+    >>> import numpy as np
+    >>> boxes = np.array([[0, 0, 2, 1], [0, 33.3, 0, 90.5], [np.nan, 0, 1, 1],
+    ...                   [-np.inf, 0, 5, 5]], "float32")
+    >>> np.asarray(nonempty_box_mask(boxes)).tolist()
+    [True, False, False, False]
+    """
+    boxes = ops.convert_to_tensor(boxes)
+    inf = float("inf")
+    finite = ops.all(ops.abs(boxes) < inf, axis=-1)
+    w = boxes[..., 2] - boxes[..., 0]
+    h = boxes[..., 3] - boxes[..., 1]
+    box_area = w * h
+    return finite & (w > 0) & (h > 0) & (box_area > 0) & (box_area < inf)
+
+
 def to_center(boxes):
     """``xyxy`` -> (cx, cy, w, h) as four tensors."""
     w = boxes[..., 2] - boxes[..., 0]

@@ -57,7 +57,7 @@ import numbers
 
 import numpy as np
 
-from kdet.boxes import BoxCoder, clip_boxes
+from kdet.boxes import BoxCoder, clip_boxes, nonempty_box_mask
 
 RUNTIMES = ("tensorflow", "litert", "onnx")
 NMS_MODES = ("builtin", "tflite_postprocess")
@@ -168,6 +168,8 @@ def decode_candidates(cls_logits, box_deltas, settings):
 
     k = settings.num_classes
     probs = tf.sigmoid(tf.cast(cls_logits, tf.float32))
+    # NaN logits: -inf ranks last and passes no threshold (as in DetectionDecoder).
+    probs = tf.where(probs >= 0, probs, tf.constant(-np.inf, tf.float32))
     num_anchors = len(settings.anchors)
     counts = settings.level_counts if (settings.per_level_topk and settings.level_counts) \
         else (num_anchors,)
@@ -192,6 +194,18 @@ def decode_candidates(cls_logits, box_deltas, settings):
 
 
 # -------------------------------------------------------------------- NMS
+def candidate_mask(boxes, scores, score_threshold):
+    """Candidates NMS may keep: ``score > threshold`` and a non-empty, finite box.
+
+    The rule of :class:`kdet.layers.DetectionDecoder` (``batched_nms`` with
+    ``valid_mask=nonempty_box_mask(boxes)``); NaN/-inf scores never pass.
+    """
+    import tensorflow as tf
+
+    return tf.logical_and(scores > tf.constant(score_threshold, tf.float32),
+                          nonempty_box_mask(boxes))
+
+
 def class_aware_nms(boxes, scores, labels, settings, runtime="tensorflow"):
     """kdet's ``batched_nms`` for one image on the ``NonMaxSuppressionV4`` kernel.
 
@@ -202,33 +216,68 @@ def class_aware_nms(boxes, scores, labels, settings, runtime="tensorflow"):
 
     Returns ``(indices [D] int32 padded with -1, count)``, indices into the
     candidates in kdet's output order.
+
+    Two kinds of candidate bypass the kernel. Boxes that are empty, non-finite
+    or score too low are dropped first (:func:`candidate_mask`). A kept
+    candidate whose *class-shifted* box has zero float32 area (a box thinner
+    than the float32 spacing at its class offset) has IoU 0 with everything in
+    every kernel and in kdet: it is never suppressed and suppresses nothing.
+    TF and onnxruntime would keep it once; LiteRT's kernel re-queues every box
+    it selects and relies on ``IoU(box, box) = 1`` to drop the copy, so it would
+    select such a box again and again until the output is full (issue #10: 95
+    copies of one box). Those candidates are therefore merged back by rank
+    after the kernel. With ``iou_threshold >= 1`` nothing can be suppressed
+    (float32 IoU never exceeds 1) and no candidate goes to the kernel.
     """
     import tensorflow as tf
 
     num = int(boxes.shape[0])
     limit = settings.max_detections
-    valid = scores > tf.constant(settings.score_threshold, tf.float32)
+    valid = candidate_mask(boxes, scores, settings.score_threshold)
     any_valid = tf.reduce_any(valid)
     # torchvision coordinate trick: shift each class by label * (max coordinate
     # over the candidates + 1), as kdet.ops.batched_nms(method="offset") does.
+    # Valid boxes are finite, so the maximum is finite when any is valid.
     masked = tf.where(valid[:, None], boxes, tf.constant(-np.inf, tf.float32))
-    top = tf.reduce_max(masked)
-    finite = tf.logical_and(any_valid, tf.abs(top) < np.inf)
-    top = tf.where(finite, top, tf.zeros_like(top))
+    top = tf.where(any_valid, tf.reduce_max(masked), tf.constant(0.0, tf.float32))
     shifted = boxes + tf.cast(labels, tf.float32)[:, None] * (top + 1.0)
+    # Invalid rows (NaN boxes) must not leak NaN into the kernel's input.
+    shifted = tf.where(valid[:, None], shifted, tf.zeros_like(shifted))
     # kdet's visiting order: score descending, lower index first on ties
     # (top_k is stable); the kernel gets strictly decreasing rank scores.
     keys = tf.where(valid, scores, tf.constant(-np.inf, tf.float32))
     _, order = tf.math.top_k(keys, k=num, sorted=True)
-    rank_score = tf.cast(num - tf.range(num), tf.float32)
-    rank_score = tf.where(tf.gather(valid, order), rank_score, -tf.ones_like(rank_score))
+    sorted_valid = tf.gather(valid, order)
+    sorted_shifted = tf.gather(shifted, order)
+    width = sorted_shifted[:, 2] - sorted_shifted[:, 0]
+    height = sorted_shifted[:, 3] - sorted_shifted[:, 1]
+    kernel_threshold = kernel_iou_threshold(settings.iou_threshold, runtime)
+    if float32_iou_threshold(settings.iou_threshold) >= 1.0:
+        in_kernel = tf.zeros_like(sorted_valid)
+        kernel_threshold = np.float32(1.0)  # TF's kernel checks 0 <= t <= 1
+    else:
+        in_kernel = tf.logical_and(sorted_valid, width * height > 0)
+    always_kept = tf.logical_and(sorted_valid, tf.logical_not(in_kernel))
+    positions = tf.range(num)
+    rank = tf.cast(num - positions, tf.float32)  # > 0, strictly decreasing
+    rank_score = tf.where(in_kernel, rank, -tf.ones_like(rank))
     selected, count = tf.raw_ops.NonMaxSuppressionV4(
-        boxes=tf.gather(shifted, order), scores=rank_score, max_output_size=limit,
-        iou_threshold=tf.constant(kernel_iou_threshold(settings.iou_threshold, runtime)),
-        score_threshold=tf.constant(0.0, tf.float32), pad_to_max_output_size=True)
-    slots = tf.range(limit)
-    indices = tf.where(slots < count, tf.gather(order, selected), -tf.ones_like(selected))
-    return indices, count
+        boxes=sorted_shifted, scores=rank_score, max_output_size=limit,
+        iou_threshold=tf.constant(kernel_threshold), score_threshold=tf.constant(0.0, tf.float32),
+        pad_to_max_output_size=True)
+    # Sorted positions the kernel kept, plus the always-kept ones, in rank order.
+    slot_used = tf.range(limit) < count
+    hits = tf.logical_and(tf.equal(selected[:, None], positions[None, :]), slot_used[:, None])
+    kept = tf.logical_or(tf.reduce_any(hits, axis=0), always_kept)
+    first = min(limit, num)
+    _, kept_positions = tf.math.top_k(tf.where(kept, rank, tf.zeros_like(rank)), k=first,
+                                      sorted=True)
+    total = tf.minimum(tf.reduce_sum(tf.cast(kept, tf.int32)), limit)
+    indices = tf.gather(order, kept_positions)
+    if first < limit:
+        indices = tf.concat([indices, tf.zeros([limit - first], indices.dtype)], axis=0)
+    indices = tf.where(tf.range(limit) < total, indices, -tf.ones_like(indices))
+    return indices, total
 
 
 def _gather_detections(boxes, scores, labels, indices, count):

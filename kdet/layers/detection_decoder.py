@@ -9,7 +9,7 @@ graph runs under XLA and exports to SavedModel / LiteRT / ONNX.
 import keras
 from keras import ops
 
-from kdet.boxes import BoxCoder, clip_boxes
+from kdet.boxes import BoxCoder, clip_boxes, nonempty_box_mask
 from kdet.ops.nms import batched_nms
 
 
@@ -41,7 +41,9 @@ class DetectionDecoder(keras.layers.Layer):
     are divided by it so they come back in original pixels.
 
     Returns ``{"boxes": [B, D, 4] xyxy, "scores": [B, D], "labels": [B, D] int32,
-    "num_detections": [B] int32}`` padded with score 0 and label -1.
+    "num_detections": [B] int32}`` padded with score 0 and label -1. Candidates
+    whose (clipped) box is empty or non-finite, or whose logit is NaN, are
+    dropped before NMS (:func:`kdet.boxes.nonempty_box_mask`).
 
     >>> import numpy as np
     >>> dec = DetectionDecoder(num_classes=2, max_detections=3, pre_nms_topk=10)
@@ -71,6 +73,8 @@ class DetectionDecoder(keras.layers.Layer):
         batch = ops.shape(cls_logits)[0]
         k = self.num_classes
         probs = ops.sigmoid(ops.cast(cls_logits, "float32"))
+        # NaN logits: -inf ranks last in the pre-NMS top-k and passes no score threshold.
+        probs = ops.where(probs >= 0, probs, float("-inf"))
         if not self.per_level_topk or not level_counts:
             # the anchors' count, not cls_logits.shape[1]: the latter is None when Keras
             # retraces predict for a smaller last batch (dynamic batch dimension).
@@ -96,9 +100,12 @@ class DetectionDecoder(keras.layers.Layer):
         if self.clip_to_image and image_size is not None:
             boxes = clip_boxes(boxes, image_size[0], image_size[1])
 
+        # Boxes empty after clipping (or non-finite) can match no object: drop them
+        # before NMS (torchvision's remove_small_boxes), as every export does.
         keep, num = batched_nms(boxes, scores, labels, iou_threshold=self.iou_threshold,
                                 max_output_size=self.max_detections,
-                                score_threshold=self.score_threshold)
+                                score_threshold=self.score_threshold,
+                                valid_mask=nonempty_box_mask(boxes))
         valid = keep >= 0
         safe = ops.where(valid, keep, 0)
         boxes = ops.take_along_axis(boxes, ops.expand_dims(safe, -1), axis=1)
