@@ -403,3 +403,51 @@ def encode_roi_targets(proposals, gt_boxes, gt_labels, sampler=None, proposals_v
     matches = ops.where(fg, gather_rows(matches, index), BELOW_LOW_THRESHOLD)
     return {"rois": rois, "labels": ops.cast(labels, "int32"), "box_targets": box_targets,
             "matched_boxes": matched_boxes, "matches": ops.cast(matches, "int32"), "valid": valid}
+
+
+def encode_keypoint_targets(keypoints, rois, heatmap_size=56):
+    """Keypoint R-CNN heatmap targets (torchvision ``keypoints_to_heatmap``).
+
+    Each keypoint ``(x, y)`` of the GT matched to a RoI becomes the discrete
+    cell ``floor((x - x0) * S / (x1 - x0))`` (same for y) of the RoI's
+    ``S x S`` heatmap; a keypoint exactly on the RoI's right / bottom edge
+    takes cell ``S - 1``. It is a target only when it is labelled
+    (visibility > 0) and its cell lies inside the heatmap.
+
+    Args:
+        keypoints: ``[..., R, K, 3]`` (x, y, visibility) in image pixels, the
+            matched GT's keypoints of each RoI.
+        rois: ``[..., R, 4]`` xyxy.
+        heatmap_size: ``S`` (56).
+
+    Returns:
+        ``(targets, valid)``: ``[..., R, K]`` int32 flat index ``y * S + x``
+        (0 where not valid) and bool. A degenerate RoI (zero width or height,
+        where torchvision divides by zero) or a non-finite keypoint gives no
+        valid target.
+
+    >>> import numpy as np
+    >>> t, v = encode_keypoint_targets(np.array([[[5., 5., 2.], [10., 10., 2.], [5., 5., 0.]]]),
+    ...                                np.array([[0., 0., 10., 10.]]), 4)
+    >>> np.asarray(t).tolist(), np.asarray(v).tolist()
+    ([[10, 15, 0]], [[True, True, False]])
+    """
+    keypoints = ops.cast(ops.convert_to_tensor(keypoints), "float32")
+    rois = ops.cast(ops.convert_to_tensor(rois), "float32")
+    size = int(heatmap_size)
+    x0, y0 = rois[..., 0:1], rois[..., 1:2]
+    x1, y1 = rois[..., 2:3], rois[..., 3:4]
+    width, height = x1 - x0, y1 - y0
+    # torchvision: scale = S / (x1 - x0), then floor((x - x0) * scale) — the same float order.
+    scale_x = size / ops.where(width > 0, width, 1.0)
+    scale_y = size / ops.where(height > 0, height, 1.0)
+    x, y = keypoints[..., 0], keypoints[..., 1]
+    cell_x = ops.floor((x - x0) * scale_x)
+    cell_y = ops.floor((y - y0) * scale_y)
+    cell_x = ops.where(x == x1, float(size - 1), cell_x)
+    cell_y = ops.where(y == y1, float(size - 1), cell_y)
+    finite = ops.isfinite(cell_x) & ops.isfinite(cell_y)
+    inside = (cell_x >= 0) & (cell_y >= 0) & (cell_x < size) & (cell_y < size)
+    valid = finite & inside & (keypoints[..., 2] > 0) & (width > 0) & (height > 0)
+    flat = ops.where(valid, cell_y * size + cell_x, 0.0)
+    return ops.cast(flat, "int32"), valid

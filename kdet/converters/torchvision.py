@@ -58,6 +58,13 @@ MASK_RCNN_RULES = (
     (r"roi_heads/mask_head/(conv5_mask|mask_fcn_logits)", r"roi_heads.mask_predictor.\1"),
 )
 
+# roi_heads.keypoint_head is a Sequential(conv, ReLU, conv, ReLU, ...): conv i is entry 2i.
+KEYPOINT_RCNN_RULES = (
+    (r"roi_heads/keypoint_head/keypoint_fcn(\d+)",
+     lambda match, _: f"roi_heads.keypoint_head.{2 * int(match[1])}"),
+    (r"roi_heads/keypoint_head/kps_score_lowres", r"roi_heads.keypoint_predictor.kps_score_lowres"),
+)
+
 # torchvision builder -> kdet builder, its arguments, and the rule rows.
 # "backbone_eps" reproduces torchvision's overwrite_eps(model, 0.0), which its
 # v1 COCO weights were trained and evaluated with (FrozenBatchNorm2d, eps 0).
@@ -81,6 +88,12 @@ TORCHVISION_ARCHITECTURES = {
         kwargs=dict(backbone="resnet50", version=1, num_classes=90, backbone_norm="frozen_batch",
                     trainable_backbone_layers=3),
         backbone_eps=0.0, rules=FPN_RULES + RCNN_RULES + MASK_RCNN_RULES),
+    # torchvision's num_classes=2 (background + person) is kdet's 1.
+    "keypointrcnn_resnet50_fpn": dict(
+        builder="kdet.models.KeypointRCNN",
+        kwargs=dict(backbone="resnet50", version=1, num_classes=1, num_keypoints=17,
+                    backbone_norm="frozen_batch", trainable_backbone_layers=3),
+        backbone_eps=0.0, rules=FPN_RULES + RCNN_RULES + KEYPOINT_RCNN_RULES),
 }
 
 # kdet model class -> its torchvision architecture names by version.
@@ -88,6 +101,7 @@ _KNOWN_MODELS = {
     "RetinaNet": {1: "retinanet_resnet50_fpn", 2: "retinanet_resnet50_fpn_v2"},
     "FasterRCNN": {1: "fasterrcnn_resnet50_fpn"},
     "MaskRCNN": {1: "maskrcnn_resnet50_fpn"},
+    "KeypointRCNN": {1: "keypointrcnn_resnet50_fpn"},
 }
 
 # Entries a torchvision checkpoint may hold that no kdet weight takes.

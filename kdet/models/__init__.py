@@ -7,6 +7,7 @@ _EXPORTS = {
     "EFFICIENTDET_CONFIGS": ".efficientdet",
     "RetinaNet": ".retinanet",
     "FasterRCNN": ".faster_rcnn", "MaskRCNN": ".mask_rcnn",
+    "KeypointRCNN": ".keypoint_rcnn",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
