@@ -768,3 +768,30 @@ def test_bad_inputs_raise_value_errors():
         multilevel_roi_align({"P2": features}, rois, 7, levels=(2, 3))
     with pytest.raises(ValueError, match="k_min"):
         map_roi_levels(rois, 5, 2)
+
+
+# --------------------------------------------------------------------------- per-RoI maps
+@pytest.mark.parametrize("chunk_elements", [None, 1])
+def test_roi_align_maps_equals_roi_align_of_each_rois_own_map(rng, chunk_elements):
+    """Chunked by-index reading gives exactly roi_align of the gathered map, whatever the
+    chunking (1 element per chunk: one RoI a chunk, 7 chunks; the last one partial)."""
+    from kdet.ops.roi_align import roi_align_maps
+    maps = (rng.uniform(0, 1, (2, 4, 64, 48)) > 0.5).astype("float32")
+    xy = rng.uniform(-5, 40, (2, 7, 2))
+    rois = np.concatenate([xy, xy + rng.uniform(0.5, 60, (2, 7, 2))], -1).astype(F32)
+    rois[1, 3] = rois[1, 2]  # a duplicate RoI
+    rois[0, 6] = [10, 10, 10, 10]  # a degenerate one
+    index = rng.integers(0, 4, (2, 7)).astype("int32")
+    out = _run(lambda m, r, i: roi_align_maps(m, r, i, 28, chunk_elements=chunk_elements),
+               maps, rois, index)
+    assert out.shape == (2, 7, 28, 28)
+    gathered = maps[np.arange(2)[:, None], index]  # [B, R, H, W]: one map per "image"
+    ref = align(gathered.reshape(14, 64, 48, 1), rois.reshape(14, 1, 4), 28)
+    np.testing.assert_array_equal(out, ref.reshape(2, 7, 28, 28))
+    if HAVE_TORCHVISION:  # torchvision roi_align with a box index per RoI
+        boxes = torch.from_numpy(np.concatenate(
+            [(np.arange(2)[:, None] * 4 + index).reshape(-1, 1).astype(F32),
+             rois.reshape(-1, 4)], 1))
+        ref = torchvision.ops.roi_align(torch.from_numpy(maps.reshape(8, 1, 64, 48)), boxes,
+                                        28, 1.0, -1, False).numpy().reshape(2, 7, 28, 28)
+        np.testing.assert_allclose(out, ref, atol=TOL)

@@ -49,7 +49,7 @@ from kdet.layers.rpn import ProposalGenerator, RPNHead
 from kdet.matching import (BalancedSampler, Matcher, encode_roi_targets, encode_rpn_targets,
                            gather_rows)
 from kdet.models.detector import DetectorMixin
-from kdet.ops.roi_align import roi_align
+from kdet.ops.roi_align import roi_align_maps
 
 ANCHOR_SIZES = (32, 64, 128, 256, 512)
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
@@ -316,23 +316,19 @@ def project_masks_on_boxes(gt_masks, rois, matches, image_size, output_size=28):
     """torchvision ``project_masks_on_boxes``: ``roi_align`` (adaptive sampling,
     ``aligned=False``) of each RoI's matched GT mask, ``[B, R, M, M]``.
 
-    Masks ``[B, N, Hm, Wm]`` whose size differs from the image are read with
-    the RoIs scaled to the mask grid.
+    Each RoI reads its own GT mask by index (``kdet.ops.roi_align_maps``), never
+    a full-resolution copy per RoI. Masks ``[B, N, Hm, Wm]`` stored at another
+    size than the image (a reduced resolution, see ``build_pipeline``'s
+    ``mask_size``) are read with the RoIs scaled to the mask grid.
     """
-    gt_masks = ops.cast(gt_masks, "float32")
     mask_h, mask_w = gt_masks.shape[2], gt_masks.shape[3]
     rois = ops.cast(rois, "float32")
     if (mask_h, mask_w) != tuple(image_size):
         scale = ops.convert_to_tensor(np.array(
             [mask_w / image_size[1], mask_h / image_size[0]] * 2, "float32"))
         rois = rois * scale
-    # Each RoI reads only its own matched mask: gather it, then one RoI per "image".
-    per_roi = gather_rows(gt_masks, ops.maximum(matches, 0))  # [B, R, Hm, Wm]
-    batch, num_rois = ops.shape(rois)[0], rois.shape[1]
-    pooled = roi_align(ops.reshape(per_roi, (-1, mask_h, mask_w, 1)),
-                       ops.reshape(rois, (-1, 1, 4)), output_size, spatial_scale=1.0,
-                       sampling_ratio=-1, aligned=False)  # [B * R, 1, M, M, 1]
-    return ops.reshape(pooled, (batch, num_rois, output_size, output_size))
+    return roi_align_maps(gt_masks, rois, ops.maximum(matches, 0), output_size,
+                          spatial_scale=1.0, sampling_ratio=-1, aligned=False)
 
 
 def mask_rcnn_loss(roi_heads, features, roi, gt_masks, image_size, max_rois):
