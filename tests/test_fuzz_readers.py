@@ -453,7 +453,8 @@ def test_voc_corruptions(voc_root, mutation):
             _voc_bbox_oracle(ds, stem, *oracle)
     skipped = VOCDataset(voc_root, class_names=VOC_CLASSES, on_error="skip")  # never raises
     _check_clean(skipped, _voc_sizes, 2)
-    assert bool(skipped.problems) == (raised is not None) or raised is None
+    if raised is not None:
+        assert skipped.problems, raised
     for r in skipped.records:
         other = os.path.splitext(os.path.basename(r["file_name"]))[0]
         if other != stem:
@@ -692,6 +693,29 @@ def test_add_detections_corruptions(mutation):
     np.testing.assert_allclose(values[:12], _pycocotools_stats(dets), atol=1e-12)
 
 
+def _expected_results(pred):
+    """COCO results that ``add_predictions`` must add for the (numeric) ``pred``, by its
+    definition; None where the input is bad (it must raise)."""
+    boxes, scores = pred["boxes"], pred["scores"]
+    labels, counts = pred["labels"], pred["num_detections"]
+    if not (np.isfinite(labels).all() and (labels == np.round(labels)).all()
+            and np.isfinite(counts).all() and (counts == np.round(counts)).all()):
+        return None
+    out = []
+    for b, image_id in enumerate([1, 2]):
+        for d in range(boxes.shape[1]):
+            if labels[b, d] < 0 or d >= counts[b]:
+                continue
+            if labels[b, d] >= 2 or not np.isfinite(scores[b, d]):
+                return None
+            x1, y1, x2, y2 = boxes[b, d]
+            if not np.isfinite(boxes[b, d]).all() or x2 < x1 or y2 < y1:
+                return None
+            out.append({"image_id": image_id, "category_id": [3, 7][int(labels[b, d])],
+                        "bbox": [x1, y1, x2 - x1, y2 - y1], "score": scores[b, d]})
+    return out
+
+
 @FUZZ
 @given(data=st.data())
 def test_add_predictions_corruptions(data):
@@ -701,25 +725,87 @@ def test_add_predictions_corruptions(data):
             "labels": np.array([[0, 1], [1, 0]]), "num_detections": np.array([2, 2])}
     key = data.draw(st.sampled_from(sorted(pred)))
     arr = np.array(pred[key], np.float64)
-    if data.draw(st.booleans()):  # one bad element
+    element = data.draw(st.booleans())
+    if element:  # one bad element: the result is known
         idx = tuple(data.draw(st.integers(0, s - 1)) for s in arr.shape)
         arr[idx] = data.draw(st.sampled_from([np.nan, np.inf, -np.inf, -1.0, 1e300, 0.5, 7.0,
-                                              -5.0, 2.0, 3.0]))
+                                              -5.0, 2.0, 3.0, 1.0, 0.0]))
         pred[key] = arr
+        want = _expected_results(pred)
     else:  # wrong shape or dtype
         pred[key] = data.draw(st.sampled_from([
             arr[..., :1], arr[None], arr.reshape(-1), arr.astype(str), np.zeros((0,)),
             arr.astype(object), list(arr.tolist())]))
+        want = "unknown"
     ev = COCOEvaluator(EVAL_GT)
     try:
         ev.add_predictions([1, 2], pred)
     except ValueError as e:
         assert "predictions" in str(e), str(e)
+        assert want is None or want == "unknown", (key, pred[key], str(e))
         return
-    det = ev._chunks[-1] if ev._chunks else None
-    if det is not None:
-        assert np.isfinite(det.bbox).all() and np.isfinite(det.score).all()
-        assert (det.bbox[:, 2:] >= 0).all()
+    assert want is not None, f"{key} {pred[key]!r} was accepted"
     stats = ev.evaluate()
     values = np.array([v for k, v in stats.items() if k != "per_class_AP"], np.float64)
     assert not np.isnan(values).any(), stats
+    if want != "unknown":
+        assert ev._num_detections == len(want), (key, pred[key])
+        if want:
+            np.testing.assert_allclose(values[:12], _pycocotools_stats(want), atol=1e-12)
+
+
+def test_evaluator_bugs_found_by_fuzzing():
+    """Inputs the evaluator once took silently (or with a bare cast warning)."""
+    cases = {  # detection 1 changed: it was accepted as something else
+        "bool image id": ("image_id", True),  # True == 1: read as image 1
+        "string score": ("score", "0.5"),  # np.asarray(['0.5'], float64) converted it
+        "string bbox": ("bbox", ["30", "6", "10", "28"]),
+        "bool in bbox": ("bbox", [30, 6, True, 28]),
+    }
+    for name, (key, value) in cases.items():
+        dets = json.loads(json.dumps(EVAL_DETS))
+        dets[1][key] = value
+        with pytest.raises(ValueError, match=r"detection #1 \(") as info:
+            COCOEvaluator(EVAL_GT).add_detections(dets)
+        assert key in str(info.value), (name, str(info.value))
+    gt = json.loads(json.dumps(EVAL_GT))
+    gt["annotations"][2]["area"] = "1200"
+    with pytest.raises(ValueError, match=r"annotations\[2\] \(id=3\): 'area' must be a number"):
+        COCOEvaluator(gt)
+
+    def predictions(**change):
+        pred = {"boxes": np.array([[[10., 10, 30, 30], [30, 5, 40, 35]],
+                                   [[0, 0, 40, 30], [1, 1, 5, 5]]]),
+                "scores": np.array([[0.9, 0.8], [0.7, 0.1]]),
+                "labels": np.array([[0., 1], [1, 0]]), "num_detections": np.array([2., 2])}
+        for key, (index, value) in change.items():
+            pred[key][index] = value
+        return pred
+
+    # a NaN / inf / 1e300 label cast to int64 became a negative id: the row was dropped
+    for value in (np.nan, np.inf, 1e300):
+        with pytest.raises(ValueError, match="predictions row 1, detection 0: label"):
+            COCOEvaluator(EVAL_GT).add_predictions([1, 2], predictions(labels=((1, 0), value)))
+    # num_detections NaN or 0.5 was cast to 0 (rows dropped); 1e300 to a negative count
+    for value in (np.nan, 0.5):
+        with pytest.raises(ValueError, match="'num_detections'"):
+            COCOEvaluator(EVAL_GT).add_predictions([1, 2],
+                                                   predictions(num_detections=(0, value)))
+    ev = COCOEvaluator(EVAL_GT)
+    ev.add_predictions([1, 2], predictions(num_detections=(0, 1e300)))
+    assert ev._num_detections == 4
+
+
+def test_huge_finite_boxes_match_pycocotools_without_warnings():
+    """w * h of a huge but finite box overflows to inf, as in pycocotools' C code."""
+    import warnings
+
+    dets = json.loads(json.dumps(EVAL_DETS))
+    dets[2]["bbox"] = [0, 0, 1e200, 1e200]
+    ev = COCOEvaluator(EVAL_GT)
+    ev.add_detections(dets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        stats = ev.evaluate()
+    values = np.array([v for k, v in stats.items() if k != "per_class_AP"], np.float64)
+    np.testing.assert_allclose(values[:12], _pycocotools_stats(dets), atol=1e-12)

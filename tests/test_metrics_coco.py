@@ -580,7 +580,7 @@ GOOD_DET = {"image_id": 1, "category_id": 7, "bbox": [1, 1, 10, 10], "score": 0.
     ({"bbox": [1, 1, -2, 2]}, "negative size"),
     ({"bbox": [1, 1, 2]}, "4 numbers"),
     ({"score": float("nan")}, "not finite"),
-    ({"score": None}, "score None must be a number"),
+    ({"score": None}, "'score' must be a number, got None"),
     ({"score": "high"}, "'score' must be a number"),
     ({"score": "drop"}, "missing key 'score'"),
     ({"bbox": "drop"}, "missing key 'bbox'"),

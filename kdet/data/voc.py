@@ -52,16 +52,21 @@ def parse_voc_xml(path):
     if root.tag != "annotation":
         raise ValueError(f"{path}: root element is <{root.tag}>, expected <annotation>")
 
-    def number(node, tag, default=None, kind=float):
+    def number(node, tag, default=None, kind=float, where=path):
         text = node.findtext(tag)
         if text is None or not text.strip():
             if default is None:
-                raise ValueError(f"{path}: <{tag}> missing")
+                raise ValueError(f"{where}: <{tag}> missing")
             return default
         try:
-            return kind(float(text))
+            value = float(text)
         except ValueError:
-            raise ValueError(f"{path}: <{tag}> is {text!r}, not a number") from None
+            raise ValueError(f"{where}: <{tag}> is {text!r}, not a number") from None
+        if kind is int:  # sizes and flags: int(inf) would raise OverflowError, 12.5 truncate
+            if not value.is_integer():
+                raise ValueError(f"{where}: <{tag}> is {text!r}, not an integer")
+            return int(value)
+        return value
 
     size = root.find("size")
     out = {"filename": (root.findtext("filename") or "").strip(),
@@ -69,15 +74,16 @@ def parse_voc_xml(path):
            "height": number(size, "height", 0, int) if size is not None else 0,
            "objects": []}
     for k, obj in enumerate(root.findall("object")):
+        where = f"{path}: object {k}"
         box = obj.find("bndbox")
         name = (obj.findtext("name") or "").strip()
         if box is None or not name:
-            raise ValueError(f"{path}: object {k} lacks <name> or <bndbox>")
+            raise ValueError(f"{where} lacks <name> or <bndbox>")
         out["objects"].append({
             "name": name,
-            "bbox": [number(box, t) for t in ("xmin", "ymin", "xmax", "ymax")],
-            "difficult": number(obj, "difficult", 0, int),
-            "truncated": number(obj, "truncated", 0, int)})
+            "bbox": [number(box, t, where=where) for t in ("xmin", "ymin", "xmax", "ymax")],
+            "difficult": number(obj, "difficult", 0, int, where),
+            "truncated": number(obj, "truncated", 0, int, where)})
     return out
 
 

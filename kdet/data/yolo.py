@@ -183,7 +183,7 @@ def _parse_label_file(path, height, width, num_classes, num_kp, kp_dims, include
             log.error("malformed_annotation", where, f"non-numeric values {tokens}")
             continue
         cls = values[0]
-        if cls != int(cls) or not 0 <= cls < num_classes:
+        if not 0 <= cls < num_classes or cls != np.floor(cls):  # NaN fails the first test
             log.error("unknown_class", where, f"class {tokens[0]} outside 0..{num_classes - 1}")
             continue
         rest = values[1:]
@@ -191,6 +191,9 @@ def _parse_label_file(path, height, width, num_classes, num_kp, kp_dims, include
         if num_kp and len(rest) == 4 + num_kp * kp_dims:
             kp = rest[4:].reshape(num_kp, kp_dims)
             rest = rest[:4]
+            if not np.isfinite(kp).all():
+                log.error("bad_keypoints", where, f"keypoints {tokens[5:]} are not all finite")
+                continue
         if len(rest) == 4:
             cx, cy, w, h = rest
             box = [(cx - w / 2) * width, (cy - h / 2) * height,

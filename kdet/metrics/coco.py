@@ -107,17 +107,35 @@ def _column(records, key, what):
         raise
 
 
+# np.asarray(..., float64) also converts True, None (to NaN) and numeric strings ("0.5"):
+# a record holding those is a caller's bug, not a number.
+_NUMBER_TYPES = frozenset({int, float, np.float64, np.float32, np.float16, np.int64, np.int32,
+                           np.int16, np.int8, np.uint64, np.uint32, np.uint16, np.uint8})
+
+
+def _is_number(v):
+    return type(v) in _NUMBER_TYPES or (isinstance(v, (int, float, np.integer, np.floating))
+                                        and not isinstance(v, bool))
+
+
+def _all_numbers(row):
+    if isinstance(row, np.ndarray):
+        return row.dtype.kind in "iuf"
+    return isinstance(row, (list, tuple)) and all(map(_is_number, row))
+
+
 def _float_rows(values, width, key, what):
     """Stack ``values`` into a float64 ``[N, width]`` array, naming the first bad record."""
     try:
         arr = np.asarray(values, dtype=np.float64)
-        if arr.ndim == 2 and arr.shape[1] == width or (len(values) == 0):
+        if (arr.ndim == 2 and arr.shape[1] == width and all(map(_all_numbers, values))
+                or len(values) == 0):
             return arr.reshape(len(values), width)
     except (ValueError, TypeError):
         pass
     for i, v in enumerate(values):
         try:
-            ok = np.asarray(v, dtype=np.float64).shape == (width,)
+            ok = np.asarray(v, dtype=np.float64).shape == (width,) and _all_numbers(v)
         except (ValueError, TypeError):
             ok = False
         if not ok:
@@ -129,16 +147,12 @@ def _float_values(values, key, what):
     """``values`` as a float64 vector, naming the first record that is not a number."""
     try:
         arr = np.asarray(values, dtype=np.float64)
-        if arr.shape == (len(values),):
+        if arr.shape == (len(values),) and all(map(_is_number, values)):
             return arr
     except (ValueError, TypeError):
         pass
     for i, v in enumerate(values):
-        try:
-            ok = np.asarray(v, dtype=np.float64).shape == ()
-        except (ValueError, TypeError):
-            ok = False
-        if not ok:
+        if not _is_number(v):
             raise ValueError(f"{what(i)}: '{key}' must be a number, got {v!r}")
     raise ValueError(f"'{key}' values are not numbers")  # pragma: no cover
 
@@ -344,9 +358,10 @@ def _pair_box_iou(det_boxes, gt_boxes, gt_crowd):
     gx, gy, gw, gh = gt_boxes.T
     w = np.minimum(dw + dx, gw + gx) - np.maximum(dx, gx)
     h = np.minimum(dh + dy, gh + gy) - np.maximum(dy, gy)
-    inter = w * h
-    det_area = dw * dh
-    union = np.where(gt_crowd, det_area, det_area + gw * gh - inter)
+    with np.errstate(over="ignore", invalid="ignore"):  # huge finite boxes: as C does
+        inter = w * h
+        det_area = dw * dh
+        union = np.where(gt_crowd, det_area, det_area + gw * gh - inter)
     overlap = (w > 0) & (h > 0)
     return np.divide(inter, union, out=np.zeros_like(inter), where=overlap)
 
@@ -658,11 +673,10 @@ class COCOEvaluator:
 
     @staticmethod
     def _indices(values, index, key, where, what):
-        try:
-            out = np.array([index.get(v, -1) for v in values], np.int64)
-        except TypeError:  # unhashable id
-            out = np.array([index.get(v, -1) if isinstance(v, (int, str, float)) else -1
-                            for v in values], np.int64)
+        # True == 1 and hashes alike, but a bool is no id; lists are unhashable
+        out = np.array([index.get(v, -1) if isinstance(v, (int, str, float, np.number))
+                        and not isinstance(v, (bool, np.bool_)) else -1 for v in values],
+                       np.int64)
         if (out < 0).any():
             i = int(np.flatnonzero(out < 0)[0])
             raise ValueError(f"{what(i)}: {key} {values[i]!r} is not in the {where}")
@@ -717,23 +731,37 @@ class COCOEvaluator:
             raise ValueError(f"predictions: {len(image_ids)} image ids for a batch of {batch}")
         image = self._indices(image_ids, gt.image_index, "image_id", "ground truth images",
                               lambda i: f"predictions row {i}")
-        if not np.issubdtype(labels.dtype, np.number) or np.any(labels != np.round(labels)):
-            raise ValueError("predictions: 'labels' must be integers")
-        labels = labels.astype(np.int64)
+        if not np.issubdtype(labels.dtype, np.number) or labels.dtype == bool:
+            raise ValueError(f"predictions: 'labels' must be integers, got dtype {labels.dtype}")
+        # compared as floats: a NaN, inf or 1e300 label cast to int64 becomes a garbage id
+        labels = labels.astype(np.float64)
+        bad = ~np.isfinite(labels) | (labels != np.round(labels))
+        if bad.any():
+            b, d = (int(x[0]) for x in np.nonzero(bad))
+            raise ValueError(f"predictions row {b}, detection {d}: label {labels[b, d]} is not "
+                             "an integer")
         if category_ids is None:
             category_ids = gt.category_ids
         category_ids = list(category_ids)
         valid = labels >= 0
         if "num_detections" in predictions:
-            counts = np.asarray(predictions["num_detections"]).reshape(-1).astype(np.int64)
+            counts = np.asarray(predictions["num_detections"])
+            if not np.issubdtype(counts.dtype, np.number) or counts.dtype == bool:
+                raise ValueError("predictions: 'num_detections' must be integers, got dtype "
+                                 f"{counts.dtype}")
+            counts = counts.reshape(-1).astype(np.float64)
             if counts.shape != (batch,):
                 raise ValueError(f"predictions: 'num_detections' must be [B]={batch}, "
                                  f"got {counts.shape}")
+            if not (np.isfinite(counts) & (counts == np.round(counts))).all():
+                raise ValueError(f"predictions: 'num_detections' {counts.tolist()} are not "
+                                 "all integers")
             valid &= np.arange(max_det)[None, :] < counts[:, None]
         if (labels[valid] >= len(category_ids)).any():
             b, d = (int(x[0]) for x in np.nonzero(valid & (labels >= len(category_ids))))
-            raise ValueError(f"predictions row {b}, detection {d}: label {labels[b, d]} "
+            raise ValueError(f"predictions row {b}, detection {d}: label {labels[b, d]:g} "
                              f">= {len(category_ids)} category ids")
+        labels = np.where(valid, labels, -1).astype(np.int64)
         label_category = self._indices(category_ids, gt.category_index, "category_id",
                                        "ground truth categories",
                                        lambda i: f"category_ids[{i}]")
@@ -814,7 +842,8 @@ class COCOEvaluator:
                 i = int(np.flatnonzero(~det.has_bbox)[0])
                 raise ValueError(f"detection #{i} has no 'bbox' but the first one has: "
                                  "COCO.loadRes then takes every area from 'bbox'")
-            return det.bbox[:, 2] * det.bbox[:, 3]
+            with np.errstate(over="ignore"):  # a huge finite box: inf, as in pycocotools
+                return det.bbox[:, 2] * det.bbox[:, 3]
         if det.segmentation[0] is not None:  # segmentation branch: mask area
             missing = [i for i, s in enumerate(det.segmentation) if s is None]
             if missing:
