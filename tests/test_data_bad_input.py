@@ -1,5 +1,6 @@
 """Every bad-input case: ``on_error="raise"`` names file + record + problem,
 ``on_error="skip"`` drops/fixes and counts; never NaN or silently wrong boxes."""
+import io
 import json
 import logging
 import shutil
@@ -290,3 +291,170 @@ def test_mask_folder_size_mismatch_and_missing_mask(tmp_path):
     ds = MaskFolderDataset(tmp_path, on_error="skip")
     assert ds.problems == {"size_mismatch": 1, "missing_image": 1}
     np.testing.assert_array_equal(ds.records[0]["boxes"], [[20, 5, 30, 10]])
+
+
+# ---- files that pass the header check but do not decode (issue #10, item 5) ---------
+def _cut(data, cut):
+    """``data`` truncated: ``cut`` is a byte count, ``"half"`` or ``"len-k"``."""
+    if cut == "half":
+        return data[:len(data) // 2]
+    if isinstance(cut, str) and cut.startswith("len-"):
+        return data[:len(data) - int(cut[4:])]
+    return data[:cut]
+
+
+def _images_per_epoch(batches):
+    return sum(int(images.shape[0]) for images, _ in batches)
+
+
+def _bad_copy(shared_data, tmp_path, cut):
+    """A copy of shared/data/bad with apple_17.jpg (a PNG, 364745 bytes) cut."""
+    root = tmp_path / "bad"
+    shutil.copytree(shared_data / "bad", root)
+    target = root / "images/apple_17.jpg"
+    data = target.read_bytes()
+    target.chmod(0o644)
+    target.write_bytes(_cut(data, cut))
+    return root, target
+
+
+@pytest.mark.filterwarnings("ignore:Palette images with Transparency")
+@pytest.mark.parametrize("cut", [0, 100, "half", "len-2"])
+def test_cut_image_in_real_set_skipped_and_counted_during_training(shared_data, tmp_path,
+                                                                   cut, caplog):
+    from kdet.data import build_pipeline
+
+    root, target = _bad_copy(shared_data, tmp_path, cut)
+    ds = VOCDataset(root, on_error="skip")
+    with caplog.at_level(logging.WARNING, logger="kdet.data"):
+        # before the fix the cuts past the header ended this epoch with a bare
+        # InvalidArgumentError from tf.io.decode_image
+        batches = build_pipeline(ds, 64, 2, training=True, seed=0, drop_remainder=False)
+        assert _images_per_epoch(batches) == 4
+    assert len(ds) == 4 and ds.problems["corrupt_image"] == 1
+    assert all(not r["file_name"].endswith("apple_17.jpg") for r in ds.records)
+    assert "apple_17.jpg" in caplog.text  # the skipped file is named in the log
+
+
+@pytest.mark.filterwarnings("ignore:Palette images with Transparency")
+@pytest.mark.parametrize("cut", [0, "half", "len-2"])
+def test_cut_image_in_real_set_raise_names_the_file_before_training(shared_data, tmp_path, cut):
+    from kdet.data import build_pipeline
+
+    root, target = _bad_copy(shared_data, tmp_path, cut)
+    with pytest.raises(ValueError, match=r"apple_17\.jpg.*\[corrupt_image\]"):
+        ds = VOCDataset(root)  # a cut inside the header raises here...
+        build_pipeline(ds, 64, 2, training=True)  # ...the others here, before any batch
+
+
+def _noise_jpeg_bytes(tmp_path):
+    path = tmp_path / "noise.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8)).save(
+        path, format="JPEG", quality=90)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("content", ["zero-byte", "text", 10, 100, "half", "len-2"])
+def test_bad_jpeg_file_skip_and_raise(tmp_path, content, caplog):
+    from kdet.data import build_pipeline
+
+    data = {"zero-byte": b"", "text": b"not an image, but named b.jpg\n"}.get(content)
+    if data is None:
+        data = _cut(_noise_jpeg_bytes(tmp_path), content)
+    _image(tmp_path / "a.jpg")
+    (tmp_path / "b.jpg").write_bytes(data)
+    path = _coco(tmp_path, GOOD)
+    with pytest.raises(ValueError, match=r"b\.jpg.*\[corrupt_image\]"):
+        build_pipeline(COCODataset(path, tmp_path), 32, 1, training=False)
+    ds = COCODataset(path, tmp_path, on_error="skip")
+    with caplog.at_level(logging.WARNING, logger="kdet.data"):
+        assert _images_per_epoch(build_pipeline(ds, 32, 1, training=False)) == 1
+    assert ds.problems == {"corrupt_image": 1} and [r["image_id"] for r in ds.records] == [1]
+    assert "b.jpg" in caplog.text
+
+
+def test_decoders_disagree_and_either_failure_is_bad(shared_data, tmp_path):
+    """A PNG cut inside its end chunk: PIL decodes it, TF does not. kdet reads pixels with
+    both (numpy view: PIL, tf.data view: TF), so it counts as bad."""
+    import tensorflow as tf
+
+    data = (shared_data / "bad/images/apple_37.jpg").read_bytes()[:-2]
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()  # PIL: fine
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        tf.io.decode_image(data, channels=3)
+    _image(tmp_path / "a.jpg")
+    (tmp_path / "b.jpg").write_bytes(data)
+    path = _coco(tmp_path, GOOD, images=[{"id": 1, "file_name": "a.jpg", "width": 64,
+                                          "height": 48},
+                                         {"id": 2, "file_name": "b.jpg", "width": 389,
+                                          "height": 352}])
+    ds = COCODataset(path, tmp_path, on_error="skip", check_images="full")  # PIL passes it
+    assert len(ds) == 2
+    assert ds.check_pixels() == [str(tmp_path / "b.jpg")]
+    assert ds.problems == {"corrupt_image": 1} and len(ds) == 1
+    assert ds.check_pixels() == [] and ds.pixels_checked  # once per dataset
+
+
+def test_check_pixels_leaves_good_sets_alone(shared_data):
+    from kdet.data import ShapesDataset
+
+    ds = VOCDataset(shared_data / "bad")
+    assert ds.check_pixels() == [] and len(ds) == 5 and "corrupt_image" not in ds.problems
+    assert ShapesDataset(2, image_size=32, seed=0).check_pixels() == []
+
+
+def test_cut_image_in_tfrecord_is_skipped_by_record(tmp_path):
+    from kdet.data import TFRecordDataset, build_pipeline, write_tfrecord
+
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": 64, "height": 48} for i in (1, 2, 3)]
+    for im in images:
+        _image(tmp_path / im["file_name"], fmt="JPEG")
+    data = _noise_jpeg_bytes(tmp_path)
+    (tmp_path / "2.jpg").write_bytes(_cut(data, "half"))
+    anns = [_ann(i, i, [5, 5, 10, 10]) for i in (1, 2, 3)]
+    source = COCODataset(_coco(tmp_path, anns, images=images, make_images=False), tmp_path)
+    write_tfrecord(source, str(tmp_path / "data.tfrecord"))  # copies the file bytes as they are
+    with pytest.raises(ValueError, match=r"data\.tfrecord: record 1 \(2\.jpg\)"):
+        build_pipeline(TFRecordDataset(str(tmp_path / "data.tfrecord")), 32, 1, training=False)
+    ds = TFRecordDataset(str(tmp_path / "data.tfrecord"), on_error="skip")
+    ids = [int(i) for _, t in build_pipeline(ds, 32, 1, training=False)
+           for i in t["image_id"].numpy()]
+    assert ids == [1, 3] and ds.problems == {"corrupt_image": 1}
+
+
+def test_workflow_reads_skip_the_bad_file_once_and_train_an_epoch(tmp_path, caplog):
+    from kdet.workflow import data as wdata
+
+    _image(tmp_path / "a.jpg")
+    _image(tmp_path / "c.jpg")
+    (tmp_path / "b.jpg").write_bytes(_cut(_noise_jpeg_bytes(tmp_path), "half"))
+    images = [{"id": i, "file_name": f"{n}.jpg", "width": 64, "height": 48}
+              for i, n in ((1, "a"), (2, "b"), (3, "c"))]
+    path = _coco(tmp_path, GOOD, images=images, make_images=False)
+    config = {"format": "coco", "train_data": str(path), "train_images": str(tmp_path)}
+    with pytest.raises(ValueError, match=r"b\.jpg.*\[corrupt_image\]"):
+        wdata.read_dataset(config, "train")
+    with caplog.at_level(logging.WARNING, logger="kdet.data"):
+        train = wdata.read_dataset(dict(config, on_error="skip"), "train")
+    assert len(train) == 2 and train.problems == {"corrupt_image": 1}
+    assert caplog.text.count("b.jpg") == 1
+    batches = wdata.training_batches(train, 32, 2, steps_per_epoch=3, first_epoch=0, epochs=2)
+    assert _images_per_epoch(batches) == 2 * 3 * 2
+
+
+@pytest.mark.parametrize("content", [b"", b"GIF89a but not really an image"])
+def test_unchecked_reader_still_skips_non_images_before_training(tmp_path, content):
+    from kdet.data import build_pipeline
+
+    _voc(tmp_path, [("cat", (1, 1, 10, 10), 0)])
+    _voc(tmp_path, [("cat", (1, 1, 10, 10), 0)], name="b")
+    (tmp_path / "images/b.jpg").write_bytes(content)
+    # check_images="none" with sizes in the XML never opens the files
+    ds = VOCDataset(tmp_path, check_images="none", on_error="skip")
+    assert len(ds) == 2
+    assert _images_per_epoch(build_pipeline(ds, 32, 2, training=True, seed=0,
+                                            drop_remainder=False)) == 1
+    assert ds.problems == {"corrupt_image": 1}
+    with pytest.raises(ValueError, match=r"b\.jpg: image does not decode"):
+        build_pipeline(VOCDataset(tmp_path, check_images="none"), 32, 2, training=True)
