@@ -8,6 +8,7 @@ first trace costs minutes on this CPU); the end-to-end detector run is in
 import csv
 import json
 import os
+import re
 
 import keras
 import numpy as np
@@ -360,3 +361,175 @@ def test_train_writes_labels_config_and_csv(tmp_path):
     rows = cb.read_csv_log(str(out / "history.csv"))
     assert rows[0]["learning_rate"] == pytest.approx(0.05)
     assert result.best_checkpoint is None and os.path.isfile(result.last_checkpoint)
+
+
+# ---- train(): a kill at the end of an epoch --------------------------------------------------
+@pytest.fixture(scope="module")
+def straight_history(tmp_path_factory):
+    """history.csv rows of an uninterrupted 3-epoch run (the reference of the resumed runs)."""
+    from kdet.training import train
+
+    out = tmp_path_factory.mktemp("straight")
+    train(_settings(out), model=_tiny_model())
+    return cb.read_csv_log(str(out / "history.csv"))
+
+
+def _kill_after(callbacks, class_name, epoch):
+    """Make the ``class_name`` callback raise right after its ``on_epoch_end`` of ``epoch``."""
+    target = next(c for c in callbacks if type(c).__name__ == class_name)
+    inner = target.on_epoch_end
+
+    def on_epoch_end(index, logs=None):
+        inner(index, logs)
+        if index == epoch:
+            raise RuntimeError("killed (simulated)")
+    target.on_epoch_end = on_epoch_end
+
+
+@pytest.mark.parametrize("kill_point", [
+    "after the backup", pytest.param("after last.keras", marks=pytest.mark.slow),
+    "between backup commit and history.csv",
+    pytest.param("after history.csv", marks=pytest.mark.slow)])
+def test_kill_at_the_end_of_an_epoch_keeps_backup_and_history_together(
+        tmp_path, monkeypatch, kill_point, straight_history):
+    """The issue: a kill between the backup and the history row left epoch 3 in the backup
+    but not in history.csv (the rerun then wrote 1, 2, 4), and rows came back as 1.0, 2.0."""
+    from kdet import training
+
+    default_callbacks = training.default_callbacks
+
+    def with_kill(model, output_dir, **kwargs):
+        callbacks = default_callbacks(model, output_dir, **kwargs)
+        if kill_point == "after the backup":
+            _kill_after(callbacks, "AtomicBackupAndRestore", 1)
+        elif kill_point == "after last.keras":
+            _kill_after(callbacks, "FiniteLossCheckpoint", 1)
+        elif kill_point == "after history.csv":
+            _kill_after(callbacks, "EpochCSVLogger", 1)
+        return callbacks
+
+    monkeypatch.setattr(training, "default_callbacks", with_kill)
+    if kill_point == "between backup commit and history.csv":
+        atomic_write, csv_writes = cb.atomic_write, []
+
+        def dies_on_the_third_history_write(path, write):
+            if path.endswith("history.csv"):  # header, epoch 1, epoch 2: killed
+                csv_writes.append(path)
+                if len(csv_writes) == 3:
+                    raise RuntimeError("killed (simulated)")
+            return atomic_write(path, write)
+        monkeypatch.setattr(cb, "atomic_write", dies_on_the_third_history_write)
+
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated"):
+        training.train(_settings(out), model=_tiny_model())
+    monkeypatch.undo()
+    committed = cb.backup_epoch(str(out / "backup"))
+    # the backup counts epoch 2 only once its history row is committed with it
+    assert committed == (1 if kill_point in ("after the backup", "after last.keras") else 2)
+
+    resumed = training.train(_settings(out), model=_tiny_model(seed=99))
+    assert resumed.first_epoch == committed
+    lines = (out / "history.csv").read_text().splitlines()
+    assert lines[0] == "epoch,loss,learning_rate"
+    assert [line.split(",")[0] for line in lines[1:]] == ["1", "2", "3"]  # each once, integers
+    rows = cb.read_csv_log(str(out / "history.csv"))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in straight_history]
+    assert [r["learning_rate"] for r in rows] == [r["learning_rate"] for r in straight_history]
+
+
+def test_backup_keeps_history_rows_beyond_an_hdf5_attribute(tmp_path):
+    """300 epochs x 15 columns of history (> 64 KiB, where HDF5 attributes stop) fit in the
+    backup and come back exactly, NaN and empty cells included."""
+    model = _small_model()
+    model.compile(optimizer="sgd", loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    keys = [f"k{i}" for i in range(14)]
+    backup = cb.AtomicBackupAndRestore(str(tmp_path / "backup"))
+    logger = cb.EpochCSVLogger(str(tmp_path / "history.csv"), keys, backup=backup)
+    for callback in (backup, logger):
+        callback.set_model(model)
+        callback.on_train_begin()
+    rng = np.random.default_rng(0)
+    earlier = [{"epoch": e + 1, **{k: (float(rng.normal()) if (e + i) % 3 else None)
+                                   for i, k in enumerate(keys)}} for e in range(299)]
+    earlier[5]["k1"] = float("nan")  # a diverged loss is a value too
+    backup.history = logger.rows = earlier  # as restored from a backup of 299 epochs
+    backup.on_epoch_end(299)
+    logger.on_epoch_end(299, {"k0": 0.5})
+    written = cb.read_csv_log(str(tmp_path / "history.csv"))
+    assert len(json.dumps(written)) > 65536
+    restored = cb.AtomicBackupAndRestore(str(tmp_path / "backup"))
+    restored.set_model(model)
+    restored.on_train_begin()
+    assert restored.restored_epoch == 300
+    assert [r["epoch"] for r in written] == list(range(1, 301))
+    assert np.isnan(written[5]["k1"]) and np.isnan(restored.history[5]["k1"])
+    written[5]["k1"] = restored.history[5]["k1"] = None  # nan != nan
+    assert restored.history == written
+    assert written[-1] == {"epoch": 300, "k0": 0.5, **{k: None for k in keys[1:]}}
+    assert written[0]["k0"] is None and written[1]["k2"] is None  # not logged: empty
+
+
+def test_history_logger_must_follow_its_backup(tmp_path):
+    model = _small_model()
+    model.compile(optimizer="sgd", loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    backup = cb.AtomicBackupAndRestore(str(tmp_path / "backup"))
+    logger = cb.EpochCSVLogger(str(tmp_path / "history.csv"), ["loss"], backup=backup)
+    for callback in (backup, logger):
+        callback.set_model(model)
+        callback.on_train_begin()
+    with pytest.raises(RuntimeError, match="must come after its AtomicBackupAndRestore"):
+        logger.on_epoch_end(0, {"loss": 1.0})  # before the backup's on_epoch_end
+
+
+# ---- train(): epochs without evaluation -------------------------------------------------------
+@keras.saving.register_keras_serializable(package="kdet_tests")
+class TinyDetector(TinyRegressor):
+    """TinyRegressor whose predictions are one detection per image (its regressed box, class
+    0, score 0.9): enough for the COCO evaluation callback."""
+
+    def predict_on_batch(self, x):
+        raw = np.asarray(self(x, training=False)) * self.image_size[0]
+        boxes = np.concatenate([np.minimum(raw[:, :2], raw[:, 2:]),
+                                np.maximum(raw[:, :2], raw[:, 2:])], axis=1)
+        batch = len(boxes)
+        return {"boxes": boxes[:, None, :], "scores": np.full((batch, 1), 0.9, "float32"),
+                "labels": np.zeros((batch, 1), "int32"),
+                "num_detections": np.ones((batch,), "int32")}
+
+
+def test_epochs_without_evaluation_have_no_validation_metrics(tmp_path, capsys, monkeypatch):
+    """--eval-every 2: epochs 1 and 3 are not evaluated, so history.csv leaves their val_*
+    cells empty (not epoch 2's values), the epoch line shows no val_AP and the training-curve
+    plot draws epoch 2's AP only."""
+    from kdet import visualize
+    from kdet.training import train
+
+    out = tmp_path / "run"
+    keras.utils.set_random_seed(0)
+    train(_settings(out, val_num_images=4, eval_every=2, verbose=2), model=TinyDetector(64))
+    printed = capsys.readouterr().out
+    rows = cb.read_csv_log(str(out / "history.csv"))
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    for row in (rows[0], rows[2]):
+        assert all(row[k] is None for k in row if k.startswith("val_")), row
+    assert all(rows[1][k] is not None for k in rows[1] if k.startswith("val_"))
+    assert json.loads((out / "best.keras.json").read_text())["epoch"] == 2
+    # verbose=2: Keras prints "Epoch 3/3" then the epoch's logs on one line
+    lines = [line for line in printed.splitlines() if line.strip()]
+    epoch_logs = {int(line.split()[1].split("/")[0]): lines[i + 1]
+                  for i, line in enumerate(lines) if re.fullmatch(r"Epoch \d+/3", line)}
+    assert "loss" in epoch_logs[3] and "val_AP" not in epoch_logs[3], printed
+    assert "val_AP" in epoch_logs[2] and "val_AP" not in epoch_logs[1]
+    assert printed.count("COCO evaluation") == 1
+
+    figures = []
+    figure = visualize._figure
+    monkeypatch.setattr(visualize, "_figure", lambda *a: figures.append(figure(*a)) or figures[-1])
+    visualize.plot_training_curves(str(out / "history.csv"), str(tmp_path / "curves.png"))
+    ap_axes = [ax for ax in figures[0].axes if ax.get_title() == "validation AP"][0]
+    ap_line = [line for line in ap_axes.get_lines() if line.get_label() == "val_AP"][0]
+    assert list(ap_line.get_xdata()) == [2]
+    assert list(ap_line.get_ydata()) == [rows[1]["val_AP"]]
