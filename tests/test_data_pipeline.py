@@ -242,3 +242,84 @@ def test_argument_errors(shapes):
         build_pipeline(shapes, 64, 2, training=True, bounding_box_format="xyzw")
     with pytest.raises(ValueError, match="keypoint_flip_map"):
         build_pipeline(shapes.as_tf_dataset(), 64, 2, training=True)
+
+
+# ---- objects beyond max_boxes (issue #10, item 6) ----------------------------------------
+def _crowded_records():
+    """Image 1: 5 objects; image 2: 4 objects, one of them crowd; image 3: none."""
+    def boxes(n):
+        return np.array([[4 * i, 4 * i, 4 * i + 10, 4 * i + 10] for i in range(n)], np.float32)
+    return [{"image_id": 1, "image": np.zeros((48, 64, 3), np.uint8), "boxes": boxes(5),
+             "labels": np.arange(5) % 2},
+            {"image_id": 2, "image": np.zeros((48, 64, 3), np.uint8), "boxes": boxes(4),
+             "labels": np.zeros(4), "iscrowd": np.array([0, 1, 0, 0])},
+            {"image_id": 3, "image": np.zeros((48, 64, 3), np.uint8)}]
+
+
+def test_objects_beyond_max_boxes_are_counted_and_warned_once(caplog):
+    import logging
+
+    from kdet.data import DetectionDataset
+
+    ds = DetectionDataset.from_records(_crowded_records(), ["a", "b"])
+    # by hand: image 1 keeps 3 of 5; image 2 has 3 non-crowd objects, all kept
+    assert ds.objects_beyond(3) == (2, 1)
+    assert ds.objects_beyond(3, keep_crowd=True) == (3, 2)
+    with caplog.at_level(logging.WARNING, logger="kdet.data"):
+        examples = _examples(build_pipeline(ds, 64, 3, training=False, max_boxes=3))
+        build_pipeline(ds, 64, 3, training=False, max_boxes=3)  # e.g. the next epoch
+    warnings = [r.getMessage() for r in caplog.records if "max_boxes" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "2 object(s) in 1 image(s) lie beyond max_boxes=3" in warnings[0]
+    assert "most objects in one image: 5" in warnings[0]
+    np.testing.assert_array_equal(examples[0]["labels"], [0, 1, 0])  # the first 3 stay
+
+
+def test_max_boxes_none_keeps_every_object():
+    from kdet.data import DetectionDataset
+
+    ds = DetectionDataset.from_records(_crowded_records(), ["a", "b"])
+    examples = _examples(build_pipeline(ds, 64, 3, training=False, max_boxes=None))
+    assert examples[0]["boxes"].shape == (5, 4)  # the most objects in one image
+    for ex, record in zip(examples, ds.records):
+        keep = record["iscrowd"] == 0
+        np.testing.assert_array_equal(ex["labels"][_valid(ex)], record["labels"][keep])
+        np.testing.assert_allclose(ex["boxes"][_valid(ex)], record["boxes"][keep])
+    with pytest.raises(ValueError, match="max_boxes=None"):
+        build_pipeline(ds.as_tf_dataset(), 64, 3, training=False, max_boxes=None)
+
+
+def _pycocotools_objects_per_image(shared_data):
+    """image id -> non-crowd annotations, counted by pycocotools (the pipeline drops crowd)."""
+    from pycocotools.coco import COCO
+
+    coco = COCO(str(shared_data / "coco128/annotations/instances_train2017.json"))
+    return {i: len(coco.getAnnIds(imgIds=[i], iscrowd=False)) for i in coco.getImgIds()}
+
+
+def test_workflow_max_boxes_from_the_data_and_training_log(shared_data, caplog):
+    import logging
+
+    from kdet.workflow import data as wdata
+    from kdet.workflow.config import resolve
+
+    per_image = _pycocotools_objects_per_image(shared_data)
+    assert resolve("train", file_config={"format": "shapes"})["max_boxes"] is None
+    config = {"format": "coco", "train_images": str(shared_data / "coco128/train2017"),
+              "train_data": str(shared_data / "coco128/annotations/instances_train2017.json")}
+    train = wdata.read_dataset(config, "train")
+    batches = wdata.training_batches(train, 64, 2, steps_per_epoch=1, first_epoch=0, epochs=1)
+    assert batches.element_spec[1]["boxes"].shape[1] == max(per_image.values()) == 42
+    assert wdata.evaluation_batches(train, 64, 2).element_spec[1]["boxes"].shape[1] == 42
+    train = train.subset(range(24))  # a few images decode faster
+    counts = np.array([per_image[r["image_id"]] for r in train.records])
+    with caplog.at_level(logging.WARNING, logger="kdet.data"):
+        batches = wdata.training_batches(train, 64, 2, steps_per_epoch=1, first_epoch=0,
+                                         epochs=3, max_boxes=5)
+        assert len(list(batches)) == 3
+    dropped, images = int(np.maximum(counts - 5, 0).sum()), int((counts > 5).sum())
+    assert dropped > 0
+    warnings = [r.getMessage() for r in caplog.records if "max_boxes=5" in r.getMessage()]
+    assert warnings == [f"{train.source}: {dropped} object(s) in {images} image(s) lie beyond "
+                        f"max_boxes=5 and are dropped (most objects in one image: {counts.max()}; "
+                        f"pass max_boxes={counts.max()}, or None, to keep them)"]
