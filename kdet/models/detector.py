@@ -24,12 +24,7 @@ from kdet.layers.detection_decoder import DetectionDecoder
 from kdet.matching import Matcher, encode_dense_targets
 
 
-def resize_and_pad(image, size):
-    """Resize ``image`` [H, W, 3] keeping aspect so its long side is ``size``; pad bottom/right.
-
-    Returns ``(padded [size, size, 3] float32, scale)`` where ``scale`` maps
-    original pixels to padded-image pixels (``new = old * scale``).
-    """
+def _as_rgb(image):
     image = np.asarray(image)
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=-1)
@@ -37,10 +32,48 @@ def resize_and_pad(image, size):
         raise ValueError(f"expected an image [H, W, 3], got shape {image.shape}")
     if image.shape[-1] == 1:
         image = np.repeat(image, 3, axis=-1)
-    image = image[..., :3]
+    return image[..., :3]
+
+
+def torchvision_resized_size(height, width, min_size=800, max_size=1333):
+    """torchvision ``GeneralizedRCNNTransform`` resize rule: scale so the short side is
+    ``min_size`` unless the long side would pass ``max_size``; the size is then
+    ``floor(side * scale)`` (``F.interpolate(scale_factor=, recompute_scale_factor=True)``).
+
+    >>> torchvision_resized_size(480, 640)
+    (800, 1066)
+    >>> torchvision_resized_size(300, 1500)
+    (266, 1333)
+    """
+    scale = min(float(min_size) / min(height, width), float(max_size) / max(height, width))
+    return int(np.floor(height * scale)), int(np.floor(width * scale))
+
+
+def resize_and_pad(image, size, min_size=None, max_size=1333):
+    """Resize ``image`` [H, W, 3] keeping its aspect ratio; pad bottom/right to ``size``.
+
+    By default the long side becomes ``size``. With ``min_size`` the torchvision
+    rule applies instead (:func:`torchvision_resized_size`: short side
+    ``min_size``, long side at most ``max_size``), and the result must fit in
+    the ``size x size`` input (e.g. ``size=1344`` for 800 / 1333).
+
+    Returns ``(padded [size, size, 3] float32, scale)`` where ``scale`` maps
+    original pixels to padded-image pixels (``new = old * scale``): a float, or
+    with ``min_size`` the per-axis ``(x_scale, y_scale)`` = new / old size, which
+    is how torchvision maps its boxes back.
+    """
+    image = _as_rgb(image)
     height, width = image.shape[:2]
-    scale = size / max(height, width)
-    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    if min_size is None:
+        scale = size / max(height, width)
+        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    else:
+        new_h, new_w = torchvision_resized_size(height, width, min_size, max_size)
+        if max(new_h, new_w) > size:
+            raise ValueError(f"image {height}x{width} resized by the torchvision rule "
+                             f"(min_size={min_size}, max_size={max_size}) is {new_h}x{new_w}: "
+                             f"larger than the model's {size}x{size} input")
+        scale = (new_w / width, new_h / height)
     resized = ops.image.resize(ops.convert_to_tensor(image.astype("float32")), (new_h, new_w),
                                interpolation="bilinear", antialias=False)
     padded = np.zeros((size, size, 3), "float32")
@@ -55,8 +88,15 @@ class DetectorMixin:
     ``_predict_resized(batch, scales)``: numpy predictions for a resized-and-padded batch,
     boxes mapped back with ``scales`` (``new = old * scale``)."""
 
-    def predict_images(self, images, batch_size=8):
+    def predict_images(self, images, batch_size=8, min_size=None, max_size=1333):
         """Detect on a list of images of any size; boxes in each image's pixels.
+
+        By default each image is resized so its long side is the model's input
+        size. ``min_size=800, max_size=1333`` applies torchvision's rule instead
+        (short side 800, long side at most 1333, padded into the square input,
+        which must hold it: e.g. ``image_size=1344``), for COCO-style evaluation
+        at the reference resolution; boxes and keypoints are then mapped back per
+        axis as torchvision does, and ``"scale"`` (two-stage models) is ``[N, 2]``.
 
         >>> # detections = model.predict_images([np.asarray(PIL.Image.open(p)) for p in paths])
         """
@@ -64,9 +104,21 @@ class DetectorMixin:
         results = []
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
-            padded, scales = zip(*(resize_and_pad(im, size) for im in chunk))
-            results.append(self._predict_resized(np.stack(padded),
-                                                 np.asarray(scales, "float32")))
+            padded, scales = zip(*(resize_and_pad(im, size, min_size, max_size)
+                                   for im in chunk))
+            if min_size is None:
+                results.append(self._predict_resized(np.stack(padded),
+                                                     np.asarray(scales, "float32")))
+                continue
+            scales = np.asarray(scales, "float32")  # [N, 2] (x, y)
+            out = self._predict_resized(np.stack(padded), np.ones(len(chunk), "float32"))
+            out["boxes"] = out["boxes"] / np.tile(scales, 2)[:, None, :]
+            if "keypoints" in out:
+                out["keypoints"] = out["keypoints"].copy()
+                out["keypoints"][..., :2] /= scales[:, None, None, :]
+            if "scale" in out:
+                out["scale"] = scales
+            results.append(out)
         return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
 
     def compile(self, optimizer="default", **kwargs):
@@ -191,6 +243,9 @@ class DenseDetector(DetectorMixin, keras.Model):
 
     @classmethod
     def from_config(cls, config):
+        if config.get("backbone_weights") is not None:
+            # a file named by an older saved model: its weights are in the saved model already
+            config = dict(config, backbone_weights=None)
         return cls(**config)
 
 
