@@ -221,7 +221,7 @@ def test_voc_malformed_xml(tmp_path):
 
 def test_voc_non_numeric_coordinate(tmp_path):
     _voc(tmp_path, [("cat", (1, "x", 10, 10), 0)])
-    with pytest.raises(ValueError, match=r"a\.xml: <ymin> is 'x'"):
+    with pytest.raises(ValueError, match=r"a\.xml: object 0: <ymin> is 'x'"):
         VOCDataset(tmp_path)
 
 
