@@ -402,7 +402,7 @@ def test_bad_targets_raise(rng):
     with pytest.raises(ValueError, match="multiple of 32"):
         kdet.models.FasterRCNN(num_classes=3, image_size=100)
     with pytest.raises(ValueError, match="version"):
-        kdet.models.FasterRCNN(num_classes=3, image_size=128, version=2)
+        kdet.models.FasterRCNN(num_classes=3, image_size=128, version=3)
 
 
 @slow_on_jax

@@ -55,7 +55,18 @@ RCNN_RULES = (
 )
 MASK_RCNN_RULES = (
     (r"roi_heads/mask_head/mask_fcn(\d+)", r"roi_heads.mask_head.\1.0"),
+    (r"roi_heads/mask_head/mask_bn(\d+)", r"roi_heads.mask_head.\1.1"),
     (r"roi_heads/mask_head/(conv5_mask|mask_fcn_logits)", r"roi_heads.mask_predictor.\1"),
+)
+
+# The _v2 builders: RPNHead(conv_depth=2) ("conv", "conv1" -> conv.0.0, conv.1.0) and
+# FastRCNNConvFCHead, an nn.Sequential of 4 Conv2dNormActivation (".i.0" conv,
+# ".i.1" BN), Flatten (index 4), then Linear/ReLU pairs (Linear j at 5 + 2 j).
+RCNN_V2_RULES = (
+    (r"rpn_head/conv(\d+)", r"rpn.head.conv.\1.0"),
+    (r"roi_heads/box_head/conv(\d+)", r"roi_heads.box_head.\1.0"),
+    (r"roi_heads/box_head/bn(\d+)", r"roi_heads.box_head.\1.1"),
+    (r"roi_heads/box_head/fc(\d+)", lambda m, _: f"roi_heads.box_head.{5 + 2 * int(m[1])}"),
 )
 
 # roi_heads.keypoint_head is a Sequential(conv, ReLU, conv, ReLU, ...): conv i is entry 2i.
@@ -94,13 +105,24 @@ TORCHVISION_ARCHITECTURES = {
         kwargs=dict(backbone="resnet50", version=1, num_classes=1, num_keypoints=17,
                     backbone_norm="frozen_batch", trainable_backbone_layers=3),
         backbone_eps=0.0, rules=FPN_RULES + RCNN_RULES + KEYPOINT_RCNN_RULES),
+    # _v2: the ResNet keeps BatchNorm2d even in the pretrained builders.
+    "fasterrcnn_resnet50_fpn_v2": dict(
+        builder="kdet.models.FasterRCNN",
+        kwargs=dict(backbone="resnet50", version=2, num_classes=90, backbone_norm="batch",
+                    trainable_backbone_layers=3),
+        backbone_eps=None, rules=FPN_RULES + RCNN_RULES + RCNN_V2_RULES),
+    "maskrcnn_resnet50_fpn_v2": dict(
+        builder="kdet.models.MaskRCNN",
+        kwargs=dict(backbone="resnet50", version=2, num_classes=90, backbone_norm="batch",
+                    trainable_backbone_layers=3),
+        backbone_eps=None, rules=FPN_RULES + RCNN_RULES + RCNN_V2_RULES + MASK_RCNN_RULES),
 }
 
 # kdet model class -> its torchvision architecture names by version.
 _KNOWN_MODELS = {
     "RetinaNet": {1: "retinanet_resnet50_fpn", 2: "retinanet_resnet50_fpn_v2"},
-    "FasterRCNN": {1: "fasterrcnn_resnet50_fpn"},
-    "MaskRCNN": {1: "maskrcnn_resnet50_fpn"},
+    "FasterRCNN": {1: "fasterrcnn_resnet50_fpn", 2: "fasterrcnn_resnet50_fpn_v2"},
+    "MaskRCNN": {1: "maskrcnn_resnet50_fpn", 2: "maskrcnn_resnet50_fpn_v2"},
     "KeypointRCNN": {1: "keypointrcnn_resnet50_fpn"},
 }
 

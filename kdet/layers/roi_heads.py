@@ -2,11 +2,15 @@
 
 * ``TwoMLPHead``: torchvision ``TwoMLPHead``, flatten the pooled ``7 x 7 x C``
   RoI features in PyTorch's (C, y, x) order, then fc6 + ReLU, fc7 + ReLU.
+* ``FastRCNNConvFCHead``: torchvision ``FastRCNNConvFCHead`` (the ``_v2``
+  box head): 3x3 convs (+ BN) + ReLU on the pooled features, flatten, FC +
+  ReLU layers.
 * ``FastRCNNPredictor``: class logits (``num_classes`` columns, background
   first) and per-class box deltas (``4 * num_classes``).
 * ``MaskRCNNHead``: torchvision ``MaskRCNNHeads`` + ``MaskRCNNPredictor``:
   4x (3x3 conv 256 + ReLU), 2x2/s2 transposed conv 256 + ReLU, 1x1 conv to
-  ``num_classes`` mask logits (28 x 28 from 14 x 14 RoIs).
+  ``num_classes`` mask logits (28 x 28 from 14 x 14 RoIs); with
+  ``norm="batch"`` each 3x3 conv has no bias and a BN (torchvision ``_v2``).
 * ``postprocess_detections``: torchvision ``RoIHeads.postprocess_detections``
   (softmax, per-class decode with weights (10, 10, 5, 5), clip, drop the
   background column, score > 0.05, side >= 1e-2, class-wise NMS 0.5, top 100)
@@ -52,6 +56,36 @@ def _merge_rois(x):
     return ops.reshape(x, (-1,) + tuple(x.shape[2:]))
 
 
+HEAD_NORMS = (None, "batch")
+
+
+def _head_batch_norm(norm, index, prefix, dtype):
+    """The BN after a head conv (torchvision ``nn.BatchNorm2d``: eps 1e-5, momentum 0.1)."""
+    if norm not in HEAD_NORMS:
+        raise ValueError(f"RoI head norm must be one of {list(HEAD_NORMS)}, got {norm!r}")
+    if norm is None:
+        return None
+    return keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, dtype=dtype,
+                                           name=f"{prefix}{index}")
+
+
+def _conv_norm_relu(x, conv, norm, training, roi_mask):
+    """conv -> BN -> ReLU on ``[N, h, w, C]`` merged RoIs (conv + fused ReLU without BN).
+
+    In training BN statistics come from the RoIs where ``roi_mask [N]`` is
+    True only: padded or unsampled RoI slots do not exist in torchvision's
+    batch, so they must not move the batch statistics.
+    """
+    x = conv(x)
+    if norm is None:
+        return x
+    mask = None
+    if roi_mask is not None and training:
+        mask = ops.broadcast_to(ops.reshape(ops.cast(roi_mask, "bool"), (-1, 1, 1)),
+                                tuple(ops.shape(x)[:3]))
+    return ops.relu(norm(x, training=training, mask=mask))
+
+
 @keras.saving.register_keras_serializable(package="kdet")
 class TwoMLPHead(keras.layers.Layer):
     """torchvision ``TwoMLPHead``: ``[B, R, h, w, C]`` -> ``[B, R, representation_size]``.
@@ -88,6 +122,82 @@ class TwoMLPHead(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config["representation_size"] = self.representation_size
+        return config
+
+
+@keras.saving.register_keras_serializable(package="kdet")
+class FastRCNNConvFCHead(keras.layers.Layer):
+    """torchvision ``FastRCNNConvFCHead``: ``[B, R, h, w, C]`` -> ``[B, R, fc_layers[-1]]``.
+
+    ``conv{i}``: 3x3 conv (no bias with ``norm="batch"``) -> ``bn{i}`` -> ReLU;
+    then the features are flattened channels-first as PyTorch does and go
+    through ``fc{j}`` + ReLU. torchvision's ``_v2`` box head is
+    ``conv_layers=(256,) * 4, fc_layers=(1024,), norm="batch"``.
+
+    Call ``(x, training=None, roi_mask=None)``; ``roi_mask [B, R]`` marks the
+    RoIs whose features make the BN batch statistics in training.
+
+    >>> import numpy as np
+    >>> tuple(FastRCNNConvFCHead((4, 4), (16,))(np.zeros((2, 3, 7, 7, 4), "float32")).shape)
+    (2, 3, 16)
+    """
+
+    def __init__(self, conv_layers=(256, 256, 256, 256), fc_layers=(1024,), norm="batch",
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.conv_layers = tuple(int(c) for c in conv_layers)
+        self.fc_layers = tuple(int(c) for c in fc_layers)
+        if not self.fc_layers:
+            raise ValueError("FastRCNNConvFCHead: fc_layers must not be empty")
+        self.norm = norm
+        self.norms = [_head_batch_norm(norm, i, "bn", self.dtype_policy)
+                      for i in range(len(self.conv_layers))]
+        self.convs = [keras.layers.Conv2D(c, 3, padding="same", use_bias=norm is None,
+                                          activation="relu" if norm is None else None,
+                                          kernel_initializer=_kaiming_fan_out(),
+                                          bias_initializer="zeros", dtype=self.dtype_policy,
+                                          name=f"conv{i}")
+                      for i, c in enumerate(self.conv_layers)]
+        self.fcs = [keras.layers.Dense(c, activation="relu",
+                                       kernel_initializer=_torch_linear_kernel(),
+                                       dtype=self.dtype_policy, name=f"fc{j}")
+                    for j, c in enumerate(self.fc_layers)]
+
+    @property
+    def representation_size(self):
+        return self.fc_layers[-1]
+
+    def build(self, input_shape):
+        shape = (None,) + tuple(input_shape[2:])
+        for conv, norm in zip(self.convs, self.norms):
+            conv.build(shape)
+            shape = conv.compute_output_shape(shape)
+            if norm is not None:
+                norm.build(shape)
+        flat = int(np.prod(shape[1:]))
+        for fc in self.fcs:
+            fc.build((None, flat))
+            flat = fc.units
+
+    def call(self, x, training=None, roi_mask=None):
+        batch, rois = ops.shape(x)[0], ops.shape(x)[1]
+        y = _merge_rois(x)
+        mask = None if roi_mask is None else ops.reshape(roi_mask, (-1,))
+        for conv, norm in zip(self.convs, self.norms):
+            y = _conv_norm_relu(y, conv, norm, training, mask)
+        y = ops.transpose(y, (0, 3, 1, 2))  # (C, y, x) like torch's flatten of NCHW
+        y = ops.reshape(y, (-1, int(np.prod(y.shape[1:]))))
+        for fc in self.fcs:
+            y = fc(y)
+        return ops.reshape(y, (batch, rois, self.fc_layers[-1]))
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:2]) + (self.fc_layers[-1],)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(conv_layers=list(self.conv_layers), fc_layers=list(self.fc_layers),
+                      norm=self.norm)
         return config
 
 
@@ -142,16 +252,26 @@ class MaskRCNNHead(keras.layers.Layer):
         num_classes: output channels including background (torchvision's count).
         layers: channels of the 3x3 convs, default ``(256,) * 4``.
         dim_reduced: channels of the 2x2/s2 transposed conv, 256.
+        norm: None (v1: conv + bias + ReLU) or ``"batch"`` (torchvision
+            ``_v2``: conv without bias -> BN ``mask_bn{i}`` -> ReLU).
+
+    Call ``(x, training=None, roi_mask=None)``; ``roi_mask [B, R]`` marks the
+    RoIs whose features make the BN batch statistics in training.
     """
 
-    def __init__(self, num_classes, layers=(256, 256, 256, 256), dim_reduced=256, **kwargs):
+    def __init__(self, num_classes, layers=(256, 256, 256, 256), dim_reduced=256, norm=None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.num_classes = int(num_classes)
         self.layer_channels = tuple(int(c) for c in layers)
         self.dim_reduced = int(dim_reduced)
+        self.norm = norm
         common = dict(kernel_initializer=_kaiming_fan_out(), bias_initializer="zeros",
                       dtype=self.dtype_policy)
-        self.convs = [keras.layers.Conv2D(c, 3, padding="same", activation="relu",
+        self.norms = [_head_batch_norm(norm, i, "mask_bn", self.dtype_policy)
+                      for i in range(len(self.layer_channels))]
+        self.convs = [keras.layers.Conv2D(c, 3, padding="same", use_bias=norm is None,
+                                          activation="relu" if norm is None else None,
                                           name=f"mask_fcn{i}", **common)
                       for i, c in enumerate(self.layer_channels)]
         self.conv5_mask = keras.layers.Conv2DTranspose(self.dim_reduced, 2, strides=2,
@@ -162,18 +282,21 @@ class MaskRCNNHead(keras.layers.Layer):
 
     def build(self, input_shape):
         shape = (None,) + tuple(input_shape[2:])
-        for conv in self.convs:
+        for conv, norm in zip(self.convs, self.norms):
             conv.build(shape)
             shape = conv.compute_output_shape(shape)
+            if norm is not None:
+                norm.build(shape)
         self.conv5_mask.build(shape)
         shape = self.conv5_mask.compute_output_shape(shape)
         self.mask_fcn_logits.build(shape)
 
-    def call(self, x):
+    def call(self, x, training=None, roi_mask=None):
         batch, rois = ops.shape(x)[0], ops.shape(x)[1]
         y = _merge_rois(x)
-        for conv in self.convs:
-            y = conv(y)
+        mask = None if roi_mask is None else ops.reshape(roi_mask, (-1,))
+        for conv, norm in zip(self.convs, self.norms):
+            y = _conv_norm_relu(y, conv, norm, training, mask)
         y = self.mask_fcn_logits(self.conv5_mask(y))
         return ops.reshape(y, (batch, rois) + tuple(y.shape[1:]))
 
@@ -184,7 +307,7 @@ class MaskRCNNHead(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(num_classes=self.num_classes, layers=list(self.layer_channels),
-                      dim_reduced=self.dim_reduced)
+                      dim_reduced=self.dim_reduced, norm=self.norm)
         return config
 
 
@@ -306,6 +429,11 @@ class RoIHeads(keras.layers.Layer):
         representation_size: 1024; score_threshold 0.05; nms_threshold 0.5;
         detections_per_image 100; min_size 1e-2 (torchvision defaults).
         with_masks: add the Mask R-CNN head (RoIAlign 14, sampling 2).
+        box_head: ``"two_mlp"`` (``TwoMLPHead``, torchvision v1) or
+            ``"conv_fc"`` (``FastRCNNConvFCHead`` with 4 convs 256 and one FC
+            ``representation_size``, torchvision ``_v2``).
+        head_norm: None or ``"batch"``: the norm of the conv-FC box head and
+            the mask head convs (``"batch"`` in torchvision ``_v2``).
 
     Call ``(features [P2..P5], proposals [B, P, 4], proposals_valid [B, P],
     training=None)`` -> the padded detection dict (``"masks" [B, D, H, W]``
@@ -317,8 +445,16 @@ class RoIHeads(keras.layers.Layer):
 
     def __init__(self, num_classes, image_size, levels=(2, 3, 4, 5), representation_size=1024,
                  score_threshold=0.05, nms_threshold=0.5, detections_per_image=100,
-                 min_size=1e-2, with_masks=False, **kwargs):
+                 min_size=1e-2, with_masks=False, box_head="two_mlp", head_norm=None, **kwargs):
         super().__init__(**kwargs)
+        if box_head not in ("two_mlp", "conv_fc"):
+            raise ValueError(f"RoIHeads: box_head must be 'two_mlp' or 'conv_fc', got "
+                             f"{box_head!r}")
+        if head_norm not in HEAD_NORMS:
+            raise ValueError(f"RoIHeads: head_norm must be one of {list(HEAD_NORMS)}, got "
+                             f"{head_norm!r}")
+        self.box_head_type = box_head
+        self.head_norm = head_norm
         self.num_classes = int(num_classes)
         self.image_size = tuple(int(s) for s in (
             image_size if isinstance(image_size, (list, tuple)) else (image_size, image_size)))
@@ -332,15 +468,20 @@ class RoIHeads(keras.layers.Layer):
         self.box_coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
         self.box_roi_pool = MultiLevelRoIAlign(7, levels=self.levels, sampling_ratio=2,
                                                name="box_roi_pool")
-        self.box_head = TwoMLPHead(self.representation_size, name="box_head",
-                                   dtype=self.dtype_policy)
+        if box_head == "conv_fc":
+            self.box_head = FastRCNNConvFCHead((256, 256, 256, 256), (self.representation_size,),
+                                               norm=head_norm, name="box_head",
+                                               dtype=self.dtype_policy)
+        else:
+            self.box_head = TwoMLPHead(self.representation_size, name="box_head",
+                                       dtype=self.dtype_policy)
         self.box_predictor = FastRCNNPredictor(self.num_classes + 1, name="box_predictor",
                                                dtype=self.dtype_policy)
         self.mask_roi_pool = self.mask_head = None
         if self.with_masks:
             self.mask_roi_pool = MultiLevelRoIAlign(14, levels=self.levels, sampling_ratio=2,
                                                     name="mask_roi_pool")
-            self.mask_head = MaskRCNNHead(self.num_classes + 1, name="mask_head",
+            self.mask_head = MaskRCNNHead(self.num_classes + 1, norm=head_norm, name="mask_head",
                                           dtype=self.dtype_policy)
 
     def build(self, features_shape, proposals_shape, proposals_valid_shape=None):
@@ -350,14 +491,23 @@ class RoIHeads(keras.layers.Layer):
         if self.with_masks:
             self.mask_head.build((None, None, 14, 14, channels))
 
-    def box_logits(self, features, rois):
-        """Box-head outputs for ``rois [B, R, 4]``: class logits and box regression."""
-        pooled = self.box_roi_pool(features, rois)
-        return self.box_predictor(self.box_head(pooled))
+    def box_logits(self, features, rois, training=None, roi_mask=None):
+        """Box-head outputs for ``rois [B, R, 4]``: class logits and box regression.
 
-    def mask_logits(self, features, rois):
-        """Mask logits ``[B, R, 28, 28, K+1]`` for ``rois [B, R, 4]``."""
-        return self.mask_head(self.mask_roi_pool(features, rois))
+        ``training`` and ``roi_mask [B, R]`` (the real RoIs, which alone make
+        BN batch statistics) matter for heads with BN only.
+        """
+        pooled = self.box_roi_pool(features, rois)
+        if isinstance(self.box_head, FastRCNNConvFCHead):
+            hidden = self.box_head(pooled, training=training, roi_mask=roi_mask)
+        else:
+            hidden = self.box_head(pooled)
+        return self.box_predictor(hidden)
+
+    def mask_logits(self, features, rois, training=None, roi_mask=None):
+        """Mask logits ``[B, R, 28, 28, K+1]`` for ``rois [B, R, 4]`` (arguments as ``box_logits``)."""
+        return self.mask_head(self.mask_roi_pool(features, rois), training=training,
+                              roi_mask=roi_mask)
 
     def _zeros(self, batch):
         d = self.detections_per_image
@@ -372,13 +522,13 @@ class RoIHeads(keras.layers.Layer):
         features = list(features)
         if training:
             return self._zeros(ops.shape(proposals)[0])
-        head = self.box_logits(features, proposals)
+        head = self.box_logits(features, proposals, training=False)
         out = postprocess_detections(
             head["class_logits"], head["box_regression"], proposals, proposals_valid,
             self.image_size, self.score_threshold, self.nms_threshold,
             self.detections_per_image, self.min_size, self.box_coder)
         if self.with_masks:
-            logits = ops.cast(self.mask_logits(features, out["boxes"]), "float32")
+            logits = ops.cast(self.mask_logits(features, out["boxes"], training=False), "float32")
             channel = ops.maximum(out["labels"], 0) + 1  # column of the detected class
             index = ops.broadcast_to(channel[:, :, None, None, None],
                                      tuple(ops.shape(logits)[:4]) + (1,))
@@ -404,5 +554,6 @@ class RoIHeads(keras.layers.Layer):
                       levels=list(self.levels), representation_size=self.representation_size,
                       score_threshold=self.score_threshold, nms_threshold=self.nms_threshold,
                       detections_per_image=self.detections_per_image, min_size=self.min_size,
-                      with_masks=self.with_masks)
+                      with_masks=self.with_masks, box_head=self.box_head_type,
+                      head_norm=self.head_norm)
         return config

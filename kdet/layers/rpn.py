@@ -1,6 +1,7 @@
 """Region Proposal Network layers (Ren et al., 2015), torchvision semantics.
 
-* ``RPNHead``: torchvision ``RPNHead`` — one shared 3x3 conv + ReLU, then 1x1
+* ``RPNHead``: torchvision ``RPNHead`` — ``conv_depth`` shared 3x3 convs + ReLU
+  (1 in v1, 2 in torchvision's ``_v2`` builders), then 1x1
   convs for the objectness logit (A per location) and the box deltas (4A),
   applied to every pyramid level with the same weights. Outputs are
   flattened in torchvision's order (level, y, x, anchor): ``objectness
@@ -41,6 +42,9 @@ class RPNHead(keras.layers.Layer):
     Args:
         num_anchors: anchors per location (3 for FPN: one size x 3 ratios).
         channels: input (and hidden) channels, 256 for FPN.
+        conv_depth: 3x3 conv + ReLU blocks before the 1x1 convs (torchvision
+            ``conv_depth``: 1 in v1, 2 in v2). They are named ``conv``,
+            ``conv1``, ``conv2``... (torchvision ``conv.0.0``, ``conv.1.0``...).
 
     Call on ``[P2, ..., P6]`` (a list, or one map) -> ``{"objectness": [B, N],
     "box_deltas": [B, N, 4]}`` with ``N = sum_l H_l * W_l * num_anchors``.
@@ -52,14 +56,20 @@ class RPNHead(keras.layers.Layer):
     ((1, 60), (1, 60, 4))
     """
 
-    def __init__(self, num_anchors=3, channels=256, **kwargs):
+    def __init__(self, num_anchors=3, channels=256, conv_depth=1, **kwargs):
         super().__init__(**kwargs)
         self.num_anchors = int(num_anchors)
         self.channels = int(channels)
+        self.conv_depth = int(conv_depth)
+        if self.conv_depth < 1:
+            raise ValueError(f"RPNHead: conv_depth must be >= 1, got {conv_depth}")
         common = dict(kernel_initializer=_normal_001(), bias_initializer="zeros",
                       dtype=self.dtype_policy)
-        self.conv = keras.layers.Conv2D(self.channels, 3, padding="same", activation="relu",
-                                        name="conv", **common)
+        # The first keeps v1's name "conv" so v1 models and their .keras files are unchanged.
+        self.convs = [keras.layers.Conv2D(self.channels, 3, padding="same", activation="relu",
+                                          name="conv" if i == 0 else f"conv{i}", **common)
+                      for i in range(self.conv_depth)]
+        self.conv = self.convs[0]
         self.cls_logits = keras.layers.Conv2D(self.num_anchors, 1, name="cls_logits", **common)
         self.bbox_pred = keras.layers.Conv2D(4 * self.num_anchors, 1, name="bbox_pred", **common)
 
@@ -67,8 +77,9 @@ class RPNHead(keras.layers.Layer):
         shape = input_shape[0] if isinstance(input_shape, (list, tuple)) and isinstance(
             input_shape[0], (list, tuple)) else input_shape
         shape = tuple(shape)
-        self.conv.build(shape)
         hidden = shape[:-1] + (self.channels,)
+        for i, conv in enumerate(self.convs):
+            conv.build(shape if i == 0 else hidden)
         self.cls_logits.build(hidden)
         self.bbox_pred.build(hidden)
 
@@ -77,7 +88,9 @@ class RPNHead(keras.layers.Layer):
             features = [features]
         objectness, deltas = [], []
         for x in features:
-            t = self.conv(x)
+            t = x
+            for conv in self.convs:
+                t = conv(t)
             logits = self.cls_logits(t)  # [B, H, W, A]: (y, x, anchor) order as torchvision
             boxes = self.bbox_pred(t)    # [B, H, W, 4A], channel = anchor * 4 + coordinate
             height, width = x.shape[1], x.shape[2]
@@ -103,7 +116,8 @@ class RPNHead(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(num_anchors=self.num_anchors, channels=self.channels)
+        config.update(num_anchors=self.num_anchors, channels=self.channels,
+                      conv_depth=self.conv_depth)
         return config
 
 

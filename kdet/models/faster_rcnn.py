@@ -10,6 +10,14 @@ functional model on a fixed square input (kdet trains on padded squares):
 * RoI heads: ``MultiLevelRoIAlign(7, sampling 2)``, ``TwoMLPHead`` (1024),
   ``FastRCNNPredictor``, post-processing score > 0.05, NMS 0.5, 100 detections.
 
+``version=2`` is torchvision's ``fasterrcnn_resnet50_fpn_v2`` (Li et al. 2021,
+"Benchmarking Detection Transfer Learning with Vision Transformers"): the FPN
+convs have BN (no bias), the RPN head has two 3x3 convs, and the box head is
+``FastRCNNConvFCHead`` (4x 3x3 conv 256 + BN + ReLU, one FC 1024); the mask
+head of ``MaskRCNN(version=2)`` has BN after each conv too. In training, the
+head BNs take their batch statistics over the sampled RoIs only (padded RoI
+slots are masked out), as torchvision's batch of sampled RoIs.
+
 Training (``compute_loss``, so ``model.fit`` works with ``jit_compile`` on TF
 and JAX): RPN targets fg IoU >= 0.7 / bg < 0.3 (+ each GT's best anchors),
 256 anchors per image at 50 % positive, BCE objectness and smooth-L1
@@ -58,13 +66,14 @@ PREDICTION_KEYS = ("boxes", "scores", "labels", "num_detections", "masks", "keyp
 
 @keras.saving.register_keras_serializable(package="kdet")
 class FasterRCNN(DetectorMixin, keras.Model):
-    """Faster R-CNN R50-FPN (torchvision ``fasterrcnn_resnet50_fpn``, v1) as a Keras model.
+    """Faster R-CNN R50-FPN (torchvision ``fasterrcnn_resnet50_fpn`` / ``_v2``) as a Keras model.
 
     Args:
         num_classes: foreground classes (labels ``0..num_classes-1``).
         backbone: "resnet50" | "resnet101" | "mobilenet_v2" | "efficientnet_b0".."b7" (or a
             Keras model returning C2..C5).
-        version: 1 (torchvision v1; v2 is not implemented).
+        version: 1 (torchvision ``fasterrcnn_resnet50_fpn``) or 2 (``_v2``: BN in
+            the FPN and heads, two RPN convs, conv-FC box head; see module docstring).
         image_size: square input size, a multiple of 32.
         backbone_weights, backbone_norm ("batch" as torchvision ``weights=None``,
             or "frozen_batch"), trainable_backbone_layers (0..5),
@@ -90,9 +99,9 @@ class FasterRCNN(DetectorMixin, keras.Model):
                  box_fg_iou_thresh=0.5, box_bg_iou_thresh=0.5, box_batch_size_per_image=512,
                  box_positive_fraction=0.25, mask_batch_size_per_image=None,
                  bounding_box_format="xyxy", seed=None, **kwargs):
-        if version != 1:
-            raise ValueError(f"{type(self).__name__}: only version=1 (torchvision v1) is "
-                             f"implemented, got {version!r}")
+        if version not in (1, 2):
+            raise ValueError(f"{type(self).__name__}: version must be 1 or 2 (torchvision "
+                             f"v1 / _v2), got {version!r}")
         size = int(image_size)
         if size % 32:
             raise ValueError(f"{type(self).__name__}: image_size {size} must be a multiple of 32")
@@ -105,10 +114,13 @@ class FasterRCNN(DetectorMixin, keras.Model):
                               levels=(2, 3, 4, 5), owner=type(self).__name__)
         features = body(x)
         features = {k: features[k] for k in ("C2", "C3", "C4", "C5")}
+        v2 = version == 2
         pyramid = FPN(out_channels=256, in_levels=(2, 3, 4, 5), extra_blocks="maxpool",
+                      norm="batch" if v2 else None, bn_epsilon=1e-5, bn_momentum=0.9,
                       name="fpn")(features)
         levels = [pyramid[f"P{level}"] for level in range(2, 7)]
-        rpn = RPNHead(num_anchors=len(ASPECT_RATIOS), channels=256, name="rpn_head")(levels)
+        rpn = RPNHead(num_anchors=len(ASPECT_RATIOS), channels=256, conv_depth=2 if v2 else 1,
+                      name="rpn_head")(levels)
         proposal_layer = ProposalGenerator(
             image_size=size, anchor_sizes=ANCHOR_SIZES, aspect_ratios=ASPECT_RATIOS,
             strides=(4, 8, 16, 32, 64), pre_nms_top_n_train=rpn_pre_nms_top_n_train,
@@ -120,7 +132,8 @@ class FasterRCNN(DetectorMixin, keras.Model):
         roi_heads = self._make_roi_heads(
             num_classes=num_classes, image_size=(size, size), score_threshold=box_score_thresh,
             nms_threshold=box_nms_thresh, detections_per_image=box_detections_per_img,
-            with_masks=self.with_masks, name="roi_heads")
+            with_masks=self.with_masks, box_head="conv_fc" if v2 else "two_mlp",
+            head_norm="batch" if v2 else None, name="roi_heads")
         pooled_levels = levels[:4]
         detections = roi_heads(pooled_levels, proposals["proposals"], proposals["valid"])
         outputs = dict(detections)
@@ -130,7 +143,7 @@ class FasterRCNN(DetectorMixin, keras.Model):
             **{f"P{level}": pyramid[f"P{level}"] for level in range(2, 6)}})
         name = kwargs.pop("name", None) or (
             f"{'mask' if self.with_masks else 'faster'}rcnn_"
-            f"{backbone if isinstance(backbone, str) else 'custom'}_fpn")
+            f"{backbone if isinstance(backbone, str) else 'custom'}_fpn{'_v2' if v2 else ''}")
         super().__init__(inputs=images, outputs=outputs, name=name, **kwargs)
 
         self.num_classes = int(num_classes)
@@ -152,7 +165,9 @@ class FasterRCNN(DetectorMixin, keras.Model):
             or max(1, int(box_batch_size_per_image * box_positive_fraction)))
         self._config = dict(
             num_classes=num_classes, backbone=backbone, version=version, image_size=size,
-            backbone_weights=backbone_weights, backbone_norm=backbone_norm,
+            # the file's weights are the model's own from here on: a saved model must load
+            # without the file
+            backbone_weights=None, backbone_norm=backbone_norm,
             trainable_backbone_layers=trainable_backbone_layers,
             backbone_norm_epsilon=backbone_norm_epsilon,
             rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
@@ -187,11 +202,13 @@ class FasterRCNN(DetectorMixin, keras.Model):
                                               width=self.image_size[1])
         return gt_boxes, gt_labels
 
-    def loss_terms(self, y, y_pred):
+    def loss_terms(self, y, y_pred, training=True):
         """The loss terms, named as torchvision's training loss dict.
 
         ``loss_objectness``, ``loss_rpn_box_reg``, ``loss_classifier``,
         ``loss_box_reg`` (+ ``loss_mask`` for Mask R-CNN), each a scalar.
+        ``training``: BN mode of the RoI heads, which run here on the sampled
+        RoIs (version 2 has BN there; ``evaluate`` passes False).
         """
         gt_boxes, gt_labels = self._targets(y)
         terms = self._rpn_loss(y_pred, gt_boxes, gt_labels)
@@ -200,11 +217,12 @@ class FasterRCNN(DetectorMixin, keras.Model):
             sampler=self.box_sampler, proposals_valid=y_pred["proposals_valid"],
             matcher=self.box_matcher, box_coder=self.roi_heads.box_coder)
         features = [y_pred[f"P{level}"] for level in self.roi_heads.levels]
-        head = self.roi_heads.box_logits(features, roi["rois"])
+        head = self.roi_heads.box_logits(features, roi["rois"], training=training,
+                                         roi_mask=roi["valid"])
         terms.update(fastrcnn_loss(head["class_logits"], head["box_regression"], roi["labels"],
                                    roi["box_targets"]))
         if self.with_masks:
-            terms["loss_mask"] = self._mask_loss(features, roi, y)
+            terms["loss_mask"] = self._mask_loss(features, roi, y, training)
         terms.update(self._extra_roi_losses(features, roi, y))
         return terms
 
@@ -222,12 +240,12 @@ class FasterRCNN(DetectorMixin, keras.Model):
         return rpn_loss(y_pred["rpn_objectness"], y_pred["rpn_box_deltas"], targets["labels"],
                         targets["box_targets"])
 
-    def _mask_loss(self, features, roi, y):
+    def _mask_loss(self, features, roi, y, training=True):
         return mask_rcnn_loss(self.roi_heads, features, roi, y["masks"], self.image_size,
-                              self.mask_batch_size_per_image)
+                              self.mask_batch_size_per_image, training=training)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        terms = self.loss_terms(y, y_pred)
+        terms = self.loss_terms(y, y_pred, training=training)
         total = ops.sum(ops.stack([ops.cast(v, "float32") for v in terms.values()]))
         if self.losses:  # regularisation added by layers
             total = total + ops.sum(ops.stack([ops.cast(v, "float32") for v in self.losses]))
@@ -267,6 +285,9 @@ class FasterRCNN(DetectorMixin, keras.Model):
 
     @classmethod
     def from_config(cls, config):
+        if config.get("backbone_weights") is not None:
+            # a file named by an older saved model: its weights are in the saved model already
+            config = dict(config, backbone_weights=None)
         return cls(**config)
 
 
@@ -331,7 +352,7 @@ def project_masks_on_boxes(gt_masks, rois, matches, image_size, output_size=28):
                           spatial_scale=1.0, sampling_ratio=-1, aligned=False)
 
 
-def mask_rcnn_loss(roi_heads, features, roi, gt_masks, image_size, max_rois):
+def mask_rcnn_loss(roi_heads, features, roi, gt_masks, image_size, max_rois, training=True):
     """torchvision ``maskrcnn_loss`` over the foreground RoIs of ``encode_roi_targets``.
 
     The first ``max_rois`` foreground RoIs of each image (all of them under
@@ -349,6 +370,6 @@ def mask_rcnn_loss(roi_heads, features, roi, gt_masks, image_size, max_rois):
     matches = ops.where(selected, ops.take_along_axis(roi["matches"], index, axis=1), 0)
     targets = ops.stop_gradient(project_masks_on_boxes(gt_masks, rois, matches, image_size,
                                                        output_size=28))
-    logits = roi_heads.mask_logits(features, rois)
+    logits = roi_heads.mask_logits(features, rois, training=training, roi_mask=selected)
     return losses.mask_bce_loss(logits, mask_labels + 1, targets, valid=selected,
                                 data_format="channels_last")

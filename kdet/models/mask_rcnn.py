@@ -1,5 +1,8 @@
 """Mask R-CNN with FPN (He et al. 2017), torchvision ``maskrcnn_resnet50_fpn`` semantics.
 
+``version=2`` is ``maskrcnn_resnet50_fpn_v2``: Faster R-CNN v2 plus BN after
+each 3x3 conv of the mask head.
+
 Faster R-CNN (:mod:`kdet.models.faster_rcnn`) plus the mask branch:
 ``MultiLevelRoIAlign(14, sampling 2)`` on P2-P5, 4x (3x3 conv 256 + ReLU),
 2x2/s2 transposed conv 256 + ReLU, 1x1 conv to ``num_classes + 1`` logits
@@ -27,7 +30,10 @@ from kdet.models.faster_rcnn import FasterRCNN
 
 @keras.saving.register_keras_serializable(package="kdet")
 class MaskRCNN(FasterRCNN):
-    """Mask R-CNN R50-FPN (torchvision v1) as a Keras model; arguments as :class:`FasterRCNN`.
+    """Mask R-CNN R50-FPN (torchvision ``maskrcnn_resnet50_fpn`` / ``_v2``) as a Keras model.
+
+    Arguments as :class:`FasterRCNN`; ``version=2`` adds BN (no bias) to the
+    four mask-head convs (torchvision ``MaskRCNNHeads(norm_layer=BatchNorm2d)``).
 
     ``mask_batch_size_per_image``: foreground RoIs per image that train the
     mask head (default ``int(box_batch_size_per_image * box_positive_fraction)``,
