@@ -234,9 +234,14 @@ def test_predict_drops_empty_and_non_finite_boxes(name):
         if CONFIGS[name][2] < 1:  # with NMS, one (box, class) pair appears once
             assert len(rows) == n, f"{name} image {b}: repeated detections"
     assert got["num_detections"][2] == 0
-    if name == "efficientdet":
-        # the full-width box from dw=+inf is kept; the tiny box bypasses nothing here
-        assert got["num_detections"][0] > 10
+    # The thin box is kept, and the class offset gives it zero float32 width: the
+    # case that must bypass LiteRT's NMS kernel (kdet.export.postprocess.class_aware_nms).
+    n = got["num_detections"][0]
+    thin = np.flatnonzero((got["boxes"][0, :n, 2] - got["boxes"][0, :n, 0]) < 1e-5)
+    assert thin.size == 1 and got["labels"][0, thin[0]] == K - 1
+    shift = np.float32(K - 1) * (np.float32(WIDTH) + np.float32(1))
+    x1, _, x2, _ = got["boxes"][0, thin[0]]
+    assert x2 > x1 and np.float32(x1 + shift) == np.float32(x2 + shift)
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))

@@ -11,8 +11,16 @@ builtin and ONNX ``NonMaxSuppression`` after tf2onnx. Output: kdet's padded dict
 ``{"boxes" [B, D, 4] xyxy pixels, "scores" [B, D], "labels" [B, D] int32,
 "num_detections" [B] int32}`` (padding: zero box, score 0, label -1).
 
-Three details make it equal to ``model.decode_predictions`` (kdet's own NMS):
+Four details make it equal to ``model.predict`` (``DetectionDecoder`` and kdet's
+own NMS), row for row, padding included:
 
+* Candidates. Boxes empty after clipping or non-finite, and NaN logits, are
+  dropped before NMS (:func:`candidate_mask`, :func:`kdet.boxes.nonempty_box_mask`),
+  in ``predict`` and here alike. LiteRT's kernel needs this: it re-queues each
+  box it selects and counts on ``IoU(box, box) = 1`` to drop the copy, so a
+  zero-area or NaN box came out again and again until the output was full
+  (issue #10). Candidates whose *class-shifted* box has zero float32 area skip
+  the kernel and are merged back by rank (see :func:`class_aware_nms`).
 * Order. NMS kernels sort candidates by score with no rule for ties (a heap in
   TF and LiteRT, ORT's sort). kdet visits them by score with the lower
   candidate index first. So the graph sorts the candidates itself (``top_k`` is
@@ -30,15 +38,17 @@ Three details make it equal to ``model.decode_predictions`` (kdet's own NMS):
   symmetric in x and y, so xyxy boxes go in as they are).
 
 ``tflite_postprocess``: the ``TFLite_Detection_PostProcess`` custom op of the TF
-object-detection API / automl (box encodings ``(ty, tx, th, tw)`` with
-``y/x/h/w_scale`` = the box coder weights, sigmoid class scores, anchors as
-normalised ``(yc, xc, h, w)``; regular per-class NMS). Output: its SSD layout
+object-detection API / automl (regular per-class NMS). Output: its SSD layout
 ``{"detection_boxes" [B, D, 4] normalised (ymin, xmin, ymax, xmax),
 "detection_classes" [B, D] float, "detection_scores" [B, D], "num_detections" [B]
-float}``, the layout on-device detection libraries read. It is not equal to
-kdet's decode: the op has no pre-NMS top-k, does not clip boxes before NMS,
-keeps scores ``>=`` its threshold (the graph passes the next float32 above
-kdet's, so ``>`` holds) and caps detections per class. Its TF body is
+float}``, the layout on-device detection libraries read. The op only does the
+NMS: the graph gives it kdet's decoded, clipped boxes (encoded for a unit-anchor
+decode) and, instead of scores, each candidate's rank in kdet's order (0 for
+everything that is not a candidate: outside the pre-NMS top-k, low score,
+empty or non-finite box), then gathers the real scores back by rank. So the
+detections are ``model.predict``'s (boxes to float32 rounding of the op's
+decode), except that the op caps detections per class (``detections_per_class``,
+default ``max_detections``, where it never binds). Its TF body is
 ``tf.image.combined_non_max_suppression`` (the same regular NMS), so the graph
 also runs in TF; the LiteRT converter replaces the body with the custom op.
 
@@ -157,18 +167,16 @@ def kernel_iou_threshold(value, runtime):
 
 
 # --------------------------------------------------------------- decoding
-def decode_candidates(cls_logits, box_deltas, settings):
-    """Pre-NMS candidates exactly as ``DetectionDecoder``: ``(boxes, scores, labels)``.
+def pre_nms_candidates(cls_logits, settings):
+    """The pre-NMS top-k of ``DetectionDecoder``: ``(scores, anchor_index, labels)`` ``[B, C]``.
 
-    ``boxes [B, C, 4]`` xyxy (clipped to the image when the decoder clips),
-    ``scores [B, C]`` sigmoid probabilities, ``labels [B, C]`` int32, ``C`` the
-    pre-NMS top-k over all levels or per level.
+    Sigmoid scores (NaN logits give -inf: ranked last, never kept), top-k over
+    all levels or per level, ties to the lower (anchor, class) index.
     """
     import tensorflow as tf
 
     k = settings.num_classes
     probs = tf.sigmoid(tf.cast(cls_logits, tf.float32))
-    # NaN logits: -inf ranks last and passes no threshold (as in DetectionDecoder).
     probs = tf.where(probs >= 0, probs, tf.constant(-np.inf, tf.float32))
     num_anchors = len(settings.anchors)
     counts = settings.level_counts if (settings.per_level_topk and settings.level_counts) \
@@ -185,12 +193,32 @@ def decode_candidates(cls_logits, box_deltas, settings):
     scores = tf.concat(scores, axis=1)
     anchor_index = tf.concat(anchor_index, axis=1)
     labels = tf.cast(tf.concat(labels, axis=1), tf.int32)
-    deltas = tf.gather(tf.cast(box_deltas, tf.float32), anchor_index, batch_dims=1)
-    anchors = tf.gather(tf.constant(settings.anchors), anchor_index)
-    boxes = settings.box_coder.decode(deltas, anchors)  # kdet's formula, TF ops on TF
+    return scores, anchor_index, labels
+
+
+def decode_boxes(box_deltas, anchors, settings):
+    """kdet's box decoding (and clipping when the decoder clips), TF ops on TF."""
+    import tensorflow as tf
+
+    boxes = settings.box_coder.decode(tf.cast(box_deltas, tf.float32), anchors)
     if settings.clip_to_image:
         boxes = clip_boxes(boxes, settings.image_size[0], settings.image_size[1])
-    return boxes, scores, labels
+    return boxes
+
+
+def decode_candidates(cls_logits, box_deltas, settings):
+    """Pre-NMS candidates exactly as ``DetectionDecoder``: ``(boxes, scores, labels)``.
+
+    ``boxes [B, C, 4]`` xyxy (clipped to the image when the decoder clips),
+    ``scores [B, C]`` sigmoid probabilities, ``labels [B, C]`` int32, ``C`` the
+    pre-NMS top-k over all levels or per level.
+    """
+    import tensorflow as tf
+
+    scores, anchor_index, labels = pre_nms_candidates(cls_logits, settings)
+    deltas = tf.gather(tf.cast(box_deltas, tf.float32), anchor_index, batch_dims=1)
+    anchors = tf.gather(tf.constant(settings.anchors), anchor_index)
+    return decode_boxes(deltas, anchors, settings), scores, labels
 
 
 # -------------------------------------------------------------------- NMS
@@ -280,15 +308,27 @@ def class_aware_nms(boxes, scores, labels, settings, runtime="tensorflow"):
     return indices, total
 
 
+def _gather_padded(values, indices, pad_value):
+    """``values[indices]`` with ``pad_value`` where ``indices < 0``.
+
+    Gathers from the values with one padding row appended instead of
+    ``tf.where(valid, gathered, 0)``: tf2onnx rewrites that select as a
+    multiplication by the mask, and an invalid candidate's -inf score or NaN
+    box times 0 is NaN in the padding.
+    """
+    import tensorflow as tf
+
+    num = int(values.shape[0])
+    pad = tf.fill([1] + values.shape.as_list()[1:], tf.constant(pad_value, values.dtype))
+    safe = tf.where(indices >= 0, indices, tf.fill(tf.shape(indices), num))
+    return tf.gather(tf.concat([values, pad], axis=0), safe)
+
+
 def _gather_detections(boxes, scores, labels, indices, count):
     import tensorflow as tf
 
-    valid = indices >= 0
-    safe = tf.maximum(indices, 0)
-    out_boxes = tf.where(valid[:, None], tf.gather(boxes, safe), tf.zeros([1, 4], tf.float32))
-    out_scores = tf.where(valid, tf.gather(scores, safe), tf.zeros_like(scores[:1]))
-    out_labels = tf.where(valid, tf.gather(labels, safe), -tf.ones_like(labels[:1]))
-    return out_boxes, out_scores, out_labels, tf.cast(count, tf.int32)
+    return (_gather_padded(boxes, indices, 0.0), _gather_padded(scores, indices, 0.0),
+            _gather_padded(labels, indices, -1), tf.cast(count, tf.int32))
 
 
 def detections(cls_logits, box_deltas, settings, runtime="tensorflow", batch_size=None):
@@ -337,30 +377,27 @@ def _attr(key, value):
     return 'attr { key: "%s" value { f: %r } }' % (key, float(value))
 
 
-def ssd_anchors(settings):
-    """Anchors as the custom op wants them: normalised ``(yc, xc, h, w)`` float32 ``[A, 4]``."""
-    a = settings.anchors.astype(np.float64)
-    height, width = settings.image_size
-    w, h = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
-    xc, yc = a[:, 0] + 0.5 * w, a[:, 1] + 0.5 * h
-    return np.stack([yc / height, xc / width, h / height, w / width], axis=1).astype(np.float32)
+# The custom op decodes (ty, tx, th, tw) against anchors (yc, xc, h, w); with
+# these unit anchors and unit scales its decode is yc = ty, h = exp(th).
+_SSD_UNIT_ANCHOR = (0.0, 0.0, 1.0, 1.0)
+# The op gets rank scores (>= 1, 0 for non-candidates) and keeps those >= this.
+_SSD_RANK_THRESHOLD = 0.5
 
 
 def ssd_implements_signature(settings, detections_per_class=None):
     """The ``experimental_implements`` string that the converter turns into the custom op."""
-    wx, wy, ww, wh = settings.box_coder.weights
-    # The op keeps scores >= its threshold; the next float32 up gives kdet's '>'.
-    score_threshold = np.nextafter(np.float32(settings.score_threshold), np.float32(np.inf))
     per_class = settings.max_detections if detections_per_class is None else detections_per_class
+    # The op requires 0 < t <= 1; IoU > 0 and IoU > (smallest float) are the same test.
+    iou = max(float32_iou_threshold(settings.iou_threshold), np.nextafter(np.float32(0), 1))
     parts = ['name: "TFLite_Detection_PostProcess"',
              _attr("max_detections", int(settings.max_detections)),
              _attr("max_classes_per_detection", 1),
              _attr("detections_per_class", int(per_class)),
              _attr("use_regular_nms", True),
-             _attr("nms_score_threshold", score_threshold),
-             _attr("nms_iou_threshold", float32_iou_threshold(settings.iou_threshold)),
-             _attr("y_scale", wy), _attr("x_scale", wx), _attr("h_scale", wh),
-             _attr("w_scale", ww), _attr("num_classes", int(settings.num_classes))]
+             _attr("nms_score_threshold", _SSD_RANK_THRESHOLD),
+             _attr("nms_iou_threshold", iou),
+             _attr("y_scale", 1.0), _attr("x_scale", 1.0), _attr("h_scale", 1.0),
+             _attr("w_scale", 1.0), _attr("num_classes", int(settings.num_classes))]
     return " ".join(parts)
 
 
@@ -370,24 +407,19 @@ def _ssd_function(settings, detections_per_class):
 
     limit = settings.max_detections
     per_class = limit if detections_per_class is None else int(detections_per_class)
-    score_threshold = float(np.nextafter(np.float32(settings.score_threshold),
-                                         np.float32(np.inf)))
     iou_threshold = float(float32_iou_threshold(settings.iou_threshold))
-    wx, wy, ww, wh = settings.box_coder.weights
 
     @tf.function(experimental_implements=ssd_implements_signature(settings, detections_per_class))
     def tflite_detection_postprocess(box_encodings, class_predictions, anchors):
-        yc = box_encodings[..., 0] / wy * anchors[:, 2] + anchors[:, 0]
-        xc = box_encodings[..., 1] / wx * anchors[:, 3] + anchors[:, 1]
-        half_h = 0.5 * tf.exp(box_encodings[..., 2] / wh) * anchors[:, 2]
-        half_w = 0.5 * tf.exp(box_encodings[..., 3] / ww) * anchors[:, 3]
+        yc = box_encodings[..., 0] * anchors[:, 2] + anchors[:, 0]
+        xc = box_encodings[..., 1] * anchors[:, 3] + anchors[:, 1]
+        half_h = 0.5 * tf.exp(box_encodings[..., 2]) * anchors[:, 2]
+        half_w = 0.5 * tf.exp(box_encodings[..., 3]) * anchors[:, 3]
         boxes = tf.stack([yc - half_h, xc - half_w, yc + half_h, xc + half_w], axis=-1)
-        # combined NMS keeps scores > threshold; the op >= the nudged one: the same set.
         nmsed_boxes, nmsed_scores, nmsed_classes, count = tf.image.combined_non_max_suppression(
             boxes[:, :, None, :], class_predictions, max_output_size_per_class=per_class,
             max_total_size=limit, iou_threshold=iou_threshold,
-            score_threshold=np.nextafter(np.float32(score_threshold), np.float32(-np.inf)),
-            pad_per_class=False, clip_boxes=False)
+            score_threshold=_SSD_RANK_THRESHOLD, pad_per_class=False, clip_boxes=False)
         return nmsed_boxes, nmsed_classes, nmsed_scores, tf.cast(count, tf.float32)
 
     return tflite_detection_postprocess
@@ -408,21 +440,50 @@ def ssd_detections(cls_logits, box_deltas, settings, batch_size=1, detections_pe
 
 
 def _ssd_detections(cls_logits, box_deltas, settings, batch_size, detections_per_class):
+    """kdet's candidates and boxes, the custom op's per-class NMS on rank scores.
+
+    The op sees, per anchor, kdet's decoded and clipped box (encoded for its
+    unit-anchor decode, in normalised coordinates) and, per (anchor, class),
+    the candidate's rank in kdet's visiting order (``C`` for the best, 0 for
+    anchors outside the pre-NMS top-k, low scores and empty or non-finite
+    boxes). Its regular NMS then visits kdet's candidates in kdet's order, ties
+    included (its cross-class merge sorts with no rule for ties, ranks have
+    none), and the real scores are gathered back by rank after it.
+    """
     import tensorflow as tf
 
-    coder = settings.box_coder
-    deltas = tf.cast(box_deltas, tf.float32)
-    if coder.order == "xy":  # the op reads (ty, tx, th, tw)
-        deltas = tf.gather(deltas, [1, 0, 3, 2], axis=-1)
-    if coder.clip is not None:  # kdet clamps dh/dw (after dividing by the weights)
-        wx, wy, ww, wh = coder.weights
-        limit = tf.constant([np.inf, np.inf, coder.clip * wh, coder.clip * ww], tf.float32)
-        deltas = tf.minimum(deltas, limit)
-    probs = tf.sigmoid(tf.cast(cls_logits, tf.float32))
-    anchors = tf.constant(ssd_anchors(settings))
+    height, width = settings.image_size
+    k = settings.num_classes
+    num_anchors = len(settings.anchors)
+    scores, anchor_index, labels = pre_nms_candidates(cls_logits, settings)
+    boxes = decode_boxes(box_deltas, tf.constant(settings.anchors)[None], settings)  # [B, A, 4]
+    anchor_ok = nonempty_box_mask(boxes)
+    x1, y1, x2, y2 = (boxes[..., i] for i in range(4))
+    encodings = tf.stack([(y1 + y2) * (0.5 / height), (x1 + x2) * (0.5 / width),
+                          tf.math.log((y2 - y1) / height), tf.math.log((x2 - x1) / width)],
+                         axis=-1)
+    encodings = tf.where(anchor_ok[..., None], encodings, tf.zeros_like(encodings))
+    anchors = tf.constant([_SSD_UNIT_ANCHOR] * num_anchors, tf.float32)
+    num = int(scores.shape[1])
+    rank = tf.cast(num - tf.range(num), tf.float32)
     postprocess = _ssd_function(settings, detections_per_class)
-    per_image = [postprocess(deltas[i:i + 1], probs[i:i + 1], anchors)
-                 for i in range(int(batch_size))]
+    per_image = []
+    for i in range(int(batch_size)):
+        cand_boxes = tf.gather(boxes[i], anchor_index[i])
+        valid = candidate_mask(cand_boxes, scores[i], settings.score_threshold)
+        keys = tf.where(valid, scores[i], tf.constant(-np.inf, tf.float32))
+        _, order = tf.math.top_k(keys, k=num, sorted=True)
+        flat = tf.gather(anchor_index[i] * k + labels[i], order)  # (anchor, class) pairs, unique
+        ranks = tf.where(tf.gather(valid, order), rank, tf.zeros_like(rank))
+        predictions = tf.reshape(tf.scatter_nd(flat[:, None], ranks, [num_anchors * k]),
+                                 [1, num_anchors, k])
+        out_boxes, out_classes, out_ranks, count = postprocess(encodings[i:i + 1], predictions,
+                                                               anchors)
+        position = tf.clip_by_value(num - tf.cast(tf.round(out_ranks[0]), tf.int32), 0, num - 1)
+        filled = tf.range(settings.max_detections) < tf.cast(count[0], tf.int32)
+        real = _gather_padded(tf.gather(scores[i], order),
+                              tf.where(filled, position, -tf.ones_like(position)), 0.0)
+        per_image.append((out_boxes, out_classes, real[None], count))
     parts = [tf.concat(p, axis=0) for p in zip(*per_image)]
     return dict(zip(SSD_KEYS, parts))
 
