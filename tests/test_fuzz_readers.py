@@ -22,7 +22,7 @@ import shutil
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from PIL import Image
 
 from kdet.data import COCODataset, VOCDataset, YOLODataset
@@ -32,9 +32,11 @@ pytestmark = pytest.mark.skipif(
     os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow",
     reason="backend-independent (NumPy/PIL/pycocotools): runs once, under TensorFlow")
 
-FUZZ = settings(max_examples=80, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                       HealthCheck.too_slow])
+# Fixed examples in CI (derandomize); KDET_FUZZ_EXAMPLES=5000 runs a longer, random search.
+_DEEP = os.environ.get("KDET_FUZZ_EXAMPLES")
+FUZZ = settings(max_examples=int(_DEEP or 150), deadline=None, derandomize=not _DEEP,
+                database=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                      HealthCheck.too_slow])
 
 # Values a corrupted field may take: wrong types, NaN, inf, huge, negative, ids of
 # other records, numeric strings.
@@ -108,13 +110,19 @@ def _clip_box(box, height, width):
         return None
     c = [min(max(x1, 0.0), width), min(max(y1, 0.0), height),
          min(max(x2, 0.0), width), min(max(y2, 0.0), height)]
-    if not (c[2] > c[0] and c[3] > c[1]):
+    c32 = np.float32(c)  # boxes are stored as float32: positive size there
+    if not (c[2] > c[0] and c[3] > c[1] and c32[2] > c32[0] and c32[3] > c32[1]):
         return None
     return c
 
 
 # --------------------------------------------------------------------------- COCO
 COCO_SIZES = {1: (48, 64), 2: (30, 40)}
+COCO_FILE_SIZES = {"a.jpg": (48, 64), "b.png": (30, 40)}
+
+
+def _coco_sizes(r):  # by file: a corrupted id may move a file to another id
+    return COCO_FILE_SIZES[os.path.basename(r["file_name"])]
 COCO_BASE = {
     "images": [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48},
                {"id": 2, "file_name": "b.png", "width": 40, "height": 30}],
@@ -179,10 +187,14 @@ def coco_mutations(draw):
         shown_id = entry.get("id", "") if isinstance(entry, dict) else ""
         tokens = [f"images[{k}]", f"image id {shown_id}"]
         touched = {COCO_BASE["images"][k]["id"]}
-        if isinstance(new_id, int) and not isinstance(new_id, bool):
-            touched.add(new_id)
+        if _real(new_id) and float(new_id).is_integer():  # read as int(new_id)
+            touched.add(int(new_id))
+            tokens.append(f"image id {int(new_id)}")
         if op == "duplicate":
             tokens = [f"images[{len(data['images']) - 1}]", f"image id {entry['id']}"]
+        # with its id changed, the image's annotations are reported as orphans
+        tokens += [f"annotations[{j}]" for j, a in enumerate(COCO_BASE["annotations"])
+                   if a["image_id"] in touched]
         return data, touched, tokens, None
     if section == "annotations":
         touched = {COCO_BASE["annotations"][k]["image_id"]}
@@ -208,7 +220,11 @@ def _load_coco(path, coco_dir, **kw):
 def test_coco_structured_corruptions(coco_dir, mutation):
     data, touched, tokens, oracle = mutation
     path = coco_dir / "fuzz.json"
-    path.write_text(json.dumps(data))  # NaN/Infinity written as JS literals, which json reads
+    try:  # NaN/Infinity are written as JS literals, which json reads
+        text = json.dumps(data)
+    except ValueError:  # an int too long to print: test_coco_bugs_found_by_fuzzing has one
+        assume(False)
+    path.write_text(text)
     try:
         ds = _load_coco(path, coco_dir)
         raised = None
@@ -216,7 +232,7 @@ def test_coco_structured_corruptions(coco_dir, mutation):
         raised = str(e)
         _message_ok(raised, "fuzz.json", tokens if _record_level(raised) else [])
     if raised is None:
-        _check_clean(ds, COCO_SIZES, len(ds.class_names))
+        _check_clean(ds, _coco_sizes, len(ds.class_names))
         for r in ds.records:
             if touched is not None and r["image_id"] not in touched:
                 _coco_record_equal(r, COCO_EXPECTED[r["image_id"]])
@@ -228,7 +244,7 @@ def test_coco_structured_corruptions(coco_dir, mutation):
     except ValueError as e:
         assert raised is not None and not _record_level(str(e)), str(e)
         return
-    _check_clean(skipped, COCO_SIZES, len(skipped.class_names))
+    _check_clean(skipped, _coco_sizes, len(skipped.class_names))
     if raised is not None:
         assert _record_level(raised) and skipped.problems, raised
     for r in skipped.records:
@@ -267,7 +283,7 @@ def test_coco_byte_corruptions(coco_dir, data):
     except ValueError as e:
         _message_ok(str(e), "bytes.json", [])
         return
-    _check_clean(ds, COCO_SIZES, len(ds.class_names))
+    _check_clean(ds, _coco_sizes, len(ds.class_names))
     try:
         same = json.loads(corrupted) == COCO_BASE
     except ValueError:
@@ -325,6 +341,19 @@ def test_coco_bugs_found_by_fuzzing(coco_dir):
         path.write_text(text)
         with pytest.raises(ValueError, match="case.json"):
             _load_coco(path, coco_dir)
+
+
+def test_box_thinner_than_float32_is_degenerate(coco_dir):
+    """x2 = 1e-50 > x1 = 0 in float64, but the stored float32 box had zero width."""
+    data = json.loads(json.dumps(COCO_BASE))
+    data["annotations"][1]["bbox"] = [0, 5, 1e-50, 10]
+    path = coco_dir / "case.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"annotations\[1\]\): box .* zero area"):
+        _load_coco(path, coco_dir)
+    ds = _load_coco(path, coco_dir, on_error="skip")
+    assert ds.problems == {"degenerate_box": 1}
+    _coco_record_equal(ds.records[0], {"boxes": [[10, 10, 30, 30]], "annotation_ids": [10]})
 
 
 # --------------------------------------------------------------------------- VOC
@@ -768,6 +797,13 @@ def test_evaluator_bugs_found_by_fuzzing():
         with pytest.raises(ValueError, match=r"detection #1 \(") as info:
             COCOEvaluator(EVAL_GT).add_detections(dets)
         assert key in str(info.value), (name, str(info.value))
+    # an int too long to print broke the message (ValueError from repr, no record named);
+    # one too large for a float raised OverflowError
+    for key, value in (("image_id", 10 ** 5000), ("bbox", [10 ** 400, 0, 1, 1])):
+        dets = json.loads(json.dumps(EVAL_DETS))
+        dets[1][key] = value
+        with pytest.raises(ValueError, match=r"detection #1 \("):
+            COCOEvaluator(EVAL_GT).add_detections(dets)
     gt = json.loads(json.dumps(EVAL_GT))
     gt["annotations"][2]["area"] = "1200"
     with pytest.raises(ValueError, match=r"annotations\[2\] \(id=3\): 'area' must be a number"):

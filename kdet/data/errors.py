@@ -112,7 +112,11 @@ def sanitize_boxes(boxes, height, width, log, where, tolerance=0.0):
     safe = np.where(finite[:, None], boxes, 0.0)
     proper = finite & (safe[:, 2] > safe[:, 0]) & (safe[:, 3] > safe[:, 1])
     clipped = np.clip(safe, 0.0, [width, height, width, height])
-    overlaps = proper & (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    inside = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    # boxes leave as float32: one thinner than float32 resolution (x2 = 1e-30) collapses
+    clipped32 = clipped.astype(np.float32)
+    thick = (clipped32[:, 2] > clipped32[:, 0]) & (clipped32[:, 3] > clipped32[:, 1])
+    overlaps = proper & inside & thick
     past = np.maximum(clipped - safe, safe - clipped)  # how far past the border
     moved = overlaps & np.any(past > np.asarray(tolerance, np.float64), axis=1)
     # only the few bad boxes go through the (slow) per-object messages
@@ -122,10 +126,12 @@ def sanitize_boxes(boxes, height, width, log, where, tolerance=0.0):
             log.error("non_finite_box", where(i), f"box {box} is not finite")
         elif not proper[i]:
             log.error("degenerate_box", where(i), f"box xyxy {box} has zero area or is inverted")
-        elif not overlaps[i]:
+        elif not inside[i]:
             log.error("box_outside_image", where(i),
                       f"box xyxy {box} lies outside the {width}x{height} image")
+        elif not thick[i]:
+            log.error("degenerate_box", where(i), f"box xyxy {box} has zero area in float32")
         else:
             log.fixed("box_clipped", where(i),
                       f"box xyxy {box} clipped to the {width}x{height} image")
-    return clipped.astype(np.float32), overlaps
+    return clipped32, overlaps

@@ -113,6 +113,15 @@ _NUMBER_TYPES = frozenset({int, float, np.float64, np.float32, np.float16, np.in
                            np.int16, np.int8, np.uint64, np.uint32, np.uint16, np.uint8})
 
 
+def _show(value, limit=80):
+    """``repr(value)`` for messages: shortened, and safe for ints too long to print."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int with more digits than sys.get_int_max_str_digits()
+        return f"<{type(value).__name__} with an integer too long to print>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _is_number(v):
     return type(v) in _NUMBER_TYPES or (isinstance(v, (int, float, np.integer, np.floating))
                                         and not isinstance(v, bool))
@@ -131,15 +140,15 @@ def _float_rows(values, width, key, what):
         if (arr.ndim == 2 and arr.shape[1] == width and all(map(_all_numbers, values))
                 or len(values) == 0):
             return arr.reshape(len(values), width)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         pass
     for i, v in enumerate(values):
         try:
             ok = np.asarray(v, dtype=np.float64).shape == (width,) and _all_numbers(v)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):
             ok = False
         if not ok:
-            raise ValueError(f"{what(i)}: '{key}' must be {width} numbers, got {v!r}")
+            raise ValueError(f"{what(i)}: '{key}' must be {width} numbers, got {_show(v)}")
     raise ValueError(f"'{key}' values are not {width} numbers")  # pragma: no cover
 
 
@@ -149,11 +158,11 @@ def _float_values(values, key, what):
         arr = np.asarray(values, dtype=np.float64)
         if arr.shape == (len(values),) and all(map(_is_number, values)):
             return arr
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         pass
     for i, v in enumerate(values):
         if not _is_number(v):
-            raise ValueError(f"{what(i)}: '{key}' must be a number, got {v!r}")
+            raise ValueError(f"{what(i)}: '{key}' must be a number, got {_show(v)}")
     raise ValueError(f"'{key}' values are not numbers")  # pragma: no cover
 
 
@@ -222,7 +231,7 @@ class _GroundTruth:
         self.category_names = [names[c] for c in self.category_ids]
 
         def what(i):  # names annotation i (file order) in error messages
-            ann_id = f" (id={anns[i].get('id')!r})" if isinstance(anns[i], dict) else ""
+            ann_id = f" (id={_show(anns[i].get('id'))})" if isinstance(anns[i], dict) else ""
             return f"{where}: annotations[{i}]{ann_id}"
 
         needed = ["id", "image_id", "category_id", "area", "iscrowd"]
@@ -234,14 +243,14 @@ class _GroundTruth:
         for arr, key in ((img, "image_id"), (cat, "category_id")):
             if (arr < 0).any():
                 i = int(np.flatnonzero(arr < 0)[0])
-                raise ValueError(f"{what(i)}: {key} {columns[key][i]!r} is not in "
+                raise ValueError(f"{what(i)}: {key} {_show(columns[key][i])} is not in "
                                  f"'{'images' if key == 'image_id' else 'categories'}'")
         ids = columns["id"]
         if len(set(ids)) != len(ids):
             seen = set()
             for i, ann_id in enumerate(ids):
                 if ann_id in seen:
-                    raise ValueError(f"{what(i)}: duplicate annotation id {ann_id!r}")
+                    raise ValueError(f"{what(i)}: duplicate annotation id {_show(ann_id)}")
                 seen.add(ann_id)
         area = _float_values(columns["area"], "area", what)
         if not np.isfinite(area).all():
@@ -288,7 +297,7 @@ class _GroundTruth:
             seen = set()
             for i in ids:
                 if i in seen:
-                    raise ValueError(f"{what} id {i!r} appears twice")
+                    raise ValueError(f"{what} id {_show(i)} appears twice")
                 seen.add(i)
         return unique
 
@@ -630,8 +639,8 @@ class COCOEvaluator:
             return
         start = self._num_detections
         what = lambda i: f"detection #{start + i}" + (  # noqa: E731
-            f" (image_id={detections[i].get('image_id')!r}, "
-            f"category_id={detections[i].get('category_id')!r})"
+            f" (image_id={_show(detections[i].get('image_id'))}, "
+            f"category_id={_show(detections[i].get('category_id'))})"
             if isinstance(detections[i], dict) else "")
         gt = self._gt
         image = self._indices(_column(detections, "image_id", what), gt.image_index, "image_id",
@@ -644,7 +653,7 @@ class COCOEvaluator:
             value = detections[i]["score"]
             problem = "is not finite" if isinstance(value, (int, float, np.number)) else \
                 "must be a number"
-            raise ValueError(f"{what(i)}: score {value!r} {problem}")
+            raise ValueError(f"{what(i)}: score {_show(value)} {problem}")
         needed = {"bbox": "bbox", "segm": "segmentation", "keypoints": "keypoints"}[self.iou_type]
         _column(detections, needed, what)  # raises naming the first record without it
         has_bbox = np.array(["bbox" in d for d in detections])
@@ -679,7 +688,7 @@ class COCOEvaluator:
                        np.int64)
         if (out < 0).any():
             i = int(np.flatnonzero(out < 0)[0])
-            raise ValueError(f"{what(i)}: {key} {values[i]!r} is not in the {where}")
+            raise ValueError(f"{what(i)}: {key} {_show(values[i])} is not in the {where}")
         return out
 
     def _append(self, chunk):
@@ -779,7 +788,7 @@ class COCOEvaluator:
                 raise ValueError("scale makes no sense with a relative box format")
         b_idx, d_idx = np.nonzero(valid)
         what = lambda i: (f"predictions row {b_idx[i]}, detection {d_idx[i]} "  # noqa: E731
-                          f"(image_id={image_ids[b_idx[i]]!r})")
+                          f"(image_id={_show(image_ids[b_idx[i]])})")
         det_image = image[b_idx]
         det_category = label_category[labels[b_idx, d_idx]]
         det_score = scores[b_idx, d_idx]
