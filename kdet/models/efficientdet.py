@@ -130,8 +130,10 @@ class EfficientDet(DenseDetector):
             bounding_box_format=bounding_box_format,
             name=kwargs.pop("name", f"efficientdet_{variant}"), **kwargs)
         self.variant = variant
+        # backbone_weights=None: the file's weights are the model's own from here on, so a
+        # saved model must load without the file (it stays out of the config)
         self._config = dict(phi=variant, num_classes=num_classes, image_size=size,
-                            backbone_weights=backbone_weights, score_threshold=score_threshold,
+                            backbone_weights=None, score_threshold=score_threshold,
                             iou_threshold=iou_threshold, max_detections=max_detections,
                             pre_nms_topk=pre_nms_topk, fusion=fusion,
                             bounding_box_format=bounding_box_format)

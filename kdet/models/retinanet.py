@@ -90,7 +90,9 @@ class RetinaNet(DenseDetector):
             name=kwargs.pop("name", f"retinanet_{backbone if isinstance(backbone, str) else 'custom'}_v{version}"),
             **kwargs)
         self._config = dict(num_classes=num_classes, backbone=backbone, version=version,
-                            image_size=size, backbone_weights=backbone_weights,
+                            # the file's weights are the model's own from here on: a
+                            # saved model must load without the file
+                            image_size=size, backbone_weights=None,
                             backbone_norm=backbone_norm,
                             trainable_backbone_layers=trainable_backbone_layers,
                             backbone_norm_epsilon=backbone_norm_epsilon,
