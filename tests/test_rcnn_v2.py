@@ -303,6 +303,20 @@ def test_build_torchvision_v2_is_the_coco_layout():
         assert count_params(model) == count  # v2 keeps trainable BN in the ResNet
 
 
+@pytest.mark.parametrize("name", ["fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2",
+                                  "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"])
+def test_zoo_cards_build_torchvision_architectures(name):
+    from kdet import zoo
+    from kdet.converters.torchvision import architecture_of
+
+    card = zoo.get_card(name)
+    model = zoo.build(name, image_size=96)
+    assert architecture_of(model) == name and model.num_classes == 90
+    # the card's count is torchvision's weights meta (frozen BN in v1, trainable in v2)
+    assert count_params(model) == card["metrics"]["num_params"]
+    assert card["source"]["url"].rsplit("-", 1)[1].startswith(card["sha256_prefix"])
+
+
 # ------------------------------------------------------------------ training and saving
 def _bn_state(model):
     return _np(model.get_layer("roi_heads").box_head.norms[0].moving_mean).copy()
