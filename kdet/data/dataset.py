@@ -489,8 +489,9 @@ class DetectionDataset:
             self.pixels_checked = True
             return []
         reasons = self._pil_decode_failures()
-        for index, reason in self._tf_decode_failures(include_masks).items():
-            reasons.setdefault(index, reason)
+        rest = [i for i in range(len(self.records)) if i not in reasons]
+        for k, reason in self.subset(rest)._tf_decode_failures(include_masks).items():
+            reasons[rest[k]] = reason
         log = ProblemLog(on_error)
         for index in sorted(reasons):  # raises at the first one in "raise" mode
             where = self._image_location(index)
@@ -540,6 +541,10 @@ class DetectionDataset:
         for index in range(len(self.records)):
             try:
                 next(iterator)
+            except StopIteration:  # the stream ended early: the rest never decoded
+                failures.update({i: "TF: the stream ended before this image"
+                                 for i in range(index, len(self.records))})
+                break
             except tf.errors.OpError as e:
                 failures[index] = "TF: " + _short_tf_message(e.message)
         return failures
