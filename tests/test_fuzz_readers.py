@@ -356,6 +356,88 @@ def test_box_thinner_than_float32_is_degenerate(coco_dir):
     _coco_record_equal(ds.records[0], {"boxes": [[10, 10, 30, 30]], "annotation_ids": [10]})
 
 
+SEGMENTATIONS = st.one_of(
+    BAD_VALUES,
+    st.lists(st.lists(st.floats(-10, 100) | st.integers(-10, 100), max_size=10), max_size=3),
+    st.lists(st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=6, max_size=8),
+             min_size=1, max_size=2),
+    st.fixed_dictionaries({"counts": BAD_VALUES | st.text(max_size=8)
+                           | st.lists(st.integers(-3, 3100), max_size=6),
+                           "size": st.sampled_from([[48, 64], [64, 48], [48], "48x64", None])}),
+    st.just({"size": [48, 64]}))
+
+
+@FUZZ
+@given(key=st.sampled_from(["segmentation", "keypoints", "num_keypoints"]),
+       k=st.integers(0, 2), value=SEGMENTATIONS)
+def test_coco_masks_and_keypoints_corruptions(coco_dir, key, k, value):
+    """Segmentations and keypoints: reading and ``load_masks`` raise ValueError or work."""
+    data = json.loads(json.dumps(COCO_BASE))
+    data["categories"][0]["keypoints"] = ["left", "right"]
+    for ann in data["annotations"]:
+        x, y, w, h = ann["bbox"]
+        ann["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+        ann["keypoints"] = [x + 1, y + 1, 2, x + 2, y + 2, 1]
+        ann["num_keypoints"] = 2
+    data["annotations"][k][key] = value
+    path = coco_dir / "masks.json"
+    try:
+        path.write_text(json.dumps(data))
+    except ValueError:  # an int too long to print
+        assume(False)
+    try:
+        ds = _load_coco(path, coco_dir, include_masks=True, include_keypoints=True)
+    except ValueError as e:
+        _message_ok(str(e), "masks.json", [f"annotations[{k}]"])
+        return
+    _check_clean(ds, _coco_sizes, 2)
+    for i, r in enumerate(ds.records):
+        h, w = _coco_sizes(r)
+        assert r["keypoints"].shape == (len(r["boxes"]), 2, 3)
+        try:
+            masks = ds.load_masks(i)
+        except ValueError as e:
+            _message_ok(str(e), "masks.json", [f"annotation id {COCO_BASE['annotations'][k]['id']}"])
+            continue
+        assert masks.shape == (len(r["boxes"]), h, w) and masks.dtype == np.uint8
+
+
+def test_segmentations_that_crash_pycocotools_are_bad_masks(coco_dir, yolo_root):
+    """These passed the reader's check, then load_masks crashed the process (SIGSEGV)
+    inside pycocotools: int overflow of huge polygon coordinates, RLE runs adding up to
+    more than the image, garbage RLE strings."""
+    for k, segmentation in ((0, [[0, 0, 1e9, 0, 1e9, 1e9]]),
+                            (1, {"counts": [5000], "size": [48, 64]}),
+                            (1, {"counts": [10, -5, 3067], "size": [48, 64]}),
+                            (2, {"counts": "zzzz\u00ff", "size": [30, 40]}),
+                            (2, {"counts": "PPPP", "size": [30, 40]})):  # ends mid-number
+        data = json.loads(json.dumps(COCO_BASE))
+        for ann in data["annotations"]:
+            x, y, w, h = ann["bbox"]
+            ann["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+        data["annotations"][k]["segmentation"] = segmentation
+        path = coco_dir / "crash.json"
+        path.write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=rf"annotations\[{k}\]\): .*\[bad_mask\]"):
+            _load_coco(path, coco_dir, include_masks=True)
+    # a valid compressed RLE still decodes
+    from pycocotools import mask as mask_utils
+    full = np.zeros((30, 40), np.uint8)
+    full[5:20, 3:30] = 1
+    rle = mask_utils.encode(np.asfortranarray(full))
+    data["annotations"][2]["segmentation"] = {"counts": rle["counts"].decode(),
+                                              "size": [30, 40]}
+    path.write_text(json.dumps(data))
+    ds = _load_coco(path, coco_dir, include_masks=True)
+    np.testing.assert_array_equal(ds.load_masks(1)[0], full)
+    # YOLO polygon rows with include_masks
+    (yolo_root / "labels" / "a.txt").write_text("0 0 0 0.5 0 1e9 1e9\n")
+    with pytest.raises(ValueError, match=r"a\.txt: line 1: .*\[bad_mask\]"):
+        YOLODataset(images_dir=yolo_root / "images", class_names=["cat", "dog"],
+                    include_masks=True)
+    (yolo_root / "labels" / "a.txt").write_text("\n".join(YOLO_LINES["a"]) + "\n")
+
+
 # --------------------------------------------------------------------------- VOC
 VOC_XML = """<annotation>
   <folder>x</folder><filename>{stem}.png</filename>

@@ -32,6 +32,9 @@ def segmentation_to_mask(segmentation, height, width):
     """Decode a COCO segmentation (polygons, RLE or compressed RLE) to uint8 ``[H, W]``."""
     from pycocotools import mask as mask_utils
 
+    problem = _segmentation_problem(segmentation, height, width)
+    if problem:  # pycocotools would crash the process on some of these
+        raise ValueError(problem)
     if isinstance(segmentation, list):  # polygons: list of flat [x1, y1, x2, y2, ...]
         polygons = [p for p in segmentation if len(p) >= 6]
         if not polygons:
@@ -256,25 +259,57 @@ class COCODataset(DetectionDataset):
 
 
 def _segmentation_problem(segmentation, height, width):
-    """Why ``segmentation`` cannot be decoded (cheap structural check), or ``None``."""
+    """Why ``segmentation`` cannot be decoded, or ``None``.
+
+    pycocotools' C code trusts its input: polygon coordinates past ~4e8 overflow
+    an int and RLE counts that do not add up to ``height * width`` write past the
+    mask; both crash the process. So everything is checked here first.
+    """
     if isinstance(segmentation, list):
         polygons = [p for p in segmentation if isinstance(p, list)]
         if len(polygons) != len(segmentation) or not any(len(p) >= 6 for p in polygons):
             return "segmentation is not a list of polygons with 3 or more points"
-        if any(len(p) % 2 or not all(_is_number(v) and abs(v) < float("inf") for v in p)
+        # generous: a polygon may reach past the border, not millions of pixels past it
+        limit = 4 * max(height, width) + 1000
+        if any(len(p) % 2 or not all(_is_number(v) and abs(v) <= limit for v in p)
                for p in polygons):
-            return "polygon with an odd number of values or values that are not finite numbers"
+            return ("polygon with an odd number of values, non-numbers, or coordinates "
+                    f"beyond +-{limit} (4 x the image size + 1000)")
         return None
     if isinstance(segmentation, dict) and "counts" in segmentation:
         if segmentation.get("size") != [height, width]:
             return f"RLE size {segmentation.get('size')} differs from the image {height}x{width}"
         counts = segmentation["counts"]
-        if not (isinstance(counts, str) or isinstance(counts, list)
-                and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
-                        for c in counts)):
-            return "RLE counts are neither a string nor a list of non-negative integers"
+        if isinstance(counts, str):
+            counts = _rle_string_counts(counts)
+        elif not (isinstance(counts, list) and all(isinstance(c, int) and not isinstance(c, bool)
+                                                   for c in counts)):
+            counts = None
+        if counts is None or min(counts, default=0) < 0 or sum(counts) != height * width:
+            return (f"RLE counts do not decode to {height} x {width} = {height * width} pixels "
+                    "(neither a COCO RLE string nor a list of run lengths adding up to that)")
         return None
     return f"no usable segmentation ({type(segmentation).__name__})"
+
+
+def _rle_string_counts(text):
+    """Run lengths of a compressed COCO RLE string (pycocotools' rleFrString), or ``None``."""
+    counts, x, k = [], 0, 0
+    for char in text:
+        c = ord(char) - 48
+        if not 0 <= c < 64:  # outside the alphabet: the C code reads garbage
+            return None
+        x |= (c & 0x1F) << (5 * k)
+        k += 1
+        if c & 0x20:  # more 5-bit groups follow
+            continue
+        if c & 0x10:  # sign bit of the last group
+            x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+        x, k = 0, 0
+    return None if k else counts  # k: the string ended inside a number
 
 
 def _load_json(path):

@@ -21,7 +21,7 @@ import shutil
 
 import numpy as np
 
-from kdet.data.coco import segmentation_to_mask
+from kdet.data.coco import _segmentation_problem, segmentation_to_mask
 from kdet.data.dataset import (DEFAULT_MAX_PIXELS, CHECK_IMAGES, DetectionDataset,
                                read_image_header)
 from kdet.data.errors import ProblemLog, sanitize_boxes
@@ -208,6 +208,11 @@ def _parse_label_file(path, height, width, num_classes, num_kp, kp_dims, include
         if include_masks and polygon is None:
             log.error("bad_mask", where, "include_masks=True but the row is a box, not a polygon")
             continue
+        if include_masks:  # e.g. coordinates far outside would crash pycocotools
+            problem = _segmentation_problem([polygon.reshape(-1).tolist()], height, width)
+            if problem:
+                log.error("bad_mask", where, problem)
+                continue
         if num_kp:
             if kp is None:
                 kp = np.zeros((num_kp, 3))
