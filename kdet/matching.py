@@ -269,6 +269,16 @@ def _match_and_label(boxes, gt_boxes, gt_labels, matcher):
     return matches, ops.cast(labels, "int32"), matched_boxes
 
 
+def _best_gt_iou(boxes, gt_boxes, gt_labels):
+    """Each box's highest IoU with a valid (label >= 0) GT box, ``[B, A]``; 0 without GT."""
+    batch, num_gt, num_boxes = gt_boxes.shape[0], gt_boxes.shape[1], boxes.shape[-2]
+    if num_gt == 0:
+        return ops.zeros((batch, num_boxes), "float32")
+    quality = pairwise_iou(gt_boxes, boxes)  # [B, M, A]
+    quality = ops.where(_gt_valid(gt_labels)[..., None], quality, 0.0)
+    return ops.max(quality, axis=-2)
+
+
 def _encode_boxes(box_coder, matched_boxes, boxes, foreground):
     deltas = box_coder.encode(matched_boxes, boxes)
     return ops.where(foreground[..., None], deltas, ops.zeros_like(deltas))
@@ -338,7 +348,8 @@ def encode_rpn_targets(anchors, gt_boxes, gt_labels, sampler=None, matcher=None,
 
 
 def encode_roi_targets(proposals, gt_boxes, gt_labels, sampler=None, proposals_valid=None,
-                       matcher=None, box_coder=None, add_gt_as_proposals=True):
+                       matcher=None, box_coder=None, add_gt_as_proposals=True,
+                       bg_iou_low_threshold=0.0):
     """Second-stage (RoI head) targets: torchvision ``RoIHeads.select_training_samples``.
 
     Ground-truth boxes are appended to the proposals (``add_gt_as_proposals``),
@@ -353,6 +364,11 @@ def encode_roi_targets(proposals, gt_boxes, gt_labels, sampler=None, proposals_v
         gt_boxes ``[B, M, 4]``, gt_labels ``[B, M]`` (``-1`` padding).
         sampler: ``BalancedSampler``; ``None`` keeps every valid candidate.
         box_coder: default ``BoxCoder((10, 10, 5, 5))``.
+        bg_iou_low_threshold: background candidates must have a best IoU of at
+            least this (Fast R-CNN's ``bg_thresh_lo`` 0.1: background from
+            ``[0.1, 0.5)``); 0 (torchvision) takes every candidate below the
+            matcher's low threshold. With a positive value an image without
+            ground truth has no background candidates.
 
     Returns:
         dict with ``S = min(num_samples_per_image, P + M)`` rows per image
@@ -382,6 +398,9 @@ def encode_roi_targets(proposals, gt_boxes, gt_labels, sampler=None, proposals_v
     matches, labels, matched_boxes = _match_and_label(candidates, gt_boxes, gt_labels, matcher)
     positive = ops.logical_and(matches >= 0, candidates_valid)
     negative = ops.logical_and(matches == BELOW_LOW_THRESHOLD, candidates_valid)
+    if bg_iou_low_threshold > 0:
+        best_iou = _best_gt_iou(candidates, gt_boxes, gt_labels)
+        negative = ops.logical_and(negative, best_iou >= bg_iou_low_threshold)
     num_candidates = candidates.shape[1]
     if sampler is not None:
         positive, negative = sampler(positive, negative)

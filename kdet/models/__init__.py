@@ -7,6 +7,7 @@ _EXPORTS = {
     "EFFICIENTDET_CONFIGS": ".efficientdet",
     "RetinaNet": ".retinanet",
     "FasterRCNN": ".faster_rcnn", "MaskRCNN": ".mask_rcnn",
+    "FastRCNN": ".fast_rcnn", "RCNN": ".rcnn",
     "KeypointRCNN": ".keypoint_rcnn",
 }
 __all__ = sorted(_EXPORTS)
