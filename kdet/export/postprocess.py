@@ -245,8 +245,8 @@ def class_aware_nms(boxes, scores, labels, settings, runtime="tensorflow"):
     Returns ``(indices [D] int32 padded with -1, count)``, indices into the
     candidates in kdet's output order.
 
-    Two kinds of candidate bypass the kernel. Boxes that are empty, non-finite
-    or score too low are dropped first (:func:`candidate_mask`). A kept
+    Candidates with an empty or non-finite box or a score too low are dropped
+    first (:func:`candidate_mask`), as ``DetectionDecoder`` drops them. A valid
     candidate whose *class-shifted* box has zero float32 area (a box thinner
     than the float32 spacing at its class offset) has IoU 0 with everything in
     every kernel and in kdet: it is never suppressed and suppresses nothing.
@@ -269,7 +269,8 @@ def class_aware_nms(boxes, scores, labels, settings, runtime="tensorflow"):
     masked = tf.where(valid[:, None], boxes, tf.constant(-np.inf, tf.float32))
     top = tf.where(any_valid, tf.reduce_max(masked), tf.constant(0.0, tf.float32))
     shifted = boxes + tf.cast(labels, tf.float32)[:, None] * (top + 1.0)
-    # Invalid rows (NaN boxes) must not leak NaN into the kernel's input.
+    # Invalid rows (NaN boxes) get rank score -1 below, so no kernel selects
+    # them; zeroed here so that the kernel's input is finite where it can be.
     shifted = tf.where(valid[:, None], shifted, tf.zeros_like(shifted))
     # kdet's visiting order: score descending, lower index first on ties
     # (top_k is stable); the kernel gets strictly decreasing rank scores.
