@@ -33,6 +33,10 @@ try:  # reads the ImageNet backbone (.pth); must be imported before TensorFlow
 except ImportError:
     torch = None
 
+from kdet.tf_startup import import_tensorflow_quietly  # noqa: E402
+
+import_tensorflow_quietly()  # no C++ start-up noise unless TF_CPP_MIN_LOG_LEVEL is set
+
 import keras  # noqa: E402
 
 import kdet  # noqa: E402

@@ -14,7 +14,9 @@ can serve every command: keys another command does not read are ignored.
 The settings table lives in :mod:`kdet.workflow.config`; the work is done by
 :mod:`kdet.training` and :mod:`kdet.workflow` (importable, same names).
 
-The parser imports no TensorFlow/Keras: ``kdet --help`` is instant.
+The parser imports no TensorFlow/Keras: ``kdet --help`` is instant. TensorFlow's C++
+start-up lines are kept off the terminal unless ``TF_CPP_MIN_LOG_LEVEL`` is set
+(:mod:`kdet.tf_startup`; ``TF_CPP_MIN_LOG_LEVEL=0`` shows them all).
 """
 import argparse
 import json
@@ -75,6 +77,10 @@ EXAMPLES = {
   kdet datasets inspect --format voc --train-data bad/          # problems are counted, not fatal
   kdet datasets inspect --format yolo --train-data data.yaml --split val --json""",
 }
+
+
+# commands that load TensorFlow (datasets inspect reads annotations only)
+TENSORFLOW_COMMANDS = ("train", "eval", "predict", "export", "bench", "convert")
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -209,6 +215,11 @@ def main(argv=None):
     except ValueError as error:  # a config file that does not parse
         print(f"kdet: error: {error}", file=sys.stderr)
         return 2
+    if command in TENSORFLOW_COMMANDS:
+        # before any TensorFlow import: its C++ start-up lines stay off the terminal
+        # unless TF_CPP_MIN_LOG_LEVEL is set
+        from kdet.tf_startup import import_tensorflow_quietly
+        import_tensorflow_quietly()
     try:
         run(command, settings, config_path)
     except ValueError as error:

@@ -630,3 +630,122 @@ def test_end_to_end_train_eval_predict(trained_run, tmp_path, capsys):
     with Image.open(tmp_path / "drawn" / "val0.png") as drawn:
         assert drawn.size == (128, 128)
         assert np.any(np.asarray(drawn.convert("RGB")) != val.load_image(0))
+
+
+# ---- TensorFlow's start-up noise (issue #10 item 9) ---------------------------------------------
+_TF_NOISE = ("oneDNN custom operations", "Unable to register", "absl::InitializeLog", "cuInit",
+             "cuda", "cpu_feature_guard", "rebuild TensorFlow")
+
+
+def _env_without_tf_log_level():
+    import os
+    env = dict(os.environ)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    return env
+
+
+def _noise_lines(stderr):
+    """C++ log lines (absl's ``I0000 ...`` or TF's dated format) or any line naming the usual
+    start-up topics."""
+    import re
+    log_line = re.compile(r"[IWE]\d{4} \d\d:|\d{4}-\d\d-\d\d [\d:.]+: [IWE] ")
+    return [line for line in stderr.splitlines()
+            if log_line.match(line) or any(word.lower() in line.lower() for word in _TF_NOISE)]
+
+
+def test_tensorflow_commands_print_no_tensorflow_startup_noise(tmp_path):
+    """A command that loads TensorFlow (and queries its devices) prints only its own message."""
+    result = subprocess.run(
+        [sys.executable, "-m", "kdet.cli", "eval", "--model", str(tmp_path / "missing.keras")],
+        capture_output=True, text=True, timeout=300, env=_env_without_tf_log_level(),
+        cwd=str(tmp_path))
+    assert result.returncode == 2
+    assert _noise_lines(result.stderr) == [], result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"kdet eval: error: --model {tmp_path / 'missing.keras'}: file not found"]
+
+
+def test_startup_noise_filter_keeps_what_is_not_tensorflow_logging():
+    from kdet.tf_startup import is_startup_noise
+
+    noise = [
+        "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+        "I0000 00:00:1796429631.968800    7222 port.cc:153] oneDNN custom operations are on.",
+        "E0000 00:00:1796429634.912867    7222 cuda_platform.cc:52] failed call to cuInit: X",
+        "W0000 00:00:1796429634.912867    7222 x.cc:1] anything",
+        "2024-05-01 10:00:00.123456: E external/local_xla/xla/stream_executor/cuda/"
+        "cuda_fft.cc:467] Unable to register cuFFT factory",
+        "To enable the following instructions: AVX2 FMA, in other operations, rebuild "
+        "TensorFlow with the appropriate compiler flags.",
+    ]
+    kept = [
+        "F0000 00:00:1796429634.912867    7222 x.cc:1] Check failed: fatal stays visible",
+        "Traceback (most recent call last):",
+        "/a/b.py:3: UserWarning: something a user should read",
+        "I0000 but not a log line",
+    ]
+    assert [is_startup_noise(line) for line in noise] == [True] * len(noise)
+    assert [is_startup_noise(line) for line in kept] == [False] * len(kept)
+
+
+def test_an_existing_tf_log_level_is_respected():
+    """TF_CPP_MIN_LOG_LEVEL set by the user: left as it is and nothing captured (the helper
+    does not even import TensorFlow)."""
+    code = ("import os, sys; from kdet.tf_startup import import_tensorflow_quietly; "
+            "import_tensorflow_quietly(); "
+            "print(os.environ['TF_CPP_MIN_LOG_LEVEL'], 'tensorflow' in sys.modules)")
+    env = dict(_env_without_tf_log_level(), TF_CPP_MIN_LOG_LEVEL="0")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "False"]
+
+
+@pytest.mark.slow
+def test_tf_log_level_zero_shows_tensorflow_startup_lines(tmp_path):
+    """The same command with TF_CPP_MIN_LOG_LEVEL=0 prints what plain TensorFlow prints."""
+    env = dict(_env_without_tf_log_level(), TF_CPP_MIN_LOG_LEVEL="0")
+    plain = subprocess.run([sys.executable, "-c", "import tensorflow"], capture_output=True,
+                           text=True, timeout=300, env=env)
+    if not _noise_lines(plain.stderr):
+        pytest.skip("this TensorFlow prints nothing at import")
+    result = subprocess.run(
+        [sys.executable, "-m", "kdet.cli", "eval", "--model", str(tmp_path / "missing.keras")],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert _noise_lines(result.stderr), result.stderr
+
+
+def test_quickstart_quiets_tensorflow_before_importing_it():
+    """examples/quickstart.py calls import_tensorflow_quietly after torch (which must come
+    first) and before anything imports Keras/TensorFlow."""
+    import ast
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+    tree = ast.parse(path.read_text())
+    order = []
+    for node in tree.body:
+        if isinstance(node, ast.Try):
+            node = node.body[0]
+        if isinstance(node, ast.Import):
+            order += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            order.append(node.module)
+        elif (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
+              and getattr(node.value.func, "id", None) == "import_tensorflow_quietly"):
+            order.append("<quiet>")
+    assert "<quiet>" in order
+    quiet = order.index("<quiet>")
+    assert order.index("torch") < quiet < order.index("keras")
+    assert not [m for m in order[:quiet] if m.split(".")[0] in ("keras", "tensorflow", "_common")]
+
+
+@pytest.mark.slow
+def test_quickstart_prints_no_tensorflow_startup_noise():
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+    result = subprocess.run([sys.executable, str(path), "--help"], capture_output=True,
+                            text=True, timeout=300, env=_env_without_tf_log_level())
+    assert result.returncode == 0, result.stderr
+    assert _noise_lines(result.stderr) == [], result.stderr
