@@ -397,7 +397,8 @@ def test_coco_masks_and_keypoints_corruptions(coco_dir, key, k, value):
         try:
             masks = ds.load_masks(i)
         except ValueError as e:
-            _message_ok(str(e), "masks.json", [f"annotation id {COCO_BASE['annotations'][k]['id']}"])
+            ann_id = COCO_BASE["annotations"][k]["id"]
+            _message_ok(str(e), "masks.json", [f"annotation id {ann_id}"])
             continue
         assert masks.shape == (len(r["boxes"]), h, w) and masks.dtype == np.uint8
 
@@ -927,3 +928,58 @@ def test_huge_finite_boxes_match_pycocotools_without_warnings():
         stats = ev.evaluate()
     values = np.array([v for k, v in stats.items() if k != "per_class_AP"], np.float64)
     np.testing.assert_allclose(values[:12], _pycocotools_stats(dets), atol=1e-12)
+
+
+@FUZZ
+@given(k=st.integers(0, 3), value=SEGMENTATIONS, in_ground_truth=st.booleans())
+def test_segm_evaluator_corruptions(k, value, in_ground_truth):
+    """iou_type='segm': a bad segmentation in the ground truth or a detection is a
+    ValueError naming the record (pycocotools' C code crashed on some), else no NaN."""
+    gt = json.loads(json.dumps(EVAL_GT))
+    for ann in gt["annotations"]:
+        x, y, w, h = ann["bbox"]
+        ann["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+    dets = []
+    for d in EVAL_DETS:
+        x, y, w, h = d["bbox"]
+        dets.append({"image_id": d["image_id"], "category_id": d["category_id"],
+                     "score": d["score"],
+                     "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
+    if in_ground_truth:
+        k = min(k, 2)
+        gt["annotations"][k]["segmentation"] = value
+        token = f"annotations[{k}]"
+    else:
+        dets[k]["segmentation"] = value
+        token = f"detection #{k}"
+    try:
+        ev = COCOEvaluator(gt, iou_type="segm")
+        ev.add_detections(dets)
+        stats = ev.evaluate()
+    except ValueError as e:
+        _message_ok(str(e), token, [])
+        return
+    values = np.array([v for key, v in stats.items() if key != "per_class_AP"], np.float64)
+    assert not np.isnan(values).any(), stats
+
+
+@pytest.mark.parametrize("segmentation, problem", [
+    ({"counts": [5000], "size": [48, 64]}, "RLE counts do not decode"),  # was AP 0, no error
+    ({"counts": "PPPP", "size": [48, 64]}, "RLE counts do not decode"),
+    ([[0, 0, 1e9, 0, 1e9, 1e9]], "not a list of numbers within"),  # was SIGSEGV
+])
+def test_segm_evaluator_rejects_what_crashes_pycocotools(segmentation, problem):
+    gt = json.loads(json.dumps(EVAL_GT))
+    for ann in gt["annotations"]:
+        x, y, w, h = ann["bbox"]
+        ann["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+    ev = COCOEvaluator(gt, iou_type="segm")
+    with pytest.raises(ValueError, match=rf"detection #0 \(image_id=1.*{problem}"):
+        ev.add_detections([{"image_id": 1, "category_id": 3, "score": 0.5,
+                            "segmentation": segmentation}])
+    gt["annotations"][1]["segmentation"] = segmentation
+    ev = COCOEvaluator(gt, iou_type="segm")
+    ev.add_detections([{"image_id": 1, "category_id": 7, "score": 0.5,
+                        "segmentation": [[30, 5, 40, 5, 40, 35, 30, 35]]}])
+    with pytest.raises(ValueError, match=rf"annotations\[1\] \(id=2\).*{problem}"):
+        ev.evaluate()

@@ -281,7 +281,7 @@ def _segmentation_problem(segmentation, height, width):
             return f"RLE size {segmentation.get('size')} differs from the image {height}x{width}"
         counts = segmentation["counts"]
         if isinstance(counts, str):
-            counts = _rle_string_counts(counts)
+            counts = rle_string_counts(counts)
         elif not (isinstance(counts, list) and all(isinstance(c, int) and not isinstance(c, bool)
                                                    for c in counts)):
             counts = None
@@ -292,7 +292,7 @@ def _segmentation_problem(segmentation, height, width):
     return f"no usable segmentation ({type(segmentation).__name__})"
 
 
-def _rle_string_counts(text):
+def rle_string_counts(text):
     """Run lengths of a compressed COCO RLE string (pycocotools' rleFrString), or ``None``."""
     counts, x, k = [], 0, 0
     for char in text:

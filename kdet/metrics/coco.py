@@ -180,6 +180,9 @@ def _check_boxes(boxes, what, valid=None):
 def _to_rle(segmentation, height, width, what):
     """COCO.annToRLE: polygons and uncompressed RLE -> compressed RLE of ``height x width``."""
     mask_api = _mask_api()
+    problem = _segmentation_crash(segmentation, height, width)
+    if problem:
+        raise ValueError(f"{what}: bad segmentation: {problem}")
     try:
         if isinstance(segmentation, list):
             rle = mask_api.merge(mask_api.frPyObjects(segmentation, height, width))
@@ -193,12 +196,43 @@ def _to_rle(segmentation, height, width, what):
         size = [int(s) for s in rle["size"]]
     except ValueError as err:
         raise ValueError(f"{what}: bad segmentation: {err}") from err
-    except (TypeError, KeyError, IndexError) as err:
+    except Exception as err:  # pycocotools also raises bare Exception('input type ...')
         raise ValueError(f"{what}: bad segmentation ({type(err).__name__}: {err})") from err
     if size != [height, width]:
         raise ValueError(f"{what}: segmentation size {size} differs from the image size "
                          f"[{height}, {width}]")
     return rle
+
+
+def _segmentation_crash(segmentation, height, width):
+    """Input pycocotools' C code would crash on (SIGSEGV, not an exception), or ``None``.
+
+    Polygon coordinates past ~4e8 overflow an int; RLE runs that do not add up to
+    ``height * width`` write past the mask. Anything else goes to pycocotools as is
+    (its own reading of odd input, e.g. 4-value "polygons" as boxes, is kept).
+    """
+    from kdet.data.coco import rle_string_counts
+
+    if isinstance(segmentation, list):
+        limit = 4 * max(height, width) + 1000
+        for polygon in segmentation:
+            if not (isinstance(polygon, (list, tuple)) and all(
+                    _is_number(v) and abs(v) <= limit for v in polygon)):
+                return (f"polygon {_show(polygon)} is not a list of numbers within +-{limit} "
+                        "(4 x the image size + 1000)")
+        return None
+    if isinstance(segmentation, dict) and "counts" in segmentation:
+        counts = segmentation["counts"]
+        if isinstance(counts, bytes):
+            counts = counts.decode("latin-1")
+        if isinstance(counts, str):
+            counts = rle_string_counts(counts)
+        elif not (isinstance(counts, list) and all(
+                isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in counts)):
+            counts = None
+        if counts is None or min(counts, default=0) < 0 or sum(counts) != height * width:
+            return (f"RLE counts do not decode to {height} x {width} = {height * width} pixels")
+    return None
 
 
 class _GroundTruth:
