@@ -296,3 +296,23 @@ def test_every_format_returns_predicts_whole_padded_output(exported):
             atol = 1e-4 if fmt == "tflite_postprocess" else 1e-5
             assert_whole_output_equal(got, ref, f"{name} seed {seed} {fmt}", box_atol=atol,
                                       score_atol=1e-6)
+
+
+def test_nonempty_box_mask_is_remove_small_boxes_for_finite_boxes():
+    """kdet.boxes.nonempty_box_mask = torchvision's remove_small_boxes with any positive size,
+    plus non-finite boxes dropped (torchvision keeps an infinitely wide box)."""
+    torchvision = pytest.importorskip("torchvision")
+    import torch
+
+    from kdet.boxes import nonempty_box_mask
+
+    rng = np.random.default_rng(0)
+    x1y1 = rng.integers(0, 5, (400, 2)).astype(np.float32)
+    boxes = np.concatenate([x1y1, x1y1 + rng.integers(-1, 3, (400, 2))], 1).astype(np.float32)
+    boxes[::7, 2] = boxes[::7, 0] + np.float32(1e-6)  # thin but not empty
+    keep = torchvision.ops.remove_small_boxes(torch.from_numpy(boxes), min_size=1e-45).numpy()
+    mask = keras.ops.convert_to_numpy(nonempty_box_mask(boxes))
+    np.testing.assert_array_equal(np.flatnonzero(mask), keep)
+    odd = np.array([[0, 0, np.inf, 1], [np.nan, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 5]], np.float32)
+    assert keras.ops.convert_to_numpy(nonempty_box_mask(odd)).tolist() == [False, False, True,
+                                                                            False]
