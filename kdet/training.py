@@ -32,11 +32,11 @@ and augmentation as an uninterrupted run (epoch-indexed pipeline, see
 :mod:`kdet.workflow.data`).
 """
 import dataclasses
-import inspect
 import os
 import shutil
 
 from kdet.workflow.config import resolve
+from kdet.workflow.models import make_optimizer  # noqa: F401 (kdet.training.make_optimizer)
 
 BEST = "best.keras"
 LAST = "last.keras"
@@ -131,36 +131,6 @@ def default_callbacks(model, output_dir, *, val_dataset=None, val_batches=None, 
 def _tensorboard_installed():
     import importlib.util
     return importlib.util.find_spec("tensorboard") is not None
-
-
-def make_optimizer(model, settings, total_steps):
-    """The model's recipe (``default_optimizer``) with the settings' overrides."""
-    import keras
-
-    overrides = {}
-    if settings.get("learning_rate") is not None:
-        overrides["learning_rate"] = settings["learning_rate"]
-    if settings.get("warmup_steps") is not None:
-        overrides["warmup_steps"] = settings["warmup_steps"]
-    factory = getattr(model, "default_optimizer", None)
-    if factory is None:
-        optimizer = keras.optimizers.SGD(learning_rate=overrides.get("learning_rate", 0.01),
-                                         momentum=0.9)
-    else:
-        accepted = inspect.signature(factory).parameters
-        unknown = [k for k in overrides if k not in accepted]
-        if unknown:
-            raise ValueError(f"{type(model).__name__}.default_optimizer takes no {unknown}")
-        optimizer = factory(steps=total_steps, **overrides)
-    ema = settings.get("ema", "auto")
-    if ema != "auto":
-        optimizer.use_ema = bool(ema)
-    if settings.get("ema_momentum") is not None:
-        momentum = float(settings["ema_momentum"])
-        if not 0 <= momentum < 1:
-            raise ValueError(f"ema_momentum must lie in [0, 1), got {momentum}")
-        optimizer.ema_momentum = momentum
-    return optimizer
 
 
 def _write_labels(path, names):

@@ -749,3 +749,18 @@ def test_quickstart_prints_no_tensorflow_startup_noise():
                             text=True, timeout=300, env=_env_without_tf_log_level())
     assert result.returncode == 0, result.stderr
     assert _noise_lines(result.stderr) == [], result.stderr
+
+
+# ---- packaging: what kdet eval needs is installed by the README's install line ------------------
+def test_matplotlib_is_a_core_dependency_for_eval_plots():
+    """``pip install -e ".[jax,export]"`` (README) must bring matplotlib: kdet eval plots."""
+    import pathlib
+    import re
+    import tomllib
+
+    pyproject = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
+    project = tomllib.loads(pyproject.read_text())["project"]
+    names = {re.split(r"[<>=!~;\[ ]", spec, maxsplit=1)[0].lower(): spec
+             for spec in project["dependencies"]}
+    assert "matplotlib" in names
+    assert "<" not in names["matplotlib"] and "==" not in names["matplotlib"]  # lower bound only

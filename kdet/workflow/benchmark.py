@@ -39,10 +39,9 @@ def benchmark(config, *, model=None, config_path="config"):
     """Measure as ``kdet bench`` does; returns a dict of the figures (also printed)."""
     import keras
 
-    from kdet.training import make_optimizer
     from kdet.workflow.config import MODEL_NAMES
     from kdet.workflow.models import (build_model, is_saved_model_file, load_model,
-                                      model_image_size, resolve_jit_compile)
+                                      make_optimizer, model_image_size, resolve_jit_compile)
 
     settings = resolve("bench", file_config=config, config_path=config_path)
     if model is None and settings["model"] in MODEL_NAMES:

