@@ -323,3 +323,38 @@ def test_workflow_max_boxes_from_the_data_and_training_log(shared_data, caplog):
     assert warnings == [f"{train.source}: {dropped} object(s) in {images} image(s) lie beyond "
                         f"max_boxes=5 and are dropped (most objects in one image: {counts.max()}; "
                         f"pass max_boxes={counts.max()}, or None, to keep them)"]
+
+
+def test_torchvision_resize_rule(shared_data):
+    """min_size/max_size: torchvision's rule (sizes from kdet.models.detector's
+    torchvision_resized_size, itself checked against GeneralizedRCNNTransform), padded
+    into the square; scaled down here (128 / 213 into 224) to stay fast."""
+    from kdet.models.detector import torchvision_resized_size
+    coco = COCODataset(shared_data / "coco128/annotations/instances_train2017.json",
+                       shared_data / "coco128/train2017").subset(range(4))
+    size, min_size, max_size = 224, 128, 213
+    examples = _examples(build_pipeline(coco, size, 4, training=False, keep_crowd=True,
+                                        min_size=min_size, max_size=max_size))
+    shapes = set()
+    for index, ex in enumerate(examples):
+        ref = coco[index]
+        h, w = ref["original_size"]
+        scale = min(min_size / min(h, w), max_size / max(h, w))
+        assert ex["scale"] == pytest.approx(scale, rel=1e-6)
+        nh, nw = torchvision_resized_size(h, w, min_size, max_size)
+        shapes.add((nh, nw))
+        np.testing.assert_allclose(ex["image"][:nh, :nw], _bilinear(ref["image"], nh, nw),
+                                   atol=0.05)
+        assert (ex["image"][nh:] == 0).all() and (ex["image"][:, nw:] == 0).all()
+        assert ex["image"][nh - 1, nw - 1].any()  # the content reaches the floored size
+        n = len(ref["labels"])
+        np.testing.assert_allclose(ex["boxes"][:n], np.minimum(ref["boxes"] * scale,
+                                                               [nw, nh, nw, nh]), atol=2e-3)
+    assert len(shapes) > 1  # landscape and portrait images
+
+
+def test_torchvision_resize_rule_too_large_is_an_error(shapes):
+    import tensorflow as tf
+    ds = build_pipeline(shapes, 64, 2, training=False, min_size=96, max_size=200)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="larger than image_size=64"):
+        next(iter(ds))

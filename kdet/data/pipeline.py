@@ -79,7 +79,7 @@ def flip_horizontal(image, objects, keypoint_flip_map=None):
 
 
 def scale_and_crop(image, objects, output_size, scale, offset_y=0, offset_x=0,
-                   mask_size=None):
+                   mask_size=None, size_rounding="round"):
     """Resize by ``scale``, crop an ``S x S`` window at the offset, pad top-left.
 
     Points map as ``p * scale - (offset_x, offset_y)``. Returns ``(image float32
@@ -87,15 +87,18 @@ def scale_and_crop(image, objects, output_size, scale, offset_y=0, offset_x=0,
     removal, when empty, is :func:`remove_empty_boxes`'s job), masks are
     resized nearest-neighbour to ``[N, S, S]`` (then to ``mask_size``), and
     keypoints outside the visible image get visibility 0 and coordinates 0.
+    ``size_rounding="floor"`` sizes the resized image ``floor(side * scale)``
+    as torchvision's ``F.interpolate(scale_factor=...)`` does.
     """
     import tensorflow as tf
 
     size = output_size
+    round_size = tf.floor if size_rounding == "floor" else tf.round
     shape = tf.shape(image)
     h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
     scale = tf.cast(scale, tf.float32)
-    new_h = tf.maximum(tf.cast(tf.round(h * scale), tf.int32), 1)
-    new_w = tf.maximum(tf.cast(tf.round(w * scale), tf.int32), 1)
+    new_h = tf.maximum(tf.cast(round_size(h * scale), tf.int32), 1)
+    new_w = tf.maximum(tf.cast(round_size(w * scale), tf.int32), 1)
     oy, ox = tf.cast(offset_y, tf.int32), tf.cast(offset_x, tf.int32)
 
     def crop_pad(x):
@@ -139,6 +142,23 @@ def eval_scale(height, width, output_size):
 
     h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
     return float(output_size) / tf.maximum(h, w)
+
+
+def torchvision_scale(height, width, output_size, min_size=800, max_size=1333):
+    """torchvision ``GeneralizedRCNNTransform``'s resize factor, ``min(min_size / short
+    side, max_size / long side)``; the resized image must fit the ``S x S`` output
+    (e.g. ``S = 1344`` for 800 / 1333), else the map fails naming the sizes."""
+    import tensorflow as tf
+
+    h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    scale = tf.minimum(float(min_size) / tf.minimum(h, w), float(max_size) / tf.maximum(h, w))
+    longest = tf.floor(tf.maximum(h, w) * scale)
+    check = tf.debugging.assert_less_equal(
+        longest, float(output_size),
+        message=f"build_pipeline: the torchvision resize rule (min_size={min_size}, "
+                f"max_size={max_size}) makes an image larger than image_size={output_size}")
+    with tf.control_dependencies([check]):
+        return tf.identity(scale)
 
 
 def random_scale_crop_params(height, width, output_size, scale_range, seed):
@@ -234,7 +254,8 @@ def build_pipeline(dataset, image_size, batch_size, training, max_boxes=100,
                    augment=AUGMENTATIONS, seed=None, deterministic=False,
                    bounding_box_format="xyxy", scale_range=(0.1, 2.0), keypoint_flip_map=None,
                    include_masks=None, mask_size=None, keep_crowd=False, shuffle=None,
-                   shuffle_buffer=2048, drop_remainder=None, repeat=False, check_pixels=True):
+                   shuffle_buffer=2048, drop_remainder=None, repeat=False, check_pixels=True,
+                   min_size=None, max_size=1333):
     """Batches of ``(images, targets)`` for ``model.fit`` (see the module docstring).
 
     Args:
@@ -270,6 +291,13 @@ def build_pipeline(dataset, image_size, batch_size, training, max_boxes=100,
             dataset), so a file that does not decode is skipped and counted,
             or raises a ``ValueError`` naming it, per the dataset's
             ``on_error``, instead of stopping ``fit`` mid-epoch.
+        min_size, max_size: with ``min_size`` (e.g. 800), images are resized by
+            torchvision's rule instead of to a long side of ``S`` (short side
+            ``min_size``, long side at most ``max_size``, sizes floored as
+            torchvision does) and padded bottom/right into the ``S x S`` output,
+            which must hold them (``S = 1344`` for 800 / 1333): COCO-style
+            training and evaluation at the reference resolution. Scale jitter,
+            when in ``augment``, replaces it in training.
     """
     import tensorflow as tf
 
@@ -341,9 +369,14 @@ def build_pipeline(dataset, image_size, batch_size, training, max_boxes=100,
         if "scale_jitter" in augment:
             scale, oy, ox = random_scale_crop_params(shape[0], shape[1], size, scale_range,
                                                      seeds[1])
+        elif min_size is not None:
+            scale, oy, ox = torchvision_scale(shape[0], shape[1], size, min_size, max_size), 0, 0
         else:
             scale, oy, ox = eval_scale(shape[0], shape[1], size), 0, 0
-        image, objects = scale_and_crop(image, objects, size, scale, oy, ox, mask_size)
+        image, objects = scale_and_crop(
+            image, objects, size, scale, oy, ox, mask_size,
+            size_rounding="floor" if min_size is not None and "scale_jitter" not in augment
+            else "round")
         objects = pad_objects(remove_empty_boxes(objects), max_boxes)
         targets = {"boxes": convert_boxes(objects["boxes"], bounding_box_format, size),
                    "labels": objects["labels"],
