@@ -347,7 +347,7 @@ def test_import_layers_hold():
 
 # Where TensorFlow and JAX may be imported (docs/architecture.md, "Backends").
 TENSORFLOW_PACKAGES = ("kdet.data", "kdet.export", "kdet.workflow", "kdet.training")
-TENSORFLOW_MODULES = ("kdet.converters.automl", "kdet.ops.nms")
+TENSORFLOW_MODULES = ("kdet.converters.automl", "kdet.ops.nms", "kdet.tf_startup")
 JAX_MODULES = ("kdet.ops.nms",)
 
 
