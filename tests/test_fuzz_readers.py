@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 
 import numpy as np
@@ -983,3 +984,58 @@ def test_segm_evaluator_rejects_what_crashes_pycocotools(segmentation, problem):
                         "segmentation": [[30, 5, 40, 5, 40, 35, 30, 35]]}])
     with pytest.raises(ValueError, match=rf"annotations\[1\] \(id=2\).*{problem}"):
         ev.evaluate()
+
+
+YAML_BASE = {"path": ".", "train": "images", "names": ["cat", "dog"], "nc": 2}
+
+
+@FUZZ
+@given(data=st.data())
+def test_yolo_data_yaml_corruptions(yolo_root, data):
+    """data.yaml: a ValueError naming the yaml, or a dataset with string class names."""
+    import yaml
+
+    spec = dict(YAML_BASE)
+    key = data.draw(st.sampled_from(["path", "train", "names", "nc", "kpt_shape", "flip_idx",
+                                     "bytes"]))
+    if key == "bytes":
+        text = _corrupt_bytes(data.draw, yaml.safe_dump(spec).encode())
+    else:
+        spec[key] = data.draw(BAD_VALUES | st.lists(st.text(max_size=3), max_size=3)
+                              | st.dictionaries(st.integers(-1, 3) | st.text(max_size=2),
+                                                st.text(max_size=3), max_size=3))
+        try:
+            text = yaml.safe_dump(spec).encode()
+        except ValueError:  # an int too long to print
+            assume(False)
+    path = yolo_root / "data.yaml"
+    path.write_bytes(text)
+    for name in ("a", "b"):
+        (yolo_root / "labels" / f"{name}.txt").write_text("\n".join(YOLO_LINES[name]) + "\n")
+    try:
+        ds = YOLODataset(path, on_error="skip")
+    except ValueError as e:
+        assert str(path) in str(e), str(e)
+        return
+    assert all(isinstance(n, str) for n in ds.class_names)
+    _check_clean(ds, _yolo_sizes, len(ds.class_names))
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("names", {0: "cat", "x": "dog"}, "names ids"),  # sorted() raised TypeError
+    ("names", None, "'names' must be"),  # len(None) raised TypeError
+    ("names", "catdog", "'names' must be"),  # read as 6 one-letter classes
+    ("nc", "two", "nc='two'"),  # int('two') raised without the file
+    ("path", 1, "'path' must be"),  # os.path.join raised TypeError
+    ("train", "nowhere", "'train' entry"),  # the message named the folder, not the yaml
+    ("kpt_shape", [2], "kpt_shape"),  # kpt_shape[1] raised IndexError
+    ("kpt_shape", "17x3", "kpt_shape"),  # read as kpt_shape [1, 7]
+])
+def test_yolo_data_yaml_bugs_found_by_fuzzing(yolo_root, key, value, problem):
+    import yaml
+
+    spec = dict(YAML_BASE, **{key: value})
+    path = yolo_root / "data.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match=f"data.yaml: .*{re.escape(problem)}"):
+        YOLODataset(path)

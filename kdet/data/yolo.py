@@ -48,24 +48,45 @@ def load_data_yaml(path):
     import yaml
 
     try:
-        with open(path) as f:
+        with open(path, "rb") as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
         raise ValueError(f"{path}: data.yaml not found") from None
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, OSError, ValueError, RecursionError) as e:
         raise ValueError(f"{path}: malformed YAML ({e})") from None
     if not isinstance(data, dict) or "names" not in data:
         raise ValueError(f"{path}: no 'names' entry")
     names = data["names"]
     if isinstance(names, dict):
-        if sorted(names) != list(range(len(names))):
-            raise ValueError(f"{path}: names ids must be 0..{len(names) - 1}, got {sorted(names)}")
+        ids = list(names)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids) \
+                or sorted(ids) != list(range(len(ids))):
+            raise ValueError(f"{path}: names ids must be 0..{len(ids) - 1}, got {ids}")
         names = [names[i] for i in range(len(names))]
-    if "nc" in data and int(data["nc"]) != len(names):
-        raise ValueError(f"{path}: nc={data['nc']} but {len(names)} names")
+    if not isinstance(names, list) or not all(
+            isinstance(n, (str, int, float)) and not isinstance(n, bool) for n in names):
+        raise ValueError(f"{path}: 'names' must be a list of class names or a dict "
+                         f"{{id: name}}, got {names!r}")
+    nc = data.get("nc", len(names))
+    if isinstance(nc, bool) or not isinstance(nc, int) or nc != len(names):
+        raise ValueError(f"{path}: nc={nc!r} but {len(names)} names")
     data["names"] = [str(n) for n in names]
     root = data.get("path") or "."
+    if not isinstance(root, str):
+        raise ValueError(f"{path}: 'path' must be a folder name, got {root!r}")
     data["path"] = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), root))
+    kpt_shape, flip_idx = data.get("kpt_shape"), data.get("flip_idx")
+    if kpt_shape is not None:
+        if not (isinstance(kpt_shape, list) and len(kpt_shape) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in kpt_shape)
+                and kpt_shape[0] > 0 and kpt_shape[1] in (2, 3)):
+            raise ValueError(f"{path}: kpt_shape must be [K, 2 or 3], got {kpt_shape!r}")
+        if flip_idx is not None and not (
+                isinstance(flip_idx, list)
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in flip_idx)
+                and sorted(flip_idx) == list(range(kpt_shape[0]))):
+            raise ValueError(f"{path}: flip_idx must be a permutation of 0..{kpt_shape[0] - 1}, "
+                             f"got {flip_idx!r}")
     return data
 
 
@@ -112,7 +133,10 @@ class YOLODataset(DetectionDataset):
             data = load_data_yaml(data_yaml)
             if not data.get(split):
                 raise ValueError(f"{data_yaml}: no {split!r} entry")
-            images = _list_images(data[split], data["path"])
+            try:
+                images = _list_images(data[split], data["path"])
+            except ValueError as e:
+                raise ValueError(f"{data_yaml}: {split!r} entry: {e}") from None
             class_names = class_names or data["names"]
             kpt_shape, flip_idx = data.get("kpt_shape"), data.get("flip_idx")
             source = str(data_yaml)
