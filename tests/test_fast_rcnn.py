@@ -182,36 +182,56 @@ def check_padding(out, i):
     assert np.all(out["boxes"][i, n:] == 0)
 
 
-def check_fit_predict_roundtrip(model, rng, tmp_path, name):
-    """fit on a tf.data dataset of dicts, predict's padded dict, .keras round trip."""
+def tiny_backbone(size, level):
+    """Two strided convs to stride ``2**level`` returning ``{"C<level>": ...}``: the training
+    graph of a real backbone takes ~30 s to trace on two CPU cores."""
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2 ** (level // 2), padding="same",
+                            activation="relu")(inputs)
+    x = keras.layers.Conv2D(16, 3, strides=2 ** (level - level // 2), padding="same",
+                            use_bias=False)(x)  # a bias before BN gets no gradient
+    x = keras.layers.BatchNormalization()(x)
+    return keras.Model(inputs, {f"C{level}": keras.layers.ReLU()(x)})
+
+
+def check_fit(model, rng):
+    """fit on a tf.data dataset of dicts (an image without GT, a smaller last batch)."""
     import tensorflow as tf
 
     images, proposals, y = random_batch(rng, model.image_size[0], model.num_proposals)
     dataset = tf.data.Dataset.from_tensor_slices(
-        ({"images": images, "proposals": proposals}, y)).repeat(2).batch(2)
-    model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9))
+        ({"images": images, "proposals": proposals}, y)).repeat(2).batch(3)
+    model.compile(optimizer=keras.optimizers.SGD(1e-2, momentum=0.9))
+    before = [np.array(w) for w in model.trainable_weights]
     history = model.fit(dataset, epochs=1, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
+    changed = [not np.allclose(a, np.array(w)) for a, w in zip(before, model.trainable_weights)]
+    unchanged = [w.path for w, c in zip(model.trainable_weights, changed) if not c]
+    assert not unchanged, f"weights without a gradient: {unchanged}"
 
-    x = {"images": images, "proposals": proposals}
-    before = model.predict(x, batch_size=2, verbose=0)
+
+def check_predict_and_roundtrip(model, rng, tmp_path, name):
+    """predict's padded dict (also on all-padding proposals) and the .keras round trip."""
+    images, proposals, _ = random_batch(rng, model.image_size[0], model.num_proposals)
+    x = {"images": np.concatenate([images, images[:1]]),
+         "proposals": np.concatenate([proposals, np.zeros_like(proposals[:1])])}
+    before = model.predict(x, batch_size=3, verbose=0)
     assert set(before) == {"boxes", "scores", "labels", "num_detections"}
     d = model.heads.detections_per_image
-    assert before["boxes"].shape == (2, d, 4) and before["labels"].shape == (2, d)
-    for i in range(2):
+    assert before["boxes"].shape == (3, d, 4) and before["labels"].shape == (3, d)
+    assert before["num_detections"][0] > 0 and before["num_detections"][2] == 0
+    for i in range(3):
         check_padding(before, i)
-    # all-padding proposals: nothing to detect
-    empty = model.predict({"images": images, "proposals": np.zeros_like(proposals)}, verbose=0)
-    assert np.all(empty["num_detections"] == 0) and np.all(empty["labels"] == -1)
 
     path = str(tmp_path / f"{name}.keras")
     model.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)
     assert type(loaded) is type(model)
     assert loaded.get_config() == model.get_config()
-    after = loaded.predict(x, batch_size=2, verbose=0)
-    for key in before:
-        np.testing.assert_allclose(after[key], before[key], atol=1e-4, err_msg=key)
+    after = {k: _np(v) for k, v in loaded(x, training=False).items()}
+    for key in before:  # graph vs eager: float noise of ~1e-4 px on the boxes
+        np.testing.assert_allclose(after[key], before[key], atol=1e-3 if key == "boxes" else 1e-4,
+                                   err_msg=key)
 
 
 def check_predict_images(model, rng):
@@ -365,8 +385,12 @@ def test_postprocess_matches_torchvision(exact_model):
                                           (10.0, 10.0, 5.0, 5.0))
 
 
-def test_fit_predict_and_keras_roundtrip(rng, tmp_path):
-    check_fit_predict_roundtrip(small_fast_rcnn(box_score_thresh=0.0), rng, tmp_path, "fast")
+def test_fit_on_tf_data(rng):
+    check_fit(small_fast_rcnn(backbone=tiny_backbone(SIZE, 4)), rng)
+
+
+def test_predict_and_keras_roundtrip(exact_model, rng, tmp_path):
+    check_predict_and_roundtrip(exact_model, rng, tmp_path, "fast")
 
 
 def test_predict_images_maps_boxes_back(exact_model, rng):

@@ -1,0 +1,128 @@
+"""R-CNN: the warp against a written-out bilinear crop and torchvision ``roi_align``, the loss
+against the numpy multi-task formula (R-CNN box parametrisation), post-processing (per-class
+NMS 0.3) against torchvision, and the Keras model contract."""
+import numpy as np
+import pytest
+
+from conftest import HAVE_TORCHVISION
+
+from keras import ops
+
+import kdet
+from kdet.models.rcnn import grow_for_context, warp_proposals
+from test_fast_rcnn import (BIG, NUM_PROPOSALS, SIZE, check_fit, check_loss_against_numpy,
+                            check_postprocess_against_torchvision, check_predict_and_roundtrip,
+                            check_predict_images, tiny_backbone)
+
+CROP = 32
+
+
+def _np(x):
+    return np.asarray(ops.convert_to_numpy(x))
+
+
+def np_warp(image, box, size):
+    """Bilinear crop written out: output pixel (i, j) reads the image at the centre of its
+    cell of the box, (x1 + (j + 0.5) w / S - 0.5, ...) in pixel-index coordinates, clamped
+    to the border."""
+    height, width = image.shape[:2]
+    x1, y1, x2, y2 = box
+    ys = y1 + (np.arange(size) + 0.5) * (y2 - y1) / size - 0.5
+    xs = x1 + (np.arange(size) + 0.5) * (x2 - x1) / size - 0.5
+    out = np.zeros((size, size, image.shape[2]))
+    for i, y in enumerate(np.clip(ys, 0, height - 1)):
+        for j, x in enumerate(np.clip(xs, 0, width - 1)):
+            y0, x0 = int(np.floor(y)), int(np.floor(x))
+            y1_, x1_ = min(y0 + 1, height - 1), min(x0 + 1, width - 1)
+            ly, lx = y - y0, x - x0
+            out[i, j] = ((1 - ly) * (1 - lx) * image[y0, x0] + (1 - ly) * lx * image[y0, x1_]
+                         + ly * (1 - lx) * image[y1_, x0] + ly * lx * image[y1_, x1_])
+    return out
+
+
+def test_warp_is_a_bilinear_crop():
+    rng = np.random.default_rng(0)
+    image = rng.uniform(-2, 2, (1, 40, 48, 3)).astype("float32")
+    boxes = np.array([[[8, 4, 40, 36],           # integer box of the crop's size: a plain copy
+                       [3.3, 5.1, 20.7, 39.2],   # anisotropic stretch
+                       [10, 10, 12, 11],         # tiny box: upsampling
+                       [10, 10, 10, 10]]], "float32")  # degenerate: one pixel repeated
+    crops = _np(warp_proposals(image, boxes, 32))
+    assert crops.shape == (1, 4, 32, 32, 3)
+    np.testing.assert_allclose(crops[0, 0], image[0, 4:36, 8:40], atol=1e-5)
+    for k in range(1, 4):
+        np.testing.assert_allclose(crops[0, k], np_warp(image[0], boxes[0, k], 32), atol=1e-4)
+
+
+@pytest.mark.skipif(not HAVE_TORCHVISION, reason="torchvision not installed")
+def test_warp_matches_torchvision_roi_align_with_context():
+    import torch
+    from torchvision.ops import roi_align
+
+    rng = np.random.default_rng(1)
+    image = rng.uniform(0, 1, (2, 48, 40, 3)).astype("float32")
+    boxes = np.array([[[2, 3, 30, 20], [0, 0, 40, 48]], [[5, 5, 15, 40], [-4, 30, 44, 52]]],
+                     "float32")
+    crops = _np(warp_proposals(image, boxes, 16, context_padding=2))
+    grown = boxes.copy()
+    factor = 16 / (16 - 4)  # the box covers the central 12 of 16 pixels
+    centre, half = (boxes[..., :2] + boxes[..., 2:]) / 2, (boxes[..., 2:] - boxes[..., :2]) / 2
+    grown[..., :2], grown[..., 2:] = centre - half * factor, centre + half * factor
+    np.testing.assert_allclose(_np(grow_for_context(boxes, 16, 2)), grown, rtol=1e-6)
+    rois = torch.cat([torch.cat([torch.full((2, 1), float(b)), torch.from_numpy(grown[b])], 1)
+                      for b in range(2)])
+    expected = roi_align(torch.from_numpy(image).permute(0, 3, 1, 2), rois, (16, 16),
+                         spatial_scale=1.0, sampling_ratio=1, aligned=True)
+    np.testing.assert_allclose(crops.reshape(4, 16, 16, 3),
+                               expected.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+
+
+def small_rcnn(**kwargs):
+    settings = dict(num_classes=3, backbone="mobilenet_v2", image_size=SIZE,
+                    num_proposals=NUM_PROPOSALS, crop_size=CROP, context_padding=4, seed=0)
+    settings.update(kwargs)
+    return kdet.models.RCNN(**settings)
+
+
+@pytest.fixture(scope="module")
+def exact_model():
+    model = small_rcnn(box_batch_size_per_image=BIG, box_score_thresh=0.0)
+    kernel = model.heads.box_predictor.cls_score.kernel
+    kernel.assign(kernel * 20.0)
+    return model
+
+
+def test_defaults_are_the_papers():
+    model = small_rcnn()
+    assert model.box_sampler.num_samples_per_image == 64
+    assert model.box_sampler.positive_fraction == 0.25
+    assert model.box_bg_iou_low == 0.0  # fine-tuning: background is everything below 0.5
+    assert model.heads.nms_threshold == 0.3
+    assert model.heads.box_coder.weights == (1.0, 1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="context_padding"):
+        small_rcnn(context_padding=16)
+    with pytest.raises(ValueError, match="crop_size"):
+        small_rcnn(crop_size=40)
+
+
+def test_loss_matches_numpy_formula(exact_model):
+    check_loss_against_numpy(exact_model, np.random.default_rng(1), (0.0, 0.5),
+                             (1.0, 1.0, 1.0, 1.0))
+
+
+@pytest.mark.skipif(not HAVE_TORCHVISION, reason="torchvision not installed")
+def test_postprocess_matches_torchvision(exact_model):
+    check_postprocess_against_torchvision(exact_model, np.random.default_rng(2),
+                                          (1.0, 1.0, 1.0, 1.0))
+
+
+def test_fit_on_tf_data(rng):
+    check_fit(small_rcnn(backbone=tiny_backbone(CROP, 5)), rng)
+
+
+def test_predict_and_keras_roundtrip(exact_model, rng, tmp_path):
+    check_predict_and_roundtrip(exact_model, rng, tmp_path, "rcnn")
+
+
+def test_predict_images_maps_boxes_back(exact_model, rng):
+    check_predict_images(exact_model, rng)
