@@ -345,6 +345,61 @@ def test_import_layers_hold():
     assert not wrong, "\n".join(wrong)
 
 
+def module_graph():
+    """``{module: {kdet module it imports}}``: every import resolved to a module of kdet/."""
+    modules = {_module_name(path): path for path in KDET.rglob("*.py")}
+    graph = {}
+    for module, path in modules.items():
+        targets = set()
+        for name in _imports(path):
+            parts = name.split(".")
+            if parts[0] != "kdet":
+                continue
+            while ".".join(parts) not in modules and len(parts) > 1:
+                parts = parts[:-1]  # "kdet.ops.nms.nms" -> the module kdet.ops.nms
+            targets.add(".".join(parts))
+        graph[module] = targets - {module}
+    return graph
+
+
+def find_cycle(graph):
+    """One import cycle ``[a, b, ..., a]`` of ``graph``, or None (iterative DFS)."""
+    state = {}
+    for start in sorted(graph):
+        if start in state:
+            continue
+        path, stack = [], [(start, iter(sorted(graph[start])))]
+        state[start] = "open"
+        path.append(start)
+        while stack:
+            node, children = stack[-1]
+            for child in children:
+                if state.get(child) == "open":
+                    return path[path.index(child):] + [child]
+                if child not in state:
+                    state[child] = "open"
+                    path.append(child)
+                    stack.append((child, iter(sorted(graph.get(child, ())))))
+                    break
+            else:
+                state[node] = "done"
+                path.pop()
+                stack.pop()
+    return None
+
+
+def test_find_cycle_finds_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_modules_import_no_cycles():
+    graph = module_graph()
+    assert len(graph) > 50  # the scan found the modules
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
 # Where TensorFlow and JAX may be imported (docs/architecture.md, "Backends").
 TENSORFLOW_PACKAGES = ("kdet.data", "kdet.export", "kdet.workflow", "kdet.training")
 TENSORFLOW_MODULES = ("kdet.converters.automl", "kdet.ops.nms", "kdet.tf_startup")
