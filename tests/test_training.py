@@ -386,50 +386,61 @@ def _kill_after(callbacks, class_name, epoch):
     target.on_epoch_end = on_epoch_end
 
 
+# (where, epoch index): killed right after that callback's on_epoch_end, or in the logger
+# between writing history.csv and committing the backup
+KILL_POINTS = {
+    "after the backup is staged": ("AtomicBackupAndRestore", 1),
+    "after last.keras": ("FiniteLossCheckpoint", 1),
+    "between history.csv and the backup commit": ("commit", 1),
+    "after the commit": ("EpochCSVLogger", 1),
+    "after the last epoch's commit": ("EpochCSVLogger", 2),
+}
+
+
 @pytest.mark.parametrize("kill_point", [
-    "after the backup", pytest.param("after last.keras", marks=pytest.mark.slow),
-    "between backup commit and history.csv",
-    pytest.param("after history.csv", marks=pytest.mark.slow)])
+    "after the backup is staged", pytest.param("after last.keras", marks=pytest.mark.slow),
+    "between history.csv and the backup commit",
+    pytest.param("after the commit", marks=pytest.mark.slow),
+    pytest.param("after the last epoch's commit", marks=pytest.mark.slow)])
 def test_kill_at_the_end_of_an_epoch_keeps_backup_and_history_together(
         tmp_path, monkeypatch, kill_point, straight_history):
     """The issue: a kill between the backup and the history row left epoch 3 in the backup
     but not in history.csv (the rerun then wrote 1, 2, 4), and rows came back as 1.0, 2.0."""
     from kdet import training
 
+    where, epoch = KILL_POINTS[kill_point]
     default_callbacks = training.default_callbacks
 
     def with_kill(model, output_dir, **kwargs):
         callbacks = default_callbacks(model, output_dir, **kwargs)
-        if kill_point == "after the backup":
-            _kill_after(callbacks, "AtomicBackupAndRestore", 1)
-        elif kill_point == "after last.keras":
-            _kill_after(callbacks, "FiniteLossCheckpoint", 1)
-        elif kill_point == "after history.csv":
-            _kill_after(callbacks, "EpochCSVLogger", 1)
+        if where != "commit":
+            _kill_after(callbacks, where, epoch)
         return callbacks
 
     monkeypatch.setattr(training, "default_callbacks", with_kill)
-    if kill_point == "between backup commit and history.csv":
-        atomic_write, csv_writes = cb.atomic_write, []
+    if where == "commit":
+        commit = cb.AtomicBackupAndRestore.commit_epoch
 
-        def dies_on_the_third_history_write(path, write):
-            if path.endswith("history.csv"):  # header, epoch 1, epoch 2: killed
-                csv_writes.append(path)
-                if len(csv_writes) == 3:
-                    raise RuntimeError("killed (simulated)")
-            return atomic_write(path, write)
-        monkeypatch.setattr(cb, "atomic_write", dies_on_the_third_history_write)
+        def killed_before_commit(self, row):
+            if row["epoch"] == epoch + 1:
+                raise RuntimeError("killed (simulated)")
+            return commit(self, row)
+        monkeypatch.setattr(cb.AtomicBackupAndRestore, "commit_epoch", killed_before_commit)
 
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="simulated"):
         training.train(_settings(out), model=_tiny_model())
     monkeypatch.undo()
     committed = cb.backup_epoch(str(out / "backup"))
-    # the backup counts epoch 2 only once its history row is committed with it
-    assert committed == (1 if kill_point in ("after the backup", "after last.keras") else 2)
+    # the backup counts an epoch only once its history row is committed with it
+    assert committed == (epoch + 1 if where == "EpochCSVLogger" else epoch)
 
-    resumed = training.train(_settings(out), model=_tiny_model(seed=99))
-    assert resumed.first_epoch == committed
+    if committed == 3:  # all done: nothing to resume, and history.csv is complete
+        with pytest.raises(ValueError, match="3 finished epochs"):
+            training.train(_settings(out), model=_tiny_model(seed=99))
+    else:
+        resumed = training.train(_settings(out), model=_tiny_model(seed=99))
+        assert resumed.first_epoch == committed
     lines = (out / "history.csv").read_text().splitlines()
     assert lines[0] == "epoch,loss,learning_rate"
     assert [line.split(",")[0] for line in lines[1:]] == ["1", "2", "3"]  # each once, integers
@@ -454,7 +465,7 @@ def test_backup_keeps_history_rows_beyond_an_hdf5_attribute(tmp_path):
     earlier = [{"epoch": e + 1, **{k: (float(rng.normal()) if (e + i) % 3 else None)
                                    for i, k in enumerate(keys)}} for e in range(299)]
     earlier[5]["k1"] = float("nan")  # a diverged loss is a value too
-    backup.history = logger.rows = earlier  # as restored from a backup of 299 epochs
+    backup.history, logger.rows = list(earlier), list(earlier)  # as restored after 299 epochs
     backup.on_epoch_end(299)
     logger.on_epoch_end(299, {"k0": 0.5})
     written = cb.read_csv_log(str(tmp_path / "history.csv"))

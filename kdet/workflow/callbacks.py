@@ -210,12 +210,12 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     here, before :class:`EMAWeightsAtEpochEnd` puts the EMA weights in the
     model. So when an :class:`EpochCSVLogger` later in the list was given
     ``backup=this``, the epoch-end save only *stages* the backup
-    (``staged.weights.h5``); the logger's :meth:`commit_epoch` adds the row and
-    moves the staged file over ``latest.weights.h5`` in one ``os.replace``,
-    then writes ``history.csv`` from the rows. A process killed before that
-    move redoes the epoch; killed after it, the resumed run rewrites
-    ``history.csv`` from the backup: the backup and the history always count
-    the same finished epochs.
+    (``staged.weights.h5``); the logger writes ``history.csv`` and then calls
+    :meth:`commit_epoch`, which adds the row to the staged file and moves it
+    over ``latest.weights.h5`` in one ``os.replace``. A process killed before
+    that move redoes the epoch when resumed, and a resumed run rewrites
+    ``history.csv`` from the rows in the backup: the backup and the history
+    always count the same finished epochs.
     """
 
     def __init__(self, backup_dir, *args, **kwargs):
@@ -469,10 +469,13 @@ class EpochCSVLogger(keras.callbacks.Callback):
         for key in self.keys:
             value = logs.get(key)
             row[key] = None if value is None else float(np.asarray(value))
+        self.rows.append(row)
+        # history.csv first, then the backup: killed in between, the resumed run rewrites
+        # the file from the backup and redoes the epoch; killed after the last epoch's
+        # commit, the file is already complete
+        self._write()
         if self.backup is not None and self.backup.stage_epoch_saves:
             self.backup.commit_epoch(row)
-        self.rows.append(row)
-        self._write()
 
     def _write(self):
         text = format_csv(self.rows, self.keys)
