@@ -544,3 +544,40 @@ def test_epochs_without_evaluation_have_no_validation_metrics(tmp_path, capsys, 
     ap_line = [line for line in ap_axes.get_lines() if line.get_label() == "val_AP"][0]
     assert list(ap_line.get_xdata()) == [2]
     assert list(ap_line.get_ydata()) == [rows[1]["val_AP"]]
+
+
+@pytest.mark.slow
+def test_process_killed_after_staging_the_backup_resumes_with_history_once(tmp_path):
+    """A real process death (``os._exit``: no ``finally``, no clean-up) right after the
+    backup of epoch 2 is staged, then the same command again."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from kdet.training import train
+
+    out = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        import test_training as t
+        from kdet import training
+        from kdet.workflow import callbacks as cb
+
+        stage = cb.AtomicBackupAndRestore._save_model
+
+        def save_then_die(self):
+            stage(self)
+            if self._current_epoch == 2:  # epoch 2 finished: its backup written
+                os._exit(9)
+        cb.AtomicBackupAndRestore._save_model = save_then_die
+        training.train(t._settings({str(out)!r}), model=t._tiny_model())
+    """)
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=600)
+    assert killed.returncode == 9, killed.stderr[-3000:]
+    assert cb.backup_epoch(str(out / "backup")) == 1
+    resumed = train(_settings(out), model=_tiny_model(seed=99))
+    assert resumed.first_epoch == 1
+    lines = (out / "history.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in lines[1:]] == ["1", "2", "3"]
