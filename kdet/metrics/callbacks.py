@@ -132,13 +132,16 @@ class COCOEvalCallback(keras.callbacks.Callback):
             that it is missing: ``EarlyStopping`` then skips the epoch, but
             Keras 3's ``ModelCheckpoint(save_best_only=True)`` warns *and
             saves* the un-evaluated model (with a fixed ``filepath`` it
-            overwrites the best one); use ``fill_skipped_epochs=True`` or a
-            ``{epoch}`` in the file name.
+            overwrites the best one); use kdet's ``AtomicModelCheckpoint``
+            (skips epochs without the monitored value; what ``kdet train``
+            does), ``fill_skipped_epochs=True`` or a ``{epoch}`` in the file
+            name.
         fill_skipped_epochs: on skipped epochs after the first evaluation,
             repeat the last evaluated values, so ``ModelCheckpoint(
             save_best_only=True)`` sees no improvement and does not save
             (``EarlyStopping`` then counts those epochs as not improving;
-            scale ``patience`` accordingly).
+            scale ``patience`` accordingly). The repeated values then also
+            reach the progress bar and CSV/TensorBoard logs as if measured.
         prefix: prepended to the result names (``"val_"`` -> ``val_AP``).
         bounding_box_format: format of the predicted (and, for VOC targets,
             ground-truth) boxes, converted to ``xyxy`` pixels.
