@@ -1039,3 +1039,44 @@ def test_yolo_data_yaml_bugs_found_by_fuzzing(yolo_root, key, value, problem):
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ValueError, match=f"data.yaml: .*{re.escape(problem)}"):
         YOLODataset(path)
+
+
+@FUZZ
+@given(mutation=coco_mutations(), iou_type=st.sampled_from(["bbox", "segm"]))
+def test_evaluator_ground_truth_corruptions(mutation, iou_type):
+    """A corrupted ground truth dict: ValueError naming it (and the record), or an
+    evaluation without NaN."""
+    gt = mutation[0]
+    for ann in gt.get("annotations", []) if isinstance(gt.get("annotations"), list) else []:
+        if isinstance(ann, dict) and isinstance(ann.get("bbox"), list) and \
+                len(ann["bbox"]) == 4 and all(_real(v) for v in ann["bbox"]):
+            x, y, w, h = ann["bbox"]
+            ann["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+    dets = [dict(d, segmentation=[[1, 1, 20, 1, 20, 20]]) for d in EVAL_DETS]
+    try:
+        ev = COCOEvaluator(gt, iou_type=iou_type)
+    except ValueError as e:
+        assert "ground truth" in str(e), str(e)
+        return
+    try:
+        ev.add_detections(dets)
+        stats = ev.evaluate()
+    except ValueError as e:
+        assert "ground truth" in str(e) or "detection #" in str(e), str(e)
+        return
+    values = np.array([v for key, v in stats.items() if key != "per_class_AP"], np.float64)
+    assert not np.isnan(values).any(), stats
+
+
+@pytest.mark.parametrize("section, k, key, value, problem", [
+    ("images", 0, "height", None, r"images\[0\] \(id=1\): height/width"),  # TypeError
+    ("images", 1, "width", 10 ** 30, r"images\[1\] \(id=2\): height/width"),  # OverflowError
+    ("annotations", 0, "id", [10], r"annotations\[0\].*unhashable"),  # TypeError
+    ("annotations", 1, "category_id", [7], r"annotations\[1\].*category_id \[7\]"),
+    ("annotations", 2, "area", 10 ** 400, r"annotations\[2\].*'area' must be a number"),
+], ids=["null-height", "huge-width", "list-id", "list-category_id", "huge-int-area"])
+def test_evaluator_ground_truth_bugs_found_by_fuzzing(section, k, key, value, problem):
+    gt = json.loads(json.dumps(EVAL_GT))
+    gt[section][k][key] = value
+    with pytest.raises(ValueError, match=f"ground truth: {problem}"):
+        COCOEvaluator(gt)

@@ -20,6 +20,7 @@ missing keys, malformed JSON) raises ``ValueError`` naming the record.
 """
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -122,6 +123,27 @@ def _show(value, limit=80):
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def _text(value):
+    """``str(value)``, or :func:`_show`'s text for an int too long to print."""
+    try:
+        return str(value)
+    except ValueError:
+        return _show(value)
+
+
+def _get(index, key):
+    """``index.get(key, -1)``, also -1 for an unhashable key (an id that is a list)."""
+    return index.get(key, -1) if _hashable(key) else -1
+
+
+def _hashable(value):
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
 def _is_number(v):
     return type(v) in _NUMBER_TYPES or (isinstance(v, (int, float, np.integer, np.floating))
                                         and not isinstance(v, bool))
@@ -161,7 +183,8 @@ def _float_values(values, key, what):
     except (ValueError, TypeError, OverflowError):
         pass
     for i, v in enumerate(values):
-        if not _is_number(v):
+        # an int past float range is no usable number; NaN and inf are reported later
+        if not _is_number(v) or isinstance(v, int) and abs(v) > sys.float_info.max:
             raise ValueError(f"{what(i)}: '{key}' must be a number, got {_show(v)}")
     raise ValueError(f"'{key}' values are not numbers")  # pragma: no cover
 
@@ -252,16 +275,20 @@ class _GroundTruth:
         self.heights = np.zeros(len(images), np.int64)
         self.widths = np.zeros(len(images), np.int64)
         self.has_size = np.zeros(len(images), bool)
-        for img in images:
+        for k, img in enumerate(images):
             if "height" in img and "width" in img:
+                size = [img["height"], img["width"]]
+                if not all(_is_number(v) and 0 < v < 2 ** 31 and v == int(v) for v in size):
+                    raise ValueError(f"{where}: images[{k}] (id={_show(img['id'])}): height/"
+                                     f"width {_show(size)} are not positive integers")
                 i = self.image_index[img["id"]]
-                self.heights[i], self.widths[i] = img["height"], img["width"]
+                self.heights[i], self.widths[i] = int(size[0]), int(size[1])
                 self.has_size[i] = True
 
         cat_ids = _column(categories, "id", lambda i: f"{where}: categories[{i}]")
         self.category_ids = self._sorted_unique(cat_ids, f"{where}: category")
         self.category_index = {cat_id: k for k, cat_id in enumerate(self.category_ids)}
-        names = {c["id"]: str(c.get("name", c["id"])) for c in categories}
+        names = {c["id"]: _text(c.get("name", c["id"])) for c in categories}
         self.category_names = [names[c] for c in self.category_ids]
 
         def what(i):  # names annotation i (file order) in error messages
@@ -272,14 +299,17 @@ class _GroundTruth:
         needed += {"bbox": ["bbox"], "segm": ["segmentation"],
                    "keypoints": ["bbox", "keypoints", "num_keypoints"]}[iou_type]
         columns = {key: _column(anns, key, what) for key in needed}
-        img = np.array([self.image_index.get(i, -1) for i in columns["image_id"]], np.int64)
-        cat = np.array([self.category_index.get(c, -1) for c in columns["category_id"]], np.int64)
+        img = np.array([_get(self.image_index, i) for i in columns["image_id"]], np.int64)
+        cat = np.array([_get(self.category_index, c) for c in columns["category_id"]], np.int64)
         for arr, key in ((img, "image_id"), (cat, "category_id")):
             if (arr < 0).any():
                 i = int(np.flatnonzero(arr < 0)[0])
                 raise ValueError(f"{what(i)}: {key} {_show(columns[key][i])} is not in "
                                  f"'{'images' if key == 'image_id' else 'categories'}'")
         ids = columns["id"]
+        for i, ann_id in enumerate(ids):
+            if not _hashable(ann_id):
+                raise ValueError(f"{what(i)}: annotation id {_show(ann_id)} is unhashable")
         if len(set(ids)) != len(ids):
             seen = set()
             for i, ann_id in enumerate(ids):
