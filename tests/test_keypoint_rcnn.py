@@ -30,6 +30,8 @@ needs_torchvision = pytest.mark.skipif(not HAVE_TORCHVISION, reason="torchvision
 NUM_KEYPOINTS = 17
 SCORE_THRESH = 0.68  # of the torchvision parity tests
 DETECTIONS = 20
+# Detection slots of the small training / I/O models: each runs the 3.7 GMAC keypoint head.
+SLOTS = 8
 
 
 # ------------------------------------------------------------------ param counts
@@ -295,8 +297,10 @@ def _keypoint_fit_data(size, rng):
 
 
 def test_missing_or_misshapen_keypoints_raise(rng):
-    model = small_model(kdet.models.KeypointRCNN, num_classes=1, image_size=96)
+    model = small_model(kdet.models.KeypointRCNN, num_classes=1, image_size=96,
+                        box_detections_per_img=SLOTS)
     images, y = _fit_data(96, rng)
+    y["labels"] = np.minimum(y["labels"], 0)
     y_pred = model(images, training=True)
     with pytest.raises(ValueError, match="keypoints"):
         model.compute_loss(images, y, y_pred)
@@ -310,13 +314,14 @@ def test_missing_or_misshapen_keypoints_raise(rng):
 @pytest.mark.slow  # ~40 s on TF: traced fit + a 240 MB .keras file
 def test_fit_finite_and_keras_roundtrip(rng, tmp_path):
     images, y = _keypoint_fit_data(96, rng)  # the second image has no objects
-    model = small_model(kdet.models.KeypointRCNN, num_classes=1, image_size=96)
+    model = small_model(kdet.models.KeypointRCNN, num_classes=1, image_size=96,
+                        box_detections_per_img=SLOTS)
     model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9))
     history = model.fit(images, y, batch_size=1, epochs=1, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
     before = detections(model, images)
     before["keypoints"] = _np(model(images, training=False)["keypoints"])
-    assert before["keypoints"].shape == (2, 100, NUM_KEYPOINTS, 3)
+    assert before["keypoints"].shape == (2, SLOTS, NUM_KEYPOINTS, 3)
     assert np.all(np.isfinite(before["keypoints"]))
     path = str(tmp_path / "keypoint.keras")
     model.save(path)
@@ -335,7 +340,8 @@ def test_fit_jit_compile_tensorflow_on_tf_data(rng):
     import tensorflow as tf
 
     images, y = _keypoint_fit_data(96, rng)
-    model = small_model(kdet.models.KeypointRCNN, num_classes=1, image_size=96)
+    model = small_model(kdet.models.KeypointRCNN, num_classes=1, image_size=96,
+                        box_detections_per_img=SLOTS)
     model.compile(optimizer=keras.optimizers.SGD(1e-3), jit_compile=True)
     ds = tf.data.Dataset.from_tensor_slices((images, y)).batch(2, drop_remainder=True).repeat(2)
     history = model.fit(ds, epochs=1, verbose=0)
@@ -346,13 +352,14 @@ def test_predict_images_maps_keypoints_back(rng):
     from kdet.models.detector import resize_and_pad
 
     model = small_model(kdet.models.KeypointRCNN, num_classes=1, image_size=96,
+                        box_detections_per_img=SLOTS,
                         box_score_thresh=0.0)
     small = rng.uniform(0, 255, (48, 72, 3)).astype("float32")  # scale 96 / 72
     out = model.predict_images([small])
     padded, scale = resize_and_pad(small, 96)
     direct = _np(model(padded[None], training=False)["keypoints"])
     n = int(out["num_detections"][0])
-    assert out["keypoints"].shape == (1, 100, NUM_KEYPOINTS, 3) and n > 0
+    assert out["keypoints"].shape == (1, SLOTS, NUM_KEYPOINTS, 3) and n > 0
     np.testing.assert_allclose(out["keypoints"][..., :2], direct[..., :2] / scale, atol=1e-3)
     np.testing.assert_allclose(out["keypoints"][..., 2], direct[..., 2], atol=1e-4)
     # keypoints of a detection lie in its box, at least one pixel wide (cell centres)

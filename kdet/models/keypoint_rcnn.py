@@ -68,16 +68,22 @@ class KeypointRCNN(FasterRCNN):
     def _make_roi_heads(self, **kwargs):
         return KeypointRoIHeads(num_keypoints=self._num_keypoints, **kwargs)
 
+    def _targets(self, y):
+        # Checked first, before any loss is computed.
+        if isinstance(y, dict) and "labels" in y:
+            if "keypoints" not in y:
+                raise ValueError('KeypointRCNN: targets lack "keypoints" [B, N, K, 3] '
+                                 "(x, y, visibility)")
+            keypoints = y["keypoints"]
+            expected = tuple(y["labels"].shape[1:2]) + (self.num_keypoints, 3)
+            if len(keypoints.shape) != 4 or tuple(keypoints.shape[1:]) != expected:
+                raise ValueError(f'KeypointRCNN: targets "keypoints" must be [B, N, K, 3] = '
+                                 f"[B, {expected[0]}, {expected[1]}, 3], "
+                                 f"got {tuple(keypoints.shape)}")
+        return super()._targets(y)
+
     def _extra_roi_losses(self, features, roi, y):
-        if "keypoints" not in y:
-            raise ValueError('KeypointRCNN: targets lack "keypoints" [B, N, K, 3] '
-                             "(x, y, visibility)")
-        keypoints = y["keypoints"]
-        expected = tuple(y["labels"].shape[1:2]) + (self.num_keypoints, 3)
-        if len(keypoints.shape) != 4 or tuple(keypoints.shape[1:]) != expected:
-            raise ValueError(f'KeypointRCNN: targets "keypoints" must be [B, N, K, 3] = '
-                             f"[B, {expected[0]}, {expected[1]}, 3], got {tuple(keypoints.shape)}")
-        return {"loss_keypoint": keypoint_rcnn_loss(self.roi_heads, features, roi, keypoints,
+        return {"loss_keypoint": keypoint_rcnn_loss(self.roi_heads, features, roi, y["keypoints"],
                                                     self.keypoint_batch_size_per_image)}
 
     def _predict_resized(self, batch, scales):
