@@ -5,6 +5,7 @@ References: written-out numpy formulas (sliding windows, IoU sampling, the loss)
 torchvision's ``BoxCoder`` / ``box_iou`` / ``batched_nms`` for post-processing.
 """
 import importlib.util
+import inspect
 
 import numpy as np
 import pytest
@@ -20,6 +21,9 @@ from kdet.ops.proposals import (default_proposals, pad_proposals, selective_sear
                                 sliding_window_proposals)
 
 BIG = 10 ** 6  # a sampler size that keeps every candidate: deterministic sampling
+# Eager JAX compiles every op on first use: the model tests take 20-70 s each there
+# (1-10 s on TF), so on JAX they only run with -m slow.
+slow_on_jax = pytest.mark.slow if backend() == "jax" else (lambda test: test)
 SIZE = 64
 NUM_PROPOSALS = 12
 
@@ -313,6 +317,7 @@ def _band_candidates():
     return proposals, gt, np.array([[2]], "int32"), widths
 
 
+@slow_on_jax
 def test_sampler_fractions_and_background_band():
     proposals, gt, labels, _ = _band_candidates()
     sampler = BalancedSampler(64, 0.25, seed=3)
@@ -362,41 +367,50 @@ def exact_model():
     return model
 
 
-def test_defaults_are_the_papers():
-    model = small_fast_rcnn()
-    assert model.box_sampler.num_samples_per_image == 64
-    assert model.box_sampler.positive_fraction == 0.25
-    assert model.box_bg_iou_low == 0.1 and model.box_loss_beta == 1.0
-    assert model.box_matcher.high_threshold == 0.5 == model.box_matcher.low_threshold
-    assert model.heads.nms_threshold == 0.3
-    assert model.heads.box_coder.weights == (10.0, 10.0, 5.0, 5.0)
-    assert model.heads.box_roi_pool.spatial_scale == 1 / 16
-    assert model.heads.box_roi_pool.output_size == (7, 7)
+@slow_on_jax
+def test_defaults_are_the_papers(exact_model):
+    defaults = inspect.signature(kdet.models.FastRCNN).parameters
+    assert defaults["box_batch_size_per_image"].default == 64
+    assert defaults["box_positive_fraction"].default == 0.25
+    assert defaults["box_bg_iou_low"].default == 0.1 and defaults["box_loss_beta"].default == 1.0
+    assert defaults["box_nms_thresh"].default == 0.3
+    assert exact_model.box_bg_iou_low == 0.1 and exact_model.box_loss_beta == 1.0
+    assert exact_model.box_matcher.high_threshold == 0.5 == exact_model.box_matcher.low_threshold
+    assert exact_model.heads.nms_threshold == 0.3
+    assert exact_model.heads.box_coder.weights == (10.0, 10.0, 5.0, 5.0)
+    assert exact_model.heads.box_roi_pool.spatial_scale == 1 / 16
+    assert exact_model.heads.box_roi_pool.output_size == (7, 7)
 
 
+@slow_on_jax
 def test_loss_matches_numpy_formula(exact_model):
     check_loss_against_numpy(exact_model, np.random.default_rng(1), (0.1, 0.5),
                              (10.0, 10.0, 5.0, 5.0))
 
 
+@slow_on_jax
 @pytest.mark.skipif(not HAVE_TORCHVISION, reason="torchvision not installed")
 def test_postprocess_matches_torchvision(exact_model):
     check_postprocess_against_torchvision(exact_model, np.random.default_rng(2),
                                           (10.0, 10.0, 5.0, 5.0))
 
 
+@slow_on_jax
 def test_fit_on_tf_data(rng):
     check_fit(small_fast_rcnn(backbone=tiny_backbone(SIZE, 4)), rng)
 
 
+@slow_on_jax
 def test_predict_and_keras_roundtrip(exact_model, rng, tmp_path):
     check_predict_and_roundtrip(exact_model, rng, tmp_path, "fast")
 
 
+@slow_on_jax
 def test_predict_images_maps_boxes_back(exact_model, rng):
     check_predict_images(exact_model, rng)
 
 
+@slow_on_jax
 def test_bad_input_raises(exact_model):
     with pytest.raises(ValueError, match="multiple of 32"):
         small_fast_rcnn(image_size=80)

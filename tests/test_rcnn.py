@@ -4,6 +4,8 @@ NMS 0.3) against torchvision, and the Keras model contract."""
 import numpy as np
 import pytest
 
+import inspect
+
 from conftest import HAVE_TORCHVISION
 
 from keras import ops
@@ -12,7 +14,7 @@ import kdet
 from kdet.models.rcnn import grow_for_context, warp_proposals
 from test_fast_rcnn import (BIG, NUM_PROPOSALS, SIZE, check_fit, check_loss_against_numpy,
                             check_postprocess_against_torchvision, check_predict_and_roundtrip,
-                            check_predict_images, tiny_backbone)
+                            check_predict_images, slow_on_jax, tiny_backbone)
 
 CROP = 32
 
@@ -92,37 +94,45 @@ def exact_model():
     return model
 
 
-def test_defaults_are_the_papers():
-    model = small_rcnn()
-    assert model.box_sampler.num_samples_per_image == 64
-    assert model.box_sampler.positive_fraction == 0.25
-    assert model.box_bg_iou_low == 0.0  # fine-tuning: background is everything below 0.5
-    assert model.heads.nms_threshold == 0.3
-    assert model.heads.box_coder.weights == (1.0, 1.0, 1.0, 1.0)
+@slow_on_jax
+def test_defaults_are_the_papers(exact_model):
+    defaults = inspect.signature(kdet.models.RCNN).parameters
+    assert defaults["box_batch_size_per_image"].default == 64
+    assert defaults["box_positive_fraction"].default == 0.25
+    assert defaults["box_bg_iou_low"].default == 0.0  # fine-tuning: bg is everything below 0.5
+    assert defaults["box_nms_thresh"].default == 0.3
+    assert defaults["crop_size"].default == 224 and defaults["context_padding"].default == 16
+    assert exact_model.heads.nms_threshold == 0.3
+    assert exact_model.heads.box_coder.weights == (1.0, 1.0, 1.0, 1.0)
     with pytest.raises(ValueError, match="context_padding"):
         small_rcnn(context_padding=16)
     with pytest.raises(ValueError, match="crop_size"):
         small_rcnn(crop_size=40)
 
 
+@slow_on_jax
 def test_loss_matches_numpy_formula(exact_model):
     check_loss_against_numpy(exact_model, np.random.default_rng(1), (0.0, 0.5),
                              (1.0, 1.0, 1.0, 1.0))
 
 
+@slow_on_jax
 @pytest.mark.skipif(not HAVE_TORCHVISION, reason="torchvision not installed")
 def test_postprocess_matches_torchvision(exact_model):
     check_postprocess_against_torchvision(exact_model, np.random.default_rng(2),
                                           (1.0, 1.0, 1.0, 1.0))
 
 
+@slow_on_jax
 def test_fit_on_tf_data(rng):
     check_fit(small_rcnn(backbone=tiny_backbone(CROP, 5)), rng)
 
 
+@slow_on_jax
 def test_predict_and_keras_roundtrip(exact_model, rng, tmp_path):
     check_predict_and_roundtrip(exact_model, rng, tmp_path, "rcnn")
 
 
+@slow_on_jax
 def test_predict_images_maps_boxes_back(exact_model, rng):
     check_predict_images(exact_model, rng)

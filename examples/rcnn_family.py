@@ -1,0 +1,138 @@
+"""R-CNN, Fast R-CNN and Faster R-CNN side by side on Penn-Fudan: COCO AP and images/s.
+
+    python examples/rcnn_family.py --data /work/shared/data/pennfudan
+    python examples/rcnn_family.py --steps 4 --val-images 4 --image-size 128   # smoke run
+
+All three train for the same number of steps on the same images (a seeded
+split of Penn-Fudan's 170 images; pedestrians, one class) with the same
+backbone (MobileNetV2 from random init unless ``--backbone`` says otherwise),
+then detect on the same validation images. R-CNN and Fast R-CNN get the same
+proposals: kdet's static sliding windows
+(:func:`kdet.ops.proposals.default_proposals`), since selective search needs
+opencv-contrib; Faster R-CNN makes its own with its RPN. The point is the
+speed gap: R-CNN runs the CNN once per proposal (``--proposals`` crops per
+image), Fast R-CNN once per image and pools the proposals from its feature
+map, Faster R-CNN adds the RPN. With a few hundred steps from random init the
+APs are small; they are comparable with each other, not with the literature.
+"""
+import argparse
+import time
+
+try:  # torch first when installed: the reverse import order segfaults
+    import torch  # noqa: F401
+except ImportError:
+    torch = None
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import kdet  # noqa: E402
+from _common import log, split  # noqa: E402
+from kdet.data import MaskFolderDataset, build_pipeline  # noqa: E402
+from kdet.metrics import COCOEvaluator  # noqa: E402
+from kdet.ops.proposals import default_proposals  # noqa: E402
+
+
+def with_proposals(proposals):
+    """Pipeline map: images -> {"images", "proposals"}, the same proposals for every image."""
+    boxes = tf.constant(proposals)
+
+    def add(images, targets):
+        batch = tf.shape(images)[0]
+        x = {"images": images, "proposals": tf.broadcast_to(boxes[None],
+                                                            [batch] + list(proposals.shape))}
+        return x, targets
+    return add
+
+
+def boxes_and_labels(images, targets):
+    return images, {"boxes": targets["boxes"], "labels": targets["labels"]}
+
+
+def evaluate(model, val_data, size, proposals):
+    """COCO box AP in original pixels and inference images/s (first batch, the trace, excluded)."""
+    evaluator = COCOEvaluator(val_data.coco_ground_truth())
+    pipeline = build_pipeline(val_data, image_size=size, batch_size=2, training=False,
+                              include_masks=False)
+    seconds, count = 0.0, 0
+    for index, (images, targets) in enumerate(pipeline):
+        x = images if proposals is None else with_proposals(proposals)(images, None)[0]
+        start = time.perf_counter()
+        predictions = model.predict_on_batch(x)
+        predictions = {k: keras.ops.convert_to_numpy(v) for k, v in predictions.items()}
+        if index:
+            seconds += time.perf_counter() - start
+            count += int(images.shape[0])
+        evaluator.add_predictions(targets["image_id"].numpy(), predictions,
+                                  scale=1.0 / targets["scale"].numpy())
+    stats = evaluator.evaluate()
+    return stats, (count / seconds if seconds else float("nan"))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default="/work/shared/data/pennfudan",
+                        help="Penn-Fudan root (PNGImages/, PedMasks/)")
+    parser.add_argument("--image-size", type=int, default=160)
+    parser.add_argument("--backbone", default="mobilenet_v2")
+    parser.add_argument("--proposals", type=int, default=64,
+                        help="proposals per image for R-CNN and Fast R-CNN")
+    parser.add_argument("--crop-size", type=int, default=64, help="R-CNN's warped crop side")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--learning-rate", type=float, default=0.01)
+    parser.add_argument("--val-images", type=int, default=20)
+    parser.add_argument("--models", default="rcnn,fast_rcnn,faster_rcnn")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    keras.utils.set_random_seed(args.seed)
+
+    data = MaskFolderDataset(args.data)
+    train_data, val_data = split(data, args.val_images, args.seed)
+    size = args.image_size
+    proposals = default_proposals(size, args.proposals)
+    log(f"Penn-Fudan: {len(train_data)} training / {len(val_data)} validation images, "
+        f"{size} px, {len(proposals)} sliding-window proposals")
+    builders = {
+        "rcnn": lambda: kdet.models.RCNN(
+            num_classes=1, backbone=args.backbone, image_size=size,
+            num_proposals=args.proposals, crop_size=args.crop_size,
+            context_padding=args.crop_size * 16 // 224, seed=args.seed),
+        "fast_rcnn": lambda: kdet.models.FastRCNN(
+            num_classes=1, backbone=args.backbone, image_size=size,
+            num_proposals=args.proposals, seed=args.seed),
+        "faster_rcnn": lambda: kdet.models.FasterRCNN(
+            num_classes=1, backbone=args.backbone, image_size=size,
+            rpn_pre_nms_top_n_test=500, rpn_post_nms_top_n_test=args.proposals,
+            rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500, seed=args.seed),
+    }
+    rows = []
+    for name in args.models.split(","):
+        model = builders[name]()
+        train = build_pipeline(train_data, image_size=size, batch_size=args.batch_size,
+                               training=True, augment=("flip",), include_masks=False,
+                               max_boxes=16, seed=args.seed, repeat=True).map(boxes_and_labels)
+        given = None if name == "faster_rcnn" else proposals
+        if given is not None:
+            train = train.map(with_proposals(given))
+        model.compile(optimizer=keras.optimizers.SGD(args.learning_rate, momentum=0.9,
+                                                     global_clipnorm=10.0))
+        start = time.perf_counter()
+        history = model.fit(train, steps_per_epoch=args.steps, epochs=1, verbose=0,
+                            shuffle=False)
+        train_seconds = time.perf_counter() - start
+        stats, images_per_second = evaluate(model, val_data, size, given)
+        rows.append((name, stats["AP"], stats["AP50"], images_per_second,
+                     args.steps * args.batch_size / train_seconds))
+        log(f"{name}: loss {history.history['loss'][-1]:.3f}, AP {stats['AP']:.3f}, "
+            f"AP50 {stats['AP50']:.3f}, {images_per_second:.1f} images/s")
+    print(f"\n| model | AP | AP50 | inference images/s | training images/s (incl. trace) |")
+    print("|---|---|---|---|---|")
+    for name, ap, ap50, ips, train_ips in rows:
+        print(f"| {name} | {ap:.3f} | {ap50:.3f} | {ips:.2f} | {train_ips:.2f} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
