@@ -367,3 +367,14 @@ def test_predict_images_maps_keypoints_back(rng):
     kp = out["keypoints"][0, :n]
     right = boxes[:, 0] + np.maximum(boxes[:, 2] - boxes[:, 0], 1 / scale)
     assert np.all((kp[..., 0] >= boxes[:, None, 0] - 1e-3) & (kp[..., 0] <= right[:, None] + 1e-3))
+
+
+def test_zoo_card_builds_the_torchvision_architecture():
+    from kdet import zoo
+    from kdet.converters.torchvision import build_torchvision
+
+    card = zoo.get_card("keypointrcnn_resnet50_fpn")
+    kwargs = dict(card["architecture"]["kwargs"], image_size=128)
+    model = build_torchvision(**kwargs)
+    assert type(model) is kdet.models.KeypointRCNN and model.num_keypoints == 17
+    assert count_params(model) == card["metrics"]["num_params"] == 59_137_258

@@ -26,6 +26,7 @@ EXPECTED = (
     + [f"efficientdet_lite{i}" for i in ("0", "1", "2", "3", "3x", "4")]
     + ["retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "mobilenet_v2"]
     + [f"{arch}_resnet50_fpn{v}" for arch in ("fasterrcnn", "maskrcnn") for v in ("", "_v2")]
+    + ["keypointrcnn_resnet50_fpn"]
     + [f"efficientnet_lite{i}" for i in range(3)])
 MOBILENET = "weights/mobilenet_v2-b0353104.pth"
 
