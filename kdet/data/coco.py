@@ -120,7 +120,7 @@ class COCODataset(DetectionDataset):
                 ann_id = _integer(ann["id"])
                 if ann_id is None or ann_id in ann_ids:
                     log.error("malformed_annotation", f"{at} (id {ann['id']!r})",
-                              "annotation id is not an integer" if ann_id is None else
+                              "annotation id is not an int64 integer" if ann_id is None else
                               "annotation id listed twice")
                     continue
                 ann_ids.add(ann_id)
@@ -333,11 +333,12 @@ def _is_number(value):
 
 
 def _integer(value):
-    """``value`` as an int when it is an integer number (``3`` or ``3.0``), else ``None``."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
+    """``value`` as an int when it is an integer number (``3`` or ``3.0``) that fits an
+    int64 (ids become int64 arrays), else ``None``."""
     if isinstance(value, float) and value.is_integer():
-        return int(value)
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and -2 ** 63 <= value < 2 ** 63:
+        return value
     return None
 
 
