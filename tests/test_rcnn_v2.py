@@ -369,6 +369,7 @@ def test_v2_fit_tf_data_jit_compile(cls, rng):
         assert out["masks"].shape == (1, 100, 96, 96)
 
 
+@slow_on_jax  # ~2.5 min on JAX: predict_images compiles the whole Mask R-CNN
 def test_v2_predict_images_shapes(rng):
     model = small_model(kdet.models.MaskRCNN, version=2, image_size=96, box_score_thresh=0.0)
     out = model.predict_images([rng.uniform(0, 255, (48, 72, 3)).astype("float32")])
