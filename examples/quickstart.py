@@ -16,6 +16,8 @@ What it does:
    weight decay 1e-4), 50 warmup steps then cosine decay, gradient clipping
    at 10; TF graph mode (no XLA: on a CPU XLA is slower, see DESIGN.md);
 4. COCO AP on 64 held-out images with ``kdet.metrics.COCOEvaluator``;
+   the held-out ground truth and the detections are written as COCO JSON
+   (``<out>/val_ground_truth.json``, ``<out>/val_detections.json``);
 5. a picture of the predictions (``<out>/predictions.png``);
 6. a LiteRT (``.tflite``) file with decoding and NMS inside, run with
    ``kdet.export.LiteRTDetector`` and checked against the Keras model.
@@ -26,6 +28,7 @@ CPU time in all (about 100 s of it tracing the training graph), so under
 10 minutes on 2 cores.
 """
 import argparse
+import json
 import os
 
 try:  # reads the ImageNet backbone (.pth); must be imported before TensorFlow
@@ -45,6 +48,10 @@ from kdet.converters.backbones import load_installed_imagenet_backbone  # noqa: 
 from kdet.data import ShapesDataset, build_pipeline  # noqa: E402
 from kdet.metrics import COCOEvaluator  # noqa: E402
 from kdet.visualize import detection_grid, save_image  # noqa: E402
+
+
+def _json_default(value):  # numpy scalars/arrays in the ground-truth dict
+    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 def parse_args(argv=None):
@@ -141,6 +148,12 @@ def main(argv=None):
     stats = evaluator.evaluate()
     log(f"COCO box AP on {len(val_data)} held-out images: AP {stats['AP']:.3f}  "
         f"AP50 {stats['AP50']:.3f}  AP75 {stats['AP75']:.3f}")
+    # The held-out ground truth and the detections in COCO JSON, for pycocotools or any
+    # other COCO tool (the tests re-score them with pycocotools).
+    for name, content in (("val_ground_truth.json", val_data.coco_ground_truth(image_size=size)),
+                          ("val_detections.json", evaluator.results())):
+        with open(os.path.join(args.out, name), "w") as f:
+            json.dump(content, f, default=_json_default)
 
     picture = os.path.join(args.out, "predictions.png")
     save_image(detection_grid(shown[0], shown[1], train_data.class_names, score_threshold=0.3,
