@@ -16,7 +16,7 @@ This module sits on top: it imports the format modules, which import only
 """
 import os
 
-from kdet.export import core, postprocess
+from kdet.export import core, postprocess, two_stage
 from kdet.export.litert import export_litert
 from kdet.export.onnx import export_onnx
 from kdet.export.saved_model import export_saved_model
@@ -26,11 +26,13 @@ def export(model, path, format=None, quantization=None, representative_dataset=N
            input_dtype="float32", batch_size=1, max_detections=None, score_threshold=None,
            iou_threshold=None, nms="builtin", labels=None, detections_per_class=None,
            calibration_steps=100, opset=17):
-    """Export a dense detector with its post-processing inside; returns the written path.
+    """Export a detector with its post-processing inside; returns the written path.
 
     Args:
-        model: a kdet dense detector (RetinaNet, EfficientDet, DenseDetector) or
-            the path of a ``.keras`` file holding one.
+        model: a kdet dense detector (RetinaNet, EfficientDet, DenseDetector), a
+            two-stage one (FasterRCNN, MaskRCNN, KeypointRCNN: its own inference
+            graph, masks / keypoints included, see :mod:`kdet.export.two_stage`)
+            or the path of a ``.keras`` file holding one.
         path: output: a directory (SavedModel), a ``.tflite`` or an ``.onnx`` file.
         format: "saved_model" | "litert" (alias "tflite") | "onnx"; None (the
             default) picks it from ``path``'s extension: ``.tflite`` LiteRT,
@@ -91,6 +93,11 @@ def export(model, path, format=None, quantization=None, representative_dataset=N
         batch_size = int(batch_size)
     elif fmt == "litert":
         raise ValueError("LiteRT needs a static batch size (batch_size=1 or N), got None")
+    two_stage.check_exportable(model)
+    if two_stage.is_two_stage(model):
+        return _export_two_stage(model, path, fmt, quantization, representative_dataset,
+                                 input_dtype, batch_size, max_detections, score_threshold,
+                                 iou_threshold, nms, labels, detections_per_class, opset)
     settings = postprocess.settings_from_model(model, max_detections, score_threshold,
                                                iou_threshold)
     names = core.read_labels(labels, settings.num_classes)
@@ -103,6 +110,35 @@ def export(model, path, format=None, quantization=None, representative_dataset=N
                          representative_dataset=representative_dataset, nms=nms,
                          detections_per_class=detections_per_class,
                          calibration_steps=calibration_steps, **common)
+
+
+def _export_two_stage(model, path, fmt, quantization, representative_dataset, input_dtype,
+                      batch_size, max_detections, score_threshold, iou_threshold, nms, labels,
+                      detections_per_class, opset):
+    """Faster / Mask / Keypoint R-CNN: the model's own inference graph, post-processing inside."""
+    name = type(model).__name__
+    overrides = {"max_detections": max_detections, "score_threshold": score_threshold,
+                 "iou_threshold": iou_threshold, "detections_per_class": detections_per_class}
+    given = sorted(k for k, v in overrides.items() if v is not None)
+    if given:
+        raise ValueError(
+            f"kdet.export: {name} keeps its post-processing settings inside the model; "
+            f"{', '.join(given)} cannot be overridden at export. Build the model with "
+            "box_detections_per_img / box_score_thresh / box_nms_thresh instead.")
+    if nms != "builtin":
+        raise ValueError(f"kdet.export: nms={nms!r} is the dense detectors' SSD layout; "
+                         f"{name} exports its own NMS (kdet.ops.nms), use nms='builtin'")
+    if quantization == "int8":
+        raise ValueError(
+            f"kdet.export: quantization='int8' is not supported for {name} (format "
+            f"{fmt!r}): the full-integer path keeps only the dense post-processing in float; "
+            "use quantization=None, 'fp16' or 'dynamic'")
+    if representative_dataset is not None:
+        raise ValueError("representative_dataset applies to quantization='int8' only")
+    names = core.read_labels(labels, model.num_classes)
+    return two_stage.export_two_stage(model, path, fmt, input_dtype=input_dtype,
+                                      batch_size=batch_size, labels=names, opset=opset,
+                                      quantization=quantization)
 
 
 def _load_keras_model(path):

@@ -363,7 +363,10 @@ class LiteRTDetector:
             raise ValueError(f"{self.path}: outputs {sorted(outputs)} are neither kdet's "
                              f"{postprocess.DETECTION_KEYS} nor the SSD layout "
                              f"{postprocess.SSD_KEYS}")
-        return {k: np.asarray(outputs[k]) for k in postprocess.DETECTION_KEYS}
+        # Two-stage exports (kdet.export.two_stage) add masks / keypoints.
+        keys = postprocess.DETECTION_KEYS + tuple(k for k in ("masks", "keypoints")
+                                                  if k in outputs)
+        return {k: np.asarray(outputs[k]) for k in keys}
 
     def _prepare(self, image):
         from kdet.models.detector import resize_and_pad
@@ -393,6 +396,9 @@ class LiteRTDetector:
         Returns numpy ``{"boxes" [N, D, 4] xyxy in each image's pixels,
         "scores" [N, D], "labels" [N, D] int32, "num_detections" [N] int32}``
         (``N = 1`` for a single image), padded with zero boxes, score 0, label -1.
+        Two-stage exports add ``"masks"`` [N, D, S, S] (model input space) with
+        ``"scale"`` [N] (``model_pixel = image_pixel * scale``), or
+        ``"keypoints"`` [N, D, K, 3] in each image's pixels.
         """
         items = core.as_numpy_images(images)
         if not items:
@@ -410,6 +416,12 @@ class LiteRTDetector:
             valid = out["labels"] >= 0
             out["boxes"] = np.where(valid[..., None], out["boxes"] / scales[:, None, None],
                                     0.0).astype(np.float32)
+            if "keypoints" in out:  # x, y back to each image's pixels, as the boxes
+                keypoints = out["keypoints"].astype(np.float32).copy()
+                keypoints[..., :2] /= scales[:, None, None, None]
+                out["keypoints"] = keypoints
+            if "masks" in out:  # masks stay in the model input space, as model.predict_images
+                out["scale"] = scales
             results.append(out)
         merged = {k: np.concatenate([r[k] for r in results]) for k in results[0]}
         merged["labels"] = merged["labels"].astype(np.int32)

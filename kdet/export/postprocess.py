@@ -131,7 +131,8 @@ def settings_from_model(model, max_detections=None, score_threshold=None, iou_th
     if missing:
         raise ValueError(
             f"kdet.export: {type(model).__name__} has no {', '.join(missing)}; export "
-            "supports dense detectors (kdet.models.RetinaNet, EfficientDet, DenseDetector)")
+            "supports dense detectors (kdet.models.RetinaNet, EfficientDet, DenseDetector) "
+            "and, through kdet.export.export, FasterRCNN / MaskRCNN / KeypointRCNN")
     decoder = model.decoder
     return PostprocessSettings(
         num_classes=model.num_classes, image_size=model.image_size, anchors=model.anchors,

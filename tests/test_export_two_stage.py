@@ -1,0 +1,197 @@
+"""kdet.export of the two-stage detectors (Faster / Mask / Keypoint R-CNN), issue #11.
+
+The reference is ``model.predict`` on the same raw 0-255 images; the whole padded
+output is compared: ``num_detections`` and ``labels`` exactly, ``boxes``,
+``scores``, ``masks`` and ``keypoints`` within float tolerance. Models are tiny
+and randomly initialised (mobilenet_v2 at 64 px, 50 -> 20 proposals, 10
+detections, score threshold 0 so every slot is a real detection).
+
+The SavedModel tests run by default (a few seconds each); ONNX and LiteRT
+conversions of the R-CNN graphs take minutes on a small CPU and are ``slow``.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import keras
+
+pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                                reason="kdet.export builds TensorFlow graphs (TF backend only)")
+
+SIZE = 64
+SMALL = dict(backbone="mobilenet_v2", image_size=SIZE, rpn_pre_nms_top_n_test=50,
+             rpn_post_nms_top_n_test=20, box_detections_per_img=10, box_score_thresh=0.0)
+TOL = {"boxes": 1e-3, "scores": 1e-5, "masks": 1e-4, "keypoints": 1e-3}
+
+
+def _tiny(kind, seed=0):
+    import kdet
+
+    keras.utils.set_random_seed(seed)
+    if kind == "faster":
+        return kdet.models.FasterRCNN(num_classes=3, **SMALL)
+    if kind == "mask":
+        return kdet.models.MaskRCNN(num_classes=3, **SMALL)
+    return kdet.models.KeypointRCNN(num_classes=1, num_keypoints=5, **SMALL)
+
+
+def _images(batch=2, seed=0):
+    return np.random.RandomState(seed).uniform(0, 255, (batch, SIZE, SIZE, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def faster():
+    return _tiny("faster")
+
+
+@pytest.fixture(scope="module")
+def mask():
+    return _tiny("mask")
+
+
+def assert_same_predictions(reference, got, keys):
+    """The whole padded output: counts and labels exact, floats within TOL."""
+    assert sorted(k for k in got if k in keys) == sorted(keys)
+    assert int(np.sum(reference["num_detections"])) > 0, "the tiny model detected nothing"
+    np.testing.assert_array_equal(np.asarray(got["num_detections"]).reshape(-1),
+                                  reference["num_detections"])
+    np.testing.assert_array_equal(np.asarray(got["labels"]), reference["labels"])
+    for key in keys:
+        if key in TOL:
+            np.testing.assert_allclose(np.asarray(got[key], np.float64),
+                                       np.asarray(reference[key], np.float64),
+                                       rtol=0, atol=TOL[key], err_msg=key)
+
+
+def _saved_model_outputs(path, images):
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    return {k: v.numpy() for k, v in serve(images=tf.constant(images)).items()}
+
+
+def _onnx_outputs(path, images):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, {session.get_inputs()[0].name: images})))
+
+
+def _litert_outputs(path, images):
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=path).get_signature_runner("serving_default")
+    return runner(images=images)
+
+
+# ------------------------------------------------------------ SavedModel (default)
+@pytest.mark.parametrize("kind", ["faster", "mask"])
+def test_saved_model_matches_predict(kind, faster, mask, tmp_path):
+    import kdet
+
+    model = {"faster": faster, "mask": mask}[kind]
+    images = _images()
+    reference = model.predict(images, verbose=0)
+    path = kdet.export.export(model, str(tmp_path / "rcnn_saved"), batch_size=2,
+                              labels=["a", "b", "c"])
+    keys = ("boxes", "scores", "labels", "num_detections") + (("masks",) if kind == "mask" else ())
+    got = _saved_model_outputs(path, images)
+    assert_same_predictions(reference, got, keys)
+    if kind == "mask":
+        assert got["masks"].shape == (2, 10, SIZE, SIZE)
+    meta = json.load(open(os.path.join(path, "kdet_export.json"), encoding="utf-8"))
+    assert meta["model"] == type(model).__name__ and meta["outputs"] == list(keys)
+    assert meta["labels"] == ["a", "b", "c"] and meta["max_detections"] == 10
+    assert open(os.path.join(path, "labels.txt"), encoding="utf-8").read() == "a\nb\nc\n"
+
+
+def test_saved_model_uint8_input(faster, tmp_path):
+    import kdet
+
+    images = np.round(_images(batch=1, seed=1)).astype(np.uint8)
+    reference = faster.predict(images.astype(np.float32), verbose=0)
+    path = kdet.export.export(faster, str(tmp_path / "u8"), input_dtype="uint8")
+    assert_same_predictions(reference, _saved_model_outputs(path, images),
+                            ("boxes", "scores", "labels", "num_detections"))
+
+
+def test_two_stage_export_refuses_dense_only_options(faster, tmp_path):
+    import kdet
+
+    out = str(tmp_path / "x")
+    with pytest.raises(ValueError, match="FasterRCNN .*score_threshold cannot be overridden"):
+        kdet.export.export(faster, out, score_threshold=0.3)
+    with pytest.raises(ValueError, match="max_detections"):
+        kdet.export.export(faster, out, max_detections=5)
+    with pytest.raises(ValueError, match="int8.*not supported for FasterRCNN"):
+        kdet.export.export(faster, out + ".tflite", quantization="int8",
+                           representative_dataset=[_images(1)[0]])
+    with pytest.raises(ValueError, match="nms='tflite_postprocess'"):
+        kdet.export.export(faster, out + ".tflite", nms="tflite_postprocess")
+    with pytest.raises(ValueError, match="3 classes"):
+        kdet.export.export(faster, out, labels=["only one"])
+    assert not os.path.exists(out)
+
+
+def test_proposal_input_detectors_are_refused(tmp_path):
+    import kdet
+
+    model = kdet.models.FastRCNN(num_classes=2, backbone="mobilenet_v2", image_size=SIZE,
+                                 num_proposals=8, representation_size=16)
+    with pytest.raises(ValueError, match="FastRCNN is not exportable: it takes external "
+                                         "proposals"):
+        kdet.export.export(model, str(tmp_path / "fast.onnx"))
+
+
+# ------------------------------------------------------------ ONNX / LiteRT (slow)
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["faster", "mask"])
+def test_onnx_matches_predict(kind, faster, mask, tmp_path):
+    pytest.importorskip("tf2onnx")
+    pytest.importorskip("onnxruntime")
+    import kdet
+
+    model = {"faster": faster, "mask": mask}[kind]
+    images = _images()
+    reference = model.predict(images, verbose=0)
+    path = kdet.export.export(model, str(tmp_path / "rcnn.onnx"), batch_size=2)
+    keys = ("boxes", "scores", "labels", "num_detections") + (("masks",) if kind == "mask" else ())
+    assert_same_predictions(reference, _onnx_outputs(path, images), keys)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["faster", "mask"])
+def test_litert_matches_predict(kind, faster, mask, tmp_path):
+    pytest.importorskip("ai_edge_litert")
+    import kdet
+
+    model = {"faster": faster, "mask": mask}[kind]
+    images = _images(batch=1)
+    reference = model.predict(images, verbose=0)
+    path = kdet.export.export(model, str(tmp_path / "rcnn.tflite"), labels=["a", "b", "c"])
+    keys = ("boxes", "scores", "labels", "num_detections") + (("masks",) if kind == "mask" else ())
+    assert_same_predictions(reference, _litert_outputs(path, images), keys)
+    detector = kdet.export.LiteRTDetector(path)
+    assert detector.labels == ["a", "b", "c"] and detector.metadata["model"] == type(model).__name__
+    assert_same_predictions(reference, detector.predict(images), keys)
+
+
+@pytest.mark.slow
+def test_keypoint_rcnn_all_formats_match_predict(tmp_path):
+    pytest.importorskip("tf2onnx")
+    pytest.importorskip("ai_edge_litert")
+    import kdet
+
+    model = _tiny("keypoint")
+    images = _images(batch=1, seed=2)
+    reference = model.predict(images, verbose=0)
+    keys = ("boxes", "scores", "labels", "num_detections", "keypoints")
+    saved = kdet.export.export(model, str(tmp_path / "kp_saved"))
+    assert_same_predictions(reference, _saved_model_outputs(saved, images), keys)
+    onnx_path = kdet.export.export(model, str(tmp_path / "kp.onnx"))
+    assert_same_predictions(reference, _onnx_outputs(onnx_path, images), keys)
+    tflite = kdet.export.export(model, str(tmp_path / "kp.tflite"))
+    assert_same_predictions(reference, _litert_outputs(tflite, images), keys)
