@@ -136,3 +136,23 @@ def test_predict_and_keras_roundtrip(exact_model, rng, tmp_path):
 @slow_on_jax
 def test_predict_images_maps_boxes_back(exact_model, rng):
     check_predict_images(exact_model, rng)
+
+
+@pytest.mark.slow
+def test_rcnn_family_example_smoke(tmp_path, shared_data):
+    """examples/rcnn_family.py trains and evaluates all three models (~2-3 min on 2 cores)."""
+    import os
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "examples" / "rcnn_family.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--data", str(shared_data / "pennfudan"), "--steps", "2",
+         "--val-images", "4", "--image-size", "128", "--proposals", "40", "--crop-size", "32"],
+        cwd=tmp_path, env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True,
+        text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for name in ("rcnn", "fast_rcnn", "faster_rcnn"):
+        assert re.search(rf"\| {name} \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", result.stdout)
