@@ -6,7 +6,7 @@ output is compared: ``num_detections`` and ``labels`` exactly, ``boxes``,
 and randomly initialised (mobilenet_v2 at 64 px, 50 -> 20 proposals, 10
 detections, score threshold 0 so every slot is a real detection).
 
-The SavedModel tests run by default (a few seconds each); ONNX and LiteRT
+One SavedModel test (Mask R-CNN) and the error tests run by default; ONNX and LiteRT
 conversions of the R-CNN graphs take minutes on a small CPU and are ``slow``.
 """
 import json
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
 SIZE = 64
 SMALL = dict(backbone="mobilenet_v2", image_size=SIZE, rpn_pre_nms_top_n_test=50,
              rpn_post_nms_top_n_test=20, box_detections_per_img=10, box_score_thresh=0.0)
-TOL = {"boxes": 1e-3, "scores": 1e-5, "masks": 1e-4, "keypoints": 1e-3}
+TOL = {"boxes": 1e-3, "scores": 1e-4, "masks": 1e-3, "keypoints": 1e-3}
 
 
 def _tiny(kind, seed=0):
@@ -87,8 +87,8 @@ def _litert_outputs(path, images):
     return runner(images=images)
 
 
-# ------------------------------------------------------------ SavedModel (default)
-@pytest.mark.parametrize("kind", ["faster", "mask"])
+# ------------------------------------------------------------ SavedModel (mask: default)
+@pytest.mark.parametrize("kind", [pytest.param("faster", marks=pytest.mark.slow), "mask"])
 def test_saved_model_matches_predict(kind, faster, mask, tmp_path):
     import kdet
 
@@ -108,6 +108,7 @@ def test_saved_model_matches_predict(kind, faster, mask, tmp_path):
     assert open(os.path.join(path, "labels.txt"), encoding="utf-8").read() == "a\nb\nc\n"
 
 
+@pytest.mark.slow
 def test_saved_model_uint8_input(faster, tmp_path):
     import kdet
 
@@ -118,15 +119,16 @@ def test_saved_model_uint8_input(faster, tmp_path):
                             ("boxes", "scores", "labels", "num_detections"))
 
 
-def test_two_stage_export_refuses_dense_only_options(faster, tmp_path):
+def test_two_stage_export_refuses_dense_only_options(mask, tmp_path):
     import kdet
 
+    faster = mask  # the checks run before any tracing: the built Mask R-CNN serves
     out = str(tmp_path / "x")
-    with pytest.raises(ValueError, match="FasterRCNN .*score_threshold cannot be overridden"):
+    with pytest.raises(ValueError, match="MaskRCNN .*score_threshold cannot be overridden"):
         kdet.export.export(faster, out, score_threshold=0.3)
     with pytest.raises(ValueError, match="max_detections"):
         kdet.export.export(faster, out, max_detections=5)
-    with pytest.raises(ValueError, match="int8.*not supported for FasterRCNN"):
+    with pytest.raises(ValueError, match="int8.*not supported for MaskRCNN"):
         kdet.export.export(faster, out + ".tflite", quantization="int8",
                            representative_dataset=[_images(1)[0]])
     with pytest.raises(ValueError, match="nms='tflite_postprocess'"):

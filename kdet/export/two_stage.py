@@ -15,7 +15,10 @@ model itself traced at a fixed input signature (raw 0-255 images
 The same graph goes to every format: a SavedModel (``serving_default``), ONNX
 (tf2onnx) and LiteRT (``TFLiteConverter`` builtins only: the NMS is kdet's own
 pure-ops greedy NMS, so no ``NON_MAX_SUPPRESSION`` kernel is involved and the
-detections equal ``model.predict`` up to float rounding). Decoder overrides
+detections equal ``model.predict`` up to float rounding). For LiteRT the gather
+RoIAlign is traced in an equivalent rank <= 5 form
+(:func:`_litert_gather_roi_align`): kdet's own builds a 7-D tap lattice that
+LiteRT's builtin kernels cannot run. Decoder overrides
 (``max_detections``, ``score_threshold``, ``iou_threshold``) and the LiteRT
 options that only make sense for the dense post-processing (``nms``,
 ``quantization="int8"``) are refused: set the thresholds on the model
@@ -24,6 +27,7 @@ options that only make sense for the dense post-processing (``nms``,
 R-CNN / Fast R-CNN take external proposals as a second input and are not
 exported (:func:`check_exportable` says so).
 """
+import contextlib
 import json
 import os
 import tempfile
@@ -82,6 +86,80 @@ def serving_function(model, input_dtype="float32", batch_size=1):
                 for k in keys}
 
     return serve, [spec]
+
+
+def _litert_gather_roi_align(flat_features, base, row_stride, height, width, geometry,
+                             grid_h, grid_w, max_grid_h, max_grid_w, out_h, out_w, dtype):
+    """:func:`kdet.ops.roi_align._gather_roi_align` with tensors of rank <= 5, no int ReLU.
+
+    The same taps, weights and sum (kdet.ops.roi_align is the reference), but
+    the ``[B, R]`` axes are merged before the tap lattice is built and the taps
+    are gathered as ``[B*R*out_h*out_w, taps, C]``: the original's
+    ``[B, R, out_h, out_w, 2G, 2G(, 1)]`` lattice needs a 7-D ``STRIDED_SLICE``
+    (LiteRT kernels stop at 5-D) and its int32 ``clip`` becomes an int32
+    ``RELU`` (no LiteRT builtin): both would need the Flex (Select TF ops)
+    delegate, which ``ai_edge_litert`` does not ship.
+    """
+    from keras import ops
+
+    from kdet.ops import roi_align as reference
+
+    safe_gh = ops.where(grid_h >= 1.0, grid_h, 1.0)
+    safe_gw = ops.where(grid_w >= 1.0, grid_w, 1.0)
+    ys = reference._sample_coordinates(geometry["start_y"], geometry["bin_h"], safe_gh, out_h,
+                                       max_grid_h)
+    xs = reference._sample_coordinates(geometry["start_x"], geometry["bin_w"], safe_gw, out_w,
+                                       max_grid_w)
+    valid_y, y_low, ly = reference._bilinear_axis(ys, height[..., None, None])
+    valid_x, x_low, lx = reference._bilinear_axis(xs, width[..., None, None])
+    slot_h = ops.cast(ops.arange(max_grid_h), "float32")
+    slot_w = ops.cast(ops.arange(max_grid_w), "float32")
+    valid_y = ops.logical_and(valid_y, slot_h < grid_h[..., None, None])
+    valid_x = ops.logical_and(valid_x, slot_w < grid_w[..., None, None])
+    count = ops.maximum(grid_h * grid_w, 1.0)
+    y_low_i = ops.cast(y_low, "int32")
+    x_low_i = ops.cast(x_low, "int32")
+    y_max = ops.cast(height, "int32")[..., None, None] - 1
+    x_max = ops.cast(width, "int32")[..., None, None] - 1
+    rows = ops.concatenate([y_low_i, ops.minimum(y_low_i + 1, y_max)], axis=-1)
+    cols = ops.concatenate([x_low_i, ops.minimum(x_low_i + 1, x_max)], axis=-1)
+    wy = ops.concatenate([ops.where(valid_y, 1.0 - ly, 0.0), ops.where(valid_y, ly, 0.0)], axis=-1)
+    wx = ops.concatenate([ops.where(valid_x, 1.0 - lx, 0.0), ops.where(valid_x, lx, 0.0)], axis=-1)
+    wy = wy / count[..., None, None]
+
+    batch_rois = ops.shape(base)
+    taps_h, taps_w = 2 * max_grid_h, 2 * max_grid_w
+    base = ops.reshape(base, [-1])
+    row_stride = ops.reshape(row_stride, [-1])
+    rows = ops.reshape(rows, [-1, out_h, taps_h])
+    cols = ops.reshape(cols, [-1, out_w, taps_w])
+    wy = ops.reshape(wy, [-1, out_h, taps_h])
+    wx = ops.reshape(wx, [-1, out_w, taps_w])
+    index = (base[:, None, None, None, None]
+             + (rows * row_stride[:, None, None])[:, :, None, :, None]
+             + cols[:, None, :, None, :])
+    last = ops.shape(flat_features)[0] - 1
+    index = ops.where(index < 0, 0, ops.where(index > last, last, index))
+    index = ops.reshape(index, [-1, taps_h * taps_w])
+    weight = ops.cast(wy[:, :, None, :, None] * wx[:, None, :, None, :], dtype)
+    weight = ops.reshape(weight, [-1, taps_h * taps_w, 1])
+    values = ops.take(flat_features, index, axis=0)
+    pooled = ops.sum(values * weight, axis=1)
+    return ops.reshape(pooled, [batch_rois[0], batch_rois[1], out_h, out_w,
+                                flat_features.shape[-1]])
+
+
+@contextlib.contextmanager
+def _litert_compatible_ops():
+    """Trace with :func:`_litert_gather_roi_align` in place of kdet's gather RoIAlign."""
+    from kdet.ops import roi_align
+
+    original = roi_align._gather_roi_align
+    roi_align._gather_roi_align = _litert_gather_roi_align
+    try:
+        yield
+    finally:
+        roi_align._gather_roi_align = original
 
 
 def write_saved_model(model, path, input_dtype="float32", batch_size=1):
@@ -186,7 +264,8 @@ def _write_litert(model, path, input_dtype, batch_size, quantization, meta, labe
         raise ValueError("LiteRT needs a static batch size (batch_size=1 or N), got None")
     with tempfile.TemporaryDirectory(prefix="kdet_litert_") as tmp:
         saved = os.path.join(tmp, "saved_model")
-        write_saved_model(model, saved, input_dtype, batch_size)
+        with _litert_compatible_ops():
+            write_saved_model(model, saved, input_dtype, batch_size)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved)
         if quantization in ("fp16", "dynamic"):
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
