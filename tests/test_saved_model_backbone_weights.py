@@ -43,6 +43,18 @@ CASES = {
     "MaskRCNN": (lambda: build_backbone("mobilenet_v2", RCNN_SIZE, levels=(2, 3, 4, 5)),
                  lambda path: kdet.models.MaskRCNN(num_classes=3, backbone="mobilenet_v2",
                                                    image_size=RCNN_SIZE, backbone_weights=path)),
+    "KeypointRCNN": (lambda: build_backbone("mobilenet_v2", RCNN_SIZE, levels=(2, 3, 4, 5)),
+                     lambda path: kdet.models.KeypointRCNN(num_classes=1, num_keypoints=3,
+                                                           backbone="mobilenet_v2",
+                                                           image_size=RCNN_SIZE,
+                                                           backbone_weights=path)),
+    "FastRCNN": (lambda: build_backbone("mobilenet_v2", RCNN_SIZE, levels=(4,)),
+                 lambda path: kdet.models.FastRCNN(num_classes=3, backbone="mobilenet_v2",
+                                                   image_size=RCNN_SIZE, backbone_weights=path)),
+    "RCNN": (lambda: build_backbone("mobilenet_v2", RCNN_SIZE, levels=(5,)),
+             lambda path: kdet.models.RCNN(num_classes=3, backbone="mobilenet_v2",
+                                           image_size=RCNN_SIZE, crop_size=RCNN_SIZE,
+                                           context_padding=8, backbone_weights=path)),
 }
 
 
@@ -83,12 +95,14 @@ def test_saved_model_loads_without_the_backbone_weights_file(tmp_path, name):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["RetinaNet", "FasterRCNN"])
+@pytest.mark.parametrize("name", ["RetinaNet", "FasterRCNN", "FastRCNN", "RCNN",
+                                  pytest.param("KeypointRCNN", marks=pytest.mark.slow)])
 def test_config_names_no_weights_file_and_older_configs_naming_one_still_build(tmp_path, name):
     """The config of a model built from a file names no file; models saved before the fix
     carry the path in their config, and from_config ignores it (the saved file holds the
     weights). DenseDetector.from_config serves EfficientDet and RetinaNet,
-    FasterRCNN.from_config MaskRCNN."""
+    FasterRCNN.from_config MaskRCNN and KeypointRCNN, ProposalDetector.from_config FastRCNN
+    and RCNN."""
     make_backbone, make_model = CASES[name]
     path, _ = _backbone_file(tmp_path, make_backbone())
     model = make_model(path)
