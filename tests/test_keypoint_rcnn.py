@@ -296,6 +296,7 @@ def _keypoint_fit_data(size, rng):
     return images, y
 
 
+@slow_on_jax  # 60-120 s of eager JAX op compiles
 def test_missing_or_misshapen_keypoints_raise(rng):
     model = small_model(kdet.models.KeypointRCNN, num_classes=1, image_size=96,
                         box_detections_per_img=SLOTS)
@@ -348,6 +349,7 @@ def test_fit_jit_compile_tensorflow_on_tf_data(rng):
     assert np.all(np.isfinite(history.history["loss"]))
 
 
+@slow_on_jax  # 60-120 s of eager JAX op compiles
 def test_predict_images_maps_keypoints_back(rng):
     from kdet.models.detector import resize_and_pad
 
