@@ -102,7 +102,7 @@ def _litert_gather_roi_align(flat_features, base, row_stride, height, width, geo
     """
     from keras import ops
 
-    from kdet.ops import roi_align as reference
+    reference = _roi_align_module()
 
     safe_gh = ops.where(grid_h >= 1.0, grid_h, 1.0)
     safe_gw = ops.where(grid_w >= 1.0, grid_w, 1.0)
@@ -149,11 +149,17 @@ def _litert_gather_roi_align(flat_features, base, row_stride, height, width, geo
                                 flat_features.shape[-1]])
 
 
+def _roi_align_module():
+    # kdet.ops re-exports the function roi_align under the module's name.
+    import importlib
+
+    return importlib.import_module("kdet.ops.roi_align")
+
+
 @contextlib.contextmanager
 def _litert_compatible_ops():
     """Trace with :func:`_litert_gather_roi_align` in place of kdet's gather RoIAlign."""
-    from kdet.ops import roi_align
-
+    roi_align = _roi_align_module()
     original = roi_align._gather_roi_align
     roi_align._gather_roi_align = _litert_gather_roi_align
     try:
