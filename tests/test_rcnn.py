@@ -156,3 +156,19 @@ def test_rcnn_family_example_smoke(tmp_path, shared_data):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for name in ("rcnn", "fast_rcnn", "faster_rcnn"):
         assert re.search(rf"\| {name} \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", result.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("keras").backend.backend() != "tensorflow",
+                    reason="jit_compile on the TF backend (JAX fit always compiles)")
+def test_fit_jit_compile_tensorflow(rng):
+    import keras
+
+    from test_fast_rcnn import random_batch
+
+    images, proposals, y = random_batch(rng)
+    model = small_rcnn(backbone=tiny_backbone(CROP, 5))
+    model.compile(optimizer=keras.optimizers.SGD(1e-3), jit_compile=True)
+    history = model.fit({"images": images, "proposals": proposals}, y, batch_size=2, epochs=2,
+                        verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
