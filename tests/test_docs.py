@@ -249,21 +249,9 @@ def _runnable(path):
             if info == "python"]
 
 
-def _jax_backend():
-    import keras
-    return keras.backend.backend() == "jax"
-
-
-# The worked example builds, saves, loads, predicts with and fits a model: a few
-# seconds on TensorFlow, but eager JAX compiles op by op (~27 s measured on a loaded
-# 2-core machine), so on JAX it runs with the slow tests (the code is backend-agnostic
-# Keras; the TensorFlow run checks it every time).
-SLOW_ON_JAX = ("adding-a-model.md",)
-
-
-@pytest.mark.parametrize("page", [
-    pytest.param(p.name, marks=pytest.mark.slow if p.name in SLOW_ON_JAX and _jax_backend()
-                 else ()) for p in doc_files() if _runnable(p)])
+# The slowest page, adding-a-model.md (build, save, load, predict, fit), takes ~8 s on
+# JAX and ~2-5 s on TensorFlow on a quiet 2-core machine.
+@pytest.mark.parametrize("page", [p.name for p in doc_files() if _runnable(p)])
 def test_python_blocks_run(page, tmp_path, monkeypatch):
     # The blocks of one page run in order in one namespace (later blocks may use
     # earlier names), in an empty folder so nothing lands in the repository.
