@@ -58,6 +58,9 @@ def assert_same_predictions(reference, got, keys):
     np.testing.assert_array_equal(np.asarray(got["num_detections"]).reshape(-1),
                                   reference["num_detections"])
     np.testing.assert_array_equal(np.asarray(got["labels"]), reference["labels"])
+    diffs = {k: float(np.max(np.abs(np.asarray(got[k], np.float64) - reference[k])))
+             for k in keys if k in TOL}
+    print("max |diff| vs model.predict:", diffs)  # shown with pytest -s
     for key in keys:
         if key in TOL:
             np.testing.assert_allclose(np.asarray(got[key], np.float64),

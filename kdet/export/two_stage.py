@@ -18,7 +18,9 @@ pure-ops greedy NMS, so no ``NON_MAX_SUPPRESSION`` kernel is involved and the
 detections equal ``model.predict`` up to float rounding). For LiteRT the gather
 RoIAlign is traced in an equivalent rank <= 5 form
 (:func:`_litert_gather_roi_align`): kdet's own builds a 7-D tap lattice that
-LiteRT's builtin kernels cannot run. Decoder overrides
+LiteRT's builtin kernels cannot run; for ONNX and LiteRT, Keras' ``argmax`` (the
+keypoint decode) is traced with a ``signbit`` without ``Bitcast``
+(:func:`_signbit_without_bitcast`). Decoder overrides
 (``max_detections``, ``score_threshold``, ``iou_threshold``) and the LiteRT
 options that only make sense for the dense post-processing (``nms``,
 ``quantization="int8"``) are refused: set the thresholds on the model
@@ -156,16 +158,41 @@ def _roi_align_module():
     return importlib.import_module("kdet.ops.roi_align")
 
 
+def _signbit_without_bitcast(original):
+    """Keras-TF ``signbit`` (used by ``ops.argmax`` against flush-to-zero) without ``Bitcast``.
+
+    ``x < 0``, or ``x == 0`` with ``1 / x = -inf`` (negative zero): the same
+    answer for every non-NaN float. tf2onnx has no ONNX op for ``Bitcast``.
+    """
+    def signbit(x):
+        import tensorflow as tf
+
+        x = tf.convert_to_tensor(x)
+        if isinstance(x, tf.SparseTensor) or not x.dtype.is_floating:
+            return original(x)
+        x = tf.cast(x, tf.float32)
+        return tf.logical_or(x < 0.0, tf.logical_and(tf.equal(x, 0.0),
+                                                     tf.math.reciprocal(x) < 0.0))
+
+    return signbit
+
+
 @contextlib.contextmanager
-def _litert_compatible_ops():
-    """Trace with :func:`_litert_gather_roi_align` in place of kdet's gather RoIAlign."""
+def _portable_ops(litert=False):
+    """Trace with ops that every runtime has (ONNX: no ``Bitcast``; LiteRT: also no
+    rank > 5 strided slice or int32 ReLU, see :func:`_litert_gather_roi_align`)."""
+    from keras.src.backend.tensorflow import numpy as tf_numpy
+
     roi_align = _roi_align_module()
-    original = roi_align._gather_roi_align
-    roi_align._gather_roi_align = _litert_gather_roi_align
+    original_gather, original_signbit = roi_align._gather_roi_align, tf_numpy.signbit
+    tf_numpy.signbit = _signbit_without_bitcast(original_signbit)
+    if litert:
+        roi_align._gather_roi_align = _litert_gather_roi_align
     try:
         yield
     finally:
-        roi_align._gather_roi_align = original
+        roi_align._gather_roi_align = original_gather
+        tf_numpy.signbit = original_signbit
 
 
 def write_saved_model(model, path, input_dtype="float32", batch_size=1):
@@ -250,8 +277,9 @@ def _write_onnx(model, path, input_dtype, batch_size, opset, meta, labels, name)
         raise ValueError(f"ONNX opset must be >= {MIN_OPSET}, got {opset}")
     fn, signature = serving_function(model, input_dtype, batch_size)
     function = tf.function(fn, input_signature=signature)
-    model_proto, _ = tf2onnx.convert.from_function(function, input_signature=signature,
-                                                   opset=int(opset))
+    with _portable_ops():
+        model_proto, _ = tf2onnx.convert.from_function(function, input_signature=signature,
+                                                       opset=int(opset))
     metadata = {"kdet_export": json.dumps(meta)}
     if labels:
         metadata["labels"] = "\n".join(labels)
@@ -270,7 +298,7 @@ def _write_litert(model, path, input_dtype, batch_size, quantization, meta, labe
         raise ValueError("LiteRT needs a static batch size (batch_size=1 or N), got None")
     with tempfile.TemporaryDirectory(prefix="kdet_litert_") as tmp:
         saved = os.path.join(tmp, "saved_model")
-        with _litert_compatible_ops():
+        with _portable_ops(litert=True):
             write_saved_model(model, saved, input_dtype, batch_size)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved)
         if quantization in ("fp16", "dynamic"):
