@@ -14,7 +14,7 @@ What it does:
    from random init otherwise (``--random-init``);
 3. training: ``model.fit`` for 600 steps of 8 images with AdamW (lr 2e-3,
    weight decay 1e-4), 50 warmup steps then cosine decay, gradient clipping
-   at 10; TF graph mode (no XLA: on a CPU XLA is slower, see DESIGN.md);
+   at 10; TF graph mode (no XLA: on a CPU XLA is slower, see docs/training.md);
 4. COCO AP on 64 held-out images with ``kdet.metrics.COCOEvaluator``;
    the held-out ground truth and the detections are written as COCO JSON
    (``<out>/val_ground_truth.json``, ``<out>/val_detections.json``);

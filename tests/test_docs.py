@@ -73,6 +73,16 @@ def test_readme_points_to_docs_and_not_outside_the_repository():
     assert not outside, f"README.md links outside the repository: {outside}"
 
 
+def test_nothing_points_to_the_design_file_a_clone_lacks():
+    # DESIGN.md lives outside the repository; docs/ replaces it for readers of a clone.
+    sources = [README, REPO / "zoo" / "README.md", *doc_files(), *KDET.rglob("*.py"),
+               *(REPO / "examples").glob("*.py"), *(REPO / "benchmarks").glob("*"),
+               *(REPO / "scripts").glob("*")]
+    pointing = [_rel(path) for path in sources
+                if path.is_file() and "DESIGN.md" in path.read_text(encoding="utf-8", errors="replace")]
+    assert not pointing, f"files that still point to DESIGN.md: {pointing}"
+
+
 # ------------------------------------------------------------------ names and paths
 KDET_NAME = re.compile(r"(?<![\w./-])kdet(?:\.[A-Za-z_]\w*)+")
 

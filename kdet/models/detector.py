@@ -10,7 +10,7 @@ how its graph is built and which loss it uses:
   the model's classification and box losses — so ``model.fit`` works on a
   ``tf.data`` pipeline with no custom loop, with ``jit_compile=True``, on TF and JAX;
 * ``predict_step`` decodes with :class:`kdet.layers.DetectionDecoder`, so
-  ``model.predict(images)`` returns the padded detection dict of DESIGN.md;
+  ``model.predict(images)`` returns the padded detection dict of docs/tensor-contract.md;
 * ``predict_images`` accepts images of any size: resize-and-pad in, boxes
   mapped back to each image's own pixels out.
 """

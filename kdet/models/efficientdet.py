@@ -26,7 +26,7 @@ from kdet.models.detector import DenseDetector, make_decoder, make_matcher
 from kdet.optimizers import SGD
 
 
-# effdet `tf_efficientdet_*` configs (DESIGN.md table).
+# effdet `tf_efficientdet_*` configs (the table in docs/reference-semantics.md).
 EFFICIENTDET_CONFIGS = {
     "d0": dict(backbone="b0", image_size=512, fpn_channels=64, fpn_repeats=3, head_repeats=3, anchor_scale=4.0, fusion="fast"),
     "d1": dict(backbone="b1", image_size=640, fpn_channels=88, fpn_repeats=4, head_repeats=3, anchor_scale=4.0, fusion="fast"),

@@ -133,7 +133,7 @@ def select_detections(boxes, scores, labels, indices, valid_count):
     Returns:
         ``{"boxes": [B, D, 4], "scores": [B, D], "labels": [B, D] int32,
         "num_detections": [B] int32}``; padded slots hold zero boxes, score 0
-        and label -1 (DESIGN.md). ``labels`` None gives label 0 to every
+        and label -1 (docs/tensor-contract.md). ``labels`` None gives label 0 to every
         detection.
 
     >>> import numpy as np

@@ -25,7 +25,7 @@ def accelerator_visible():
 
 
 def resolve_jit_compile(value):
-    """``"auto"``: XLA on accelerators, off on CPU (DESIGN.md: CPU XLA convs are ~10x slower)."""
+    """``"auto"``: XLA on accelerators, off on CPU (6-10x slower there; docs/training.md)."""
     if value == "auto" or value is None:
         return accelerator_visible()
     return bool(value)
