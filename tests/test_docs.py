@@ -78,8 +78,8 @@ def test_nothing_points_to_the_design_file_a_clone_lacks():
     sources = [README, REPO / "zoo" / "README.md", *doc_files(), *KDET.rglob("*.py"),
                *(REPO / "examples").glob("*.py"), *(REPO / "benchmarks").glob("*"),
                *(REPO / "scripts").glob("*")]
-    pointing = [_rel(path) for path in sources
-                if path.is_file() and "DESIGN.md" in path.read_text(encoding="utf-8", errors="replace")]
+    pointing = [_rel(path) for path in sources if path.is_file()
+                and "DESIGN.md" in path.read_text(encoding="utf-8", errors="replace")]
     assert not pointing, f"files that still point to DESIGN.md: {pointing}"
 
 
