@@ -103,6 +103,10 @@ def torch_postprocess(class_logits, box_regression, proposals, image_size, weigh
     logits, regression = torch.from_numpy(class_logits), torch.from_numpy(box_regression)
     boxes = coder.decode(regression, [torch.from_numpy(proposals)])
     scores = torch.softmax(logits, -1)
+    # TensorFlow's CPU kernels flush subnormal floats to zero (FTZ/DAZ): a 3e-41
+    # probability is 0 there and fails "> 0". Do the same here; normal floats agree.
+    scores = torch.where(scores < torch.finfo(torch.float32).tiny, torch.zeros_like(scores),
+                         scores)
     boxes = box_ops.clip_boxes_to_image(boxes, image_size)
     num_columns = logits.shape[-1]
     labels = torch.arange(num_columns).view(1, -1).expand_as(scores)

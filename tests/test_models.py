@@ -234,7 +234,11 @@ def _reference_postprocess(model, cls_logits, box_deltas):
         labels_all.append(labels)
         start += count
     scores, boxes, labels = map(np.concatenate, (scores_all, boxes_all, labels_all))
-    keep_thr = scores > dec.score_threshold
+    # kdet departs from torchvision RetinaNet / effdet on purpose here (issue #10): a box
+    # empty after clipping can match no object, so it is dropped before NMS, as
+    # torchvision's remove_small_boxes does in its R-CNN heads.
+    nonempty = ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)
+    keep_thr = (scores > dec.score_threshold) & nonempty
     scores, boxes, labels = scores[keep_thr], boxes[keep_thr], labels[keep_thr]
     kept = []
     for c in np.unique(labels):  # batched_nms == per-class NMS
