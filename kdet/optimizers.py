@@ -69,3 +69,19 @@ class SGD(EMAWarmupMixin, keras.optimizers.SGD):
 @keras.saving.register_keras_serializable("kdet")
 class AdamW(EMAWarmupMixin, keras.optimizers.AdamW):
     """``keras.optimizers.AdamW`` with automl's EMA warm-up (``ema_warmup=True``)."""
+
+
+def step_decay_sgd(learning_rate, milestones, weight_decay, momentum=0.9, global_clipnorm=10.0):
+    """SGD with momentum whose rate drops x0.1 at each of ``milestones`` (steps), the
+    torchvision detection references' and the Fast R-CNN paper's schedule.
+
+    >>> opt = step_decay_sgd(0.02, (60000, 80000), weight_decay=1e-4)
+    >>> schedule = opt._learning_rate  # the schedule (``opt.learning_rate`` is its value now)
+    >>> [round(float(schedule(s)), 6) for s in (0, 60001, 80001)]
+    [0.02, 0.002, 0.0002]
+    """
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
+        boundaries=[int(m) for m in milestones],
+        values=[learning_rate * 0.1 ** i for i in range(len(milestones) + 1)])
+    return keras.optimizers.SGD(learning_rate=schedule, momentum=momentum,
+                                weight_decay=weight_decay, global_clipnorm=global_clipnorm)

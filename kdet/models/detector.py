@@ -121,6 +121,21 @@ class DetectorMixin:
             results.append(out)
         return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
 
+    def get_config(self):
+        """The constructor arguments the model keeps in ``self._config`` (a named backbone
+        only: a custom backbone model is not serialisable by config)."""
+        if not isinstance(self._config["backbone"], str):
+            raise ValueError(f"a {type(self).__name__} with a custom backbone model cannot be "
+                             "serialised by config")
+        return dict(self._config, name=self.name)
+
+    @classmethod
+    def from_config(cls, config):
+        if config.get("backbone_weights") is not None:
+            # a file named by an older saved model: its weights are in the saved model already
+            config = dict(config, backbone_weights=None)
+        return cls(**config)
+
     def compile(self, optimizer="default", **kwargs):
         if isinstance(optimizer, str) and optimizer == "default":
             optimizer = self.default_optimizer()
@@ -240,13 +255,6 @@ class DenseDetector(DetectorMixin, keras.Model):
 
     def get_config(self):
         raise NotImplementedError  # subclasses return their constructor arguments
-
-    @classmethod
-    def from_config(cls, config):
-        if config.get("backbone_weights") is not None:
-            # a file named by an older saved model: its weights are in the saved model already
-            config = dict(config, backbone_weights=None)
-        return cls(**config)
 
 
 def make_matcher(high, low, allow_low_quality=False, force_match_for_each_gt=False):

@@ -54,6 +54,7 @@ from kdet.layers.roi_heads import FastRCNNPredictor, TwoMLPHead, postprocess_det
 from kdet.matching import BalancedSampler, Matcher, encode_roi_targets
 from kdet.models.detector import DetectorMixin, resize_and_pad
 from kdet.models.faster_rcnn import fastrcnn_loss
+from kdet.optimizers import step_decay_sgd
 from kdet.ops.proposals import default_proposals, pad_proposals
 
 PREDICTION_KEYS = ("boxes", "scores", "labels", "num_detections")
@@ -265,24 +266,8 @@ class ProposalDetector(DetectorMixin, keras.Model):
     def default_optimizer(self, steps=40000, learning_rate=0.001, milestones=None):
         """The paper's recipe: SGD 0.001, momentum 0.9, weight decay 5e-4, x0.1 after 3/4."""
         milestones = milestones or (int(steps * 3 / 4),)
-        schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
-            boundaries=list(milestones),
-            values=[learning_rate * 0.1 ** i for i in range(len(milestones) + 1)])
-        return keras.optimizers.SGD(learning_rate=schedule, momentum=0.9, weight_decay=5e-4,
-                                    global_clipnorm=10.0)
+        return step_decay_sgd(learning_rate, milestones, weight_decay=5e-4)
 
-    def get_config(self):
-        if not isinstance(self._config["backbone"], str):
-            raise ValueError(f"a {type(self).__name__} with a custom backbone model cannot be "
-                             "serialised by config")
-        return dict(self._config, name=self.name)
-
-    @classmethod
-    def from_config(cls, config):
-        if config.get("backbone_weights") is not None:
-            # a file named by an older saved model: its weights are in the saved model already
-            config = dict(config, backbone_weights=None)
-        return cls(**config)
 
 
 def backbone_level(backbone, size, level, weights, norm, trainable_layers, norm_epsilon, owner):

@@ -57,6 +57,7 @@ from kdet.layers.rpn import ProposalGenerator, RPNHead
 from kdet.matching import (BalancedSampler, Matcher, encode_roi_targets, encode_rpn_targets,
                            gather_rows)
 from kdet.models.detector import DetectorMixin
+from kdet.optimizers import step_decay_sgd
 from kdet.ops.roi_align import roi_align_maps
 
 ANCHOR_SIZES = (32, 64, 128, 256, 512)
@@ -271,24 +272,8 @@ class FasterRCNN(DetectorMixin, keras.Model):
     def default_optimizer(self, steps=90000, learning_rate=0.02, milestones=None):
         """torchvision detection recipe: SGD 0.02, momentum 0.9, weight decay 1e-4, x0.1 steps."""
         milestones = milestones or (int(steps * 2 / 3), int(steps * 8 / 9))
-        schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
-            boundaries=list(milestones),
-            values=[learning_rate, learning_rate * 0.1, learning_rate * 0.01])
-        return keras.optimizers.SGD(learning_rate=schedule, momentum=0.9, weight_decay=1e-4,
-                                    global_clipnorm=10.0)
+        return step_decay_sgd(learning_rate, milestones, weight_decay=1e-4)
 
-    def get_config(self):
-        if not isinstance(self._config["backbone"], str):
-            raise ValueError(f"a {type(self).__name__} with a custom backbone model cannot be "
-                             "serialised by config")
-        return dict(self._config, name=self.name)
-
-    @classmethod
-    def from_config(cls, config):
-        if config.get("backbone_weights") is not None:
-            # a file named by an older saved model: its weights are in the saved model already
-            config = dict(config, backbone_weights=None)
-        return cls(**config)
 
 
 # ---------------------------------------------------------------- loss functions
@@ -352,11 +337,14 @@ def project_masks_on_boxes(gt_masks, rois, matches, image_size, output_size=28):
                           spatial_scale=1.0, sampling_ratio=-1, aligned=False)
 
 
-def mask_rcnn_loss(roi_heads, features, roi, gt_masks, image_size, max_rois, training=True):
-    """torchvision ``maskrcnn_loss`` over the foreground RoIs of ``encode_roi_targets``.
+def select_foreground_rois(roi, max_rois):
+    """The first ``max_rois`` foreground RoIs of ``encode_roi_targets`` per image (the
+    RoIs the mask and keypoint heads train on; all of them under the default sampler,
+    which keeps at most 25 % of 512).
 
-    The first ``max_rois`` foreground RoIs of each image (all of them under
-    the default sampler, which keeps at most 25 % of 512) run the mask head.
+    Returns ``(rois [B, k, 4], matches [B, k], labels [B, k], selected [B, k])``:
+    RoIs packed first in sampled order, zero boxes / match 0 / label 0 where
+    ``selected`` is False.
     """
     labels = roi["labels"]
     foreground = labels >= 0
@@ -366,8 +354,16 @@ def mask_rcnn_loss(roi_heads, features, roi, gt_masks, image_size, max_rois, tra
     key, index = ops.top_k(ops.cast(order_key, "int32"), k)
     selected = key > 0
     rois = ops.where(selected[..., None], gather_rows(roi["rois"], index), 0.0)
-    mask_labels = ops.where(selected, ops.take_along_axis(labels, index, axis=1), 0)
     matches = ops.where(selected, ops.take_along_axis(roi["matches"], index, axis=1), 0)
+    picked_labels = ops.where(selected, ops.take_along_axis(labels, index, axis=1), 0)
+    return rois, matches, picked_labels, selected
+
+
+def mask_rcnn_loss(roi_heads, features, roi, gt_masks, image_size, max_rois, training=True):
+    """torchvision ``maskrcnn_loss`` over the foreground RoIs of ``encode_roi_targets``
+    (:func:`select_foreground_rois`: the first ``max_rois`` of each image run the mask
+    head)."""
+    rois, matches, mask_labels, selected = select_foreground_rois(roi, max_rois)
     targets = ops.stop_gradient(project_masks_on_boxes(gt_masks, rois, matches, image_size,
                                                        output_size=28))
     logits = roi_heads.mask_logits(features, rois, training=training, roi_mask=selected)

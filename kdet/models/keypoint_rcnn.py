@@ -30,7 +30,7 @@ from keras import ops
 from kdet import losses
 from kdet.layers.keypoint_head import KeypointRoIHeads
 from kdet.matching import encode_keypoint_targets, gather_rows
-from kdet.models.faster_rcnn import FasterRCNN
+from kdet.models.faster_rcnn import FasterRCNN, select_foreground_rois
 
 
 @keras.saving.register_keras_serializable(package="kdet")
@@ -95,25 +95,6 @@ class KeypointRCNN(FasterRCNN):
         return out
 
 
-def select_foreground_rois(roi, max_rois):
-    """The first ``max_rois`` foreground RoIs of ``encode_roi_targets`` per image.
-
-    Returns ``(rois [B, k, 4], matches [B, k], selected [B, k])``: RoIs
-    packed first in sampled order, zero boxes / match 0 where ``selected`` is
-    False.
-    """
-    labels = roi["labels"]
-    foreground = labels >= 0
-    num_rois = labels.shape[1]
-    k = min(int(max_rois), num_rois)
-    order_key = ops.where(foreground, num_rois - ops.arange(num_rois, dtype="int32"), 0)
-    key, index = ops.top_k(ops.cast(order_key, "int32"), k)
-    selected = key > 0
-    rois = ops.where(selected[..., None], gather_rows(roi["rois"], index), 0.0)
-    matches = ops.where(selected, ops.take_along_axis(roi["matches"], index, axis=1), 0)
-    return rois, matches, selected
-
-
 def keypoint_rcnn_loss(roi_heads, features, roi, gt_keypoints, max_rois):
     """torchvision ``keypointrcnn_loss`` over the foreground RoIs of ``encode_roi_targets``.
 
@@ -122,7 +103,7 @@ def keypoint_rcnn_loss(roi_heads, features, roi, gt_keypoints, max_rois):
     the cross-entropy is averaged over the valid keypoints of the batch (0
     when there is none).
     """
-    rois, matches, selected = select_foreground_rois(roi, max_rois)
+    rois, matches, _, selected = select_foreground_rois(roi, max_rois)
     keypoints = gather_rows(ops.cast(gt_keypoints, "float32"), matches)  # [B, k, K, 3]
     logits = roi_heads.keypoint_logits(features, rois)  # [B, k, S, S, K]
     targets, valid = encode_keypoint_targets(keypoints, rois, heatmap_size=logits.shape[2])
