@@ -143,6 +143,29 @@ class DetectorMixin:
         super().compile(optimizer=optimizer, **kwargs)
 
 
+class LossTermsMixin:
+    """For detectors whose ``loss_terms(y, y_pred, training)`` returns named scalar losses
+    (torchvision's loss dict; the R-CNN family): the training loss is their sum plus the
+    layers' regularisation, and ``predict`` keeps only ``prediction_keys`` of the
+    model's outputs (the rest feed the losses)."""
+
+    prediction_keys = ("boxes", "scores", "labels", "num_detections")
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        terms = self.loss_terms(y, y_pred, training=training)
+        total = ops.sum(ops.stack([ops.cast(v, "float32") for v in terms.values()]))
+        if self.losses:  # regularisation added by layers
+            total = total + ops.sum(ops.stack([ops.cast(v, "float32") for v in self.losses]))
+        return total
+
+    def predict_step(self, *args):
+        outputs = super().predict_step(*args)
+        keys = self.prediction_keys
+        if isinstance(outputs, tuple):  # JAX: (outputs, non_trainable_variables)
+            return {k: v for k, v in outputs[0].items() if k in keys}, outputs[1]
+        return {k: v for k, v in outputs.items() if k in keys}
+
+
 class DenseDetector(DetectorMixin, keras.Model):
     """Functional single-stage detector with loss and decoding built in.
 

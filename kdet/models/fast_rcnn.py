@@ -52,7 +52,7 @@ from kdet.layers.normalization import ImageNormalization
 from kdet.layers.roi import RoIPool
 from kdet.layers.roi_heads import FastRCNNPredictor, TwoMLPHead, postprocess_detections
 from kdet.matching import BalancedSampler, Matcher, encode_roi_targets
-from kdet.models.detector import DetectorMixin, resize_and_pad
+from kdet.models.detector import DetectorMixin, LossTermsMixin, resize_and_pad
 from kdet.models.faster_rcnn import fastrcnn_loss
 from kdet.optimizers import step_decay_sgd
 from kdet.ops.proposals import default_proposals, pad_proposals
@@ -150,7 +150,7 @@ class FastRCNNHeads(ProposalHeads):
         return config
 
 
-class ProposalDetector(DetectorMixin, keras.Model):
+class ProposalDetector(LossTermsMixin, DetectorMixin, keras.Model):
     """What R-CNN and Fast R-CNN share: ``{"images", "proposals"}`` inputs, RoI sampling and
     the multi-task loss, prediction with given or generated proposals.
 
@@ -160,6 +160,7 @@ class ProposalDetector(DetectorMixin, keras.Model):
     """
 
     head_input_key = "features"
+    prediction_keys = PREDICTION_KEYS
 
     def _setup(self, *, num_classes, image_size, num_proposals, heads, box_fg_iou_thresh,
                box_bg_iou_thresh, box_bg_iou_low, box_batch_size_per_image,
@@ -216,19 +217,7 @@ class ProposalDetector(DetectorMixin, keras.Model):
         return fastrcnn_loss(head["class_logits"], head["box_regression"], roi["labels"],
                              roi["box_targets"], beta=self.box_loss_beta)
 
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        terms = self.loss_terms(y, y_pred, training=training)
-        total = ops.sum(ops.stack([ops.cast(v, "float32") for v in terms.values()]))
-        if self.losses:  # regularisation added by layers
-            total = total + ops.sum(ops.stack([ops.cast(v, "float32") for v in self.losses]))
-        return total
-
     # ------------------------------------------------------------ prediction
-    def predict_step(self, *args):
-        outputs = super().predict_step(*args)
-        if isinstance(outputs, tuple):  # JAX: (outputs, non_trainable_variables)
-            return {k: v for k, v in outputs[0].items() if k in PREDICTION_KEYS}, outputs[1]
-        return {k: v for k, v in outputs.items() if k in PREDICTION_KEYS}
 
     def predict_images(self, images, proposals=None, batch_size=8):
         """Detect on a list of images of any size; boxes in each image's pixels.

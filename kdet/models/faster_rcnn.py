@@ -56,7 +56,7 @@ from kdet.layers.roi_heads import RoIHeads
 from kdet.layers.rpn import ProposalGenerator, RPNHead
 from kdet.matching import (BalancedSampler, Matcher, encode_roi_targets, encode_rpn_targets,
                            gather_rows)
-from kdet.models.detector import DetectorMixin
+from kdet.models.detector import DetectorMixin, LossTermsMixin
 from kdet.optimizers import step_decay_sgd
 from kdet.ops.roi_align import roi_align_maps
 
@@ -66,7 +66,7 @@ PREDICTION_KEYS = ("boxes", "scores", "labels", "num_detections", "masks", "keyp
 
 
 @keras.saving.register_keras_serializable(package="kdet")
-class FasterRCNN(DetectorMixin, keras.Model):
+class FasterRCNN(LossTermsMixin, DetectorMixin, keras.Model):
     """Faster R-CNN R50-FPN (torchvision ``fasterrcnn_resnet50_fpn`` / ``_v2``) as a Keras model.
 
     Args:
@@ -88,6 +88,7 @@ class FasterRCNN(DetectorMixin, keras.Model):
     """
 
     with_masks = False
+    prediction_keys = PREDICTION_KEYS
 
     def __init__(self, num_classes=90, backbone="resnet50", version=1, image_size=800,
                  backbone_weights=None, backbone_norm="batch", trainable_backbone_layers=5,
@@ -245,19 +246,7 @@ class FasterRCNN(DetectorMixin, keras.Model):
         return mask_rcnn_loss(self.roi_heads, features, roi, y["masks"], self.image_size,
                               self.mask_batch_size_per_image, training=training)
 
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        terms = self.loss_terms(y, y_pred, training=training)
-        total = ops.sum(ops.stack([ops.cast(v, "float32") for v in terms.values()]))
-        if self.losses:  # regularisation added by layers
-            total = total + ops.sum(ops.stack([ops.cast(v, "float32") for v in self.losses]))
-        return total
-
     # ------------------------------------------------------------ prediction
-    def predict_step(self, *args):
-        outputs = super().predict_step(*args)
-        if isinstance(outputs, tuple):  # JAX: (outputs, non_trainable_variables)
-            return {k: v for k, v in outputs[0].items() if k in PREDICTION_KEYS}, outputs[1]
-        return {k: v for k, v in outputs.items() if k in PREDICTION_KEYS}
 
     def _predict_resized(self, batch, scales):
         """Masks (Mask R-CNN) stay in the resized-and-padded model input space;
