@@ -121,8 +121,26 @@ class DetectorMixin:
             results.append(out)
         return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
 
+    def _box_targets(self, y, needs_masks=False):
+        """``(gt_boxes [B, N, 4] xyxy float32, gt_labels [B, N] int32)`` of the fit targets
+        ``{"boxes", "labels"(, "masks")}``, boxes converted from the model's
+        ``bounding_box_format``; a clear error when keys are missing."""
+        masks = ' and "masks" [B, N, H, W]' if needs_masks else ""
+        if not isinstance(y, dict) or "boxes" not in y or "labels" not in y:
+            raise ValueError(f'{type(self).__name__}: targets must be a dict with "boxes" '
+                             f'[B, N, 4] and "labels" [B, N] (label -1 for padding){masks}; '
+                             f"got {type(y).__name__}")
+        if needs_masks and "masks" not in y:
+            raise ValueError(f'{type(self).__name__}: targets lack "masks" [B, N, H, W]')
+        gt_boxes = ops.cast(y["boxes"], "float32")
+        gt_labels = ops.cast(y["labels"], "int32")
+        if self.bounding_box_format != "xyxy":
+            gt_boxes = box_ops.convert_format(gt_boxes, self.bounding_box_format, "xyxy",
+                                              height=self.image_size[0], width=self.image_size[1])
+        return gt_boxes, gt_labels
+
     def get_config(self):
-        """The constructor arguments the model keeps in ``self._config`` (a named backbone
+        """The constructor arguments the model keeps in ``self._config` (a named backbone
         only: a custom backbone model is not serialisable by config)."""
         if not isinstance(self._config["backbone"], str):
             raise ValueError(f"a {type(self).__name__} with a custom backbone model cannot be "
@@ -193,19 +211,8 @@ class DenseDetector(DetectorMixin, keras.Model):
         self.bounding_box_format = bounding_box_format
 
     # ------------------------------------------------------------------ loss
-    def _targets_xyxy(self, y):
-        if not isinstance(y, dict) or "boxes" not in y or "labels" not in y:
-            raise ValueError('targets must be a dict with "boxes" [B, N, 4] and "labels" [B, N] '
-                             f"(label -1 for padding); got {type(y).__name__}")
-        gt_boxes = ops.cast(y["boxes"], "float32")
-        gt_labels = ops.cast(y["labels"], "int32")
-        if self.bounding_box_format != "xyxy":
-            gt_boxes = box_ops.convert_format(gt_boxes, self.bounding_box_format, "xyxy",
-                                              height=self.image_size[0], width=self.image_size[1])
-        return gt_boxes, gt_labels
-
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        gt_boxes, gt_labels = self._targets_xyxy(y)
+        gt_boxes, gt_labels = self._box_targets(y)
         cls_logits = ops.cast(y_pred["cls_logits"], "float32")
         box_deltas = ops.cast(y_pred["box_deltas"], "float32")
         anchors = ops.convert_to_tensor(self.anchors)

@@ -45,7 +45,6 @@ import keras
 import numpy as np
 from keras import ops
 
-from kdet import boxes as box_ops
 from kdet.backbones.factory import build_backbone
 from kdet.boxes import BoxCoder, nonempty_box_mask
 from kdet.layers.normalization import ImageNormalization
@@ -187,19 +186,6 @@ class ProposalDetector(LossTermsMixin, DetectorMixin, keras.Model):
             raise ValueError(f"{owner}: num_proposals must be >= 1, got {num_proposals}")
 
     # ------------------------------------------------------------------ loss
-    def _targets(self, y):
-        if not isinstance(y, dict) or "boxes" not in y or "labels" not in y:
-            raise ValueError(f'{type(self).__name__}: targets must be a dict with "boxes" '
-                             '[B, N, 4] and "labels" [B, N] (label -1 for padding); got '
-                             f"{type(y).__name__}")
-        gt_boxes = ops.cast(y["boxes"], "float32")
-        gt_labels = ops.cast(y["labels"], "int32")
-        if self.bounding_box_format != "xyxy":
-            gt_boxes = box_ops.convert_format(gt_boxes, self.bounding_box_format, "xyxy",
-                                              height=self.image_size[0],
-                                              width=self.image_size[1])
-        return gt_boxes, gt_labels
-
     def sample_rois(self, proposals, proposals_valid, gt_boxes, gt_labels):
         """The training RoIs of :func:`kdet.matching.encode_roi_targets` with this model's
         matcher, sampler, background band and box coder."""
@@ -210,7 +196,7 @@ class ProposalDetector(LossTermsMixin, DetectorMixin, keras.Model):
 
     def loss_terms(self, y, y_pred, training=True):
         """``{"loss_classifier", "loss_box_reg"}``: the multi-task loss on sampled RoIs."""
-        gt_boxes, gt_labels = self._targets(y)
+        gt_boxes, gt_labels = self._box_targets(y)
         roi = self.sample_rois(y_pred["proposals"], y_pred["proposals_valid"], gt_boxes,
                                gt_labels)
         head = self.heads.box_logits(y_pred[self.head_input_key], roi["rois"], training=training)

@@ -47,7 +47,6 @@ import keras
 import numpy as np
 from keras import ops
 
-from kdet import boxes as box_ops
 from kdet import losses
 from kdet.backbones.factory import build_backbone
 from kdet.layers.fpn import FPN
@@ -188,22 +187,6 @@ class FasterRCNN(LossTermsMixin, DetectorMixin, keras.Model):
             bounding_box_format=bounding_box_format, seed=seed)
 
     # ------------------------------------------------------------------ loss
-    def _targets(self, y):
-        if not isinstance(y, dict) or "boxes" not in y or "labels" not in y:
-            raise ValueError(f'{type(self).__name__}: targets must be a dict with "boxes" '
-                             '[B, N, 4] and "labels" [B, N] (label -1 for padding)'
-                             + (' and "masks" [B, N, H, W]' if self.with_masks else "")
-                             + f"; got {type(y).__name__}")
-        if self.with_masks and "masks" not in y:
-            raise ValueError(f'{type(self).__name__}: targets lack "masks" [B, N, H, W]')
-        gt_boxes = ops.cast(y["boxes"], "float32")
-        gt_labels = ops.cast(y["labels"], "int32")
-        if self.bounding_box_format != "xyxy":
-            gt_boxes = box_ops.convert_format(gt_boxes, self.bounding_box_format, "xyxy",
-                                              height=self.image_size[0],
-                                              width=self.image_size[1])
-        return gt_boxes, gt_labels
-
     def loss_terms(self, y, y_pred, training=True):
         """The loss terms, named as torchvision's training loss dict.
 
@@ -212,7 +195,7 @@ class FasterRCNN(LossTermsMixin, DetectorMixin, keras.Model):
         ``training``: BN mode of the RoI heads, which run here on the sampled
         RoIs (version 2 has BN there; ``evaluate`` passes False).
         """
-        gt_boxes, gt_labels = self._targets(y)
+        gt_boxes, gt_labels = self._box_targets(y, needs_masks=self.with_masks)
         terms = self._rpn_loss(y_pred, gt_boxes, gt_labels)
         roi = encode_roi_targets(
             ops.stop_gradient(ops.cast(y_pred["proposals"], "float32")), gt_boxes, gt_labels,

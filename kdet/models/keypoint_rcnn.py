@@ -68,7 +68,7 @@ class KeypointRCNN(FasterRCNN):
     def _make_roi_heads(self, **kwargs):
         return KeypointRoIHeads(num_keypoints=self._num_keypoints, **kwargs)
 
-    def _targets(self, y):
+    def _box_targets(self, y, needs_masks=False):
         # Checked first, before any loss is computed.
         if isinstance(y, dict) and "labels" in y:
             if "keypoints" not in y:
@@ -80,7 +80,7 @@ class KeypointRCNN(FasterRCNN):
                 raise ValueError(f'KeypointRCNN: targets "keypoints" must be [B, N, K, 3] = '
                                  f"[B, {expected[0]}, {expected[1]}, 3], "
                                  f"got {tuple(keypoints.shape)}")
-        return super()._targets(y)
+        return super()._box_targets(y, needs_masks)
 
     def _extra_roi_losses(self, features, roi, y):
         return {"loss_keypoint": keypoint_rcnn_loss(self.roi_heads, features, roi, y["keypoints"],
