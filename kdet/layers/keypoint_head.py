@@ -21,7 +21,8 @@ import numpy as np
 from keras import ops
 
 from kdet.layers.roi import MultiLevelRoIAlign
-from kdet.layers.roi_heads import RoIHeads, _kaiming_fan_out, _merge_rois
+from kdet.layers.roi_heads import (RoIHeads, _build_conv_stack, _kaiming_fan_out,
+                                   _run_conv_stack)
 
 # torch's bicubic kernel coefficient (upsample_bicubic2d).
 CUBIC_A = -0.75
@@ -69,17 +70,12 @@ class KeypointRCNNHead(keras.layers.Layer):
             self.num_keypoints, 4, strides=2, padding="same", name="kps_score_lowres", **common)
 
     def build(self, input_shape):
-        shape = (None,) + tuple(input_shape[2:])
-        for conv in self.convs:
-            conv.build(shape)
-            shape = conv.compute_output_shape(shape)
-        self.kps_score_lowres.build(shape)
+        no_norms = [None] * len(self.convs)
+        self.kps_score_lowres.build(_build_conv_stack(self.convs, no_norms, input_shape))
 
     def call(self, x):
         batch, rois = ops.shape(x)[0], ops.shape(x)[1]
-        y = _merge_rois(x)
-        for conv in self.convs:
-            y = conv(y)
+        y = _run_conv_stack(x, self.convs, [None] * len(self.convs), None, None)
         y = self.kps_score_lowres(y)  # [N, 28, 28, K]
         rows = ops.convert_to_tensor(bilinear_upsample_matrix(y.shape[1]), y.dtype)
         cols = ops.convert_to_tensor(bilinear_upsample_matrix(y.shape[2]), y.dtype)

@@ -86,6 +86,28 @@ def _conv_norm_relu(x, conv, norm, training, roi_mask):
     return ops.relu(norm(x, training=training, mask=mask))
 
 
+def _build_conv_stack(convs, norms, roi_shape):
+    """Build the conv (+ BN) layers for RoIs of ``roi_shape [B, R, h, w, C]``; returns the
+    merged-RoI output shape ``(None, h', w', C')``."""
+    shape = (None,) + tuple(roi_shape[2:])
+    for conv, norm in zip(convs, norms):
+        conv.build(shape)
+        shape = conv.compute_output_shape(shape)
+        if norm is not None:
+            norm.build(shape)
+    return shape
+
+
+def _run_conv_stack(x, convs, norms, training, roi_mask):
+    """``[B, R, h, w, C]`` RoIs through the conv -> BN -> ReLU stack (:func:`_conv_norm_relu`);
+    returns the merged ``[B * R, h', w', C']`` output."""
+    y = _merge_rois(x)
+    mask = None if roi_mask is None else ops.reshape(roi_mask, (-1,))
+    for conv, norm in zip(convs, norms):
+        y = _conv_norm_relu(y, conv, norm, training, mask)
+    return y
+
+
 @keras.saving.register_keras_serializable(package="kdet")
 class TwoMLPHead(keras.layers.Layer):
     """torchvision ``TwoMLPHead``: ``[B, R, h, w, C]`` -> ``[B, R, representation_size]``.
@@ -168,12 +190,7 @@ class FastRCNNConvFCHead(keras.layers.Layer):
         return self.fc_layers[-1]
 
     def build(self, input_shape):
-        shape = (None,) + tuple(input_shape[2:])
-        for conv, norm in zip(self.convs, self.norms):
-            conv.build(shape)
-            shape = conv.compute_output_shape(shape)
-            if norm is not None:
-                norm.build(shape)
+        shape = _build_conv_stack(self.convs, self.norms, input_shape)
         flat = int(np.prod(shape[1:]))
         for fc in self.fcs:
             fc.build((None, flat))
@@ -181,10 +198,7 @@ class FastRCNNConvFCHead(keras.layers.Layer):
 
     def call(self, x, training=None, roi_mask=None):
         batch, rois = ops.shape(x)[0], ops.shape(x)[1]
-        y = _merge_rois(x)
-        mask = None if roi_mask is None else ops.reshape(roi_mask, (-1,))
-        for conv, norm in zip(self.convs, self.norms):
-            y = _conv_norm_relu(y, conv, norm, training, mask)
+        y = _run_conv_stack(x, self.convs, self.norms, training, roi_mask)
         y = ops.transpose(y, (0, 3, 1, 2))  # (C, y, x) like torch's flatten of NCHW
         y = ops.reshape(y, (-1, int(np.prod(y.shape[1:]))))
         for fc in self.fcs:
@@ -281,22 +295,14 @@ class MaskRCNNHead(keras.layers.Layer):
                                                    **common)
 
     def build(self, input_shape):
-        shape = (None,) + tuple(input_shape[2:])
-        for conv, norm in zip(self.convs, self.norms):
-            conv.build(shape)
-            shape = conv.compute_output_shape(shape)
-            if norm is not None:
-                norm.build(shape)
+        shape = _build_conv_stack(self.convs, self.norms, input_shape)
         self.conv5_mask.build(shape)
         shape = self.conv5_mask.compute_output_shape(shape)
         self.mask_fcn_logits.build(shape)
 
     def call(self, x, training=None, roi_mask=None):
         batch, rois = ops.shape(x)[0], ops.shape(x)[1]
-        y = _merge_rois(x)
-        mask = None if roi_mask is None else ops.reshape(roi_mask, (-1,))
-        for conv, norm in zip(self.convs, self.norms):
-            y = _conv_norm_relu(y, conv, norm, training, mask)
+        y = _run_conv_stack(x, self.convs, self.norms, training, roi_mask)
         y = self.mask_fcn_logits(self.conv5_mask(y))
         return ops.reshape(y, (batch, rois) + tuple(y.shape[1:]))
 
