@@ -211,8 +211,8 @@ def _box_iou(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quantization,size_ratio,min_matched", [("fp16", 0.55, 0.9),
-                                                                  ("dynamic", 0.3, None)])
+@pytest.mark.parametrize("quantization,size_ratio,min_matched",
+                         [("fp16", 0.55, 0.9), ("dynamic", 0.3, None)])
 def test_litert_quantized_weights_stay_close_to_predict(quantization, size_ratio, min_matched,
                                                         mask, tmp_path):
     """fp16 / dynamic-range LiteRT of Mask R-CNN: smaller weights, the same detections.
