@@ -240,7 +240,7 @@ def small_c4(**kwargs):
     return c4(**settings)
 
 
-@slow_on_jax
+@pytest.mark.slow  # ~100 s on TF with a shared CPU
 def test_c4_fit_predict_images_and_keras_roundtrip(rng, tmp_path):
     """fit (batch 1, one image without objects), predict_images, .keras with safe_mode."""
     images, y = _fit_data(96, rng)
@@ -279,9 +279,9 @@ def test_c4_fit_tf_data_jit_compile(rng):
     assert np.all(np.isfinite(history.history["loss"]))
 
 
+@pytest.mark.slow  # minutes on a small CPU: the SavedModel traces ResNet-50 and res5
 @pytest.mark.skipif(backend() != "tensorflow", reason="kdet.export builds TensorFlow graphs")
-@pytest.mark.parametrize("fmt", ["saved_model", pytest.param("onnx", marks=pytest.mark.slow),
-                                 pytest.param("litert", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("fmt", ["saved_model", "onnx", "litert"])
 def test_c4_export_matches_predict(fmt, rng, tmp_path):
     from test_export_two_stage import (_litert_outputs, _onnx_outputs, _saved_model_outputs,
                                        assert_same_predictions)
@@ -294,6 +294,10 @@ def test_c4_export_matches_predict(fmt, rng, tmp_path):
     keras.utils.set_random_seed(0)
     model = c4(num_classes=3, image_size=64, rpn_pre_nms_top_n_test=50,
                rpn_post_nms_top_n_test=20, box_detections_per_img=10, box_score_thresh=0.0)
+    # random res5 features average ~6: box deltas of std ~5 would blow every box up to the
+    # clipped, zero-width image border; scaled to a trained model's range
+    predictor = model.get_layer("roi_heads").box_predictor
+    predictor.bbox_pred.kernel.assign(predictor.bbox_pred.kernel * 0.05)
     images = rng.uniform(0, 255, (1, 64, 64, 3)).astype("float32")
     reference = model.predict(images, verbose=0)
     suffix = {"saved_model": "", "onnx": ".onnx", "litert": ".tflite"}[fmt]
@@ -302,3 +306,22 @@ def test_c4_export_matches_predict(fmt, rng, tmp_path):
            "litert": _litert_outputs}[fmt]
     assert_same_predictions(reference, run(path, images),
                             ("boxes", "scores", "labels", "num_detections"))
+
+
+def test_c4_backbone_weights_fill_the_res5_head(tmp_path):
+    """A whole-ResNet weights file gives the C4 body layer1..layer3 and the box head its res5."""
+    from kdet.backbones.resnet import ResNet
+
+    resnet = ResNet(50, input_shape=(64, 64, 3))
+    path = str(tmp_path / "resnet50.weights.h5")
+    resnet.save_weights(path)
+    model = c4(num_classes=2, image_size=64, backbone_weights=path)
+    head = model.get_layer("roi_heads").box_head
+    for name in ("layer4.0.downsample.0", "layer4.2.conv3", "layer4.1.bn2"):
+        layer = next(la for la in head._flatten_layers() if la.name == name)
+        for got, want in zip(layer.get_weights(), resnet.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(got, want)
+    body = [la for la in model.layers if isinstance(la, keras.Model)][0]
+    np.testing.assert_array_equal(body.get_layer("layer3.5.conv3").get_weights()[0],
+                                  resnet.get_layer("layer3.5.conv3").get_weights()[0])
+    assert model.get_config()["backbone_weights"] is None  # saved models carry the weights

@@ -59,7 +59,6 @@ def backbone_level(backbone, size, level, weights, norm, trainable_layers, norm_
     return truncate_backbone(body, level, owner)
 
 
-
 def copy_layer_weights(source, target):
     """Assign the weights of ``source``'s layers to the same-named layers inside ``target``.
 
@@ -67,8 +66,8 @@ def copy_layer_weights(source, target):
     (``layer4.*`` layers in both): a whole-ResNet weights file loaded into the
     backbone gives the head its res5 this way. Returns the names copied.
     """
-    by_name = {layer.name: layer for layer in source._flatten_layers(include_self=False,
-                                                                      recursive=True)}
+    layers = source._flatten_layers(include_self=False, recursive=True)
+    by_name = {layer.name: layer for layer in layers}
     copied = []
     for layer in target._flatten_layers(include_self=False, recursive=True):
         if not layer.weights or layer.name not in by_name:

@@ -234,7 +234,7 @@ RESNET_HEAD_NORMS = ("batch", "frozen_batch")
 
 @keras.saving.register_keras_serializable(package="kdet")
 class ResNetRoIHead(keras.layers.Layer):
-    """A ResNet stage of bottleneck blocks as a box head: ``[B, R, h, w, C]`` -> ``[B, R, 4 width]``.
+    """A ResNet stage of bottleneck blocks as a box head: ``[B, R, h, w, C]`` -> ``[B, R, 4w]``.
 
     Faster R-CNN C4 (Detectron's R50-C4) runs ResNet-50's ``layer4`` (res5)
     on 14 x 14 RoIs pooled from C4, then averages the 7 x 7 x 2048 output:

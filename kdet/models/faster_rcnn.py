@@ -67,9 +67,9 @@ Faster R-CNN C4 (here on a small input, without the RPN's 1000 test proposals):
     ...                             rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20)
     >>> c4.name
     'fasterrcnn_resnet50_c4'
-    >>> out = c4.predict(np.zeros((1, 64, 64, 3), "float32"), verbose=0)
-    >>> sorted(out), out["boxes"].shape
-    (['boxes', 'labels', 'num_detections', 'scores'], (1, 100, 4))
+    >>> out = c4(np.zeros((1, 64, 64, 3), "float32"), training=False)
+    >>> tuple(out["boxes"].shape), tuple(out["C4"].shape)   # predict() returns the detections
+    ((1, 100, 4), (1, 4, 4, 1024))
 """
 import keras
 import numpy as np
