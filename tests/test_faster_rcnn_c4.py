@@ -328,3 +328,21 @@ def test_c4_backbone_weights_fill_the_res5_head(tmp_path):
     np.testing.assert_array_equal(body.get_layer("layer3.5.conv3").get_weights()[0],
                                   resnet.get_layer("layer3.5.conv3").get_weights()[0])
     assert model.get_config()["backbone_weights"] is None  # saved models carry the weights
+
+
+@needs_torchvision
+def test_c4_proposal_anchors_equal_torchvision_and_survive_config():
+    """3 sizes x 3 ratios on one stride-16 level: torchvision's anchors, in its order."""
+    import torch
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.image_list import ImageList
+
+    from kdet.layers.rpn import ProposalGenerator
+
+    gen = ProposalGenerator(image_size=96, anchor_sizes=((128, 256, 512),), strides=(16,))
+    assert gen.num_anchors_per_location == 9
+    again = ProposalGenerator.from_config(gen.get_config())
+    np.testing.assert_array_equal(again.anchors, gen.anchors)
+    ref = AnchorGenerator(((128, 256, 512),), ((0.5, 1.0, 2.0),))(
+        ImageList(torch.zeros(1, 3, 96, 96), [(96, 96)]), [torch.zeros(1, 1024, 6, 6)])[0]
+    np.testing.assert_allclose(gen.anchors, ref.numpy())
