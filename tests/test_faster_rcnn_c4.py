@@ -311,6 +311,7 @@ def test_c4_export_matches_predict(fmt, rng, tmp_path):
                             ("boxes", "scores", "labels", "num_detections"))
 
 
+@pytest.mark.slow  # ~13 s: writes and reads a ResNet-50 weights file
 def test_c4_backbone_weights_fill_the_res5_head(tmp_path):
     """A whole-ResNet weights file gives the C4 body layer1..layer3 and the box head its res5."""
     from kdet.backbones.resnet import ResNet
