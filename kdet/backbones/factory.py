@@ -37,3 +37,41 @@ def build_backbone(name, image_size, weights=None, norm="batch", trainable_layer
         return MobileNetV2(input_shape=shape, weights=weights, norm=norm, return_levels=levels)
     raise ValueError(f"unknown {owner} backbone {name!r}: use one of {', '.join(NAMES)} or a "
                      f"Keras model returning a dict with {', '.join(f'C{i}' for i in levels)}")
+
+
+def truncate_backbone(body, level, owner="detector"):
+    """The ``C<level>`` map of a dict-returning backbone as a one-output model.
+
+    The deeper stages are left out of the graph (their layers, and weights,
+    stay with ``body`` only): Fast R-CNN and Faster R-CNN C4 read C4 alone.
+    """
+    key = f"C{level}"
+    output = body.output
+    if not isinstance(output, dict) or key not in output:
+        raise ValueError(f"{owner}: the backbone must return a dict with {key!r}")
+    return keras.Model(body.input, output[key], name=f"{body.name}_{key.lower()}")
+
+
+def backbone_level(backbone, size, level, weights, norm, trainable_layers, norm_epsilon, owner):
+    """``truncate_backbone(build_backbone(backbone, ...), level)``."""
+    body = build_backbone(backbone, size, weights, norm, trainable_layers, norm_epsilon,
+                          levels=(level,), owner=owner)
+    return truncate_backbone(body, level, owner)
+
+
+def copy_layer_weights(source, target):
+    """Assign the weights of ``source``'s layers to the same-named layers inside ``target``.
+
+    Faster R-CNN C4 takes res5 out of the backbone into its box head
+    (``layer4.*`` layers in both): a whole-ResNet weights file loaded into the
+    backbone gives the head its res5 this way. Returns the names copied.
+    """
+    layers = source._flatten_layers(include_self=False, recursive=True)
+    by_name = {layer.name: layer for layer in layers}
+    copied = []
+    for layer in target._flatten_layers(include_self=False, recursive=True):
+        if not layer.weights or layer.name not in by_name:
+            continue
+        layer.set_weights(by_name[layer.name].get_weights())
+        copied.append(layer.name)
+    return copied

@@ -5,8 +5,9 @@ loaded by ``kdet.backbones.resnet.load_torchvision_state_dict``),
 ``backbone.fpn.*`` (``FeaturePyramidNetwork``) and a model-specific head
 (``head.*`` for RetinaNet; ``rpn.*`` and ``roi_heads.*`` for Faster/Mask/
 Keypoint R-CNN). ``TORCHVISION_ARCHITECTURES`` holds one entry per
-torchvision builder: the kdet builder and its arguments, and the rule rows
-for the non-backbone parts. A new detector is a new entry (its FPN rows are
+torchvision builder: the kdet builder and its arguments, the rule rows
+for the non-backbone parts, and the backbone's key prefix (``backbone.body.``
+unless ``backbone_prefix`` says otherwise). A new detector is a new entry (its FPN rows are
 shared), not new code.
 
     >>> import kdet.converters as C                                      # doctest: +SKIP
@@ -69,6 +70,12 @@ RCNN_V2_RULES = (
     (r"roi_heads/box_head/fc(\d+)", lambda m, _: f"roi_heads.box_head.{5 + 2 * int(m[1])}"),
 )
 
+# Faster R-CNN C4: the box head is nn.Sequential(resnet.layer4, AdaptiveAvgPool2d, Flatten),
+# so res5's blocks are roi_heads.box_head.0.{i}.* (kdet's ResNetRoIHead names them layer4.{i}.*).
+RES5_HEAD_RULES = (
+    (r"roi_heads/box_head/layer4\.(\d+)\.(.+)", r"roi_heads.box_head.0.\1.\2"),
+)
+
 # roi_heads.keypoint_head is a Sequential(conv, ReLU, conv, ReLU, ...): conv i is entry 2i.
 KEYPOINT_RCNN_RULES = (
     (r"roi_heads/keypoint_head/keypoint_fcn(\d+)",
@@ -116,12 +123,25 @@ TORCHVISION_ARCHITECTURES = {
         kwargs=dict(backbone="resnet50", version=2, num_classes=90, backbone_norm="batch",
                     trainable_backbone_layers=3),
         backbone_eps=None, rules=FPN_RULES + RCNN_RULES + RCNN_V2_RULES + MASK_RCNN_RULES),
+    # torchvision has no C4 builder: this is torchvision.models.detection.FasterRCNN on an
+    # IntermediateLayerGetter(resnet50(norm_layer=FrozenBatchNorm2d), {"layer3": "0"}) body
+    # (keys "backbone.*", no ".body"), anchors ((128, 256, 512),) x (0.5, 1, 2),
+    # MultiScaleRoIAlign(["0"], 14, 2), box head nn.Sequential(resnet.layer4,
+    # AdaptiveAvgPool2d(1), Flatten()) and FastRCNNPredictor(2048, 91): see
+    # kdet.models.FasterRCNN(fpn=False) and tests/test_faster_rcnn_c4.py.
+    # backbone_norm="batch" maps the BatchNorm2d variant.
+    "fasterrcnn_resnet50_c4": dict(
+        builder="kdet.models.FasterRCNN",
+        kwargs=dict(backbone="resnet50", fpn=False, num_classes=90,
+                    backbone_norm="frozen_batch", trainable_backbone_layers=3),
+        backbone_eps=None, backbone_prefix="backbone.", rules=RCNN_RULES + RES5_HEAD_RULES),
 }
 
-# kdet model class -> its torchvision architecture names by version.
+# kdet model class -> its torchvision architecture names by version ("c4": fpn=False).
 _KNOWN_MODELS = {
     "RetinaNet": {1: "retinanet_resnet50_fpn", 2: "retinanet_resnet50_fpn_v2"},
-    "FasterRCNN": {1: "fasterrcnn_resnet50_fpn", 2: "fasterrcnn_resnet50_fpn_v2"},
+    "FasterRCNN": {1: "fasterrcnn_resnet50_fpn", 2: "fasterrcnn_resnet50_fpn_v2",
+                   "c4": "fasterrcnn_resnet50_c4"},
     "MaskRCNN": {1: "maskrcnn_resnet50_fpn", 2: "maskrcnn_resnet50_fpn_v2"},
     "KeypointRCNN": {1: "keypointrcnn_resnet50_fpn"},
 }
@@ -155,8 +175,9 @@ def architecture_of(model):
     """The ``TORCHVISION_ARCHITECTURES`` name that fits a kdet model."""
     config = getattr(model, "_config", {})
     names = _KNOWN_MODELS.get(type(model).__name__, {})
-    if config.get("backbone") == "resnet50" and config.get("version") in names:
-        return names[config["version"]]
+    key = config.get("version") if config.get("fpn", True) else "c4"
+    if config.get("backbone") == "resnet50" and key in names:
+        return names[key]
     raise ValueError(f"convert_torchvision: no torchvision mapping for model {model.name!r} "
                      f"({type(model).__name__}); known: {sorted(TORCHVISION_ARCHITECTURES)}")
 
@@ -226,7 +247,9 @@ def convert_torchvision(source, model, strict=True):
     name = architecture_of(model)
     spec = TORCHVISION_ARCHITECTURES[name]
     backbone = find_backbone(model)
-    used = load_torchvision_state_dict(backbone, state, prefix="backbone.body.", strict=strict)
+    used = load_torchvision_state_dict(backbone, state,
+                                       prefix=spec.get("backbone_prefix", "backbone.body."),
+                                       strict=strict)
     # Sampler seed states (Faster/Mask R-CNN) are not weights.
     variables = {path: v for path, v in model_variables(model, skip=[backbone]).items()
                  if not path.split("/")[-1].startswith("seed_generator_state")}

@@ -10,7 +10,7 @@ _EXPORTS = {
     "RoIAlign": ".roi", "RoIPool": ".roi", "MultiLevelRoIAlign": ".roi",
     "RPNHead": ".rpn", "ProposalGenerator": ".rpn",
     "TwoMLPHead": ".roi_heads", "FastRCNNPredictor": ".roi_heads", "MaskRCNNHead": ".roi_heads",
-    "RoIHeads": ".roi_heads",
+    "RoIHeads": ".roi_heads", "ResNetRoIHead": ".roi_heads",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

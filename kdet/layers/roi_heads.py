@@ -5,6 +5,10 @@
 * ``FastRCNNConvFCHead``: torchvision ``FastRCNNConvFCHead`` (the ``_v2``
   box head): 3x3 convs (+ BN) + ReLU on the pooled features, flatten, FC +
   ReLU layers.
+* ``ResNetRoIHead``: the res5 stage of a ResNet as the box head of Faster
+  R-CNN C4 (Detectron's R50-C4; torchvision ``nn.Sequential(resnet.layer4,
+  AdaptiveAvgPool2d(1), Flatten())``): 3 bottleneck blocks, the first with
+  stride 2, on 14 x 14 pooled RoIs -> 7 x 7 x 2048 -> average pool.
 * ``FastRCNNPredictor``: class logits (``num_classes`` columns, background
   first) and per-class box deltas (``4 * num_classes``).
 * ``MaskRCNNHead``: torchvision ``MaskRCNNHeads`` + ``MaskRCNNPredictor``:
@@ -36,6 +40,7 @@ import numpy as np
 from keras import ops
 
 from kdet.boxes import BoxCoder, clip_boxes
+from kdet.layers.normalization import FrozenBatchNormalization
 from kdet.layers.roi import MultiLevelRoIAlign
 from kdet.ops.nms import batched_nms
 
@@ -57,6 +62,7 @@ def _merge_rois(x):
 
 
 HEAD_NORMS = (None, "batch")
+BOX_HEADS = ("two_mlp", "conv_fc", "res5")
 
 
 def _head_batch_norm(norm, index, prefix, dtype):
@@ -79,11 +85,19 @@ def _conv_norm_relu(x, conv, norm, training, roi_mask):
     x = conv(x)
     if norm is None:
         return x
+    return ops.relu(_masked_norm(x, norm, training, roi_mask))
+
+
+def _masked_norm(x, norm, training, roi_mask):
+    """``norm`` on ``[N, h, w, C]`` merged RoIs, batch statistics over ``roi_mask [N]`` only
+    (a ``FrozenBatchNormalization`` has no statistics to take)."""
+    if isinstance(norm, FrozenBatchNormalization):
+        return norm(x)
     mask = None
     if roi_mask is not None and training:
         mask = ops.broadcast_to(ops.reshape(ops.cast(roi_mask, "bool"), (-1, 1, 1)),
                                 tuple(ops.shape(x)[:3]))
-    return ops.relu(norm(x, training=training, mask=mask))
+    return norm(x, training=training, mask=mask)
 
 
 def _build_conv_stack(convs, norms, roi_shape):
@@ -212,6 +226,130 @@ class FastRCNNConvFCHead(keras.layers.Layer):
         config = super().get_config()
         config.update(conv_layers=list(self.conv_layers), fc_layers=list(self.fc_layers),
                       norm=self.norm)
+        return config
+
+
+RESNET_HEAD_NORMS = ("batch", "frozen_batch")
+
+
+@keras.saving.register_keras_serializable(package="kdet")
+class ResNetRoIHead(keras.layers.Layer):
+    """A ResNet stage of bottleneck blocks as a box head: ``[B, R, h, w, C]`` -> ``[B, R, 4w]``.
+
+    Faster R-CNN C4 (Detectron's R50-C4) runs ResNet-50's ``layer4`` (res5)
+    on 14 x 14 RoIs pooled from C4, then averages the 7 x 7 x 2048 output:
+    torchvision ``nn.Sequential(resnet.layer4, nn.AdaptiveAvgPool2d(1),
+    nn.Flatten())``. The blocks are torchvision's ``Bottleneck`` (v1.5: the
+    stride on the 3x3 conv, 1x1 conv + norm shortcut in the first block, no
+    conv biases), named ``layer4.{i}.conv1`` .. ``layer4.{i}.downsample.1`` as
+    the backbone's layers. They are built here rather than taken from
+    :mod:`kdet.backbones.resnet` because the RoI batch needs masked BN
+    statistics: in training only the RoIs marked in ``roi_mask`` (the sampled
+    ones torchvision's batch holds) make a ``"batch"`` norm's statistics.
+
+    Args:
+        blocks: bottleneck blocks (3 for ResNet-50/101 res5).
+        width: bottleneck width (512; the output has ``4 * width`` channels).
+        strides: stride of the first block (2: 14 x 14 -> 7 x 7).
+        norm: ``"batch"`` or ``"frozen_batch"`` (the backbone's norm).
+        norm_epsilon: BN epsilon, 1e-5.
+        stage_name: name prefix of the blocks, ``"layer4"``.
+
+    Call ``(x, training=None, roi_mask=None)``.
+
+    >>> import numpy as np
+    >>> head = ResNetRoIHead(blocks=1, width=4)
+    >>> tuple(head(np.zeros((2, 3, 14, 14, 8), "float32")).shape)
+    (2, 3, 16)
+    """
+
+    def __init__(self, blocks=3, width=512, strides=2, norm="batch", norm_epsilon=1e-5,
+                 stage_name="layer4", **kwargs):
+        super().__init__(**kwargs)
+        if norm not in RESNET_HEAD_NORMS:
+            raise ValueError(f"ResNetRoIHead: norm must be one of {RESNET_HEAD_NORMS}, "
+                             f"got {norm!r}")
+        self.blocks = int(blocks)
+        self.width = int(width)
+        self.strides = int(strides)
+        self.norm = norm
+        self.norm_epsilon = float(norm_epsilon)
+        self.stage_name = stage_name
+        self.units = []  # per block: {name: layer}
+        for index in range(self.blocks):
+            prefix = f"{stage_name}.{index}"
+            stride = self.strides if index == 0 else 1
+            unit = {}
+            for k, (filters, size) in enumerate(((self.width, 1), (self.width, 3),
+                                                 (4 * self.width, 1)), start=1):
+                unit[f"conv{k}"] = self._conv(filters, size, stride if k == 2 else 1,
+                                              f"{prefix}.conv{k}")
+                unit[f"bn{k}"] = self._norm(f"{prefix}.bn{k}")
+            if index == 0:
+                unit["downsample"] = self._conv(4 * self.width, 1, self.strides,
+                                                f"{prefix}.downsample.0")
+                unit["downsample_norm"] = self._norm(f"{prefix}.downsample.1")
+            self.units.append(unit)
+
+    def _conv(self, filters, size, strides, name):
+        return keras.layers.Conv2D(filters, size, strides=strides, use_bias=False,
+                                   kernel_initializer=_kaiming_fan_out(),
+                                   dtype=self.dtype_policy, name=name)
+
+    def _norm(self, name):
+        if self.norm == "frozen_batch":
+            return FrozenBatchNormalization(epsilon=self.norm_epsilon, dtype=self.dtype_policy,
+                                            name=name)
+        return keras.layers.BatchNormalization(epsilon=self.norm_epsilon, momentum=0.9,
+                                               dtype=self.dtype_policy, name=name)
+
+    def build(self, input_shape):
+        shape = (None,) + tuple(input_shape[2:])
+        for unit in self.units:
+            block_in = shape
+            for k in (1, 2, 3):
+                conv = unit[f"conv{k}"]
+                if k == 2:  # explicit symmetric padding 1, as torchvision
+                    shape = (shape[0], shape[1] + 2, shape[2] + 2, shape[3])
+                conv.build(shape)
+                shape = conv.compute_output_shape(shape)
+                unit[f"bn{k}"].build(shape)
+            if "downsample" in unit:
+                unit["downsample"].build(block_in)
+                unit["downsample_norm"].build(unit["downsample"].compute_output_shape(block_in))
+
+    def call(self, x, training=None, roi_mask=None):
+        batch, rois = ops.shape(x)[0], ops.shape(x)[1]
+        y = _merge_rois(x)
+        mask = None if roi_mask is None else ops.reshape(roi_mask, (-1,))
+
+        def norm(layer, value):
+            return _masked_norm(value, layer, training, mask)
+
+        for unit in self.units:
+            shortcut = y
+            if "downsample" in unit:
+                shortcut = norm(unit["downsample_norm"], unit["downsample"](y))
+            z = ops.relu(norm(unit["bn1"], unit["conv1"](y)))
+            z = ops.pad(z, [(0, 0), (1, 1), (1, 1), (0, 0)])
+            z = ops.relu(norm(unit["bn2"], unit["conv2"](z)))
+            z = norm(unit["bn3"], unit["conv3"](z))
+            y = ops.relu(z + shortcut)
+        y = ops.mean(y, axis=(1, 2))
+        return ops.reshape(y, (batch, rois, 4 * self.width))
+
+    @property
+    def representation_size(self):
+        return 4 * self.width
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:2]) + (4 * self.width,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(blocks=self.blocks, width=self.width, strides=self.strides,
+                      norm=self.norm, norm_epsilon=self.norm_epsilon,
+                      stage_name=self.stage_name)
         return config
 
 
@@ -431,15 +569,20 @@ class RoIHeads(keras.layers.Layer):
     Args:
         num_classes: foreground classes ``K`` (predictors get ``K + 1`` columns).
         image_size: ``(H, W)`` of the model input.
-        levels: pyramid levels pooled, ``(2, 3, 4, 5)``.
+        levels: pyramid levels pooled, ``(2, 3, 4, 5)`` (``(4,)``: C4 alone, stride 16).
         representation_size: 1024; score_threshold 0.05; nms_threshold 0.5;
         detections_per_image 100; min_size 1e-2 (torchvision defaults).
         with_masks: add the Mask R-CNN head (RoIAlign 14, sampling 2).
-        box_head: ``"two_mlp"`` (``TwoMLPHead``, torchvision v1) or
+        box_head: ``"two_mlp"`` (``TwoMLPHead``, torchvision v1),
             ``"conv_fc"`` (``FastRCNNConvFCHead`` with 4 convs 256 and one FC
-            ``representation_size``, torchvision ``_v2``).
+            ``representation_size``, torchvision ``_v2``) or ``"res5"``
+            (``ResNetRoIHead``: ResNet-50's res5 on 14 x 14 RoIs, Faster R-CNN
+            C4; ``representation_size`` is then its 2048 channels).
         head_norm: None or ``"batch"``: the norm of the conv-FC box head and
-            the mask head convs (``"batch"`` in torchvision ``_v2``).
+            the mask head convs (``"batch"`` in torchvision ``_v2``); for
+            ``"res5"`` the backbone's norm, ``"batch"`` or ``"frozen_batch"``.
+        head_norm_epsilon: BN epsilon of the res5 head (the backbone's).
+        pool_size: side of the pooled box RoIs (7; 14 for ``"res5"``).
 
     Call ``(features [P2..P5], proposals [B, P, 4], proposals_valid [B, P],
     training=None)`` -> the padded detection dict (``"masks" [B, D, H, W]``
@@ -451,15 +594,20 @@ class RoIHeads(keras.layers.Layer):
 
     def __init__(self, num_classes, image_size, levels=(2, 3, 4, 5), representation_size=1024,
                  score_threshold=0.05, nms_threshold=0.5, detections_per_image=100,
-                 min_size=1e-2, with_masks=False, box_head="two_mlp", head_norm=None, **kwargs):
+                 min_size=1e-2, with_masks=False, box_head="two_mlp", head_norm=None,
+                 head_norm_epsilon=1e-5, pool_size=7, **kwargs):
         super().__init__(**kwargs)
-        if box_head not in ("two_mlp", "conv_fc"):
-            raise ValueError(f"RoIHeads: box_head must be 'two_mlp' or 'conv_fc', got "
-                             f"{box_head!r}")
-        if head_norm not in HEAD_NORMS:
-            raise ValueError(f"RoIHeads: head_norm must be one of {list(HEAD_NORMS)}, got "
-                             f"{head_norm!r}")
+        if box_head not in BOX_HEADS:
+            raise ValueError(f"RoIHeads: box_head must be one of {BOX_HEADS}, got {box_head!r}")
+        norms = RESNET_HEAD_NORMS if box_head == "res5" else HEAD_NORMS
+        if head_norm not in norms:
+            raise ValueError(f"RoIHeads: head_norm of box_head {box_head!r} must be one of "
+                             f"{list(norms)}, got {head_norm!r}")
+        if box_head == "res5" and with_masks:
+            raise ValueError("RoIHeads: box_head 'res5' (C4) has no mask head")
         self.box_head_type = box_head
+        self.head_norm_epsilon = float(head_norm_epsilon)
+        self.pool_size = int(pool_size)
         self.head_norm = head_norm
         self.num_classes = int(num_classes)
         self.image_size = tuple(int(s) for s in (
@@ -472,9 +620,13 @@ class RoIHeads(keras.layers.Layer):
         self.min_size = float(min_size)
         self.with_masks = bool(with_masks)
         self.box_coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
-        self.box_roi_pool = MultiLevelRoIAlign(7, levels=self.levels, sampling_ratio=2,
-                                               name="box_roi_pool")
-        if box_head == "conv_fc":
+        self.box_roi_pool = MultiLevelRoIAlign(self.pool_size, levels=self.levels,
+                                               sampling_ratio=2, name="box_roi_pool")
+        if box_head == "res5":
+            self.box_head = ResNetRoIHead(norm=head_norm, norm_epsilon=self.head_norm_epsilon,
+                                          name="box_head", dtype=self.dtype_policy)
+            self.representation_size = self.box_head.representation_size
+        elif box_head == "conv_fc":
             self.box_head = FastRCNNConvFCHead((256, 256, 256, 256), (self.representation_size,),
                                                norm=head_norm, name="box_head",
                                                dtype=self.dtype_policy)
@@ -492,7 +644,7 @@ class RoIHeads(keras.layers.Layer):
 
     def build(self, features_shape, proposals_shape, proposals_valid_shape=None):
         channels = features_shape[0][-1]
-        self.box_head.build((None, None, 7, 7, channels))
+        self.box_head.build((None, None, self.pool_size, self.pool_size, channels))
         self.box_predictor.build((None, None, self.representation_size))
         if self.with_masks:
             self.mask_head.build((None, None, 14, 14, channels))
@@ -504,7 +656,7 @@ class RoIHeads(keras.layers.Layer):
         BN batch statistics) matter for heads with BN only.
         """
         pooled = self.box_roi_pool(features, rois)
-        if isinstance(self.box_head, FastRCNNConvFCHead):
+        if isinstance(self.box_head, (FastRCNNConvFCHead, ResNetRoIHead)):
             hidden = self.box_head(pooled, training=training, roi_mask=roi_mask)
         else:
             hidden = self.box_head(pooled)
@@ -561,5 +713,6 @@ class RoIHeads(keras.layers.Layer):
                       score_threshold=self.score_threshold, nms_threshold=self.nms_threshold,
                       detections_per_image=self.detections_per_image, min_size=self.min_size,
                       with_masks=self.with_masks, box_head=self.box_head_type,
-                      head_norm=self.head_norm)
+                      head_norm=self.head_norm, head_norm_epsilon=self.head_norm_epsilon,
+                      pool_size=self.pool_size)
         return config

@@ -132,12 +132,15 @@ class ProposalGenerator(keras.layers.Layer):
     """RPN outputs -> padded proposals (torchvision ``filter_proposals``).
 
     The anchors are torchvision's ``AnchorGenerator(sizes, aspect_ratios)`` on
-    the fixed ``image_size``, one size per level (levels of stride
-    ``strides``), in the order ``RPNHead`` flattens its outputs.
+    the fixed ``image_size`` (levels of stride ``strides``), in the order
+    ``RPNHead`` flattens its outputs.
 
     Args:
         image_size: ``(H, W)`` or an int (square input).
-        anchor_sizes: one anchor size per level, default ``(32, 64, 128, 256, 512)``.
+        anchor_sizes: the anchor sizes of each level: one int per level (FPN,
+            default ``(32, 64, 128, 256, 512)``) or a tuple per level
+            (Faster R-CNN C4: ``((128, 256, 512),)`` on one stride-16 level,
+            ``len(sizes) * len(aspect_ratios)`` anchors per location).
         aspect_ratios: ratios ``h / w``, default ``(0.5, 1.0, 2.0)``.
         strides: level strides, default ``(4, 8, 16, 32, 64)`` (P2-P6).
         pre_nms_top_n_train/test: candidates kept per level before NMS.
@@ -159,7 +162,9 @@ class ProposalGenerator(keras.layers.Layer):
         kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         self.image_size = _pair(image_size)
-        self.anchor_sizes = tuple(int(s) for s in anchor_sizes)
+        # one size per level is kept flat (the FPN config); several per level nest
+        self.anchor_sizes = tuple(tuple(int(s) for s in level) if isinstance(level, (list, tuple))
+                                  else int(level) for level in anchor_sizes)
         self.aspect_ratios = tuple(float(r) for r in aspect_ratios)
         self.strides = tuple(int(s) for s in strides)
         if len(self.anchor_sizes) != len(self.strides):
@@ -174,11 +179,12 @@ class ProposalGenerator(keras.layers.Layer):
         self.nms_threshold = float(nms_threshold)
         self.score_threshold = float(score_threshold)
         self.min_size = float(min_size)
-        generator = AnchorGenerator(sizes=tuple((s,) for s in self.anchor_sizes),
+        sizes_per_level = tuple(s if isinstance(s, tuple) else (s,) for s in self.anchor_sizes)
+        generator = AnchorGenerator(sizes=sizes_per_level,
                                     aspect_ratios=(self.aspect_ratios,) * len(self.strides),
                                     strides=self.strides, convention="torchvision")
         self.anchors, self.level_counts = generator.anchors_for(self.image_size)
-        self.num_anchors_per_location = len(self.aspect_ratios)
+        self.num_anchors_per_location = len(sizes_per_level[0]) * len(self.aspect_ratios)
         self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
 
     def _counts(self, training):
@@ -235,7 +241,8 @@ class ProposalGenerator(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(
-            image_size=list(self.image_size), anchor_sizes=list(self.anchor_sizes),
+            image_size=list(self.image_size),
+            anchor_sizes=[list(s) if isinstance(s, tuple) else s for s in self.anchor_sizes],
             aspect_ratios=list(self.aspect_ratios), strides=list(self.strides),
             pre_nms_top_n_train=self.pre_nms_top_n_train,
             pre_nms_top_n_test=self.pre_nms_top_n_test,

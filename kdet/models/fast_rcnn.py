@@ -45,7 +45,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from kdet.backbones.factory import build_backbone
+from kdet.backbones.factory import backbone_level
 from kdet.boxes import BoxCoder, nonempty_box_mask
 from kdet.layers.normalization import ImageNormalization
 from kdet.layers.roi import RoIPool
@@ -243,21 +243,6 @@ class ProposalDetector(LossTermsMixin, DetectorMixin, keras.Model):
         milestones = milestones or (int(steps * 3 / 4),)
         return step_decay_sgd(learning_rate, milestones, weight_decay=5e-4)
 
-
-
-def backbone_level(backbone, size, level, weights, norm, trainable_layers, norm_epsilon, owner):
-    """The ``C<level>`` map of ``build_backbone(backbone, ...)`` as a one-output model.
-
-    The deeper stages of a functional backbone are left out of the graph
-    (Fast R-CNN reads C4 only).
-    """
-    body = build_backbone(backbone, size, weights, norm, trainable_layers, norm_epsilon,
-                          levels=(level,), owner=owner)
-    key = f"C{level}"
-    output = body.output
-    if not isinstance(output, dict) or key not in output:
-        raise ValueError(f"{owner}: the backbone must return a dict with {key!r}")
-    return keras.Model(body.input, output[key], name=f"{body.name}_{key.lower()}")
 
 
 @keras.saving.register_keras_serializable(package="kdet")

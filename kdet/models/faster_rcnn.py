@@ -1,4 +1,4 @@
-"""Faster R-CNN with FPN (Ren et al. 2015; Lin et al. 2017), torchvision semantics.
+"""Faster R-CNN with FPN (Ren et al. 2015; Lin et al. 2017) or on C4, torchvision semantics.
 
 ``FasterRCNN`` is torchvision's ``fasterrcnn_resnet50_fpn`` as a Keras
 functional model on a fixed square input (kdet trains on padded squares):
@@ -18,6 +18,23 @@ head of ``MaskRCNN(version=2)`` has BN after each conv too. In training, the
 head BNs take their batch statistics over the sampled RoIs only (padded RoI
 slots are masked out), as torchvision's batch of sampled RoIs.
 
+``fpn=False`` is Faster R-CNN C4 (Ren et al. 2015's ResNet variant, Detectron's
+``R-50-C4``), with no FPN: the ResNet up to ``layer3`` (C4, stride 16, 1024
+channels) feeds an ``RPNHead(1024, 9 anchors)`` with anchors 128, 256, 512 x
+ratios (0.5, 1, 2) on that one level; RoIs are pooled from C4 to 14 x 14
+(RoIAlign, sampling ratio 2, as torchvision's ``MultiScaleRoIAlign``;
+Detectron uses adaptive sampling) and ResNet's ``layer4`` (res5, its first
+block with stride 2) is the box head, averaged to 2048 features before
+``FastRCNNPredictor``. torchvision has no C4 builder; the reference is
+``torchvision.models.detection.FasterRCNN`` built from an
+``IntermediateLayerGetter(resnet50(), {"layer3": "0"})`` body with
+``AnchorGenerator(((128, 256, 512),), ((0.5, 1.0, 2.0),))``,
+``MultiScaleRoIAlign(["0"], 14, 2)``, the box head ``nn.Sequential(
+resnet.layer4, nn.AdaptiveAvgPool2d(1), nn.Flatten())`` and
+``FastRCNNPredictor(2048, K + 1)`` (tests/test_faster_rcnn_c4.py). The res5
+head uses the backbone's norm; ``backbone_weights`` (a whole-ResNet weights
+file) fill both the C4 body and the head's res5.
+
 Training (``compute_loss``, so ``model.fit`` works with ``jit_compile`` on TF
 and JAX): RPN targets fg IoU >= 0.7 / bg < 0.3 (+ each GT's best anchors),
 256 anchors per image at 50 % positive, BCE objectness and smooth-L1
@@ -35,20 +52,31 @@ kdet label ``c`` is torchvision label ``c + 1``: torchvision's COCO model
 
 The functional graph returns the detections (``"boxes"``, ``"scores"``,
 ``"labels"``, ``"num_detections"``) together with what the loss needs (RPN
-outputs, proposals, pyramid features); ``predict`` returns only the
-detections.
+outputs, proposals, the pooled features ``"P2"`` .. ``"P5"`` or ``"C4"``);
+``predict`` returns only the detections.
 
     >>> import kdet
     >>> model = kdet.models.FasterRCNN(num_classes=20, image_size=512)   # doctest: +SKIP
     >>> model.compile()                                                    # doctest: +SKIP
     >>> model.fit(train_ds, epochs=12)                                     # doctest: +SKIP
+
+Faster R-CNN C4 (here on a small input, without the RPN's 1000 test proposals):
+
+    >>> import numpy as np
+    >>> c4 = kdet.models.FasterRCNN(num_classes=3, fpn=False, image_size=64,
+    ...                             rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20)
+    >>> c4.name
+    'fasterrcnn_resnet50_c4'
+    >>> out = c4(np.zeros((1, 64, 64, 3), "float32"), training=False)
+    >>> tuple(out["boxes"].shape), tuple(out["C4"].shape)   # predict() returns the detections
+    ((1, 100, 4), (1, 4, 4, 1024))
 """
 import keras
 import numpy as np
 from keras import ops
 
 from kdet import losses
-from kdet.backbones.factory import build_backbone
+from kdet.backbones.factory import build_backbone, copy_layer_weights, truncate_backbone
 from kdet.layers.fpn import FPN
 from kdet.layers.normalization import ImageNormalization
 from kdet.layers.roi_heads import RoIHeads
@@ -60,13 +88,15 @@ from kdet.optimizers import step_decay_sgd
 from kdet.ops.roi_align import roi_align_maps
 
 ANCHOR_SIZES = (32, 64, 128, 256, 512)
+C4_ANCHOR_SIZES = ((128, 256, 512),)  # 3 scales x 3 ratios on the stride-16 map
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
+C4_BACKBONES = ("resnet50", "resnet101")
 PREDICTION_KEYS = ("boxes", "scores", "labels", "num_detections", "masks", "keypoints")
 
 
 @keras.saving.register_keras_serializable(package="kdet")
 class FasterRCNN(LossTermsMixin, DetectorMixin, keras.Model):
-    """Faster R-CNN R50-FPN (torchvision ``fasterrcnn_resnet50_fpn`` / ``_v2``) as a Keras model.
+    """Faster R-CNN R50-FPN (torchvision ``fasterrcnn_resnet50_fpn`` / ``_v2``) or R50-C4.
 
     Args:
         num_classes: foreground classes (labels ``0..num_classes-1``).
@@ -74,6 +104,13 @@ class FasterRCNN(LossTermsMixin, DetectorMixin, keras.Model):
             Keras model returning C2..C5).
         version: 1 (torchvision ``fasterrcnn_resnet50_fpn``) or 2 (``_v2``: BN in
             the FPN and heads, two RPN convs, conv-FC box head; see module docstring).
+        fpn: True (FPN, the torchvision builders) or False (Faster R-CNN C4:
+            RPN and RoIAlign 14 x 14 on C4, ResNet's res5 as the box head; a
+            ResNet backbone, version 1, no masks; see the module docstring).
+            Parameters with ``num_classes=90`` (torchvision's 91):
+            33,924,660 with BN (``backbone_norm="batch"``), 33,871,540 with
+            frozen BN (its 53,120 BN weights and biases are buffers, as
+            torchvision's ``FrozenBatchNorm2d``).
         image_size: square input size, a multiple of 32.
         backbone_weights, backbone_norm ("batch" as torchvision ``weights=None``,
             or "frozen_batch"), trainable_backbone_layers (0..5),
@@ -89,7 +126,7 @@ class FasterRCNN(LossTermsMixin, DetectorMixin, keras.Model):
     with_masks = False
     prediction_keys = PREDICTION_KEYS
 
-    def __init__(self, num_classes=90, backbone="resnet50", version=1, image_size=800,
+    def __init__(self, num_classes=90, backbone="resnet50", version=1, image_size=800, fpn=True,
                  backbone_weights=None, backbone_norm="batch", trainable_backbone_layers=5,
                  backbone_norm_epsilon=1e-5,
                  rpn_pre_nms_top_n_train=2000, rpn_pre_nms_top_n_test=1000,
@@ -108,47 +145,70 @@ class FasterRCNN(LossTermsMixin, DetectorMixin, keras.Model):
             raise ValueError(f"{type(self).__name__}: image_size {size} must be a multiple of 32")
         if int(num_classes) < 1:
             raise ValueError(f"{type(self).__name__}: num_classes must be >= 1, got {num_classes}")
+        fpn = bool(fpn)
+        extra_heads = self.with_masks or type(self)._make_roi_heads is not \
+            FasterRCNN._make_roi_heads
+        if not fpn and (version != 1 or extra_heads or backbone not in C4_BACKBONES):
+            raise ValueError(f"{type(self).__name__}: fpn=False (Faster R-CNN C4) is version 1, "
+                             f"box head only (no mask or keypoint head), on a backbone of "
+                             f"{C4_BACKBONES}; got version={version!r}, backbone={backbone!r}")
         images = keras.Input((size, size, 3), name="images")
         x = ImageNormalization(name="normalize")(images)
-        body = build_backbone(backbone, size, backbone_weights, backbone_norm,
-                              trainable_backbone_layers, backbone_norm_epsilon,
-                              levels=(2, 3, 4, 5), owner=type(self).__name__)
-        features = body(x)
-        features = {k: features[k] for k in ("C2", "C3", "C4", "C5")}
+        full_body = build_backbone(backbone, size, backbone_weights, backbone_norm,
+                                   trainable_backbone_layers, backbone_norm_epsilon,
+                                   levels=(2, 3, 4, 5) if fpn else (4,),
+                                   owner=type(self).__name__)
         v2 = version == 2
-        pyramid = FPN(out_channels=256, in_levels=(2, 3, 4, 5), extra_blocks="maxpool",
-                      norm="batch" if v2 else None, bn_epsilon=1e-5, bn_momentum=0.9,
-                      name="fpn")(features)
-        levels = [pyramid[f"P{level}"] for level in range(2, 7)]
-        rpn = RPNHead(num_anchors=len(ASPECT_RATIOS), channels=256, conv_depth=2 if v2 else 1,
-                      name="rpn_head")(levels)
+        if fpn:
+            features = full_body(x)
+            features = {k: features[k] for k in ("C2", "C3", "C4", "C5")}
+            pyramid = FPN(out_channels=256, in_levels=(2, 3, 4, 5), extra_blocks="maxpool",
+                          norm="batch" if v2 else None, bn_epsilon=1e-5, bn_momentum=0.9,
+                          name="fpn")(features)
+            levels = [pyramid[f"P{level}"] for level in range(2, 7)]
+            pooled = {f"P{level}": pyramid[f"P{level}"] for level in range(2, 6)}
+            anchor_sizes, strides, channels = ANCHOR_SIZES, (4, 8, 16, 32, 64), 256
+        else:
+            # res5 becomes the box head: the backbone stops at C4 (layer3)
+            c4 = truncate_backbone(full_body, 4, owner=type(self).__name__)(x)
+            levels, pooled = [c4], {"C4": c4}
+            anchor_sizes, strides, channels = C4_ANCHOR_SIZES, (16,), c4.shape[-1]
         proposal_layer = ProposalGenerator(
-            image_size=size, anchor_sizes=ANCHOR_SIZES, aspect_ratios=ASPECT_RATIOS,
-            strides=(4, 8, 16, 32, 64), pre_nms_top_n_train=rpn_pre_nms_top_n_train,
+            image_size=size, anchor_sizes=anchor_sizes, aspect_ratios=ASPECT_RATIOS,
+            strides=strides, pre_nms_top_n_train=rpn_pre_nms_top_n_train,
             pre_nms_top_n_test=rpn_pre_nms_top_n_test,
             post_nms_top_n_train=rpn_post_nms_top_n_train,
             post_nms_top_n_test=rpn_post_nms_top_n_test, nms_threshold=rpn_nms_thresh,
             score_threshold=rpn_score_thresh, name="proposals")
+        rpn = RPNHead(num_anchors=proposal_layer.num_anchors_per_location, channels=channels,
+                      conv_depth=2 if v2 else 1, name="rpn_head")(levels)
         proposals = proposal_layer(rpn["objectness"], rpn["box_deltas"])
+        head_kwargs = (dict(box_head="conv_fc" if v2 else "two_mlp",
+                            head_norm="batch" if v2 else None) if fpn else
+                       dict(box_head="res5", head_norm=backbone_norm, pool_size=14,
+                            head_norm_epsilon=backbone_norm_epsilon, levels=(4,)))
         roi_heads = self._make_roi_heads(
             num_classes=num_classes, image_size=(size, size), score_threshold=box_score_thresh,
             nms_threshold=box_nms_thresh, detections_per_image=box_detections_per_img,
-            with_masks=self.with_masks, box_head="conv_fc" if v2 else "two_mlp",
-            head_norm="batch" if v2 else None, name="roi_heads")
-        pooled_levels = levels[:4]
-        detections = roi_heads(pooled_levels, proposals["proposals"], proposals["valid"])
+            with_masks=self.with_masks, name="roi_heads", **head_kwargs)
+        detections = roi_heads(list(pooled.values()), proposals["proposals"], proposals["valid"])
+        if not fpn and backbone_weights is not None:
+            copy_layer_weights(full_body, roi_heads.box_head)
         outputs = dict(detections)
         outputs.update({
             "rpn_objectness": rpn["objectness"], "rpn_box_deltas": rpn["box_deltas"],
             "proposals": proposals["proposals"], "proposals_valid": proposals["valid"],
-            **{f"P{level}": pyramid[f"P{level}"] for level in range(2, 6)}})
+            **pooled})
         name = kwargs.pop("name", None) or (
             f"{'mask' if self.with_masks else 'faster'}rcnn_"
-            f"{backbone if isinstance(backbone, str) else 'custom'}_fpn{'_v2' if v2 else ''}")
+            f"{backbone if isinstance(backbone, str) else 'custom'}_"
+            f"{'fpn' if fpn else 'c4'}{'_v2' if v2 else ''}")
         super().__init__(inputs=images, outputs=outputs, name=name, **kwargs)
 
         self.num_classes = int(num_classes)
         self.image_size = (size, size)
+        self.fpn = fpn
+        self.pooled_feature_keys = tuple(pooled)
         self.bounding_box_format = bounding_box_format
         self.anchors = proposal_layer.anchors
         self.roi_heads = roi_heads
@@ -166,6 +226,7 @@ class FasterRCNN(LossTermsMixin, DetectorMixin, keras.Model):
             or max(1, int(box_batch_size_per_image * box_positive_fraction)))
         self._config = dict(
             num_classes=num_classes, backbone=backbone, version=version, image_size=size,
+            fpn=fpn,
             # the file's weights are the model's own from here on: a saved model must load
             # without the file
             backbone_weights=None, backbone_norm=backbone_norm,
@@ -201,7 +262,7 @@ class FasterRCNN(LossTermsMixin, DetectorMixin, keras.Model):
             ops.stop_gradient(ops.cast(y_pred["proposals"], "float32")), gt_boxes, gt_labels,
             sampler=self.box_sampler, proposals_valid=y_pred["proposals_valid"],
             matcher=self.box_matcher, box_coder=self.roi_heads.box_coder)
-        features = [y_pred[f"P{level}"] for level in self.roi_heads.levels]
+        features = [y_pred[key] for key in self.pooled_feature_keys]
         head = self.roi_heads.box_logits(features, roi["rois"], training=training,
                                          roi_mask=roi["valid"])
         terms.update(fastrcnn_loss(head["class_logits"], head["box_regression"], roi["labels"],

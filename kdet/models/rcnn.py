@@ -42,9 +42,10 @@ It is slow by design: the CNN runs ``P`` times per image (memory grows as
 import keras
 from keras import ops
 
+from kdet.backbones.factory import backbone_level
 from kdet.layers.normalization import ImageNormalization
 from kdet.layers.roi_heads import FastRCNNPredictor
-from kdet.models.fast_rcnn import ProposalDetector, ProposalHeads, backbone_level
+from kdet.models.fast_rcnn import ProposalDetector, ProposalHeads
 from kdet.ops.roi_align import roi_align
 
 
