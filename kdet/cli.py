@@ -181,7 +181,7 @@ def run(command, settings, config_path="config"):
     if command == "eval":
         from kdet.workflow.evaluation import evaluate, format_stats
         result = evaluate(settings, config_path=config_path)
-        print(format_stats(result.results), flush=True)
+        print(format_stats(result.results, result.more), flush=True)
         return result
     if command == "predict":
         from kdet.workflow.prediction import predict
