@@ -151,8 +151,8 @@ OPTIONS = (
                "RetinaNet / R-CNN backbone: resnet50, resnet101, mobilenet_v2, "
                "efficientnet_b0..b7", _MODEL),
         Option("version", _optional(int), None,
-               "RetinaNet / Faster, Mask, Keypoint R-CNN version: 1, or 2 (torchvision _v2) "
-               "(default 1)", _MODEL, choices=(1, 2)),
+               "RetinaNet / Faster, Mask, Keypoint R-CNN version: 1, or 2 (torchvision _v2); "
+               "none: 1", _MODEL, choices=(1, 2)),
         Option("retinanet_version", _optional(int), None, "old name of --version (RetinaNet)",
                _MODEL, choices=(1, 2)),
         Option("num_classes", _optional(int), None,
