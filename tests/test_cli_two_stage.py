@@ -92,23 +92,45 @@ def test_version_serves_retinanet_and_rcnn_and_the_old_flag_still_works(capsys):
     assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("kdet ")
 
 
-def test_build_model_makes_each_rcnn_from_settings():
+def test_build_model_passes_the_settings_to_each_rcnn(monkeypatch):
     import kdet
     from kdet.workflow.models import TWO_STAGE_MODELS, build_model
 
     assert set(TWO_STAGE_MODELS) == {"fasterrcnn", "maskrcnn", "keypointrcnn"}
-    faster = build_model({"model": "fasterrcnn", "backbone": "mobilenet_v2", "version": 2},
-                         num_classes=3, image_size=64)
-    assert type(faster) is kdet.models.FasterRCNN
-    assert faster.get_config()["version"] == 2 and faster.num_classes == 3
-    assert faster.get_config()["backbone"] == "mobilenet_v2" and faster.image_size == (64, 64)
-    mask = build_model({"model": "maskrcnn", "backbone": "mobilenet_v2"}, 2, 64)
-    assert type(mask) is kdet.models.MaskRCNN and mask.get_config()["version"] == 1
-    keypoint = build_model({"model": "keypointrcnn", "backbone": "mobilenet_v2"}, 1, 64,
-                           num_keypoints=5)
+    # the real Keypoint R-CNN: version, backbone, size and the data's keypoint count arrive
+    keypoint = build_model({"model": "keypointrcnn", "backbone": "mobilenet_v2",
+                            "version": 2}, 1, 64, num_keypoints=5)
     assert type(keypoint) is kdet.models.KeypointRCNN and keypoint.num_keypoints == 5
-    with pytest.raises(ValueError, match="--model fasterrcnn: .*multiple of 32"):
-        build_model({"model": "fasterrcnn", "backbone": "mobilenet_v2"}, 3, 100)
+    config = keypoint.get_config()
+    assert (config["version"], config["backbone"], config["image_size"]) == (2, "mobilenet_v2",
+                                                                             64)
+    # the others get the same arguments (each is built for real in the slow tests)
+    made = {}
+    for class_name in ("FasterRCNN", "MaskRCNN"):
+        def record(class_name=class_name, **kwargs):
+            made[class_name] = kwargs
+            return keypoint
+        monkeypatch.setattr(kdet.models, class_name, record)
+    build_model({"model": "fasterrcnn", "backbone": "resnet101", "retinanet_version": 2}, 3, 96)
+    build_model({"model": "maskrcnn"}, 2, None)
+    assert made["FasterRCNN"] == {"num_classes": 3, "backbone": "resnet101", "version": 2,
+                                  "backbone_weights": None, "image_size": 96}
+    assert made["MaskRCNN"] == {"num_classes": 2, "backbone": "resnet50", "version": 1,
+                                "backbone_weights": None}  # the model's default size
+    with pytest.raises(ValueError, match="--model keypointrcnn: .*multiple of 32"):
+        build_model({"model": "keypointrcnn", "backbone": "mobilenet_v2"}, 1, 100)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fasterrcnn", "maskrcnn"])
+def test_build_model_builds_faster_and_mask_rcnn(name):
+    import kdet
+    from kdet.workflow.models import build_model
+
+    model = build_model({"model": name, "backbone": "mobilenet_v2", "version": 2}, 3, 64)
+    expected = {"fasterrcnn": kdet.models.FasterRCNN, "maskrcnn": kdet.models.MaskRCNN}[name]
+    assert type(model) is expected and model.num_classes == 3
+    assert model.get_config()["version"] == 2 and model.image_size == (64, 64)
 
 
 def test_models_that_need_masks_or_keypoints_name_the_dataset_without_them(shared_data,
