@@ -399,7 +399,8 @@ def test_maskrcnn_train_eval_predict_export_bench(pennfudan_subset, tmp_path, ca
     code, _, err = run_cli(["train", *data, "--model", "maskrcnn", "--backbone", "mobilenet_v2",
                             "--version", "2", "--image-size", "128", "--epochs", "1",
                             "--steps-per-epoch", "2", "--batch-size", "2", "--output-dir",
-                            str(run), "--verbose", "0", "--tensorboard", "false"], capsys)
+                            str(run), "--verbose", "0", "--tensorboard", "false",
+                            "--eval-every", "2"], capsys)  # no evaluation while training
     assert code == 0, err
     model = keras.saving.load_model(str(run / "last.keras"), safe_mode=True)
     assert type(model).__name__ == "MaskRCNN" and model.get_config()["version"] == 2
@@ -488,7 +489,8 @@ def test_keypointrcnn_train_eval_predict(shared_data, tmp_path, capsys):
     code, _, err = run_cli(["train", *data, "--model", "keypointrcnn", "--backbone",
                             "mobilenet_v2", "--image-size", "128", "--epochs", "1",
                             "--steps-per-epoch", "2", "--batch-size", "2", "--output-dir",
-                            str(run), "--verbose", "0", "--tensorboard", "false"], capsys)
+                            str(run), "--verbose", "0", "--tensorboard", "false",
+                            "--eval-every", "2"], capsys)  # no evaluation while training
     assert code == 0, err
     model = keras.saving.load_model(str(run / "last.keras"), safe_mode=True)
     assert model.num_keypoints == 17
