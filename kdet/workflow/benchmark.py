@@ -60,7 +60,10 @@ def benchmark(config, *, model=None, config_path="config"):
     settings = resolve("bench", file_config=config, config_path=config_path)
     if model is None and settings["model"] in MODEL_NAMES:
         keras.utils.set_random_seed(int(settings["seed"]))
-        model = build_model(settings, settings["num_classes"] or 90, settings["image_size"])
+        # COCO's class count; Keypoint R-CNN's person only
+        default_classes = 1 if settings["model"] == "keypointrcnn" else 90
+        model = build_model(settings, settings["num_classes"] or default_classes,
+                            settings["image_size"])
     elif model is None:  # a .keras file or a zoo name
         model = load_model(settings["model"], weights=settings["weights"])
     size = model_image_size(model)

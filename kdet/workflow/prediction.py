@@ -89,9 +89,9 @@ def masks_in_image(masks, scale, height, width):
     region is cut out and resized bilinearly to ``height x width``. Threshold at 0.5 for
     binary masks.
 
-    >>> m = np.zeros((1, 8, 8), "float32"); m[0, :2, :4] = 1
-    >>> (masks_in_image(m, 0.5, 8, 12)[0] > 0.5).sum(axis=1).tolist()[:5]  # 16 x 8 -> 8 x 12
-    [8, 8, 8, 0, 0]
+    >>> m = np.zeros((1, 8, 8), "float32"); m[0, :2, :4] = 1   # an 8 x 12 image at scale 0.5
+    >>> (masks_in_image(m, 0.5, 8, 12)[0] > 0.5).sum(axis=1).tolist()  # its top-left 4 x 8
+    [8, 8, 8, 8, 0, 0, 0, 0]
     """
     from PIL import Image
 
