@@ -43,26 +43,37 @@ EXAMPLES = {
              --val-fraction 0.1 --model efficientdet --phi 0 --epochs 50 --batch-size 8
   # Pascal VOC devkit with its own val split, RetinaNet v2
   kdet train --format voc --train-data VOC2012 --train-split train --val-data VOC2012 \\
-             --val-split val --model retinanet --retinanet-version 2 --image-size 640
+             --val-split val --model retinanet --version 2 --image-size 640
+  # Mask R-CNN v2 on Penn-Fudan masks; Keypoint R-CNN on COCO person keypoints
+  kdet train --format masks --train-data PennFudanPed --val-fraction 0.2 --model maskrcnn \\
+             --version 2 --backbone resnet50 --image-size 512
+  kdet train --format coco --train-data person_keypoints_train2017.json \\
+             --train-images train2017 --val-fraction 0.05 --model keypointrcnn
   # everything in a file, one flag overridden; rerun the same command to resume
   kdet train --config train.yaml --epochs 100""",
     "eval": """examples:
   kdet eval --model runs/shapes/best.keras --format shapes --val-num-images 32
+  # Mask / Keypoint R-CNN: segm / keypoints AP next to bbox (+ dets_segm.json ...)
+  kdet eval --model runs/mask/best.keras --format masks --train-data PennFudanPed \\
+            --val-fraction 0.2 --detections-out dets.json
   kdet eval --config train.yaml --model runs/d0/best.keras --output-dir runs/d0/eval
   kdet eval --model d0.keras --format coco --val-data val.json --val-images val2017 \\
             --detections-out dets.json --score-threshold 0.3""",
     "predict": """examples:
   kdet predict --model runs/shapes/best.keras images/ --output-dir drawn/
-  kdet predict --model d0.keras a.jpg b.jpg --labels labels.txt --score-threshold 0.4""",
+  kdet predict --model d0.keras a.jpg b.jpg --labels labels.txt --score-threshold 0.4
+  kdet predict --model runs/mask/best.keras people/ --output-dir drawn/   # + masks, keypoints""",
     "export": """examples:
   kdet export --model runs/d0/best.keras --output exported/d0_saved_model
   kdet export --model runs/d0/best.keras --output d0_fp16.tflite --quantization fp16
   kdet export --config train.yaml --model runs/d0/best.keras --output d0_int8.tflite \\
               --quantization int8 --input-dtype uint8      # calibrates on the training data
-  kdet export --model runs/d0/best.keras --output d0.onnx""",
+  kdet export --model runs/d0/best.keras --output d0.onnx
+  kdet export --model runs/mask/best.keras --output mask_saved_model   # R-CNNs too""",
     "bench": """examples:
   kdet bench --model efficientdet --phi 0 --image-size 512 --batch-size 8
   kdet bench --model retinanet --backbone resnet50 --image-size 640 --bench-train false
+  kdet bench --model maskrcnn --version 2 --image-size 512 --batch-size 2
   kdet bench --model runs/d0/best.keras --jit-compile true""",
     "convert": """examples:
   kdet convert --source effdet --arch tf_efficientdet_d0 \\
@@ -181,7 +192,7 @@ def run(command, settings, config_path="config"):
     if command == "eval":
         from kdet.workflow.evaluation import evaluate, format_stats
         result = evaluate(settings, config_path=config_path)
-        print(format_stats(result.results), flush=True)
+        print(format_stats(result.results, result.more), flush=True)
         return result
     if command == "predict":
         from kdet.workflow.prediction import predict

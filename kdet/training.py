@@ -158,10 +158,16 @@ def train(config, *, model=None, datasets=None, extra_callbacks=(), config_path=
     from kdet.workflow import callbacks as cb
     from kdet.workflow import data as wdata
     from kdet.workflow.config import dump
-    from kdet.workflow.models import build_model, model_image_size, resolve_jit_compile
+    from kdet.workflow.models import (build_model, model_annotations, model_image_size,
+                                      required_annotations, resolve_jit_compile)
 
     seed = int(settings["seed"])
-    train_ds, val_ds = datasets if datasets is not None else wdata.read_datasets(settings)
+    # masks / keypoints: read when the named model trains on them (a .keras or zoo model:
+    # known once loaded, the data is then read again below)
+    annotations = required_annotations(settings["model"]) if model is None else \
+        model_annotations(model)
+    train_ds, val_ds = datasets if datasets is not None else wdata.read_datasets(
+        settings, annotations=annotations or ())
     if train_ds is None or len(train_ds) == 0:
         raise ValueError("no training images")
     num_classes = settings["num_classes"] or train_ds.num_classes
@@ -173,7 +179,12 @@ def train(config, *, model=None, datasets=None, extra_callbacks=(), config_path=
         image_size = wdata.SHAPES_IMAGE_SIZE
     if model is None:
         keras.utils.set_random_seed(seed)  # initial weights
-        model = build_model(settings, num_classes, image_size)
+        model = build_model(settings, num_classes, image_size,
+                            num_keypoints=train_ds.num_keypoints or None)
+    if model_annotations(model) != (annotations or ()) and datasets is None:
+        annotations = model_annotations(model)
+        train_ds, val_ds = wdata.read_datasets(settings, annotations=annotations)
+    annotations = model_annotations(model)
     image_size = model_image_size(model)
     settings.update(num_classes=int(num_classes), image_size=int(image_size))
 
@@ -199,7 +210,8 @@ def train(config, *, model=None, datasets=None, extra_callbacks=(), config_path=
     batches = wdata.training_batches(
         train_ds, image_size, batch_size, steps, first_epoch, epochs, seed=seed,
         augment=settings["augment"], scale_range=settings["scale_range"],
-        max_boxes=settings["max_boxes"], deterministic=settings["deterministic"])
+        max_boxes=settings["max_boxes"], deterministic=settings["deterministic"],
+        annotations=annotations)
     val_batches = None
     if val_ds is not None:
         val_batches = wdata.evaluation_batches(val_ds, image_size, batch_size,

@@ -25,6 +25,19 @@ PALETTE = (
 )
 
 
+#: The COCO person skeleton (1-based keypoint index pairs, as the COCO categories list it).
+COCO_PERSON_SKELETON = (
+    (16, 14), (14, 12), (17, 15), (15, 13), (12, 13), (6, 12), (7, 13), (6, 7), (6, 8),
+    (7, 9), (8, 10), (9, 11), (2, 3), (1, 2), (1, 3), (2, 4), (3, 5), (4, 6), (5, 7))
+
+
+def skeleton_for(keypoints):
+    """The COCO person skeleton for ``[N, 17, 3]`` keypoints, else no lines (``None``)."""
+    if keypoints is None or np.ndim(keypoints) != 3 or np.shape(keypoints)[1] != 17:
+        return None
+    return COCO_PERSON_SKELETON
+
+
 def class_colour(label):
     return PALETTE[int(label) % len(PALETTE)]
 

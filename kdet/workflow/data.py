@@ -39,11 +39,15 @@ def _path_exists(path, key):
     return path
 
 
-def read_dataset(config, which, like=None):
+def read_dataset(config, which, like=None, annotations=(), required=True):
     """The ``which`` (``"train"`` or ``"val"``) dataset of ``config``, or ``None``.
 
     ``like``: a dataset whose classes this one must use (the training set when
     reading the validation set), so labels mean the same in both.
+    ``annotations``: what the model needs besides boxes, ``"masks"`` and/or
+    ``"keypoints"`` (COCO JSON reads them only when asked); a dataset without
+    them is an error that names it (``required=False``: read them where the data
+    has them, as ``kdet eval`` does).
 
     Every image is decoded once here (:meth:`kdet.data.DetectionDataset.check_pixels`):
     with ``on_error="skip"`` files that do not decode are dropped and counted
@@ -51,13 +55,35 @@ def read_dataset(config, which, like=None):
     truth agree with what training and evaluation see); with ``"raise"`` the
     first one raises a ``ValueError`` naming it, before any training.
     """
-    dataset = _open_dataset(config, which, like)
-    if dataset is not None:
+    annotations = tuple(annotations or ())
+    try:
+        dataset = _open_dataset(config, which, like, annotations)
+    except ValueError as error:
+        # a COCO instances JSON asked for keypoints it does not name: fine for evaluation
+        if required or "keypoints" not in annotations or "keypoints" not in str(error):
+            raise
+        annotations = tuple(a for a in annotations if a != "keypoints")
+        dataset = _open_dataset(config, which, like, annotations)
+    if dataset is not None and required:
+        check_annotations(dataset, annotations, config.get("model"))
         dataset.check_pixels(config.get("on_error", "raise"))
     return dataset
 
 
-def _open_dataset(config, which, like):
+def check_annotations(dataset, annotations, model_name=None):
+    """A ``ValueError`` naming ``dataset`` when it lacks an annotation in ``annotations``."""
+    have = {"masks": dataset.has_masks, "keypoints": dataset.has_keypoints}
+    missing = [a for a in annotations or () if not have[a]]
+    if missing:
+        model = f"--model {model_name}" if model_name else "the model"
+        hint = {"masks": "COCO JSON with segmentation, or --format masks (PNG instance masks)",
+                "keypoints": "COCO person-keypoints JSON"}
+        raise ValueError(f"{model} trains on {' and '.join(missing)}, but the dataset "
+                         f"{dataset.source} has none; give data that has them ("
+                         f"{'; '.join(hint[a] for a in missing)})")
+
+
+def _open_dataset(config, which, like, annotations=()):
     from kdet import data
 
     fmt = config.get("format")
@@ -101,7 +127,9 @@ def _open_dataset(config, which, like):
                              "file_name entries are relative to)")
         category_ids = like.category_ids if like is not None else None
         return data.COCODataset(location, _path_exists(images, f"{which}_images"),
-                                on_error=on_error, category_ids=category_ids)
+                                on_error=on_error, category_ids=category_ids,
+                                include_masks="masks" in annotations,
+                                include_keypoints="keypoints" in annotations)
     if fmt == "voc":
         if any(os.path.isdir(os.path.join(location, d)) for d in ("Annotations", "annotations")):
             return data.VOCDataset(location, image_dir=images, split=split,
@@ -149,16 +177,19 @@ def split_off(dataset, fraction, seed):
     return dataset.subset(sorted(order[held:])), dataset.subset(sorted(order[:held]))
 
 
-def read_datasets(config, need_train=True, need_val=True):
-    """``(train, val)`` datasets of ``config`` (either may be ``None``).
+def read_datasets(config, need_train=True, need_val=True, annotations=(), required=True):
+    """``(train, val)`` datasets of ``config`` (either may be ``None``), each with the
+    ``annotations`` (``"masks"``, ``"keypoints"``) the model needs (see :func:`read_dataset`).
 
     ``val_fraction`` splits the training set when no validation data is given.
     ``need_train=False`` / ``need_val=False`` skip reading a set that is not
     needed (its problems would be reported too, e.g. a YOLO ``val`` entry
     naming the training images would print every warning twice).
     """
-    train = read_dataset(config, "train") if need_train or config.get("val_fraction") else None
-    val = read_dataset(config, "val", like=train) if need_val else None
+    train = (read_dataset(config, "train", annotations=annotations, required=required)
+             if need_train or config.get("val_fraction") else None)
+    val = (read_dataset(config, "val", like=train, annotations=annotations, required=required)
+           if need_val else None)
     fraction = float(config.get("val_fraction") or 0.0)
     if need_val and val is None and fraction > 0 and train is not None:
         train, val = split_off(train, fraction, int(config.get("seed", 0)))
@@ -169,15 +200,27 @@ def read_datasets(config, need_train=True, need_val=True):
     return train, val
 
 
-def _fit_targets(images, targets):
-    # only what compute_loss reads: less host->device traffic, no int64/uint8 extras
-    return images, {"boxes": targets["boxes"], "labels": targets["labels"]}
+def _fit_targets(annotations):
+    import tensorflow as tf
+
+    def keep(images, targets):
+        # only what compute_loss reads: less host->device traffic, no int64/uint8 extras
+        out = {"boxes": targets["boxes"], "labels": targets["labels"]}
+        if "masks" in annotations:
+            out["masks"] = tf.cast(targets["masks"], tf.float32)
+        if "keypoints" in annotations:
+            out["keypoints"] = targets["keypoints"]
+        return images, out
+    return keep
 
 
 def training_batches(dataset, image_size, batch_size, steps_per_epoch, first_epoch, epochs,
                      seed=0, augment=("scale_jitter", "flip", "color"), scale_range=(0.1, 2.0),
-                     max_boxes=None, deterministic=True):
+                     max_boxes=None, deterministic=True, annotations=()):
     """``(images, {"boxes", "labels"})`` batches of epochs ``first_epoch .. epochs - 1``.
+
+    ``annotations``: ``"masks"`` (``[B, N, S, S]`` float 0/1, Mask R-CNN) and/or
+    ``"keypoints"`` (``[B, N, K, 3]``, Keypoint R-CNN) join the targets.
 
     Exactly ``steps_per_epoch`` batches per epoch (the images repeat as
     needed), epoch ``e`` drawn from seed ``seed * 100003 + e`` (see the module
@@ -200,14 +243,16 @@ def training_batches(dataset, image_size, batch_size, steps_per_epoch, first_epo
     base_seed = int(seed) * EPOCH_SEED_STRIDE
     augment = tuple(augment or ())
     max_boxes = resolve_max_boxes(dataset, max_boxes, "training")
+    annotations = tuple(annotations or ())
+    check_annotations(dataset, annotations)
 
     def one_epoch(epoch):
         batches = build_pipeline(
             dataset, image_size=image_size, batch_size=batch_size, training=True,
             max_boxes=max_boxes, augment=augment, seed=base_seed + int(epoch),
-            deterministic=deterministic, scale_range=tuple(scale_range), include_masks=False,
-            repeat=True)
-        return batches.map(_fit_targets).take(steps_per_epoch)
+            deterministic=deterministic, scale_range=tuple(scale_range),
+            include_masks="masks" in annotations, repeat=True)
+        return batches.map(_fit_targets(annotations)).take(steps_per_epoch)
 
     spec = one_epoch(first_epoch).element_spec
 

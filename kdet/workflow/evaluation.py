@@ -6,7 +6,10 @@ with :class:`kdet.metrics.COCOEvaluator` against the dataset's ground truth
 in original pixels, prints the pycocotools-style summary and writes into
 ``output_dir``:
 
-* ``eval_results.json``: the 12 COCO numbers and AP per class (by name);
+* ``eval_results.json``: the 12 COCO numbers and AP per class (by name), and the
+  same under ``"segm"`` (mask AP) and ``"keypoints"`` (keypoint AP, 10 numbers) when
+  the model predicts masks / keypoints and the data has them (masks are mapped
+  from the model input to each image's pixels before scoring);
 * ``pr_curves.png``: per-class precision-recall at IoU 0.5, all areas,
   100 detections (``COCOEvaluator.precision[0, :, k, 0, -1]``);
 * ``confusion_matrix.png`` (and ``.json``): :func:`confusion_matrix`;
@@ -109,11 +112,16 @@ def confusion_matrix(ground_truth, detections, num_classes, iou_threshold=0.5,
     return matrix
 
 
-def predict_batches(model, batches, verbose=1, total=None):
+def predict_batches(model, batches, verbose=1, total=None, mask_evaluator=None,
+                    category_ids=None):
     """Predict over evaluation batches; boxes divided by ``targets["scale"]`` (original pixels).
 
     Returns ``(image_ids [N], predictions)``: the padded prediction dict
-    stacked over all images (numpy).
+    stacked over all images (numpy), without ``masks``. Masks (model-input
+    space) are instead mapped to each image's original pixels
+    (:func:`kdet.workflow.prediction.masks_in_image`) and added to
+    ``mask_evaluator`` (a ``segm`` :class:`kdet.metrics.COCOEvaluator`) image by
+    image, so full-resolution masks of the whole set are never held at once.
     """
     from tqdm.auto import tqdm
 
@@ -130,6 +138,9 @@ def predict_batches(model, batches, verbose=1, total=None):
         out = {k: np.asarray(v) for k, v in raw.items()}
         scale = np.asarray(targets["scale"], np.float64).reshape(len(ids), -1)
         scale_xy = np.broadcast_to(scale, (len(ids), 2))
+        if mask_evaluator is not None and "masks" in out:
+            _add_masks(mask_evaluator, ids, out, scale_xy,
+                       np.asarray(targets["original_size"]), category_ids)
         out["boxes"] = out["boxes"].astype(np.float64) / np.concatenate(
             [scale_xy, scale_xy], axis=1)[:, None, :]
         if "keypoints" in out:
@@ -142,6 +153,19 @@ def predict_batches(model, batches, verbose=1, total=None):
         raise ValueError("the evaluation data yielded no batches")
     keys = [k for k in chunks[0] if k != "masks"]  # masks: resized-image space, not mapped
     return image_ids, {k: np.concatenate([c[k] for c in chunks]) for k in keys}
+
+
+def _add_masks(evaluator, image_ids, out, scale_xy, original_sizes, category_ids):
+    from kdet.workflow.prediction import masks_in_image
+
+    counts = out.get("num_detections")
+    for b, image_id in enumerate(image_ids):
+        n = int(counts[b]) if counts is not None else out["scores"].shape[1]
+        height, width = (int(v) for v in original_sizes[b])
+        masks = masks_in_image(out["masks"][b, :n], scale_xy[b], height, width)
+        evaluator.add_predictions([image_id], {
+            "masks": masks[None], "scores": out["scores"][b:b + 1, :n],
+            "labels": out["labels"][b:b + 1, :n]}, category_ids=category_ids)
 
 
 def detections_to_coco(image_ids, predictions, category_ids):
@@ -170,6 +194,9 @@ class EvalResult:
     confusion: np.ndarray
     class_names: tuple
     files: dict
+    #: ``{"segm": results, "keypoints": results}``: what the model and the data had
+    more: dict = dataclasses.field(default_factory=dict)
+    more_evaluators: dict = dataclasses.field(default_factory=dict)
 
 
 def _labels_beside(model_path):
@@ -194,7 +221,8 @@ def evaluate(config, *, model=None, dataset=None, config_path="config"):
     """
     from kdet.metrics import COCOEvaluator
     from kdet.workflow import data as wdata
-    from kdet.workflow.models import load_model, model_image_size, resolve_jit_compile
+    from kdet.workflow.models import (load_model, model_annotations, model_image_size,
+                                      resolve_jit_compile)
 
     settings = resolve("eval", file_config=config, config_path=config_path)
     if settings["class_names"] is None and settings["format"] in ("voc", "yolo"):
@@ -204,10 +232,12 @@ def evaluate(config, *, model=None, dataset=None, config_path="config"):
         if resolve_jit_compile(settings["jit_compile"]):
             model.jit_compile = True
     image_size = model_image_size(model)
+    predicts = model_annotations(model)  # masks / keypoints, scored when the data has them
     if dataset is None:
         if settings["format"] == "shapes" and settings["image_size"] is None:
             settings["image_size"] = image_size
-        _, dataset = wdata.read_datasets(settings, need_train=False)
+        _, dataset = wdata.read_datasets(settings, need_train=False, annotations=predicts,
+                                         required=False)
         if dataset is None:
             raise ValueError("kdet eval needs validation data: --val-data (and --val-images), "
                              "--val-fraction with --train-data, or --val-num-images for shapes")
@@ -220,14 +250,33 @@ def evaluate(config, *, model=None, dataset=None, config_path="config"):
     batches = wdata.evaluation_batches(dataset, image_size, batch_size,
                                        max_boxes=settings["max_boxes"])
     total = -(-len(dataset) // batch_size)
-    image_ids, predictions = predict_batches(model, batches, verbose=settings["verbose"],
-                                             total=total)
+    more_evaluators = {}
+    if "masks" in predicts and dataset.has_masks:
+        more_evaluators["segm"] = COCOEvaluator(dataset.coco_ground_truth(include_masks=True),
+                                                iou_type="segm")
+    if "keypoints" in predicts and dataset.has_keypoints:
+        if int(model.num_keypoints) == 17:
+            more_evaluators["keypoints"] = COCOEvaluator(dataset.coco_ground_truth(),
+                                                         iou_type="keypoints")
+        else:  # the OKS sigmas kdet knows are COCO's 17
+            print(f"keypoints AP: skipped, COCO OKS sigmas are for 17 keypoints, the model has "
+                  f"{model.num_keypoints}", flush=True)
+    image_ids, predictions = predict_batches(
+        model, batches, verbose=settings["verbose"], total=total,
+        mask_evaluator=more_evaluators.get("segm"), category_ids=dataset.category_ids)
 
     evaluator = COCOEvaluator(dataset.coco_ground_truth())
     evaluator.add_predictions(image_ids, predictions, category_ids=dataset.category_ids)
     results = evaluator.evaluate()
     names = tuple(dataset.class_names)
     print(evaluator.summary(), flush=True)
+    if "keypoints" in more_evaluators:
+        more_evaluators["keypoints"].add_predictions(image_ids, predictions,
+                                                     category_ids=dataset.category_ids)
+    more = {}
+    for kind, extra in more_evaluators.items():
+        more[kind] = extra.evaluate()
+        print(f"\n{kind}:\n{extra.summary()}", flush=True)
 
     out = settings["output_dir"]
     os.makedirs(out, exist_ok=True)
@@ -250,9 +299,13 @@ def evaluate(config, *, model=None, dataset=None, config_path="config"):
     per_class = {name: results["per_class_AP"][cat]
                  for name, cat in zip(names, dataset.category_ids)}
     summary = {k: v for k, v in results.items() if k != "per_class_AP"}
-    files["results"] = write_json_atomic(os.path.join(out, RESULTS), {
-        "model": str(settings["model"]), "images": len(image_ids), "stats": summary,
-        "per_class_AP": per_class})
+    record = {"model": str(settings["model"]), "images": len(image_ids), "stats": summary,
+              "per_class_AP": per_class}
+    for kind, stats in more.items():  # "segm", "keypoints": the same layout
+        record[kind] = {"stats": {k: v for k, v in stats.items() if k != "per_class_AP"},
+                        "per_class_AP": {name: stats["per_class_AP"][cat]
+                                         for name, cat in zip(names, dataset.category_ids)}}
+    files["results"] = write_json_atomic(os.path.join(out, RESULTS), record)
     files["pr_curves"] = visualize.plot_precision_recall(
         evaluator.precision, names, os.path.join(out, PR_CURVES))
     files["confusion_matrix"] = visualize.plot_confusion_matrix(
@@ -277,14 +330,23 @@ def evaluate(config, *, model=None, dataset=None, config_path="config"):
         files["detections"] = write_json_atomic(
             settings["detections_out"],
             detections_to_coco(image_ids, predictions, dataset.category_ids))
+        root, ext = os.path.splitext(settings["detections_out"])
+        for kind, extra in more_evaluators.items():  # COCO results of that iou type
+            files[f"detections_{kind}"] = write_json_atomic(f"{root}_{kind}{ext or '.json'}",
+                                                            extra.results())
     if settings["verbose"]:
         for key, path in files.items():
             print(f"wrote {key}: {path}", flush=True)
     return EvalResult(results=results, evaluator=evaluator, confusion=matrix, class_names=names,
-                      files=files)
+                      files=files, more=more, more_evaluators=more_evaluators)
 
 
-def format_stats(results):
-    """One line with the headline numbers."""
-    return ", ".join(f"{k}={results[k]:.4f}" for k in ("AP", "AP50", "AP75", "AR100")
-                     if k in results)
+def format_stats(results, more=None):
+    """One line with the headline numbers (bbox, then ``segm`` / ``keypoints`` if given)."""
+    def line(stats):
+        return ", ".join(f"{k}={stats[k]:.4f}" for k in ("AP", "AP50", "AP75", "AR100", "AR")
+                         if k in stats)
+    text = line(results)
+    for kind, stats in (more or {}).items():
+        text += f"; {kind}: {line(stats)}"
+    return text

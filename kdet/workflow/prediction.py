@@ -79,14 +79,31 @@ def _output_name(path, used):
     return name
 
 
-def _fit_masks(masks, height, width):
-    """Masks ``[N, h, w]`` resized (nearest) to the image when their size differs."""
-    if masks.shape[1:] == (height, width):
-        return masks
+def masks_in_image(masks, scale, height, width):
+    """Masks ``[N, S, S]`` of the resized-and-padded model input -> ``[N, height, width]``
+    probabilities in the original image.
+
+    The input holds the image resized by ``scale`` (a number, or ``(x_scale, y_scale)``)
+    at the top left, ``round(height * y_scale) x round(width * x_scale)`` pixels (as
+    :func:`kdet.models.detector.resize_and_pad` and the evaluation pipeline place it); that
+    region is cut out and resized bilinearly to ``height x width``. Threshold at 0.5 for
+    binary masks.
+
+    >>> m = np.zeros((1, 8, 8), "float32"); m[0, :2, :4] = 1   # an 8 x 12 image at scale 0.5
+    >>> (masks_in_image(m, 0.5, 8, 12)[0] > 0.5).sum(axis=1).tolist()  # its top-left 4 x 8
+    [8, 8, 8, 8, 0, 0, 0, 0]
+    """
     from PIL import Image
-    return np.stack([np.asarray(Image.fromarray((m > 0.5).astype(np.uint8) * 255)
-                                .resize((width, height), Image.NEAREST)) / 255.0 for m in masks]) \
-        if len(masks) else np.zeros((0, height, width))
+
+    masks = np.asarray(masks, np.float32)
+    sx, sy = (float(scale), float(scale)) if np.ndim(scale) == 0 else (float(v) for v in scale)
+    rows = min(masks.shape[1], max(1, int(round(height * sy))))
+    cols = min(masks.shape[2], max(1, int(round(width * sx))))
+    out = np.zeros((len(masks), int(height), int(width)), np.float32)
+    for i, mask in enumerate(masks):
+        region = Image.fromarray(np.ascontiguousarray(mask[:rows, :cols]), mode="F")
+        out[i] = np.asarray(region.resize((int(width), int(height)), Image.BILINEAR))
+    return out
 
 
 def predict(config, *, model=None, config_path="config"):
@@ -119,18 +136,27 @@ def predict(config, *, model=None, config_path="config"):
         for i, (path, image) in enumerate(zip(chunk, images)):
             found = visualize.select_detections(predictions, i, threshold)
             masks = found.get("masks") if settings["draw_masks"] else None
-            if masks is not None:
-                masks = _fit_masks(np.asarray(masks), *image.shape[:2])
+            if masks is not None:  # model-input space -> this image's pixels
+                scale = predictions["scale"][i] if "scale" in predictions else \
+                    min(np.asarray(masks).shape[1:]) / max(image.shape[:2])
+                masks = masks_in_image(masks, scale, *image.shape[:2])
+            keypoints = found.get("keypoints")
             drawn = visualize.draw_detections(
                 image, found["boxes"], found["labels"], found["scores"], class_names=names,
-                masks=masks, keypoints=found.get("keypoints"))
+                masks=masks, keypoints=keypoints,
+                skeleton=visualize.skeleton_for(keypoints),
+                keypoint_threshold=-np.inf)  # predicted: every keypoint of a drawn detection
             target = os.path.join(out, _output_name(path, used))
             visualize.save_image(drawn, target)
             written.append(target)
-            records.append({"image": path, "output": target, "detections": [
+            detections = [
                 {"box": [float(v) for v in box], "label": int(label),
                  "name": names[int(label)] if names else str(int(label)), "score": float(score)}
-                for box, label, score in zip(found["boxes"], found["labels"], found["scores"])]})
+                for box, label, score in zip(found["boxes"], found["labels"], found["scores"])]
+            if keypoints is not None:  # (x, y, score) per keypoint
+                for detection, points in zip(detections, np.asarray(keypoints)):
+                    detection["keypoints"] = [[float(v) for v in p] for p in points]
+            records.append({"image": path, "output": target, "detections": detections})
             progress.update(1)
     progress.close()
     write_json_atomic(os.path.join(out, "predictions.json"),
