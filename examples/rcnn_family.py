@@ -161,8 +161,10 @@ def main(argv=None):
         rows.append((name, stats["AP"], stats["AP50"], images_per_second, cpu_per_image,
                      timer.images_per_second(args.batch_size),
                      timer.cpu_seconds_per_image(args.batch_size)))
-        log(f"{name}: AP {stats['AP']:.3f}, AP50 {stats['AP50']:.3f}, "
-            f"{images_per_second:.1f} images/s")
+        # every figure of the row, so that a run stopped early keeps the finished rows
+        log(f"{name}: AP {stats['AP']:.3f}, AP50 {stats['AP50']:.3f}, inference "
+            f"{images_per_second:.2f} images/s ({cpu_per_image:.3f} CPU s/image), training "
+            f"{rows[-1][5]:.2f} images/s ({rows[-1][6]:.3f} CPU s/image)")
     print("\n| model | AP | AP50 | inference images/s (CPU s/image) "
           "| training images/s (CPU s/image) |")
     print("|---|---|---|---|---|")
