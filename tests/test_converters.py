@@ -688,3 +688,33 @@ def test_installed_imagenet_backbones_load_into_detectors():
     with pytest.raises(ValueError, match="no installable ImageNet checkpoint for efficientdet 0"):
         build_model({"model": "efficientdet", "phi": 0, "backbone_weights": "imagenet"},
                     num_classes=2, image_size=128)
+
+
+@needs_torchvision
+@pytest.mark.parametrize("builder", ["RCNN", "FastRCNN", "KeypointRCNN"])
+def test_installed_imagenet_mobilenet_loads_into_two_stage_models(builder):
+    """The R-CNN family trains from ImageNet MobileNetV2 (the only installable R-CNN
+    backbone): every backbone kernel is the checkpoint's, also for R-CNN, whose CNN sits
+    inside its RoI heads (it runs on the warped crops)."""
+    from kdet.converters._mapping import find_backbone
+    from kdet.converters.backbones import load_installed_imagenet_backbone
+    kwargs = {"RCNN": dict(num_classes=1, num_proposals=4, crop_size=32, context_padding=2),
+              "FastRCNN": dict(num_classes=1, num_proposals=4),
+              "KeypointRCNN": dict(num_keypoints=3)}[builder]
+    model = getattr(kdet.models, builder)(backbone="mobilenet_v2", image_size=64, **kwargs)
+    backbone = find_backbone(model)
+    if builder == "RCNN":
+        assert backbone is model.get_layer("roi_heads").cnn
+    assert load_installed_imagenet_backbone(model, "mobilenet_v2")
+    state = read_pth(mobilenet_file())
+    kernels = {w.path.rsplit("/", 2)[-2]: _np(w) for w in backbone.weights
+               if w.path.endswith("/kernel") and len(w.shape) == 4}
+    first = state["features.0.0.weight"].transpose(2, 3, 1, 0)
+    assert any(np.array_equal(k, first) for k in kernels.values())
+    # Every conv kernel of the backbone equals one of the checkpoint's (none left random).
+    checkpoint = [v for v in state.values() if v.ndim == 4]
+    for name, kernel in kernels.items():
+        candidates = [c.transpose(2, 3, 1, 0) for c in checkpoint]
+        candidates += [c.transpose(2, 3, 0, 1) for c in checkpoint]  # depthwise (HW, C, 1)
+        assert any(c.shape == kernel.shape and np.array_equal(c, kernel)
+                   for c in candidates), name

@@ -155,7 +155,8 @@ def test_rcnn_family_example_smoke(tmp_path, shared_data):
         text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for name in ("rcnn", "fast_rcnn", "faster_rcnn"):
-        assert re.search(rf"\| {name} \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", result.stdout)
+        assert re.search(rf"\| {name} \| [\d.]+ \| [\d.]+ \| [\d.]+ \([\d.]+\) "
+                         rf"\| [\d.]+ \([\d.]+\) \|", result.stdout)
 
 
 @pytest.mark.slow

@@ -50,8 +50,16 @@ def model_variables(model, skip=()):
 
 
 def find_backbone(model):
-    """The one nested ``keras.Model`` of a detector (its feature extractor)."""
+    """The one nested ``keras.Model`` of a detector (its feature extractor).
+
+    Looked for among the detector's own layers first, then inside them: R-CNN
+    keeps its CNN in its RoI heads (``RCNNHeads.cnn``), since it runs on the
+    warped crops rather than on the image.
+    """
     nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if not nested:
+        nested = [layer for layer in model._flatten_layers(include_self=False, recursive=True)
+                  if isinstance(layer, keras.Model)]
     if len(nested) != 1:
         raise ValueError(f"{model.name}: expected exactly one nested backbone model, found "
                          f"{[layer.name for layer in nested]}")
