@@ -1,0 +1,122 @@
+"""Run length from a budget: ``kdet train --max-images N`` and ``--time-budget 30m``.
+
+The learning-rate schedule is a function of the run's total steps (warmup, milestones,
+cosine end: :mod:`kdet.recipes`), so the length is fixed *before* training starts and
+never changes during the run: a schedule stretched or cut mid-run would not be the
+recipe's. For a time budget the step time is measured first: a short probe ``fit`` of
+``probe_steps + 1`` steps on the real data pipeline (the first step also pays the graph
+trace), after which the weights are put back, so the run starts from the same initial
+weights. Then::
+
+    steps = (budget - elapsed - trace - evaluations) * safety / step_seconds
+
+(``trace`` = the probe's first step minus one step: the real run traces again) and
+:func:`plan_epochs` turns the steps into ``epochs x steps_per_epoch``. The chosen
+``epochs`` and ``steps_per_epoch`` go into ``config.yaml``; a resumed run reads them
+from there instead of measuring again, so its schedule is the interrupted run's.
+
+    >>> plan_epochs(total_steps=250, steps_per_epoch=40)
+    (6, 41)
+    >>> plan_epochs(total_steps=25, steps_per_epoch=40)
+    (1, 25)
+"""
+import math
+import time
+
+SAFETY = 0.9          # of the time left; the measured step time varies by a few percent
+EVAL_COST = 0.5       # an evaluated image costs this fraction of a trained one (forward only)
+
+
+def plan_epochs(total_steps, steps_per_epoch):
+    """``(epochs, steps_per_epoch)`` with ``epochs * steps_per_epoch ~= total_steps``, the
+    epoch length close to the data's (one pass), at least one step."""
+    total_steps = max(1, int(total_steps))
+    steps_per_epoch = max(1, int(steps_per_epoch))
+    if total_steps <= steps_per_epoch:
+        return 1, total_steps
+    epochs = max(1, round(total_steps / steps_per_epoch))
+    return epochs, max(1, total_steps // epochs)
+
+
+def steps_for_images(max_images, batch_size):
+    """Optimizer steps that show ``max_images`` images at ``batch_size`` (rounded up)."""
+    return max(1, math.ceil(int(max_images) / int(batch_size)))
+
+
+def measure_step_seconds(model, batches, probe_steps=3):
+    """``(seconds per step, seconds of the first step)`` of ``model.fit`` on ``batches``.
+
+    The model must be compiled (any optimizer); its weights (BatchNorm statistics too)
+    are put back afterwards. The first step includes tracing, the others are the median.
+    """
+    import keras
+
+    weights = model.get_weights()
+    stamps = []
+
+    class _Clock(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            stamps.append(time.perf_counter())
+
+    start = time.perf_counter()
+    model.fit(batches, epochs=1, steps_per_epoch=probe_steps + 1, verbose=0,
+              callbacks=[_Clock()], shuffle=False)
+    model.set_weights(weights)
+    first = stamps[0] - start
+    gaps = sorted(b - a for a, b in zip(stamps, stamps[1:])) or [first]
+    return gaps[len(gaps) // 2], first
+
+
+def plan_time_budget(budget_seconds, elapsed_seconds, step_seconds, first_step_seconds,
+                     steps_per_epoch, batch_size, val_images=0, eval_every=1):
+    """``(epochs, steps_per_epoch, expected seconds)`` of a run that ends within the budget.
+
+    >>> plan_time_budget(600, 60, 0.5, 10.5, steps_per_epoch=100, batch_size=8)
+    (10, 95, 485.0)
+    """
+    trace = max(0.0, first_step_seconds - step_seconds)
+    per_eval = val_images * EVAL_COST * step_seconds / batch_size + (trace if val_images else 0)
+    left = (budget_seconds - elapsed_seconds) * SAFETY - trace
+    epochs, spe = plan_epochs(max(1, left // step_seconds), steps_per_epoch)
+    for _ in range(3):  # the evaluations depend on the epochs, the epochs on the time left
+        evaluations = math.ceil(epochs / max(1, eval_every)) if val_images else 0
+        epochs, spe = plan_epochs(max(1, (left - evaluations * per_eval) // step_seconds),
+                                  steps_per_epoch)
+    evaluations = math.ceil(epochs / max(1, eval_every)) if val_images else 0
+    expected = trace + epochs * spe * step_seconds + evaluations * per_eval
+    return epochs, spe, round(expected, 1)
+
+
+def format_seconds(seconds):
+    seconds = int(round(max(0.0, seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def eta_callback(epochs, first_epoch=0, budget_seconds=None, start=None, verbose=1):
+    """A callback printing, after each epoch, the elapsed time and the ETA of the run
+    (from the mean epoch time so far) against the budget."""
+    import datetime
+
+    import keras
+
+    start = time.monotonic() if start is None else start
+
+    class ETAProgress(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.fit_start = time.monotonic()
+
+        def on_epoch_end(self, epoch, logs=None):
+            done = epoch + 1 - first_epoch
+            elapsed = time.monotonic() - start
+            left = (time.monotonic() - self.fit_start) / max(done, 1) * (epochs - epoch - 1)
+            end = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=left)
+            text = (f"epoch {epoch + 1}/{epochs}: elapsed {format_seconds(elapsed)}, "
+                    f"ETA {format_seconds(left)} (ends ~{end:%H:%M:%S} UTC)")
+            if budget_seconds:
+                text += f", budget {format_seconds(budget_seconds)}"
+            if verbose:
+                print(text, flush=True)
+
+    return ETAProgress()
