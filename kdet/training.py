@@ -34,6 +34,7 @@ and augmentation as an uninterrupted run (epoch-indexed pipeline, see
 import dataclasses
 import os
 import shutil
+import tempfile
 import time
 
 from kdet.workflow.budget import eta_callback
@@ -266,10 +267,13 @@ def _plan_length(settings, model, train_ds, val_ds, epochs, steps, first_epoch, 
         scale_range=settings["scale_range"], max_boxes=settings["max_boxes"],
         deterministic=settings["deterministic"])
     step_seconds, first = budget.measure_step_seconds(model, batches, probe_steps)
+    with tempfile.TemporaryDirectory() as scratch:
+        epoch_seconds = budget.measure_epoch_seconds(model, scratch)
     val_images = 0 if val_ds is None else len(val_ds)
     planned, spe, expected = budget.plan_time_budget(
         settings["time_budget"], time.monotonic() - started, step_seconds, first, steps,
-        batch_size, val_images=val_images, eval_every=settings["eval_every"])
+        batch_size, val_images=val_images, eval_every=settings["eval_every"],
+        epoch_seconds=epoch_seconds)
     if settings["max_images"] and planned * spe > total:
         planned, spe = budget.plan_epochs(total, steps)  # the fewer of the two
     if settings["verbose"]:

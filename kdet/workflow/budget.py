@@ -6,14 +6,20 @@ never changes during the run: a schedule stretched or cut mid-run would not be t
 recipe's. For a time budget the step time is measured first: a short probe ``fit`` of
 ``probe_steps + 1`` steps on the real data pipeline (the first step also pays the graph
 trace), after which the weights are put back, so the run starts from the same initial
-weights. Then::
+weights. The fixed cost of an epoch (saving ``last.keras`` and the backup) is measured by
+saving once. Then the run is as many whole epochs (one pass over the data each, as
+without a budget) as fit into::
 
-    steps = (budget - elapsed - trace - evaluations) * safety / step_seconds
+    (budget - elapsed) * SAFETY - trace  >=  epochs * (steps_per_epoch * step_seconds
+                                                       + epoch_seconds) + evaluations
 
-(``trace`` = the probe's first step minus one step: the real run traces again) and
-:func:`plan_epochs` turns the steps into ``epochs x steps_per_epoch``. The chosen
+(``trace`` = the probe's first step minus one step: the real run traces again; an
+evaluation costs ``EVAL_COST`` of a training step per image), or one shorter epoch when
+not even one pass fits. The chosen
 ``epochs`` and ``steps_per_epoch`` go into ``config.yaml``; a resumed run reads them
 from there instead of measuring again, so its schedule is the interrupted run's.
+
+``--max-images`` needs no measurement (:func:`plan_epochs`):
 
     >>> plan_epochs(total_steps=250, steps_per_epoch=40)
     (6, 41)
@@ -68,23 +74,40 @@ def measure_step_seconds(model, batches, probe_steps=3):
 
 
 def plan_time_budget(budget_seconds, elapsed_seconds, step_seconds, first_step_seconds,
-                     steps_per_epoch, batch_size, val_images=0, eval_every=1):
+                     steps_per_epoch, batch_size, val_images=0, eval_every=1, epoch_seconds=0.0):
     """``(epochs, steps_per_epoch, expected seconds)`` of a run that ends within the budget.
 
+    ``epoch_seconds``: the fixed cost of an epoch (checkpoints, a new data pipeline).
+
     >>> plan_time_budget(600, 60, 0.5, 10.5, steps_per_epoch=100, batch_size=8)
-    (10, 95, 485.0)
+    (9, 100, 460.0)
     """
     trace = max(0.0, first_step_seconds - step_seconds)
     per_eval = val_images * EVAL_COST * step_seconds / batch_size + (trace if val_images else 0)
     left = (budget_seconds - elapsed_seconds) * SAFETY - trace
-    epochs, spe = plan_epochs(max(1, left // step_seconds), steps_per_epoch)
-    for _ in range(3):  # the evaluations depend on the epochs, the epochs on the time left
+
+    def cost(epochs, spe):
         evaluations = math.ceil(epochs / max(1, eval_every)) if val_images else 0
-        epochs, spe = plan_epochs(max(1, (left - evaluations * per_eval) // step_seconds),
-                                  steps_per_epoch)
-    evaluations = math.ceil(epochs / max(1, eval_every)) if val_images else 0
-    expected = trace + epochs * spe * step_seconds + evaluations * per_eval
-    return epochs, spe, round(expected, 1)
+        return epochs * spe * step_seconds + epochs * epoch_seconds + evaluations * per_eval
+
+    spe = max(1, int(steps_per_epoch))
+    epochs = max(1, int(left // max(cost(1, spe), 1e-9)))
+    while epochs > 1 and cost(epochs, spe) > left:
+        epochs -= 1
+    if cost(epochs, spe) > left:  # not even one pass: one shorter epoch
+        spe = max(1, int((left - cost(1, 0)) // step_seconds))
+    return epochs, spe, round(trace + cost(epochs, spe), 1)
+
+
+def measure_epoch_seconds(model, directory):
+    """Seconds of the per-epoch saves of ``kdet train`` (last.keras and the backup's
+    weights), measured by saving the model once each way into ``directory``."""
+    import os
+
+    start = time.perf_counter()
+    model.save(os.path.join(directory, "probe.keras"))
+    model.save_weights(os.path.join(directory, "probe.weights.h5"))
+    return time.perf_counter() - start
 
 
 def format_seconds(seconds):
@@ -95,8 +118,12 @@ def format_seconds(seconds):
 
 
 def eta_callback(epochs, first_epoch=0, budget_seconds=None, start=None, verbose=1):
-    """A callback printing, after each epoch, the elapsed time and the ETA of the run
-    (from the mean epoch time so far) against the budget."""
+    """A callback printing, before each epoch after the first and at the end, the elapsed
+    time and the ETA of the run (from the mean epoch time so far) against the budget.
+
+    It prints at the start of an epoch, before Keras' ``Epoch n/N`` line, so Keras'
+    epoch line and its logs stay together.
+    """
     import datetime
 
     import keras
@@ -107,16 +134,23 @@ def eta_callback(epochs, first_epoch=0, budget_seconds=None, start=None, verbose
         def on_train_begin(self, logs=None):
             self.fit_start = time.monotonic()
 
-        def on_epoch_end(self, epoch, logs=None):
-            done = epoch + 1 - first_epoch
+        def _report(self, done_epochs):
+            done = done_epochs - first_epoch
             elapsed = time.monotonic() - start
-            left = (time.monotonic() - self.fit_start) / max(done, 1) * (epochs - epoch - 1)
+            left = (time.monotonic() - self.fit_start) / max(done, 1) * (epochs - done_epochs)
             end = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=left)
-            text = (f"epoch {epoch + 1}/{epochs}: elapsed {format_seconds(elapsed)}, "
+            text = (f"{done_epochs}/{epochs} epochs: elapsed {format_seconds(elapsed)}, "
                     f"ETA {format_seconds(left)} (ends ~{end:%H:%M:%S} UTC)")
             if budget_seconds:
                 text += f", budget {format_seconds(budget_seconds)}"
             if verbose:
                 print(text, flush=True)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch > first_epoch:
+                self._report(epoch)
+
+        def on_train_end(self, logs=None):
+            self._report(epochs)
 
     return ETAProgress()
