@@ -262,13 +262,13 @@ def _plan_length(settings, model, train_ds, val_ds, epochs, steps, first_epoch, 
     model.compile(optimizer=make_optimizer(model, settings, total_steps=1000),
                   jit_compile=jit_compile)
     batches = wdata.training_batches(
-        train_ds, int(settings["image_size"]), batch_size, probe_steps + 1, 0, 1,
+        train_ds, int(settings["image_size"]), batch_size, probe_steps + 1, 0, 2,
         seed=int(settings["seed"]), augment=settings["augment"],
         scale_range=settings["scale_range"], max_boxes=settings["max_boxes"],
         deterministic=settings["deterministic"])
-    step_seconds, first = budget.measure_step_seconds(model, batches, probe_steps)
+    step_seconds, first, boundary = budget.measure_step_seconds(model, batches, probe_steps)
     with tempfile.TemporaryDirectory() as scratch:
-        epoch_seconds = budget.measure_epoch_seconds(model, scratch)
+        epoch_seconds = boundary + budget.measure_epoch_seconds(model, scratch)
     val_images = 0 if val_ds is None else len(val_ds)
     planned, spe, expected = budget.plan_time_budget(
         settings["time_budget"], time.monotonic() - started, step_seconds, first, steps,
@@ -278,7 +278,8 @@ def _plan_length(settings, model, train_ds, val_ds, epochs, steps, first_epoch, 
         planned, spe = budget.plan_epochs(total, steps)  # the fewer of the two
     if settings["verbose"]:
         print(f"time budget {budget.format_seconds(settings['time_budget'])}: "
-              f"{step_seconds:.3f} s/step measured (first step {first:.1f} s), "
+              f"{step_seconds:.3f} s/step measured (first step {first:.1f} s, "
+              f"{epoch_seconds:.2f} s per epoch), "
               f"{planned} epochs x {spe} steps = {planned * spe * batch_size} images, "
               f"expected {budget.format_seconds(time.monotonic() - started + expected)} "
               "in all", flush=True)

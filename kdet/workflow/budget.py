@@ -6,8 +6,9 @@ never changes during the run: a schedule stretched or cut mid-run would not be t
 recipe's. For a time budget the step time is measured first: a short probe ``fit`` of
 ``probe_steps + 1`` steps on the real data pipeline (the first step also pays the graph
 trace), after which the weights are put back, so the run starts from the same initial
-weights. The fixed cost of an epoch (saving ``last.keras`` and the backup) is measured by
-saving once. Then the run is as many whole epochs (one pass over the data each, as
+weights. The fixed cost of an epoch is measured too: the probe runs two epochs (a new
+data pipeline starts at each), and the model is saved once (``last.keras`` and the
+backup are written every epoch). Then the run is as many whole epochs (one pass over the data each, as
 without a budget) as fit into::
 
     (budget - elapsed) * SAFETY - trace  >=  epochs * (steps_per_epoch * step_seconds
@@ -50,10 +51,13 @@ def steps_for_images(max_images, batch_size):
 
 
 def measure_step_seconds(model, batches, probe_steps=3):
-    """``(seconds per step, seconds of the first step)`` of ``model.fit`` on ``batches``.
+    """``(seconds per step, seconds of the first step, seconds between epochs)`` of
+    ``model.fit`` on ``batches``: two epochs of ``probe_steps + 1`` steps.
 
     The model must be compiled (any optimizer); its weights (BatchNorm statistics too)
-    are put back afterwards. The first step includes tracing, the others are the median.
+    are put back afterwards. The first step includes tracing; the step time is the median
+    of the others within an epoch; the time between the last step of epoch 1 and the first
+    of epoch 2, less a step, is what an epoch boundary costs (a new data pipeline starts).
     """
     import keras
 
@@ -65,12 +69,16 @@ def measure_step_seconds(model, batches, probe_steps=3):
             stamps.append(time.perf_counter())
 
     start = time.perf_counter()
-    model.fit(batches, epochs=1, steps_per_epoch=probe_steps + 1, verbose=0,
+    model.fit(batches, epochs=2, steps_per_epoch=probe_steps + 1, verbose=0,
               callbacks=[_Clock()], shuffle=False)
     model.set_weights(weights)
     first = stamps[0] - start
-    gaps = sorted(b - a for a, b in zip(stamps, stamps[1:])) or [first]
-    return gaps[len(gaps) // 2], first
+    per_epoch = probe_steps + 1
+    gaps = sorted(b - a for epoch in (stamps[:per_epoch], stamps[per_epoch:])
+                  for a, b in zip(epoch, epoch[1:])) or [first]
+    step = gaps[len(gaps) // 2]
+    boundary = max(0.0, stamps[per_epoch] - stamps[per_epoch - 1] - step)
+    return step, first, boundary
 
 
 def plan_time_budget(budget_seconds, elapsed_seconds, step_seconds, first_step_seconds,
