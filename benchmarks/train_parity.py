@@ -33,8 +33,8 @@ import subprocess
 import sys
 import time
 
-SHARED = os.environ.get("KDET_SHARED_DATA", os.path.join(os.path.dirname(__file__), "..", "..",
-                                                          "shared", "data"))
+SHARED = os.environ.get("KDET_SHARED_DATA") or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
 
 # row: kdet model settings + recipe, reference builder
 ROWS = {

@@ -11,10 +11,11 @@
 
 Settings are those of :mod:`kdet.workflow.config` (``kdet train --help``
 lists them). ``train`` reads the data (:mod:`kdet.workflow.data`), builds the
-model (:mod:`kdet.workflow.models`), compiles it with the model's own recipe
-(``model.default_optimizer(steps=epochs * steps_per_epoch)``: EfficientDet's
-SGD + cosine + EMA, RetinaNet's step schedule) and fits with
-:func:`default_callbacks`. ``<output_dir>`` then holds:
+model (:mod:`kdet.workflow.models`), compiles it with the model's reference recipe
+(:mod:`kdet.recipes`: ``model.default_optimizer(steps=epochs * steps_per_epoch,
+batch_size=..., steps_per_epoch=...)``, or ``recipe``), prints the recipe, and fits with
+:func:`default_callbacks`. ``time_budget`` / ``max_images`` choose ``epochs`` and
+``steps_per_epoch`` before training (:mod:`kdet.workflow.budget`). ``<output_dir>`` then holds:
 
 ================  ===================================================================
 ``best.keras``    best ``val_AP`` so far (with a validation set), EMA weights if used
