@@ -8,8 +8,8 @@ recipe's. For a time budget the step time is measured first: a short probe ``fit
 trace), after which the weights are put back, so the run starts from the same initial
 weights. The fixed cost of an epoch is measured too: the probe runs two epochs (a
 new data pipeline starts at each), and the model is saved once (``last.keras`` and
-the backup are written every epoch). Then the run is as many whole epochs (one pass over the data each, as
-without a budget) as fit into::
+the backup are written every epoch). Then the run is as many whole epochs (one pass
+over the data each, as without a budget) as fit into::
 
     (budget - elapsed) * SAFETY - trace  >=  epochs * (steps_per_epoch * step_seconds
                                                        + epoch_seconds) + evaluations
