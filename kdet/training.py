@@ -11,10 +11,11 @@
 
 Settings are those of :mod:`kdet.workflow.config` (``kdet train --help``
 lists them). ``train`` reads the data (:mod:`kdet.workflow.data`), builds the
-model (:mod:`kdet.workflow.models`), compiles it with the model's own recipe
-(``model.default_optimizer(steps=epochs * steps_per_epoch)``: EfficientDet's
-SGD + cosine + EMA, RetinaNet's step schedule) and fits with
-:func:`default_callbacks`. ``<output_dir>`` then holds:
+model (:mod:`kdet.workflow.models`), compiles it with the model's reference recipe
+(:mod:`kdet.recipes`: ``model.default_optimizer(steps=epochs * steps_per_epoch,
+batch_size=..., steps_per_epoch=...)``, or ``recipe``), prints the recipe, and fits with
+:func:`default_callbacks`. ``time_budget`` / ``max_images`` choose ``epochs`` and
+``steps_per_epoch`` before training (:mod:`kdet.workflow.budget`). ``<output_dir>`` then holds:
 
 ================  ===================================================================
 ``best.keras``    best ``val_AP`` so far (with a validation set), EMA weights if used
@@ -34,8 +35,11 @@ and augmentation as an uninterrupted run (epoch-indexed pipeline, see
 import dataclasses
 import os
 import shutil
+import tempfile
+import time
 
-from kdet.workflow.config import resolve
+from kdet.workflow.budget import eta_callback
+from kdet.workflow.config import load_config_file, resolve
 from kdet.workflow.models import make_optimizer  # noqa: F401 (kdet.training.make_optimizer)
 
 BEST = "best.keras"
@@ -152,6 +156,7 @@ def train(config, *, model=None, datasets=None, extra_callbacks=(), config_path=
         datasets: ``(train, val)`` kdet datasets instead of reading them.
         extra_callbacks: appended after the defaults.
     """
+    started = time.monotonic()
     settings = resolve("train", file_config=config, config_path=config_path)
     import keras  # after the settings check: a typo fails without loading TensorFlow
 
@@ -159,7 +164,7 @@ def train(config, *, model=None, datasets=None, extra_callbacks=(), config_path=
     from kdet.workflow import data as wdata
     from kdet.workflow.config import dump
     from kdet.workflow.models import (build_model, model_annotations, model_image_size,
-                                      required_annotations, resolve_jit_compile)
+                                      model_recipe, required_annotations, resolve_jit_compile)
 
     seed = int(settings["seed"])
     # masks / keypoints: read when the named model trains on them (a .keras or zoo model:
@@ -195,14 +200,27 @@ def train(config, *, model=None, datasets=None, extra_callbacks=(), config_path=
         shutil.rmtree(backup_dir)
     first_epoch = cb.backup_epoch(backup_dir) if settings["resume"] else 0
     epochs = int(settings["epochs"])
+    if first_epoch and (settings["time_budget"] or settings["max_images"]):
+        # the interrupted run's length (config.yaml), so the schedule stays the same
+        saved = load_config_file(os.path.join(output_dir, CONFIG))
+        epochs = int(saved["epochs"])
+        settings["steps_per_epoch"] = saved["steps_per_epoch"]
     if first_epoch >= epochs:
         raise ValueError(f"{backup_dir} records {first_epoch} finished epochs, as many as "
                          f"epochs={epochs}: raise --epochs, or pass --resume false to start over")
 
     batch_size = int(settings["batch_size"])
     steps = settings["steps_per_epoch"] or wdata.default_steps_per_epoch(train_ds, batch_size)
-    optimizer = make_optimizer(model, settings, total_steps=epochs * steps)
-    model.compile(optimizer=optimizer, jit_compile=resolve_jit_compile(settings["jit_compile"]))
+    jit_compile = resolve_jit_compile(settings["jit_compile"])
+    epochs, steps = _plan_length(settings, model, train_ds, val_ds, epochs, steps, first_epoch,
+                                 jit_compile, started)
+    settings.update(epochs=epochs, steps_per_epoch=steps)  # config.yaml: a resume reuses them
+    optimizer = make_optimizer(model, settings, total_steps=epochs * steps, steps_per_epoch=steps)
+    model.compile(optimizer=optimizer, jit_compile=jit_compile)
+    recipe = model_recipe(model, settings)
+    if recipe is not None and settings["verbose"]:
+        from kdet.recipes import describe
+        print("\n".join(describe(recipe, batch_size, epochs * steps, steps)), flush=True)
 
     # tf.data resolves its op seeds against TF's global seed when a pipeline is built: fix it
     # here, so an interrupted run and its resumption build identical epochs
@@ -220,6 +238,8 @@ def train(config, *, model=None, datasets=None, extra_callbacks=(), config_path=
         model, output_dir, val_dataset=val_ds, val_batches=val_batches,
         eval_every=settings["eval_every"], resume_epoch=first_epoch,
         tensorboard=settings["tensorboard"], verbose=settings["verbose"]) + list(extra_callbacks)
+    if settings["verbose"]:
+        callbacks.append(eta_callback(epochs, first_epoch, settings["time_budget"], started))
 
     _write_labels(os.path.join(output_dir, LABELS), train_ds.class_names)
     cb.atomic_write(os.path.join(output_dir, CONFIG), lambda tmp: dump(settings, tmp))
@@ -232,3 +252,47 @@ def train(config, *, model=None, datasets=None, extra_callbacks=(), config_path=
                        best_checkpoint=best if os.path.isfile(best) else None,
                        last_checkpoint=os.path.join(output_dir, LAST),
                        csv_log=os.path.join(output_dir, CSV), first_epoch=first_epoch)
+
+
+def _plan_length(settings, model, train_ds, val_ds, epochs, steps, first_epoch, jit_compile,
+                 started):
+    """``(epochs, steps_per_epoch)``: as set, or from ``max_images`` / ``time_budget``
+    (:mod:`kdet.workflow.budget`; a resumed run keeps its planned length)."""
+    from kdet.workflow import budget
+    from kdet.workflow import data as wdata
+    from kdet.workflow.models import make_optimizer
+
+    batch_size = int(settings["batch_size"])
+    if first_epoch or not (settings["time_budget"] or settings["max_images"]):
+        return epochs, steps
+    if settings["max_images"]:
+        total = budget.steps_for_images(settings["max_images"], batch_size)
+        if settings["time_budget"] is None:
+            return budget.plan_epochs(total, steps)
+    # measure the step time with the data pipeline and the optimizer of the real run
+    probe_steps = 3
+    model.compile(optimizer=make_optimizer(model, settings, total_steps=1000),
+                  jit_compile=jit_compile)
+    batches = wdata.training_batches(
+        train_ds, int(settings["image_size"]), batch_size, probe_steps + 1, 0, 2,
+        seed=int(settings["seed"]), augment=settings["augment"],
+        scale_range=settings["scale_range"], max_boxes=settings["max_boxes"],
+        deterministic=settings["deterministic"])
+    step_seconds, first, boundary = budget.measure_step_seconds(model, batches, probe_steps)
+    with tempfile.TemporaryDirectory() as scratch:
+        epoch_seconds = boundary + budget.measure_epoch_seconds(model, scratch)
+    val_images = 0 if val_ds is None else len(val_ds)
+    planned, spe, expected = budget.plan_time_budget(
+        settings["time_budget"], time.monotonic() - started, step_seconds, first, steps,
+        batch_size, val_images=val_images, eval_every=settings["eval_every"],
+        epoch_seconds=epoch_seconds)
+    if settings["max_images"] and planned * spe > total:
+        planned, spe = budget.plan_epochs(total, steps)  # the fewer of the two
+    if settings["verbose"]:
+        print(f"time budget {budget.format_seconds(settings['time_budget'])}: "
+              f"{step_seconds:.3f} s/step measured (first step {first:.1f} s, "
+              f"{epoch_seconds:.2f} s per epoch), "
+              f"{planned} epochs x {spe} steps = {planned * spe * batch_size} images, "
+              f"expected {budget.format_seconds(time.monotonic() - started + expected)} "
+              "in all", flush=True)
+    return planned, spe

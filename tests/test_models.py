@@ -321,19 +321,28 @@ def test_retinanet_other_backbones_build_and_run(backbone, rng):
 
 
 def test_default_optimizers_follow_the_recipes(small_efficientdet, small_retinanets):
-    effdet_opt = small_efficientdet.default_optimizer(steps=1000, learning_rate=0.08)
-    assert isinstance(effdet_opt, keras.optimizers.SGD)
-    assert effdet_opt.use_ema and effdet_opt.global_clipnorm == 10.0
-    assert effdet_opt.weight_decay == pytest.approx(4e-5) and effdet_opt.momentum == 0.9
-    schedule = small_efficientdet.learning_rate_schedule(steps=1000, learning_rate=0.08)
-    lr = [float(keras.ops.convert_to_numpy(schedule(s))) for s in (0, 50, 100, 550, 1000)]
-    # linear warmup to 0.08 over 100 steps, then cosine to 0
-    np.testing.assert_allclose(lr[:3], [0.0, 0.04, 0.08], rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(lr[3], 0.08 * 0.5 * (1 + np.cos(np.pi * 450 / 900)), rtol=1e-4)
-    assert lr[4] == pytest.approx(0.0, abs=1e-7)
+    # kdet.recipes "automl": coupled L2 on kernels, clip 10, EMA 0.9998, lr 0.08 per 64 images
+    effdet_opt = small_efficientdet.default_optimizer(steps=1000, batch_size=32,
+                                                      steps_per_epoch=100)
+    assert isinstance(effdet_opt, kdet.optimizers.CoupledDecaySGD)
+    assert effdet_opt.use_ema and effdet_opt.ema_momentum == 0.9998
+    assert effdet_opt.global_clipnorm == 10.0 and effdet_opt.variable_clipnorm == 10.0
+    assert effdet_opt.coupled_weight_decay == pytest.approx(4e-5)
+    assert effdet_opt.decay_variables == "kernels" and effdet_opt.momentum == 0.9
+    assert not effdet_opt.weight_decay  # no decoupled Keras decay on top
+    schedule = small_efficientdet.learning_rate_schedule(steps=1000, batch_size=32,
+                                                         steps_per_epoch=100)
+    lr = [float(keras.ops.convert_to_numpy(schedule(s))) for s in (0, 50, 100, 550)]
+    # automl: warmup from 0.004 to 0.04 over one epoch, then 0.5 lr (1 + cos(pi t / 900))
+    np.testing.assert_allclose(lr[:2], [0.004, 0.022], rtol=1e-5)
+    np.testing.assert_allclose(lr[2:], [0.02 * (1 + np.cos(np.pi * t / 900)) for t in (100, 550)],
+                               rtol=1e-4)
 
-    retina_opt = small_retinanets[1].default_optimizer(steps=900)
-    schedule = small_retinanets[1].learning_rate_schedule(steps=900)
-    lr = [float(keras.ops.convert_to_numpy(schedule(s))) for s in (0, 601, 801)]
-    np.testing.assert_allclose(lr, [0.01, 0.001, 0.0001], rtol=1e-5)
-    assert retina_opt.momentum == 0.9
+    # kdet.recipes "torchvision_retinanet": 0.01 per 16 images, x0.1 at epochs 16 and 22 of 26
+    retina_opt = small_retinanets[1].default_optimizer(steps=2600, batch_size=8)
+    schedule = small_retinanets[1].learning_rate_schedule(steps=2600, batch_size=8)
+    lr = [float(keras.ops.convert_to_numpy(schedule(s))) for s in (0, 99, 1599, 1600, 2200)]
+    np.testing.assert_allclose(lr, [5e-6, 0.005, 0.005, 0.0005, 0.00005], rtol=1e-5)
+    assert retina_opt.momentum == 0.9 and retina_opt.coupled_weight_decay == 1e-4
+    assert retina_opt.decay_variables == "all" and not retina_opt.global_clipnorm
+    assert not retina_opt.use_ema

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import kdet
-from kdet.optimizers import AdamW, SGD, ema_momentum_at
+from kdet.optimizers import AdamW, SGD, CoupledDecaySGD, ema_momentum_at
 
 
 def _run(optimizer, steps, seed=0):
@@ -64,4 +64,6 @@ def test_efficientdet_default_optimizer_warms_up_and_round_trips(tmp_path):
     assert isinstance(optimizer, SGD) and optimizer.use_ema and optimizer.ema_warmup
     config = keras.optimizers.serialize(optimizer)
     restored = keras.optimizers.deserialize(config)
-    assert type(restored) is SGD and restored.ema_warmup and restored.ema_momentum == 0.9998
+    assert type(restored) is CoupledDecaySGD and restored.ema_warmup
+    assert restored.ema_momentum == 0.9998 and restored.ema_from_initial
+    assert restored.get_config() == optimizer.get_config()  # decay, clipping, schedule

@@ -154,6 +154,30 @@ class DetectorMixin:
             config = dict(config, backbone_weights=None)
         return cls(**config)
 
+    RECIPE = None  # the family's kdet.recipes.RECIPES name
+
+    def default_optimizer(self, steps=10000, batch_size=None, steps_per_epoch=None,
+                          learning_rate=None, warmup_steps=None, recipe=None):
+        """The reference trainer's optimizer (:mod:`kdet.recipes`, ``RECIPE`` of the class).
+
+        Args:
+            steps: optimizer steps of the whole run (the schedule's length).
+            batch_size: global batch; the reference's rate per image is scaled to it
+                (None: the reference's batch and rate).
+            steps_per_epoch: where per-epoch schedules step (None: the reference's epochs).
+            learning_rate: peak rate at this batch instead of the scaled reference's.
+            warmup_steps: warmup length instead of the recipe's.
+            recipe: another recipe (a :class:`kdet.recipes.Recipe` or its name).
+        """
+        from kdet.recipes import make_optimizer
+
+        recipe = recipe or self.RECIPE
+        if recipe is None:
+            raise NotImplementedError(f"{type(self).__name__} names no training recipe")
+        return make_optimizer(recipe, batch_size=batch_size, steps=steps,
+                              steps_per_epoch=steps_per_epoch, learning_rate=learning_rate,
+                              warmup_steps=warmup_steps)
+
     def compile(self, optimizer="default", **kwargs):
         if isinstance(optimizer, str) and optimizer == "default":
             optimizer = self.default_optimizer()
@@ -280,9 +304,6 @@ class DenseDetector(DetectorMixin, keras.Model):
         return {k: ops.convert_to_numpy(v) for k, v in out.items()}
 
     # -------------------------------------------------------------- defaults
-    def default_optimizer(self, steps=10000):
-        raise NotImplementedError
-
     def get_config(self):
         raise NotImplementedError  # subclasses return their constructor arguments
 

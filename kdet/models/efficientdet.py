@@ -23,7 +23,6 @@ from kdet.layers.bifpn import BiFPN
 from kdet.layers.heads import EfficientDetHead
 from kdet.layers.normalization import ImageNormalization
 from kdet.models.detector import DenseDetector, make_decoder, make_matcher
-from kdet.optimizers import SGD
 
 
 # effdet `tf_efficientdet_*` configs (the table in docs/reference-semantics.md).
@@ -138,24 +137,14 @@ class EfficientDet(DenseDetector):
                             pre_nms_topk=pre_nms_topk, fusion=fusion,
                             bounding_box_format=bounding_box_format)
 
-    def learning_rate_schedule(self, steps=10000, learning_rate=0.08, warmup_steps=None):
-        """automl: linear warmup to ``learning_rate`` then cosine decay to 0 at ``steps``."""
-        warmup = warmup_steps if warmup_steps is not None else max(1, min(1000, steps // 10))
-        return keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=0.0, decay_steps=max(1, steps - warmup), alpha=0.0,
-            warmup_target=learning_rate, warmup_steps=warmup)
+    RECIPE = "automl"  # kdet.recipes: automl's EfficientDet trainer ("effdet": timm's)
 
-    def default_optimizer(self, steps=10000, learning_rate=0.08, warmup_steps=None):
-        """automl recipe: SGD momentum 0.9, cosine decay with warmup, weight decay 4e-5,
-        gradient clipping at norm 10 and an EMA of the weights (momentum 0.9998, warmed
-        up as automl's: ``min(0.9998, (1 + t) / (10 + t))``, see :mod:`kdet.optimizers`).
-
-        automl's learning rate 0.08 is for batch 64: scale it with your batch size.
-        """
-        return SGD(
-            learning_rate=self.learning_rate_schedule(steps, learning_rate, warmup_steps),
-            momentum=0.9, weight_decay=4e-5, global_clipnorm=10.0, use_ema=True,
-            ema_momentum=0.9998)
+    def learning_rate_schedule(self, steps=10000, batch_size=None, learning_rate=None,
+                               warmup_steps=None, steps_per_epoch=None):
+        """automl: linear warmup from lr_warmup_init, then automl's cosine (kdet.recipes)."""
+        from kdet.recipes import RECIPES, make_schedule
+        return make_schedule(RECIPES[self.RECIPE], batch_size, steps, steps_per_epoch,
+                             learning_rate, warmup_steps)
 
     def get_config(self):
         return dict(self._config, name=self.name)

@@ -53,7 +53,6 @@ from kdet.layers.roi_heads import FastRCNNPredictor, TwoMLPHead, postprocess_det
 from kdet.matching import BalancedSampler, Matcher, encode_roi_targets
 from kdet.models.detector import DetectorMixin, LossTermsMixin, resize_and_pad
 from kdet.models.faster_rcnn import fastrcnn_loss
-from kdet.optimizers import step_decay_sgd
 from kdet.ops.proposals import default_proposals, pad_proposals
 
 PREDICTION_KEYS = ("boxes", "scores", "labels", "num_detections")
@@ -161,6 +160,8 @@ class ProposalDetector(LossTermsMixin, DetectorMixin, keras.Model):
     head_input_key = "features"
     prediction_keys = PREDICTION_KEYS
 
+    RECIPE = "fast_rcnn_paper"  # kdet.recipes
+
     def _setup(self, *, num_classes, image_size, num_proposals, heads, box_fg_iou_thresh,
                box_bg_iou_thresh, box_bg_iou_low, box_batch_size_per_image,
                box_positive_fraction, box_loss_beta, bounding_box_format, seed, config):
@@ -236,13 +237,6 @@ class ProposalDetector(LossTermsMixin, DetectorMixin, keras.Model):
             out["scale"] = scales
             results.append(out)
         return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
-
-    # -------------------------------------------------------------- defaults
-    def default_optimizer(self, steps=40000, learning_rate=0.001, milestones=None):
-        """The paper's recipe: SGD 0.001, momentum 0.9, weight decay 5e-4, x0.1 after 3/4."""
-        milestones = milestones or (int(steps * 3 / 4),)
-        return step_decay_sgd(learning_rate, milestones, weight_decay=5e-4)
-
 
 
 @keras.saving.register_keras_serializable(package="kdet")

@@ -84,7 +84,6 @@ from kdet.layers.rpn import ProposalGenerator, RPNHead
 from kdet.matching import (BalancedSampler, Matcher, encode_roi_targets, encode_rpn_targets,
                            gather_rows)
 from kdet.models.detector import DetectorMixin, LossTermsMixin
-from kdet.optimizers import step_decay_sgd
 from kdet.ops.roi_align import roi_align_maps
 
 ANCHOR_SIZES = (32, 64, 128, 256, 512)
@@ -125,6 +124,8 @@ class FasterRCNN(LossTermsMixin, DetectorMixin, keras.Model):
 
     with_masks = False
     prediction_keys = PREDICTION_KEYS
+
+    RECIPE = "torchvision"  # kdet.recipes
 
     def __init__(self, num_classes=90, backbone="resnet50", version=1, image_size=800, fpn=True,
                  backbone_weights=None, backbone_norm="batch", trainable_backbone_layers=5,
@@ -300,13 +301,6 @@ class FasterRCNN(LossTermsMixin, DetectorMixin, keras.Model):
         out["boxes"] = out["boxes"] / scales[:, None, None]
         out["scale"] = scales
         return out
-
-    # -------------------------------------------------------------- defaults
-    def default_optimizer(self, steps=90000, learning_rate=0.02, milestones=None):
-        """torchvision detection recipe: SGD 0.02, momentum 0.9, weight decay 1e-4, x0.1 steps."""
-        milestones = milestones or (int(steps * 2 / 3), int(steps * 8 / 9))
-        return step_decay_sgd(learning_rate, milestones, weight_decay=1e-4)
-
 
 
 # ---------------------------------------------------------------- loss functions

@@ -100,18 +100,14 @@ class RetinaNet(DenseDetector):
                             max_detections=max_detections, pre_nms_topk=pre_nms_topk,
                             bounding_box_format=bounding_box_format)
 
-    def learning_rate_schedule(self, steps=90000, learning_rate=0.01, milestones=None):
-        """torchvision detection recipe: x0.1 at 2/3 and 8/9 of training."""
-        milestones = milestones or (int(steps * 2 / 3), int(steps * 8 / 9))
-        return keras.optimizers.schedules.PiecewiseConstantDecay(
-            boundaries=list(milestones),
-            values=[learning_rate, learning_rate * 0.1, learning_rate * 0.01])
+    RECIPE = "torchvision_retinanet"  # kdet.recipes
 
-    def default_optimizer(self, steps=90000, learning_rate=0.01, milestones=None):
-        """torchvision detection recipe: SGD 0.01, momentum 0.9, weight decay 1e-4, step schedule."""
-        return keras.optimizers.SGD(
-            learning_rate=self.learning_rate_schedule(steps, learning_rate, milestones),
-            momentum=0.9, weight_decay=1e-4, global_clipnorm=10.0)
+    def learning_rate_schedule(self, steps=90000, batch_size=None, learning_rate=None,
+                               warmup_steps=None, steps_per_epoch=None):
+        """torchvision: epoch-0 warmup, x0.1 at epochs 16 and 22 of 26 (kdet.recipes)."""
+        from kdet.recipes import RECIPES, make_schedule
+        return make_schedule(RECIPES[self.RECIPE], batch_size, steps, steps_per_epoch,
+                             learning_rate, warmup_steps)
 
     def get_config(self):
         if not isinstance(self._config["backbone"], str):

