@@ -113,9 +113,12 @@ def main():
         initial = [np.asarray(keras.ops.convert_to_numpy(w)) for w in model.weights]
         model.compile(optimizer=keras.optimizers.SGD(args.learning_rate, momentum=0.9),
                       jit_compile=bool(args.jit_compile))
-        losses = []
-        callbacks = [keras.callbacks.LambdaCallback(
-            on_train_batch_end=lambda batch, logs: losses.append(float(logs["loss"])))]
+        losses, batch_ends = [], []
+
+        def record(batch, logs):
+            losses.append(float(logs["loss"]))
+            batch_ends.append(time.perf_counter())
+        callbacks = [keras.callbacks.LambdaCallback(on_train_batch_end=record)]
         if args.backup_dir:
             from kdet.workflow.callbacks import AtomicBackupAndRestore
             callbacks.insert(0, AtomicBackupAndRestore(args.backup_dir))
@@ -140,7 +143,11 @@ def main():
     np.savez(args.out, losses=np.asarray(losses, "float64"),
              epochs_run=len(history.epoch), replicas=distribute.num_replicas(strategy),
              **weights)
-    print(json.dumps({"fit_seconds": seconds, "losses": losses, "epochs": history.epoch,
+    # steps/s after the first step (which traces / compiles)
+    steady = ((len(batch_ends) - 1) / (batch_ends[-1] - batch_ends[0])
+              if len(batch_ends) > 1 else None)
+    print(json.dumps({"fit_seconds": seconds, "steps_per_second": steady,
+                      "losses": losses, "epochs": history.epoch,
                       "replicas": distribute.num_replicas(strategy)}))
 
 

@@ -248,7 +248,7 @@ class DenseDetector(DetectorMixin, keras.Model):
         # once over the replicas.
         if self.losses:
             total = total + replica_share(
-                ops.sum(ops.stack([ops.cast(l, "float32") for l in self.losses])))
+                ops.sum(ops.stack([ops.cast(v, "float32") for v in self.losses])))
         return total
 
     def _box_loss_per_image(self, box_deltas, box_targets, matched_boxes, anchors, fg):
