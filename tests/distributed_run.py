@@ -20,7 +20,7 @@ import sys
 import time
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--model", choices=("efficientdet", "fasterrcnn"), required=True)
+parser.add_argument("--model", choices=("efficientdet", "fasterrcnn", "tiny"), required=True)
 parser.add_argument("--replicas", type=int, default=1)
 parser.add_argument("--strategy", default=None,
                     help="mirrored | multiworker | dataparallel | none (default: by replicas)")
@@ -61,6 +61,10 @@ SIZE = 128
 
 def make_data(num_images, batch_size):
     rng = np.random.default_rng(0)
+    if args.model == "tiny":
+        import tiny_detector
+        images = rng.uniform(0, 255, (num_images, tiny_detector.SIZE, tiny_detector.SIZE, 3))
+        return images.astype("float32"), tiny_detector.targets(num_images, rng)
     images = rng.uniform(0, 255, (num_images, SIZE, SIZE, 3)).astype("float32")
     boxes = np.zeros((num_images, 4, 4), "float32")
     labels = np.full((num_images, 4), -1, "int32")
@@ -76,6 +80,9 @@ def make_data(num_images, batch_size):
 
 def build_model():
     from kdet.models import EfficientDet, FasterRCNN
+    if args.model == "tiny":
+        import tiny_detector
+        return tiny_detector.tiny_detector("positives_plus_one")
     if args.model == "efficientdet":
         # BN everywhere: synchronised over the replicas on TF (global on JAX anyway)
         model = EfficientDet(phi="lite0", num_classes=3, image_size=SIZE,
