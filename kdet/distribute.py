@@ -73,13 +73,38 @@ def make_strategy(name="none", devices=None):
         if "TF_CONFIG" not in os.environ:
             raise ValueError("strategy 'multiworker' reads the cluster from the TF_CONFIG "
                              "environment variable, which is not set (see docs/training.md)")
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return _multi_worker_strategy()
     if name == "dataparallel":
         return keras.distribution.DataParallel(devices=devices)
     if backend == "tensorflow":
         import tensorflow as tf
         return tf.distribute.get_strategy()
     return _SingleDevice()
+
+
+def _multi_worker_strategy():
+    """``MultiWorkerMirroredStrategy`` whose ``reduce`` takes a nested structure.
+
+    Two mismatches of Keras 3.15 and TF 2.21 that stop ``fit`` otherwise: Keras reduces the
+    first distributed batch ``(x, y)`` (a tuple holding the target dict) with one
+    ``strategy.reduce`` call to build the metrics, which TF's collective strategy takes only
+    for a single value (``Attempt to convert a value (PerReplica...)``); and it reduces the
+    step's scalar logs with ``axis=0`` (``Invalid reduction dimension 0 for input with 0
+    dimensions``). So each leaf is reduced on its own, a scalar over the replicas.
+    """
+    import tensorflow as tf
+
+    class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+        def reduce(self, reduce_op, value, axis):
+            parent = super().reduce
+
+            def one(v):
+                rank = getattr(self.experimental_local_results(v)[0], "shape", None)
+                scalar = rank is not None and len(rank) == 0
+                return parent(reduce_op, v, None if scalar else axis)
+            return tf.nest.map_structure(one, value)
+
+    return MultiWorkerMirroredStrategy()
 
 
 def num_replicas(strategy):
