@@ -174,3 +174,78 @@ def test_two_worker_run_agrees_and_resumes_after_a_kill(tmp_path):
     for name in (k for k in first.files if k.startswith("w")):
         np.testing.assert_allclose(first[name], second[name], rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(first[name], one_device[name], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------- in-process, one device
+def test_make_strategy_names_and_backends(monkeypatch):
+    import keras
+
+    from kdet import distribute
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        distribute.make_strategy("horovod")
+    wrong = "dataparallel" if backend() == "tensorflow" else "mirrored"
+    with pytest.raises(ValueError, match="needs the"):
+        distribute.make_strategy(wrong)
+    if backend() == "tensorflow":
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+        with pytest.raises(ValueError, match="TF_CONFIG"):
+            distribute.make_strategy("multiworker")
+    strategy = distribute.make_strategy("none")
+    assert distribute.num_replicas(strategy) == 1
+    with strategy.scope():
+        # one device: the helpers are plain sums and means
+        assert float(distribute.global_mean(6.0, 3.0)) == 2.0
+        assert float(distribute.global_mean(6.0, 0.0)) == 6.0  # count clamped at 1
+        assert float(distribute.replica_share(keras.ops.convert_to_tensor(5.0))) == 5.0
+
+
+def test_global_batch_must_split_over_replicas():
+    from kdet import distribute
+
+    class Two:
+        num_replicas_in_sync = 2
+    assert distribute.check_global_batch(8, Two()) == 4
+    with pytest.raises(ValueError, match="does not split over 2 replicas"):
+        distribute.check_global_batch(7, Two())
+
+
+@pytest.mark.parametrize("config, chief", [
+    (None, True),
+    ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}}, True),
+    ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}, False),
+    ({"cluster": {"chief": ["c:1"], "worker": ["a:1"]}, "task": {"type": "worker", "index": 0}},
+     False),
+    ({"cluster": {"chief": ["c:1"], "worker": ["a:1"]}, "task": {"type": "chief", "index": 0}},
+     True),
+])
+def test_chief_is_tf_rule(monkeypatch, config, chief):
+    from kdet import distribute
+    if config is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", json.dumps(config))
+    assert distribute.is_chief() is chief
+
+
+def test_synchronize_batch_norm_sets_every_bn_layer():
+    import keras
+
+    from kdet import distribute
+    inner = keras.Sequential([keras.layers.Dense(4), keras.layers.BatchNormalization()])
+    model = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization(), inner])
+    count = distribute.synchronize_batch_norm(model)
+    bns = [l for l in model._flatten_layers() if isinstance(l, keras.layers.BatchNormalization)]
+    if backend() == "tensorflow":
+        assert count == 2 and all(l.synchronized for l in bns)
+    else:  # JAX DataParallel: statistics of the global batch already
+        assert count == 0 and not any(l.synchronized for l in bns)
+
+
+def test_train_settings_strategy_and_sync_batch_norm():
+    from kdet.workflow.config import resolve
+    settings = resolve("train", file_config={"format": "shapes", "strategy": "mirrored",
+                                             "sync_batch_norm": True})
+    assert settings["strategy"] == "mirrored" and settings["sync_batch_norm"] is True
+    assert resolve("train", file_config={"format": "shapes"})["strategy"] == "none"
+    with pytest.raises(ValueError):
+        resolve("train", file_config={"format": "shapes", "strategy": "horovod"})
