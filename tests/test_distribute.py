@@ -40,7 +40,7 @@ def _run_script(args, timeout, **env):
 @pytest.fixture(scope="module")
 def check_result():
     out = _run_script([str(HERE / "distributed_check.py")], timeout=600)
-    line = next(l for l in out.splitlines() if l.startswith("RESULT "))
+    line = next(s for s in out.splitlines() if s.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
 
@@ -234,11 +234,12 @@ def test_synchronize_batch_norm_sets_every_bn_layer():
     inner = keras.Sequential([keras.layers.Dense(4), keras.layers.BatchNormalization()])
     model = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization(), inner])
     count = distribute.synchronize_batch_norm(model)
-    bns = [l for l in model._flatten_layers() if isinstance(l, keras.layers.BatchNormalization)]
+    bns = [layer for layer in model._flatten_layers()
+           if isinstance(layer, keras.layers.BatchNormalization)]
     if backend() == "tensorflow":
-        assert count == 2 and all(l.synchronized for l in bns)
+        assert count == 2 and all(layer.synchronized for layer in bns)
     else:  # JAX DataParallel: statistics of the global batch already
-        assert count == 0 and not any(l.synchronized for l in bns)
+        assert count == 0 and not any(layer.synchronized for layer in bns)
 
 
 def test_train_settings_strategy_and_sync_batch_norm():
