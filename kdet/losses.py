@@ -28,6 +28,7 @@ import keras
 from keras import ops
 
 from kdet.boxes import paired_giou
+from kdet.distribute import global_mean
 
 
 def _float(x):
@@ -182,7 +183,8 @@ def mask_bce_loss(mask_logits, labels, mask_targets, valid=None, data_format=Non
         valid: ``[..., R]`` bool (foreground, non-padded RoIs); default all.
         data_format: ``"channels_last"`` / ``"channels_first"`` (default Keras').
 
-    Returns a scalar; 0 when no RoI is valid.
+    Returns a scalar; 0 when no RoI is valid. Under ``tf.distribute`` the mean is over the
+    valid RoIs of the global batch (this replica's share of it).
     """
     channels_last = _data_format(data_format) == "channels_last"
     logits = _float(mask_logits)
@@ -204,7 +206,8 @@ def mask_bce_loss(mask_logits, labels, mask_targets, valid=None, data_format=Non
     weights = ops.cast(valid, "float32")
     pixels = float(picked.shape[-1] * picked.shape[-2])
     total = ops.sum(ops.sum(pixel_loss, axis=(-2, -1)) * weights)
-    return total / ops.maximum(ops.sum(weights) * pixels, 1.0)
+    # the count of the global batch under tf.distribute (kdet.distribute.global_mean)
+    return global_mean(total, ops.sum(weights) * pixels)
 
 
 def keypoint_loss(keypoint_logits, keypoint_targets, valid, data_format=None):
@@ -218,7 +221,8 @@ def keypoint_loss(keypoint_logits, keypoint_targets, valid, data_format=None):
         keypoint_targets: ``[..., R, K]`` int flat index ``y * S + x``.
         valid: ``[..., R, K]`` bool (visible keypoint of a foreground RoI).
 
-    Returns a scalar; 0 when no keypoint is valid.
+    Returns a scalar; 0 when no keypoint is valid. Under ``tf.distribute`` the mean is over
+    the valid keypoints of the global batch (this replica's share of it).
     """
     channels_last = _data_format(data_format) == "channels_last"
     logits = _float(keypoint_logits)
@@ -229,7 +233,9 @@ def keypoint_loss(keypoint_logits, keypoint_targets, valid, data_format=None):
     target = ops.clip(ops.cast(keypoint_targets, "int32"), 0, size_h * size_w - 1)
     log_probs = ops.log_softmax(logits, axis=-1)
     nll = -ops.take_along_axis(log_probs, target[..., None], axis=-1)[..., 0]
-    return weighted_mean(nll, ops.cast(valid, "float32"))
+    weights = ops.cast(valid, "float32")
+    # the count of the global batch under tf.distribute (kdet.distribute.global_mean)
+    return global_mean(ops.sum(nll * weights), ops.sum(weights))
 
 
 # ------------------------------------------------------------ Keras Loss classes

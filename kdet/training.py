@@ -158,8 +158,20 @@ def train(config, *, model=None, datasets=None, extra_callbacks=(), config_path=
     """
     started = time.monotonic()
     settings = resolve("train", file_config=config, config_path=config_path)
-    import keras  # after the settings check: a typo fails without loading TensorFlow
+    from kdet import distribute  # after the settings check: a typo fails without TensorFlow
 
+    # made before any other TF op (MultiWorkerMirroredStrategy requires it); the model is
+    # built, compiled and fitted in its scope (docs/training.md, "Several devices")
+    strategy = distribute.make_strategy(settings["strategy"])
+    distribute.check_global_batch(settings["batch_size"], strategy)
+    with strategy.scope():
+        return _train_in_scope(settings, model, datasets, extra_callbacks, started)
+
+
+def _train_in_scope(settings, model, datasets, extra_callbacks, started):
+    import keras
+
+    from kdet import distribute
     from kdet.workflow import callbacks as cb
     from kdet.workflow import data as wdata
     from kdet.workflow.config import dump
@@ -186,6 +198,8 @@ def train(config, *, model=None, datasets=None, extra_callbacks=(), config_path=
         keras.utils.set_random_seed(seed)  # initial weights
         model = build_model(settings, num_classes, image_size,
                             num_keypoints=train_ds.num_keypoints or None)
+    if settings["sync_batch_norm"]:
+        distribute.synchronize_batch_norm(model)
     if model_annotations(model) != (annotations or ()) and datasets is None:
         annotations = model_annotations(model)
         train_ds, val_ds = wdata.read_datasets(settings, annotations=annotations)
@@ -194,6 +208,11 @@ def train(config, *, model=None, datasets=None, extra_callbacks=(), config_path=
     settings.update(num_classes=int(num_classes), image_size=int(image_size))
 
     output_dir = settings["output_dir"]
+    multiworker = settings["strategy"] == "multiworker"
+    if multiworker and not distribute.is_chief():
+        # every worker saves (the saves are collective), the chief into output_dir, the others
+        # into their own folder (their backup lets them resume with the chief)
+        output_dir = os.path.join(output_dir, f"worker{distribute.worker_index()}")
     os.makedirs(output_dir, exist_ok=True)
     backup_dir = os.path.join(output_dir, BACKUP)
     if not settings["resume"] and os.path.isdir(backup_dir):
@@ -231,6 +250,13 @@ def train(config, *, model=None, datasets=None, extra_callbacks=(), config_path=
         max_boxes=settings["max_boxes"], deterministic=settings["deterministic"],
         annotations=annotations)
     val_batches = None
+    if val_ds is not None and multiworker:
+        # model.predict of a multi-worker model gathers over all workers, so evaluation during
+        # fit would block the chief; evaluate best/last.keras with `kdet eval` afterwards
+        if settings["verbose"]:
+            print("strategy multiworker: no evaluation during training (run `kdet eval` on "
+                  "last.keras)", flush=True)
+        val_ds = None
     if val_ds is not None:
         val_batches = wdata.evaluation_batches(val_ds, image_size, batch_size,
                                                max_boxes=settings["max_boxes"])

@@ -20,6 +20,7 @@ from keras import ops
 
 from kdet import boxes as box_ops
 from kdet import losses
+from kdet.distribute import all_replicas_sum, global_mean, replica_share
 from kdet.layers.detection_decoder import DetectionDecoder
 from kdet.matching import Matcher, encode_dense_targets
 
@@ -196,8 +197,9 @@ class LossTermsMixin:
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         terms = self.loss_terms(y, y_pred, training=training)
         total = ops.sum(ops.stack([ops.cast(v, "float32") for v in terms.values()]))
-        if self.losses:  # regularisation added by layers
-            total = total + ops.sum(ops.stack([ops.cast(v, "float32") for v in self.losses]))
+        if self.losses:  # regularisation added by layers, counted once over the replicas
+            total = total + replica_share(
+                ops.sum(ops.stack([ops.cast(v, "float32") for v in self.losses])))
         return total
 
     def predict_step(self, *args):
@@ -254,18 +256,23 @@ class DenseDetector(DetectorMixin, keras.Model):
 
         box_per_image = self._box_loss_per_image(box_deltas, box_targets, matched_boxes, anchors, fg)
 
+        # Normalisers count over the global batch (all replicas under tf.distribute), so a
+        # run is the same whatever the number of devices: see kdet.distribute.
         if self.normalizer == "positives_per_image":  # torchvision RetinaNet
             denom = ops.maximum(num_fg, 1.0)
-            cls_loss = ops.mean(cls_per_image / denom)
-            box_loss = ops.mean(box_per_image / denom)
+            images = ops.cast(ops.shape(num_fg)[0], "float32")
+            cls_loss = global_mean(ops.sum(cls_per_image / denom), images)
+            box_loss = global_mean(ops.sum(box_per_image / denom), images)
         else:  # automl/effdet: one normaliser for the batch, sum(positives) + 1
-            denom = ops.sum(num_fg) + 1.0
+            denom = all_replicas_sum(ops.sum(num_fg)) + 1.0
             cls_loss = ops.sum(cls_per_image) / denom
             box_loss = ops.sum(box_per_image) / denom
         total = cls_loss + self.box_loss_weight * box_loss
-        # Regularisation losses added by layers (weight decay via kernel_regularizer).
+        # Regularisation losses added by layers (weight decay via kernel_regularizer), counted
+        # once over the replicas.
         if self.losses:
-            total = total + ops.sum(ops.stack([ops.cast(l, "float32") for l in self.losses]))
+            total = total + replica_share(
+                ops.sum(ops.stack([ops.cast(v, "float32") for v in self.losses])))
         return total
 
     def _box_loss_per_image(self, box_deltas, box_targets, matched_boxes, anchors, fg):

@@ -19,6 +19,7 @@ from kdet.anchors import AnchorGenerator
 from kdet.backbones.efficientnet import EfficientNet as EfficientNetBackbone
 from kdet.backbones.efficientnet import EfficientNetLite as EfficientNetLiteBackbone
 from kdet.boxes import BoxCoder
+from kdet.distribute import synchronize_batch_norm
 from kdet.layers.bifpn import BiFPN
 from kdet.layers.heads import EfficientDetHead
 from kdet.layers.normalization import ImageNormalization
@@ -73,12 +74,15 @@ class EfficientDet(DenseDetector):
             (effdet: no threshold, NMS 0.5, 100 detections, top 5000 candidates).
         fusion: override the table's BiFPN fusion ("fast", "softmax", "sum").
         bounding_box_format: format of training targets (converted to xyxy).
+        sync_batch_norm: batch-norm statistics over all replicas of a ``tf.distribute``
+            run (:func:`kdet.distribute.synchronize_batch_norm`), for small per-device
+            batches; JAX ``DataParallel`` does this anyway.
     """
 
     def __init__(self, phi=0, num_classes=90, image_size=None, backbone_weights=None,
                  score_threshold=0.0, iou_threshold=0.5, max_detections=100,
                  pre_nms_topk=5000, fusion=None, bounding_box_format="xyxy",
-                 **kwargs):
+                 sync_batch_norm=False, **kwargs):
         variant = _variant_name(phi)
         cfg = dict(EFFICIENTDET_CONFIGS[variant])
         lite = variant.startswith("lite")
@@ -135,7 +139,10 @@ class EfficientDet(DenseDetector):
                             backbone_weights=None, score_threshold=score_threshold,
                             iou_threshold=iou_threshold, max_detections=max_detections,
                             pre_nms_topk=pre_nms_topk, fusion=fusion,
-                            bounding_box_format=bounding_box_format)
+                            bounding_box_format=bounding_box_format,
+                            sync_batch_norm=bool(sync_batch_norm))
+        if sync_batch_norm:
+            synchronize_batch_norm(self)
 
     RECIPE = "automl"  # kdet.recipes: automl's EfficientDet trainer ("effdet": timm's)
 

@@ -77,6 +77,7 @@ from keras import ops
 
 from kdet import losses
 from kdet.backbones.factory import build_backbone, copy_layer_weights, truncate_backbone
+from kdet.distribute import global_mean, synchronize_batch_norm
 from kdet.layers.fpn import FPN
 from kdet.layers.normalization import ImageNormalization
 from kdet.layers.roi_heads import RoIHeads
@@ -120,6 +121,10 @@ class FasterRCNN(LossTermsMixin, DetectorMixin, keras.Model):
             ``box_score_thresh`` 0.05, ``box_nms_thresh`` 0.5,
             ``box_detections_per_img`` 100).
         seed: seed of the two random samplers.
+        sync_batch_norm: batch-norm statistics (backbone with ``backbone_norm="batch"``,
+            version 2's FPN and heads) over all replicas of a ``tf.distribute`` run
+            (:func:`kdet.distribute.synchronize_batch_norm`); JAX ``DataParallel`` does
+            this anyway.
     """
 
     with_masks = False
@@ -137,7 +142,7 @@ class FasterRCNN(LossTermsMixin, DetectorMixin, keras.Model):
                  box_score_thresh=0.05, box_nms_thresh=0.5, box_detections_per_img=100,
                  box_fg_iou_thresh=0.5, box_bg_iou_thresh=0.5, box_batch_size_per_image=512,
                  box_positive_fraction=0.25, mask_batch_size_per_image=None,
-                 bounding_box_format="xyxy", seed=None, **kwargs):
+                 bounding_box_format="xyxy", seed=None, sync_batch_norm=False, **kwargs):
         if version not in (1, 2):
             raise ValueError(f"{type(self).__name__}: version must be 1 or 2 (torchvision "
                              f"v1 / _v2), got {version!r}")
@@ -246,7 +251,10 @@ class FasterRCNN(LossTermsMixin, DetectorMixin, keras.Model):
             box_batch_size_per_image=box_batch_size_per_image,
             box_positive_fraction=box_positive_fraction,
             mask_batch_size_per_image=mask_batch_size_per_image,
-            bounding_box_format=bounding_box_format, seed=seed)
+            bounding_box_format=bounding_box_format, seed=seed,
+            sync_batch_norm=bool(sync_batch_norm))
+        if sync_batch_norm:
+            synchronize_batch_norm(self)
 
     # ------------------------------------------------------------------ loss
     def loss_terms(self, y, y_pred, training=True):
@@ -314,11 +322,11 @@ def rpn_loss(objectness, box_deltas, labels, box_targets, beta=1.0 / 9):
     objectness = ops.cast(objectness, "float32")
     sampled = ops.cast(labels >= -1, "float32")
     positive = ops.cast(labels == 0, "float32")
-    num_sampled = ops.maximum(ops.sum(sampled), 1.0)
+    num_sampled = ops.sum(sampled)  # of the global batch in global_mean (kdet.distribute)
     bce = losses.sigmoid_cross_entropy(positive, objectness)
     box = losses.smooth_l1_loss(box_deltas, box_targets, beta=beta)
-    return {"loss_objectness": ops.sum(bce * sampled) / num_sampled,
-            "loss_rpn_box_reg": ops.sum(box * positive[..., None]) / num_sampled}
+    return {"loss_objectness": global_mean(ops.sum(bce * sampled), num_sampled),
+            "loss_rpn_box_reg": global_mean(ops.sum(box * positive[..., None]), num_sampled)}
 
 
 def fastrcnn_loss(class_logits, box_regression, labels, box_targets, beta=1.0 / 9):
@@ -331,7 +339,7 @@ def fastrcnn_loss(class_logits, box_regression, labels, box_targets, beta=1.0 / 
     """
     labels = ops.cast(labels, "int32")
     sampled = ops.cast(labels >= -1, "float32")
-    num_sampled = ops.maximum(ops.sum(sampled), 1.0)
+    num_sampled = ops.sum(sampled)  # of the global batch in global_mean (kdet.distribute)
     ce = losses.softmax_cross_entropy_with_background(labels, class_logits)
     num_columns = class_logits.shape[-1]
     deltas = ops.reshape(ops.cast(box_regression, "float32"),
@@ -341,8 +349,8 @@ def fastrcnn_loss(class_logits, box_regression, labels, box_targets, beta=1.0 / 
     picked = ops.take_along_axis(deltas, index, axis=-2)[..., 0, :]
     foreground = ops.cast(labels >= 0, "float32")
     box = losses.smooth_l1_loss(picked, box_targets, beta=beta)
-    return {"loss_classifier": ops.sum(ce) / num_sampled,
-            "loss_box_reg": ops.sum(box * foreground[..., None]) / num_sampled}
+    return {"loss_classifier": global_mean(ops.sum(ce), num_sampled),
+            "loss_box_reg": global_mean(ops.sum(box * foreground[..., None]), num_sampled)}
 
 
 def project_masks_on_boxes(gt_masks, rois, matches, image_size, output_size=28):

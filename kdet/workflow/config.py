@@ -239,6 +239,14 @@ OPTIONS = (
                ("train", "eval", "bench")),
         Option("verbose", int, 1, "0 silent, 1 progress bars, 2 one line per epoch",
                ("train", "eval", "predict", "bench")),
+        Option("strategy", str, "none",
+               "devices to train on: none (one), mirrored (TF, this host's GPUs), multiworker "
+               "(TF, hosts in TF_CONFIG), dataparallel (JAX, visible devices); --batch-size "
+               "is the global batch, split over the devices", ("train",),
+               choices=("none", "mirrored", "multiworker", "dataparallel")),
+        Option("sync_batch_norm", _bool, False,
+               "batch-norm statistics over all devices (TF strategies; JAX's dataparallel "
+               "does this anyway)", ("train",)),
     ),
     *_group(
         "evaluation / prediction",

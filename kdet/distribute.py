@@ -1,0 +1,214 @@
+"""Training on several devices with TensorFlow's and Keras' own engines.
+
+kdet adds no training loop of its own: ``model.fit`` runs under
+
+* ``"mirrored"``: ``tf.distribute.MirroredStrategy`` (TF backend, the devices of one host);
+* ``"multiworker"``: ``tf.distribute.MultiWorkerMirroredStrategy`` (TF backend, several
+  hosts described by the ``TF_CONFIG`` environment variable);
+* ``"dataparallel"``: ``keras.distribution.DataParallel`` (JAX backend, the visible devices);
+* ``"none"``: one device.
+
+Build, compile and fit inside ``strategy.scope()`` (:func:`make_strategy`). The batch
+a dataset yields is the *global* batch: each of the ``R`` replicas gets ``batch / R``.
+
+What must hold for the run to be the same whatever ``R`` (the only thing kdet's losses
+need to know): a loss normalised by a count over the batch (positives, sampled anchors,
+sampled RoIs, images) must use the count of the *global* batch. Under
+``tf.distribute`` each replica computes the loss of its own slice and Keras sums the
+replicas' gradients, so each replica returns its share ``local sum / global count``
+(:func:`global_mean`); the global count is an all-reduce (:func:`all_replicas_sum`). A
+per-replica count would weight an image by how many positives its *neighbours on the
+same device* have. Under JAX ``DataParallel`` the loss is one ``jit`` computation on
+the sharded global batch, so every sum is already global and these helpers are the
+identity; the same holds for batch-norm statistics, which ``tf.distribute`` keeps per
+replica unless the layers are synchronised (:func:`synchronize_batch_norm`).
+
+    >>> import keras
+    >>> strategy = make_strategy("none")
+    >>> with strategy.scope():
+    ...     pass  # build, compile and fit the model here
+    >>> num_replicas(strategy)
+    1
+"""
+import contextlib
+import os
+
+import keras
+
+STRATEGIES = ("none", "mirrored", "multiworker", "dataparallel")
+_BACKEND_OF = {"mirrored": "tensorflow", "multiworker": "tensorflow", "dataparallel": "jax"}
+
+
+class _SingleDevice:
+    """``strategy.scope()`` of the default placement on a backend without ``tf.distribute``."""
+
+    num_replicas_in_sync = 1
+
+    def scope(self):
+        return contextlib.nullcontext()
+
+
+def make_strategy(name="none", devices=None):
+    """The distribution engine called ``name`` (one of :data:`STRATEGIES`).
+
+    Returns an object with ``scope()``: a ``tf.distribute.Strategy`` on TensorFlow, a
+    ``keras.distribution.DataParallel`` on JAX. ``devices``: the devices to use
+    (``"mirrored"``: TF device names, ``"dataparallel"``: JAX devices or their
+    ``"cpu:0"``-style names); all visible ones by default. ``"multiworker"`` reads the
+    cluster from ``TF_CONFIG`` and must be made before any other TF op runs.
+    """
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {name!r}")
+    backend = keras.backend.backend()
+    wanted = _BACKEND_OF.get(name)
+    if wanted is not None and wanted != backend:
+        other = {"tensorflow": "mirrored or multiworker", "jax": "dataparallel"}.get(backend)
+        raise ValueError(f"strategy {name!r} needs the {wanted} backend (KERAS_BACKEND="
+                         f"{wanted}); this is {backend}" + (f": use {other}" if other else ""))
+    if name == "mirrored":
+        import tensorflow as tf
+        return tf.distribute.MirroredStrategy(devices=devices)
+    if name == "multiworker":
+        import tensorflow as tf
+        if "TF_CONFIG" not in os.environ:
+            raise ValueError("strategy 'multiworker' reads the cluster from the TF_CONFIG "
+                             "environment variable, which is not set (see docs/training.md)")
+        return _multi_worker_strategy()
+    if name == "dataparallel":
+        return keras.distribution.DataParallel(devices=devices)
+    if backend == "tensorflow":
+        import tensorflow as tf
+        return tf.distribute.get_strategy()
+    return _SingleDevice()
+
+
+def _multi_worker_strategy():
+    """``MultiWorkerMirroredStrategy`` whose ``reduce`` takes a nested structure.
+
+    Two mismatches of Keras 3.15 and TF 2.21 that stop ``fit`` otherwise: Keras reduces the
+    first distributed batch ``(x, y)`` (a tuple holding the target dict) with one
+    ``strategy.reduce`` call to build the metrics, which TF's collective strategy takes only
+    for a single value (``Attempt to convert a value (PerReplica...)``); and it reduces the
+    step's scalar logs with ``axis=0`` (``Invalid reduction dimension 0 for input with 0
+    dimensions``). So each leaf is reduced on its own, a scalar over the replicas.
+    """
+    import tensorflow as tf
+
+    class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+        def reduce(self, reduce_op, value, axis):
+            parent = super().reduce
+
+            def one(v):
+                rank = getattr(self.experimental_local_results(v)[0], "shape", None)
+                scalar = rank is not None and len(rank) == 0
+                return parent(reduce_op, v, None if scalar else axis)
+            return tf.nest.map_structure(one, value)
+
+    return MultiWorkerMirroredStrategy()
+
+
+def num_replicas(strategy):
+    """Replicas (devices, all workers together) a global batch is split over."""
+    if isinstance(strategy, keras.distribution.DataParallel):
+        return int(strategy.device_mesh.devices.size)
+    return int(strategy.num_replicas_in_sync)
+
+
+def check_global_batch(batch_size, strategy):
+    """``batch_size`` is the global batch: it must split evenly over the replicas."""
+    replicas = num_replicas(strategy)
+    if int(batch_size) % replicas:
+        raise ValueError(f"the global batch size {batch_size} does not split over "
+                         f"{replicas} replicas: use a multiple of {replicas}")
+    return int(batch_size) // replicas
+
+
+def is_chief():
+    """True on the worker that writes files and evaluates (always, without ``TF_CONFIG``).
+
+    The chief of ``MultiWorkerMirroredStrategy`` is task 0 of type ``"chief"`` or, when the
+    cluster has no chief, ``"worker"`` 0 (TF's own rule).
+    """
+    import json
+    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    task = config.get("task") or {}
+    if not task:
+        return True
+    kind, index = task.get("type"), int(task.get("index", 0))
+    if kind == "chief":
+        return True
+    return kind == "worker" and index == 0 and "chief" not in config.get("cluster", {})
+
+
+def worker_index():
+    """This worker's task index in ``TF_CONFIG`` (0 without it)."""
+    import json
+    task = json.loads(os.environ.get("TF_CONFIG") or "{}").get("task") or {}
+    return int(task.get("index", 0))
+
+
+def _replica_context():
+    """The TF replica context of a multi-replica step, else None."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+    if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
+        return None
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return None
+    return context
+
+
+def all_replicas_sum(x):
+    """``x`` summed over the replicas of a ``tf.distribute`` step (the identity elsewhere,
+    JAX included: there the step already sees the global batch). For counts: no gradient
+    flows through."""
+    x = keras.ops.stop_gradient(keras.ops.cast(x, "float32"))
+    context = _replica_context()
+    if context is None:
+        return x
+    import tensorflow as tf
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, x)
+
+
+def global_mean(total, count, minimum=1.0):
+    """This replica's share of ``sum over the global batch / max(global count, minimum)``.
+
+    ``total``: the replica's sum of a loss; ``count``: the replica's count of what the
+    loss averages over. The shares of all replicas add up to the mean over the global
+    batch, which is what ``tf.distribute`` needs (it sums the replicas' gradients); on
+    one device or under JAX ``DataParallel`` this is ``total / max(count, minimum)``.
+    """
+    return keras.ops.cast(total, "float32") / keras.ops.maximum(all_replicas_sum(count),
+                                                                minimum)
+
+
+def replica_share(value):
+    """``value / R`` under a ``tf.distribute`` strategy with ``R`` replicas: for a loss every
+    replica computes whole (the layers' weight regularisation), so the replicas' sum
+    counts it once (what Keras' own ``compute_loss`` does for ``model.losses``)."""
+    context = _replica_context()
+    if context is None:
+        return value
+    return value / float(context.num_replicas_in_sync)
+
+
+def synchronize_batch_norm(model, synchronized=True):
+    """Make every ``keras.layers.BatchNormalization`` of ``model`` take its batch statistics
+    over the global batch (all replicas) in training; returns how many layers it set.
+
+    On TensorFlow this is the layers' ``synchronized`` mode (an all-reduce of the moments per
+    step), for small per-device batches (EfficientDet, Mask R-CNN at 1-2 images per GPU).
+    On JAX it changes nothing: under ``DataParallel`` the statistics are computed on the
+    sharded global batch already. A functional model runs its layers' ``call`` again when
+    ``fit`` traces, so setting the flag after building is enough.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return 0
+    count = 0
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = bool(synchronized)
+            count += 1
+    return count
