@@ -61,6 +61,10 @@ def main(argv=None):
                         help="threads per side (1: the steady figure on a shared machine)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--score-threshold", type=float, default=None,
+                        help="both sides' detection score threshold (RetinaNet, R-CNNs); "
+                             "0: D detections each, the load of a busy image (default: "
+                             "each side's own, 0.05)")
     parser.add_argument("--timeout", type=int, default=3600, help="per process, seconds")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     parser.add_argument("--no-write", action="store_true", help="only print the tables")
@@ -77,18 +81,21 @@ def main(argv=None):
         _, table = compare(model, phi=phi, image_size=size,
                            batches=[int(b) for b in args.batches.split(",")],
                            tasks=args.tasks.split(","), threads=args.threads,
-                           warmup=args.warmup, repeats=args.repeats, timeout=args.timeout)
+                           warmup=args.warmup, repeats=args.repeats, timeout=args.timeout,
+                           score_threshold=args.score_threshold)
         print(table, flush=True)
         tables.append(table)
     command = "python benchmarks/peer_speed.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
+    threshold = "each side's default" if args.score_threshold is None else args.score_threshold
     header = tables[0].splitlines()[:2]
     body = [line for t in tables for line in t.splitlines()[2:]]
     text = "\n".join([
         f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC: "
         f"kdet vs PyTorch peers, {args.threads} thread(s) per side",
         "", f"Machine: {started} at the start, {machine().split(', ')[-1]} at the end; "
-        f"{versions()}; random init, warm-up {args.warmup}, median of {args.repeats}.",
+        f"{versions()}; random init, warm-up {args.warmup}, median of {args.repeats}, "
+        f"score threshold {threshold}.",
         "", f"Command: `{command.strip()}`", "", *header, *body, ""])
     print(text)
     if not args.no_write:

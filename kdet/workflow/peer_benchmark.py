@@ -110,14 +110,18 @@ def _kdet_steps(job, images, targets):
     import kdet
     name, size = job["model"], job["image_size"]
     keras.utils.set_random_seed(0)
-    if name == "efficientdet":
+    threshold = job.get("score_threshold")
+    if name == "efficientdet":  # effdet has no score threshold: kdet's default is 0 too
         model = kdet.models.EfficientDet(phi=job["phi"], num_classes=NUM_CLASSES,
                                          image_size=size)
     elif name == "retinanet":
-        model = kdet.models.RetinaNet(num_classes=NUM_CLASSES + 1, image_size=size)
+        model = kdet.models.RetinaNet(
+            num_classes=NUM_CLASSES + 1, image_size=size,
+            **({} if threshold is None else {"score_threshold": threshold}))
     else:
         cls = kdet.models.MaskRCNN if name == "maskrcnn" else kdet.models.FasterRCNN
-        model = cls(num_classes=NUM_CLASSES, image_size=size)
+        model = cls(num_classes=NUM_CLASSES, image_size=size,
+                    **({} if threshold is None else {"box_score_thresh": threshold}))
     model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9), jit_compile=False)
 
     def predict():
@@ -133,8 +137,11 @@ def _torchvision_steps(job, images, targets):
     torch.manual_seed(0)
     # torchvision's RetinaNet has no background class; its R-CNNs do (label 0)
     classes = NUM_CLASSES + 1
+    threshold = {} if job.get("score_threshold") is None else {
+        "score_thresh" if name == "retinanet" else "box_score_thresh": job["score_threshold"]}
     model = getattr(torchvision.models.detection, TORCHVISION_BUILDERS[name])(
-        weights=None, weights_backbone=None, num_classes=classes, min_size=size, max_size=size)
+        weights=None, weights_backbone=None, num_classes=classes, min_size=size, max_size=size,
+        **threshold)
     x = [torch.from_numpy(im).permute(2, 0, 1).contiguous() / 255.0 for im in images]
     y = [{"boxes": torch.from_numpy(targets["boxes"][b]),
           "labels": torch.from_numpy(targets["labels"][b] + 1).long(),
@@ -245,11 +252,18 @@ def _launch(job, timeout):
 
 def compare(model, *, peer=None, phi=0, image_size=None, batches=(1, 8),
             tasks=("predict", "train"), threads=1, warmup=2, repeats=5, timeout=3600,
-            verbose=True):
+            score_threshold=None, verbose=True):
     """Measure kdet and its peer side by side; ``(rows, table text)``.
 
     ``peer``: ``"effdet"``, ``"torchvision"``, or None for the model's own
     (:data:`PEERS`). A peer that is not installed is skipped with a message.
+
+    ``score_threshold``: both sides' detection score threshold (RetinaNet and
+    the R-CNNs; None: each side's default, 0.05). A random-init model scores
+    every candidate ~1/classes, below 0.05: torchvision then finds nothing and
+    skips its mask head and mask pasting, while kdet's static-shape graph runs
+    them on its ``D`` padded rows. ``0.0`` gives both sides ``D`` detections,
+    the load of a busy image under a trained model.
     """
     if model not in PEERS:
         raise ValueError(f"bench --compare: model must be one of {sorted(PEERS)}, got {model!r}")
@@ -268,7 +282,8 @@ def compare(model, *, peer=None, phi=0, image_size=None, batches=(1, 8),
         for side in sides:
             job = {"side": side, "model": model, "phi": phi, "image_size": size,
                    "batch": int(batch), "tasks": list(tasks), "threads": int(threads),
-                   "warmup": int(warmup), "repeats": int(repeats)}
+                   "warmup": int(warmup), "repeats": int(repeats),
+                   "score_threshold": score_threshold}
             new = _launch(job, timeout)
             rows += new
             if verbose:
