@@ -82,6 +82,9 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--all-mask-rows", action="store_true",
+                        help="Mask R-CNN: run the mask head on all D rows (the code before "
+                             "RoIHeads skipped the padded ones)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -91,6 +94,8 @@ def main(argv=None):
     import numpy as np
 
     model = build(args.model, args.image_size)
+    if args.all_mask_rows:
+        model.roi_heads.skip_padded_masks = False
     images = np.random.default_rng(0).uniform(
         0, 255, (args.batch, args.image_size, args.image_size, 3)).astype("float32")
     rows, previous = [], 0.0
