@@ -228,7 +228,8 @@ def test_mask_head_on_the_detected_rows_only_gives_the_same_masks():
         fast = {k: _np(v) for k, v in model(images, training=False).items()}
         counts.append(int(fast["num_detections"].max()))
         np.testing.assert_array_equal(fast["labels"], every_row["labels"])
-        np.testing.assert_allclose(fast["masks"], every_row["masks"], atol=1e-5)
+        # float rounding only: fewer rows (another conv batch), or XLA fusing inside a cond
+        np.testing.assert_allclose(fast["masks"], every_row["masks"], atol=2e-4)
         for b, n in enumerate(fast["num_detections"]):
             assert np.all(fast["masks"][b, n:] == 0)
     assert counts[0] == 40 and 8 < counts[1] <= 32 and 0 < counts[2] <= 8 and counts[3] == 0
