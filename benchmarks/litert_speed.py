@@ -86,6 +86,9 @@ def ap_rows(keras_path, data_root, modes, threads, tmp, val_images=50, seed=0):
     from kdet.data import MaskFolderDataset, build_pipeline
     from kdet.export.litert import LiteRTDetector
     from kdet.metrics import COCOEvaluator
+    import kdet
+    for name in kdet.models.__all__:  # the lazy exports register the classes load_model needs
+        getattr(kdet.models, name)
     model = keras.saving.load_model(keras_path)
     size = model.image_size[0]
     data = MaskFolderDataset(data_root)
