@@ -29,7 +29,8 @@ COMMAND_HELP = {
     "eval": "COCO evaluation of a trained model + PR curves, confusion matrix, training curves",
     "predict": "draw detections on images (PNG per image + predictions.json)",
     "export": "export to SavedModel / LiteRT (TFLite) / ONNX with NMS inside",
-    "bench": "images/s of predict and of a training step on this machine",
+    "bench": "images/s of predict and of a training step on this machine (--compare: vs the "
+             "PyTorch peer)",
     "convert": "convert a torchvision / effdet / automl checkpoint to a kdet .keras model",
     "inspect": "counts, class histogram, sizes and problems of a dataset",
 }
@@ -74,7 +75,10 @@ EXAMPLES = {
   kdet bench --model efficientdet --phi 0 --image-size 512 --batch-size 8
   kdet bench --model retinanet --backbone resnet50 --image-size 640 --bench-train false
   kdet bench --model maskrcnn --version 2 --image-size 512 --batch-size 2
-  kdet bench --model runs/d0/best.keras --jit-compile true""",
+  kdet bench --model runs/d0/best.keras --jit-compile true
+  # side by side with the PyTorch peer, each in its own process, 1 thread each
+  kdet bench --model efficientdet --phi lite0 --compare effdet
+  kdet bench --model maskrcnn --compare torchvision --bench-batches 1 --bench-train false""",
     "convert": """examples:
   kdet convert --source effdet --arch tf_efficientdet_d0 \\
                --checkpoint tf_efficientdet_d0_34-f153e0cf.pth --output d0_coco.keras

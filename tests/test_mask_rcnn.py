@@ -203,3 +203,34 @@ def test_named_backbones_rebuild_from_config():
     assert sorted(backbone.output) == ["C2", "C3", "C4", "C5"]
     with pytest.raises(ValueError, match="unknown MaskRCNN backbone 'vgg16'.*mobilenet_v2"):
         kdet.models.MaskRCNN(num_classes=1, backbone="vgg16", image_size=128)
+
+
+@slow_on_jax
+def test_mask_head_on_the_detected_rows_only_gives_the_same_masks():
+    # RoIHeads runs the mask head and the paste on the smallest bucket of leading rows
+    # holding every image's detections; the masks must equal those of all D rows.
+    keras.utils.set_random_seed(0)
+    model = kdet.models.MaskRCNN(num_classes=3, image_size=128, box_score_thresh=0.0,
+                                 box_detections_per_img=40)
+    images = np.random.default_rng(0).uniform(0, 255, (1, 128, 128, 3)).astype("float32")
+    heads = model.roi_heads
+    heads.skip_padded_masks = False
+    full = {k: _np(v) for k, v in model(images, training=False).items()}
+    assert full["num_detections"].min() == 40  # threshold 0: every row is a detection
+    scores = np.sort(full["scores"].ravel())[::-1]
+    counts = []
+    # thresholds giving 40 (all D), ~20 (bucket 32), ~5 (bucket 8) and 0 detections
+    for threshold in (0.0, float(scores[19]), float(scores[4]), 1.0):
+        heads.score_threshold = threshold
+        heads.skip_padded_masks = False
+        every_row = {k: _np(v) for k, v in model(images, training=False).items()}
+        heads.skip_padded_masks = True
+        fast = {k: _np(v) for k, v in model(images, training=False).items()}
+        counts.append(int(fast["num_detections"].max()))
+        np.testing.assert_array_equal(fast["labels"], every_row["labels"])
+        # float rounding only: fewer rows (another conv batch), or XLA fusing inside a cond
+        np.testing.assert_allclose(fast["masks"], every_row["masks"], atol=2e-4)
+        for b, n in enumerate(fast["num_detections"]):
+            assert np.all(fast["masks"][b, n:] == 0)
+    assert counts[0] == 40 and 8 < counts[1] <= 32 and 0 < counts[2] <= 8 and counts[3] == 0
+    assert fast["masks"].shape == (1, 40, 128, 128)

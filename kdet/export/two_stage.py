@@ -80,7 +80,8 @@ def serving_function(model, input_dtype="float32", batch_size=1):
     keys = output_keys(model)
 
     def serve(images):
-        out = model(tf.cast(images, tf.float32), training=False)
+        with _mask_rows_without_control_flow(model):
+            out = model(tf.cast(images, tf.float32), training=False)
         missing = [k for k in keys if k not in out]
         if missing:
             raise ValueError(f"kdet.export: {type(model).__name__} returned no {missing}")
@@ -88,6 +89,23 @@ def serving_function(model, input_dtype="float32", batch_size=1):
                 for k in keys}
 
     return serve, [spec]
+
+
+@contextlib.contextmanager
+def _mask_rows_without_control_flow(model):
+    """Trace Mask R-CNN's mask head on all ``D`` rows, without the ``cond`` on the number
+    of detections that ``predict`` uses (:meth:`kdet.layers.roi_heads.RoIHeads._detection_masks`):
+    the exported graph stays one branch-free graph for every format's converter."""
+    heads = getattr(model, "roi_heads", None)
+    before = getattr(heads, "skip_padded_masks", None)
+    if before is None:
+        yield
+        return
+    heads.skip_padded_masks = False
+    try:
+        yield
+    finally:
+        heads.skip_padded_masks = before
 
 
 def _litert_gather_roi_align(flat_features, base, row_stride, height, width, geometry,

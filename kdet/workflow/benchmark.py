@@ -7,6 +7,10 @@ for Mask R-CNN and keypoints inside the boxes for Keypoint R-CNN), after ``warmu
 untimed batches (tracing/compilation), and reports images per second and
 milliseconds per batch. The numbers describe this machine, backend and
 ``jit_compile`` setting only; compare models in one run.
+
+``--compare effdet|torchvision`` measures kdet and the PyTorch peer side by
+side instead (:mod:`kdet.workflow.peer_benchmark`), ``--model`` efficientdet,
+retinanet, fasterrcnn or maskrcnn.
 """
 import platform
 import time
@@ -58,6 +62,17 @@ def benchmark(config, *, model=None, config_path="config"):
                                       resolve_jit_compile)
 
     settings = resolve("bench", file_config=config, config_path=config_path)
+    if settings["compare"] and model is None:
+        from kdet.workflow.peer_benchmark import compare
+        rows, table = compare(
+            settings["model"], peer=settings["compare"], phi=settings["phi"],
+            image_size=settings["image_size"],
+            batches=[int(b) for b in settings["bench_batches"]],
+            tasks=("predict", "train") if settings["bench_train"] else ("predict",),
+            threads=settings["threads"], warmup=int(settings["warmup"]),
+            repeats=int(settings["bench_steps"]), verbose=bool(settings["verbose"]))
+        print(table, flush=True)
+        return rows
     if model is None and settings["model"] in MODEL_NAMES:
         keras.utils.set_random_seed(int(settings["seed"]))
         # COCO's class count; Keypoint R-CNN's person only

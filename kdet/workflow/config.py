@@ -303,6 +303,15 @@ OPTIONS = (
         Option("bench_steps", int, 10, "timed batches per measurement", ("bench",)),
         Option("warmup", int, 2, "untimed batches first (tracing, compilation)", ("bench",)),
         Option("bench_train", _bool, True, "also time the training step", ("bench",)),
+        Option("compare", _optional(str), None,
+               "also measure the peer, each side in its own process, and print CPU-time "
+               "ratios: effdet (--model efficientdet) or torchvision (--model retinanet | "
+               "fasterrcnn | maskrcnn)", ("bench",), choices=("effdet", "torchvision")),
+        Option("bench_batches", _str_list, ["1", "8"],
+               "--compare: batch sizes measured (predict latency at 1, throughput at 8)",
+               ("bench",), metavar="B,B,..."),
+        Option("threads", int, 1, "--compare: threads of each side (torch, TensorFlow pools)",
+               ("bench",)),
     ),
 )
 

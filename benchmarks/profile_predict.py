@@ -1,0 +1,121 @@
+"""Where kdet's predict time goes: cumulative sub-graphs of one detector, batch 1, CPU.
+
+Builds the model (random init), then times graphs (``tf.function``, inference
+mode) of the model's own layers that stop after each stage, e.g. for Faster R-CNN
+``normalize -> backbone -> fpn -> rpn_head -> proposals -> roi_heads``, and the
+whole ``predict_on_batch`` (decoding, NMS, mask pasting). Each stage's cost is
+the difference to the previous one (median CPU time of ``--repeats`` calls
+after a warm-up, one TF thread by default: the steady figure on a shared machine).
+
+    python benchmarks/profile_predict.py --model retinanet --image-size 640
+    python benchmarks/profile_predict.py --model maskrcnn --image-size 800 --threads 1
+"""
+import argparse
+import os
+import pathlib
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+STAGES = {
+    "retinanet": ("normalize", "backbone", "fpn", "head"),
+    "fasterrcnn": ("normalize", "backbone", "fpn", "rpn_head", "proposals", "roi_heads"),
+    "maskrcnn": ("normalize", "backbone", "fpn", "rpn_head", "proposals", "roi_heads"),
+}
+
+
+def run_until(model, images, last):
+    """The model's functional graph, stage by stage (as the model's constructor wires
+    it), stopped after the stage ``last``."""
+    layer = {item.name: item for item in model.layers}
+    backbone = next(item for item in model.layers if type(item).__name__ == "Functional")
+    two_stage = "rpn_head" in layer
+    out = x = layer["normalize"](images)
+    if last == "normalize":
+        return out
+    out = features = backbone(x)
+    if last == "backbone":
+        return out
+    names = ("C2", "C3", "C4", "C5") if two_stage else ("C3", "C4", "C5")
+    out = pyramid = layer["fpn"]({k: features[k] for k in names})
+    if last == "fpn":
+        return out
+    levels = [pyramid[f"P{i}"] for i in (range(2, 7) if two_stage else range(3, 8))]
+    if not two_stage:
+        return layer["head"](levels)
+    out = rpn = layer["rpn_head"](levels)
+    if last == "rpn_head":
+        return out
+    out = proposals = layer["proposals"](rpn["objectness"], rpn["box_deltas"])
+    if last == "proposals":
+        return out
+    return layer["roi_heads"](levels[:4], proposals["proposals"], proposals["valid"])
+
+
+def build(name, size):
+    import kdet
+    if name == "retinanet":
+        return kdet.models.RetinaNet(num_classes=91, image_size=size)
+    cls = kdet.models.MaskRCNN if name == "maskrcnn" else kdet.models.FasterRCNN
+    return cls(num_classes=90, image_size=size)
+
+
+def timed(fn, repeats):
+    import numpy as np
+    fn()
+    fn()
+    walls, cpus = [], []
+    for _ in range(repeats):
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.process_time() - c0)
+    return float(np.median(walls)), float(np.median(cpus))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="retinanet", choices=sorted(STAGES))
+    parser.add_argument("--image-size", type=int, default=640)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--all-mask-rows", action="store_true",
+                        help="Mask R-CNN: run the mask head on all D rows (the code before "
+                             "RoIHeads skipped the padded ones)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    import keras
+    import numpy as np
+
+    model = build(args.model, args.image_size)
+    if args.all_mask_rows:
+        model.roi_heads.skip_padded_masks = False
+    images = np.random.default_rng(0).uniform(
+        0, 255, (args.batch, args.image_size, args.image_size, 3)).astype("float32")
+    rows, previous = [], 0.0
+    for stage in STAGES[args.model]:
+        graph = tf.function(lambda x, stage=stage: run_until(model, x, stage))
+        wall, cpu = timed(lambda: keras.tree.map_structure(
+            keras.ops.convert_to_numpy, graph(images)), args.repeats)
+        rows.append((f"up to {stage}", wall, cpu, cpu - previous))
+        previous = cpu
+    model.compile(optimizer="sgd", jit_compile=False)
+    wall, cpu = timed(lambda: keras.tree.map_structure(
+        keras.ops.convert_to_numpy, model.predict_on_batch(images)), args.repeats)
+    rows.append(("predict_on_batch (all)", wall, cpu, cpu - previous))
+    print(f"{args.model} @ {args.image_size}, batch {args.batch}, {args.threads} thread(s), "
+          f"median of {args.repeats}")
+    print("| sub-graph | wall (s) | CPU (s) | stage CPU (s) |")
+    print("|---|---|---|---|")
+    for name, wall, cpu, stage in rows:
+        print(f"| {name} | {wall:.3f} | {cpu:.3f} | {stage:+.3f} |")
+
+
+if __name__ == "__main__":
+    main()
