@@ -66,10 +66,10 @@ def _fixed_costs(monkeypatch, step=2.0, first=2.5, epoch=1.0):
 
 
 def test_max_images_sets_the_run_length(tmp_path):
-    result, config, rows = _run(tmp_path, max_images=64, epochs=99)
+    result, config, rows = _run(tmp_path, max_images=48, epochs=99)
     images = config["epochs"] * config["steps_per_epoch"] * config["batch_size"]
-    # 64 images at batch 4: 16 steps in epochs of one pass (16 images = 4 steps)
-    assert (config["epochs"], config["steps_per_epoch"]) == (4, 4) and images == 64
+    # 48 images at batch 4: 12 steps in epochs of one pass (16 images = 4 steps)
+    assert (config["epochs"], config["steps_per_epoch"]) == (3, 4) and images == 48
     _schedule_completed(result, config, rows)
 
 
