@@ -100,8 +100,11 @@ def test_faster_rcnn_fit_same_on_two_devices(tmp_path):
 def test_efficientdet_fit_same_on_two_devices(tmp_path):
     """EfficientDet-lite0 at 128 px, BN frozen (the moving statistics: at 2 images of 128 px
     per replica the P7 batch statistics come from 2-4 values and amplify rounding), the
-    automl ``sum(positives) + 1`` normaliser over the global batch. ~4-8 min per backend."""
-    _compare_runs("efficientdet", tmp_path, learning_rate=0.001, freeze_bn=1)
+    automl ``sum(positives) + 1`` normaliser over the global batch. 2 steps: its gradients
+    are large at initialisation (~80 on the stem) and rounding differences grow ~10x per
+    step (loss rel. diff 1e-7, 6e-6, 8e-5, 2e-4, 9e-4 over 6 steps), so only the first
+    updates can be compared tightly. ~3-5 min per backend."""
+    _compare_runs("efficientdet", tmp_path, steps=2, learning_rate=0.001, freeze_bn=1)
 
 
 def _free_ports(count):
