@@ -96,7 +96,7 @@ def test_build_model_passes_the_settings_to_each_rcnn(monkeypatch):
     import kdet
     from kdet.workflow.models import TWO_STAGE_MODELS, build_model
 
-    assert set(TWO_STAGE_MODELS) == {"fasterrcnn", "maskrcnn", "keypointrcnn"}
+    assert set(TWO_STAGE_MODELS) == {"fasterrcnn", "fasterrcnn_c4", "maskrcnn", "keypointrcnn"}
     # the real Keypoint R-CNN: version, backbone, size and the data's keypoint count arrive
     keypoint = build_model({"model": "keypointrcnn", "backbone": "mobilenet_v2",
                             "version": 2}, 1, 64, num_keypoints=5)
@@ -117,6 +117,9 @@ def test_build_model_passes_the_settings_to_each_rcnn(monkeypatch):
                                   "backbone_weights": None, "image_size": 96}
     assert made["MaskRCNN"] == {"num_classes": 2, "backbone": "resnet50", "version": 1,
                                 "backbone_weights": None}  # the model's default size
+    build_model({"model": "fasterrcnn_c4"}, 4, 128)
+    assert made["FasterRCNN"] == {"num_classes": 4, "backbone": "resnet50", "version": 1,
+                                  "backbone_weights": None, "fpn": False, "image_size": 128}
     with pytest.raises(ValueError, match="--model keypointrcnn: .*multiple of 32"):
         build_model({"model": "keypointrcnn", "backbone": "mobilenet_v2"}, 1, 100)
 

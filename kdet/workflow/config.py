@@ -25,7 +25,8 @@ from kdet.recipes import RECIPES
 
 DATA_FORMATS = ("coco", "voc", "yolo", "tfrecord", "shapes", "masks")
 # built from settings by kdet.workflow.models.build_model (the dense ones, then the R-CNNs)
-MODEL_NAMES = ("efficientdet", "retinanet", "fasterrcnn", "maskrcnn", "keypointrcnn")
+MODEL_NAMES = ("efficientdet", "retinanet", "fasterrcnn", "fasterrcnn_c4", "maskrcnn",
+               "keypointrcnn")
 RECIPE_NAMES = tuple(RECIPES)
 AUGMENTATIONS = ("scale_jitter", "flip", "color")
 
@@ -166,7 +167,8 @@ OPTIONS = (
     *_group(
         "model",
         Option("model", str, "efficientdet",
-               "efficientdet | retinanet | fasterrcnn | maskrcnn | keypointrcnn | a kdet.zoo "
+               "efficientdet | retinanet | fasterrcnn | fasterrcnn_c4 (R50-C4, no FPN) | maskrcnn | "
+               "keypointrcnn | a kdet.zoo "
                "model name | a saved .keras file", _MODEL),
         Option("phi", _phi, 0, "EfficientDet variant: 0..7, 7x, lite0..lite4", _MODEL),
         Option("backbone", str, "resnet50",

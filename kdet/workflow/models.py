@@ -1,6 +1,6 @@
 """Models from workflow settings: build, load, pick ``jit_compile``, make the optimizer.
 
-``--model`` is ``efficientdet`` / ``retinanet`` / ``fasterrcnn`` / ``maskrcnn`` /
+``--model`` is ``efficientdet`` / ``retinanet`` / ``fasterrcnn`` / ``fasterrcnn_c4`` / ``maskrcnn`` /
 ``keypointrcnn`` (built from ``phi``, ``backbone``, ``version``, ``num_classes``,
 ``image_size``), a saved ``.keras`` file, or a :mod:`kdet.zoo` card name.
 
@@ -77,10 +77,12 @@ def load_model(name, weights=None):
 
 # --model names built by the R-CNN family: kdet.models class and the annotations its
 # training needs besides boxes. One row per builder (a Faster R-CNN C4 row goes here).
+# --model name: (kdet.models class, what it trains on besides boxes, builder arguments)
 TWO_STAGE_MODELS = {
-    "fasterrcnn": ("FasterRCNN", ()),
-    "maskrcnn": ("MaskRCNN", ("masks",)),
-    "keypointrcnn": ("KeypointRCNN", ("keypoints",)),
+    "fasterrcnn": ("FasterRCNN", (), {}),
+    "fasterrcnn_c4": ("FasterRCNN", (), {"fpn": False}),  # R50-C4: RPN + res5 head on C4
+    "maskrcnn": ("MaskRCNN", ("masks",), {}),
+    "keypointrcnn": ("KeypointRCNN", ("keypoints",), {}),
 }
 
 
@@ -119,9 +121,9 @@ def model_annotations(model):
 def _build_two_stage(name, config, num_classes, image_size, backbone_file, num_keypoints):
     from kdet import models
 
-    class_name, needs = TWO_STAGE_MODELS[name]
+    class_name, needs, fixed = TWO_STAGE_MODELS[name]
     kwargs = {"num_classes": num_classes, "backbone": config.get("backbone") or "resnet50",
-              "version": model_version(config), "backbone_weights": backbone_file}
+              "version": model_version(config), "backbone_weights": backbone_file, **fixed}
     if image_size is not None:
         kwargs["image_size"] = image_size
     if "keypoints" in needs and num_keypoints:
