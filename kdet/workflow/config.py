@@ -167,9 +167,8 @@ OPTIONS = (
     *_group(
         "model",
         Option("model", str, "efficientdet",
-               "efficientdet | retinanet | fasterrcnn | fasterrcnn_c4 (R50-C4, no FPN) | maskrcnn | "
-               "keypointrcnn | a kdet.zoo "
-               "model name | a saved .keras file", _MODEL),
+               "efficientdet | retinanet | fasterrcnn | fasterrcnn_c4 (R50-C4, no FPN) | "
+               "maskrcnn | keypointrcnn | a kdet.zoo model name | a saved .keras file", _MODEL),
         Option("phi", _phi, 0, "EfficientDet variant: 0..7, 7x, lite0..lite4", _MODEL),
         Option("backbone", str, "resnet50",
                "RetinaNet / R-CNN backbone: resnet50, resnet101, mobilenet_v2, "

@@ -1,7 +1,7 @@
 """Models from workflow settings: build, load, pick ``jit_compile``, make the optimizer.
 
-``--model`` is ``efficientdet`` / ``retinanet`` / ``fasterrcnn`` / ``fasterrcnn_c4`` / ``maskrcnn`` /
-``keypointrcnn`` (built from ``phi``, ``backbone``, ``version``, ``num_classes``,
+``--model`` is ``efficientdet`` / ``retinanet`` / ``fasterrcnn`` / ``fasterrcnn_c4`` /
+``maskrcnn`` / ``keypointrcnn`` (built from ``phi``, ``backbone``, ``version``, ``num_classes``,
 ``image_size``), a saved ``.keras`` file, or a :mod:`kdet.zoo` card name.
 
     >>> from kdet.workflow.models import resolve_jit_compile
