@@ -23,25 +23,18 @@ import os
 import pathlib
 import sys
 import tempfile
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from kdet.workflow.peer_benchmark import time_calls  # noqa: E402
 
 MODES = ("fp32", "fp16", "dynamic", "int8")
 
 
 def timed(fn, repeats):
-    import numpy as np
-    fn()
-    fn()
-    walls, cpus = [], []
-    for _ in range(repeats):
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - w0)
-        cpus.append(time.process_time() - c0)
-    return float(np.median(walls)), float(np.median(cpus))
+    """Median (wall s, cpu s) of ``repeats`` calls after two warm-up calls."""
+    figures = time_calls(fn, warmup=2, repeats=repeats)
+    return figures["wall_s"], figures["cpu_s"]
 
 
 def export(model, path, mode, calibration):

@@ -50,21 +50,12 @@ def synthetic_batch(batch, size, seed=0, max_boxes=8):
 
 
 def timed(fn, warmup, repeats):
-    """(first-call wall s, first-call cpu s, median wall s, median cpu s) of ``fn()``."""
-    import numpy as np
+    """(first-call wall s, first-call cpu s, median wall s, median cpu s) of ``fn()``:
+    the first call, ``warmup`` more, then ``repeats`` timed calls."""
+    from kdet.workflow.peer_benchmark import time_calls
 
-    w0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    first = (time.perf_counter() - w0, time.process_time() - c0)
-    for _ in range(warmup):
-        fn()
-    walls, cpus = [], []
-    for _ in range(repeats):
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - w0)
-        cpus.append(time.process_time() - c0)
-    return first[0], first[1], float(np.median(walls)), float(np.median(cpus))
+    f = time_calls(fn, warmup=warmup + 1, repeats=repeats)
+    return f["first_wall_s"], f["first_cpu_s"], f["wall_s"], f["cpu_s"]
 
 
 # ------------------------------------------------------------------ workers

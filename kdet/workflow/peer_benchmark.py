@@ -85,7 +85,7 @@ def synthetic_batch(batch, size, with_masks=False, seed=0):
     return images, targets
 
 
-def _timed(fn, warmup, repeats):
+def time_calls(fn, warmup, repeats):
     """First call (wall, cpu), then the medians over ``repeats`` calls after ``warmup`` more."""
     import numpy as np
     w0, c0 = time.perf_counter(), time.process_time()
@@ -213,7 +213,7 @@ def run_job(job):
     rows = []
     for task in job["tasks"]:
         try:
-            figures = _timed(steps[task], job["warmup"], job["repeats"])
+            figures = time_calls(steps[task], job["warmup"], job["repeats"])
         except (ValueError, RuntimeError) as error:  # e.g. torch BN on a 1x1 map at batch 1
             rows.append(dict(job, task=task, error=f"{type(error).__name__}: {error}"[:300]))
             continue
