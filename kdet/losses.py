@@ -28,7 +28,7 @@ import keras
 from keras import ops
 
 from kdet.boxes import paired_giou
-from kdet.distribute import global_mean
+from kdet.distribute import all_replicas_sum, global_mean
 
 
 def _float(x):
@@ -147,9 +147,13 @@ def giou_loss(pred_boxes, target_boxes):
 
 # -------------------------------------------------------------------- reductions
 def weighted_mean(loss, weights):
-    """``sum(loss * weights) / max(sum(weights), 1)`` — mean over the valid entries."""
+    """``sum(loss * weights) / max(sum(weights), 1)`` — mean over the valid entries.
+
+    Under ``tf.distribute`` the count is the global batch's (this replica's share of the
+    mean, :func:`kdet.distribute.global_mean`); elsewhere the plain mean.
+    """
     loss, weights = _float(loss), _float(weights)
-    return ops.sum(loss * weights) / ops.maximum(ops.sum(weights), 1.0)
+    return global_mean(ops.sum(loss * weights), ops.sum(weights))
 
 
 def reduce_by_num_positives(loss, num_positives, convention="torchvision"):
@@ -157,14 +161,21 @@ def reduce_by_num_positives(loss, num_positives, convention="torchvision"):
 
     ``"torchvision"`` (RetinaNet): ``mean_b(sum(loss_b) / max(1, n_b))``.
     ``"automl"`` (EfficientDet): ``sum(loss) / (sum_b n_b + 1)``.
+
+    Under ``tf.distribute`` the mean over images and the sum of positives are the global
+    batch's (this replica's share, :mod:`kdet.distribute`), so a run is the same whatever
+    the number of devices.
     """
     loss = _float(loss)
     num_positives = _float(num_positives)
     if convention == "torchvision":
-        per_image = ops.sum(ops.reshape(loss, (loss.shape[0], -1)), axis=-1)
-        return ops.mean(per_image / ops.maximum(num_positives, 1.0))
+        # sum over everything but the batch axis (no reshape: the batch may be dynamic)
+        per_image = ops.sum(loss, axis=tuple(range(1, len(loss.shape)))) \
+            if len(loss.shape) > 1 else loss
+        images = ops.cast(ops.shape(per_image)[0], "float32")
+        return global_mean(ops.sum(per_image / ops.maximum(num_positives, 1.0)), images)
     if convention == "automl":
-        return ops.sum(loss) / (ops.sum(num_positives) + 1.0)
+        return ops.sum(loss) / (all_replicas_sum(ops.sum(num_positives)) + 1.0)
     raise ValueError(f"reduce_by_num_positives: convention must be 'torchvision' or 'automl', "
                      f"got {convention!r}")
 
@@ -233,9 +244,7 @@ def keypoint_loss(keypoint_logits, keypoint_targets, valid, data_format=None):
     target = ops.clip(ops.cast(keypoint_targets, "int32"), 0, size_h * size_w - 1)
     log_probs = ops.log_softmax(logits, axis=-1)
     nll = -ops.take_along_axis(log_probs, target[..., None], axis=-1)[..., 0]
-    weights = ops.cast(valid, "float32")
-    # the count of the global batch under tf.distribute (kdet.distribute.global_mean)
-    return global_mean(ops.sum(nll * weights), ops.sum(weights))
+    return weighted_mean(nll, ops.cast(valid, "float32"))
 
 
 # ------------------------------------------------------------ Keras Loss classes

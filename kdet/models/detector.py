@@ -20,7 +20,7 @@ from keras import ops
 
 from kdet import boxes as box_ops
 from kdet import losses
-from kdet.distribute import all_replicas_sum, global_mean, replica_share
+from kdet.distribute import replica_share
 from kdet.layers.detection_decoder import DetectionDecoder
 from kdet.matching import Matcher, encode_dense_targets
 
@@ -256,17 +256,11 @@ class DenseDetector(DetectorMixin, keras.Model):
 
         box_per_image = self._box_loss_per_image(box_deltas, box_targets, matched_boxes, anchors, fg)
 
-        # Normalisers count over the global batch (all replicas under tf.distribute), so a
-        # run is the same whatever the number of devices: see kdet.distribute.
-        if self.normalizer == "positives_per_image":  # torchvision RetinaNet
-            denom = ops.maximum(num_fg, 1.0)
-            images = ops.cast(ops.shape(num_fg)[0], "float32")
-            cls_loss = global_mean(ops.sum(cls_per_image / denom), images)
-            box_loss = global_mean(ops.sum(box_per_image / denom), images)
-        else:  # automl/effdet: one normaliser for the batch, sum(positives) + 1
-            denom = all_replicas_sum(ops.sum(num_fg)) + 1.0
-            cls_loss = ops.sum(cls_per_image) / denom
-            box_loss = ops.sum(box_per_image) / denom
+        # torchvision RetinaNet: per image by its positives; automl/effdet: one normaliser,
+        # sum(positives) + 1. Both count over the global batch under tf.distribute.
+        convention = "torchvision" if self.normalizer == "positives_per_image" else "automl"
+        cls_loss = losses.reduce_by_num_positives(cls_per_image, num_fg, convention)
+        box_loss = losses.reduce_by_num_positives(box_per_image, num_fg, convention)
         total = cls_loss + self.box_loss_weight * box_loss
         # Regularisation losses added by layers (weight decay via kernel_regularizer), counted
         # once over the replicas.
