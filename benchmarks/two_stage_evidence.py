@@ -55,6 +55,10 @@ from kdet.metrics import COCOEvaluator  # noqa: E402
 
 DATA = os.environ.get("KDET_SHARED_DATA", "/work/shared/data")
 _T0 = time.time()
+# the small-data settings of examples/finetune_pennfudan.py, shared by every run here
+SMALL_DATA_SETTINGS = dict(backbone="mobilenet_v2", rpn_pre_nms_top_n_train=1000,
+                           rpn_post_nms_top_n_train=500, rpn_pre_nms_top_n_test=500,
+                           rpn_post_nms_top_n_test=300, box_batch_size_per_image=64)
 
 
 def log(message):
@@ -194,12 +198,8 @@ def run_mask(args):
     train = build_pipeline(train_data, image_size=size, batch_size=args.batch_size,
                            training=True, augment=("flip",), include_masks=True, max_boxes=16,
                            seed=args.seed, repeat=True).map(model_targets)
-    # the settings of examples/finetune_pennfudan.py
-    model = kdet.models.MaskRCNN(num_classes=1, backbone="mobilenet_v2", version=args.version,
-                                 image_size=size, rpn_pre_nms_top_n_train=1000,
-                                 rpn_post_nms_top_n_train=500, rpn_pre_nms_top_n_test=500,
-                                 rpn_post_nms_top_n_test=300, box_batch_size_per_image=64,
-                                 seed=args.seed)
+    model = kdet.models.MaskRCNN(num_classes=1, version=args.version, image_size=size,
+                                 seed=args.seed, **SMALL_DATA_SETTINGS)
     imagenet_mobilenet(model)
     log(f"Mask R-CNN v{args.version}, MobileNetV2-FPN (ImageNet) at {size} px, "
         f"{kdet.utils.count_params(model):,} parameters")
@@ -254,11 +254,8 @@ def run_keypoints(args):
         [stream(train_data), stream(extra)],
         weights=[len(train_data) / (len(train_data) + len(extra)),
                  len(extra) / (len(train_data) + len(extra))], seed=args.seed)
-    model = kdet.models.KeypointRCNN(num_classes=1, num_keypoints=17, backbone="mobilenet_v2",
-                                     image_size=size, rpn_pre_nms_top_n_train=1000,
-                                     rpn_post_nms_top_n_train=500, rpn_pre_nms_top_n_test=500,
-                                     rpn_post_nms_top_n_test=300, box_batch_size_per_image=64,
-                                     seed=args.seed)
+    model = kdet.models.KeypointRCNN(num_classes=1, num_keypoints=17, image_size=size,
+                                     seed=args.seed, **SMALL_DATA_SETTINGS)
     imagenet_mobilenet(model)
     log(f"Keypoint R-CNN, MobileNetV2-FPN (ImageNet) at {size} px, "
         f"{kdet.utils.count_params(model):,} parameters")
