@@ -117,8 +117,32 @@ def _quantize_network_only(converter):
         if not names:
             raise ValueError("int8 export: no post-processing ops found to keep in float "
                              f"(name scope {postprocess.SCOPE!r})")
+        debugger.calibrated_model = _without_postprocess_statistics(debugger.calibrated_model)
         debugger.options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=names)
         return debugger.get_nondebug_quantized_model()
+
+
+def _without_postprocess_statistics(calibrated_model):
+    """The calibrated flatbuffer without the ranges of post-processing and output tensors.
+
+    The deny-list keeps those ops in float, but the quantizer still places
+    quantize/dequantize pairs (and runs same-scale ops such as TOPK_V2 in
+    int8) wherever a tensor carries calibrated min/max. NMS masks invalid
+    candidates with -inf, so those ranges reach the float limits: the pre-NMS
+    top-k then ran at a scale of 1e36 and every score became 0 (AP 0.060 ->
+    0.000 on a Penn-Fudan Lite0, tests/test_export.py::
+    test_int8_keeps_detections_when_most_scores_are_below_threshold). Without
+    ranges there, only the sigmoid's fixed int8 output scale (1/256) remains.
+    """
+    fb = _flatbuffer_utils()
+    model = fb.convert_bytearray_to_object(bytearray(calibrated_model))
+    for graph in model.subgraphs:
+        outputs = set(int(i) for i in graph.outputs)
+        for index, tensor in enumerate(graph.tensors):
+            name = tensor.name.decode() if isinstance(tensor.name, bytes) else tensor.name
+            if postprocess.SCOPE in name or index in outputs:
+                tensor.quantization = None
+    return bytes(fb.convert_object_to_bytearray(model))
 
 
 def tensor_names(flatbuffer):
