@@ -72,3 +72,45 @@ def test_wrong_peer_or_model_is_an_error():
         peer_benchmark.compare("efficientdet", peer="torchvision")
     with pytest.raises(ValueError, match="one of"):
         peer_benchmark.compare("yolo")
+
+
+@pytest.mark.slow  # two subprocesses building Lite0 / effdet: 20-80 s by the machine's load
+def test_bfloat16_rows_run_both_sides_in_mixed_precision(capsys):
+    """``precision="bfloat16"``: kdet under Keras' mixed_bfloat16 policy, effdet under torch
+    AMP; the rows say so (the GPU script's bfloat16 rows, here on CPU)."""
+    if backend() != "tensorflow":
+        pytest.skip("checked once, on TensorFlow (see above)")
+    rows, table = peer_benchmark.compare("efficientdet", phi="lite0", image_size=128,
+                                         batches=(1,), tasks=("predict",), warmup=1, repeats=1,
+                                         precision="bfloat16", backend="tensorflow")
+    for r in rows:
+        assert "error" not in r, r
+        assert r["precision"] == "bfloat16" and r["device"] == "cpu"
+    assert "| predict | efficientdet lite0 (bfloat16) @ 128 | 1 |" in table
+
+
+def test_gpu_script_runs_every_row_and_trains_in_float32_only(monkeypatch):
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_speed.py"
+    spec = importlib.util.spec_from_file_location("gpu_speed", path)
+    gpu_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_speed)
+    jobs = []
+
+    def fake_launch(job, timeout):
+        jobs.append(job)
+        return [dict(job, task=t, wall_s=1.0, cpu_s=0.5, cpu_s_per_image=0.5,
+                     images_per_s=job["batch"] / 1.0, first_wall_s=2.0) for t in job["tasks"]]
+    monkeypatch.setattr(peer_benchmark, "_launch", fake_launch)
+    monkeypatch.setattr(peer_benchmark, "peer_installed", lambda peer: True)
+    rows = gpu_speed.main(["--batches", "maskrcnn=4"])
+    assert {(j["model"], j["phi"], j["image_size"]) for j in jobs} == {
+        ("retinanet", 0, 800), ("fasterrcnn", 0, 800), ("maskrcnn", 0, 800),
+        ("efficientdet", 0, 512), ("efficientdet", 3, 896)}
+    assert all(j["device"] == "gpu" and j["backend"] == "jax" for j in jobs)
+    assert {j["batch"] for j in jobs if j["model"] == "maskrcnn"} == {4}
+    for j in jobs:
+        assert j["tasks"] == (["predict", "train"] if j["precision"] == "float32"
+                              else ["predict"])
+    assert len(rows) == 5 * 2 * 3  # rows x sides x (fp32 predict, fp32 train, bf16 predict)

@@ -110,6 +110,9 @@ def _kdet_steps(job, images, targets):
     import kdet
     name, size = job["model"], job["image_size"]
     keras.utils.set_random_seed(0)
+    if job.get("precision", "float32") != "float32":
+        # weights stay float32, compute in bfloat16/float16 (Keras mixed precision)
+        keras.mixed_precision.set_global_policy(f"mixed_{job['precision']}")
     threshold = job.get("score_threshold")
     if name == "efficientdet":  # effdet has no score threshold: kdet's default is 0 too
         model = kdet.models.EfficientDet(phi=job["phi"], num_classes=NUM_CLASSES,
@@ -130,6 +133,30 @@ def _kdet_steps(job, images, targets):
     return {"predict": predict, "train": lambda: model.train_on_batch(images, targets)}
 
 
+def _torch_device(job):
+    """``(device, autocast context factory, finish)`` of a PyTorch side.
+
+    ``job["device"] == "gpu"`` runs on CUDA and ``finish`` waits for the queued kernels
+    (a step is timed to its end, as kdet's calls that bring results to the host);
+    ``precision`` bfloat16 / float16 is torch AMP (``torch.autocast``), the counterpart
+    of Keras' ``mixed_*`` policies.
+    """
+    import contextlib
+
+    import torch
+    device = "cuda" if job.get("device", "cpu") == "gpu" else "cpu"
+    precision = job.get("precision", "float32")
+    if precision == "float32":
+        autocast = contextlib.nullcontext
+    else:
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[precision]
+
+        def autocast():
+            return torch.autocast(device, dtype=dtype)
+    finish = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return device, autocast, finish
+
+
 def _torchvision_steps(job, images, targets):
     import torch
     import torchvision
@@ -142,23 +169,31 @@ def _torchvision_steps(job, images, targets):
     model = getattr(torchvision.models.detection, TORCHVISION_BUILDERS[name])(
         weights=None, weights_backbone=None, num_classes=classes, min_size=size, max_size=size,
         **threshold)
-    x = [torch.from_numpy(im).permute(2, 0, 1).contiguous() / 255.0 for im in images]
-    y = [{"boxes": torch.from_numpy(targets["boxes"][b]),
-          "labels": torch.from_numpy(targets["labels"][b] + 1).long(),
-          **({"masks": torch.from_numpy(targets["masks"][b])} if "masks" in targets else {})}
+    device, autocast, finish = _torch_device(job)
+    model.to(device)
+    x = [(torch.from_numpy(im).permute(2, 0, 1).contiguous() / 255.0).to(device)
+         for im in images]
+    y = [{"boxes": torch.from_numpy(targets["boxes"][b]).to(device),
+          "labels": torch.from_numpy(targets["labels"][b] + 1).long().to(device),
+          **({"masks": torch.from_numpy(targets["masks"][b]).to(device)}
+             if "masks" in targets else {})}
          for b in range(len(images))]
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def predict():
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             model(x)
+        finish()
 
     def train():
         model.train()
         optimizer.zero_grad()
-        sum(model(x, y).values()).backward()
+        with autocast():
+            loss = sum(model(x, y).values())
+        loss.backward()
         optimizer.step()
+        finish()
 
     return {"predict": predict, "train": train}
 
@@ -169,26 +204,32 @@ def _effdet_steps(job, images, targets):
     size = job["image_size"]
     torch.manual_seed(0)
     # effdet normalises in its data loader, not in the model: do it here, inside the timing
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    device, autocast, finish = _torch_device(job)
+    mean = (torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255).to(device)
+    std = (torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255).to(device)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
     common = dict(num_classes=NUM_CLASSES, pretrained=False, pretrained_backbone=False,
                   image_size=(size, size))
     arch = EFFDET_ARCH[str(job["phi"])]
-    predictor = create_model(arch, bench_task="predict", **common).eval()
-    trainer = create_model(arch, bench_task="train", bench_labeler=True, **common).train()
+    predictor = create_model(arch, bench_task="predict", **common).eval().to(device)
+    trainer = create_model(arch, bench_task="train", bench_labeler=True,
+                           **common).train().to(device)
     optimizer = torch.optim.SGD(trainer.parameters(), lr=1e-3, momentum=0.9)
-    target = {"bbox": torch.from_numpy(targets["boxes"][..., [1, 0, 3, 2]]),  # effdet: yxyx
-              "cls": torch.from_numpy(targets["labels"] + 1).float()}
+    target = {"bbox": torch.from_numpy(targets["boxes"][..., [1, 0, 3, 2]]).to(device),  # yxyx
+              "cls": torch.from_numpy(targets["labels"] + 1).float().to(device)}
 
     def predict():
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             predictor((x - mean) / std)
+        finish()
 
     def train():
         optimizer.zero_grad()
-        trainer((x - mean) / std, target)["loss"].backward()
+        with autocast():
+            loss = trainer((x - mean) / std, target)["loss"]
+        loss.backward()
         optimizer.step()
+        finish()
 
     return {"predict": predict, "train": train}
 
@@ -231,6 +272,8 @@ def _launch(job, timeout):
                    "PYTHONPATH", "").split(os.pathsep) if p]))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if job["side"] == "kdet":
+        if job.get("backend"):
+            env["KERAS_BACKEND"] = job["backend"]
         env.setdefault("KERAS_BACKEND", "tensorflow")
     started = time.perf_counter()
     try:
@@ -252,7 +295,8 @@ def _launch(job, timeout):
 
 def compare(model, *, peer=None, phi=0, image_size=None, batches=(1, 8),
             tasks=("predict", "train"), threads=1, warmup=2, repeats=5, timeout=3600,
-            score_threshold=None, verbose=True):
+            score_threshold=None, device="cpu", precision="float32", backend=None,
+            verbose=True):
     """Measure kdet and its peer side by side; ``(rows, table text)``.
 
     ``peer``: ``"effdet"``, ``"torchvision"``, or None for the model's own
@@ -264,6 +308,12 @@ def compare(model, *, peer=None, phi=0, image_size=None, batches=(1, 8),
     skips its mask head and mask pasting, while kdet's static-shape graph runs
     them on its ``D`` padded rows. ``0.0`` gives both sides ``D`` detections,
     the load of a busy image under a trained model.
+
+    ``device``: ``"cpu"`` or ``"gpu"`` (PyTorch on CUDA; kdet on the backend's
+    accelerator: JAX or TensorFlow place it there themselves); ``precision``:
+    ``"float32"``, ``"bfloat16"`` or ``"float16"`` (Keras ``mixed_*`` policy,
+    torch AMP); ``backend``: kdet's Keras backend (default: ``KERAS_BACKEND``,
+    else TensorFlow).
     """
     if model not in PEERS:
         raise ValueError(f"bench --compare: model must be one of {sorted(PEERS)}, got {model!r}")
@@ -283,7 +333,8 @@ def compare(model, *, peer=None, phi=0, image_size=None, batches=(1, 8),
             job = {"side": side, "model": model, "phi": phi, "image_size": size,
                    "batch": int(batch), "tasks": list(tasks), "threads": int(threads),
                    "warmup": int(warmup), "repeats": int(repeats),
-                   "score_threshold": score_threshold}
+                   "score_threshold": score_threshold, "device": device,
+                   "precision": precision, "backend": backend}
             new = _launch(job, timeout)
             rows += new
             if verbose:
@@ -294,6 +345,8 @@ def compare(model, *, peer=None, phi=0, image_size=None, batches=(1, 8),
 
 def _row_text(r):
     what = f"{r['side']:11s} {r['model']} @ {r['image_size']} b{r['batch']} {r['task']:7s}"
+    if r.get("precision", "float32") != "float32":
+        what += f" {r['precision']}"
     if "error" in r:
         return f"{what} failed: {r['error']}"
     return (f"{what} {r['cpu_s_per_image']:.3f} cpu-s/img, {r['images_per_s']:.2f} img/s "
@@ -309,6 +362,8 @@ def format_ratio_table(rows):
     peer = next((r["side"] for r in rows if r["side"] != "kdet"), None)
     model = rows[0]["model"] + (f" {rows[0]['phi']}" if rows[0]["model"] == "efficientdet"
                                 else "") if rows else "-"
+    if rows and rows[0].get("precision", "float32") != "float32":
+        model += f" ({rows[0]['precision']})"
     head = ["task", "model @ size", "batch", "kdet cpu-s/img", "kdet img/s (wall)"]
     if peer:
         head += [f"{peer} cpu-s/img", f"{peer} img/s (wall)", "CPU ratio peer/kdet",
