@@ -38,7 +38,7 @@ import shutil
 import tempfile
 import time
 
-from kdet.workflow.budget import eta_callback
+from kdet.workflow.budget import deadline_guard, eta_callback
 from kdet.workflow.config import load_config_file, resolve
 from kdet.workflow.models import make_optimizer  # noqa: F401 (kdet.training.make_optimizer)
 
@@ -264,8 +264,15 @@ def _train_in_scope(settings, model, datasets, extra_callbacks, started):
         model, output_dir, val_dataset=val_ds, val_batches=val_batches,
         eval_every=settings["eval_every"], resume_epoch=first_epoch,
         tensorboard=settings["tensorboard"], verbose=settings["verbose"]) + list(extra_callbacks)
+    guard = None
+    if settings["time_budget"]:
+        # keeps the deadline when the machine slows down after the plan (a resumed run too)
+        guard = deadline_guard(settings["time_budget"], started, epochs, steps,
+                               verbose=settings["verbose"])
+        callbacks.append(guard)
     if settings["verbose"]:
-        callbacks.append(eta_callback(epochs, first_epoch, settings["time_budget"], started))
+        callbacks.append(eta_callback(epochs, first_epoch, settings["time_budget"], started,
+                                      steps_per_epoch=steps, guard=guard))
 
     _write_labels(os.path.join(output_dir, LABELS), train_ds.class_names)
     cb.atomic_write(os.path.join(output_dir, CONFIG), lambda tmp: dump(settings, tmp))

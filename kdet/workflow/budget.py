@@ -20,6 +20,13 @@ not even one pass fits. The chosen
 ``epochs`` and ``steps_per_epoch`` go into ``config.yaml``; a resumed run reads them
 from there instead of measuring again, so its schedule is the interrupted run's.
 
+The plan extrapolates the probe's step time; a machine that slows down later (other jobs
+start) would make the run overrun. :func:`deadline_guard` keeps the deadline: after each
+epoch it projects the end from the recent epoch times and, when the planned epochs no
+longer fit, advances the optimizer's step counter before each remaining epoch so that the
+schedule is sampled evenly over the epochs that fit (milestones and cosine come sooner: a
+compressed schedule, still completed), and stops ``fit`` at the schedule's last step.
+
 ``--max-images`` needs no measurement (:func:`plan_epochs`):
 
     >>> plan_epochs(total_steps=250, steps_per_epoch=40)
@@ -125,12 +132,98 @@ def format_seconds(seconds):
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
-def eta_callback(epochs, first_epoch=0, budget_seconds=None, start=None, verbose=1):
+def _steps_done(model):
+    import keras
+    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+
+
+def _epochs_left(model, epochs, steps_per_epoch, done_epochs):
+    """Epochs still to run: from the optimizer's step counter when the epoch length is known
+    (a :func:`deadline_guard` may have advanced it), else from the epoch count."""
+    if not steps_per_epoch:
+        return epochs - done_epochs
+    return max(0, math.ceil((epochs * steps_per_epoch - _steps_done(model)) / steps_per_epoch))
+
+
+def deadline_guard(budget_seconds, start, epochs, steps_per_epoch, margin=0.97, verbose=1):
+    """A callback that keeps a time-budget run within ``budget_seconds`` of ``start``.
+
+    After each epoch: ``epoch_time`` = the longer of the last epoch and the mean epoch of
+    this ``fit`` (conservative when the machine slows down; the first epoch without its
+    first step, which pays the graph trace), ``fit`` = the epochs that fit into ``margin``
+    x the time left (at least one). When the ``R`` steps left of the schedule need more
+    epochs than ``fit``, the optimizer's step counter skips ``(R - fit x steps_per_epoch)
+    / fit`` steps before each remaining epoch: the learning-rate schedule of ``epochs x
+    steps_per_epoch`` steps is sampled evenly (every phase, warm rate and decays, keeps its
+    share) and completes, compressed, by the deadline. ``fit`` stops once the counter
+    reaches the schedule's last step. ``epochs_left`` is what the ETA shows.
+    """
+    import keras
+
+    total = int(epochs) * int(steps_per_epoch)
+
+    class DeadlineGuard(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.durations = []
+            self.first_step_end = None
+            self.epochs_left = None
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.began = time.monotonic()
+
+        def on_train_batch_end(self, batch, logs=None):
+            if self.first_step_end is None:
+                self.first_step_end = time.monotonic()
+
+        def on_epoch_end(self, epoch, logs=None):
+            now = time.monotonic()
+            done = _steps_done(self.model)
+            steps_left = total - done
+            if steps_left <= 0:
+                self.model.stop_training = True
+                self.epochs_left = 0
+                return
+            if self.durations:
+                self.durations.append(now - self.began)
+            elif steps_per_epoch > 1:
+                # the first step of a fit pays the graph trace (the plan counted it once):
+                # the epoch's time from its other steps
+                self.durations.append((now - self.first_step_end) * steps_per_epoch
+                                      / (steps_per_epoch - 1))
+            else:
+                self.durations.append(0.0)  # decided from the next epoch on
+                return
+            needed = math.ceil(steps_left / steps_per_epoch)
+            epoch_time = max(self.durations[-1], sum(self.durations) / len(self.durations))
+            time_left = budget_seconds - (now - start)
+            fit = max(1, int(time_left * margin // max(epoch_time, 1e-9)))
+            if fit >= needed:
+                self.epochs_left = needed
+                if steps_left % steps_per_epoch:  # after a compression: end on the last step
+                    self.model.optimizer.iterations.assign(done + steps_left % steps_per_epoch)
+                return
+            skip = steps_left - steps_per_epoch if fit == 1 else \
+                (steps_left - fit * steps_per_epoch) // fit
+            self.model.optimizer.iterations.assign(done + skip)
+            if verbose and self.epochs_left != fit + 1:  # news, not every epoch's step
+                print(f"time budget: {epoch_time:.1f} s per epoch now, {needed} epochs of "
+                      f"the schedule do not fit into {format_seconds(time_left)}: the "
+                      f"schedule is compressed into {fit} more epoch(s) (skips {skip} steps "
+                      "before each)", flush=True)
+            self.epochs_left = fit
+
+    return DeadlineGuard()
+
+
+def eta_callback(epochs, first_epoch=0, budget_seconds=None, start=None, verbose=1,
+                 steps_per_epoch=None, guard=None):
     """A callback printing, before each epoch after the first and at the end, the elapsed
     time and the ETA of the run (from the mean epoch time so far) against the budget.
 
     It prints at the start of an epoch, before Keras' ``Epoch n/N`` line, so Keras'
-    epoch line and its logs stay together.
+    epoch line and its logs stay together. The epochs left are the ``guard``'s
+    (:func:`deadline_guard`) once it has compressed the schedule, else from the
+    optimizer's step counter (with ``steps_per_epoch``) or the epoch count.
     """
     import datetime
 
@@ -145,9 +238,13 @@ def eta_callback(epochs, first_epoch=0, budget_seconds=None, start=None, verbose
         def _report(self, done_epochs):
             done = done_epochs - first_epoch
             elapsed = time.monotonic() - start
-            left = (time.monotonic() - self.fit_start) / max(done, 1) * (epochs - done_epochs)
+            epochs_left = getattr(guard, "epochs_left", None)
+            if epochs_left is None:
+                epochs_left = _epochs_left(self.model, epochs, steps_per_epoch, done_epochs)
+            left = (time.monotonic() - self.fit_start) / max(done, 1) * epochs_left
             end = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=left)
-            text = (f"{done_epochs}/{epochs} epochs: elapsed {format_seconds(elapsed)}, "
+            text = (f"{done_epochs}/{done_epochs + epochs_left} epochs: elapsed "
+                    f"{format_seconds(elapsed)}, "
                     f"ETA {format_seconds(left)} (ends ~{end:%H:%M:%S} UTC)")
             if budget_seconds:
                 text += f", budget {format_seconds(budget_seconds)}"
@@ -158,7 +255,10 @@ def eta_callback(epochs, first_epoch=0, budget_seconds=None, start=None, verbose
             if epoch > first_epoch:
                 self._report(epoch)
 
+        def on_epoch_end(self, epoch, logs=None):
+            self.last_epoch = epoch + 1
+
         def on_train_end(self, logs=None):
-            self._report(epochs)
+            self._report(getattr(self, "last_epoch", epochs))
 
     return ETAProgress()
