@@ -24,6 +24,8 @@ import sys
 
 import numpy as np
 
+from kdet.metrics.rle import check_counts, decode_rle_strings
+
 __all__ = ["COCOEvaluator"]
 
 # pycocotools' Params, built the same way: np.linspace, so index 8 is 0.8999999999999999.
@@ -227,6 +229,87 @@ def _to_rle(segmentation, height, width, what):
     return rle
 
 
+_ABSENT = object()  # a record without 'segmentation'
+
+
+def _to_rles(segmentations, heights, widths, what):
+    """:func:`_to_rle` of every segmentation (``_ABSENT`` becomes ``None``) in batches:
+    compressed RLE dicts checked together, polygons converted one pycocotools call per
+    image size. The others, and any that fail a check, go one at a time (which raises
+    the error naming the first bad record)."""
+    out = list(segmentations)
+    good = np.zeros(len(out), bool)
+    strings, polygons = [], []
+    for i, s in enumerate(segmentations):
+        if isinstance(s, dict):
+            if isinstance(s.get("counts"), (str, bytes)) and "size" in s:
+                strings.append(i)
+        elif _plain_polygons(s):
+            polygons.append(i)
+    if strings:
+        counts, offsets, ok = decode_rle_strings([segmentations[i]["counts"] for i in strings])
+        h, w = heights[strings].astype(np.int64), widths[strings].astype(np.int64)
+        ok &= check_counts(counts, offsets, h * w)
+        good[strings] = ok & [_size_is(segmentations[i]["size"], hi, wi)
+                              for i, hi, wi in zip(strings, h.tolist(), w.tolist())]
+    if polygons:
+        good[polygons] = _polygons_to_rles(segmentations, polygons, heights, widths, out)
+    for i in np.flatnonzero(~good):
+        out[i] = None if out[i] is _ABSENT else _to_rle(out[i], int(heights[i]),
+                                                        int(widths[i]), what(i))
+    return out
+
+
+_PLAIN_NUMBERS = frozenset({int, float})
+
+
+def _plain_polygons(segmentation):
+    """A non-empty list of lists of ints/floats, the first longer than 4 (pycocotools
+    reads a first polygon of 4 values as a box)."""
+    return (type(segmentation) is list and len(segmentation) > 0
+            and type(segmentation[0]) is list and len(segmentation[0]) > 4
+            and all(type(p) is list and set(map(type, p)) <= _PLAIN_NUMBERS
+                    for p in segmentation))
+
+
+def _polygons_to_rles(segmentations, indices, heights, widths, out):
+    """Polygons of ``segmentations[indices]`` to RLE in ``out``; False where a coordinate
+    is out of :func:`_segmentation_crash`'s range (left for the one-at-a-time path)."""
+    mask_api = _mask_api()
+    indices = np.asarray(indices)
+    num_polygons = np.array([len(segmentations[i]) for i in indices])
+    flat = [p for i in indices for p in segmentations[i]]
+    lengths = np.fromiter(map(len, flat), np.int64, len(flat))
+    try:
+        values = np.abs(np.array([v for p in flat for v in p], np.float64))
+    except OverflowError:  # an int past float range
+        return np.zeros(len(indices), bool)
+    owner = np.repeat(np.repeat(np.arange(len(indices)), num_polygons), lengths)
+    limit = 4 * np.maximum(heights[indices], widths[indices]) + 1000
+    ok = np.ones(len(indices), bool)
+    ok[owner[~(values <= limit[owner])]] = False  # NaN too
+    polygon_owner = np.repeat(np.arange(len(indices)), num_polygons)
+    first_polygon = np.cumsum(num_polygons) - num_polygons
+    sizes = heights[indices] * (1 << 32) + widths[indices]
+    for size in np.unique(sizes[ok]):
+        members = np.flatnonzero(ok & (sizes == size))
+        h, w = int(size >> 32), int(size & 0xFFFFFFFF)
+        take = np.flatnonzero(np.isin(polygon_owner, members))
+        rles = mask_api.frPyObjects([flat[j] for j in take], h, w)
+        start = np.searchsorted(take, first_polygon[members])
+        for m, k in zip(members, start):
+            n = num_polygons[m]
+            out[indices[m]] = rles[k] if n == 1 else mask_api.merge(rles[k:k + n])
+    return ok
+
+
+def _size_is(size, height, width):
+    try:
+        return [int(s) for s in size] == [height, width]
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
 def _segmentation_crash(segmentation, height, width):
     """Input pycocotools' C code would crash on (SIGSEGV, not an exception), or ``None``.
 
@@ -365,13 +448,15 @@ class _GroundTruth:
                 seen.add(i)
         return unique
 
-    def rle(self, i):
-        """Compressed RLE of (sorted) annotation ``i``, converted on first use."""
-        if i not in self._rles:
-            img = self.image[i]
-            self._rles[i] = _to_rle(self.segmentation[i], int(self.heights[img]),
-                                    int(self.widths[img]), self.describe(i))
-        return self._rles[i]
+    def rles(self, indices):
+        """Compressed RLEs of (sorted) annotations ``indices``, converted on first use."""
+        missing = np.setdiff1d(indices, np.fromiter(self._rles, np.int64, len(self._rles)))
+        if len(missing):
+            img = self.image[missing]
+            converted = _to_rles([self.segmentation[i] for i in missing], self.heights[img],
+                                 self.widths[img], lambda k: self.describe(missing[k]))
+            self._rles.update(zip(missing.tolist(), converted))
+        return [self._rles[i] for i in np.asarray(indices).tolist()]
 
 
 # --------------------------------------------------------------------------- detections
@@ -468,6 +553,19 @@ def _pair_oks(det_kpts, gt_kpts, gt_boxes, gt_area, sigmas):
         rows = np.flatnonzero(count == n)
         oks[rows] = np.sum(np.exp(-np.ascontiguousarray(e[rows, :n])), axis=1) / n
     return oks
+
+
+def _mask_boxes(rles):
+    """``maskUtils.toBbox`` and ``maskUtils.area`` of compressed RLEs, as float64
+    ``[N, 4]`` and ``[N]`` (in chunks: ``area`` overflows on lists of more than 255)."""
+    mask_api = _mask_api()
+    if not rles:
+        return np.zeros((0, 4)), np.zeros(0)
+    chunks = [rles[i:i + 255] for i in range(0, len(rles), 255)]
+    boxes = np.concatenate([np.asarray(mask_api.toBbox(c), np.float64).reshape(-1, 4)
+                            for c in chunks])
+    areas = np.concatenate([np.asarray(mask_api.area(c), np.float64) for c in chunks])
+    return boxes, areas
 
 
 # --------------------------------------------------------------------------- matching
@@ -730,10 +828,8 @@ class COCOEvaluator:
         segmentation = keypoints = None
         if self.iou_type == "segm" or (self.iou_type == "keypoints" and
                                         any("segmentation" in d for d in detections)):
-            segmentation = [
-                _to_rle(d["segmentation"], int(gt.heights[image[i]]), int(gt.widths[image[i]]),
-                        what(i)) if "segmentation" in d else None
-                for i, d in enumerate(detections)]
+            segmentation = _to_rles([d.get("segmentation", _ABSENT) for d in detections],
+                                    gt.heights[image], gt.widths[image], what)
         if self.iou_type == "keypoints":
             keypoints = []
             for i, d in enumerate(detections):
@@ -942,20 +1038,7 @@ class COCOEvaluator:
             return _pair_box_iou(det.bbox[det_index], gt.bbox[pair_gt], gt.crowd[pair_gt])
         out = np.empty(len(pair_det))
         if self.iou_type == "segm":
-            mask_api = _mask_api()
-            # One maskUtils.iou call per (image, category) group: dets x gts.
-            has_pairs = np.flatnonzero(pair_count > 0)
-            keys = gt.group_key[pair_gt[pair_start[has_pairs]]]
-            run_start = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-            run_end = np.r_[run_start[1:], len(has_pairs)]
-            for s, e in zip(run_start, run_end):
-                dets = has_pairs[s:e]
-                first, count = pair_start[dets[0]], pair_count[dets[0]]
-                gts = pair_gt[first:first + count]
-                iou = mask_api.iou([det.segmentation[i] for i in ev[dets]],
-                                   [gt.rle(g) for g in gts], [int(c) for c in gt.crowd[gts]])
-                out[first:first + len(dets) * count] = np.asarray(iou).ravel()
-            return out
+            return self._pair_mask_ious(det, det_index, pair_gt)
         categories = gt.category[pair_gt]
         for k in np.unique(categories):
             sel = np.flatnonzero(categories == k)
@@ -963,6 +1046,42 @@ class COCOEvaluator:
             g_kp = np.array([gt.keypoints[g] for g in pair_gt[sel]], np.float64)
             out[sel] = _pair_oks(d_kp, g_kp, gt.bbox[pair_gt[sel]], gt.area[pair_gt[sel]],
                                  self._sigmas(k))
+        return out
+
+    def _pair_mask_ious(self, det, det_index, pair_gt):
+        """Mask IoU (``maskUtils.iou``) of aligned pairs, left 0 where it is certainly
+        below the lowest threshold: such a pair never matches, whatever its value.
+
+        The bound: the intersection is at most the overlap of the masks' boxes, the union
+        at least the larger mask (the detection's mask for a crowd ground truth).
+        The pairs left go to ``maskUtils.iou`` one call per image.
+        """
+        gt, mask_api = self._gt, _mask_api()
+        out = np.zeros(len(pair_gt))
+        dets, det_of_pair = np.unique(det_index, return_inverse=True)
+        gts, gt_of_pair = np.unique(pair_gt, return_inverse=True)
+        det_rles = [det.segmentation[i] for i in dets]
+        gt_rles = gt.rles(gts)
+        det_box, det_area = _mask_boxes(det_rles)
+        gt_box, gt_area = _mask_boxes(gt_rles)
+        d_box, g_box = det_box[det_of_pair], gt_box[gt_of_pair]
+        overlap = np.prod(np.clip(np.minimum(d_box[:, :2] + d_box[:, 2:], g_box[:, :2] + g_box[:, 2:])
+                                  - np.maximum(d_box[:, :2], g_box[:, :2]), 0, None), axis=1)
+        crowd = gt.crowd[pair_gt]
+        union_low = np.where(crowd, det_area[det_of_pair],
+                             np.maximum(det_area[det_of_pair], gt_area[gt_of_pair]))
+        bound = np.divide(overlap, union_low, out=np.zeros(len(out)), where=union_low > 0)
+        todo = np.flatnonzero(bound >= IOU_THRESHOLDS.min())
+        todo = todo[np.argsort(gt.image[pair_gt[todo]], kind="stable")]
+        image = gt.image[pair_gt[todo]]
+        bounds = np.flatnonzero(np.r_[True, image[1:] != image[:-1], True])
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            pairs = todo[s:e]
+            d, d_row = np.unique(det_of_pair[pairs], return_inverse=True)
+            g, g_col = np.unique(gt_of_pair[pairs], return_inverse=True)
+            iou = mask_api.iou([det_rles[i] for i in d], [gt_rles[j] for j in g],
+                               gt.crowd[gts[g]].astype(np.uint8).tolist())
+            out[pairs] = np.asarray(iou).reshape(len(d), len(g))[d_row, g_col]
         return out
 
     def evaluate(self):
