@@ -18,6 +18,7 @@ arrays:
 Bad input (unknown image/category ids, non-finite or negative-size boxes,
 missing keys, malformed JSON) raises ``ValueError`` naming the record.
 """
+import itertools
 import json
 import os
 import sys
@@ -246,12 +247,14 @@ def _to_rles(segmentations, heights, widths, what):
                 strings.append(i)
         elif _plain_polygons(s):
             polygons.append(i)
-    if strings:
-        counts, offsets, ok = decode_rle_strings([segmentations[i]["counts"] for i in strings])
-        h, w = heights[strings].astype(np.int64), widths[strings].astype(np.int64)
+    # In chunks: temporaries of a few MB are reused, larger ones are fresh memory (slow).
+    for begin in range(0, len(strings), 4096):
+        chunk = strings[begin:begin + 4096]
+        counts, offsets, ok = decode_rle_strings([segmentations[i]["counts"] for i in chunk])
+        h, w = heights[chunk].astype(np.int64), widths[chunk].astype(np.int64)
         ok &= check_counts(counts, offsets, h * w)
-        good[strings] = ok & [_size_is(segmentations[i]["size"], hi, wi)
-                              for i, hi, wi in zip(strings, h.tolist(), w.tolist())]
+        good[chunk] = ok & [_size_is(segmentations[i]["size"], hi, wi)
+                            for i, hi, wi in zip(chunk, h.tolist(), w.tolist())]
     if polygons:
         good[polygons] = _polygons_to_rles(segmentations, polygons, heights, widths, out)
     for i in np.flatnonzero(~good):
@@ -281,23 +284,23 @@ def _polygons_to_rles(segmentations, indices, heights, widths, out):
     flat = [p for i in indices for p in segmentations[i]]
     lengths = np.fromiter(map(len, flat), np.int64, len(flat))
     try:
-        values = np.abs(np.array([v for p in flat for v in p], np.float64))
+        values = np.abs(np.fromiter(itertools.chain.from_iterable(flat), np.float64,
+                                    int(lengths.sum())))
     except OverflowError:  # an int past float range
         return np.zeros(len(indices), bool)
     owner = np.repeat(np.repeat(np.arange(len(indices)), num_polygons), lengths)
     limit = 4 * np.maximum(heights[indices], widths[indices]) + 1000
     ok = np.ones(len(indices), bool)
     ok[owner[~(values <= limit[owner])]] = False  # NaN too
-    polygon_owner = np.repeat(np.arange(len(indices)), num_polygons)
-    first_polygon = np.cumsum(num_polygons) - num_polygons
     sizes = heights[indices] * (1 << 32) + widths[indices]
-    for size in np.unique(sizes[ok]):
-        members = np.flatnonzero(ok & (sizes == size))
-        h, w = int(size >> 32), int(size & 0xFFFFFFFF)
-        take = np.flatnonzero(np.isin(polygon_owner, members))
-        rles = mask_api.frPyObjects([flat[j] for j in take], h, w)
-        start = np.searchsorted(take, first_polygon[members])
-        for m, k in zip(members, start):
+    members = np.flatnonzero(ok)
+    members = members[np.argsort(sizes[members], kind="stable")]
+    bounds = np.flatnonzero(np.r_[True, np.diff(sizes[members]) != 0, True])
+    for begin, end in zip(bounds[:-1], bounds[1:]):
+        group = members[begin:end]
+        h, w = divmod(int(sizes[group[0]]), 1 << 32)
+        rles = mask_api.frPyObjects([p for m in group for p in segmentations[indices[m]]], h, w)
+        for m, k in zip(group, np.cumsum(num_polygons[group]) - num_polygons[group]):
             n = num_polygons[m]
             out[indices[m]] = rles[k] if n == 1 else mask_api.merge(rles[k:k + n])
     return ok
@@ -427,6 +430,7 @@ class _GroundTruth:
                 raise ValueError(f"{what(i)}: its image has no 'height'/'width' (needed for masks)")
             self.segmentation = [columns["segmentation"][i] for i in order]
             self._rles = {}
+
         if iou_type == "keypoints":
             num_keypoints = np.array(columns["num_keypoints"])[order]
             self.ignore = (num_keypoints == 0) | self.ignore
@@ -472,6 +476,7 @@ class _Detections:
         self.bbox = np.full((n, 4), np.nan) if bbox is None else bbox
         self.segmentation = [None] * n if segmentation is None else segmentation
         self.keypoints = [None] * n if keypoints is None else keypoints
+        self.mask_area = None  # maskUtils.area of every segmentation, once computed
 
     def __len__(self):
         return len(self.image)
@@ -485,6 +490,7 @@ class _Detections:
             setattr(out, name, np.concatenate([getattr(c, name) for c in chunks]))
         out.segmentation = [s for c in chunks for s in c.segmentation]
         out.keypoints = [k for c in chunks for k in c.keypoints]
+        out.mask_area = None
         return out
 
 
@@ -556,16 +562,20 @@ def _pair_oks(det_kpts, gt_kpts, gt_boxes, gt_area, sigmas):
 
 
 def _mask_boxes(rles):
-    """``maskUtils.toBbox`` and ``maskUtils.area`` of compressed RLEs, as float64
-    ``[N, 4]`` and ``[N]`` (in chunks: ``area`` overflows on lists of more than 255)."""
+    """``maskUtils.toBbox`` of compressed RLEs, float64 ``[N, 4]``."""
     mask_api = _mask_api()
-    if not rles:
-        return np.zeros((0, 4)), np.zeros(0)
-    chunks = [rles[i:i + 255] for i in range(0, len(rles), 255)]
-    boxes = np.concatenate([np.asarray(mask_api.toBbox(c), np.float64).reshape(-1, 4)
-                            for c in chunks])
-    areas = np.concatenate([np.asarray(mask_api.area(c), np.float64) for c in chunks])
-    return boxes, areas
+    return np.concatenate([np.zeros((0, 4))] + [
+        np.asarray(mask_api.toBbox(rles[i:i + 255]), np.float64).reshape(-1, 4)
+        for i in range(0, len(rles), 255)])
+
+
+def _mask_areas(rles):
+    """``maskUtils.area`` of compressed RLEs, float64 (in chunks: it overflows on lists
+    of more than 255 masks)."""
+    mask_api = _mask_api()
+    return np.concatenate([np.zeros(0)] + [
+        np.asarray(mask_api.area(rles[i:i + 255]), np.float64)
+        for i in range(0, len(rles), 255)])
 
 
 # --------------------------------------------------------------------------- matching
@@ -1018,10 +1028,8 @@ class COCOEvaluator:
             if missing:
                 raise ValueError(f"detection #{missing[0]} has no 'segmentation' but the first "
                                  "one has: COCO.loadRes then takes every area from the mask")
-            # maskUtils.area overflows on lists of more than 255 masks: call it in chunks.
-            segs, area = det.segmentation, _mask_api().area
-            return np.concatenate([area(segs[i:i + 255]) for i in range(0, n, 255)]).astype(
-                np.float64)
+            det.mask_area = _mask_areas(det.segmentation)
+            return det.mask_area
         if det.keypoints[0] is not None:  # keypoints branch: extent of the keypoints
             kp = np.stack(det.keypoints)
             x, y = kp[:, 0::3], kp[:, 1::3]
@@ -1062,8 +1070,9 @@ class COCOEvaluator:
         gts, gt_of_pair = np.unique(pair_gt, return_inverse=True)
         det_rles = [det.segmentation[i] for i in dets]
         gt_rles = gt.rles(gts)
-        det_box, det_area = _mask_boxes(det_rles)
-        gt_box, gt_area = _mask_boxes(gt_rles)
+        det_box = _mask_boxes(det_rles)
+        det_area = _mask_areas(det_rles) if det.mask_area is None else det.mask_area[dets]
+        gt_box, gt_area = _mask_boxes(gt_rles), _mask_areas(gt_rles)
         d_box, g_box = det_box[det_of_pair], gt_box[gt_of_pair]
         overlap = np.prod(np.clip(np.minimum(d_box[:, :2] + d_box[:, 2:], g_box[:, :2] + g_box[:, 2:])
                                   - np.maximum(d_box[:, :2], g_box[:, :2]), 0, None), axis=1)
@@ -1072,16 +1081,30 @@ class COCOEvaluator:
                              np.maximum(det_area[det_of_pair], gt_area[gt_of_pair]))
         bound = np.divide(overlap, union_low, out=np.zeros(len(out)), where=union_low > 0)
         todo = np.flatnonzero(bound >= IOU_THRESHOLDS.min())
+        if len(todo) == 0:
+            return out
+        # One call per image: its detections (rows) and ground truths (columns) with pairs
+        # left; each pair reads its entry.
         todo = todo[np.argsort(gt.image[pair_gt[todo]], kind="stable")]
         image = gt.image[pair_gt[todo]]
         bounds = np.flatnonzero(np.r_[True, image[1:] != image[:-1], True])
-        for s, e in zip(bounds[:-1], bounds[1:]):
-            pairs = todo[s:e]
-            d, d_row = np.unique(det_of_pair[pairs], return_inverse=True)
-            g, g_col = np.unique(gt_of_pair[pairs], return_inverse=True)
+
+        def rows_of(member, size):
+            unique, position = np.unique(image * size + member, return_inverse=True)
+            first = np.r_[np.searchsorted(unique, image[bounds[:-1]] * size), len(unique)]
+            return unique % size, first, position
+
+        d_unique, d_first, d_pos = rows_of(det_of_pair[todo], len(dets))
+        g_unique, g_first, g_pos = rows_of(gt_of_pair[todo], len(gts))
+        crowd = gt.crowd[gts].astype(np.uint8)
+        for k in range(len(bounds) - 1):
+            d = d_unique[d_first[k]:d_first[k + 1]]
+            g = g_unique[g_first[k]:g_first[k + 1]]
+            pairs = slice(bounds[k], bounds[k + 1])
             iou = mask_api.iou([det_rles[i] for i in d], [gt_rles[j] for j in g],
-                               gt.crowd[gts[g]].astype(np.uint8).tolist())
-            out[pairs] = np.asarray(iou).reshape(len(d), len(g))[d_row, g_col]
+                               crowd[g].tolist())
+            iou = np.asarray(iou).reshape(len(d), len(g))
+            out[todo[pairs]] = iou[d_pos[pairs] - d_first[k], g_pos[pairs] - g_first[k]]
         return out
 
     def evaluate(self):
