@@ -295,7 +295,8 @@ def _polygons_to_rles(segmentations, indices, heights, widths, out):
     sizes = heights[indices] * (1 << 32) + widths[indices]
     members = np.flatnonzero(ok)
     members = members[np.argsort(sizes[members], kind="stable")]
-    bounds = np.flatnonzero(np.r_[True, np.diff(sizes[members]) != 0, True])
+    bounds = np.flatnonzero(np.r_[True, np.diff(sizes[members]) != 0, True]) if len(members) \
+        else np.zeros(1, np.int64)
     for begin, end in zip(bounds[:-1], bounds[1:]):
         group = members[begin:end]
         h, w = divmod(int(sizes[group[0]]), 1 << 32)
