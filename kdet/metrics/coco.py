@@ -155,14 +155,24 @@ def _is_number(v):
 def _all_numbers(row):
     if isinstance(row, np.ndarray):
         return row.dtype.kind in "iuf"
-    return isinstance(row, (list, tuple)) and all(map(_is_number, row))
+    # set(map(type, ...)) runs in C: the common all-int/float row skips the Python loop
+    return isinstance(row, (list, tuple)) and (set(map(type, row)) <= _NUMBER_TYPES
+                                               or all(map(_is_number, row)))
+
+
+def _all_rows_numbers(rows):
+    """``all(map(_all_numbers, rows))``, one set of element types for lists of lists."""
+    if set(map(type, rows)) <= {list, tuple} and set(
+            map(type, itertools.chain.from_iterable(rows))) <= _NUMBER_TYPES:
+        return True
+    return all(map(_all_numbers, rows))
 
 
 def _float_rows(values, width, key, what):
     """Stack ``values`` into a float64 ``[N, width]`` array, naming the first bad record."""
     try:
         arr = np.asarray(values, dtype=np.float64)
-        if (arr.ndim == 2 and arr.shape[1] == width and all(map(_all_numbers, values))
+        if (arr.ndim == 2 and arr.shape[1] == width and _all_rows_numbers(values)
                 or len(values) == 0):
             return arr.reshape(len(values), width)
     except (ValueError, TypeError, OverflowError):
@@ -478,9 +488,17 @@ class _Detections:
         self.segmentation = [None] * n if segmentation is None else segmentation
         self.keypoints = [None] * n if keypoints is None else keypoints
         self.mask_area = None  # maskUtils.area of every segmentation, once computed
+        # [n, 3K] when every detection's keypoints are rows of it (one width)
+        self.keypoint_table = None
 
     def __len__(self):
         return len(self.image)
+
+    def keypoint_rows(self, indices):
+        """``np.stack`` of the keypoints of detections ``indices``."""
+        if self.keypoint_table is not None:
+            return self.keypoint_table[indices]
+        return np.stack([self.keypoints[i] for i in np.asarray(indices).tolist()])
 
     @classmethod
     def concatenate(cls, chunks):
@@ -492,6 +510,9 @@ class _Detections:
         out.segmentation = [s for c in chunks for s in c.segmentation]
         out.keypoints = [k for c in chunks for k in c.keypoints]
         out.mask_area = None
+        tables = [c.keypoint_table for c in chunks]
+        out.keypoint_table = None if any(t is None for t in tables) or len(
+            {t.shape[1] for t in tables}) > 1 else np.concatenate(tables)
         return out
 
 
@@ -531,34 +552,44 @@ def _pair_box_iou(det_boxes, gt_boxes, gt_crowd):
     return np.divide(inter, union, out=np.zeros_like(inter), where=overlap)
 
 
-def _pair_oks(det_kpts, gt_kpts, gt_boxes, gt_area, sigmas):
-    """Object keypoint similarity of aligned pairs, as pycocotools' ``computeOks``.
+def _pair_oks(det_kpts, gt_kpts, gt_boxes, gt_area, sigmas, pair_det, pair_gt,
+              chunk=1 << 14):
+    """Object keypoint similarity of (detection, ground truth) pairs, as pycocotools'
+    ``computeOks``.
 
-    det_kpts, gt_kpts: ``[P, 3K]``; gt_boxes ``[P, 4]``; gt_area ``[P]``. Sums run over
-    compacted rows of visible keypoints so they add in numpy's order for a 1-D array.
+    det_kpts ``[D, 3K]``; gt_kpts ``[G, 3K]``, gt_boxes ``[G, 4]``, gt_area ``[G]``;
+    pair ``p`` is (``pair_det[p]``, ``pair_gt[p]``). Sums run over compacted rows of the
+    used keypoints so they add in numpy's order for a 1-D array. Pairs go in chunks:
+    temporaries of a few MB are reused, larger ones are fresh memory (slow to touch).
     """
     variances = (sigmas * 2) ** 2
     k = len(sigmas)
-    xd, yd = det_kpts[:, 0::3], det_kpts[:, 1::3]
+    xd, yd = det_kpts[:, 0::3].copy(), det_kpts[:, 1::3].copy()
     xg, yg, vg = gt_kpts[:, 0::3], gt_kpts[:, 1::3], gt_kpts[:, 2::3]
     visible = vg > 0
     k1 = np.count_nonzero(visible, axis=1)
+    labelled = k1 > 0
     bx, by, bw, bh = (gt_boxes[:, i:i + 1] for i in range(4))
     x0, x1 = bx - bw, bx + bw * 2
     y0, y1 = by - bh, by + bh * 2
-    labelled = (k1 > 0)[:, None]
-    # No labelled keypoint: distance to the ground truth box grown to twice its size.
-    dx = np.where(labelled, xd - xg, np.maximum(0, x0 - xd) + np.maximum(0, xd - x1))
-    dy = np.where(labelled, yd - yg, np.maximum(0, y0 - yd) + np.maximum(0, yd - y1))
-    e = (dx ** 2 + dy ** 2) / variances / (gt_area[:, None] + np.spacing(1)) / 2
-    used = np.where(labelled, visible, True)
-    count = np.where(k1 > 0, k1, k)
-    # Move the used keypoints to the front (stable), then sum rows of equal length.
-    e = np.take_along_axis(e, np.argsort(~used, axis=1, kind="stable"), axis=1)
-    oks = np.zeros(len(e))
-    for n in np.unique(count):
-        rows = np.flatnonzero(count == n)
-        oks[rows] = np.sum(np.exp(-np.ascontiguousarray(e[rows, :n])), axis=1) / n
+    # Per ground truth: the keypoints used (the labelled ones, or all) moved to the front.
+    used = np.where(labelled[:, None], visible, True)
+    order = np.argsort(~used, axis=1, kind="stable")
+    count = np.where(labelled, k1, k)
+    oks = np.empty(len(pair_det))
+    for begin in range(0, len(pair_det), chunk):
+        d, g = pair_det[begin:begin + chunk], pair_gt[begin:begin + chunk]
+        xdp, ydp, lab = xd[d], yd[d], labelled[g][:, None]
+        # No labelled keypoint: distance to the ground truth box grown to twice its size.
+        dx = np.where(lab, xdp - xg[g], np.maximum(0, x0[g] - xdp) + np.maximum(0, xdp - x1[g]))
+        dy = np.where(lab, ydp - yg[g], np.maximum(0, y0[g] - ydp) + np.maximum(0, ydp - y1[g]))
+        e = (dx ** 2 + dy ** 2) / variances / (gt_area[g][:, None] + np.spacing(1)) / 2
+        e = np.take_along_axis(e, order[g], axis=1)
+        n_used = count[g]
+        for n in np.unique(n_used).tolist():
+            rows = np.flatnonzero(n_used == n)
+            part = e if len(rows) == len(e) and n == k else np.ascontiguousarray(e[rows, :n])
+            oks[begin + rows] = np.sum(np.exp(-part), axis=1) / n
     return oks
 
 
@@ -841,15 +872,48 @@ class COCOEvaluator:
                                         any("segmentation" in d for d in detections)):
             segmentation = _to_rles([d.get("segmentation", _ABSENT) for d in detections],
                                     gt.heights[image], gt.widths[image], what)
+        table = None
         if self.iou_type == "keypoints":
-            keypoints = []
-            for i, d in enumerate(detections):
-                n = 3 * len(self._sigmas(category[i]))
-                kp = _float_rows([d["keypoints"]], n, "keypoints", lambda _: what(i))[0]
-                if not np.isfinite(kp).all():
-                    raise ValueError(f"{what(i)}: keypoints are not all finite")
-                keypoints.append(kp)
-        self._append(_Detections(image, category, score, bbox, segmentation, keypoints))
+            keypoints = self._keypoint_rows(detections, category, what)
+            if isinstance(keypoints, np.ndarray):
+                table, keypoints = keypoints, list(keypoints)
+        chunk = _Detections(image, category, score, bbox, segmentation, keypoints)
+        chunk.keypoint_table = table
+        self._append(chunk)
+
+    def _keypoint_rows(self, detections, category, what):
+        """Each detection's keypoints as a float64 row, checked against its sigmas:
+        one array per row width; on any problem one record at a time (which raises
+        naming the first bad record)."""
+        try:
+            width = {k: 3 * len(self._sigmas(k)) for k in np.unique(category).tolist()}
+            row_width = np.array([width[k] for k in category.tolist()])
+            keypoints = [None] * len(detections)
+            if len(width) == 1:  # one width: one table
+                block = _float_rows([d["keypoints"] for d in detections], row_width[0],
+                                    "keypoints", what)
+                if not np.isfinite(block).all():
+                    raise ValueError("not finite")
+                return block
+            for n in np.unique(row_width).tolist():
+                rows = np.flatnonzero(row_width == n)
+                block = _float_rows([detections[i]["keypoints"] for i in rows], n,
+                                    "keypoints", what)
+                if not np.isfinite(block).all():
+                    raise ValueError("not finite")
+                for i, row in zip(rows.tolist(), block):
+                    keypoints[i] = row
+            return keypoints
+        except ValueError:
+            pass
+        keypoints = []
+        for i, d in enumerate(detections):
+            n = 3 * len(self._sigmas(category[i]))
+            kp = _float_rows([d["keypoints"]], n, "keypoints", lambda _: what(i))[0]
+            if not np.isfinite(kp).all():
+                raise ValueError(f"{what(i)}: keypoints are not all finite")
+            keypoints.append(kp)
+        return keypoints
 
     @staticmethod
     def _indices(values, index, key, where, what):
@@ -1032,7 +1096,7 @@ class COCOEvaluator:
             det.mask_area = _mask_areas(det.segmentation)
             return det.mask_area
         if det.keypoints[0] is not None:  # keypoints branch: extent of the keypoints
-            kp = np.stack(det.keypoints)
+            kp = det.keypoint_rows(np.arange(n))
             x, y = kp[:, 0::3], kp[:, 1::3]
             return (x.max(1) - x.min(1)) * (y.max(1) - y.min(1))
         raise ValueError("detection #0 has no 'bbox', 'segmentation' or 'keypoints'")
@@ -1048,13 +1112,17 @@ class COCOEvaluator:
         out = np.empty(len(pair_det))
         if self.iou_type == "segm":
             return self._pair_mask_ious(det, det_index, pair_gt)
+        # One ground truth and detection table per category (rows differ in length
+        # between categories with their own sigmas); pairs index into them.
         categories = gt.category[pair_gt]
         for k in np.unique(categories):
             sel = np.flatnonzero(categories == k)
-            d_kp = np.stack([det.keypoints[i] for i in det_index[sel]])
-            g_kp = np.array([gt.keypoints[g] for g in pair_gt[sel]], np.float64)
-            out[sel] = _pair_oks(d_kp, g_kp, gt.bbox[pair_gt[sel]], gt.area[pair_gt[sel]],
-                                 self._sigmas(k))
+            dets, pair_d = np.unique(det_index[sel], return_inverse=True)
+            gts, pair_g = np.unique(pair_gt[sel], return_inverse=True)
+            d_kp = det.keypoint_rows(dets)
+            g_kp = np.array([gt.keypoints[g] for g in gts.tolist()], np.float64)
+            out[sel] = _pair_oks(d_kp, g_kp, gt.bbox[gts], gt.area[gts], self._sigmas(k),
+                                 pair_d, pair_g)
         return out
 
     def _pair_mask_ious(self, det, det_index, pair_gt):
@@ -1075,8 +1143,8 @@ class COCOEvaluator:
         det_area = _mask_areas(det_rles) if det.mask_area is None else det.mask_area[dets]
         gt_box, gt_area = _mask_boxes(gt_rles), _mask_areas(gt_rles)
         d_box, g_box = det_box[det_of_pair], gt_box[gt_of_pair]
-        overlap = np.prod(np.clip(np.minimum(d_box[:, :2] + d_box[:, 2:], g_box[:, :2] + g_box[:, 2:])
-                                  - np.maximum(d_box[:, :2], g_box[:, :2]), 0, None), axis=1)
+        far = np.minimum(d_box[:, :2] + d_box[:, 2:], g_box[:, :2] + g_box[:, 2:])
+        overlap = np.prod(np.clip(far - np.maximum(d_box[:, :2], g_box[:, :2]), 0, None), axis=1)
         crowd = gt.crowd[pair_gt]
         union_low = np.where(crowd, det_area[det_of_pair],
                              np.maximum(det_area[det_of_pair], gt_area[gt_of_pair]))

@@ -153,4 +153,3 @@ def check_counts(counts, offsets, num_pixels):
             runs = counts[offsets[i]:offsets[i + 1]].tolist()
             ok[i] = min(runs) >= 0 and sum(runs) == int(num_pixels[i])
     return ok
-
