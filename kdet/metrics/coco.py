@@ -702,9 +702,8 @@ def _accumulate(category, rank, score, image, true_pos, false_pos, num_positives
     # Detections on the first axis: cumsum and the running max then run down columns,
     # vectorised over the (area, max-dets, threshold) rows.
     true_pos, false_pos = true_pos[order], false_pos[order]  # [N, A, T]
-    within = (rank[order][:, None] < np.asarray(max_dets)[None, :])[:, None, :, None]  # [N,1,M,1]
-    rows = np.arange(num_areas * num_m * num_thr)
-    row_area = rows // (num_m * num_thr)
+    sorted_rank = rank[order]
+    max_dets = np.asarray(max_dets)
     for k in range(num_categories):
         npig = num_positives[k]  # [A]
         has_gt = npig > 0
@@ -716,8 +715,15 @@ def _accumulate(category, rank, score, image, true_pos, false_pos, num_positives
             precision[:, :, k, has_gt, :] = 0
             recall[:, k, has_gt, :] = 0
             continue
-        valid = within[start:stop]
-        tp = np.cumsum(true_pos[start:stop, :, None, :] & valid, axis=0)  # [n, A, M, T]
+        # Max-dets limits above every rank of the category cut nothing: those give
+        # equal results, computed once (the M' distinct cuts), then copied.
+        ranks = sorted_rank[start:stop]
+        limits, expand = np.unique(np.minimum(max_dets, ranks.max() + 1), return_inverse=True)
+        num_cuts = len(limits)
+        rows = np.arange(num_areas * num_cuts * num_thr)
+        row_area = rows // (num_cuts * num_thr)
+        valid = (ranks[:, None] < limits[None, :])[:, None, :, None]  # [n, 1, M', 1]
+        tp = np.cumsum(true_pos[start:stop, :, None, :] & valid, axis=0)  # [n, A, M', T]
         fp = np.cumsum(false_pos[start:stop, :, None, :] & valid, axis=0)
         tp_f = tp.astype(np.float64)
         pr = fp.astype(np.float64)
@@ -726,7 +732,7 @@ def _accumulate(category, rank, score, image, true_pos, false_pos, num_positives
         np.divide(tp_f, pr, out=pr)  # tp / (fp + tp + eps), pycocotools' operation order
         pr = np.maximum.accumulate(pr[::-1], axis=0)[::-1]  # monotone from the right
         with np.errstate(divide="ignore", invalid="ignore"):
-            rc_last = tp_f[-1] / npig[:, None, None]  # [A, M, T]
+            rc_last = tp_f[-1][:, expand] / npig[:, None, None]  # [A, M, T]
         recall[:, k, has_gt, :] = rc_last[has_gt].transpose(2, 0, 1)
         # searchsorted(rc, recThrs, 'left') with rc = tp / npig, done exactly on the
         # integer tp: the least count whose float tp / npig reaches each threshold.
@@ -741,7 +747,8 @@ def _accumulate(category, rank, score, image, true_pos, false_pos, num_positives
         pos = np.searchsorted(keys, queries.ravel(), side="left").reshape(queries.shape)
         pos -= (rows * n)[:, None]
         q = np.where(pos < n, pr.reshape(n, -1)[np.minimum(pos, n - 1), rows[:, None]], 0.0)
-        q = q.reshape(num_areas, num_m, num_thr, num_rec).transpose(2, 3, 0, 1)  # [T, R, A, M]
+        q = q.reshape(num_areas, num_cuts, num_thr, num_rec)[:, expand]
+        q = q.transpose(2, 3, 0, 1)  # [T, R, A, M]
         precision[:, :, k, has_gt, :] = q[:, :, has_gt, :]
     return precision, recall
 
