@@ -1103,9 +1103,14 @@ class COCOEvaluator:
             det.mask_area = _mask_areas(det.segmentation)
             return det.mask_area
         if det.keypoints[0] is not None:  # keypoints branch: extent of the keypoints
-            kp = det.keypoint_rows(np.arange(n))
-            x, y = kp[:, 0::3], kp[:, 1::3]
-            return (x.max(1) - x.min(1)) * (y.max(1) - y.min(1))
+            areas = np.empty(n)
+            widths = np.fromiter(map(len, det.keypoints), np.int64, n)
+            for width in np.unique(widths):  # categories may have their own keypoint counts
+                rows = np.flatnonzero(widths == width)
+                kp = det.keypoint_rows(rows)
+                x, y = kp[:, 0::3], kp[:, 1::3]
+                areas[rows] = (x.max(1) - x.min(1)) * (y.max(1) - y.min(1))
+            return areas
         raise ValueError("detection #0 has no 'bbox', 'segmentation' or 'keypoints'")
 
     def _pair_ious(self, det, ev, pair_det, pair_gt, pair_start, pair_count):
