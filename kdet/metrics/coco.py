@@ -8,7 +8,13 @@ range, IoU threshold, detection, ground truth), this module works on whole
 arrays:
 
 * IoU (bbox) and OKS (keypoints) for every (detection, ground truth) pair of
-  every (image, category) at once; mask IoU goes through ``pycocotools.mask``.
+  every (image, category) at once (OKS over per-category keypoint tables, in
+  chunks of pairs).
+* Masks: compressed RLE strings are decoded and checked in one numpy pass
+  (:mod:`kdet.metrics.rle`), polygons converted one ``pycocotools.mask`` call
+  per image size; mask IoU (``pycocotools.mask.iou``, one call per image) only
+  for pairs whose box-overlap bound reaches the lowest IoU threshold: the others
+  can never match, whatever their IoU.
 * Greedy matching steps through the detection rank only; each step advances
   every (image, category) group, the 4 area ranges and the 10 IoU thresholds
   together.
