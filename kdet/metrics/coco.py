@@ -582,7 +582,25 @@ def _pair_oks(det_kpts, gt_kpts, gt_boxes, gt_area, sigmas, pair_det, pair_gt,
     used = np.where(labelled[:, None], visible, True)
     order = np.argsort(~used, axis=1, kind="stable")
     count = np.where(labelled, k1, k)
-    oks = np.empty(len(pair_det))
+    oks = np.zeros(len(pair_det))
+    # A pair whose keypoints are far apart stays 0: every used keypoint is at least the
+    # gap between the detection's keypoint box and the ground truth's (its labelled
+    # keypoints' box, or the grown box) away, so e >= gap**2 / max variance / area / 2
+    # (the same float operations, all monotone). OKS <= exp(-that) < 0.5: no match.
+    g_lo = np.where(labelled[:, None],
+                    np.stack([np.where(used, c, np.inf).min(1) for c in (xg, yg)], 1),
+                    np.c_[x0, y0])
+    g_hi = np.where(labelled[:, None],
+                    np.stack([np.where(used, c, -np.inf).max(1) for c in (xg, yg)], 1),
+                    np.c_[x1, y1])
+    d_lo = np.stack([xd.min(1), yd.min(1)], 1)
+    d_hi = np.stack([xd.max(1), yd.max(1)], 1)
+    gap = np.maximum(np.maximum(g_lo[pair_gt] - d_hi[pair_det], d_lo[pair_det] - g_hi[pair_gt]),
+                     0)
+    low_e = (gap[:, 0] ** 2 + gap[:, 1] ** 2) / variances.max() / (
+        gt_area[pair_gt] + np.spacing(1)) / 2
+    near = np.flatnonzero(low_e <= np.log(2) + 1e-6)
+    pair_det, pair_gt = pair_det[near], pair_gt[near]
     for begin in range(0, len(pair_det), chunk):
         d, g = pair_det[begin:begin + chunk], pair_gt[begin:begin + chunk]
         xdp, ydp, lab = xd[d], yd[d], labelled[g][:, None]
@@ -595,7 +613,7 @@ def _pair_oks(det_kpts, gt_kpts, gt_boxes, gt_area, sigmas, pair_det, pair_gt,
         for n in np.unique(n_used).tolist():
             rows = np.flatnonzero(n_used == n)
             part = e if len(rows) == len(e) and n == k else np.ascontiguousarray(e[rows, :n])
-            oks[begin + rows] = np.sum(np.exp(-part), axis=1) / n
+            oks[near[begin + rows]] = np.sum(np.exp(-part), axis=1) / n
     return oks
 
 
