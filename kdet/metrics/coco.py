@@ -651,6 +651,24 @@ def _greedy_match(pair_iou, pair_start, group_first, group_ndet, group_gt_first,
     num_areas, num_thr = gt_ignore.shape[1], len(thresholds)
     matched_out = np.zeros((num_dets, num_areas, num_thr), bool)
     ignored_out = np.zeros((num_dets, num_areas, num_thr), bool)
+    # Groups with one ground truth need no steps: at each threshold the first detection
+    # at or above it takes it (every such detection, if it is crowd).
+    single = group_ngt == 1
+    if single.any():
+        ndet = group_ndet[single]
+        det_group = np.repeat(np.arange(len(ndet)), ndet)
+        group_start = np.cumsum(ndet) - ndet
+        dets = group_first[single][det_group] + np.arange(len(det_group)) - group_start[det_group]
+        gt = group_gt_first[single][det_group]
+        above = pair_iou[pair_start[dets]][:, None] >= thresholds[None, :]  # [n, T]
+        seen = np.cumsum(above, axis=0, dtype=np.int32)  # above so far, less earlier groups'
+        seen -= np.r_[np.zeros((1, num_thr), np.int32), seen][group_start][det_group]
+        match = above & (gt_crowd[gt][:, None] | (seen == 1))
+        matched_out[dets] = (match & gt_id_nonzero[gt][:, None])[:, None, :]
+        ignored_out[dets] = match[:, None, :] & gt_ignore[gt][:, :, None]
+        keep = ~single
+        group_first, group_ndet = group_first[keep], group_ndet[keep]
+        group_gt_first, group_ngt = group_gt_first[keep], group_ngt[keep]
     if len(group_first) == 0:
         return matched_out, ignored_out
     padded = 1 << np.ceil(np.log2(group_ngt)).astype(np.int64)
@@ -716,8 +734,8 @@ def _accumulate(category, rank, score, image, true_pos, false_pos, num_positives
     """
     num_areas, num_thr = num_positives.shape[1], true_pos.shape[2]
     num_rec, num_m = len(RECALL_THRESHOLDS), len(max_dets)
-    precision = -np.ones((num_thr, num_rec, num_categories, num_areas, num_m))
-    recall = -np.ones((num_thr, num_categories, num_areas, num_m))
+    precision = np.full((num_thr, num_rec, num_categories, num_areas, num_m), -1.0)
+    recall = np.full((num_thr, num_categories, num_areas, num_m), -1.0)
     # pycocotools concatenates images in id order, each in rank order, then mergesorts
     # by descending score: i.e. order by (score desc, image, rank). Sorting by category
     # first makes every category a contiguous run.
