@@ -21,7 +21,8 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kdet.workflow.peer_benchmark import compare, image_size_of  # noqa: E402
+from kdet.workflow.peer_benchmark import (  # noqa: E402
+    append_to_results, compare, image_size_of)
 
 ROWS = "efficientdet:0,efficientdet:lite0,retinanet,fasterrcnn,maskrcnn"
 PACKAGES = ("tensorflow", "keras", "torch", "torchvision", "timm", "effdet", "numpy")
@@ -99,17 +100,13 @@ def main(argv=None):
         "", f"Command: `{command.strip()}`", "", *header, *body, ""])
     print(text)
     if not args.no_write:
-        path = pathlib.Path(args.results)
-        old = path.read_text() if path.exists() else "# Benchmark results\n"
-        if "## kdet vs PyTorch peers" not in old:
-            old = old.rstrip("\n") + (
-                "\n\n## kdet vs PyTorch peers (issue #13)\n\n"
-                "`benchmarks/peer_speed.py` (`kdet bench --compare`): each side in its own "
-                "process, same synthetic batch (4 boxes per image, box-shaped masks), same "
-                "input size and threads; predict = whole detector with decoding, NMS and "
-                "(Mask R-CNN) mask pasting; train = one SGD step on that batch. Ratio = peer "
-                "CPU s per image / kdet's (> 1: kdet cheaper); wall ratio = kdet img/s / peer's.\n")
-        path.write_text(old.rstrip("\n") + "\n\n" + text)
+        path = args.results
+        append_to_results(path, "kdet vs PyTorch peers (issue #13)", text, intro=(
+            "`benchmarks/peer_speed.py` (`kdet bench --compare`): each side in its own "
+            "process, same synthetic batch (4 boxes per image, box-shaped masks), same "
+            "input size and threads; predict = whole detector with decoding, NMS and "
+            "(Mask R-CNN) mask pasting; train = one SGD step on that batch. Ratio = peer "
+            "CPU s per image / kdet's (> 1: kdet cheaper); wall ratio = kdet img/s / peer's."))
         print(f"appended to {path}")
 
 

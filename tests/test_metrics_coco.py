@@ -22,7 +22,7 @@ from pycocotools.coco import COCO  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
 
 from kdet.metrics import COCOEvaluator  # noqa: E402
-from kdet.metrics.coco import _pair_box_iou  # noqa: E402
+from kdet.metrics.coco import COCO_KEYPOINT_SIGMAS, _pair_box_iou  # noqa: E402
 
 ATOL = 1e-12
 COCO128 = "coco128/annotations/instances_train2017.json"
@@ -637,3 +637,156 @@ def test_bad_ground_truth_and_predictions_raise(tmp_path):
     ev.add_predictions([1], {**preds, "boxes": bad_boxes, "labels": np.zeros((1, 2)),
                              "num_detections": np.array([1])})
     assert ev.evaluate()["AP"] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------- batched paths, awkward input
+def _runs(mask):
+    """Uncompressed COCO RLE counts of a binary mask (column-major, background first)."""
+    flat = np.asarray(mask, np.uint8).ravel(order="F")
+    change = np.flatnonzero(np.diff(np.r_[0, flat, 1 - flat[-1]])) if len(flat) else []
+    return np.diff(np.r_[0, change]).tolist()[:len(change)] if len(flat) else []
+
+
+def _string_rle(mask):
+    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, np.uint8)))
+    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+
+
+def _box_mask(h, w, x0, y0, x1, y1):
+    m = np.zeros((h, w), np.uint8)
+    m[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = 1
+    return m
+
+
+def awkward_mask_scene(seed):
+    """Three image sizes; an image without ground truth and one without detections;
+    multi-part polygons, a triangle, a zero-area line;
+    crowd RLEs compressed and uncompressed; zero-area and full-image detections; tied
+    scores; 130 detections of one class in one image (past maxDets 100)."""
+    rng = np.random.default_rng(seed)
+    sizes = {1: (40, 50), 2: (40, 60), 3: (33, 50), 4: (40, 50), 5: (33, 50)}
+    images = [{"id": i, "height": h, "width": w} for i, (h, w) in sizes.items()]
+    anns, dets = [], []
+
+    def gt(image_id, cat, segmentation, mask, crowd=0):
+        anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat,
+                     "segmentation": segmentation, "area": float(mask.sum()),
+                     "bbox": [0, 0, 1, 1], "iscrowd": crowd})
+
+    for image_id in (1, 2, 3, 5):
+        h, w = sizes[image_id]
+        for _ in range(4):
+            x0, y0 = rng.integers(0, w - 8), rng.integers(0, h - 8)
+            x1, y1 = x0 + rng.integers(3, w - x0), y0 + rng.integers(3, h - y0)
+            poly = [x0, y0, x1, y0, x1, y1, x0, y1]
+            cat = int(rng.integers(1, 3))
+            gt(image_id, cat, [[float(v) for v in poly]], _box_mask(h, w, x0, y0, x1, y1))
+            for _ in range(int(rng.integers(1, 4))):  # jittered detections
+                j = rng.integers(-3, 4, 4)
+                m = _box_mask(h, w, x0 + j[0], y0 + j[1], x1 + j[2], y1 + j[3])
+                dets.append({"image_id": image_id, "category_id": cat if rng.random() < 0.9
+                             else 3 - cat, "segmentation": _string_rle(m),
+                             "score": round(float(rng.random()), 1)})  # ties
+        two_parts = _box_mask(h, w, 2, 2, 8, 8) | _box_mask(h, w, 20, 10, 30, 20)
+        gt(image_id, 1, [[2, 2, 8, 2, 8, 8, 2, 8], [20, 10, 30, 10, 30, 20, 20, 20]], two_parts)
+        gt(image_id, 2, [[5.5, 5, 12, 5, 9, 11.5]], _box_mask(h, w, 5, 5, 12, 12))  # area: any
+        gt(image_id, 1, [[5, 5, 10, 5, 15, 5]], np.zeros((h, w)))  # a line: zero area
+        crowd = _box_mask(h, w, 0, 0, w // 2, h)
+        gt(image_id, 2, _string_rle(crowd), crowd, crowd=1)
+        crowd = _box_mask(h, w, w // 2, 0, w, h // 2)
+        gt(image_id, 1, {"size": [h, w], "counts": _runs(crowd)}, crowd, crowd=1)
+    for image_id in (1, 2, 3, 4):
+        h, w = sizes[image_id]
+        for mask in (np.zeros((h, w)), np.ones((h, w))):
+            dets.append({"image_id": image_id, "category_id": 1,
+                         "segmentation": _string_rle(mask), "score": 0.5})
+    h, w = sizes[1]
+    for _ in range(130):
+        x0, y0 = rng.integers(0, w - 4), rng.integers(0, h - 4)
+        m = _box_mask(h, w, x0, y0, x0 + rng.integers(2, 20), y0 + rng.integers(2, 20))
+        dets.append({"image_id": 1, "category_id": 1, "segmentation": _string_rle(m),
+                     "score": round(float(rng.random()), 1)})
+    dets = [d for d in dets if d["image_id"] != 5]  # image 5: ground truth only
+    return ({"images": images, "annotations": anns,
+             "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}, dets)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_segm_awkward_scene_matches_pycocotools(seed):
+    gt, dets = awkward_mask_scene(seed)
+    assert _runs(np.array([[0, 1], [1, 1]])) == [1, 3]
+    ev, result = run_kdet(gt, dets, "segm")
+    assert_same_as_reference(ev, result, reference_eval(gt, dets, "segm"))
+
+
+def test_keypoints_max_dets_cut_and_ties_match_pycocotools():
+    """30 tied-score detections per image (keypoints' maxDets is 20) near people with
+    and without labelled keypoints."""
+    gt = keypoint_ground_truth(11, num_images=8)
+    rng = np.random.default_rng(3)
+    dets = []
+    for ann in gt["annotations"]:
+        x, y, w, h = ann["bbox"]
+        for _ in range(30 // max(1, sum(a["image_id"] == ann["image_id"]
+                                        for a in gt["annotations"]))):
+            kp = np.c_[rng.normal(x + w / 2, w / 4, 17), rng.normal(y + h / 2, h / 4, 17),
+                       np.ones(17)]
+            dets.append({"image_id": ann["image_id"], "category_id": 1,
+                         "keypoints": kp.ravel().tolist(), "score": round(rng.random(), 1)})
+    assert max(np.unique([d["image_id"] for d in dets], return_counts=True)[1]) > 20
+    ev, result = run_kdet(gt, dets, "keypoints")
+    assert_same_as_reference(ev, result, reference_eval(gt, dets, "keypoints"))
+
+
+def test_keypoints_of_two_widths_match_pycocotools_per_category():
+    """Categories with 17 and 5 keypoints (dict sigmas): each category's precision and
+    recall equal pycocotools' run on that category alone with its sigmas."""
+    people = keypoint_ground_truth(5, num_images=10)
+    people_dets = keypoint_detections(people, 6)
+    rng = np.random.default_rng(7)
+    hands, hand_dets = [], []
+    for ann in people["annotations"]:
+        kp = np.array(ann["keypoints"], float).reshape(17, 3)[:5]
+        x, y, w, h = ann["bbox"]
+        hands.append(dict(ann, id=ann["id"] + 10000, category_id=2,
+                          keypoints=kp.ravel().tolist(),
+                          num_keypoints=int((kp[:, 2] > 0).sum())))
+        noisy = kp.copy()
+        noisy[:, :2] += rng.normal(0, 3, (5, 2))
+        noisy[:, 2] = 1
+        hand_dets.append({"image_id": ann["image_id"], "category_id": 2,
+                          "keypoints": noisy.ravel().tolist(), "score": round(rng.random(), 2)})
+    sigmas = {1: COCO_KEYPOINT_SIGMAS, 2: np.array([.05, .07, .09, .11, .13])}
+    both = dict(people, annotations=people["annotations"] + hands,
+                categories=[{"id": 1, "name": "person"}, {"id": 2, "name": "hand"}])
+    mixed = [d for pair in zip(people_dets, hand_dets) for d in pair]  # interleaved widths
+    mixed += people_dets[len(hand_dets):] + hand_dets[len(people_dets):]
+    ev, _ = run_kdet(both, mixed, "keypoints", kpt_oks_sigmas=sigmas)
+    for k, (anns, dets) in enumerate([(people["annotations"], people_dets), (hands, hand_dets)]):
+        alone = dict(people, annotations=anns, categories=[both["categories"][k]])
+        ref = reference_eval(alone, dets, "keypoints", sigmas=sigmas[k + 1])
+        np.testing.assert_allclose(ev.precision[:, :, k], ref.eval["precision"][:, :, 0],
+                                   rtol=0, atol=ATOL)
+        np.testing.assert_allclose(ev.recall[:, k], ref.eval["recall"][:, 0], rtol=0, atol=ATOL)
+
+
+def test_bbox_dense_images_cut_at_every_max_dets_match_pycocotools():
+    """Images with 1, 5, 15 and 150 detections of a class: maxDets 1 / 10 / 100 cut
+    some categories and not others (accumulate shares the cuts that cut nothing)."""
+    rng = np.random.default_rng(4)
+    images = [{"id": i, "height": 100, "width": 100} for i in range(1, 5)]
+    anns, dets = [], []
+    for image_id, n_det in zip(range(1, 5), (1, 5, 15, 150)):
+        for cat in (1, 2, 3):
+            boxes = rng.uniform(0, 60, (6, 2))
+            for x, y in boxes:
+                anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat,
+                             "bbox": [x, y, 20, 25], "area": 500.0, "iscrowd": 0})
+            for _ in range(n_det if cat == 1 else min(n_det, 8)):
+                x, y = boxes[rng.integers(6)] + rng.normal(0, 4, 2)
+                dets.append({"image_id": image_id, "category_id": cat,
+                             "bbox": [x, y, 20, 25], "score": round(rng.random(), 1)})
+    gt = {"images": images, "annotations": anns,
+          "categories": [{"id": c, "name": str(c)} for c in (1, 2, 3, 4)]}
+    ev, result = run_kdet(gt, dets, "bbox")
+    assert_same_as_reference(ev, result, reference_eval(gt, dets, "bbox"))

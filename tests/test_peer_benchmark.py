@@ -114,3 +114,19 @@ def test_gpu_script_runs_every_row_and_trains_in_float32_only(monkeypatch):
         assert j["tasks"] == (["predict", "train"] if j["precision"] == "float32"
                               else ["predict"])
     assert len(rows) == 5 * 2 * 3  # rows x sides x (fp32 predict, fp32 train, bf16 predict)
+
+
+def test_append_to_results_adds_to_the_named_section(tmp_path):
+    """A table lands at the end of its own section (not the file's last one); a new
+    section, with its intro, is made at the end when there is none."""
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Benchmark results\n\n## COCO evaluator speed\n\nold table\n\n"
+                    "## Other\n\nother text\n")
+    peer_benchmark.append_to_results(path, "COCO evaluator", "new table", intro="unused")
+    peer_benchmark.append_to_results(path, "Peers (issue #13)", "| a |\n|---|", intro="Intro.")
+    assert path.read_text() == (
+        "# Benchmark results\n\n## COCO evaluator speed\n\nold table\n\nnew table\n\n"
+        "## Other\n\nother text\n\n## Peers (issue #13)\n\nIntro.\n\n| a |\n|---|\n")
+    missing = tmp_path / "new.md"
+    peer_benchmark.append_to_results(missing, "Section", "text")
+    assert missing.read_text() == "# Benchmark results\n\n## Section\n\ntext\n"

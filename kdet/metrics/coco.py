@@ -8,7 +8,13 @@ range, IoU threshold, detection, ground truth), this module works on whole
 arrays:
 
 * IoU (bbox) and OKS (keypoints) for every (detection, ground truth) pair of
-  every (image, category) at once; mask IoU goes through ``pycocotools.mask``.
+  every (image, category) at once (OKS over per-category keypoint tables, in
+  chunks of pairs).
+* Masks: compressed RLE strings are decoded and checked in one numpy pass
+  (:mod:`kdet.metrics.rle`), polygons converted one ``pycocotools.mask`` call
+  per image size; mask IoU (``pycocotools.mask.iou``, one call per image) only
+  for pairs whose box-overlap bound reaches the lowest IoU threshold: the others
+  can never match, whatever their IoU.
 * Greedy matching steps through the detection rank only; each step advances
   every (image, category) group, the 4 area ranges and the 10 IoU thresholds
   together.
@@ -18,11 +24,14 @@ arrays:
 Bad input (unknown image/category ids, non-finite or negative-size boxes,
 missing keys, malformed JSON) raises ``ValueError`` naming the record.
 """
+import itertools
 import json
 import os
 import sys
 
 import numpy as np
+
+from kdet.metrics.rle import check_counts, decode_rle_strings
 
 __all__ = ["COCOEvaluator"]
 
@@ -152,14 +161,24 @@ def _is_number(v):
 def _all_numbers(row):
     if isinstance(row, np.ndarray):
         return row.dtype.kind in "iuf"
-    return isinstance(row, (list, tuple)) and all(map(_is_number, row))
+    # set(map(type, ...)) runs in C: the common all-int/float row skips the Python loop
+    return isinstance(row, (list, tuple)) and (set(map(type, row)) <= _NUMBER_TYPES
+                                               or all(map(_is_number, row)))
+
+
+def _all_rows_numbers(rows):
+    """``all(map(_all_numbers, rows))``, one set of element types for lists of lists."""
+    if set(map(type, rows)) <= {list, tuple} and set(
+            map(type, itertools.chain.from_iterable(rows))) <= _NUMBER_TYPES:
+        return True
+    return all(map(_all_numbers, rows))
 
 
 def _float_rows(values, width, key, what):
     """Stack ``values`` into a float64 ``[N, width]`` array, naming the first bad record."""
     try:
         arr = np.asarray(values, dtype=np.float64)
-        if (arr.ndim == 2 and arr.shape[1] == width and all(map(_all_numbers, values))
+        if (arr.ndim == 2 and arr.shape[1] == width and _all_rows_numbers(values)
                 or len(values) == 0):
             return arr.reshape(len(values), width)
     except (ValueError, TypeError, OverflowError):
@@ -225,6 +244,90 @@ def _to_rle(segmentation, height, width, what):
         raise ValueError(f"{what}: segmentation size {size} differs from the image size "
                          f"[{height}, {width}]")
     return rle
+
+
+_ABSENT = object()  # a record without 'segmentation'
+
+
+def _to_rles(segmentations, heights, widths, what):
+    """:func:`_to_rle` of every segmentation (``_ABSENT`` becomes ``None``) in batches:
+    compressed RLE dicts checked together, polygons converted one pycocotools call per
+    image size. The others, and any that fail a check, go one at a time (which raises
+    the error naming the first bad record)."""
+    out = list(segmentations)
+    good = np.zeros(len(out), bool)
+    strings, polygons = [], []
+    for i, s in enumerate(segmentations):
+        if isinstance(s, dict):
+            if isinstance(s.get("counts"), (str, bytes)) and "size" in s:
+                strings.append(i)
+        elif _plain_polygons(s):
+            polygons.append(i)
+    # In chunks: temporaries of a few MB are reused, larger ones are fresh memory (slow).
+    for begin in range(0, len(strings), 4096):
+        chunk = strings[begin:begin + 4096]
+        counts, offsets, ok = decode_rle_strings([segmentations[i]["counts"] for i in chunk])
+        h, w = heights[chunk].astype(np.int64), widths[chunk].astype(np.int64)
+        ok &= check_counts(counts, offsets, h * w)
+        good[chunk] = ok & [_size_is(segmentations[i]["size"], hi, wi)
+                            for i, hi, wi in zip(chunk, h.tolist(), w.tolist())]
+    if polygons:
+        good[polygons] = _polygons_to_rles(segmentations, polygons, heights, widths, out)
+    for i in np.flatnonzero(~good):
+        out[i] = None if out[i] is _ABSENT else _to_rle(out[i], int(heights[i]),
+                                                        int(widths[i]), what(i))
+    return out
+
+
+_PLAIN_NUMBERS = frozenset({int, float})
+
+
+def _plain_polygons(segmentation):
+    """A non-empty list of lists of ints/floats, the first longer than 4 (pycocotools
+    reads a first polygon of 4 values as a box)."""
+    return (type(segmentation) is list and len(segmentation) > 0
+            and type(segmentation[0]) is list and len(segmentation[0]) > 4
+            and all(type(p) is list and set(map(type, p)) <= _PLAIN_NUMBERS
+                    for p in segmentation))
+
+
+def _polygons_to_rles(segmentations, indices, heights, widths, out):
+    """Polygons of ``segmentations[indices]`` to RLE in ``out``; False where a coordinate
+    is out of :func:`_segmentation_crash`'s range (left for the one-at-a-time path)."""
+    mask_api = _mask_api()
+    indices = np.asarray(indices)
+    num_polygons = np.array([len(segmentations[i]) for i in indices])
+    flat = [p for i in indices for p in segmentations[i]]
+    lengths = np.fromiter(map(len, flat), np.int64, len(flat))
+    try:
+        values = np.abs(np.fromiter(itertools.chain.from_iterable(flat), np.float64,
+                                    int(lengths.sum())))
+    except OverflowError:  # an int past float range
+        return np.zeros(len(indices), bool)
+    owner = np.repeat(np.repeat(np.arange(len(indices)), num_polygons), lengths)
+    limit = 4 * np.maximum(heights[indices], widths[indices]) + 1000
+    ok = np.ones(len(indices), bool)
+    ok[owner[~(values <= limit[owner])]] = False  # NaN too
+    sizes = heights[indices] * (1 << 32) + widths[indices]
+    members = np.flatnonzero(ok)
+    members = members[np.argsort(sizes[members], kind="stable")]
+    bounds = np.flatnonzero(np.r_[True, np.diff(sizes[members]) != 0, True]) if len(members) \
+        else np.zeros(1, np.int64)
+    for begin, end in zip(bounds[:-1], bounds[1:]):
+        group = members[begin:end]
+        h, w = divmod(int(sizes[group[0]]), 1 << 32)
+        rles = mask_api.frPyObjects([p for m in group for p in segmentations[indices[m]]], h, w)
+        for m, k in zip(group, np.cumsum(num_polygons[group]) - num_polygons[group]):
+            n = num_polygons[m]
+            out[indices[m]] = rles[k] if n == 1 else mask_api.merge(rles[k:k + n])
+    return ok
+
+
+def _size_is(size, height, width):
+    try:
+        return [int(s) for s in size] == [height, width]
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def _segmentation_crash(segmentation, height, width):
@@ -344,6 +447,7 @@ class _GroundTruth:
                 raise ValueError(f"{what(i)}: its image has no 'height'/'width' (needed for masks)")
             self.segmentation = [columns["segmentation"][i] for i in order]
             self._rles = {}
+
         if iou_type == "keypoints":
             num_keypoints = np.array(columns["num_keypoints"])[order]
             self.ignore = (num_keypoints == 0) | self.ignore
@@ -365,13 +469,15 @@ class _GroundTruth:
                 seen.add(i)
         return unique
 
-    def rle(self, i):
-        """Compressed RLE of (sorted) annotation ``i``, converted on first use."""
-        if i not in self._rles:
-            img = self.image[i]
-            self._rles[i] = _to_rle(self.segmentation[i], int(self.heights[img]),
-                                    int(self.widths[img]), self.describe(i))
-        return self._rles[i]
+    def rles(self, indices):
+        """Compressed RLEs of (sorted) annotations ``indices``, converted on first use."""
+        missing = np.setdiff1d(indices, np.fromiter(self._rles, np.int64, len(self._rles)))
+        if len(missing):
+            img = self.image[missing]
+            converted = _to_rles([self.segmentation[i] for i in missing], self.heights[img],
+                                 self.widths[img], lambda k: self.describe(missing[k]))
+            self._rles.update(zip(missing.tolist(), converted))
+        return [self._rles[i] for i in np.asarray(indices).tolist()]
 
 
 # --------------------------------------------------------------------------- detections
@@ -387,9 +493,18 @@ class _Detections:
         self.bbox = np.full((n, 4), np.nan) if bbox is None else bbox
         self.segmentation = [None] * n if segmentation is None else segmentation
         self.keypoints = [None] * n if keypoints is None else keypoints
+        self.mask_area = None  # maskUtils.area of every segmentation, once computed
+        # [n, 3K] when every detection's keypoints are rows of it (one width)
+        self.keypoint_table = None
 
     def __len__(self):
         return len(self.image)
+
+    def keypoint_rows(self, indices):
+        """``np.stack`` of the keypoints of detections ``indices``."""
+        if self.keypoint_table is not None:
+            return self.keypoint_table[indices]
+        return np.stack([self.keypoints[i] for i in np.asarray(indices).tolist()])
 
     @classmethod
     def concatenate(cls, chunks):
@@ -400,6 +515,10 @@ class _Detections:
             setattr(out, name, np.concatenate([getattr(c, name) for c in chunks]))
         out.segmentation = [s for c in chunks for s in c.segmentation]
         out.keypoints = [k for c in chunks for k in c.keypoints]
+        out.mask_area = None
+        tables = [c.keypoint_table for c in chunks]
+        out.keypoint_table = None if any(t is None for t in tables) or len(
+            {t.shape[1] for t in tables}) > 1 else np.concatenate(tables)
         return out
 
 
@@ -439,35 +558,80 @@ def _pair_box_iou(det_boxes, gt_boxes, gt_crowd):
     return np.divide(inter, union, out=np.zeros_like(inter), where=overlap)
 
 
-def _pair_oks(det_kpts, gt_kpts, gt_boxes, gt_area, sigmas):
-    """Object keypoint similarity of aligned pairs, as pycocotools' ``computeOks``.
+def _pair_oks(det_kpts, gt_kpts, gt_boxes, gt_area, sigmas, pair_det, pair_gt,
+              chunk=1 << 14):
+    """Object keypoint similarity of (detection, ground truth) pairs, as pycocotools'
+    ``computeOks``.
 
-    det_kpts, gt_kpts: ``[P, 3K]``; gt_boxes ``[P, 4]``; gt_area ``[P]``. Sums run over
-    compacted rows of visible keypoints so they add in numpy's order for a 1-D array.
+    det_kpts ``[D, 3K]``; gt_kpts ``[G, 3K]``, gt_boxes ``[G, 4]``, gt_area ``[G]``;
+    pair ``p`` is (``pair_det[p]``, ``pair_gt[p]``). Sums run over compacted rows of the
+    used keypoints so they add in numpy's order for a 1-D array. Pairs go in chunks:
+    temporaries of a few MB are reused, larger ones are fresh memory (slow to touch).
     """
     variances = (sigmas * 2) ** 2
     k = len(sigmas)
-    xd, yd = det_kpts[:, 0::3], det_kpts[:, 1::3]
+    xd, yd = det_kpts[:, 0::3].copy(), det_kpts[:, 1::3].copy()
     xg, yg, vg = gt_kpts[:, 0::3], gt_kpts[:, 1::3], gt_kpts[:, 2::3]
     visible = vg > 0
     k1 = np.count_nonzero(visible, axis=1)
+    labelled = k1 > 0
     bx, by, bw, bh = (gt_boxes[:, i:i + 1] for i in range(4))
     x0, x1 = bx - bw, bx + bw * 2
     y0, y1 = by - bh, by + bh * 2
-    labelled = (k1 > 0)[:, None]
-    # No labelled keypoint: distance to the ground truth box grown to twice its size.
-    dx = np.where(labelled, xd - xg, np.maximum(0, x0 - xd) + np.maximum(0, xd - x1))
-    dy = np.where(labelled, yd - yg, np.maximum(0, y0 - yd) + np.maximum(0, yd - y1))
-    e = (dx ** 2 + dy ** 2) / variances / (gt_area[:, None] + np.spacing(1)) / 2
-    used = np.where(labelled, visible, True)
-    count = np.where(k1 > 0, k1, k)
-    # Move the used keypoints to the front (stable), then sum rows of equal length.
-    e = np.take_along_axis(e, np.argsort(~used, axis=1, kind="stable"), axis=1)
-    oks = np.zeros(len(e))
-    for n in np.unique(count):
-        rows = np.flatnonzero(count == n)
-        oks[rows] = np.sum(np.exp(-np.ascontiguousarray(e[rows, :n])), axis=1) / n
+    # Per ground truth: the keypoints used (the labelled ones, or all) moved to the front.
+    used = np.where(labelled[:, None], visible, True)
+    order = np.argsort(~used, axis=1, kind="stable")
+    count = np.where(labelled, k1, k)
+    oks = np.zeros(len(pair_det))
+    # A pair whose keypoints are far apart stays 0: every used keypoint is at least the
+    # gap between the detection's keypoint box and the ground truth's (its labelled
+    # keypoints' box, or the grown box) away, so e >= gap**2 / max variance / area / 2
+    # (the same float operations, all monotone). OKS <= exp(-that) < 0.5: no match.
+    g_lo = np.where(labelled[:, None],
+                    np.stack([np.where(used, c, np.inf).min(1) for c in (xg, yg)], 1),
+                    np.c_[x0, y0])
+    g_hi = np.where(labelled[:, None],
+                    np.stack([np.where(used, c, -np.inf).max(1) for c in (xg, yg)], 1),
+                    np.c_[x1, y1])
+    d_lo = np.stack([xd.min(1), yd.min(1)], 1)
+    d_hi = np.stack([xd.max(1), yd.max(1)], 1)
+    gap = np.maximum(np.maximum(g_lo[pair_gt] - d_hi[pair_det], d_lo[pair_det] - g_hi[pair_gt]),
+                     0)
+    low_e = (gap[:, 0] ** 2 + gap[:, 1] ** 2) / variances.max() / (
+        gt_area[pair_gt] + np.spacing(1)) / 2
+    near = np.flatnonzero(low_e <= np.log(2) + 1e-6)
+    pair_det, pair_gt = pair_det[near], pair_gt[near]
+    for begin in range(0, len(pair_det), chunk):
+        d, g = pair_det[begin:begin + chunk], pair_gt[begin:begin + chunk]
+        xdp, ydp, lab = xd[d], yd[d], labelled[g][:, None]
+        # No labelled keypoint: distance to the ground truth box grown to twice its size.
+        dx = np.where(lab, xdp - xg[g], np.maximum(0, x0[g] - xdp) + np.maximum(0, xdp - x1[g]))
+        dy = np.where(lab, ydp - yg[g], np.maximum(0, y0[g] - ydp) + np.maximum(0, ydp - y1[g]))
+        e = (dx ** 2 + dy ** 2) / variances / (gt_area[g][:, None] + np.spacing(1)) / 2
+        e = np.take_along_axis(e, order[g], axis=1)
+        n_used = count[g]
+        for n in np.unique(n_used).tolist():
+            rows = np.flatnonzero(n_used == n)
+            part = e if len(rows) == len(e) and n == k else np.ascontiguousarray(e[rows, :n])
+            oks[near[begin + rows]] = np.sum(np.exp(-part), axis=1) / n
     return oks
+
+
+def _mask_boxes(rles):
+    """``maskUtils.toBbox`` of compressed RLEs, float64 ``[N, 4]``."""
+    mask_api = _mask_api()
+    return np.concatenate([np.zeros((0, 4))] + [
+        np.asarray(mask_api.toBbox(rles[i:i + 255]), np.float64).reshape(-1, 4)
+        for i in range(0, len(rles), 255)])
+
+
+def _mask_areas(rles):
+    """``maskUtils.area`` of compressed RLEs, float64 (in chunks: it overflows on lists
+    of more than 255 masks)."""
+    mask_api = _mask_api()
+    return np.concatenate([np.zeros(0)] + [
+        np.asarray(mask_api.area(rles[i:i + 255]), np.float64)
+        for i in range(0, len(rles), 255)])
 
 
 # --------------------------------------------------------------------------- matching
@@ -487,6 +651,24 @@ def _greedy_match(pair_iou, pair_start, group_first, group_ndet, group_gt_first,
     num_areas, num_thr = gt_ignore.shape[1], len(thresholds)
     matched_out = np.zeros((num_dets, num_areas, num_thr), bool)
     ignored_out = np.zeros((num_dets, num_areas, num_thr), bool)
+    # Groups with one ground truth need no steps: at each threshold the first detection
+    # at or above it takes it (every such detection, if it is crowd).
+    single = group_ngt == 1
+    if single.any():
+        ndet = group_ndet[single]
+        det_group = np.repeat(np.arange(len(ndet)), ndet)
+        group_start = np.cumsum(ndet) - ndet
+        dets = group_first[single][det_group] + np.arange(len(det_group)) - group_start[det_group]
+        gt = group_gt_first[single][det_group]
+        above = pair_iou[pair_start[dets]][:, None] >= thresholds[None, :]  # [n, T]
+        seen = np.cumsum(above, axis=0, dtype=np.int32)  # above so far, less earlier groups'
+        seen -= np.r_[np.zeros((1, num_thr), np.int32), seen][group_start][det_group]
+        match = above & (gt_crowd[gt][:, None] | (seen == 1))
+        matched_out[dets] = (match & gt_id_nonzero[gt][:, None])[:, None, :]
+        ignored_out[dets] = match[:, None, :] & gt_ignore[gt][:, :, None]
+        keep = ~single
+        group_first, group_ndet = group_first[keep], group_ndet[keep]
+        group_gt_first, group_ngt = group_gt_first[keep], group_ngt[keep]
     if len(group_first) == 0:
         return matched_out, ignored_out
     padded = 1 << np.ceil(np.log2(group_ngt)).astype(np.int64)
@@ -552,8 +734,8 @@ def _accumulate(category, rank, score, image, true_pos, false_pos, num_positives
     """
     num_areas, num_thr = num_positives.shape[1], true_pos.shape[2]
     num_rec, num_m = len(RECALL_THRESHOLDS), len(max_dets)
-    precision = -np.ones((num_thr, num_rec, num_categories, num_areas, num_m))
-    recall = -np.ones((num_thr, num_categories, num_areas, num_m))
+    precision = np.full((num_thr, num_rec, num_categories, num_areas, num_m), -1.0)
+    recall = np.full((num_thr, num_categories, num_areas, num_m), -1.0)
     # pycocotools concatenates images in id order, each in rank order, then mergesorts
     # by descending score: i.e. order by (score desc, image, rank). Sorting by category
     # first makes every category a contiguous run.
@@ -562,9 +744,8 @@ def _accumulate(category, rank, score, image, true_pos, false_pos, num_positives
     # Detections on the first axis: cumsum and the running max then run down columns,
     # vectorised over the (area, max-dets, threshold) rows.
     true_pos, false_pos = true_pos[order], false_pos[order]  # [N, A, T]
-    within = (rank[order][:, None] < np.asarray(max_dets)[None, :])[:, None, :, None]  # [N,1,M,1]
-    rows = np.arange(num_areas * num_m * num_thr)
-    row_area = rows // (num_m * num_thr)
+    sorted_rank = rank[order]
+    max_dets = np.asarray(max_dets)
     for k in range(num_categories):
         npig = num_positives[k]  # [A]
         has_gt = npig > 0
@@ -576,9 +757,17 @@ def _accumulate(category, rank, score, image, true_pos, false_pos, num_positives
             precision[:, :, k, has_gt, :] = 0
             recall[:, k, has_gt, :] = 0
             continue
-        valid = within[start:stop]
-        tp = np.cumsum(true_pos[start:stop, :, None, :] & valid, axis=0)  # [n, A, M, T]
-        fp = np.cumsum(false_pos[start:stop, :, None, :] & valid, axis=0)
+        # Max-dets limits above every rank of the category cut nothing: those give
+        # equal results, computed once (the M' distinct cuts), then copied.
+        ranks = sorted_rank[start:stop]
+        limits, expand = np.unique(np.minimum(max_dets, ranks.max() + 1), return_inverse=True)
+        num_cuts = len(limits)
+        rows = np.arange(num_areas * num_cuts * num_thr)
+        row_area = rows // (num_cuts * num_thr)
+        valid = (ranks[:, None] < limits[None, :])[:, None, :, None]  # [n, 1, M', 1]
+        # int32 counts: half the memory traffic of int64 (n < 2**31 detections)
+        tp = np.cumsum(true_pos[start:stop, :, None, :] & valid, axis=0, dtype=np.int32)
+        fp = np.cumsum(false_pos[start:stop, :, None, :] & valid, axis=0, dtype=np.int32)
         tp_f = tp.astype(np.float64)
         pr = fp.astype(np.float64)
         pr += tp_f
@@ -586,7 +775,7 @@ def _accumulate(category, rank, score, image, true_pos, false_pos, num_positives
         np.divide(tp_f, pr, out=pr)  # tp / (fp + tp + eps), pycocotools' operation order
         pr = np.maximum.accumulate(pr[::-1], axis=0)[::-1]  # monotone from the right
         with np.errstate(divide="ignore", invalid="ignore"):
-            rc_last = tp_f[-1] / npig[:, None, None]  # [A, M, T]
+            rc_last = tp_f[-1][:, expand] / npig[:, None, None]  # [A, M, T]
         recall[:, k, has_gt, :] = rc_last[has_gt].transpose(2, 0, 1)
         # searchsorted(rc, recThrs, 'left') with rc = tp / npig, done exactly on the
         # integer tp: the least count whose float tp / npig reaches each threshold.
@@ -601,7 +790,8 @@ def _accumulate(category, rank, score, image, true_pos, false_pos, num_positives
         pos = np.searchsorted(keys, queries.ravel(), side="left").reshape(queries.shape)
         pos -= (rows * n)[:, None]
         q = np.where(pos < n, pr.reshape(n, -1)[np.minimum(pos, n - 1), rows[:, None]], 0.0)
-        q = q.reshape(num_areas, num_m, num_thr, num_rec).transpose(2, 3, 0, 1)  # [T, R, A, M]
+        q = q.reshape(num_areas, num_cuts, num_thr, num_rec)[:, expand]
+        q = q.transpose(2, 3, 0, 1)  # [T, R, A, M]
         precision[:, :, k, has_gt, :] = q[:, :, has_gt, :]
     return precision, recall
 
@@ -730,26 +920,61 @@ class COCOEvaluator:
         segmentation = keypoints = None
         if self.iou_type == "segm" or (self.iou_type == "keypoints" and
                                         any("segmentation" in d for d in detections)):
-            segmentation = [
-                _to_rle(d["segmentation"], int(gt.heights[image[i]]), int(gt.widths[image[i]]),
-                        what(i)) if "segmentation" in d else None
-                for i, d in enumerate(detections)]
+            segmentation = _to_rles([d.get("segmentation", _ABSENT) for d in detections],
+                                    gt.heights[image], gt.widths[image], what)
+        table = None
         if self.iou_type == "keypoints":
-            keypoints = []
-            for i, d in enumerate(detections):
-                n = 3 * len(self._sigmas(category[i]))
-                kp = _float_rows([d["keypoints"]], n, "keypoints", lambda _: what(i))[0]
-                if not np.isfinite(kp).all():
-                    raise ValueError(f"{what(i)}: keypoints are not all finite")
-                keypoints.append(kp)
-        self._append(_Detections(image, category, score, bbox, segmentation, keypoints))
+            keypoints = self._keypoint_rows(detections, category, what)
+            if isinstance(keypoints, np.ndarray):
+                table, keypoints = keypoints, list(keypoints)
+        chunk = _Detections(image, category, score, bbox, segmentation, keypoints)
+        chunk.keypoint_table = table
+        self._append(chunk)
+
+    def _keypoint_rows(self, detections, category, what):
+        """Each detection's keypoints as a float64 row, checked against its sigmas:
+        one array per row width; on any problem one record at a time (which raises
+        naming the first bad record)."""
+        try:
+            width = {k: 3 * len(self._sigmas(k)) for k in np.unique(category).tolist()}
+            row_width = np.array([width[k] for k in category.tolist()])
+            keypoints = [None] * len(detections)
+            if len(width) == 1:  # one width: one table
+                block = _float_rows([d["keypoints"] for d in detections], row_width[0],
+                                    "keypoints", what)
+                if not np.isfinite(block).all():
+                    raise ValueError("not finite")
+                return block
+            for n in np.unique(row_width).tolist():
+                rows = np.flatnonzero(row_width == n)
+                block = _float_rows([detections[i]["keypoints"] for i in rows], n,
+                                    "keypoints", what)
+                if not np.isfinite(block).all():
+                    raise ValueError("not finite")
+                for i, row in zip(rows.tolist(), block):
+                    keypoints[i] = row
+            return keypoints
+        except ValueError:
+            pass
+        keypoints = []
+        for i, d in enumerate(detections):
+            n = 3 * len(self._sigmas(category[i]))
+            kp = _float_rows([d["keypoints"]], n, "keypoints", lambda _: what(i))[0]
+            if not np.isfinite(kp).all():
+                raise ValueError(f"{what(i)}: keypoints are not all finite")
+            keypoints.append(kp)
+        return keypoints
 
     @staticmethod
     def _indices(values, index, key, where, what):
         # True == 1 and hashes alike, but a bool is no id; lists are unhashable
-        out = np.array([index.get(v, -1) if isinstance(v, (int, str, float, np.number))
-                        and not isinstance(v, (bool, np.bool_)) else -1 for v in values],
-                       np.int64)
+        if set(map(type, values)) <= {int, str, float}:  # the usual ids: looked up in C
+            out = np.fromiter(map(index.get, values, itertools.repeat(-1)), np.int64,
+                              len(values))
+        else:
+            out = np.array([index.get(v, -1) if isinstance(v, (int, str, float, np.number))
+                            and not isinstance(v, (bool, np.bool_)) else -1 for v in values],
+                           np.int64)
         if (out < 0).any():
             i = int(np.flatnonzero(out < 0)[0])
             raise ValueError(f"{what(i)}: {key} {_show(values[i])} is not in the {where}")
@@ -922,14 +1147,17 @@ class COCOEvaluator:
             if missing:
                 raise ValueError(f"detection #{missing[0]} has no 'segmentation' but the first "
                                  "one has: COCO.loadRes then takes every area from the mask")
-            # maskUtils.area overflows on lists of more than 255 masks: call it in chunks.
-            segs, area = det.segmentation, _mask_api().area
-            return np.concatenate([area(segs[i:i + 255]) for i in range(0, n, 255)]).astype(
-                np.float64)
+            det.mask_area = _mask_areas(det.segmentation)
+            return det.mask_area
         if det.keypoints[0] is not None:  # keypoints branch: extent of the keypoints
-            kp = np.stack(det.keypoints)
-            x, y = kp[:, 0::3], kp[:, 1::3]
-            return (x.max(1) - x.min(1)) * (y.max(1) - y.min(1))
+            areas = np.empty(n)
+            widths = np.fromiter(map(len, det.keypoints), np.int64, n)
+            for width in np.unique(widths):  # categories may have their own keypoint counts
+                rows = np.flatnonzero(widths == width)
+                kp = det.keypoint_rows(rows)
+                x, y = kp[:, 0::3], kp[:, 1::3]
+                areas[rows] = (x.max(1) - x.min(1)) * (y.max(1) - y.min(1))
+            return areas
         raise ValueError("detection #0 has no 'bbox', 'segmentation' or 'keypoints'")
 
     def _pair_ious(self, det, ev, pair_det, pair_gt, pair_start, pair_count):
@@ -942,27 +1170,69 @@ class COCOEvaluator:
             return _pair_box_iou(det.bbox[det_index], gt.bbox[pair_gt], gt.crowd[pair_gt])
         out = np.empty(len(pair_det))
         if self.iou_type == "segm":
-            mask_api = _mask_api()
-            # One maskUtils.iou call per (image, category) group: dets x gts.
-            has_pairs = np.flatnonzero(pair_count > 0)
-            keys = gt.group_key[pair_gt[pair_start[has_pairs]]]
-            run_start = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-            run_end = np.r_[run_start[1:], len(has_pairs)]
-            for s, e in zip(run_start, run_end):
-                dets = has_pairs[s:e]
-                first, count = pair_start[dets[0]], pair_count[dets[0]]
-                gts = pair_gt[first:first + count]
-                iou = mask_api.iou([det.segmentation[i] for i in ev[dets]],
-                                   [gt.rle(g) for g in gts], [int(c) for c in gt.crowd[gts]])
-                out[first:first + len(dets) * count] = np.asarray(iou).ravel()
-            return out
+            return self._pair_mask_ious(det, det_index, pair_gt)
+        # One ground truth and detection table per category (rows differ in length
+        # between categories with their own sigmas); pairs index into them.
         categories = gt.category[pair_gt]
         for k in np.unique(categories):
             sel = np.flatnonzero(categories == k)
-            d_kp = np.stack([det.keypoints[i] for i in det_index[sel]])
-            g_kp = np.array([gt.keypoints[g] for g in pair_gt[sel]], np.float64)
-            out[sel] = _pair_oks(d_kp, g_kp, gt.bbox[pair_gt[sel]], gt.area[pair_gt[sel]],
-                                 self._sigmas(k))
+            dets, pair_d = np.unique(det_index[sel], return_inverse=True)
+            gts, pair_g = np.unique(pair_gt[sel], return_inverse=True)
+            d_kp = det.keypoint_rows(dets)
+            g_kp = np.array([gt.keypoints[g] for g in gts.tolist()], np.float64)
+            out[sel] = _pair_oks(d_kp, g_kp, gt.bbox[gts], gt.area[gts], self._sigmas(k),
+                                 pair_d, pair_g)
+        return out
+
+    def _pair_mask_ious(self, det, det_index, pair_gt):
+        """Mask IoU (``maskUtils.iou``) of aligned pairs, left 0 where it is certainly
+        below the lowest threshold: such a pair never matches, whatever its value.
+
+        The bound: the intersection is at most the overlap of the masks' boxes, the union
+        at least the larger mask (the detection's mask for a crowd ground truth).
+        The pairs left go to ``maskUtils.iou`` one call per image.
+        """
+        gt, mask_api = self._gt, _mask_api()
+        out = np.zeros(len(pair_gt))
+        dets, det_of_pair = np.unique(det_index, return_inverse=True)
+        gts, gt_of_pair = np.unique(pair_gt, return_inverse=True)
+        det_rles = [det.segmentation[i] for i in dets]
+        gt_rles = gt.rles(gts)
+        det_box = _mask_boxes(det_rles)
+        det_area = _mask_areas(det_rles) if det.mask_area is None else det.mask_area[dets]
+        gt_box, gt_area = _mask_boxes(gt_rles), _mask_areas(gt_rles)
+        d_box, g_box = det_box[det_of_pair], gt_box[gt_of_pair]
+        far = np.minimum(d_box[:, :2] + d_box[:, 2:], g_box[:, :2] + g_box[:, 2:])
+        overlap = np.prod(np.clip(far - np.maximum(d_box[:, :2], g_box[:, :2]), 0, None), axis=1)
+        crowd = gt.crowd[pair_gt]
+        union_low = np.where(crowd, det_area[det_of_pair],
+                             np.maximum(det_area[det_of_pair], gt_area[gt_of_pair]))
+        bound = np.divide(overlap, union_low, out=np.zeros(len(out)), where=union_low > 0)
+        todo = np.flatnonzero(bound >= IOU_THRESHOLDS.min())
+        if len(todo) == 0:
+            return out
+        # One call per image: its detections (rows) and ground truths (columns) with pairs
+        # left; each pair reads its entry.
+        todo = todo[np.argsort(gt.image[pair_gt[todo]], kind="stable")]
+        image = gt.image[pair_gt[todo]]
+        bounds = np.flatnonzero(np.r_[True, image[1:] != image[:-1], True])
+
+        def rows_of(member, size):
+            unique, position = np.unique(image * size + member, return_inverse=True)
+            first = np.r_[np.searchsorted(unique, image[bounds[:-1]] * size), len(unique)]
+            return unique % size, first, position
+
+        d_unique, d_first, d_pos = rows_of(det_of_pair[todo], len(dets))
+        g_unique, g_first, g_pos = rows_of(gt_of_pair[todo], len(gts))
+        crowd = gt.crowd[gts].astype(np.uint8)
+        for k in range(len(bounds) - 1):
+            d = d_unique[d_first[k]:d_first[k + 1]]
+            g = g_unique[g_first[k]:g_first[k + 1]]
+            pairs = slice(bounds[k], bounds[k + 1])
+            iou = mask_api.iou([det_rles[i] for i in d], [gt_rles[j] for j in g],
+                               crowd[g].tolist())
+            iou = np.asarray(iou).reshape(len(d), len(g))
+            out[todo[pairs]] = iou[d_pos[pairs] - d_first[k], g_pos[pairs] - g_first[k]]
         return out
 
     def evaluate(self):

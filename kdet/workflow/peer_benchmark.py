@@ -51,6 +51,27 @@ NUM_CLASSES = 90  # foreground classes (COCO's 80 in 90 ids): torchvision R-CNN 
 OBJECTS_PER_IMAGE = 4
 
 
+def append_to_results(path, heading, text, intro=""):
+    """Add ``text`` at the end of the ``## heading...`` section of the results file
+    ``path`` (the first section whose title starts with ``heading``), or, when there
+    is none, a new section at the end with ``intro`` under its title. Every benchmark
+    script records its table this way."""
+    path = pathlib.Path(path)
+    lines = (path.read_text() if path.exists() else "# Benchmark results\n").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(f"## {heading}")), None)
+    block = [""] + text.strip("\n").splitlines()
+    if start is None:
+        lines += ["", f"## {heading}"] + ([""] + intro.strip("\n").splitlines() if intro else [])
+        end = len(lines)
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
+                   len(lines))
+        while end > start + 1 and not lines[end - 1].strip():
+            end -= 1  # before the blank lines that close the section
+    lines[end:end] = block
+    path.write_text("\n".join(lines).rstrip("\n") + "\n")
+
+
 def peer_installed(peer):
     return importlib.util.find_spec(peer) is not None
 
