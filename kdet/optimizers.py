@@ -60,6 +60,18 @@ class EMAWarmupMixin:
                 if average is not None:
                     average.assign(var)
 
+    def _backend_apply_gradients(self, grads, trainable_variables):
+        if self.use_ema and self.ema_from_initial and keras.backend.backend() == "tensorflow":
+            # again before the first update, inside the train step: TensorFlow's model.fit
+            # builds the optimizer where the assignment in ``build`` is lost (the averages
+            # then started at zero, and fit's final EMA swap shrank the weights to ~0).
+            # JAX keeps it (and its fit loses the averages if they are assigned here).
+            first = ops.equal(self.iterations, 0)
+            for var, average in zip(trainable_variables, self._model_variables_moving_average):
+                if average is not None:
+                    average.assign(ops.where(first, ops.cast(var, average.dtype), average))
+        return super()._backend_apply_gradients(grads, trainable_variables)
+
     def _update_model_variables_moving_average(self, trainable_variables):
         if not self.use_ema:
             return
