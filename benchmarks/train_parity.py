@@ -21,7 +21,8 @@ Rows (``ROWS``):
   features 3/6/13/18 -> 256, LastLevelMaxPool)`` with its default FPN anchors and RoIAlign.
 * ``retinanet_mobilenet``: ``torchvision_retinanet`` recipe; torchvision ``RetinaNet`` over
   the same body at C3..C5 with P6/P7 from P5 (kdet ``version=1``).
-* ``maskrcnn_mobilenet``: box AP only so far (the split carries no masks yet).
+* ``maskrcnn_mobilenet``: the Faster R-CNN row's model with torchvision's mask head;
+  box and mask AP (Penn-Fudan's ``PedMasks`` as RLEs in the split).
 * ``efficientdet_lite0``: recipe ``effdet``; ``effdet.create_model("tf_efficientdet_lite0")``
   in ``DetBenchTrain``, the lukemelas Lite0 wheel renamed into its timm backbone as kdet's
   loader renames it, timm's param groups (no decay on 1-d), ``CosineLRScheduler`` per epoch
@@ -74,7 +75,7 @@ ROWS = {
         recipe="torchvision_retinanet", reference="tv_retinanet_mobilenet_fpn"),
     "maskrcnn_mobilenet": dict(
         kdet={"model": "maskrcnn", "backbone": "mobilenet_v2"},
-        recipe="torchvision_tutorial", reference="tv_maskrcnn_mobilenet_fpn"),
+        recipe="torchvision_tutorial", reference="tv_maskrcnn_mobilenet_fpn", masks=True),
     "efficientdet_lite0": dict(
         kdet={"model": "efficientdet", "phi": "lite0"}, recipe="effdet",
         reference="effdet_tf_efficientdet_lite0"),
@@ -92,18 +93,36 @@ def _coco(images, annotations, names):
             "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)]}
 
 
-def _add(images, annotations, path, width, height, boxes, labels):
+def _add(images, annotations, path, width, height, boxes, labels, segmentations=None):
     image_id = len(images) + 1
     images.append({"id": image_id, "file_name": os.path.abspath(path), "width": int(width),
                    "height": int(height)})
-    for (x0, y0, x1, y1), label in zip(boxes, labels):
+    for i, ((x0, y0, x1, y1), label) in enumerate(zip(boxes, labels)):
         annotations.append({"id": len(annotations) + 1, "image_id": image_id,
                             "category_id": int(label), "bbox": [x0, y0, x1 - x0, y1 - y0],
                             "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+        if segmentations is not None:
+            annotations[-1]["segmentation"] = segmentations[i]
 
 
-def split_pennfudan(root):
-    """Penn-Fudan: 1-based inclusive boxes; the last 50 images (sorted) held out."""
+def pennfudan_masks(root, stem, count):
+    """Compressed RLEs of the ``count`` instances of ``PedMasks/<stem>_mask.png`` (pixel
+    value ``i + 1`` is the ``i``-th annotated pedestrian)."""
+    import numpy as np
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    ids = np.asarray(Image.open(os.path.join(root, "PedMasks", f"{stem}_mask.png")))
+    out = []
+    for i in range(count):
+        rle = mask_utils.encode(np.asfortranarray((ids == i + 1).astype(np.uint8)))
+        out.append({"size": rle["size"], "counts": rle["counts"].decode("ascii")})
+    return out
+
+
+def split_pennfudan(root, masks=False):
+    """Penn-Fudan: 1-based inclusive boxes; the last 50 images (sorted) held out; with
+    ``masks``, each pedestrian's mask (``PedMasks``) as a compressed RLE."""
     pattern = re.compile(r"\((\d+), (\d+)\) - \((\d+), (\d+)\)")
     size = re.compile(r"Image size \(X x Y x C\) : (\d+) x (\d+)")
     files = sorted(glob.glob(os.path.join(root, "Annotation", "*.txt")))
@@ -113,9 +132,11 @@ def split_pennfudan(root):
         w, h = map(int, size.search(text).groups())
         boxes = [(float(a) - 1, float(b) - 1, float(c), float(d))
                  for a, b, c, d in pattern.findall(text)]
-        image = os.path.join(root, "PNGImages", os.path.basename(path)[:-4] + ".png")
+        stem = os.path.basename(path)[:-4]
+        image = os.path.join(root, "PNGImages", stem + ".png")
         which = "test" if i >= len(files) - 50 else "train"
-        _add(*splits[which], image, w, h, boxes, [1] * len(boxes))
+        _add(*splits[which], image, w, h, boxes, [1] * len(boxes),
+             pennfudan_masks(root, stem, len(boxes)) if masks else None)
     return {k: _coco(*v, ["pedestrian"]) for k, v in splits.items()}
 
 
@@ -159,17 +180,21 @@ def split_coco128(root):
 DATA = {"pennfudan": split_pennfudan, "raccoon": split_raccoon, "coco128": split_coco128}
 
 
-def write_split(name, out):
-    folder = os.path.join(out, "data", name)
+def write_split(name, out, masks=False):
+    """The split ``name`` as ``<out>/data/<name>[_masks]/{train,test}.json``."""
+    folder = os.path.join(out, "data", name + ("_masks" if masks else ""))
     os.makedirs(folder, exist_ok=True)
-    for which, coco in DATA[name](os.path.join(SHARED, name)).items():
+    if masks and name != "pennfudan":
+        raise SystemExit(f"masks: only the pennfudan split carries them, not {name}")
+    split = DATA[name](os.path.join(SHARED, name), **({"masks": True} if masks else {}))
+    for which, coco in split.items():
         with open(os.path.join(folder, f"{which}.json"), "w") as f:
             json.dump(coco, f)
     return folder
 
 
 # ------------------------------------------------------------------------------ scoring
-def coco_scores(ground_truth, detections):
+def coco_scores(ground_truth, detections, iou_type="bbox"):
     """pycocotools AP, AP50, AP75 of ``detections`` (COCO results list) on the GT file."""
     import contextlib
     import io
@@ -181,7 +206,7 @@ def coco_scores(ground_truth, detections):
         gt = COCO(ground_truth)
         if not detections:
             return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
-        evaluator = COCOeval(gt, gt.loadRes(detections), "bbox")
+        evaluator = COCOeval(gt, gt.loadRes(detections), iou_type)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -239,7 +264,9 @@ def run_kdet(row, args, split, out):
               "image_size": args.image_size, "batch_size": args.batch_size,
               "output_dir": os.path.join(out, "eval"), "detections_out": dets, "verbose": 0},
              model=result.model)
-    return wall, cpu, clock, json.load(open(dets))
+    segm = os.path.join(out, "detections_segm.json")
+    masks = json.load(open(segm)) if os.path.isfile(segm) else None
+    return wall, cpu, clock, json.load(open(dets)), masks
 
 
 def _torch_images(coco):
@@ -437,10 +464,14 @@ def run_reference(row, args, split):
     imagenet = imagenet_state_dict(row) if args.backbone_weights == "imagenet" else None
     model, loss_fn = build_reference(row, num_classes, args.image_size, imagenet)
     data = list(_torch_images(train_coco))
-    targets = {}
+    targets, masks = {}, {}
     for a in train_coco["annotations"]:
         x, y, w, h = a["bbox"]
         targets.setdefault(a["image_id"], []).append(([x, y, x + w, y + h], a["category_id"]))
+        if ROWS[row].get("masks"):
+            from pycocotools import mask as mask_utils
+            masks.setdefault(a["image_id"], []).append(torch.from_numpy(mask_utils.decode(
+                dict(a["segmentation"], counts=a["segmentation"]["counts"].encode()))))
     epochs, steps_per_epoch = plan_epochs(steps_for_images(args.max_images, args.batch_size),
                                           len(data) // args.batch_size)
     optimizer, per_epoch, per_step, clip = reference_optimizer(
@@ -457,12 +488,17 @@ def run_reference(row, args, split):
                 info, pixels = data[order[(step * args.batch_size + k) % len(order)]]
                 objects = targets.get(info["id"], [])
                 boxes = torch.tensor([b for b, _ in objects], dtype=torch.float32).reshape(-1, 4)
+                target = {"labels": torch.tensor([c for _, c in objects], dtype=torch.int64)}
+                if ROWS[row].get("masks"):
+                    target["masks"] = torch.stack(masks[info["id"]]) if objects else \
+                        torch.zeros((0,) + tuple(pixels.shape[-2:]), dtype=torch.uint8)
                 if rng.random() < 0.5:  # hflip, references/detection/transforms.py
                     pixels = pixels.flip(-1)
                     boxes[:, [0, 2]] = pixels.shape[-1] - boxes[:, [2, 0]]
+                    if "masks" in target:
+                        target["masks"] = target["masks"].flip(-1)
                 images.append(pixels)
-                batch_targets.append({"boxes": boxes, "labels": torch.tensor(
-                    [c for _, c in objects], dtype=torch.int64)})
+                batch_targets.append(dict(target, boxes=boxes))
             loss = loss_fn(images, batch_targets)
             optimizer.zero_grad()
             loss.backward()
@@ -474,14 +510,17 @@ def run_reference(row, args, split):
         per_epoch(epoch)
     wall, cpu = time.perf_counter() - start[0], time.process_time() - start[1]
     test_coco = json.load(open(os.path.join(split, "test.json")))
-    return wall, cpu, clock, reference_detections(row, model, test_coco)
+    return (wall, cpu, clock) + reference_detections(row, model, test_coco)
 
 
 def reference_detections(row, model, test_coco):
-    """COCO results (original pixels) of the trained reference on the test images."""
+    """``(box results, mask results or None)``: COCO results (original pixels) of the
+    trained reference on the test images (masks: torchvision's pasted probabilities > 0.5,
+    as references/detection/coco_eval.py)."""
+    import numpy as np
     import torch
 
-    detections = []
+    detections, segments = [], ([] if ROWS[row].get("masks") else None)
     model.eval()
     effdet_bench = ROWS[row]["reference"].startswith("effdet_")
     if effdet_bench:
@@ -499,11 +538,20 @@ def reference_detections(row, model, test_coco):
                 out = model([pixels])[0]
                 rows = zip(out["boxes"].tolist(), out["scores"].tolist(),
                            out["labels"].tolist())
+                if segments is not None:
+                    from pycocotools import mask as mask_utils
+                    binary = (out["masks"][:, 0] > 0.5).numpy().astype(np.uint8)
+                    for mask, score, label in zip(binary, out["scores"].tolist(),
+                                                  out["labels"].tolist()):
+                        rle = mask_utils.encode(np.asfortranarray(mask))
+                        segments.append({"image_id": info["id"], "category_id": int(label),
+                                         "segmentation": dict(rle, counts=rle["counts"].decode()),
+                                         "score": float(score)})
             for box, score, label in rows:
                 detections.append({"image_id": info["id"], "category_id": int(label),
                                    "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
                                    "score": float(score)})
-    return detections
+    return detections, segments
 
 
 def run_one(args):
@@ -514,14 +562,17 @@ def run_one(args):
         torch.set_num_threads(args.threads)
     except ImportError:
         pass
-    split = write_split(args.data, args.out)
+    split = write_split(args.data, args.out, masks=bool(ROWS[args.rows].get("masks")))
     out = os.path.join(args.out, "runs", f"{args.rows}_{args.side}_{args.seed}")
     os.makedirs(out, exist_ok=True)
     if args.side == "kdet":
-        wall, cpu, clock, detections = run_kdet(args.rows, args, split, out)
+        wall, cpu, clock, detections, segments = run_kdet(args.rows, args, split, out)
     else:
-        wall, cpu, clock, detections = run_reference(args.rows, args, split)
+        wall, cpu, clock, detections, segments = run_reference(args.rows, args, split)
     scores = coco_scores(os.path.join(split, "test.json"), detections)
+    if ROWS[args.rows].get("masks"):
+        mask_scores = coco_scores(os.path.join(split, "test.json"), segments or [], "segm")
+        scores.update({f"mask_{k}": v for k, v in mask_scores.items()})
     steady = clock.images_per_second(args.batch_size)
     record = dict(row=args.rows, side=args.side, seed=args.seed, data=args.data,
                   images_seen=args.max_images, train_wall_s=round(wall, 1),
@@ -546,7 +597,9 @@ def summarize(records):
     lines = []
     for (row, side), runs in sorted(table.items()):
         line = dict(row=row, side=side, seeds=[r["seed"] for r in runs])
-        for key in ("AP", "AP50", "AP75"):
+        for key in ("AP", "AP50", "AP75", "mask_AP", "mask_AP50"):
+            if key not in runs[0]:
+                continue
             values = [r[key] for r in runs]
             line[f"{key}_mean"] = mean(values)
             line[f"{key}_spread"] = round(max(values) - min(values), 4)
@@ -554,6 +607,51 @@ def summarize(records):
             line[key] = mean([r.get(key) for r in runs])
         lines.append(line)
     return lines
+
+
+def verdict(summary):
+    """Per row, the issue's goal: kdet's mean AP >= the reference's minus the seed spread
+    (the larger of the two sides'), and at least the reference's images per CPU second."""
+    sides = {}
+    for line in summary:
+        sides.setdefault(line["row"], {})[line["side"]] = line
+    out = {}
+    for row, pair in sides.items():
+        if set(pair) != {"kdet", "reference"}:
+            continue
+        kdet, ref = pair["kdet"], pair["reference"]
+        keys = [k for k in ("AP", "mask_AP") if f"{k}_mean" in kdet]
+        spread = {k: max(kdet[f"{k}_spread"], ref[f"{k}_spread"]) for k in keys}
+        ap = all(kdet[f"{k}_mean"] >= ref[f"{k}_mean"] - spread[k] for k in keys)
+        speed = {k: kdet[k] >= ref[k] for k in ("images_per_cpu_s", "steady_images_per_cpu_s")
+                 if kdet.get(k) is not None and ref.get(k) is not None}
+        out[row] = {"AP": ap, **{f"faster_{k}": v for k, v in speed.items()}}
+    return out
+
+
+def markdown_table(paths):
+    """The side-by-side table of ``--json`` files, as Markdown."""
+    records = [r for path in paths for r in json.load(open(path))["runs"]]
+    summary = summarize(records)
+    goals = verdict(summary)
+    lines = ["| row | side | seeds | AP mean (spread) | AP50 mean (spread) | AP75 mean | "
+             "mask AP mean (spread) | images / CPU s (whole run) | images / CPU s (steady) | "
+             "goal met |", "|" + "---|" * 10]
+    for line in summary:
+        def cell(key):
+            if f"{key}_mean" not in line:
+                return ""
+            return f"{line[f'{key}_mean']:.3f} ({line[f'{key}_spread']:.3f})"
+        goal = goals.get(line["row"], {})
+        met = "" if line["side"] != "kdet" else (
+            f"AP {'yes' if goal.get('AP') else 'no'}; speed "
+            f"{'yes' if goal.get('faster_images_per_cpu_s') else 'no'} (whole), "
+            f"{'yes' if goal.get('faster_steady_images_per_cpu_s') else 'no'} (steady)")
+        lines.append(f"| {line['row']} | {line['side']} | {len(line['seeds'])} | {cell('AP')} | "
+                     f"{cell('AP50')} | {line['AP75_mean']:.3f} | {cell('mask_AP')} | "
+                     f"{line['images_per_cpu_s']:.3f} | {line['steady_images_per_cpu_s']:.3f} | "
+                     f"{met} |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -571,12 +669,17 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="TF / torch threads per run")
     parser.add_argument("--out", default="runs/train_parity")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--table", nargs="+", default=None,
+                        help="print the Markdown table of these --json files and exit")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--side", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return run_one(args)
+    if args.table:
+        print(markdown_table(args.table))
+        return None
     rows = list(ROWS) if args.rows == "all" else args.rows.split(",")
     records = []
     # one thread per run, both sides (TensorFlow reads these before it starts its pools)
