@@ -20,7 +20,9 @@ Rows (``ROWS``):
   Faster R-CNN: torchvision ``FasterRCNN`` over ``BackboneWithFPN(mobilenet_v2().features,
   features 3/6/13/18 -> 256, LastLevelMaxPool)`` with its default FPN anchors and RoIAlign.
 * ``retinanet_mobilenet``: ``torchvision_retinanet`` recipe; torchvision ``RetinaNet`` over
-  the same body at C3..C5 with P6/P7 from P5 (kdet ``version=1``).
+  the same body at C3..C5 with P6/P7 from P5 (kdet ``version=1``); kdet's RetinaNet (and
+  EfficientDet) need ``--image-size`` a multiple of 128; effdet's predict needs >= 256 px
+  (it takes the top 5000 anchors: 128 px has ~4000).
 * ``maskrcnn_mobilenet``: the Faster R-CNN row's model with torchvision's mask head;
   box and mask AP (Penn-Fudan's ``PedMasks`` as RLEs in the split).
 * ``efficientdet_lite0``: recipe ``effdet``; ``effdet.create_model("tf_efficientdet_lite0")``
@@ -629,6 +631,10 @@ def verdict(summary):
     return out
 
 
+def _number(value):
+    return "" if value is None else f"{value:.3f}"
+
+
 def markdown_table(paths):
     """The side-by-side table of ``--json`` files, as Markdown."""
     records = [r for path in paths for r in json.load(open(path))["runs"]]
@@ -649,7 +655,8 @@ def markdown_table(paths):
             f"{'yes' if goal.get('faster_steady_images_per_cpu_s') else 'no'} (steady)")
         lines.append(f"| {line['row']} | {line['side']} | {len(line['seeds'])} | {cell('AP')} | "
                      f"{cell('AP50')} | {line['AP75_mean']:.3f} | {cell('mask_AP')} | "
-                     f"{line['images_per_cpu_s']:.3f} | {line['steady_images_per_cpu_s']:.3f} | "
+                     f"{_number(line['images_per_cpu_s'])} | "
+                     f"{_number(line['steady_images_per_cpu_s'])} | "
                      f"{met} |")
     return "\n".join(lines)
 
