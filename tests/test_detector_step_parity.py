@@ -23,14 +23,14 @@ are scaled by 0.05 before conversion: random mask logits of +-30 made the third 
 diverge (loss 444 on both sides, where the comparison means nothing).
 
 Tolerance. The reference runs twice, in float64 (the exact math) and in float32. Its own
-float32 run lands ``ref_error = max |w_ref32 - w_ref64|`` from the exact weights (measured:
-1.1e-4 Faster R-CNN, 2.4e-4 Mask R-CNN, 2.7e-6 RetinaNet): ReLU masks and cancelling sums amplify float32
-rounding, so torch's own float32 gradients differ from its float64 ones by up to 4% in
-some backbone and head layers (RetinaNet, step 0), the same amount as kdet's. kdet
-(float32) must land within ``FLOAT_TOL * ref_error`` of the exact weights, the weights
-must move at least 20x that, the frozen variables not at all, and the losses agree to
-1e-3. A wrong recipe exceeds it: the Faster R-CNN test replays the
-reference without its warm-up (10x the tolerance and more).
+float32 run lands ``ref_error = max |w_ref32 - w_ref64|`` from the exact weights
+(measured: 1.1e-4 Faster R-CNN, 2.4e-4 Mask R-CNN, 2.7e-6 RetinaNet): ReLU masks and
+cancelling sums amplify float32 rounding, so torch's own float32 gradients differ from
+its float64 ones by up to 4% in some backbone and head layers (RetinaNet, step 0), the
+same amount as kdet's. kdet (float32) must land within ``FLOAT_TOL * ref_error`` of the
+exact weights, the weights must move at least 20x that, the frozen variables not at all,
+and the losses agree to 1e-3. A wrong recipe exceeds it: the Faster R-CNN test replays
+the reference without its warm-up (10x the tolerance and more).
 
 All slow (each 2-5 min on 2 CPU cores, TensorFlow).
 """
