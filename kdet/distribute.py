@@ -140,6 +140,34 @@ def is_chief():
     return kind == "worker" and index == 0 and "chief" not in config.get("cluster", {})
 
 
+def outside_strategy(function, *args, **kwargs):
+    """``function(*args, **kwargs)`` with no ``tf.distribute`` strategy in effect; returns
+    its result (raises its exception).
+
+    For what the chief of a ``MultiWorkerMirroredStrategy`` run does alone (evaluation,
+    the best checkpoint): inside the strategy's scope, saving a model and predicting are
+    collective (a save broadcasts from the chief, ``predict`` gathers over the workers:
+    a worker that does not take part blocks both), outside it they are local. TensorFlow
+    keeps the strategy scope per thread, so the function runs in a thread of its own; the
+    caller waits for it. Reading a mirrored variable there gives this worker's copy.
+    """
+    import threading
+
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = function(*args, **kwargs)
+        except BaseException as error:  # re-raised in the caller's thread
+            outcome["error"] = error
+    thread = threading.Thread(target=run, name="kdet-outside-strategy")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
 def worker_index():
     """This worker's task index in ``TF_CONFIG`` (0 without it)."""
     import json

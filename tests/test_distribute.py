@@ -117,23 +117,26 @@ def _free_ports(count):
     return ports
 
 
-def _launch_workers(tmp_path, tag, epochs, exit_after_epoch=None):
+def _launch_workers(tmp_path, tag, epochs, exit_after_epoch=None, script="distributed_run.py",
+                    args_of=None):
     ports = _free_ports(2)
     cluster = {"worker": [f"localhost:{p}" for p in ports]}
     procs = []
     for index in range(2):
         env = _env(TF_CONFIG=json.dumps({"cluster": cluster,
                                          "task": {"type": "worker", "index": index}}))
-        args = [sys.executable, str(HERE / "distributed_run.py"), "--model", "tiny",
-                "--strategy", "multiworker", "--steps", "1", "--epochs", str(epochs),
-                "--backup-dir", str(tmp_path / f"backup{index}"),
-                "--out", str(tmp_path / f"{tag}{index}.npz")]
+        if args_of is not None:
+            args = args_of(index)
+        else:
+            args = ["--model", "tiny", "--strategy", "multiworker", "--steps", "1",
+                    "--epochs", str(epochs), "--backup-dir", str(tmp_path / f"backup{index}"),
+                    "--out", str(tmp_path / f"{tag}{index}.npz")]
         if exit_after_epoch is not None and index == 1:
             args += ["--exit-after-epoch", str(exit_after_epoch)]
         # files, not pipes: a blocked pipe must not stall a worker
         log = open(tmp_path / f"{tag}{index}.log", "w+")
-        procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, text=True))
+        procs.append(subprocess.Popen([sys.executable, str(HERE / script), *args], cwd=ROOT,
+                                      env=env, stdout=log, stderr=subprocess.STDOUT, text=True))
         procs[-1].log = log
     return procs
 
@@ -177,6 +180,64 @@ def test_two_worker_run_agrees_and_resumes_after_a_kill(tmp_path):
     for name in (k for k in first.files if k.startswith("w")):
         np.testing.assert_allclose(first[name], second[name], rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(first[name], one_device[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_worker_run_evaluates_on_the_chief_only(tmp_path):
+    """``kdet.training.train`` of the tiny detector on two ``MultiWorkerMirroredStrategy``
+    workers with a validation set (shapes, 8 images), 2 epochs of 2 steps: the chief logs
+    the 12 COCO numbers at each epoch end and keeps ``best.keras``, the other worker logs
+    none and saves no best model, nobody deadlocks while the chief evaluates (bounded by
+    the timeout), and the chief's last numbers are those of ``last.keras`` evaluated on
+    one device. ~1 min."""
+    if backend() != "tensorflow":
+        pytest.skip("MultiWorkerMirroredStrategy is TensorFlow's")
+    import csv
+
+    import keras
+
+    out = tmp_path / "run"
+    procs = _launch_workers(tmp_path, "eval", epochs=2, script="distributed_train.py",
+                            args_of=lambda index: ["--output-dir", str(out)])
+    try:
+        for p in procs:
+            assert p.wait(timeout=600) == 0, _log(p)[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+    def rows(path):
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    chief, other = rows(out / "history.csv"), rows(out / "worker1" / "history.csv")
+    assert [r["epoch"] for r in chief] == [r["epoch"] for r in other] == ["1", "2"]
+    names = [k for k in chief[0] if k.startswith("val_")]
+    assert len(names) == 12
+    assert all(r[k] != "" for r in chief for k in names)
+    assert all(r[k] == "" for r in other for k in names)  # the other worker evaluates nothing
+    aps = [float(r["val_AP"]) for r in chief]
+    assert max(aps) > 0  # a score that can differ
+    best = json.loads((out / "best.keras.json").read_text())
+    assert best["best"] == pytest.approx(max(aps)) and best["epoch"] == 1 + int(np.argmax(aps))
+    assert (out / "best.keras").is_file() and not (out / "worker1" / "best.keras").exists()
+
+    # the final weights evaluated on one device, as train() evaluates (kdet's COCO evaluator,
+    # equal to pycocotools: tests/test_metrics_coco.py)
+    import tiny_detector
+    from kdet.metrics import COCOEvalCallback
+    from kdet.workflow import data as wdata
+    _, val = wdata.read_datasets({"format": "shapes", "num_images": 16, "val_num_images": 8,
+                                  "image_size": tiny_detector.SIZE, "seed": 0})
+    model = tiny_detector.TinyDetector()
+    model.load_weights(out / "last.keras")
+    evaluation = COCOEvalCallback(
+        wdata.evaluation_batches(val, tiny_detector.SIZE, 4), val.coco_ground_truth(),
+        category_ids=val.category_ids, scale_key="scale", verbose=0)
+    one_device = evaluation.scalar_logs(evaluation.evaluate(model))
+    for name in names:
+        assert float(chief[-1][name]) == pytest.approx(one_device[name], abs=1e-9), name
+    keras.backend.clear_session()
 
 
 # ------------------------------------------------------------- in-process, one device
