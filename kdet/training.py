@@ -32,6 +32,7 @@ command again resumes at the last finished epoch, with the same data order
 and augmentation as an uninterrupted run (epoch-indexed pipeline, see
 :mod:`kdet.workflow.data`).
 """
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -177,10 +178,11 @@ def train(config, *, model=None, datasets=None, extra_callbacks=(), config_path=
     strategy = distribute.make_strategy(settings["strategy"])
     distribute.check_global_batch(settings["batch_size"], strategy)
     with strategy.scope():
-        return _train_in_scope(settings, model, datasets, extra_callbacks, started)
+        with contextlib.ExitStack() as scopes:
+            return _train_in_scope(settings, model, datasets, extra_callbacks, started, scopes)
 
 
-def _train_in_scope(settings, model, datasets, extra_callbacks, started):
+def _train_in_scope(settings, model, datasets, extra_callbacks, started, scopes):
     import keras
 
     from kdet import distribute
@@ -215,6 +217,12 @@ def _train_in_scope(settings, model, datasets, extra_callbacks, started):
                             num_keypoints=train_ds.num_keypoints or None)
     if settings["sync_batch_norm"]:
         distribute.synchronize_batch_norm(model)
+    if settings["strategy"] == "modelparallel":
+        # the layout map names the built model's variables: split them in a rebuilt copy
+        distribution = distribute.make_model_parallel(model, settings["model_parallel_size"])
+        distribute.check_global_batch(settings["batch_size"], distribution)
+        scopes.enter_context(distribution.scope())
+        model = distribute.rebuild(model)
     if model_annotations(model) != (annotations or ()) and datasets is None:
         annotations = model_annotations(model)
         train_ds, val_ds = wdata.read_datasets(settings, annotations=annotations)
