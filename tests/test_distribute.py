@@ -341,3 +341,84 @@ def test_train_settings_strategy_and_sync_batch_norm():
     assert resolve("train", file_config={"format": "shapes"})["strategy"] == "none"
     with pytest.raises(ValueError):
         resolve("train", file_config={"format": "shapes", "strategy": "horovod"})
+
+
+def test_model_parallel_layout_map_splits_output_channels():
+    """Every variable has its entry: kernels and vectors split on their output channels
+    (a depthwise kernel on its channels) where the model axis divides them and they are
+    large enough, the rest replicated."""
+    import keras
+
+    from kdet import distribute
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(64, 3, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.DepthwiseConv2D(3, name="dw")(x)
+    x = keras.layers.Conv2D(66, 1, name="odd")(x)  # 66 = 2 * 33: does not split over 4
+    x = keras.layers.Conv2D(8, 1, name="small")(x)  # under the 64-channel minimum
+    model = keras.Model(inputs, keras.layers.Dense(128, name="dense")(x))
+    mesh = keras.distribution.DeviceMesh((1, 4), ("batch", "model"),
+                                         devices=[f"cpu:{i}" for i in range(4)])
+    layout = distribute.model_parallel_layout_map(model, mesh)
+    assert set(layout) == {v.path for v in model.weights}
+    expected = {
+        "conv/kernel": (None, None, None, "model"), "conv/bias": ("model",),
+        "bn/gamma": ("model",), "bn/moving_variance": ("model",),
+        "dw/kernel": (None, None, "model", None), "dw/bias": ("model",),
+        "odd/kernel": (None, None, None, None), "odd/bias": (None,),
+        "small/kernel": (None, None, None, None),
+        "dense/kernel": (None, "model"), "dense/bias": ("model",)}
+    for path, axes in expected.items():
+        assert tuple(layout[path].axes) == axes, path
+
+
+def test_outside_strategy_runs_without_the_scope():
+    from kdet import distribute
+    if backend() != "tensorflow":
+        pytest.skip("tf.distribute scopes are TensorFlow's")
+    import tensorflow as tf
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        assert tf.distribute.has_strategy()
+        assert distribute.outside_strategy(tf.distribute.has_strategy) is False
+        with pytest.raises(KeyError):
+            distribute.outside_strategy(lambda: {}["missing"])
+
+
+def test_chief_evaluation_only_on_the_chief_and_on_a_twin():
+    """The chief's evaluation predicts with a single-device twin holding the model's
+    weights (the numbers equal the model's own); another worker evaluates nothing."""
+    if backend() != "tensorflow":
+        pytest.skip("ChiefEvaluation serves MultiWorkerMirroredStrategy, TensorFlow's")
+    import keras
+
+    import tiny_detector
+    from kdet.metrics import COCOEvalCallback
+    from kdet.workflow.callbacks import ChiefEvaluation
+    keras.utils.set_random_seed(1)
+    model = tiny_detector.TinyDetector()
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    gt = {"images": [{"id": i, "width": 64, "height": 64} for i in (1, 2)],
+          "categories": [{"id": c + 1, "name": str(c)} for c in range(3)],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [8, 8, 20, 20],
+                           "area": 400, "iscrowd": 0},
+                          {"id": 2, "image_id": 2, "category_id": 2, "bbox": [30, 20, 24, 30],
+                           "area": 720, "iscrowd": 0}]}
+    data = [(images, {"image_id": np.array([1, 2])})]
+
+    def make():
+        return COCOEvalCallback(data, gt, category_ids=[1, 2, 3], verbose=0)
+    direct = make()
+    expected = direct.scalar_logs(direct.evaluate(model))
+    for chief in (True, False):
+        evaluation = make()
+        callback = ChiefEvaluation(evaluation, chief=chief)
+        callback.set_model(model)
+        logs = {}
+        callback.on_epoch_end(0, logs)
+        if chief:
+            assert evaluation.model is not model and evaluation.model is callback._twin
+            assert logs == pytest.approx(expected)
+        else:
+            assert logs == {} and evaluation.last_results is None
