@@ -147,7 +147,9 @@ def model_parallel_layout_map(model, device_mesh, axis="model", min_size=64):
     all ``None``) under its exact path, so each look-up is a dict hit (a missing key would
     be matched against every key as a regular expression); the paths are known once the
     model is built, so build it once without the distribution to read them, then again in
-    its scope (:func:`make_model_parallel`, :func:`rebuild`).
+    its scope (:func:`make_model_parallel`, :func:`rebuild`). That needs paths that do not
+    change from one build to the next (kdet's models name their layers; a layer named
+    ``conv2d_3`` by Keras' counter gets another name in the second build and stays whole).
     """
     size = int(device_mesh.shape[device_mesh.axis_names.index(axis)])
     layout_map = keras.distribution.LayoutMap(device_mesh)
