@@ -29,7 +29,10 @@ parser.add_argument("--model-axis", type=int, default=2,
 parser.add_argument("--steps", type=int, default=3)
 parser.add_argument("--epochs", type=int, default=1)
 parser.add_argument("--batch-size", type=int, default=4)
-parser.add_argument("--jit-compile", type=int, default=0)
+parser.add_argument("--jit-compile", type=int, default=None,
+                    help="default: on for JAX (eager JAX runs every op on the sharded arrays "
+                         "as its own program; on 2 host devices their all-reduces can hang), "
+                         "off for TF")
 parser.add_argument("--learning-rate", type=float, default=0.01)
 parser.add_argument("--local-normalizer", action="store_true")
 parser.add_argument("--freeze-bn", type=int, default=0,
@@ -136,7 +139,8 @@ def main():
         model = build_model() if template is None else adjust(distribute.rebuild(template))
         initial = [np.asarray(keras.ops.convert_to_numpy(w)) for w in model.weights]
         model.compile(optimizer=keras.optimizers.SGD(args.learning_rate, momentum=0.9),
-                      jit_compile=bool(args.jit_compile))
+                      jit_compile=bool(backend == "jax" if args.jit_compile is None
+                                       else args.jit_compile))
         losses, batch_ends, cpu_ends = [], [], []
 
         def record(batch, logs):
