@@ -6,6 +6,9 @@ kdet adds no training loop of its own: ``model.fit`` runs under
 * ``"multiworker"``: ``tf.distribute.MultiWorkerMirroredStrategy`` (TF backend, several
   hosts described by the ``TF_CONFIG`` environment variable);
 * ``"dataparallel"``: ``keras.distribution.DataParallel`` (JAX backend, the visible devices);
+* ``"modelparallel"``: ``keras.distribution.ModelParallel`` (JAX backend): a
+  ``(batch, model)`` mesh of the visible devices, the channels of every big kernel split
+  over ``model`` (:func:`model_parallel_layout_map`, made for the largest EfficientDet);
 * ``"none"``: one device.
 
 Build, compile and fit inside ``strategy.scope()`` (:func:`make_strategy`). The batch
@@ -35,8 +38,9 @@ import os
 
 import keras
 
-STRATEGIES = ("none", "mirrored", "multiworker", "dataparallel")
-_BACKEND_OF = {"mirrored": "tensorflow", "multiworker": "tensorflow", "dataparallel": "jax"}
+STRATEGIES = ("none", "mirrored", "multiworker", "dataparallel", "modelparallel")
+_BACKEND_OF = {"mirrored": "tensorflow", "multiworker": "tensorflow", "dataparallel": "jax",
+               "modelparallel": "jax"}
 
 
 class _SingleDevice:
@@ -56,6 +60,8 @@ def make_strategy(name="none", devices=None):
     (``"mirrored"``: TF device names, ``"dataparallel"``: JAX devices or their
     ``"cpu:0"``-style names); all visible ones by default. ``"multiworker"`` reads the
     cluster from ``TF_CONFIG`` and must be made before any other TF op runs.
+    ``"modelparallel"`` needs the model's variables: here it is one device's placement, the
+    distribution is :func:`make_model_parallel` of the built model.
     """
     if name not in STRATEGIES:
         raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {name!r}")
@@ -111,7 +117,80 @@ def num_replicas(strategy):
     """Replicas (devices, all workers together) a global batch is split over."""
     if isinstance(strategy, keras.distribution.DataParallel):
         return int(strategy.device_mesh.devices.size)
+    if isinstance(strategy, keras.distribution.ModelParallel):
+        mesh = strategy.device_mesh
+        return int(mesh.shape[mesh.axis_names.index(strategy.batch_dim_name)])
     return int(strategy.num_replicas_in_sync)
+
+
+def _channel_axis(shape):
+    """The output-channel axis of a variable of ``shape``: the last one of a conv or dense
+    kernel and of a vector (bias, batch-norm scale / offset / statistics), the input one of
+    a depthwise kernel ``[kh, kw, C, 1]``; None for the rest (scalars)."""
+    if len(shape) == 4:
+        return 2 if shape[3] == 1 else 3
+    if len(shape) in (1, 2):
+        return len(shape) - 1
+    return None
+
+
+def model_parallel_layout_map(model, device_mesh, axis="model", min_size=64):
+    """A ``keras.distribution.LayoutMap`` splitting ``model``'s variables over the ``axis``
+    of ``device_mesh`` along their output channels; the rest is replicated.
+
+    Made for EfficientDet (D7x: 77 M parameters): every conv, separable-conv (depthwise on
+    its channels, pointwise on its outputs) and head kernel and every batch-norm vector of
+    the backbone, BiFPN and heads whose channel count the axis size divides (and is at
+    least ``min_size``: small vectors are not worth a collective); a channel count that
+    does not divide stays whole. A conv followed by its batch norm is split the same way,
+    so the norm needs no communication. Every variable has its entry (replicated:
+    all ``None``) under its exact path, so each look-up is a dict hit (a missing key would
+    be matched against every key as a regular expression); the paths are known once the
+    model is built, so build it once without the distribution to read them, then again in
+    its scope (:func:`make_model_parallel`, :func:`rebuild`). That needs paths that do not
+    change from one build to the next (kdet's models name their layers; a layer named
+    ``conv2d_3`` by Keras' counter gets another name in the second build and stays whole).
+    """
+    size = int(device_mesh.shape[device_mesh.axis_names.index(axis)])
+    layout_map = keras.distribution.LayoutMap(device_mesh)
+    for variable in model.weights:
+        shape = tuple(variable.shape)
+        channel = _channel_axis(shape)
+        spec = [None] * len(shape)
+        if channel is not None and shape[channel] >= min_size and shape[channel] % size == 0:
+            spec[channel] = axis
+        layout_map[variable.path] = tuple(spec)
+    return layout_map
+
+
+def make_model_parallel(model, model_axis_size=2, devices=None):
+    """``keras.distribution.ModelParallel`` over a ``(batch, model)`` mesh of ``devices``
+    (all visible ones by default) with ``model_axis_size`` devices on ``model``: each
+    batch is split over the ``len(devices) / model_axis_size`` rows, each row holds
+    one copy of the model split over its ``model_axis_size`` devices
+    (:func:`model_parallel_layout_map` of ``model``). Build the model again in the
+    distribution's ``scope()`` (:func:`rebuild`) and fit there.
+    """
+    import numpy as np
+
+    devices = list(devices if devices is not None else keras.distribution.list_devices())
+    size = int(model_axis_size)
+    if size < 1 or len(devices) % size:
+        raise ValueError(f"model_axis_size={model_axis_size} must divide the "
+                         f"{len(devices)} devices")
+    mesh = keras.distribution.DeviceMesh(
+        shape=(len(devices) // size, size), axis_names=("batch", "model"),
+        devices=np.asarray(devices).reshape(len(devices) // size, size))
+    return keras.distribution.ModelParallel(
+        layout_map=model_parallel_layout_map(model, mesh), batch_dim_name="batch")
+
+
+def rebuild(model):
+    """A new ``model`` of the same class and config with its weights, its variables made
+    where the current ``tf.distribute`` / ``keras.distribution`` scope puts them."""
+    twin = type(model).from_config(model.get_config())
+    twin.set_weights(model.get_weights())
+    return twin
 
 
 def check_global_batch(batch_size, strategy):
@@ -138,6 +217,34 @@ def is_chief():
     if kind == "chief":
         return True
     return kind == "worker" and index == 0 and "chief" not in config.get("cluster", {})
+
+
+def outside_strategy(function, *args, **kwargs):
+    """``function(*args, **kwargs)`` with no ``tf.distribute`` strategy in effect; returns
+    its result (raises its exception).
+
+    For what the chief of a ``MultiWorkerMirroredStrategy`` run does alone (evaluation,
+    the best checkpoint): inside the strategy's scope, saving a model and predicting are
+    collective (a save broadcasts from the chief, ``predict`` gathers over the workers:
+    a worker that does not take part blocks both), outside it they are local. TensorFlow
+    keeps the strategy scope per thread, so the function runs in a thread of its own; the
+    caller waits for it. Reading a mirrored variable there gives this worker's copy.
+    """
+    import threading
+
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = function(*args, **kwargs)
+        except BaseException as error:  # re-raised in the caller's thread
+            outcome["error"] = error
+    thread = threading.Thread(target=run, name="kdet-outside-strategy")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
 
 
 def worker_index():

@@ -32,6 +32,7 @@ command again resumes at the last finished epoch, with the same data order
 and augmentation as an uninterrupted run (epoch-indexed pipeline, see
 :mod:`kdet.workflow.data`).
 """
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -70,7 +71,8 @@ def coco_stat_names():
 
 
 def default_callbacks(model, output_dir, *, val_dataset=None, val_batches=None, eval_every=1,
-                      resume_epoch=0, tensorboard=True, verbose=1, use_ema=None):
+                      resume_epoch=0, tensorboard=True, verbose=1, use_ema=None,
+                      multi_worker=False):
     """The callbacks ``kdet train`` uses, in the order they must run.
 
     ``[TerminateOnNaN, AtomicBackupAndRestore(<out>/backup), EMAWeightsAtEpochEnd
@@ -90,6 +92,9 @@ def default_callbacks(model, output_dir, *, val_dataset=None, val_batches=None, 
             ``best.keras`` alone.
         resume_epoch: epochs already finished (from the backup): keeps the best
             value of ``best.keras`` (``history.csv`` is rewritten from the backup).
+        multi_worker: a ``MultiWorkerMirroredStrategy`` run: the evaluation and
+            ``best.keras`` happen on the chief only (:class:`kdet.workflow.callbacks.
+            ChiefEvaluation`); the other workers log no validation metrics.
     """
     import keras
 
@@ -107,14 +112,20 @@ def default_callbacks(model, output_dir, *, val_dataset=None, val_batches=None, 
     if val_dataset is not None:
         if val_batches is None:
             raise ValueError("val_dataset needs val_batches (evaluation_batches(val_dataset, ...))")
-        callbacks.append(COCOEvalCallback(
+        evaluation = COCOEvalCallback(
             val_batches, val_dataset.coco_ground_truth(), every_n_epochs=eval_every,
             category_ids=val_dataset.category_ids, scale_key="scale",
-            verbose=1 if verbose else 0))
+            verbose=1 if verbose else 0)
         best = cb.read_best(best_path, "val_AP") if resume_epoch else None
-        callbacks.append(cb.AtomicModelCheckpoint(
+        best_checkpoint = cb.AtomicModelCheckpoint(
             best_path, monitor="val_AP", mode="max", save_best_only=True,
-            initial_value_threshold=best, verbose=0))
+            initial_value_threshold=best, verbose=0)
+        if multi_worker:
+            from kdet import distribute
+            callbacks.append(cb.ChiefEvaluation(evaluation, best_checkpoint,
+                                                chief=distribute.is_chief()))
+        else:
+            callbacks += [evaluation, best_checkpoint]
         keys += ["val_" + name for name in coco_stat_names()]
     callbacks += [
         cb.FiniteLossCheckpoint(os.path.join(output_dir, LAST), save_best_only=False, verbose=0),
@@ -152,7 +163,9 @@ def train(config, *, model=None, datasets=None, extra_callbacks=(), config_path=
     Args:
         config: settings (``kdet train`` flags as keys); missing ones take
             their defaults, unknown ones raise ``ValueError``.
-        model: use this (compiled or not) model instead of building one.
+        model: use this (compiled or not) model instead of building one, or a function
+            of no arguments returning it, called inside the strategy's scope (a
+            ``multiworker`` or ``mirrored`` model must be built there).
         datasets: ``(train, val)`` kdet datasets instead of reading them.
         extra_callbacks: appended after the defaults.
     """
@@ -165,10 +178,11 @@ def train(config, *, model=None, datasets=None, extra_callbacks=(), config_path=
     strategy = distribute.make_strategy(settings["strategy"])
     distribute.check_global_batch(settings["batch_size"], strategy)
     with strategy.scope():
-        return _train_in_scope(settings, model, datasets, extra_callbacks, started)
+        with contextlib.ExitStack() as scopes:
+            return _train_in_scope(settings, model, datasets, extra_callbacks, started, scopes)
 
 
-def _train_in_scope(settings, model, datasets, extra_callbacks, started):
+def _train_in_scope(settings, model, datasets, extra_callbacks, started, scopes):
     import keras
 
     from kdet import distribute
@@ -179,6 +193,9 @@ def _train_in_scope(settings, model, datasets, extra_callbacks, started):
                                       model_recipe, required_annotations, resolve_jit_compile)
 
     seed = int(settings["seed"])
+    if model is not None and not isinstance(model, keras.Model):
+        keras.utils.set_random_seed(seed)  # initial weights
+        model = model()  # a factory: the model's variables belong to the strategy
     # masks / keypoints: read when the named model trains on them (a .keras or zoo model:
     # known once loaded, the data is then read again below)
     annotations = required_annotations(settings["model"]) if model is None else \
@@ -200,6 +217,12 @@ def _train_in_scope(settings, model, datasets, extra_callbacks, started):
                             num_keypoints=train_ds.num_keypoints or None)
     if settings["sync_batch_norm"]:
         distribute.synchronize_batch_norm(model)
+    if settings["strategy"] == "modelparallel":
+        # the layout map names the built model's variables: split them in a rebuilt copy
+        distribution = distribute.make_model_parallel(model, settings["model_parallel_size"])
+        distribute.check_global_batch(settings["batch_size"], distribution)
+        scopes.enter_context(distribution.scope())
+        model = distribute.rebuild(model)
     if model_annotations(model) != (annotations or ()) and datasets is None:
         annotations = model_annotations(model)
         train_ds, val_ds = wdata.read_datasets(settings, annotations=annotations)
@@ -210,8 +233,9 @@ def _train_in_scope(settings, model, datasets, extra_callbacks, started):
     output_dir = settings["output_dir"]
     multiworker = settings["strategy"] == "multiworker"
     if multiworker and not distribute.is_chief():
-        # every worker saves (the saves are collective), the chief into output_dir, the others
-        # into their own folder (their backup lets them resume with the chief)
+        # every worker saves the backup and last.keras (in the strategy's scope the saves are
+        # collective), the chief into output_dir, the others into their own folder (their
+        # backup lets them resume with the chief); best.keras: the chief alone
         output_dir = os.path.join(output_dir, f"worker{distribute.worker_index()}")
     os.makedirs(output_dir, exist_ok=True)
     backup_dir = os.path.join(output_dir, BACKUP)
@@ -250,23 +274,18 @@ def _train_in_scope(settings, model, datasets, extra_callbacks, started):
         max_boxes=settings["max_boxes"], deterministic=settings["deterministic"],
         annotations=annotations)
     val_batches = None
-    if val_ds is not None and multiworker:
-        # model.predict of a multi-worker model gathers over all workers, so evaluation during
-        # fit would block the chief; evaluate best/last.keras with `kdet eval` afterwards
-        if settings["verbose"]:
-            print("strategy multiworker: no evaluation during training (run `kdet eval` on "
-                  "last.keras)", flush=True)
-        val_ds = None
     if val_ds is not None:
         val_batches = wdata.evaluation_batches(val_ds, image_size, batch_size,
                                                max_boxes=settings["max_boxes"])
     callbacks = default_callbacks(
         model, output_dir, val_dataset=val_ds, val_batches=val_batches,
         eval_every=settings["eval_every"], resume_epoch=first_epoch,
-        tensorboard=settings["tensorboard"], verbose=settings["verbose"]) + list(extra_callbacks)
+        tensorboard=settings["tensorboard"], verbose=settings["verbose"],
+        multi_worker=multiworker) + list(extra_callbacks)
     guard = None
-    if settings["time_budget"]:
-        # keeps the deadline when the machine slows down after the plan (a resumed run too)
+    if settings["time_budget"] and not multiworker:
+        # keeps the deadline when the machine slows down after the plan (a resumed run too);
+        # not across workers: each would judge its own clock and their step counters split
         guard = deadline_guard(settings["time_budget"], started, epochs, steps,
                                verbose=settings["verbose"])
         callbacks.append(guard)

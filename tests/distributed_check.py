@@ -26,7 +26,12 @@ args = parser.parse_args()
 BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow")
 if BACKEND == "jax":
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_force_host_platform_device_count=2")
+                               + " --xla_force_host_platform_device_count=2"
+                               # the host "devices" are threads: on a loaded machine one
+                               # reaches a collective long after the other, past XLA's
+                               # default 40 s (it then aborts the process)
+                               + " --xla_cpu_collective_call_terminate_timeout_seconds=1200"
+                               + " --xla_cpu_collective_timeout_seconds=1200")
 else:
     import tensorflow as tf
     tf.config.set_logical_device_configuration(

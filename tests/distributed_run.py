@@ -24,10 +24,15 @@ parser.add_argument("--model", choices=("efficientdet", "fasterrcnn", "tiny"), r
 parser.add_argument("--replicas", type=int, default=1)
 parser.add_argument("--strategy", default=None,
                     help="mirrored | multiworker | dataparallel | none (default: by replicas)")
+parser.add_argument("--model-axis", type=int, default=2,
+                    help="modelparallel: devices on the mesh's 'model' axis")
 parser.add_argument("--steps", type=int, default=3)
 parser.add_argument("--epochs", type=int, default=1)
 parser.add_argument("--batch-size", type=int, default=4)
-parser.add_argument("--jit-compile", type=int, default=0)
+parser.add_argument("--jit-compile", type=int, default=None,
+                    help="default: on for JAX (eager JAX runs every op on the sharded arrays "
+                         "as its own program; on 2 host devices their all-reduces can hang), "
+                         "off for TF")
 parser.add_argument("--learning-rate", type=float, default=0.01)
 parser.add_argument("--local-normalizer", action="store_true")
 parser.add_argument("--freeze-bn", type=int, default=0,
@@ -41,7 +46,12 @@ args = parser.parse_args()
 backend = os.environ.get("KERAS_BACKEND", "tensorflow")
 if backend == "jax":
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + f" --xla_force_host_platform_device_count={args.replicas}")
+                               + f" --xla_force_host_platform_device_count={args.replicas}"
+                               # the host "devices" are threads: on a loaded machine one
+                               # reaches a collective long after the other, past XLA's
+                               # default 40 s (it then aborts the process)
+                               + " --xla_cpu_collective_call_terminate_timeout_seconds=1200"
+                               + " --xla_cpu_collective_timeout_seconds=1200")
     import jax
     jax.config.update("jax_threefry_partitionable", False)  # as tests/conftest.py
 else:
@@ -95,6 +105,10 @@ def build_model():
                            rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=64,
                            rpn_batch_size_per_image=8192, rpn_positive_fraction=0.5,
                            box_batch_size_per_image=1024, box_positive_fraction=1.0, seed=0)
+    return adjust(model)
+
+
+def adjust(model):
     for layer in model._flatten_layers():
         if args.freeze_bn and isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
@@ -113,18 +127,26 @@ def main():
         detector.all_replicas_sum = distribute.all_replicas_sum
     num_images = args.steps * args.batch_size
     images, targets = make_data(num_images, args.batch_size)
+    template = None
+    if name == "modelparallel":
+        # the layout map needs the variables' paths: build on one device first
+        keras.utils.set_random_seed(0)
+        template = build_model()
+        strategy = distribute.make_model_parallel(template, args.model_axis)
     distribute.check_global_batch(args.batch_size, strategy)
     with strategy.scope():
         keras.utils.set_random_seed(0)
-        model = build_model()
+        model = build_model() if template is None else adjust(distribute.rebuild(template))
         initial = [np.asarray(keras.ops.convert_to_numpy(w)) for w in model.weights]
         model.compile(optimizer=keras.optimizers.SGD(args.learning_rate, momentum=0.9),
-                      jit_compile=bool(args.jit_compile))
-        losses, batch_ends = [], []
+                      jit_compile=bool(backend == "jax" if args.jit_compile is None
+                                       else args.jit_compile))
+        losses, batch_ends, cpu_ends = [], [], []
 
         def record(batch, logs):
             losses.append(float(logs["loss"]))
             batch_ends.append(time.perf_counter())
+            cpu_ends.append(time.process_time())  # all threads of this process
         callbacks = [keras.callbacks.LambdaCallback(on_train_batch_end=record)]
         if args.backup_dir:
             from kdet.workflow.callbacks import AtomicBackupAndRestore
@@ -153,7 +175,14 @@ def main():
     # steps/s after the first step (which traces / compiles)
     steady = ((len(batch_ends) - 1) / (batch_ends[-1] - batch_ends[0])
               if len(batch_ends) > 1 else None)
+    cpu_per_step = ((cpu_ends[-1] - cpu_ends[0]) / (len(cpu_ends) - 1)
+                    if len(cpu_ends) > 1 else None)
+    # variables split over devices: each device holds a slice of the array
+    sharded = [v.path for v in model.weights if backend == "jax"
+               and tuple(v.value.addressable_shards[0].data.shape) != tuple(v.shape)]
     print(json.dumps({"fit_seconds": seconds, "steps_per_second": steady,
+                      "cpu_seconds_per_step": cpu_per_step, "batch_size": args.batch_size,
+                      "sharded": sharded, "num_weights": len(model.weights),
                       "losses": losses, "epochs": history.epoch,
                       "replicas": distribute.num_replicas(strategy)}))
 

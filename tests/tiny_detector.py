@@ -36,6 +36,25 @@ def targets(batch, rng):
 
 
 def tiny_detector(normalizer):
+    return TinyDetector(normalizer)
+
+
+class TinyDetector(DenseDetector):
+    """The tiny detector as a model class with a config (``from_config`` rebuilds it: the
+    chief's single-device twin under ``MultiWorkerMirroredStrategy``)."""
+
+    def __init__(self, normalizer="positives_plus_one", **kwargs):
+        self.normalizer_name = normalizer
+        super().__init__(**_graph(normalizer), **kwargs)
+
+    def get_config(self):
+        return {"normalizer": self.normalizer_name, "name": self.name}
+
+    def default_optimizer(self, steps=None, learning_rate=None, **unused):
+        return keras.optimizers.SGD(learning_rate or 0.01, momentum=0.9)
+
+
+def _graph(normalizer):
     images = keras.Input((SIZE, SIZE, 3))
     x = keras.layers.Conv2D(8, STRIDE, strides=STRIDE, kernel_regularizer="l2")(images)
     x = keras.layers.BatchNormalization(synchronized=keras.backend.backend() == "tensorflow")(x)
@@ -44,10 +63,10 @@ def tiny_detector(normalizer):
     box = keras.layers.Reshape((-1, 4))(keras.layers.Conv2D(3 * 4, 1)(x))
     coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
     anchor_boxes = anchors()
-    return DenseDetector(
-        images, {"cls_logits": cls, "box_deltas": box}, num_classes=CLASSES,
+    return dict(
+        inputs=images, outputs={"cls_logits": cls, "box_deltas": box}, num_classes=CLASSES,
         image_size=(SIZE, SIZE), anchors=anchor_boxes, level_counts=(len(anchor_boxes),),
         box_coder=coder, matcher=make_matcher(0.5, 0.4, allow_low_quality=True),
         classification_loss=dict(alpha=0.25, gamma=2.0), box_loss=dict(type="smooth_l1"),
         box_loss_weight=1.0, normalizer=normalizer,
-        decoder=make_decoder(CLASSES, 0.05, 0.5, 10, 100, False, coder))
+        decoder=make_decoder(CLASSES, 0.001, 0.5, 100, 1000, False, coder))

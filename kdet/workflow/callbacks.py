@@ -178,6 +178,53 @@ class FiniteLossCheckpoint(AtomicModelCheckpoint):
         super()._save_model(epoch, batch, logs)
 
 
+class ChiefEvaluation(keras.callbacks.Callback):
+    """Evaluation (and the best checkpoint) of a ``MultiWorkerMirroredStrategy`` run, on the
+    chief alone.
+
+    ``evaluation``: a :class:`kdet.metrics.COCOEvalCallback`; ``checkpoint``: the
+    best-model checkpoint monitoring its result (after it, as in the plain list). On the
+    chief both run at each epoch end outside the strategy
+    (:func:`kdet.distribute.outside_strategy`): the evaluation predicts with a
+    single-device twin of the model (built once from its config, given the model's
+    current weights, so no collective op runs) and the checkpoint saves the training model
+    locally. The other workers do neither and log no validation metrics; they wait for the
+    chief at the next collective op of the step or the epoch-end saves, i.e. as long as
+    the evaluation takes.
+    """
+
+    def __init__(self, evaluation, checkpoint=None, chief=True):
+        super().__init__()
+        self.evaluation = evaluation
+        self.checkpoint = checkpoint
+        self.chief = bool(chief)
+        self._twin = None
+
+    def set_model(self, model):
+        super().set_model(model)
+        if self.checkpoint is not None:
+            self.checkpoint.set_model(model)
+
+    def on_train_begin(self, logs=None):
+        if self.chief and self.checkpoint is not None:
+            self.checkpoint.on_train_begin(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.chief:
+            from kdet import distribute
+            distribute.outside_strategy(self._chief_epoch_end, epoch, logs)
+
+    def _chief_epoch_end(self, epoch, logs):
+        if (epoch + 1) % self.evaluation.every_n_epochs == 0:
+            if self._twin is None:
+                self._twin = type(self.model).from_config(self.model.get_config())
+            self._twin.set_weights(self.model.get_weights())
+            self.evaluation.set_model(self._twin)
+        self.evaluation.on_epoch_end(epoch, logs)
+        if self.checkpoint is not None:
+            self.checkpoint.on_epoch_end(epoch, logs)
+
+
 def read_best(path, monitor):
     """The best value stored beside checkpoint ``path`` for ``monitor``, or ``None``."""
     sidecar = os.fspath(path) + ".json"

@@ -242,9 +242,13 @@ OPTIONS = (
                ("train", "eval", "predict", "bench")),
         Option("strategy", str, "none",
                "devices to train on: none (one), mirrored (TF, this host's GPUs), multiworker "
-               "(TF, hosts in TF_CONFIG), dataparallel (JAX, visible devices); --batch-size "
+               "(TF, hosts in TF_CONFIG), dataparallel (JAX, visible devices), modelparallel "
+               "(JAX, a (batch, model) device mesh, kernels split over model); --batch-size "
                "is the global batch, split over the devices", ("train",),
-               choices=("none", "mirrored", "multiworker", "dataparallel")),
+               choices=("none", "mirrored", "multiworker", "dataparallel", "modelparallel")),
+        Option("model_parallel_size", int, 2,
+               "modelparallel: devices that share one copy of the model (the mesh's 'model' "
+               "axis; the batch is split over devices / this)", ("train",)),
         Option("sync_batch_norm", _bool, False,
                "batch-norm statistics over all devices (TF strategies; JAX's dataparallel "
                "does this anyway)", ("train",)),
