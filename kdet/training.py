@@ -254,7 +254,7 @@ def _train_in_scope(settings, model, datasets, extra_callbacks, started, scopes)
 
     batch_size = int(settings["batch_size"])
     steps = settings["steps_per_epoch"] or wdata.default_steps_per_epoch(train_ds, batch_size)
-    jit_compile = resolve_jit_compile(settings["jit_compile"])
+    jit_compile = resolve_jit_compile(settings["jit_compile"], settings["strategy"])
     epochs, steps = _plan_length(settings, model, train_ds, val_ds, epochs, steps, first_epoch,
                                  jit_compile, started)
     settings.update(epochs=epochs, steps_per_epoch=steps)  # config.yaml: a resume reuses them

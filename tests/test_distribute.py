@@ -425,3 +425,16 @@ def test_chief_evaluation_only_on_the_chief_and_on_a_twin():
             assert logs == pytest.approx(expected)
         else:
             assert logs == {} and evaluation.last_results is None
+
+
+def test_jax_strategies_always_compile():
+    """Eager JAX steps on sharded arrays hung in an XLA CPU all-reduce: dataparallel and
+    modelparallel compile whatever the device, and refuse an explicit jit_compile=False."""
+    from kdet.workflow.models import accelerator_visible, resolve_jit_compile
+    for strategy in ("dataparallel", "modelparallel"):
+        assert resolve_jit_compile("auto", strategy) is True
+        assert resolve_jit_compile(True, strategy) is True
+        with pytest.raises(ValueError, match="needs jit_compile"):
+            resolve_jit_compile(False, strategy)
+    assert resolve_jit_compile("auto", "none") == accelerator_visible()
+    assert resolve_jit_compile(False, "mirrored") is False

@@ -24,8 +24,19 @@ def accelerator_visible():
     return any(not str(d).lower().startswith("cpu") for d in devices)
 
 
-def resolve_jit_compile(value):
-    """``"auto"``: XLA on accelerators, off on CPU (6-10x slower there; docs/training.md)."""
+def resolve_jit_compile(value, strategy=None):
+    """``"auto"``: XLA on accelerators, off on CPU (6-10x slower there; docs/training.md).
+
+    JAX's ``dataparallel`` / ``modelparallel`` compile on CPU too: run eagerly on sharded
+    arrays, each op is its own collective program and the device threads can wait for
+    each other forever (measured: an XLA CPU all-reduce reached by one of two devices).
+    """
+    if strategy in ("dataparallel", "modelparallel"):
+        if value is False:
+            raise ValueError(f"strategy {strategy!r} needs jit_compile (eager JAX steps on "
+                             "sharded arrays can deadlock in XLA's collectives): use "
+                             "--jit-compile auto or true")
+        return True
     if value == "auto" or value is None:
         return accelerator_visible()
     return bool(value)
