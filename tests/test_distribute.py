@@ -176,6 +176,17 @@ def _log(proc):
     return proc.log.read()
 
 
+def _wait_all(procs, timeout=600):
+    """Every worker exits 0 within ``timeout`` (the others are killed on the way out)."""
+    try:
+        for p in procs:
+            assert p.wait(timeout=timeout) == 0, _log(p)[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
 @pytest.mark.slow
 def test_two_worker_run_agrees_and_resumes_after_a_kill(tmp_path):
     """Two ``MultiWorkerMirroredStrategy`` workers on localhost ports train the tiny
@@ -194,13 +205,7 @@ def test_two_worker_run_agrees_and_resumes_after_a_kill(tmp_path):
         procs[0].kill()
         procs[0].wait(timeout=60)
     procs = _launch_workers(tmp_path, "resumed", epochs=3)
-    try:
-        for p in procs:
-            assert p.wait(timeout=600) == 0, _log(p)[-3000:]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    _wait_all(procs)
     reports = [json.loads(next(line for line in _log(p).splitlines()[::-1]
                                if line.startswith("{"))) for p in procs]
     assert all(r["epochs"] == [2] for r in reports), reports  # resumed: only epoch 3 ran
@@ -229,13 +234,7 @@ def test_two_worker_run_evaluates_on_the_chief_only(tmp_path):
     out = tmp_path / "run"
     procs = _launch_workers(tmp_path, "eval", epochs=2, script="distributed_train.py",
                             args_of=lambda index: ["--output-dir", str(out)])
-    try:
-        for p in procs:
-            assert p.wait(timeout=600) == 0, _log(p)[-3000:]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    _wait_all(procs)
 
     def rows(path):
         with open(path, newline="") as f:
