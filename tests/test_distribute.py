@@ -111,7 +111,14 @@ def test_efficientdet_fit_same_on_two_devices(tmp_path):
     are large at initialisation (~80 on the stem) and rounding differences grow ~10x per
     step (loss rel. diff 1e-7, 6e-6, 8e-5, 2e-4, 9e-4 over 6 steps), so only the first
     updates can be compared tightly. ~3-5 min per backend."""
-    _compare_runs("efficientdet", tmp_path, steps=2, learning_rate=0.001, freeze_bn=1)
+    _compare_runs("efficientdet", tmp_path, steps=2, learning_rate=0.001, freeze_bn=1,
+                  rtol=_EFFICIENTDET_RTOL[backend()])
+
+
+# The second loss of jitted JAX runs: one device 4.438517, two (data or model parallel)
+# 4.438050, rel. 1.05e-4 (XLA sums the sharded reductions in another order; the first
+# losses agree to 1e-7). A per-replica normaliser is off by > 5% (test above).
+_EFFICIENTDET_RTOL = {"tensorflow": 1e-4, "jax": 3e-4}
 
 
 @pytest.mark.slow
@@ -125,7 +132,8 @@ def test_efficientdet_model_parallel_same_as_one_device(tmp_path):
     if backend() != "jax":
         pytest.skip("keras.distribution.ModelParallel is the JAX backend's")
     report = _compare_runs("efficientdet", tmp_path, steps=2, learning_rate=0.001,
-                           freeze_bn=1, strategy="modelparallel", model_axis=2)
+                           freeze_bn=1, strategy="modelparallel", model_axis=2,
+                           rtol=_EFFICIENTDET_RTOL[backend()])
     sharded = set(report["sharded"])
     # really split: a device holds half of these arrays (the check reads the jax arrays'
     # shards), in each part of the network

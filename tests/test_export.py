@@ -185,6 +185,25 @@ def exported(tiny, tmp_path_factory):
     return {"saved_model": saved, "litert": tflite, "root": root}
 
 
+def test_match_detections_accepts_an_nms_near_tie_only_when_asked():
+    """NMS between two overlapping boxes whose scores differ by float rounding keeps either
+    one: with ``nms_iou`` the other box of such a pair counts as found, a clear score gap
+    does not."""
+    from kdet.export.compare import match_detections
+    ref = {"boxes": np.array([[[0., 0, 10, 10], [20, 20, 30, 30]]]),
+           "scores": np.array([[0.9, 0.5]]), "labels": np.array([[1, 1]]),
+           "num_detections": np.array([2])}
+    swapped = dict(ref, boxes=np.array([[[0.5, 0, 10.5, 10], [20, 20, 30, 30]]]),
+                   scores=np.array([[0.9004, 0.5]]))
+    assert match_detections(ref, swapped, top_k=10)[0] == 0.5
+    fraction, _, _, unmatched = match_detections(ref, swapped, top_k=10, nms_iou=0.5)
+    assert fraction == 1.0 and unmatched == []
+    gap = dict(swapped, scores=np.array([[0.95, 0.5]]))
+    assert match_detections(ref, gap, top_k=10, nms_iou=0.5)[3] == [(0, 0, 0.9, 1)]
+    relabelled = dict(swapped, labels=np.array([[2, 1]]))
+    assert match_detections(ref, relabelled, top_k=10, nms_iou=0.5)[0] == 0.5
+
+
 # ---------------------------------------------------- threshold semantics
 def test_kernel_thresholds_give_strict_semantics():
     from kdet.export.postprocess import float32_iou_threshold, kernel_iou_threshold
