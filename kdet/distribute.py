@@ -230,21 +230,10 @@ def outside_strategy(function, *args, **kwargs):
     keeps the strategy scope per thread, so the function runs in a thread of its own; the
     caller waits for it. Reading a mirrored variable there gives this worker's copy.
     """
-    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
-    outcome = {}
-
-    def run():
-        try:
-            outcome["value"] = function(*args, **kwargs)
-        except BaseException as error:  # re-raised in the caller's thread
-            outcome["error"] = error
-    thread = threading.Thread(target=run, name="kdet-outside-strategy")
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("value")
+    with ThreadPoolExecutor(1, thread_name_prefix="kdet-outside-strategy") as pool:
+        return pool.submit(function, *args, **kwargs).result()  # re-raises its exception
 
 
 def worker_index():

@@ -215,10 +215,12 @@ class ChiefEvaluation(keras.callbacks.Callback):
             distribute.outside_strategy(self._chief_epoch_end, epoch, logs)
 
     def _chief_epoch_end(self, epoch, logs):
+        from kdet import distribute
         if (epoch + 1) % self.evaluation.every_n_epochs == 0:
             if self._twin is None:
-                self._twin = type(self.model).from_config(self.model.get_config())
-            self._twin.set_weights(self.model.get_weights())
+                self._twin = distribute.rebuild(self.model)
+            else:
+                self._twin.set_weights(self.model.get_weights())
             self.evaluation.set_model(self._twin)
         self.evaluation.on_epoch_end(epoch, logs)
         if self.checkpoint is not None:
