@@ -449,6 +449,20 @@ def reference_optimizer(row, model, recipe, batch_size, epochs, steps_per_epoch)
     return optimizer, lambda epoch: scheduler.step(), per_step, recipe.global_clipnorm
 
 
+def reference_step(model, loss_fn, optimizer, clip, images, targets):
+    """One optimizer step of the reference's loop (gradient-norm clipping where its trainer
+    clips); returns the loss."""
+    import torch
+
+    loss = loss_fn(images, targets)
+    optimizer.zero_grad()
+    loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    return loss
+
+
 def run_reference(row, args, split):
     """The reference's training loop (same images seen, batch, hflip, schedule lengths as
     kdet's run: kdet.workflow.budget.plan_epochs), then its detections on the test split."""
@@ -501,12 +515,7 @@ def run_reference(row, args, split):
                         target["masks"] = target["masks"].flip(-1)
                 images.append(pixels)
                 batch_targets.append(dict(target, boxes=boxes))
-            loss = loss_fn(images, batch_targets)
-            optimizer.zero_grad()
-            loss.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            optimizer.step()
+            reference_step(model, loss_fn, optimizer, clip, images, batch_targets)
             per_step(epoch * steps_per_epoch + step)
             clock.tick()
         per_epoch(epoch)

