@@ -293,9 +293,7 @@ def _launch(job, timeout):
                    "PYTHONPATH", "").split(os.pathsep) if p]))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if job["side"] == "kdet":
-        if job.get("backend"):
-            env["KERAS_BACKEND"] = job["backend"]
-        env.setdefault("KERAS_BACKEND", "tensorflow")
+        env["KERAS_BACKEND"] = job.get("backend") or env.get("KERAS_BACKEND", "tensorflow")
     started = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-m", "kdet.workflow.peer_benchmark",
