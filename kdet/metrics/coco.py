@@ -617,21 +617,23 @@ def _pair_oks(det_kpts, gt_kpts, gt_boxes, gt_area, sigmas, pair_det, pair_gt,
     return oks
 
 
+def _mask_api_chunks(function_name, rles, shape):
+    """``maskUtils.<function_name>`` of compressed RLEs as float64 ``[N, *shape]``, called
+    on chunks of 255 (``area`` overflows on lists of more masks)."""
+    function = getattr(_mask_api(), function_name)
+    return np.concatenate([np.zeros((0,) + shape)] + [
+        np.asarray(function(rles[i:i + 255]), np.float64).reshape((-1,) + shape)
+        for i in range(0, len(rles), 255)])
+
+
 def _mask_boxes(rles):
     """``maskUtils.toBbox`` of compressed RLEs, float64 ``[N, 4]``."""
-    mask_api = _mask_api()
-    return np.concatenate([np.zeros((0, 4))] + [
-        np.asarray(mask_api.toBbox(rles[i:i + 255]), np.float64).reshape(-1, 4)
-        for i in range(0, len(rles), 255)])
+    return _mask_api_chunks("toBbox", rles, (4,))
 
 
 def _mask_areas(rles):
-    """``maskUtils.area`` of compressed RLEs, float64 (in chunks: it overflows on lists
-    of more than 255 masks)."""
-    mask_api = _mask_api()
-    return np.concatenate([np.zeros(0)] + [
-        np.asarray(mask_api.area(rles[i:i + 255]), np.float64)
-        for i in range(0, len(rles), 255)])
+    """``maskUtils.area`` of compressed RLEs, float64 ``[N]``."""
+    return _mask_api_chunks("area", rles, ())
 
 
 # --------------------------------------------------------------------------- matching
