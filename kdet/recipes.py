@@ -25,7 +25,8 @@ the reference's).
 import dataclasses
 import math
 
-__all__ = ["Recipe", "RECIPES", "make_optimizer", "describe", "schedule_lengths"]
+__all__ = ["Recipe", "RECIPES", "make_optimizer", "describe", "schedule_lengths",
+           "apply_to_model"]
 
 _TV = "pytorch/vision references/detection"
 _TV_COMMIT = "3ceb056d4c4a2d79ccdc65cbd2342b0e89a7ae47"
@@ -67,6 +68,11 @@ class Recipe:
     ema_warmup: bool = False           # automl: min(decay, (1 + t) / (10 + t))
     augmentation: str = ""
     batch_norm: str = ""
+    # What the reference sets in the model itself (apply_to_model): the backbone's BN
+    # momentum in Keras terms (None: the model's own) and the backbones (nested model
+    # name prefixes) whose stochastic depth the reference turns off.
+    backbone_batch_norm_momentum: float = None
+    drop_path_off_for: tuple = ()
     notes: str = ""
 
     def learning_rate_for(self, batch_size=None):
@@ -123,7 +129,9 @@ RECIPES = {r.name: r for r in (
         weight_decay=4e-5, decay_variables="kernels", decay_before_clip=True,
         warmup_epochs=1.0, warmup_start=0.008, global_clipnorm=10.0, variable_clipnorm=10.0,
         ema_momentum=0.9998, ema_warmup=True,
-        augmentation="hflip + scale jitter 0.1-2.0", batch_norm="momentum 0.99, epsilon 1e-3",
+        augmentation="hflip + scale jitter 0.1-2.0",
+        batch_norm="momentum 0.99, epsilon 1e-3; moving variance from the unbiased batch "
+                   "variance (TF fused batch norm; kdet.layers.BatchNormalization)",
         notes="EMA of trainable variables only (automl also averages BN statistics)"),
     Recipe(
         name="effdet",
@@ -138,7 +146,14 @@ RECIPES = {r.name: r for r in (
         scale_warmup_start=False, min_learning_rate=1e-5, cosine_epochs=300,
         global_clipnorm=10.0, ema_momentum=0.9998, ema_warmup=False,
         augmentation="hflip + random resize-crop (scale 0.1-2.0)",
-        batch_norm="momentum 0.99, epsilon 1e-3 (tf_ models)",
+        batch_norm="BiFPN and heads momentum 0.99, epsilon 1e-3 (effdet norm_kwargs "
+                   "momentum .01); backbone momentum 0.9 (timm's BatchNorm2d default 0.1, "
+                   "epsilon 1e-3 for tf_ models); moving variance from the unbiased batch "
+                   "variance (torch BatchNorm2d; kdet.layers.BatchNormalization)",
+        backbone_batch_norm_momentum=0.9,
+        # effdet/config/model_config.py: tf_efficientdet_lite* backbone_args drop_path_rate
+        # 0.0 (its D-models' 0.2 is kdet's / automl's)
+        drop_path_off_for=("efficientnet_lite",),
         notes="cooldown epochs (10, at min_lr) are not part of the schedule; EMA of trainable "
               "variables only (ModelEmaV2 also averages BN buffers)"),
     Recipe(
@@ -229,6 +244,35 @@ def make_optimizer(recipe, batch_size=None, steps=10000, steps_per_epoch=None,
         ema_warmup=recipe.ema_warmup, ema_from_initial=True)
 
 
+def apply_to_model(recipe, model):
+    """Set what ``recipe`` fixes in the model itself; returns the changes as text lines.
+
+    ``backbone_batch_norm_momentum``: the momentum of every trainable batch norm of the
+    backbone (the detector's nested backbone model); ``drop_path_off_for``: stochastic
+    depth off (its dropout layers at rate 0) in backbones whose name starts so.
+    """
+    import keras
+
+    recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
+    changes = []
+    for backbone in (layer for layer in model.layers if isinstance(layer, keras.Model)):
+        norms = [layer for layer in backbone._flatten_layers()
+                 if isinstance(layer, keras.layers.BatchNormalization)]
+        if recipe.backbone_batch_norm_momentum is not None and norms:
+            for layer in norms:
+                layer.momentum = float(recipe.backbone_batch_norm_momentum)
+            changes.append(f"  {backbone.name}: BN momentum {recipe.backbone_batch_norm_momentum}"
+                           f" ({len(norms)} layers)")
+        if backbone.name.startswith(tuple(recipe.drop_path_off_for)):
+            drops = [layer for layer in backbone._flatten_layers()
+                     if isinstance(layer, keras.layers.Dropout) and layer.rate > 0]
+            for layer in drops:
+                layer.rate = 0.0
+            if drops:
+                changes.append(f"  {backbone.name}: stochastic depth off ({len(drops)} layers)")
+    return changes
+
+
 def describe(recipe, batch_size=None, steps=None, steps_per_epoch=None):
     """Lines stating ``recipe`` (what ``kdet train`` prints at the start)."""
     recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
@@ -250,6 +294,14 @@ def describe(recipe, batch_size=None, steps=None, steps_per_epoch=None):
                      + (f"; lr x{recipe.gamma} at steps {list(milestones)}" if milestones
                         else ""))
     lines.append(f"  augmentation (reference): {recipe.augmentation}; BN: {recipe.batch_norm}")
+    model_settings = []
+    if recipe.backbone_batch_norm_momentum is not None:
+        model_settings.append(f"backbone BN momentum {recipe.backbone_batch_norm_momentum}")
+    if recipe.drop_path_off_for:
+        model_settings.append("stochastic depth off in " + ", ".join(recipe.drop_path_off_for)
+                              + " backbones")
+    if model_settings:
+        lines.append("  set on the model: " + "; ".join(model_settings))
     if recipe.notes:
         lines.append(f"  notes: {recipe.notes}")
     return lines

@@ -14,6 +14,9 @@ interpreter with two logical CPU devices (TF: ``set_logical_device_configuration
   weight regularisation) fitted 3 steps on one device and on two replicas
   (``MirroredStrategy`` / ``keras.distribution.DataParallel``) with the same global
   batch: the largest loss and weight differences, and the weight change for scale.
+* ``"batch_norm"`` (TF): kdet's synchronised ``BatchNormalization`` (momentum 0, so the
+  moving variance is the batch's unbiased variance) run on the two halves of a batch, one
+  device on the whole batch, and numpy's ``var(ddof=1)``.
 """
 import argparse
 import json
@@ -149,11 +152,30 @@ def loss_share_comparison():
     return out
 
 
+def batch_norm_comparison():
+    from kdet.layers import BatchNormalization
+    x = RNG.normal(1.0, 2.0, (4, 3, 3, 5)).astype("float32")
+    one = BatchNormalization(momentum=0.0)
+    one(x, training=True)
+    strategy = TWO_REPLICAS
+    with strategy.scope():
+        two = BatchNormalization(momentum=0.0, synchronized=True)
+        two.build(x.shape)
+    halves = strategy.experimental_distribute_values_from_function(
+        lambda context: x[2 * context.replica_id_in_sync_group:
+                          2 * context.replica_id_in_sync_group + 2])
+    tf.function(lambda h: strategy.run(lambda a: two(a, training=True), args=(h,)))(halves)
+    return {"one_device": ops.convert_to_numpy(one.moving_variance).tolist(),
+            "two_replicas": ops.convert_to_numpy(two.moving_variance).tolist(),
+            "numpy_unbiased": x.reshape(-1, x.shape[-1]).astype("float64").var(0, ddof=1).tolist()}
+
+
 # one strategy object for the whole process: a second one would reuse collective keys
 TWO_REPLICAS = distribute.make_strategy("dataparallel" if BACKEND == "jax" else "mirrored")
 result = {"backend": BACKEND, "fit": fit_comparison()}
 if BACKEND == "tensorflow":
     result["loss_shares"] = loss_share_comparison()
+    result["batch_norm"] = batch_norm_comparison()
     # what kdet did before issue #14: the counts of the replica's own slice
     # (kdet.losses imports the name: the dense normalisers' sum of positives reads it there)
     import kdet.losses as _losses

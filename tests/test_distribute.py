@@ -56,6 +56,18 @@ def test_tiny_detector_fit_same_on_two_devices(check_result):
     assert fit["max_weight_diff"] < 1e-5 * max(1.0, fit["max_weight_change"])
 
 
+def test_synchronized_batch_norm_moving_variance_is_the_global_unbiased_one(check_result):
+    """kdet's BatchNormalization with synchronized=True on two replicas: the moving variance
+    is the whole batch's unbiased variance (n = 36 values per channel, not a replica's 18),
+    the same as one device's."""
+    if backend() != "tensorflow":
+        pytest.skip("synchronized BN is tf.distribute's; under JAX DataParallel the layer "
+                    "sees the global batch (covered by the fit test)")
+    bn = check_result["batch_norm"]
+    np.testing.assert_allclose(bn["two_replicas"], bn["numpy_unbiased"], rtol=1e-5)
+    np.testing.assert_allclose(bn["one_device"], bn["numpy_unbiased"], rtol=1e-5)
+
+
 @pytest.mark.parametrize("loss", ["rpn", "fastrcnn", "mask", "keypoint",
                                   "dense_positives_per_image", "dense_positives_plus_one"])
 def test_loss_shares_add_up_to_global_loss(check_result, loss):

@@ -855,3 +855,72 @@ def test_layers_are_registered():
     for cls in (ConvNormAct, SeparableConvNormAct, FrozenBatchNormalization, ImageNormalization,
                 FPN, BiFPN, WeightedFusion, ResampleFeature, EfficientDetHead, RetinaNetHead):
         assert keras.saving.get_registered_object(f"kdet>{cls.__name__}") is cls
+
+
+# --------------------------------------------------------------------------- BatchNormalization
+def _torch_batch_norm_steps(batches, momentum, epsilon, masks=None):
+    """torch.nn.BatchNorm2d in training mode over NHWC numpy batches (rows where
+    ``masks`` is False left out, as torchvision's RoI batch has no padded rows)."""
+    bn = torch.nn.BatchNorm2d(batches[0].shape[-1], momentum=1.0 - momentum, eps=epsilon)
+    outputs = []
+    for i, x in enumerate(batches):
+        if masks is not None:
+            x = x[masks[i]]
+        outputs.append(bn(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+                       .detach().numpy())
+    return bn.running_mean.numpy(), bn.running_var.numpy(), outputs
+
+
+@needs_torchvision
+@pytest.mark.parametrize("masked", [False, True])
+def test_batch_norm_moving_statistics_equal_torch_batch_norm(masked):
+    """kdet's BatchNormalization: the output and, after 4 training calls (a batch of 1 on a
+    1 x 2 map among them: n = 2, where biased and unbiased variances differ 2x), the moving
+    mean and variance of torch.nn.BatchNorm2d (momentum 0.1 = Keras 0.9). Masked: the
+    statistics of the kept rows only, with n their count (kdet's RoI heads mask padding)."""
+    from kdet.layers import BatchNormalization
+    rng = np.random.default_rng(0)
+    shapes = [(4, 3, 3, 5), (1, 1, 2, 5), (3, 2, 2, 5), (2, 4, 1, 5)]
+    batches = [rng.normal(1.0, 2.0, s).astype("float32") for s in shapes]
+    masks = None
+    if masked:  # a mask over rows, as kdet's RoI heads pass it (>= 1 kept row; 2 in the n=2 case)
+        masks = [np.array([True, False, True, True]), np.array([True]),
+                 np.array([False, True, False]), np.array([True, True])]
+    layer = BatchNormalization(momentum=0.9, epsilon=1e-5)
+    outputs = []
+    for i, x in enumerate(batches):
+        mask = None
+        if masked:
+            mask = np.broadcast_to(masks[i][:, None, None], x.shape[:3])
+        y = to_np(layer(x, training=True, mask=mask))
+        outputs.append(y[masks[i]] if masked else y)
+    mean, var, torch_outputs = _torch_batch_norm_steps(batches, 0.9, 1e-5, masks)
+    np.testing.assert_allclose(to_np(layer.moving_mean), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_np(layer.moving_variance), var, rtol=1e-5, atol=1e-6)
+    for y, t in zip(outputs, torch_outputs):
+        np.testing.assert_allclose(y, t, rtol=1e-4, atol=1e-4)
+    # Keras' own layer keeps the biased variance: a different moving variance.
+    keras_layer = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
+    for i, x in enumerate(batches):
+        mask = np.broadcast_to(masks[i][:, None, None], x.shape[:3]) if masked else None
+        keras_layer(x, training=True, mask=mask)
+    assert np.max(np.abs(to_np(keras_layer.moving_variance) - var)) > 1e-3
+
+
+def test_batch_norm_keras_update_on_request_and_config_roundtrip():
+    """``unbiased_moving_variance=False`` is Keras' layer exactly; the flag survives
+    get_config / from_config; inference uses the moving statistics as Keras does."""
+    from kdet.layers import BatchNormalization
+    rng = np.random.default_rng(1)
+    x = rng.normal(0.0, 1.0, (2, 2, 2, 3)).astype("float32")
+    ours = BatchNormalization(unbiased_moving_variance=False, momentum=0.5)
+    theirs = keras.layers.BatchNormalization(momentum=0.5)
+    np.testing.assert_allclose(to_np(ours(x, training=True)), to_np(theirs(x, training=True)),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(to_np(ours.moving_variance), to_np(theirs.moving_variance),
+                               rtol=1e-6)
+    np.testing.assert_allclose(to_np(ours(x, training=False)), to_np(theirs(x, training=False)),
+                               rtol=1e-6, atol=1e-6)
+    clone = BatchNormalization.from_config(BatchNormalization(momentum=0.5).get_config())
+    assert clone.unbiased_moving_variance is True and clone.momentum == 0.5
+    assert BatchNormalization.from_config(ours.get_config()).unbiased_moving_variance is False

@@ -219,3 +219,34 @@ def test_learning_rate_scales_with_the_global_batch():
             peak = max(_learning_rate(optimizer, s) for s in range(0, 1000, 7))
             assert peak == pytest.approx(recipe.learning_rate / recipe.reference_batch * batch,
                                          rel=1e-2), (recipe.name, batch)
+
+
+def test_effdet_recipe_sets_timm_backbone_batch_norm_and_lite_stochastic_depth():
+    """What effdet sets in the model itself: timm builds the backbone with BatchNorm2d's
+    default momentum 0.1 (Keras 0.9; effdet's BiFPN and heads use 0.01 = Keras 0.99), and
+    its tf_efficientdet_lite configs have drop_path_rate 0. ``make_optimizer`` (what
+    ``kdet train`` calls) applies it; the automl recipe keeps automl's 0.99 and 0.2."""
+    from kdet.models import EfficientDet
+    from kdet.workflow.models import make_optimizer
+
+    def settings_of(model):
+        backbone = model.get_layer("efficientnet_lite0")
+        momenta = {layer.momentum for layer in backbone._flatten_layers()
+                   if isinstance(layer, keras.layers.BatchNormalization)}
+        head = {layer.momentum for layer in model.get_layer("class_net")._flatten_layers()
+                if isinstance(layer, keras.layers.BatchNormalization)}
+        drops = [layer.rate for layer in backbone._flatten_layers()
+                 if isinstance(layer, keras.layers.Dropout)]
+        return momenta, head, max(drops)
+
+    for recipe, want in (("automl", ({0.99}, {0.99}, 0.2 * 14 / 16)),  # block 14 of 16: the last with a skip
+                         ("effdet", ({0.9}, {0.99}, 0.0))):
+        model = EfficientDet(phi="lite0", num_classes=2, image_size=64)
+        assert settings_of(model)[2] > 0.1  # kdet's default: automl's stochastic depth
+        make_optimizer(model, {"recipe": recipe, "batch_size": 2}, total_steps=10)
+        momenta, head, drop = settings_of(model)
+        assert momenta == want[0] and head == want[1]
+        assert drop == pytest.approx(want[2])
+    lines = recipes.describe("effdet")
+    assert any("backbone BN momentum 0.9" in line and "stochastic depth off" in line
+               for line in lines)

@@ -1,11 +1,13 @@
 """A tiny ``DenseDetector`` for the distribution tests: 64 px images, one conv level of
-stride 8 with 3 anchors per cell (192 anchors), batch norm (synchronised on TF) and an L2
-weight regulariser, so every part of ``compute_loss`` that depends on the replicas is used.
+stride 8 with 3 anchors per cell (192 anchors), batch norm (kdet's, with the unbiased moving
+variance; synchronised on TF) and an L2 weight regulariser, so every part of ``compute_loss``
+that depends on the replicas is used.
 """
 import keras
 import numpy as np
 
 from kdet.boxes import BoxCoder
+from kdet.layers import BatchNormalization
 from kdet.models.detector import DenseDetector, make_decoder, make_matcher
 
 SIZE, STRIDE, CLASSES = 64, 8, 3
@@ -57,7 +59,7 @@ class TinyDetector(DenseDetector):
 def _graph(normalizer):
     images = keras.Input((SIZE, SIZE, 3))
     x = keras.layers.Conv2D(8, STRIDE, strides=STRIDE, kernel_regularizer="l2")(images)
-    x = keras.layers.BatchNormalization(synchronized=keras.backend.backend() == "tensorflow")(x)
+    x = BatchNormalization(synchronized=keras.backend.backend() == "tensorflow")(x)
     x = keras.layers.Activation("relu")(x)
     cls = keras.layers.Reshape((-1, CLASSES))(keras.layers.Conv2D(3 * CLASSES, 1)(x))
     box = keras.layers.Reshape((-1, 4))(keras.layers.Conv2D(3 * 4, 1)(x))

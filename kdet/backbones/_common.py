@@ -32,7 +32,8 @@ def make_norm(norm, epsilon, momentum, name):
     ``momentum`` is in Keras terms (PyTorch's 0.1 is Keras' 0.9).
     """
     if norm == "batch":
-        return keras.layers.BatchNormalization(epsilon=epsilon, momentum=momentum, name=name)
+        from kdet.layers import BatchNormalization
+        return BatchNormalization(epsilon=epsilon, momentum=momentum, name=name)
     if norm == "frozen_batch":
         from kdet.layers import FrozenBatchNormalization
         return FrozenBatchNormalization(epsilon=epsilon, name=name)

@@ -31,6 +31,7 @@ import keras
 
 from kdet.backbones._common import (check_return_levels, conv_initializer, feature_model,
                                     load_torch_state_dict, load_weights_file)
+from kdet.layers.normalization import BatchNormalization
 
 _LEVELS = (1, 2, 3, 4, 5)
 # Stage index (0-based, of 7) whose output is level C<n>.
@@ -167,8 +168,8 @@ def _lite_dwconv(kernel_size, strides, name):
 
 
 def _bn(name):
-    return keras.layers.BatchNormalization(epsilon=_BN_EPSILON, momentum=_BN_MOMENTUM,
-                                           name=name)
+    return BatchNormalization(epsilon=_BN_EPSILON, momentum=_BN_MOMENTUM,
+                              name=name)
 
 
 def _relu6(name):

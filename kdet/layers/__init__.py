@@ -3,7 +3,8 @@ from kdet._lazy import lazy_exports
 
 _EXPORTS = {
     "ConvNormAct": ".conv_norm_act", "SeparableConvNormAct": ".conv_norm_act",
-    "FrozenBatchNormalization": ".normalization", "ImageNormalization": ".normalization",
+    "BatchNormalization": ".normalization", "FrozenBatchNormalization": ".normalization",
+    "ImageNormalization": ".normalization",
     "FPN": ".fpn", "BiFPN": ".bifpn", "WeightedFusion": ".bifpn", "ResampleFeature": ".bifpn",
     "EfficientDetHead": ".heads", "RetinaNetHead": ".heads",
     "DetectionDecoder": ".detection_decoder",

@@ -8,7 +8,7 @@ either framework map onto them one to one.
 """
 import keras
 
-from kdet.layers.normalization import FrozenBatchNormalization
+from kdet.layers.normalization import BatchNormalization, FrozenBatchNormalization
 
 NORMS = (None, "batch", "group", "frozen_batch")
 ACTIVATIONS = {None: None, "relu": "relu", "relu6": "relu6", "swish": "silu", "silu": "silu",
@@ -30,8 +30,8 @@ def make_norm(norm, *, bn_epsilon, bn_momentum, groups, group_epsilon, dtype, na
     if norm is None:
         return None
     if norm == "batch":
-        return keras.layers.BatchNormalization(epsilon=bn_epsilon, momentum=bn_momentum,
-                                               dtype=dtype, name=name)
+        return BatchNormalization(epsilon=bn_epsilon, momentum=bn_momentum,
+                                  dtype=dtype, name=name)
     if norm == "frozen_batch":
         return FrozenBatchNormalization(epsilon=bn_epsilon, dtype=dtype, name=name)
     if norm == "group":

@@ -14,6 +14,7 @@ import keras
 from keras import ops
 
 from kdet.layers.conv_norm_act import ACTIVATIONS, ConvNormAct, SeparableConvNormAct
+from kdet.layers.normalization import BatchNormalization
 
 
 def prior_bias(prior_probability):
@@ -128,7 +129,7 @@ class EfficientDetHead(keras.layers.Layer):
         self.conv_rep = [self._conv(width, self.redundant_bias, f"conv_rep_{i}")
                          for i in range(self.depth)]
         # One BN per (repeat, level), effdet bn_rep[repeat][level].
-        self.bn_rep = [[keras.layers.BatchNormalization(
+        self.bn_rep = [[BatchNormalization(
             epsilon=self.bn_epsilon, momentum=self.bn_momentum, dtype=self.dtype_policy,
             name=f"bn_{i}_{level}") for level in range(self.num_levels)]
             for i in range(self.depth)]

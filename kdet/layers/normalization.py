@@ -1,5 +1,8 @@
-"""Normalisation layers with no trainable state.
+"""Normalisation layers.
 
+``BatchNormalization`` is Keras' batch norm with the moving variance updated
+from the unbiased batch variance, as both reference trainers do it (PyTorch's
+``BatchNorm2d`` and TensorFlow's fused batch norm, which automl trained with).
 ``FrozenBatchNormalization`` is torchvision's ``FrozenBatchNorm2d``: a batch
 norm whose statistics and affine parameters are constants, used by the
 pretrained torchvision detectors for the backbone. ``ImageNormalization`` turns
@@ -9,6 +12,80 @@ raw pixels.
 import keras
 import numpy as np
 from keras import ops
+
+from kdet.distribute import all_replicas_sum
+
+
+@keras.saving.register_keras_serializable(package="kdet")
+class BatchNormalization(keras.layers.BatchNormalization):
+    """``keras.layers.BatchNormalization`` whose moving variance is unbiased.
+
+    In training the batch is normalised with its biased variance (as in Keras
+    and PyTorch), but the moving variance is updated with the unbiased one,
+    ``variance * n / (n - 1)`` over the ``n`` values reduced per channel (all
+    replicas' with ``synchronized=True``): what ``torch.nn.BatchNorm2d`` and
+    TensorFlow's fused batch norm do, so the statistics a model ends training
+    with equal the reference trainers'. Keras' own layer uses the biased
+    variance, which differs by ``1 / (n - 1)``: large on the 1 x 1 and 2 x 2
+    maps of small inputs. Inference is Keras' layer, and the variables are
+    Keras', so weights load either way.
+
+    Args:
+        unbiased_moving_variance: False gives Keras' update.
+        **kwargs: ``keras.layers.BatchNormalization``'s arguments.
+
+    >>> import numpy as np
+    >>> layer = BatchNormalization(momentum=0.0)
+    >>> _ = layer(np.array([[1.0], [3.0]], "float32"), training=True)
+    >>> float(layer.moving_variance[0])  # the unbiased variance of (1, 3); Keras' is 1.0
+    2.0
+    """
+
+    def __init__(self, unbiased_moving_variance=True, **kwargs):
+        super().__init__(**kwargs)
+        self.unbiased_moving_variance = bool(unbiased_moving_variance)
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable and self.unbiased_moving_variance) or self.renorm:
+            return super().call(inputs, training=training, mask=mask)
+        if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
+            raise ValueError("The mask provided should be one dimension less than the inputs. "
+                             f"Received: mask.shape={mask.shape}, inputs.shape={inputs.shape}")
+        inputs = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        mean, variance = self._moments(inputs, mask)
+        count = self._reduced_count(inputs, mask)
+        unbiased = variance * (count / ops.maximum(count - 1.0, 1.0))
+        momentum = self.momentum
+        self.moving_mean.assign(
+            ops.cast(self.moving_mean, inputs.dtype) * momentum + mean * (1.0 - momentum))
+        self.moving_variance.assign(
+            ops.cast(self.moving_variance, inputs.dtype) * momentum + unbiased * (1.0 - momentum))
+        outputs = ops.batch_normalization(
+            inputs, mean, variance, axis=self.axis,
+            offset=ops.cast(self.beta, inputs.dtype) if self.center else None,
+            scale=ops.cast(self.gamma, inputs.dtype) if self.scale else None,
+            epsilon=self.epsilon)
+        return ops.cast(outputs, self.compute_dtype)
+
+    def _reduced_count(self, inputs, mask):
+        """The number of values behind each channel's statistics, as a float tensor."""
+        if mask is not None:
+            # Keras' masked moments weigh each position by the mask, the same for every
+            # channel; its mask has the input's shape without the channel axis.
+            return ops.sum(ops.cast(mask, inputs.dtype))
+        shape = ops.shape(inputs)
+        count = 1.0
+        for axis in self._reduction_axes:
+            count = count * ops.cast(shape[axis], inputs.dtype)
+        if self.synchronized:
+            # Keras' synchronized moments reduce over every replica's values.
+            count = all_replicas_sum(count)
+        return count
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"unbiased_moving_variance": self.unbiased_moving_variance})
+        return config
 
 
 @keras.saving.register_keras_serializable(package="kdet")

@@ -40,7 +40,7 @@ import numpy as np
 from keras import ops
 
 from kdet.boxes import BoxCoder, clip_boxes
-from kdet.layers.normalization import FrozenBatchNormalization
+from kdet.layers.normalization import BatchNormalization, FrozenBatchNormalization
 from kdet.layers.roi import MultiLevelRoIAlign
 from kdet.ops.nms import batched_nms
 
@@ -71,8 +71,8 @@ def _head_batch_norm(norm, index, prefix, dtype):
         raise ValueError(f"RoI head norm must be one of {list(HEAD_NORMS)}, got {norm!r}")
     if norm is None:
         return None
-    return keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, dtype=dtype,
-                                           name=f"{prefix}{index}")
+    return BatchNormalization(epsilon=1e-5, momentum=0.9, dtype=dtype,
+                              name=f"{prefix}{index}")
 
 
 def _conv_norm_relu(x, conv, norm, training, roi_mask):
@@ -300,8 +300,8 @@ class ResNetRoIHead(keras.layers.Layer):
         if self.norm == "frozen_batch":
             return FrozenBatchNormalization(epsilon=self.norm_epsilon, dtype=self.dtype_policy,
                                             name=name)
-        return keras.layers.BatchNormalization(epsilon=self.norm_epsilon, momentum=0.9,
-                                               dtype=self.dtype_policy, name=name)
+        return BatchNormalization(epsilon=self.norm_epsilon, momentum=0.9,
+                                  dtype=self.dtype_policy, name=name)
 
     def build(self, input_shape):
         shape = (None,) + tuple(input_shape[2:])

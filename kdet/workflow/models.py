@@ -233,10 +233,18 @@ def load_imagenet_backbone(model, name, config):
 
 def make_optimizer(model, settings, total_steps, steps_per_epoch=None):
     """The model's recipe (``default_optimizer``, :mod:`kdet.recipes`) for the settings'
-    global batch, with their overrides (``learning_rate``, ``warmup_steps``, ``recipe``)."""
+    global batch, with their overrides (``learning_rate``, ``warmup_steps``, ``recipe``).
+    What the recipe fixes in the model (backbone BN momentum, stochastic depth:
+    :func:`kdet.recipes.apply_to_model`) is set on ``model`` here too."""
     import inspect
 
     import keras
+
+    from kdet.recipes import apply_to_model
+
+    recipe = model_recipe(model, settings)
+    if recipe is not None:
+        apply_to_model(recipe, model)
 
     overrides = {}
     for key in ("learning_rate", "warmup_steps", "recipe"):
