@@ -31,6 +31,7 @@ import sys
 
 import numpy as np
 
+from kdet.metrics import native
 from kdet.metrics.rle import check_counts, decode_rle_strings
 
 __all__ = ["COCOEvaluator"]
@@ -726,7 +727,7 @@ def _greedy_match(pair_iou, pair_start, group_first, group_ndet, group_gt_first,
 
 # --------------------------------------------------------------------------- accumulate
 def _accumulate(category, rank, score, image, true_pos, false_pos, num_positives, max_dets,
-                num_categories):
+                num_categories, use_native=False):
     """pycocotools' ``accumulate``: precision ``[T, R, K, A, M]`` and recall ``[T, K, A, M]``.
 
     ``true_pos``/``false_pos``: ``[N, A, T]`` per evaluated detection; ``num_positives``:
@@ -743,6 +744,9 @@ def _accumulate(category, rank, score, image, true_pos, false_pos, num_positives
     # first makes every category a contiguous run.
     order = np.lexsort((rank, image, -score, category))
     bounds = np.searchsorted(category[order], np.arange(num_categories + 1))
+    if use_native:  # the same steps in C, one call for every category
+        return native.accumulate(order, bounds, rank, true_pos, false_pos, num_positives,
+                                 max_dets, RECALL_THRESHOLDS)
     # Detections on the first axis: cumsum and the running max then run down columns,
     # vectorised over the (area, max-dets, threshold) rows.
     true_pos, false_pos = true_pos[order], false_pos[order]  # [N, A, T]
@@ -1270,7 +1274,8 @@ class COCOEvaluator:
             else np.zeros(0, int)
         group_ndet = np.diff(np.r_[group_first, num_ev])
         with_gt = pair_count[group_first] > 0
-        matched, matched_ignored = _greedy_match(
+        match = native.greedy_match if native.library() is not None else _greedy_match
+        matched, matched_ignored = match(
             pair_iou, pair_start, group_first[with_gt], group_ndet[with_gt],
             gt_first[group_first[with_gt]], pair_count[group_first[with_gt]],
             gt_ignore, gt.crowd, gt.id_nonzero, num_ev, IOU_THRESHOLDS)
@@ -1285,7 +1290,7 @@ class COCOEvaluator:
         np.add.at(num_positives, gt.category, (~gt_ignore).astype(np.int64))
         self.precision, self.recall = _accumulate(
             det.category[ev], ev_rank, det.score[ev], det.image[ev], true_pos, false_pos,
-            num_positives, self.max_dets, num_cat)
+            num_positives, self.max_dets, num_cat, use_native=native.library() is not None)
 
         stats_spec = _KEYPOINT_STATS if self.iou_type == "keypoints" else _DETECTION_STATS
         results, stats = {}, []

@@ -1,0 +1,172 @@
+/* COCO evaluation kernels: pycocotools' evaluateImg matching and accumulate, in C.
+ *
+ * Plain C99 with no Python or numpy headers: kdet/metrics/native.py loads the shared
+ * library with ctypes and passes numpy arrays as pointers. Each function runs one
+ * stage over the whole dataset (every image, category, area range and threshold), so
+ * an evaluation makes a handful of calls.
+ *
+ * The arithmetic is pycocotools' operation by operation (no -ffast-math, no FMA
+ * contraction: see setup.py), so every value is bit-identical to its numpy code.
+ */
+#include <float.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(_WIN32)
+#define KDET_EXPORT __declspec(dllexport)
+#else
+#define KDET_EXPORT __attribute__((visibility("default")))
+#endif
+
+/* Version of this interface; native.py refuses a library with another. */
+KDET_EXPORT int64_t kdet_cocoeval_abi(void) { return 1; }
+
+/* evaluateImg's greedy matching for every (image, category) group.
+ *
+ * Group g has detections group_first[g] .. + group_ndet[g] (evaluated detections in
+ * score order, rank order within the group) and ground truths group_gt_first[g] .. +
+ * group_ngt[g] (file order). Detection i's IoU with its group's j-th ground truth is
+ * pair_iou[pair_start[i] + j]. gt_ignore is [num_gt, num_areas] (crowd, or outside
+ * the area range, or no keypoints). For every area range, as pycocotools: ground truths
+ * sorted with the regular ones first (stable); each detection in rank order takes, at
+ * each threshold, the unmatched (or crowd) ground truth of the highest IoU >= min(t,
+ * 1 - 1e-10), ties to the later one, an ignored one only if no regular one qualifies.
+ *
+ * Writes matched[i, a, t] (matched to a ground truth whose id is not 0: pycocotools
+ * tests dtMatches for truth) and matched_ignored[i, a, t] (matched to an ignored one),
+ * both [num_dets, num_areas, num_thr], zeroed by the caller.
+ * Returns 0, or -1 when out of memory.
+ */
+KDET_EXPORT int64_t kdet_greedy_match(
+    int64_t num_groups, const int64_t *group_first, const int64_t *group_ndet,
+    const int64_t *group_gt_first, const int64_t *group_ngt, const int64_t *pair_start,
+    const double *pair_iou, const uint8_t *gt_ignore, const uint8_t *gt_crowd,
+    const uint8_t *gt_id_nonzero, int64_t num_areas, const double *thresholds,
+    int64_t num_thr, uint8_t *matched, uint8_t *matched_ignored)
+{
+    int64_t max_gt = 0;
+    for (int64_t g = 0; g < num_groups; g++)
+        if (group_ngt[g] > max_gt) max_gt = group_ngt[g];
+    int64_t *order = malloc(sizeof(int64_t) * (size_t)(max_gt + 1));
+    uint8_t *taken = malloc((size_t)(max_gt * num_thr + 1));
+    if (!order || !taken) {
+        free(order);
+        free(taken);
+        return -1;
+    }
+    for (int64_t g = 0; g < num_groups; g++) {
+        const int64_t ngt = group_ngt[g], gt0 = group_gt_first[g];
+        if (ngt == 0) continue;
+        for (int64_t a = 0; a < num_areas; a++) {
+            /* pycocotools: gtind = np.argsort(gtIg, kind='mergesort') */
+            int64_t n = 0;
+            for (int64_t j = 0; j < ngt; j++)
+                if (!gt_ignore[(gt0 + j) * num_areas + a]) order[n++] = j;
+            for (int64_t j = 0; j < ngt; j++)
+                if (gt_ignore[(gt0 + j) * num_areas + a]) order[n++] = j;
+            memset(taken, 0, (size_t)(ngt * num_thr));
+            for (int64_t r = 0; r < group_ndet[g]; r++) {
+                const int64_t det = group_first[g] + r;
+                const double *iou = pair_iou + pair_start[det];
+                for (int64_t t = 0; t < num_thr; t++) {
+                    double best = thresholds[t] < 1 - 1e-10 ? thresholds[t] : 1 - 1e-10;
+                    int64_t m = -1;
+                    uint8_t m_ignored = 0;
+                    for (int64_t s = 0; s < ngt; s++) {
+                        const int64_t j = order[s];
+                        const uint8_t ignored = gt_ignore[(gt0 + j) * num_areas + a];
+                        if (taken[t * ngt + j] && !gt_crowd[gt0 + j]) continue;
+                        if (m > -1 && !m_ignored && ignored) break;
+                        if (iou[j] < best) continue;
+                        best = iou[j];
+                        m = j;
+                        m_ignored = ignored;
+                    }
+                    if (m == -1) continue;
+                    taken[t * ngt + m] = 1;
+                    const int64_t out = (det * num_areas + a) * num_thr + t;
+                    matched[out] = gt_id_nonzero[gt0 + m];
+                    matched_ignored[out] = m_ignored;
+                }
+            }
+        }
+    }
+    free(order);
+    free(taken);
+    return 0;
+}
+
+/* pycocotools' accumulate: precision [T, R, K, A, M] and recall [T, K, A, M].
+ *
+ * order: the evaluated detections sorted by (category, score descending, image, rank),
+ * pycocotools' mergesort of every image's detections concatenated in image order;
+ * category k's are order[cat_bounds[k] .. cat_bounds[k + 1]]. rank[i]: the detection's
+ * rank in its (image, category) group; a max-detections cut m drops ranks >= max_dets[m].
+ * true_pos / false_pos: [N, A, T] (0 for ignored detections, which still add a
+ * repeated (recall, precision) point). num_positives: [K, A] non-ignored ground truths.
+ * Categories without ground truth in an area range stay -1. Returns 0, or -1 when out
+ * of memory.
+ */
+KDET_EXPORT int64_t kdet_accumulate(
+    int64_t num_cats, const int64_t *order, const int64_t *cat_bounds, const int64_t *rank,
+    const uint8_t *true_pos, const uint8_t *false_pos, const int64_t *num_positives,
+    int64_t num_areas, int64_t num_thr, const int64_t *max_dets, int64_t num_m,
+    const double *rec_thr, int64_t num_rec, double *precision, double *recall)
+{
+    int64_t longest = 0;
+    for (int64_t k = 0; k < num_cats; k++)
+        if (cat_bounds[k + 1] - cat_bounds[k] > longest) longest = cat_bounds[k + 1] - cat_bounds[k];
+    double *pr = malloc(sizeof(double) * (size_t)(longest + 1));
+    double *rc = malloc(sizeof(double) * (size_t)(longest + 1));
+    if (!pr || !rc) {
+        free(pr);
+        free(rc);
+        return -1;
+    }
+    const int64_t stride_r = num_cats * num_areas * num_m;  /* precision's R axis */
+    for (int64_t t = 0; t < num_thr; t++)
+        for (int64_t r = 0; r < num_rec; r++)
+            for (int64_t i = 0; i < stride_r; i++)
+                precision[(t * num_rec + r) * stride_r + i] = -1.0;
+    for (int64_t i = 0; i < num_thr * stride_r; i++) recall[i] = -1.0;
+
+    for (int64_t k = 0; k < num_cats; k++) {
+        const int64_t *dets = order + cat_bounds[k];
+        const int64_t n_all = cat_bounds[k + 1] - cat_bounds[k];
+        for (int64_t a = 0; a < num_areas; a++) {
+            const int64_t npig = num_positives[k * num_areas + a];
+            if (npig == 0) continue;
+            for (int64_t m = 0; m < num_m; m++) {
+                for (int64_t t = 0; t < num_thr; t++) {
+                    /* cumulative tp / fp over the detections within the cut */
+                    int64_t nd = 0, tp = 0, fp = 0;
+                    for (int64_t s = 0; s < n_all; s++) {
+                        const int64_t i = dets[s];
+                        if (rank[i] >= max_dets[m]) continue;
+                        const int64_t at = (i * num_areas + a) * num_thr + t;
+                        tp += true_pos[at];
+                        fp += false_pos[at];
+                        const double tp_f = (double)tp, fp_f = (double)fp;
+                        rc[nd] = tp_f / (double)npig;
+                        pr[nd] = tp_f / (fp_f + tp_f + DBL_EPSILON);
+                        nd++;
+                    }
+                    const int64_t cell = (k * num_areas + a) * num_m + m;
+                    recall[t * stride_r + cell] = nd ? rc[nd - 1] : 0.0;
+                    for (int64_t s = nd - 1; s > 0; s--)
+                        if (pr[s] > pr[s - 1]) pr[s - 1] = pr[s];
+                    /* np.searchsorted(rc, rec_thr, side='left'); past the end: 0 */
+                    int64_t s = 0;
+                    for (int64_t q = 0; q < num_rec; q++) {
+                        while (s < nd && rc[s] < rec_thr[q]) s++;
+                        precision[(t * num_rec + q) * stride_r + cell] = s < nd ? pr[s] : 0.0;
+                    }
+                }
+            }
+        }
+    }
+    free(pr);
+    free(rc);
+    return 0;
+}

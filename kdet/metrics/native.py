@@ -1,0 +1,104 @@
+"""The compiled COCO evaluation kernels (``_cocoeval.c``), loaded with ctypes.
+
+``setup.py`` builds ``kdet/metrics/_cocoeval.c`` into a shared library next to this
+file (``pip install`` / ``pip install -e .``, or ``python setup.py build_ext
+--inplace`` in a checkout). :mod:`kdet.metrics.coco` calls it for the greedy matching
+and the accumulation when it is there, and falls back to its numpy code when it is
+not; both give pycocotools' numbers bit for bit. ``KDET_NATIVE=0`` forces the numpy
+code (the tests run both).
+
+The C code takes plain arrays (no Python or numpy headers): each function here
+converts its arguments to contiguous arrays of the C types and passes pointers.
+"""
+import ctypes
+import importlib.machinery
+import os
+import pathlib
+
+import numpy as np
+
+__all__ = ["library", "library_path", "greedy_match", "accumulate"]
+
+_ABI = 1  # kdet_cocoeval_abi() of the C source this file was written for
+_HERE = pathlib.Path(__file__).resolve().parent
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_SIGNATURES = {
+    "kdet_cocoeval_abi": [],
+    "kdet_greedy_match": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64,
+                          _PTR, _I64, _PTR, _PTR],
+    "kdet_accumulate": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64, _PTR,
+                        _I64, _PTR, _PTR],
+}
+_loaded = {}
+
+
+def library_path():
+    """Path of the built library (``_cocoeval<extension suffix>``), or None."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = _HERE / f"_cocoeval{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def library():
+    """The loaded kernels (a ``ctypes.CDLL``), or None: not built, or ``KDET_NATIVE=0``."""
+    if os.environ.get("KDET_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    path = library_path()
+    if path is None:
+        return None
+    if path not in _loaded:
+        lib = ctypes.CDLL(str(path))
+        for name, argtypes in _SIGNATURES.items():
+            function = getattr(lib, name)
+            function.argtypes, function.restype = argtypes, _I64
+        if lib.kdet_cocoeval_abi() != _ABI:  # a stale build of an older source
+            lib = None
+        _loaded[path] = lib
+    return _loaded[path]
+
+
+def _array(values, dtype):
+    return np.ascontiguousarray(values, dtype=dtype)
+
+
+def _call(function, *args):
+    """Call ``function`` with numpy arrays as pointers (kept alive by ``args``)."""
+    c_args = [a.ctypes.data if isinstance(a, np.ndarray) else a for a in args]
+    if function(*c_args) != 0:
+        raise MemoryError(f"{function.__name__}: out of memory")
+
+
+def greedy_match(pair_iou, pair_start, group_first, group_ndet, group_gt_first, group_ngt,
+                 gt_ignore, gt_crowd, gt_id_nonzero, num_dets, thresholds):
+    """``kdet.metrics.coco._greedy_match`` in C: same arguments, same results."""
+    num_areas, num_thr = gt_ignore.shape[1], len(thresholds)
+    matched = np.zeros((num_dets, num_areas, num_thr), np.uint8)
+    matched_ignored = np.zeros((num_dets, num_areas, num_thr), np.uint8)
+    i64, u8 = np.int64, np.uint8
+    _call(library().kdet_greedy_match, len(group_first), _array(group_first, i64),
+          _array(group_ndet, i64), _array(group_gt_first, i64), _array(group_ngt, i64),
+          _array(pair_start, i64), _array(pair_iou, np.float64), _array(gt_ignore, u8),
+          _array(gt_crowd, u8), _array(gt_id_nonzero, u8), num_areas,
+          _array(thresholds, np.float64), num_thr, matched, matched_ignored)
+    return matched.view(bool), matched_ignored.view(bool)
+
+
+def accumulate(order, category_bounds, rank, true_pos, false_pos, num_positives, max_dets,
+               recall_thresholds):
+    """pycocotools' ``accumulate`` in C: precision ``[T, R, K, A, M]``, recall ``[T, K, A, M]``.
+
+    ``order``: the evaluated detections sorted by (category, score descending, image,
+    rank); category k's are ``order[category_bounds[k]:category_bounds[k + 1]]``.
+    """
+    num_cats, num_areas = num_positives.shape
+    num_thr, num_rec, num_m = true_pos.shape[2], len(recall_thresholds), len(max_dets)
+    precision = np.empty((num_thr, num_rec, num_cats, num_areas, num_m))
+    recall = np.empty((num_thr, num_cats, num_areas, num_m))
+    i64, u8 = np.int64, np.uint8
+    _call(library().kdet_accumulate, num_cats, _array(order, i64), _array(category_bounds, i64),
+          _array(rank, i64), _array(true_pos, u8), _array(false_pos, u8),
+          _array(num_positives, i64), num_areas, num_thr, _array(max_dets, i64), num_m,
+          _array(recall_thresholds, np.float64), num_rec, precision, recall)
+    return precision, recall
