@@ -9,8 +9,8 @@ import sys
 from setuptools import Extension, setup
 
 # pycocotools' numbers bit for bit: no fused multiply-add, no fast-math reordering.
-_FLAGS = [] if sys.platform == "win32" else ["-O2", "-std=c99", "-ffp-contract=off",
-                                            "-fvisibility=hidden"]
+_FLAGS = [] if sys.platform == "win32" else [
+    "-O2", "-std=c99", "-ffp-contract=off", "-fvisibility=hidden"]
 
 setup(ext_modules=[Extension("kdet.metrics._cocoeval", ["kdet/metrics/_cocoeval.c"],
                              extra_compile_args=_FLAGS)])

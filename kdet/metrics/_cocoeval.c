@@ -20,9 +20,10 @@
 #endif
 
 /* Version of this interface; native.py refuses a library with another. */
-KDET_EXPORT int64_t kdet_cocoeval_abi(void) { return 1; }
+KDET_EXPORT int64_t kdet_cocoeval_abi(void) { return 2; }
 
-/* evaluateImg's greedy matching for every (image, category) group.
+/* evaluateImg's greedy matching for every (image, category) group, and the true /
+ * false positive flags accumulate reads.
  *
  * Group g has detections group_first[g] .. + group_ndet[g] (evaluated detections in
  * score order, rank order within the group) and ground truths group_gt_first[g] .. +
@@ -33,18 +34,25 @@ KDET_EXPORT int64_t kdet_cocoeval_abi(void) { return 1; }
  * each threshold, the unmatched (or crowd) ground truth of the highest IoU >= min(t,
  * 1 - 1e-10), ties to the later one, an ignored one only if no regular one qualifies.
  *
- * Writes matched[i, a, t] (matched to a ground truth whose id is not 0: pycocotools
- * tests dtMatches for truth) and matched_ignored[i, a, t] (matched to an ignored one),
- * both [num_dets, num_areas, num_thr], zeroed by the caller.
- * Returns 0, or -1 when out of memory.
+ * Writes true_pos / false_pos [num_dets, num_areas, num_thr] for every detection:
+ * pycocotools' dtm & ~dtIg and ~dtm & ~dtIg, where dtm is the matched ground truth's
+ * id (tested for truth: an id of 0 is no match) and dtIg marks a detection matched to
+ * an ignored ground truth, or unmatched and outside the area range (det_outside
+ * [num_dets, num_areas]). Returns 0, or -1 when out of memory.
  */
-KDET_EXPORT int64_t kdet_greedy_match(
+KDET_EXPORT int64_t kdet_match_detections(
     int64_t num_groups, const int64_t *group_first, const int64_t *group_ndet,
     const int64_t *group_gt_first, const int64_t *group_ngt, const int64_t *pair_start,
     const double *pair_iou, const uint8_t *gt_ignore, const uint8_t *gt_crowd,
     const uint8_t *gt_id_nonzero, int64_t num_areas, const double *thresholds,
-    int64_t num_thr, uint8_t *matched, uint8_t *matched_ignored)
+    int64_t num_thr, int64_t num_dets, const uint8_t *det_outside, uint8_t *true_pos,
+    uint8_t *false_pos)
 {
+    /* unmatched: a false positive unless outside the area range */
+    for (int64_t i = 0; i < num_dets * num_areas; i++) {
+        memset(true_pos + i * num_thr, 0, (size_t)num_thr);
+        memset(false_pos + i * num_thr, !det_outside[i], (size_t)num_thr);
+    }
     int64_t max_gt = 0;
     for (int64_t g = 0; g < num_groups; g++)
         if (group_ngt[g] > max_gt) max_gt = group_ngt[g];
@@ -86,8 +94,8 @@ KDET_EXPORT int64_t kdet_greedy_match(
                     if (m == -1) continue;
                     taken[t * ngt + m] = 1;
                     const int64_t out = (det * num_areas + a) * num_thr + t;
-                    matched[out] = gt_id_nonzero[gt0 + m];
-                    matched_ignored[out] = m_ignored;
+                    true_pos[out] = gt_id_nonzero[gt0 + m] && !m_ignored;
+                    false_pos[out] = !gt_id_nonzero[gt0 + m] && !m_ignored;
                 }
             }
         }
@@ -114,59 +122,82 @@ KDET_EXPORT int64_t kdet_accumulate(
     int64_t num_areas, int64_t num_thr, const int64_t *max_dets, int64_t num_m,
     const double *rec_thr, int64_t num_rec, double *precision, double *recall)
 {
+    const int64_t cell_size = num_areas * num_thr;  /* one detection's flags */
     int64_t longest = 0;
     for (int64_t k = 0; k < num_cats; k++)
         if (cat_bounds[k + 1] - cat_bounds[k] > longest) longest = cat_bounds[k + 1] - cat_bounds[k];
-    double *pr = malloc(sizeof(double) * (size_t)(longest + 1));
-    double *rc = malloc(sizeof(double) * (size_t)(longest + 1));
-    if (!pr || !rc) {
-        free(pr);
-        free(rc);
-        return -1;
+    /* a category's detections gathered in sorted order (contiguous reads), and the
+     * (recall, precision) curve of every threshold */
+    int64_t *ranks = malloc(sizeof(int64_t) * (size_t)(longest + 1));
+    uint8_t *tp_flags = malloc((size_t)((longest + 1) * cell_size));
+    uint8_t *fp_flags = malloc((size_t)((longest + 1) * cell_size));
+    double *pr = malloc(sizeof(double) * (size_t)((longest + 1) * num_thr));
+    double *rc = malloc(sizeof(double) * (size_t)((longest + 1) * num_thr));
+    int64_t *tp = malloc(sizeof(int64_t) * (size_t)num_thr);
+    int64_t *fp = malloc(sizeof(int64_t) * (size_t)num_thr);
+    int64_t status = 0;
+    if (!ranks || !tp_flags || !fp_flags || !pr || !rc || !tp || !fp) {
+        status = -1;
+        goto done;
     }
     const int64_t stride_r = num_cats * num_areas * num_m;  /* precision's R axis */
-    for (int64_t t = 0; t < num_thr; t++)
-        for (int64_t r = 0; r < num_rec; r++)
-            for (int64_t i = 0; i < stride_r; i++)
-                precision[(t * num_rec + r) * stride_r + i] = -1.0;
+    for (int64_t i = 0; i < num_thr * num_rec * stride_r; i++) precision[i] = -1.0;
     for (int64_t i = 0; i < num_thr * stride_r; i++) recall[i] = -1.0;
 
     for (int64_t k = 0; k < num_cats; k++) {
-        const int64_t *dets = order + cat_bounds[k];
         const int64_t n_all = cat_bounds[k + 1] - cat_bounds[k];
+        for (int64_t s = 0; s < n_all; s++) {
+            const int64_t i = order[cat_bounds[k] + s];
+            ranks[s] = rank[i];
+            memcpy(tp_flags + s * cell_size, true_pos + i * cell_size, (size_t)cell_size);
+            memcpy(fp_flags + s * cell_size, false_pos + i * cell_size, (size_t)cell_size);
+        }
         for (int64_t a = 0; a < num_areas; a++) {
             const int64_t npig = num_positives[k * num_areas + a];
             if (npig == 0) continue;
             for (int64_t m = 0; m < num_m; m++) {
-                for (int64_t t = 0; t < num_thr; t++) {
-                    /* cumulative tp / fp over the detections within the cut */
-                    int64_t nd = 0, tp = 0, fp = 0;
-                    for (int64_t s = 0; s < n_all; s++) {
-                        const int64_t i = dets[s];
-                        if (rank[i] >= max_dets[m]) continue;
-                        const int64_t at = (i * num_areas + a) * num_thr + t;
-                        tp += true_pos[at];
-                        fp += false_pos[at];
-                        const double tp_f = (double)tp, fp_f = (double)fp;
-                        rc[nd] = tp_f / (double)npig;
-                        pr[nd] = tp_f / (fp_f + tp_f + DBL_EPSILON);
-                        nd++;
+                /* cumulative tp / fp over the detections within the cut, as pycocotools:
+                 * rc = tp / npig, pr = tp / (fp + tp + eps) */
+                int64_t nd = 0;
+                memset(tp, 0, sizeof(int64_t) * (size_t)num_thr);
+                memset(fp, 0, sizeof(int64_t) * (size_t)num_thr);
+                for (int64_t s = 0; s < n_all; s++) {
+                    if (ranks[s] >= max_dets[m]) continue;
+                    const uint8_t *tp_s = tp_flags + s * cell_size + a * num_thr;
+                    const uint8_t *fp_s = fp_flags + s * cell_size + a * num_thr;
+                    for (int64_t t = 0; t < num_thr; t++) {
+                        tp[t] += tp_s[t];
+                        fp[t] += fp_s[t];
+                        const double tp_f = (double)tp[t], fp_f = (double)fp[t];
+                        rc[t * n_all + nd] = tp_f / (double)npig;
+                        pr[t * n_all + nd] = tp_f / (fp_f + tp_f + DBL_EPSILON);
                     }
-                    const int64_t cell = (k * num_areas + a) * num_m + m;
-                    recall[t * stride_r + cell] = nd ? rc[nd - 1] : 0.0;
-                    for (int64_t s = nd - 1; s > 0; s--)
-                        if (pr[s] > pr[s - 1]) pr[s - 1] = pr[s];
+                    nd++;
+                }
+                const int64_t cell = (k * num_areas + a) * num_m + m;
+                for (int64_t t = 0; t < num_thr; t++) {
+                    double *pr_t = pr + t * n_all;
+                    const double *rc_t = rc + t * n_all;
+                    recall[t * stride_r + cell] = nd ? rc_t[nd - 1] : 0.0;
+                    for (int64_t s = nd - 1; s > 0; s--)  /* precision envelope */
+                        if (pr_t[s] > pr_t[s - 1]) pr_t[s - 1] = pr_t[s];
                     /* np.searchsorted(rc, rec_thr, side='left'); past the end: 0 */
                     int64_t s = 0;
                     for (int64_t q = 0; q < num_rec; q++) {
-                        while (s < nd && rc[s] < rec_thr[q]) s++;
-                        precision[(t * num_rec + q) * stride_r + cell] = s < nd ? pr[s] : 0.0;
+                        while (s < nd && rc_t[s] < rec_thr[q]) s++;
+                        precision[(t * num_rec + q) * stride_r + cell] = s < nd ? pr_t[s] : 0.0;
                     }
                 }
             }
         }
     }
+done:
+    free(ranks);
+    free(tp_flags);
+    free(fp_flags);
     free(pr);
     free(rc);
-    return 0;
+    free(tp);
+    free(fp);
+    return status;
 }

@@ -124,6 +124,9 @@ _NUMBER_TYPES = frozenset({int, float, np.float64, np.float32, np.float16, np.in
                            np.int16, np.int8, np.uint64, np.uint32, np.uint16, np.uint8})
 
 
+_PLAIN_NUMBERS = frozenset({int, float})
+
+
 def _show(value, limit=80):
     """``repr(value)`` for messages: shortened, and safe for ints too long to print."""
     try:
@@ -177,6 +180,15 @@ def _all_rows_numbers(rows):
 
 def _float_rows(values, width, key, what):
     """Stack ``values`` into a float64 ``[N, width]`` array, naming the first bad record."""
+    # The usual input, lists of `width` Python numbers: checked by type and length sets
+    # (loops in C) and read by one fromiter, ~3x cheaper than np.asarray of the lists.
+    try:
+        if (set(map(type, values)) <= {list, tuple} and set(map(len, values)) == {width}
+                and set(map(type, itertools.chain.from_iterable(values))) <= _PLAIN_NUMBERS):
+            return np.fromiter(itertools.chain.from_iterable(values), np.float64,
+                               len(values) * width).reshape(len(values), width)
+    except (TypeError, OverflowError):
+        pass
     try:
         arr = np.asarray(values, dtype=np.float64)
         if (arr.ndim == 2 and arr.shape[1] == width and _all_rows_numbers(values)
@@ -196,6 +208,11 @@ def _float_rows(values, width, key, what):
 
 def _float_values(values, key, what):
     """``values`` as a float64 vector, naming the first record that is not a number."""
+    try:
+        if set(map(type, values)) <= _PLAIN_NUMBERS:  # the usual input: no Python loop
+            return np.fromiter(values, np.float64, len(values))
+    except (TypeError, OverflowError):
+        pass
     try:
         arr = np.asarray(values, dtype=np.float64)
         if arr.shape == (len(values),) and all(map(_is_number, values)):
@@ -278,9 +295,6 @@ def _to_rles(segmentations, heights, widths, what):
         out[i] = None if out[i] is _ABSENT else _to_rle(out[i], int(heights[i]),
                                                         int(widths[i]), what(i))
     return out
-
-
-_PLAIN_NUMBERS = frozenset({int, float})
 
 
 def _plain_polygons(segmentation):
@@ -735,10 +749,6 @@ def _accumulate(category, rank, score, image, true_pos, false_pos, num_positives
     in the arrays as zero increments: that repeats earlier (recall, precision) points,
     which changes neither the interpolated precision nor the final recall.
     """
-    num_areas, num_thr = num_positives.shape[1], true_pos.shape[2]
-    num_rec, num_m = len(RECALL_THRESHOLDS), len(max_dets)
-    precision = np.full((num_thr, num_rec, num_categories, num_areas, num_m), -1.0)
-    recall = np.full((num_thr, num_categories, num_areas, num_m), -1.0)
     # pycocotools concatenates images in id order, each in rank order, then mergesorts
     # by descending score: i.e. order by (score desc, image, rank). Sorting by category
     # first makes every category a contiguous run.
@@ -747,6 +757,10 @@ def _accumulate(category, rank, score, image, true_pos, false_pos, num_positives
     if use_native:  # the same steps in C, one call for every category
         return native.accumulate(order, bounds, rank, true_pos, false_pos, num_positives,
                                  max_dets, RECALL_THRESHOLDS)
+    num_areas, num_thr = num_positives.shape[1], true_pos.shape[2]
+    num_rec, num_m = len(RECALL_THRESHOLDS), len(max_dets)
+    precision = np.full((num_thr, num_rec, num_categories, num_areas, num_m), -1.0)
+    recall = np.full((num_thr, num_categories, num_areas, num_m), -1.0)
     # Detections on the first axis: cumsum and the running max then run down columns,
     # vectorised over the (area, max-dets, threshold) rows.
     true_pos, false_pos = true_pos[order], false_pos[order]  # [N, A, T]
@@ -915,12 +929,15 @@ class COCOEvaluator:
                 "must be a number"
             raise ValueError(f"{what(i)}: score {_show(value)} {problem}")
         needed = {"bbox": "bbox", "segm": "segmentation", "keypoints": "keypoints"}[self.iou_type]
-        _column(detections, needed, what)  # raises naming the first record without it
-        has_bbox = np.array(["bbox" in d for d in detections])
+        column = _column(detections, needed, what)  # raises naming the first without it
+        if needed == "bbox":
+            has_bbox = np.ones(len(detections), bool)
+        else:
+            has_bbox = np.array(["bbox" in d for d in detections])
         bbox = np.full((len(detections), 4), np.nan)
         if has_bbox.any():
             rows = np.flatnonzero(has_bbox)
-            values = [detections[i]["bbox"] for i in rows]
+            values = column if needed == "bbox" else [detections[i]["bbox"] for i in rows]
             bbox[rows] = _float_rows(values, 4, "bbox", lambda j: what(rows[j]))
             _check_boxes(bbox, what, valid=has_bbox)
         segmentation = keypoints = None
@@ -1274,18 +1291,19 @@ class COCOEvaluator:
             else np.zeros(0, int)
         group_ndet = np.diff(np.r_[group_first, num_ev])
         with_gt = pair_count[group_first] > 0
-        match = native.greedy_match if native.library() is not None else _greedy_match
-        matched, matched_ignored = match(
-            pair_iou, pair_start, group_first[with_gt], group_ndet[with_gt],
-            gt_first[group_first[with_gt]], pair_count[group_first[with_gt]],
-            gt_ignore, gt.crowd, gt.id_nonzero, num_ev, IOU_THRESHOLDS)
-
+        groups = (pair_iou, pair_start, group_first[with_gt], group_ndet[with_gt],
+                  gt_first[group_first[with_gt]], pair_count[group_first[with_gt]],
+                  gt_ignore, gt.crowd, gt.id_nonzero, num_ev, IOU_THRESHOLDS)
         # evaluateImg: unmatched detections outside the area range are ignored.
         ev_area = areas[ev]
         outside = (ev_area[:, None] < lo) | (ev_area[:, None] > hi)  # [N, A]
-        ignored = matched_ignored | (~matched & outside[:, :, None])
-        true_pos = matched & ~ignored
-        false_pos = ~matched & ~ignored
+        if native.library() is not None:  # matching and flags in one C pass
+            true_pos, false_pos = native.match_detections(*groups, outside)
+        else:
+            matched, matched_ignored = _greedy_match(*groups)
+            ignored = matched_ignored | (~matched & outside[:, :, None])
+            true_pos = matched & ~ignored
+            false_pos = ~matched & ~ignored
         num_positives = np.zeros((num_cat, len(lo)), np.int64)
         np.add.at(num_positives, gt.category, (~gt_ignore).astype(np.int64))
         self.precision, self.recall = _accumulate(

@@ -17,15 +17,15 @@ import pathlib
 
 import numpy as np
 
-__all__ = ["library", "library_path", "greedy_match", "accumulate"]
+__all__ = ["library", "library_path", "match_detections", "accumulate"]
 
-_ABI = 1  # kdet_cocoeval_abi() of the C source this file was written for
+_ABI = 2  # kdet_cocoeval_abi() of the C source this file was written for
 _HERE = pathlib.Path(__file__).resolve().parent
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
     "kdet_cocoeval_abi": [],
-    "kdet_greedy_match": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64,
-                          _PTR, _I64, _PTR, _PTR],
+    "kdet_match_detections": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR,
+                              _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR],
     "kdet_accumulate": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64, _PTR,
                         _I64, _PTR, _PTR],
 }
@@ -60,6 +60,9 @@ def library():
 
 
 def _array(values, dtype):
+    values = np.asarray(values)
+    if values.dtype == bool and dtype == np.uint8:  # the same bytes: no copy
+        values = values.view(np.uint8)
     return np.ascontiguousarray(values, dtype=dtype)
 
 
@@ -70,19 +73,24 @@ def _call(function, *args):
         raise MemoryError(f"{function.__name__}: out of memory")
 
 
-def greedy_match(pair_iou, pair_start, group_first, group_ndet, group_gt_first, group_ngt,
-                 gt_ignore, gt_crowd, gt_id_nonzero, num_dets, thresholds):
-    """``kdet.metrics.coco._greedy_match`` in C: same arguments, same results."""
+def match_detections(pair_iou, pair_start, group_first, group_ndet, group_gt_first,
+                     group_ngt, gt_ignore, gt_crowd, gt_id_nonzero, num_dets, thresholds,
+                     det_outside):
+    """``kdet.metrics.coco._greedy_match`` (same arguments) and the flags that follow it:
+    returns ``true_pos`` and ``false_pos``, bool ``[num_dets, A, T]``, where a detection
+    matched to an ignored ground truth, or unmatched and outside the area range
+    (``det_outside [num_dets, A]``) is neither."""
     num_areas, num_thr = gt_ignore.shape[1], len(thresholds)
-    matched = np.zeros((num_dets, num_areas, num_thr), np.uint8)
-    matched_ignored = np.zeros((num_dets, num_areas, num_thr), np.uint8)
+    true_pos = np.empty((num_dets, num_areas, num_thr), np.uint8)
+    false_pos = np.empty((num_dets, num_areas, num_thr), np.uint8)
     i64, u8 = np.int64, np.uint8
-    _call(library().kdet_greedy_match, len(group_first), _array(group_first, i64),
+    _call(library().kdet_match_detections, len(group_first), _array(group_first, i64),
           _array(group_ndet, i64), _array(group_gt_first, i64), _array(group_ngt, i64),
           _array(pair_start, i64), _array(pair_iou, np.float64), _array(gt_ignore, u8),
           _array(gt_crowd, u8), _array(gt_id_nonzero, u8), num_areas,
-          _array(thresholds, np.float64), num_thr, matched, matched_ignored)
-    return matched.view(bool), matched_ignored.view(bool)
+          _array(thresholds, np.float64), num_thr, num_dets, _array(det_outside, u8),
+          true_pos, false_pos)
+    return true_pos.view(bool), false_pos.view(bool)
 
 
 def accumulate(order, category_bounds, rank, true_pos, false_pos, num_positives, max_dets,
