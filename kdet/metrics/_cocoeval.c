@@ -20,7 +20,7 @@
 #endif
 
 /* Version of this interface; native.py refuses a library with another. */
-KDET_EXPORT int64_t kdet_cocoeval_abi(void) { return 2; }
+KDET_EXPORT int64_t kdet_cocoeval_abi(void) { return 3; }
 
 /* evaluateImg's greedy matching for every (image, category) group, and the true /
  * false positive flags accumulate reads.
@@ -102,6 +102,88 @@ KDET_EXPORT int64_t kdet_match_detections(
     }
     free(order);
     free(taken);
+    return 0;
+}
+
+/* pycocotools' computeOks, first half: the exponents e of every (detection, ground
+ * truth) pair, pair p's used keypoints packed at exponents[p * num_kpts ..], their count
+ * in count[p]. Used: the ground truth's labelled keypoints (v > 0), or all of them
+ * when none is labelled (then the distance is to the ground truth's box grown to 3x).
+ * e = (dx**2 + dy**2) / variance / (area + eps) / 2 in numpy's operation order.
+ * A pair whose every e exceeds max_exponent gets count 0: its OKS, a mean of
+ * exp(-e), is below the lowest threshold (the caller picks max_exponent so), so it
+ * never matches and is left 0. The exponentials are numpy's (np.exp, as pycocotools),
+ * the mean kdet_oks_means'.
+ */
+KDET_EXPORT int64_t kdet_oks_exponents(
+    int64_t num_pairs, const int64_t *pair_det, const int64_t *pair_gt, const double *det_kpts,
+    const double *gt_kpts, const double *gt_box, const double *gt_area,
+    const double *variances, int64_t num_kpts, double max_exponent, double *exponents,
+    int64_t *count)
+{
+    for (int64_t p = 0; p < num_pairs; p++) {
+        const double *d = det_kpts + pair_det[p] * 3 * num_kpts;
+        const double *g = gt_kpts + pair_gt[p] * 3 * num_kpts;
+        const double *box = gt_box + pair_gt[p] * 4;
+        const double scale = gt_area[pair_gt[p]] + DBL_EPSILON;
+        double *e = exponents + p * num_kpts;
+        int64_t labelled = 0;
+        for (int64_t j = 0; j < num_kpts; j++) labelled += g[3 * j + 2] > 0;
+        const double x0 = box[0] - box[2], x1 = box[0] + box[2] * 2;
+        const double y0 = box[1] - box[3], y1 = box[1] + box[3] * 2;
+        int64_t n = 0;
+        double least = 0;
+        for (int64_t j = 0; j < num_kpts; j++) {
+            double dx, dy;
+            if (labelled) {
+                if (!(g[3 * j + 2] > 0)) continue;
+                dx = d[3 * j] - g[3 * j];
+                dy = d[3 * j + 1] - g[3 * j + 1];
+            } else {
+                const double xd = d[3 * j], yd = d[3 * j + 1];
+                dx = (x0 - xd > 0 ? x0 - xd : 0) + (xd - x1 > 0 ? xd - x1 : 0);
+                dy = (y0 - yd > 0 ? y0 - yd : 0) + (yd - y1 > 0 ? yd - y1 : 0);
+            }
+            const double value = (dx * dx + dy * dy) / variances[j] / scale / 2;
+            least = n == 0 || value < least ? value : least;
+            e[n++] = value;
+        }
+        count[p] = least > max_exponent ? 0 : n;
+    }
+    return 0;
+}
+
+/* numpy's sum of a contiguous float64 vector (pairwise_sum in loops_utils.h), so the
+ * mean adds in pycocotools' order. */
+static double numpy_sum(const double *a, int64_t n)
+{
+    if (n < 8) {
+        double res = 0.;
+        for (int64_t i = 0; i < n; i++) res += a[i];
+        return res;
+    }
+    if (n <= 128) {
+        double r[8];
+        int64_t i;
+        for (int64_t j = 0; j < 8; j++) r[j] = a[j];
+        for (i = 8; i < n - (n % 8); i += 8)
+            for (int64_t j = 0; j < 8; j++) r[j] += a[i + j];
+        double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for (; i < n; i++) res += a[i];
+        return res;
+    }
+    int64_t n2 = n / 2;
+    n2 -= n2 % 8;
+    return numpy_sum(a, n2) + numpy_sum(a + n2, n - n2);
+}
+
+/* computeOks, second half: oks[p] = np.sum(exp(-e)) / len(e) over pair p's count[p]
+ * values of exp_neg [num_pairs, num_kpts]; 0 where count[p] is 0. */
+KDET_EXPORT int64_t kdet_oks_means(int64_t num_pairs, int64_t num_kpts, const double *exp_neg,
+                                   const int64_t *count, double *oks)
+{
+    for (int64_t p = 0; p < num_pairs; p++)
+        oks[p] = count[p] ? numpy_sum(exp_neg + p * num_kpts, count[p]) / (double)count[p] : 0.0;
     return 0;
 }
 

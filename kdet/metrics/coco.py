@@ -1199,6 +1199,9 @@ class COCOEvaluator:
         categories = gt.category[pair_gt]
         for k in np.unique(categories):
             sel = np.flatnonzero(categories == k)
+            if native.library() is not None:
+                out[sel] = self._pair_oks_native(det, det_index[sel], pair_gt[sel], k)
+                continue
             dets, pair_d = np.unique(det_index[sel], return_inverse=True)
             gts, pair_g = np.unique(pair_gt[sel], return_inverse=True)
             d_kp = det.keypoint_rows(dets)
@@ -1206,6 +1209,18 @@ class COCOEvaluator:
             out[sel] = _pair_oks(d_kp, g_kp, gt.bbox[gts], gt.area[gts], self._sigmas(k),
                                  pair_d, pair_g)
         return out
+
+    def _pair_oks_native(self, det, det_index, pair_gt, category):
+        """OKS of the pairs of one category in C, read from whole keypoint tables."""
+        gt, sigmas = self._gt, self._sigmas(category)
+        table = det.keypoint_table
+        if table is None or table.shape[1] != 3 * len(sigmas):
+            dets, det_index = np.unique(det_index, return_inverse=True)
+            table = det.keypoint_rows(dets)
+        rows = np.flatnonzero(gt.category == category)  # this category's ground truths
+        g_kp = np.array([gt.keypoints[g] for g in rows.tolist()], np.float64)
+        return native.pair_oks(table, g_kp, gt.bbox[rows], gt.area[rows], sigmas, det_index,
+                               np.searchsorted(rows, pair_gt), IOU_THRESHOLDS.min())
 
     def _pair_mask_ious(self, det, det_index, pair_gt):
         """Mask IoU (``maskUtils.iou``) of aligned pairs, left 0 where it is certainly

@@ -17,15 +17,18 @@ import pathlib
 
 import numpy as np
 
-__all__ = ["library", "library_path", "match_detections", "accumulate"]
+__all__ = ["library", "library_path", "pair_oks", "match_detections", "accumulate"]
 
-_ABI = 2  # kdet_cocoeval_abi() of the C source this file was written for
+_ABI = 3  # kdet_cocoeval_abi() of the C source this file was written for
 _HERE = pathlib.Path(__file__).resolve().parent
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
     "kdet_cocoeval_abi": [],
     "kdet_match_detections": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR,
                               _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR],
+    "kdet_oks_exponents": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64,
+                           ctypes.c_double, _PTR, _PTR],
+    "kdet_oks_means": [_I64, _I64, _PTR, _PTR, _PTR],
     "kdet_accumulate": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64, _PTR,
                         _I64, _PTR, _PTR],
 }
@@ -71,6 +74,38 @@ def _call(function, *args):
     c_args = [a.ctypes.data if isinstance(a, np.ndarray) else a for a in args]
     if function(*c_args) != 0:
         raise MemoryError(f"{function.__name__}: out of memory")
+
+
+def pair_oks(det_kpts, gt_kpts, gt_boxes, gt_area, sigmas, pair_det, pair_gt, min_oks,
+             chunk=1 << 16):
+    """``kdet.metrics.coco._pair_oks`` in C (the same arguments, and the lowest threshold
+    ``min_oks``): pycocotools' ``computeOks`` of every (detection, ground truth) pair,
+    0 for pairs whose OKS is certainly below ``min_oks``.
+
+    The exponents and the means are C; the exponentials stay numpy's ``np.exp`` (as in
+    pycocotools: C's ``exp`` may differ in the last bit). In chunks of pairs, so the
+    exponent buffer stays a few MB.
+    """
+    num_kpts = len(sigmas)
+    lib = library()
+    det_kpts, gt_kpts = _array(det_kpts, np.float64), _array(gt_kpts, np.float64)
+    gt_boxes, gt_area = _array(gt_boxes, np.float64), _array(gt_area, np.float64)
+    variances = _array((np.asarray(sigmas, np.float64) * 2) ** 2, np.float64)
+    pair_det, pair_gt = _array(pair_det, np.int64), _array(pair_gt, np.int64)
+    # every exp(-e) < min_oks once the least e exceeds this (1e-6: margin for rounding)
+    max_exponent = -np.log(min_oks) + 1e-6
+    oks = np.zeros(len(pair_det))
+    exponents = np.zeros((min(chunk, len(pair_det)), num_kpts))
+    count = np.zeros(len(exponents), np.int64)
+    for begin in range(0, len(pair_det), chunk):
+        d, g = pair_det[begin:begin + chunk], pair_gt[begin:begin + chunk]
+        n = len(d)
+        _call(lib.kdet_oks_exponents, n, d, g, det_kpts, gt_kpts, gt_boxes, gt_area, variances,
+              num_kpts, float(max_exponent), exponents, count)
+        np.negative(exponents[:n], out=exponents[:n])
+        np.exp(exponents[:n], out=exponents[:n])
+        _call(lib.kdet_oks_means, n, num_kpts, exponents, count, oks[begin:begin + n])
+    return oks
 
 
 def match_detections(pair_iou, pair_start, group_first, group_ndet, group_gt_first,
