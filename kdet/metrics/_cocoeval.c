@@ -20,7 +20,7 @@
 #endif
 
 /* Version of this interface; native.py refuses a library with another. */
-KDET_EXPORT int64_t kdet_cocoeval_abi(void) { return 3; }
+KDET_EXPORT int64_t kdet_cocoeval_abi(void) { return 4; }
 
 /* evaluateImg's greedy matching for every (image, category) group, and the true /
  * false positive flags accumulate reads.
@@ -102,6 +102,130 @@ KDET_EXPORT int64_t kdet_match_detections(
     }
     free(order);
     free(taken);
+    return 0;
+}
+
+/* pycocotools' rleFrString for num compressed RLE strings, concatenated in text
+ * (string i is text[text_offsets[i] .. text_offsets[i + 1]]): the counts of RLE i go to
+ * counts[count_offsets[i] .. count_offsets[i + 1]] (counts has room for one count per
+ * character). The strings were checked before (kdet.metrics.rle.check_counts).
+ */
+KDET_EXPORT int64_t kdet_rle_decode(int64_t num, const char *text, const int64_t *text_offsets,
+                                    uint32_t *counts, int64_t *count_offsets)
+{
+    int64_t m = 0;
+    count_offsets[0] = 0;
+    for (int64_t r = 0; r < num; r++) {
+        const int64_t first = m;
+        int64_t p = text_offsets[r];
+        const int64_t end = text_offsets[r + 1];
+        while (p < end) {
+            long x = 0;
+            int64_t k = 0;
+            int more = 1;
+            while (more && p < end) {
+                const char c = (char)(text[p] - 48);
+                x |= (long)(c & 0x1f) << 5 * k;
+                more = c & 0x20;
+                p++;
+                k++;
+                if (!more && (c & 0x10)) x |= -1L << 5 * k;
+            }
+            if (m - first > 2) x += (long)counts[m - 2];  /* pycocotools: m > 2 */
+            counts[m++] = (uint32_t)x;
+        }
+        count_offsets[r + 1] = m;
+    }
+    return 0;
+}
+
+/* pycocotools' rleArea and rleToBbox (x, y, w, h as doubles) of num decoded RLEs of
+ * heights[i] rows. */
+KDET_EXPORT int64_t kdet_rle_area_bbox(int64_t num, const uint32_t *counts,
+                                       const int64_t *count_offsets, const int64_t *heights,
+                                       const int64_t *widths, double *area, double *bbox)
+{
+    for (int64_t r = 0; r < num; r++) {
+        const uint32_t *cnts = counts + count_offsets[r];
+        const int64_t m_all = count_offsets[r + 1] - count_offsets[r];
+        uint32_t a = 0;
+        for (int64_t j = 1; j < m_all; j += 2) a += cnts[j];
+        area[r] = (double)a;
+        const uint32_t h = (uint32_t)heights[r], w = (uint32_t)widths[r];
+        const int64_t m = (m_all / 2) * 2;
+        uint32_t xs = w, ys = h, xe = 0, ye = 0, cc = 0, xp = 0;
+        double *bb = bbox + 4 * r;
+        if (m == 0) {
+            bb[0] = bb[1] = bb[2] = bb[3] = 0;
+            continue;
+        }
+        for (int64_t j = 0; j < m; j++) {
+            cc += cnts[j];
+            const uint32_t t = cc - (uint32_t)(j % 2), y = t % h, x = (t - y) / h;
+            if (j % 2 == 0) xp = x;
+            else if (xp < x) {
+                ys = 0;
+                ye = h - 1;
+            }
+            xs = x < xs ? x : xs;
+            xe = x > xe ? x : xe;
+            ys = y < ys ? y : ys;
+            ye = y > ye ? y : ye;
+        }
+        bb[0] = xs;
+        bb[2] = xe - xs + 1;
+        bb[1] = ys;
+        bb[3] = ye - ys + 1;
+    }
+    return 0;
+}
+
+/* pycocotools' rleIou of aligned pairs (RLE a_index[p] of set a, b_index[p] of set b,
+ * same size): intersection / union pixel counts, union = a's area for a crowd b. */
+KDET_EXPORT int64_t kdet_rle_pair_iou(
+    int64_t num_pairs, const int64_t *a_index, const int64_t *b_index, const uint32_t *a_counts,
+    const int64_t *a_offsets, const uint32_t *b_counts, const int64_t *b_offsets,
+    const uint8_t *crowd, double *iou)
+{
+    for (int64_t p = 0; p < num_pairs; p++) {
+        const uint32_t *ac = a_counts + a_offsets[a_index[p]];
+        const uint32_t *bc = b_counts + b_offsets[b_index[p]];
+        const int64_t ka = a_offsets[a_index[p] + 1] - a_offsets[a_index[p]];
+        const int64_t kb = b_offsets[b_index[p] + 1] - b_offsets[b_index[p]];
+        if (ka == 0 || kb == 0) {  /* a 0 x 0 image */
+            iou[p] = 0;
+            continue;
+        }
+        uint32_t ca = ac[0], cb = bc[0], c, ct = 1, i = 0, u = 0;
+        int64_t a = 1, b = 1;
+        int va = 0, vb = 0;
+        while (ct > 0) {
+            c = ca < cb ? ca : cb;
+            if (va || vb) {
+                u += c;
+                if (va && vb) i += c;
+            }
+            ct = 0;
+            ca -= c;
+            if (!ca && a < ka) {
+                ca = ac[a++];
+                va = !va;
+            }
+            ct += ca;
+            cb -= c;
+            if (!cb && b < kb) {
+                cb = bc[b++];
+                vb = !vb;
+            }
+            ct += cb;
+        }
+        if (i == 0) u = 1;
+        else if (crowd[p]) {
+            u = 0;
+            for (int64_t j = 1; j < ka; j += 2) u += ac[j];
+        }
+        iou[p] = (double)i / (double)u;
+    }
     return 0;
 }
 

@@ -643,11 +643,15 @@ def _mask_api_chunks(function_name, rles, shape):
 
 def _mask_boxes(rles):
     """``maskUtils.toBbox`` of compressed RLEs, float64 ``[N, 4]``."""
+    if native.library() is not None:
+        return native.DecodedRles(rles).boxes()
     return _mask_api_chunks("toBbox", rles, (4,))
 
 
 def _mask_areas(rles):
     """``maskUtils.area`` of compressed RLEs, float64 ``[N]``."""
+    if native.library() is not None:
+        return native.DecodedRles(rles).areas()
     return _mask_api_chunks("area", rles, ())
 
 
@@ -1236,9 +1240,14 @@ class COCOEvaluator:
         gts, gt_of_pair = np.unique(pair_gt, return_inverse=True)
         det_rles = [det.segmentation[i] for i in dets]
         gt_rles = gt.rles(gts)
-        det_box = _mask_boxes(det_rles)
-        det_area = _mask_areas(det_rles) if det.mask_area is None else det.mask_area[dets]
-        gt_box, gt_area = _mask_boxes(gt_rles), _mask_areas(gt_rles)
+        if native.library() is not None:  # decoded once; boxes, areas and IoU in C
+            det_rles, gt_rles = native.DecodedRles(det_rles), native.DecodedRles(gt_rles)
+            det_box, gt_box, gt_area = det_rles.boxes(), gt_rles.boxes(), gt_rles.areas()
+            det_area = det_rles.areas()
+        else:
+            det_box = _mask_boxes(det_rles)
+            det_area = _mask_areas(det_rles) if det.mask_area is None else det.mask_area[dets]
+            gt_box, gt_area = _mask_boxes(gt_rles), _mask_areas(gt_rles)
         d_box, g_box = det_box[det_of_pair], gt_box[gt_of_pair]
         far = np.minimum(d_box[:, :2] + d_box[:, 2:], g_box[:, :2] + g_box[:, 2:])
         overlap = np.prod(np.clip(far - np.maximum(d_box[:, :2], g_box[:, :2]), 0, None), axis=1)
@@ -1248,6 +1257,10 @@ class COCOEvaluator:
         bound = np.divide(overlap, union_low, out=np.zeros(len(out)), where=union_low > 0)
         todo = np.flatnonzero(bound >= IOU_THRESHOLDS.min())
         if len(todo) == 0:
+            return out
+        if native.library() is not None:
+            out[todo] = native.rle_pair_iou(det_rles, det_of_pair[todo], gt_rles,
+                                            gt_of_pair[todo], crowd[todo])
             return out
         # One call per image: its detections (rows) and ground truths (columns) with pairs
         # left; each pair reads its entry.

@@ -17,15 +17,19 @@ import pathlib
 
 import numpy as np
 
-__all__ = ["library", "library_path", "pair_oks", "match_detections", "accumulate"]
+__all__ = ["library", "library_path", "DecodedRles", "rle_pair_iou", "pair_oks",
+           "match_detections", "accumulate"]
 
-_ABI = 3  # kdet_cocoeval_abi() of the C source this file was written for
+_ABI = 4  # kdet_cocoeval_abi() of the C source this file was written for
 _HERE = pathlib.Path(__file__).resolve().parent
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
     "kdet_cocoeval_abi": [],
     "kdet_match_detections": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR,
                               _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR],
+    "kdet_rle_decode": [_I64, _PTR, _PTR, _PTR, _PTR],
+    "kdet_rle_area_bbox": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
+    "kdet_rle_pair_iou": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     "kdet_oks_exponents": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64,
                            ctypes.c_double, _PTR, _PTR],
     "kdet_oks_means": [_I64, _I64, _PTR, _PTR, _PTR],
@@ -74,6 +78,57 @@ def _call(function, *args):
     c_args = [a.ctypes.data if isinstance(a, np.ndarray) else a for a in args]
     if function(*c_args) != 0:
         raise MemoryError(f"{function.__name__}: out of memory")
+
+
+class DecodedRles:
+    """Compressed COCO RLEs (dicts with ``size`` and string ``counts``) decoded in C, as
+    pycocotools' ``rleFrString``: ``counts`` (uint32) and ``offsets`` (RLE i's counts are
+    ``counts[offsets[i]:offsets[i + 1]]``); ``areas()`` and ``boxes()`` as
+    ``maskUtils.area`` and ``maskUtils.toBbox``. The strings must be valid (checked
+    when the detections and ground truths were read)."""
+
+    def __init__(self, rles):
+        texts = [r["counts"] for r in rles]
+        if set(map(type, texts)) <= {str}:  # one join; ASCII: a character is a byte
+            data = "".join(texts).encode("latin-1")
+        else:
+            texts = [t.encode("latin-1") if isinstance(t, str) else bytes(t) for t in texts]
+            data = b"".join(texts)
+        text_offsets = np.zeros(len(texts) + 1, np.int64)
+        np.cumsum(np.fromiter(map(len, texts), np.int64, len(texts)), out=text_offsets[1:])
+        self.counts = np.empty(max(len(data), 1), np.uint32)  # at most one per character
+        self.offsets = np.empty(len(texts) + 1, np.int64)
+        _call(library().kdet_rle_decode, len(texts), np.frombuffer(data or b"\0", np.uint8),
+              text_offsets, self.counts, self.offsets)
+        self.heights = np.fromiter((r["size"][0] for r in rles), np.int64, len(rles))
+        self.widths = np.fromiter((r["size"][1] for r in rles), np.int64, len(rles))
+        self._area = self._box = None
+
+    def __len__(self):
+        return len(self.heights)
+
+    def _area_bbox(self):
+        if self._area is None:
+            self._area, self._box = np.empty(len(self)), np.empty((len(self), 4))
+            _call(library().kdet_rle_area_bbox, len(self), self.counts, self.offsets,
+                  self.heights, self.widths, self._area, self._box)
+        return self._area, self._box
+
+    def areas(self):
+        return self._area_bbox()[0]
+
+    def boxes(self):
+        return self._area_bbox()[1]
+
+
+def rle_pair_iou(dets, det_index, gts, gt_index, crowd):
+    """``maskUtils.iou`` of aligned (``dets[det_index[p]]``, ``gts[gt_index[p]]``) pairs of
+    :class:`DecodedRles` of equal sizes; ``crowd[p]``: the ground truth is a crowd."""
+    out = np.empty(len(det_index))
+    _call(library().kdet_rle_pair_iou, len(out), _array(det_index, np.int64),
+          _array(gt_index, np.int64), dets.counts, dets.offsets, gts.counts, gts.offsets,
+          _array(crowd, np.uint8), out)
+    return out
 
 
 def pair_oks(det_kpts, gt_kpts, gt_boxes, gt_area, sigmas, pair_det, pair_gt, min_oks,
