@@ -1,16 +1,19 @@
 """The compiled COCO evaluation kernels (``_cocoeval.c``), loaded with ctypes.
 
-``setup.py`` builds ``kdet/metrics/_cocoeval.c`` into a shared library next to this
-file (``pip install`` / ``pip install -e .``, or ``python setup.py build_ext
---inplace`` in a checkout). :mod:`kdet.metrics.coco` calls it for the greedy matching
-and the accumulation when it is there, and falls back to its numpy code when it is
-not; both give pycocotools' numbers bit for bit. ``KDET_NATIVE=0`` forces the numpy
-code (the tests run both).
+``setup.py`` builds ``kdet/metrics/_cocoeval.c`` into a shared library in
+``kdet/metrics/_kernels/`` (``pip install`` / ``pip install -e .``, or ``python setup.py
+build_ext --inplace`` in a checkout): a folder that is no package, so that tools
+walking kdet's modules do not take the library for a Python extension module.
+:mod:`kdet.metrics.coco` calls it for the matching, the accumulation, keypoint OKS and
+mask IoU when it is there, and falls back to its numpy code (and pycocotools' mask API)
+when it is not; both give pycocotools' numbers bit for bit. ``KDET_NATIVE=0`` forces the
+numpy code (the tests run both).
 
 The C code takes plain arrays (no Python or numpy headers): each function here
 converts its arguments to contiguous arrays of the C types and passes pointers.
 """
 import ctypes
+import functools
 import importlib.machinery
 import os
 import pathlib
@@ -21,7 +24,7 @@ __all__ = ["library", "library_path", "DecodedRles", "rle_pair_iou", "pair_oks",
            "match_detections", "accumulate"]
 
 _ABI = 4  # kdet_cocoeval_abi() of the C source this file was written for
-_HERE = pathlib.Path(__file__).resolve().parent
+_LIBRARY_DIR = pathlib.Path(__file__).resolve().parent / "_kernels"
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
     "kdet_cocoeval_abi": [],
@@ -36,13 +39,12 @@ _SIGNATURES = {
     "kdet_accumulate": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64, _PTR,
                         _I64, _PTR, _PTR],
 }
-_loaded = {}
 
 
 def library_path():
     """Path of the built library (``_cocoeval<extension suffix>``), or None."""
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = _HERE / f"_cocoeval{suffix}"
+        path = _LIBRARY_DIR / f"_cocoeval{suffix}"
         if path.is_file():
             return path
     return None
@@ -52,18 +54,22 @@ def library():
     """The loaded kernels (a ``ctypes.CDLL``), or None: not built, or ``KDET_NATIVE=0``."""
     if os.environ.get("KDET_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
+    return _load()
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    """The library, looked for and loaded once per process (None when not built)."""
     path = library_path()
     if path is None:
         return None
-    if path not in _loaded:
-        lib = ctypes.CDLL(str(path))
-        for name, argtypes in _SIGNATURES.items():
-            function = getattr(lib, name)
-            function.argtypes, function.restype = argtypes, _I64
-        if lib.kdet_cocoeval_abi() != _ABI:  # a stale build of an older source
-            lib = None
-        _loaded[path] = lib
-    return _loaded[path]
+    lib = ctypes.CDLL(str(path))
+    if not hasattr(lib, "kdet_cocoeval_abi") or lib.kdet_cocoeval_abi() != _ABI:
+        return None  # a stale build of an older source: rebuild
+    for name, argtypes in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, _I64
+    return lib
 
 
 def _array(values, dtype):
