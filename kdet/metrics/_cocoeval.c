@@ -321,6 +321,13 @@ KDET_EXPORT int64_t kdet_oks_means(int64_t num_pairs, int64_t num_kpts, const do
  * repeated (recall, precision) point). num_positives: [K, A] non-ignored ground truths.
  * Categories without ground truth in an area range stay -1. Returns 0, or -1 when out
  * of memory.
+ *
+ * The same numbers as pycocotools' arrays with fewer divisions: recall rc = tp / npig
+ * reaches a recall threshold exactly when the integer tp reaches the least count c with
+ * c / npig >= threshold (division by npig is monotone), and precision pr = tp / (fp +
+ * tp + eps) only falls while tp stays, so the envelope (the maximum of pr from a point
+ * on) read where tp first reaches a count is the maximum of pr over the points where tp
+ * grows (and the first point): pr is computed there only.
  */
 KDET_EXPORT int64_t kdet_accumulate(
     int64_t num_cats, const int64_t *order, const int64_t *cat_bounds, const int64_t *rank,
@@ -332,17 +339,19 @@ KDET_EXPORT int64_t kdet_accumulate(
     int64_t longest = 0;
     for (int64_t k = 0; k < num_cats; k++)
         if (cat_bounds[k + 1] - cat_bounds[k] > longest) longest = cat_bounds[k + 1] - cat_bounds[k];
-    /* a category's detections gathered in sorted order (contiguous reads), and the
-     * (recall, precision) curve of every threshold */
+    /* a category's detections gathered in sorted order (contiguous reads); per
+     * threshold, pr where tp grows (candidates) and the tp there */
     int64_t *ranks = malloc(sizeof(int64_t) * (size_t)(longest + 1));
     uint8_t *tp_flags = malloc((size_t)((longest + 1) * cell_size));
     uint8_t *fp_flags = malloc((size_t)((longest + 1) * cell_size));
     double *pr = malloc(sizeof(double) * (size_t)((longest + 1) * num_thr));
-    double *rc = malloc(sizeof(double) * (size_t)((longest + 1) * num_thr));
+    int64_t *pr_tp = malloc(sizeof(int64_t) * (size_t)((longest + 1) * num_thr));
+    int64_t *num_pr = malloc(sizeof(int64_t) * (size_t)num_thr);
     int64_t *tp = malloc(sizeof(int64_t) * (size_t)num_thr);
     int64_t *fp = malloc(sizeof(int64_t) * (size_t)num_thr);
+    int64_t *needed = malloc(sizeof(int64_t) * (size_t)num_rec);
     int64_t status = 0;
-    if (!ranks || !tp_flags || !fp_flags || !pr || !rc || !tp || !fp) {
+    if (!ranks || !tp_flags || !fp_flags || !pr || !pr_tp || !num_pr || !tp || !fp || !needed) {
         status = -1;
         goto done;
     }
@@ -361,12 +370,18 @@ KDET_EXPORT int64_t kdet_accumulate(
         for (int64_t a = 0; a < num_areas; a++) {
             const int64_t npig = num_positives[k * num_areas + a];
             if (npig == 0) continue;
+            /* np.searchsorted(tp / npig, rec_thr, 'left') reads the first point whose tp
+             * reaches needed[q] (npig + 1: never) */
+            int64_t c = 0;
+            for (int64_t q = 0; q < num_rec; q++) {
+                while (c <= npig && (double)c / (double)npig < rec_thr[q]) c++;
+                needed[q] = c;
+            }
             for (int64_t m = 0; m < num_m; m++) {
-                /* cumulative tp / fp over the detections within the cut, as pycocotools:
-                 * rc = tp / npig, pr = tp / (fp + tp + eps) */
                 int64_t nd = 0;
                 memset(tp, 0, sizeof(int64_t) * (size_t)num_thr);
                 memset(fp, 0, sizeof(int64_t) * (size_t)num_thr);
+                memset(num_pr, 0, sizeof(int64_t) * (size_t)num_thr);
                 for (int64_t s = 0; s < n_all; s++) {
                     if (ranks[s] >= max_dets[m]) continue;
                     const uint8_t *tp_s = tp_flags + s * cell_size + a * num_thr;
@@ -374,24 +389,27 @@ KDET_EXPORT int64_t kdet_accumulate(
                     for (int64_t t = 0; t < num_thr; t++) {
                         tp[t] += tp_s[t];
                         fp[t] += fp_s[t];
-                        const double tp_f = (double)tp[t], fp_f = (double)fp[t];
-                        rc[t * n_all + nd] = tp_f / (double)npig;
-                        pr[t * n_all + nd] = tp_f / (fp_f + tp_f + DBL_EPSILON);
+                        if (tp_s[t] || nd == 0) {
+                            const double tp_f = (double)tp[t], fp_f = (double)fp[t];
+                            const int64_t j = t * n_all + num_pr[t]++;
+                            pr[j] = tp_f / (fp_f + tp_f + DBL_EPSILON);
+                            pr_tp[j] = tp[t];
+                        }
                     }
                     nd++;
                 }
                 const int64_t cell = (k * num_areas + a) * num_m + m;
                 for (int64_t t = 0; t < num_thr; t++) {
                     double *pr_t = pr + t * n_all;
-                    const double *rc_t = rc + t * n_all;
-                    recall[t * stride_r + cell] = nd ? rc_t[nd - 1] : 0.0;
-                    for (int64_t s = nd - 1; s > 0; s--)  /* precision envelope */
-                        if (pr_t[s] > pr_t[s - 1]) pr_t[s - 1] = pr_t[s];
-                    /* np.searchsorted(rc, rec_thr, side='left'); past the end: 0 */
-                    int64_t s = 0;
+                    const int64_t *pr_tp_t = pr_tp + t * n_all;
+                    recall[t * stride_r + cell] = nd ? (double)tp[t] / (double)npig : 0.0;
+                    for (int64_t j = num_pr[t] - 1; j > 0; j--)  /* precision envelope */
+                        if (pr_t[j] > pr_t[j - 1]) pr_t[j - 1] = pr_t[j];
+                    int64_t j = 0;
                     for (int64_t q = 0; q < num_rec; q++) {
-                        while (s < nd && rc_t[s] < rec_thr[q]) s++;
-                        precision[(t * num_rec + q) * stride_r + cell] = s < nd ? pr_t[s] : 0.0;
+                        while (j < num_pr[t] && pr_tp_t[j] < needed[q]) j++;
+                        precision[(t * num_rec + q) * stride_r + cell] =
+                            j < num_pr[t] ? pr_t[j] : 0.0;
                     }
                 }
             }
@@ -402,8 +420,10 @@ done:
     free(tp_flags);
     free(fp_flags);
     free(pr);
-    free(rc);
+    free(pr_tp);
+    free(num_pr);
     free(tp);
     free(fp);
+    free(needed);
     return status;
 }
