@@ -20,7 +20,7 @@
 #endif
 
 /* Version of this interface; native.py refuses a library with another. */
-KDET_EXPORT int64_t kdet_cocoeval_abi(void) { return 4; }
+KDET_EXPORT int64_t kdet_cocoeval_abi(void) { return 5; }
 
 /* evaluateImg's greedy matching for every (image, category) group, and the true /
  * false positive flags accumulate reads.
@@ -105,10 +105,20 @@ KDET_EXPORT int64_t kdet_match_detections(
     return 0;
 }
 
+/* How many counts the num compressed RLE strings in text hold: the characters that end
+ * a number (no continuation bit 0x20), plus one per string for an unfinished last one. */
+KDET_EXPORT int64_t kdet_rle_count(int64_t num, const char *text, const int64_t *text_offsets)
+{
+    int64_t total = num;
+    for (int64_t i = text_offsets[0]; i < text_offsets[num]; i++)
+        total += !((char)(text[i] - 48) & 0x20);
+    return total;
+}
+
 /* pycocotools' rleFrString for num compressed RLE strings, concatenated in text
  * (string i is text[text_offsets[i] .. text_offsets[i + 1]]): the counts of RLE i go to
- * counts[count_offsets[i] .. count_offsets[i + 1]] (counts has room for one count per
- * character). The strings were checked before (kdet.metrics.rle.check_counts).
+ * counts[count_offsets[i] .. count_offsets[i + 1]] (counts has room for every
+ * number, kdet_rle_count). The strings were checked before (kdet.metrics.rle.check_counts).
  */
 KDET_EXPORT int64_t kdet_rle_decode(int64_t num, const char *text, const int64_t *text_offsets,
                                     uint32_t *counts, int64_t *count_offsets)

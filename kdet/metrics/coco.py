@@ -509,6 +509,7 @@ class _Detections:
         self.segmentation = [None] * n if segmentation is None else segmentation
         self.keypoints = [None] * n if keypoints is None else keypoints
         self.mask_area = None  # maskUtils.area of every segmentation, once computed
+        self.decoded_masks = None  # native.DecodedRles of every segmentation, once decoded
         # [n, 3K] when every detection's keypoints are rows of it (one width)
         self.keypoint_table = None
 
@@ -530,7 +531,7 @@ class _Detections:
             setattr(out, name, np.concatenate([getattr(c, name) for c in chunks]))
         out.segmentation = [s for c in chunks for s in c.segmentation]
         out.keypoints = [k for c in chunks for k in c.keypoints]
-        out.mask_area = None
+        out.mask_area = out.decoded_masks = None
         tables = [c.keypoint_table for c in chunks]
         out.keypoint_table = None if any(t is None for t in tables) or len(
             {t.shape[1] for t in tables}) > 1 else np.concatenate(tables)
@@ -1174,7 +1175,11 @@ class COCOEvaluator:
             if missing:
                 raise ValueError(f"detection #{missing[0]} has no 'segmentation' but the first "
                                  "one has: COCO.loadRes then takes every area from the mask")
-            det.mask_area = _mask_areas(det.segmentation)
+            if native.library() is not None:  # decoded once, for the IoU too
+                det.decoded_masks = native.DecodedRles(det.segmentation)
+                det.mask_area = det.decoded_masks.areas()
+            else:
+                det.mask_area = _mask_areas(det.segmentation)
             return det.mask_area
         if det.keypoints[0] is not None:  # keypoints branch: extent of the keypoints
             areas = np.empty(n)
@@ -1238,13 +1243,16 @@ class COCOEvaluator:
         out = np.zeros(len(pair_gt))
         dets, det_of_pair = np.unique(det_index, return_inverse=True)
         gts, gt_of_pair = np.unique(pair_gt, return_inverse=True)
-        det_rles = [det.segmentation[i] for i in dets]
         gt_rles = gt.rles(gts)
         if native.library() is not None:  # decoded once; boxes, areas and IoU in C
-            det_rles, gt_rles = native.DecodedRles(det_rles), native.DecodedRles(gt_rles)
-            det_box, gt_box, gt_area = det_rles.boxes(), gt_rles.boxes(), gt_rles.areas()
-            det_area = det_rles.areas()
+            if det.decoded_masks is None:
+                det.decoded_masks = native.DecodedRles(det.segmentation)
+            det_rles, gt_rles = det.decoded_masks, native.DecodedRles(gt_rles)
+            det_box, det_area = det_rles.boxes(), det_rles.areas()  # every detection's
+            gt_box, gt_area = gt_rles.boxes(), gt_rles.areas()
+            det_of_pair = dets[det_of_pair]
         else:
+            det_rles = [det.segmentation[i] for i in dets]
             det_box = _mask_boxes(det_rles)
             det_area = _mask_areas(det_rles) if det.mask_area is None else det.mask_area[dets]
             gt_box, gt_area = _mask_boxes(gt_rles), _mask_areas(gt_rles)

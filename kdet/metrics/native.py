@@ -23,13 +23,14 @@ import numpy as np
 __all__ = ["library", "library_path", "DecodedRles", "rle_pair_iou", "pair_oks",
            "match_detections", "accumulate"]
 
-_ABI = 4  # kdet_cocoeval_abi() of the C source this file was written for
+_ABI = 5  # kdet_cocoeval_abi() of the C source this file was written for
 _LIBRARY_DIR = pathlib.Path(__file__).resolve().parent / "_kernels"
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
     "kdet_cocoeval_abi": [],
     "kdet_match_detections": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR,
                               _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR],
+    "kdet_rle_count": [_I64, _PTR, _PTR],
     "kdet_rle_decode": [_I64, _PTR, _PTR, _PTR, _PTR],
     "kdet_rle_area_bbox": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     "kdet_rle_pair_iou": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
@@ -102,10 +103,12 @@ class DecodedRles:
             data = b"".join(texts)
         text_offsets = np.zeros(len(texts) + 1, np.int64)
         np.cumsum(np.fromiter(map(len, texts), np.int64, len(texts)), out=text_offsets[1:])
-        self.counts = np.empty(max(len(data), 1), np.uint32)  # at most one per character
+        text = np.frombuffer(data or bytes(1), np.uint8)
+        size = library().kdet_rle_count(len(texts), text.ctypes.data, text_offsets.ctypes.data)
+        self.counts = np.empty(max(size, 1), np.uint32)
         self.offsets = np.empty(len(texts) + 1, np.int64)
-        _call(library().kdet_rle_decode, len(texts), np.frombuffer(data or b"\0", np.uint8),
-              text_offsets, self.counts, self.offsets)
+        _call(library().kdet_rle_decode, len(texts), text, text_offsets, self.counts,
+              self.offsets)
         self.heights = np.fromiter((r["size"][0] for r in rles), np.int64, len(rles))
         self.widths = np.fromiter((r["size"][1] for r in rles), np.int64, len(rles))
         self._area = self._box = None
