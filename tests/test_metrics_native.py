@@ -24,8 +24,9 @@ def test_native_library_is_built(monkeypatch):
     """CI installs with pip, which builds the library: there it must load."""
     monkeypatch.delenv("KDET_NATIVE", raising=False)
     if native.library() is None:
-        message = ("kdet's C evaluation kernels not installed (kdet/metrics/_kernels/_cocoeval*.so): "
-                   "`pip install -e .` or `python setup.py build_ext --inplace` builds them")
+        message = ("kdet's C evaluation kernels not installed (kdet/metrics/_kernels/"
+                   "_cocoeval*.so): `pip install -e .` or `python setup.py build_ext "
+                   "--inplace` builds them")
         if references_required():
             pytest.fail(message)
         pytest.skip(message)
