@@ -509,7 +509,7 @@ class _Detections:
         self.segmentation = [None] * n if segmentation is None else segmentation
         self.keypoints = [None] * n if keypoints is None else keypoints
         self.mask_area = None  # maskUtils.area of every segmentation, once computed
-        self.decoded_masks = None  # native.DecodedRles of every segmentation, once decoded
+        self.mask_box = None  # maskUtils.toBbox of every segmentation (C path), once computed
         # [n, 3K] when every detection's keypoints are rows of it (one width)
         self.keypoint_table = None
 
@@ -531,7 +531,7 @@ class _Detections:
             setattr(out, name, np.concatenate([getattr(c, name) for c in chunks]))
         out.segmentation = [s for c in chunks for s in c.segmentation]
         out.keypoints = [k for c in chunks for k in c.keypoints]
-        out.mask_area = out.decoded_masks = None
+        out.mask_area = out.mask_box = None
         tables = [c.keypoint_table for c in chunks]
         out.keypoint_table = None if any(t is None for t in tables) or len(
             {t.shape[1] for t in tables}) > 1 else np.concatenate(tables)
@@ -1175,9 +1175,8 @@ class COCOEvaluator:
             if missing:
                 raise ValueError(f"detection #{missing[0]} has no 'segmentation' but the first "
                                  "one has: COCO.loadRes then takes every area from the mask")
-            if native.library() is not None:  # decoded once, for the IoU too
-                det.decoded_masks = native.DecodedRles(det.segmentation)
-                det.mask_area = det.decoded_masks.areas()
+            if native.library() is not None:  # the boxes too, for the IoU bound
+                det.mask_area, det.mask_box = native.rle_areas_boxes(det.segmentation)
             else:
                 det.mask_area = _mask_areas(det.segmentation)
             return det.mask_area
@@ -1244,12 +1243,11 @@ class COCOEvaluator:
         dets, det_of_pair = np.unique(det_index, return_inverse=True)
         gts, gt_of_pair = np.unique(pair_gt, return_inverse=True)
         gt_rles = gt.rles(gts)
-        if native.library() is not None:  # decoded once; boxes, areas and IoU in C
-            if det.decoded_masks is None:
-                det.decoded_masks = native.DecodedRles(det.segmentation)
-            det_rles, gt_rles = det.decoded_masks, native.DecodedRles(gt_rles)
-            det_box, det_area = det_rles.boxes(), det_rles.areas()  # every detection's
-            gt_box, gt_area = gt_rles.boxes(), gt_rles.areas()
+        if native.library() is not None:  # boxes, areas and IoU in C
+            if det.mask_box is None:
+                det.mask_area, det.mask_box = native.rle_areas_boxes(det.segmentation)
+            det_box, det_area = det.mask_box, det.mask_area  # every detection's
+            gt_area, gt_box = native.rle_areas_boxes(gt_rles)
             det_of_pair = dets[det_of_pair]
         else:
             det_rles = [det.segmentation[i] for i in dets]
@@ -1266,9 +1264,12 @@ class COCOEvaluator:
         todo = np.flatnonzero(bound >= IOU_THRESHOLDS.min())
         if len(todo) == 0:
             return out
-        if native.library() is not None:
-            out[todo] = native.rle_pair_iou(det_rles, det_of_pair[todo], gt_rles,
-                                            gt_of_pair[todo], crowd[todo])
+        if native.library() is not None:  # only the masks of pairs left are decoded
+            d_used, d_row = np.unique(det_of_pair[todo], return_inverse=True)
+            g_used, g_row = np.unique(gt_of_pair[todo], return_inverse=True)
+            out[todo] = native.rle_pair_iou(
+                native.DecodedRles([det.segmentation[i] for i in d_used.tolist()]), d_row,
+                native.DecodedRles([gt_rles[j] for j in g_used.tolist()]), g_row, crowd[todo])
             return out
         # One call per image: its detections (rows) and ground truths (columns) with pairs
         # left; each pair reads its entry.

@@ -20,7 +20,8 @@ import pathlib
 
 import numpy as np
 
-__all__ = ["library", "library_path", "DecodedRles", "rle_pair_iou", "pair_oks",
+__all__ = ["library", "library_path", "DecodedRles", "rle_areas_boxes", "rle_pair_iou",
+           "pair_oks",
            "match_detections", "accumulate"]
 
 _ABI = 5  # kdet_cocoeval_abi() of the C source this file was written for
@@ -128,6 +129,16 @@ class DecodedRles:
 
     def boxes(self):
         return self._area_bbox()[1]
+
+
+def rle_areas_boxes(rles, chunk=1 << 15):
+    """``maskUtils.area`` and ``maskUtils.toBbox`` of compressed RLEs, decoded in chunks
+    (the decoded counts of 400k masks would take ~300 MB)."""
+    area, box = np.empty(len(rles)), np.empty((len(rles), 4))
+    for begin in range(0, len(rles), chunk):
+        decoded = DecodedRles(rles[begin:begin + chunk])
+        area[begin:begin + chunk], box[begin:begin + chunk] = decoded.areas(), decoded.boxes()
+    return area, box
 
 
 def rle_pair_iou(dets, det_index, gts, gt_index, crowd):
