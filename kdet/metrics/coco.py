@@ -644,15 +644,11 @@ def _mask_api_chunks(function_name, rles, shape):
 
 def _mask_boxes(rles):
     """``maskUtils.toBbox`` of compressed RLEs, float64 ``[N, 4]``."""
-    if native.library() is not None:
-        return native.DecodedRles(rles).boxes()
     return _mask_api_chunks("toBbox", rles, (4,))
 
 
 def _mask_areas(rles):
     """``maskUtils.area`` of compressed RLEs, float64 ``[N]``."""
-    if native.library() is not None:
-        return native.DecodedRles(rles).areas()
     return _mask_api_chunks("area", rles, ())
 
 
