@@ -15,6 +15,7 @@ within the run; the table is printed and appended to ``benchmarks/RESULTS.md``.
     python benchmarks/eval_speed.py --iou-types bbox,segm,keypoints --repeats 3
     python benchmarks/eval_speed.py --images 20000 --categories 1000 --reference hotcoco
 
+``kdet-numpy`` is kdet with ``KDET_NATIVE=0`` (its numpy fallback, no C kernels).
 Timed for pycocotools and faster-coco-eval: ``loadRes`` + ``evaluate`` +
 ``accumulate`` + ``summarize``; for kdet: ``add_detections`` + ``evaluate``.
 Building the ground-truth index (``COCO(...)`` / ``COCOEvaluator(...)``) is timed
@@ -38,6 +39,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from kdet.metrics import native  # noqa: E402
 from kdet.metrics.coco import COCOEvaluator  # noqa: E402
 from kdet.workflow.peer_benchmark import append_to_results  # noqa: E402
 
@@ -221,10 +223,24 @@ def time_kdet(gt, dets, iou_type):
     return load, run, ev.stats
 
 
+def time_kdet_numpy(gt, dets, iou_type):
+    """kdet without its C kernels (``KDET_NATIVE=0``): the numpy fallback."""
+    previous = os.environ.get("KDET_NATIVE")
+    os.environ["KDET_NATIVE"] = "0"
+    try:
+        return time_kdet(gt, dets, iou_type)
+    finally:
+        if previous is None:
+            del os.environ["KDET_NATIVE"]
+        else:
+            os.environ["KDET_NATIVE"] = previous
+
+
 # name, distribution (for the version), module (installed?), timer
 EVALUATORS = (
     ("pycocotools", "pycocotools", "pycocotools", _cocoapi(_pycocotools_gt, _pycocotools_eval)),
     ("kdet", None, "kdet", time_kdet),
+    ("kdet-numpy", None, "kdet", time_kdet_numpy),
     ("faster-coco-eval", "faster-coco-eval", "faster_coco_eval",
      _cocoapi(_faster_gt, _faster_eval)),
     ("hotcoco", "hotcoco", "hotcoco", _cocoapi(_hotcoco_gt, _hotcoco_eval)),
@@ -245,6 +261,7 @@ def _version(distribution):
 def run_one(iou_type, args):
     """Time every installed evaluator on one synthetic set; the markdown section."""
     import importlib.util
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     gt, dets = synthesize(args.images, args.dets_per_image, args.categories,
                           iou_type=iou_type)
     print(f"{iou_type}: {len(gt['images'])} images, {len(gt['annotations'])} ground truths "
@@ -269,6 +286,8 @@ def run_one(iou_type, args):
             ref_stats = stats
         dev = float(np.abs(stats[:len(ref_stats)] - ref_stats).max())
         assert dev <= 1e-12, f"{name} {iou_type} stats differ from {reference} by {dev}"
+        if name == "kdet":
+            name += " (C kernels)" if native.library() is not None else " (numpy: no C kernels)"
         rows.append((name + _version(distribution), load, run, dev))
         print(f"  {rows[-1][0]}: eval {run[0]:.2f} s wall, {run[1]:.2f} s CPU", flush=True)
 
@@ -276,14 +295,15 @@ def run_one(iou_type, args):
     load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     command = "python benchmarks/eval_speed.py " + " ".join(args.argv)
     ref_wall, ref_cpu = rows[0][2]
-    k_cpu = next(r[2][1] for r in rows if r[0].startswith("kdet"))
+    k_cpu = next(r[2][1] for r in rows if r[0].startswith("kdet "))
     lines = [
         f"### {datetime.date.today().isoformat()}: {len(gt['images'])} images x "
         f"{args.dets_per_image} dets ({iou_type}), {len(gt['annotations'])} GT, "
         f"{len(gt['categories'])} categories",
         "",
         f"Machine: {cores}-core CPU ({platform.processor() or platform.machine()}), "
-        f"load average {load_avg:.1f} at the end (shared machine), "
+        f"load average {load_start:.1f} at the start, {load_avg:.1f} at the end (shared "
+        "machine), "
         f"Python {platform.python_version()}, numpy {np.__version__}; one process; "
         f"median CPU time of {args.repeats}; command: `{command.strip()}`",
         "",
@@ -298,7 +318,8 @@ def run_one(iou_type, args):
                      f"{dev:.1e} |")
     lines.append("")
     lines.append("eval = loadRes + evaluate + accumulate + summarize (the pycocotools API), "
-                 "add_detections + evaluate (kdet); kdet's CPU advantage = the evaluator's "
+                 "add_detections + evaluate (kdet; kdet-numpy: the same without the C "
+                 "kernels, KDET_NATIVE=0); kdet's CPU advantage = the evaluator's "
                  "CPU time / kdet's. "
                  f"AP = {ref_stats[0]:.4f}, AP50 = {ref_stats[1]:.4f} for all evaluators.")
     return "\n".join(lines)

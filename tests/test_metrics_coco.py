@@ -24,6 +24,9 @@ from pycocotools.cocoeval import COCOeval  # noqa: E402
 from kdet.metrics import COCOEvaluator  # noqa: E402
 from kdet.metrics.coco import COCO_KEYPOINT_SIGMAS, _pair_box_iou  # noqa: E402
 
+# Every test runs twice: on the C kernels and on the numpy fallback (conftest.py).
+pytestmark = pytest.mark.usefixtures("evaluator_path")
+
 ATOL = 1e-12
 COCO128 = "coco128/annotations/instances_train2017.json"
 KEYPOINT_FILES = ("keypoints/coco_mini_val2017/annotations/person_keypoints_val2017.json",

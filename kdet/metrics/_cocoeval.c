@@ -1,0 +1,439 @@
+/* COCO evaluation kernels: pycocotools' evaluateImg matching and accumulate, in C.
+ *
+ * Plain C99 with no Python or numpy headers: kdet/metrics/native.py loads the shared
+ * library with ctypes and passes numpy arrays as pointers. Each function runs one
+ * stage over the whole dataset (every image, category, area range and threshold), so
+ * an evaluation makes a handful of calls.
+ *
+ * The arithmetic is pycocotools' operation by operation (no -ffast-math, no FMA
+ * contraction: see setup.py), so every value is bit-identical to its numpy code.
+ */
+#include <float.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(_WIN32)
+#define KDET_EXPORT __declspec(dllexport)
+#else
+#define KDET_EXPORT __attribute__((visibility("default")))
+#endif
+
+/* Version of this interface; native.py refuses a library with another. */
+KDET_EXPORT int64_t kdet_cocoeval_abi(void) { return 5; }
+
+/* evaluateImg's greedy matching for every (image, category) group, and the true /
+ * false positive flags accumulate reads.
+ *
+ * Group g has detections group_first[g] .. + group_ndet[g] (evaluated detections in
+ * score order, rank order within the group) and ground truths group_gt_first[g] .. +
+ * group_ngt[g] (file order). Detection i's IoU with its group's j-th ground truth is
+ * pair_iou[pair_start[i] + j]. gt_ignore is [num_gt, num_areas] (crowd, or outside
+ * the area range, or no keypoints). For every area range, as pycocotools: ground truths
+ * sorted with the regular ones first (stable); each detection in rank order takes, at
+ * each threshold, the unmatched (or crowd) ground truth of the highest IoU >= min(t,
+ * 1 - 1e-10), ties to the later one, an ignored one only if no regular one qualifies.
+ *
+ * Writes true_pos / false_pos [num_dets, num_areas, num_thr] for every detection:
+ * pycocotools' dtm & ~dtIg and ~dtm & ~dtIg, where dtm is the matched ground truth's
+ * id (tested for truth: an id of 0 is no match) and dtIg marks a detection matched to
+ * an ignored ground truth, or unmatched and outside the area range (det_outside
+ * [num_dets, num_areas]). Returns 0, or -1 when out of memory.
+ */
+KDET_EXPORT int64_t kdet_match_detections(
+    int64_t num_groups, const int64_t *group_first, const int64_t *group_ndet,
+    const int64_t *group_gt_first, const int64_t *group_ngt, const int64_t *pair_start,
+    const double *pair_iou, const uint8_t *gt_ignore, const uint8_t *gt_crowd,
+    const uint8_t *gt_id_nonzero, int64_t num_areas, const double *thresholds,
+    int64_t num_thr, int64_t num_dets, const uint8_t *det_outside, uint8_t *true_pos,
+    uint8_t *false_pos)
+{
+    /* unmatched: a false positive unless outside the area range */
+    for (int64_t i = 0; i < num_dets * num_areas; i++) {
+        memset(true_pos + i * num_thr, 0, (size_t)num_thr);
+        memset(false_pos + i * num_thr, !det_outside[i], (size_t)num_thr);
+    }
+    int64_t max_gt = 0;
+    for (int64_t g = 0; g < num_groups; g++)
+        if (group_ngt[g] > max_gt) max_gt = group_ngt[g];
+    int64_t *order = malloc(sizeof(int64_t) * (size_t)(max_gt + 1));
+    uint8_t *taken = malloc((size_t)(max_gt * num_thr + 1));
+    if (!order || !taken) {
+        free(order);
+        free(taken);
+        return -1;
+    }
+    for (int64_t g = 0; g < num_groups; g++) {
+        const int64_t ngt = group_ngt[g], gt0 = group_gt_first[g];
+        if (ngt == 0) continue;
+        for (int64_t a = 0; a < num_areas; a++) {
+            /* pycocotools: gtind = np.argsort(gtIg, kind='mergesort') */
+            int64_t n = 0;
+            for (int64_t j = 0; j < ngt; j++)
+                if (!gt_ignore[(gt0 + j) * num_areas + a]) order[n++] = j;
+            for (int64_t j = 0; j < ngt; j++)
+                if (gt_ignore[(gt0 + j) * num_areas + a]) order[n++] = j;
+            memset(taken, 0, (size_t)(ngt * num_thr));
+            for (int64_t r = 0; r < group_ndet[g]; r++) {
+                const int64_t det = group_first[g] + r;
+                const double *iou = pair_iou + pair_start[det];
+                for (int64_t t = 0; t < num_thr; t++) {
+                    double best = thresholds[t] < 1 - 1e-10 ? thresholds[t] : 1 - 1e-10;
+                    int64_t m = -1;
+                    uint8_t m_ignored = 0;
+                    for (int64_t s = 0; s < ngt; s++) {
+                        const int64_t j = order[s];
+                        const uint8_t ignored = gt_ignore[(gt0 + j) * num_areas + a];
+                        if (taken[t * ngt + j] && !gt_crowd[gt0 + j]) continue;
+                        if (m > -1 && !m_ignored && ignored) break;
+                        if (iou[j] < best) continue;
+                        best = iou[j];
+                        m = j;
+                        m_ignored = ignored;
+                    }
+                    if (m == -1) continue;
+                    taken[t * ngt + m] = 1;
+                    const int64_t out = (det * num_areas + a) * num_thr + t;
+                    true_pos[out] = gt_id_nonzero[gt0 + m] && !m_ignored;
+                    false_pos[out] = !gt_id_nonzero[gt0 + m] && !m_ignored;
+                }
+            }
+        }
+    }
+    free(order);
+    free(taken);
+    return 0;
+}
+
+/* How many counts the num compressed RLE strings in text hold: the characters that end
+ * a number (no continuation bit 0x20), plus one per string for an unfinished last one. */
+KDET_EXPORT int64_t kdet_rle_count(int64_t num, const char *text, const int64_t *text_offsets)
+{
+    int64_t total = num;
+    for (int64_t i = text_offsets[0]; i < text_offsets[num]; i++)
+        total += !((char)(text[i] - 48) & 0x20);
+    return total;
+}
+
+/* pycocotools' rleFrString for num compressed RLE strings, concatenated in text
+ * (string i is text[text_offsets[i] .. text_offsets[i + 1]]): the counts of RLE i go to
+ * counts[count_offsets[i] .. count_offsets[i + 1]] (counts has room for every
+ * number, kdet_rle_count). The strings were checked before (kdet.metrics.rle.check_counts).
+ */
+KDET_EXPORT int64_t kdet_rle_decode(int64_t num, const char *text, const int64_t *text_offsets,
+                                    uint32_t *counts, int64_t *count_offsets)
+{
+    int64_t m = 0;
+    count_offsets[0] = 0;
+    for (int64_t r = 0; r < num; r++) {
+        const int64_t first = m;
+        int64_t p = text_offsets[r];
+        const int64_t end = text_offsets[r + 1];
+        while (p < end) {
+            long x = 0;
+            int64_t k = 0;
+            int more = 1;
+            while (more && p < end) {
+                const char c = (char)(text[p] - 48);
+                x |= (long)(c & 0x1f) << 5 * k;
+                more = c & 0x20;
+                p++;
+                k++;
+                if (!more && (c & 0x10)) x |= -1L << 5 * k;
+            }
+            if (m - first > 2) x += (long)counts[m - 2];  /* pycocotools: m > 2 */
+            counts[m++] = (uint32_t)x;
+        }
+        count_offsets[r + 1] = m;
+    }
+    return 0;
+}
+
+/* pycocotools' rleArea and rleToBbox (x, y, w, h as doubles) of num decoded RLEs of
+ * heights[i] rows. */
+KDET_EXPORT int64_t kdet_rle_area_bbox(int64_t num, const uint32_t *counts,
+                                       const int64_t *count_offsets, const int64_t *heights,
+                                       const int64_t *widths, double *area, double *bbox)
+{
+    for (int64_t r = 0; r < num; r++) {
+        const uint32_t *cnts = counts + count_offsets[r];
+        const int64_t m_all = count_offsets[r + 1] - count_offsets[r];
+        uint32_t a = 0;
+        for (int64_t j = 1; j < m_all; j += 2) a += cnts[j];
+        area[r] = (double)a;
+        const uint32_t h = (uint32_t)heights[r], w = (uint32_t)widths[r];
+        const int64_t m = (m_all / 2) * 2;
+        uint32_t xs = w, ys = h, xe = 0, ye = 0, cc = 0, xp = 0;
+        double *bb = bbox + 4 * r;
+        if (m == 0) {
+            bb[0] = bb[1] = bb[2] = bb[3] = 0;
+            continue;
+        }
+        for (int64_t j = 0; j < m; j++) {
+            cc += cnts[j];
+            const uint32_t t = cc - (uint32_t)(j % 2), y = t % h, x = (t - y) / h;
+            if (j % 2 == 0) xp = x;
+            else if (xp < x) {
+                ys = 0;
+                ye = h - 1;
+            }
+            xs = x < xs ? x : xs;
+            xe = x > xe ? x : xe;
+            ys = y < ys ? y : ys;
+            ye = y > ye ? y : ye;
+        }
+        bb[0] = xs;
+        bb[2] = xe - xs + 1;
+        bb[1] = ys;
+        bb[3] = ye - ys + 1;
+    }
+    return 0;
+}
+
+/* pycocotools' rleIou of aligned pairs (RLE a_index[p] of set a, b_index[p] of set b,
+ * same size): intersection / union pixel counts, union = a's area for a crowd b. */
+KDET_EXPORT int64_t kdet_rle_pair_iou(
+    int64_t num_pairs, const int64_t *a_index, const int64_t *b_index, const uint32_t *a_counts,
+    const int64_t *a_offsets, const uint32_t *b_counts, const int64_t *b_offsets,
+    const uint8_t *crowd, double *iou)
+{
+    for (int64_t p = 0; p < num_pairs; p++) {
+        const uint32_t *ac = a_counts + a_offsets[a_index[p]];
+        const uint32_t *bc = b_counts + b_offsets[b_index[p]];
+        const int64_t ka = a_offsets[a_index[p] + 1] - a_offsets[a_index[p]];
+        const int64_t kb = b_offsets[b_index[p] + 1] - b_offsets[b_index[p]];
+        if (ka == 0 || kb == 0) {  /* a 0 x 0 image */
+            iou[p] = 0;
+            continue;
+        }
+        uint32_t ca = ac[0], cb = bc[0], c, ct = 1, i = 0, u = 0;
+        int64_t a = 1, b = 1;
+        int va = 0, vb = 0;
+        while (ct > 0) {
+            c = ca < cb ? ca : cb;
+            if (va || vb) {
+                u += c;
+                if (va && vb) i += c;
+            }
+            ct = 0;
+            ca -= c;
+            if (!ca && a < ka) {
+                ca = ac[a++];
+                va = !va;
+            }
+            ct += ca;
+            cb -= c;
+            if (!cb && b < kb) {
+                cb = bc[b++];
+                vb = !vb;
+            }
+            ct += cb;
+        }
+        if (i == 0) u = 1;
+        else if (crowd[p]) {
+            u = 0;
+            for (int64_t j = 1; j < ka; j += 2) u += ac[j];
+        }
+        iou[p] = (double)i / (double)u;
+    }
+    return 0;
+}
+
+/* pycocotools' computeOks, first half: the exponents e of every (detection, ground
+ * truth) pair, pair p's used keypoints packed at exponents[p * num_kpts ..], their count
+ * in count[p]. Used: the ground truth's labelled keypoints (v > 0), or all of them
+ * when none is labelled (then the distance is to the ground truth's box grown to 3x).
+ * e = (dx**2 + dy**2) / variance / (area + eps) / 2 in numpy's operation order.
+ * A pair whose every e exceeds max_exponent gets count 0: its OKS, a mean of
+ * exp(-e), is below the lowest threshold (the caller picks max_exponent so), so it
+ * never matches and is left 0. The exponentials are numpy's (np.exp, as pycocotools),
+ * the mean kdet_oks_means'.
+ */
+KDET_EXPORT int64_t kdet_oks_exponents(
+    int64_t num_pairs, const int64_t *pair_det, const int64_t *pair_gt, const double *det_kpts,
+    const double *gt_kpts, const double *gt_box, const double *gt_area,
+    const double *variances, int64_t num_kpts, double max_exponent, double *exponents,
+    int64_t *count)
+{
+    for (int64_t p = 0; p < num_pairs; p++) {
+        const double *d = det_kpts + pair_det[p] * 3 * num_kpts;
+        const double *g = gt_kpts + pair_gt[p] * 3 * num_kpts;
+        const double *box = gt_box + pair_gt[p] * 4;
+        const double scale = gt_area[pair_gt[p]] + DBL_EPSILON;
+        double *e = exponents + p * num_kpts;
+        int64_t labelled = 0;
+        for (int64_t j = 0; j < num_kpts; j++) labelled += g[3 * j + 2] > 0;
+        const double x0 = box[0] - box[2], x1 = box[0] + box[2] * 2;
+        const double y0 = box[1] - box[3], y1 = box[1] + box[3] * 2;
+        int64_t n = 0;
+        double least = 0;
+        for (int64_t j = 0; j < num_kpts; j++) {
+            double dx, dy;
+            if (labelled) {
+                if (!(g[3 * j + 2] > 0)) continue;
+                dx = d[3 * j] - g[3 * j];
+                dy = d[3 * j + 1] - g[3 * j + 1];
+            } else {
+                const double xd = d[3 * j], yd = d[3 * j + 1];
+                dx = (x0 - xd > 0 ? x0 - xd : 0) + (xd - x1 > 0 ? xd - x1 : 0);
+                dy = (y0 - yd > 0 ? y0 - yd : 0) + (yd - y1 > 0 ? yd - y1 : 0);
+            }
+            const double value = (dx * dx + dy * dy) / variances[j] / scale / 2;
+            least = n == 0 || value < least ? value : least;
+            e[n++] = value;
+        }
+        count[p] = least > max_exponent ? 0 : n;
+    }
+    return 0;
+}
+
+/* numpy's sum of a contiguous float64 vector (pairwise_sum in loops_utils.h), so the
+ * mean adds in pycocotools' order. */
+static double numpy_sum(const double *a, int64_t n)
+{
+    if (n < 8) {
+        double res = 0.;
+        for (int64_t i = 0; i < n; i++) res += a[i];
+        return res;
+    }
+    if (n <= 128) {
+        double r[8];
+        int64_t i;
+        for (int64_t j = 0; j < 8; j++) r[j] = a[j];
+        for (i = 8; i < n - (n % 8); i += 8)
+            for (int64_t j = 0; j < 8; j++) r[j] += a[i + j];
+        double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for (; i < n; i++) res += a[i];
+        return res;
+    }
+    int64_t n2 = n / 2;
+    n2 -= n2 % 8;
+    return numpy_sum(a, n2) + numpy_sum(a + n2, n - n2);
+}
+
+/* computeOks, second half: oks[p] = np.sum(exp(-e)) / len(e) over pair p's count[p]
+ * values of exp_neg [num_pairs, num_kpts]; 0 where count[p] is 0. */
+KDET_EXPORT int64_t kdet_oks_means(int64_t num_pairs, int64_t num_kpts, const double *exp_neg,
+                                   const int64_t *count, double *oks)
+{
+    for (int64_t p = 0; p < num_pairs; p++)
+        oks[p] = count[p] ? numpy_sum(exp_neg + p * num_kpts, count[p]) / (double)count[p] : 0.0;
+    return 0;
+}
+
+/* pycocotools' accumulate: precision [T, R, K, A, M] and recall [T, K, A, M].
+ *
+ * order: the evaluated detections sorted by (category, score descending, image, rank),
+ * pycocotools' mergesort of every image's detections concatenated in image order;
+ * category k's are order[cat_bounds[k] .. cat_bounds[k + 1]]. rank[i]: the detection's
+ * rank in its (image, category) group; a max-detections cut m drops ranks >= max_dets[m].
+ * true_pos / false_pos: [N, A, T] (0 for ignored detections, which still add a
+ * repeated (recall, precision) point). num_positives: [K, A] non-ignored ground truths.
+ * Categories without ground truth in an area range stay -1. Returns 0, or -1 when out
+ * of memory.
+ *
+ * The same numbers as pycocotools' arrays with fewer divisions: recall rc = tp / npig
+ * reaches a recall threshold exactly when the integer tp reaches the least count c with
+ * c / npig >= threshold (division by npig is monotone), and precision pr = tp / (fp +
+ * tp + eps) only falls while tp stays, so the envelope (the maximum of pr from a point
+ * on) read where tp first reaches a count is the maximum of pr over the points where tp
+ * grows (and the first point): pr is computed there only.
+ */
+KDET_EXPORT int64_t kdet_accumulate(
+    int64_t num_cats, const int64_t *order, const int64_t *cat_bounds, const int64_t *rank,
+    const uint8_t *true_pos, const uint8_t *false_pos, const int64_t *num_positives,
+    int64_t num_areas, int64_t num_thr, const int64_t *max_dets, int64_t num_m,
+    const double *rec_thr, int64_t num_rec, double *precision, double *recall)
+{
+    const int64_t cell_size = num_areas * num_thr;  /* one detection's flags */
+    int64_t longest = 0;
+    for (int64_t k = 0; k < num_cats; k++)
+        if (cat_bounds[k + 1] - cat_bounds[k] > longest) longest = cat_bounds[k + 1] - cat_bounds[k];
+    /* a category's detections gathered in sorted order (contiguous reads); per
+     * threshold, pr where tp grows (candidates) and the tp there */
+    int64_t *ranks = malloc(sizeof(int64_t) * (size_t)(longest + 1));
+    uint8_t *tp_flags = malloc((size_t)((longest + 1) * cell_size));
+    uint8_t *fp_flags = malloc((size_t)((longest + 1) * cell_size));
+    double *pr = malloc(sizeof(double) * (size_t)((longest + 1) * num_thr));
+    int64_t *pr_tp = malloc(sizeof(int64_t) * (size_t)((longest + 1) * num_thr));
+    int64_t *num_pr = malloc(sizeof(int64_t) * (size_t)num_thr);
+    int64_t *tp = malloc(sizeof(int64_t) * (size_t)num_thr);
+    int64_t *fp = malloc(sizeof(int64_t) * (size_t)num_thr);
+    int64_t *needed = malloc(sizeof(int64_t) * (size_t)num_rec);
+    int64_t status = 0;
+    if (!ranks || !tp_flags || !fp_flags || !pr || !pr_tp || !num_pr || !tp || !fp || !needed) {
+        status = -1;
+        goto done;
+    }
+    const int64_t stride_r = num_cats * num_areas * num_m;  /* precision's R axis */
+    for (int64_t i = 0; i < num_thr * num_rec * stride_r; i++) precision[i] = -1.0;
+    for (int64_t i = 0; i < num_thr * stride_r; i++) recall[i] = -1.0;
+
+    for (int64_t k = 0; k < num_cats; k++) {
+        const int64_t n_all = cat_bounds[k + 1] - cat_bounds[k];
+        for (int64_t s = 0; s < n_all; s++) {
+            const int64_t i = order[cat_bounds[k] + s];
+            ranks[s] = rank[i];
+            memcpy(tp_flags + s * cell_size, true_pos + i * cell_size, (size_t)cell_size);
+            memcpy(fp_flags + s * cell_size, false_pos + i * cell_size, (size_t)cell_size);
+        }
+        for (int64_t a = 0; a < num_areas; a++) {
+            const int64_t npig = num_positives[k * num_areas + a];
+            if (npig == 0) continue;
+            /* np.searchsorted(tp / npig, rec_thr, 'left') reads the first point whose tp
+             * reaches needed[q] (npig + 1: never) */
+            int64_t c = 0;
+            for (int64_t q = 0; q < num_rec; q++) {
+                while (c <= npig && (double)c / (double)npig < rec_thr[q]) c++;
+                needed[q] = c;
+            }
+            for (int64_t m = 0; m < num_m; m++) {
+                int64_t nd = 0;
+                memset(tp, 0, sizeof(int64_t) * (size_t)num_thr);
+                memset(fp, 0, sizeof(int64_t) * (size_t)num_thr);
+                memset(num_pr, 0, sizeof(int64_t) * (size_t)num_thr);
+                for (int64_t s = 0; s < n_all; s++) {
+                    if (ranks[s] >= max_dets[m]) continue;
+                    const uint8_t *tp_s = tp_flags + s * cell_size + a * num_thr;
+                    const uint8_t *fp_s = fp_flags + s * cell_size + a * num_thr;
+                    for (int64_t t = 0; t < num_thr; t++) {
+                        tp[t] += tp_s[t];
+                        fp[t] += fp_s[t];
+                        if (tp_s[t] || nd == 0) {
+                            const double tp_f = (double)tp[t], fp_f = (double)fp[t];
+                            const int64_t j = t * n_all + num_pr[t]++;
+                            pr[j] = tp_f / (fp_f + tp_f + DBL_EPSILON);
+                            pr_tp[j] = tp[t];
+                        }
+                    }
+                    nd++;
+                }
+                const int64_t cell = (k * num_areas + a) * num_m + m;
+                for (int64_t t = 0; t < num_thr; t++) {
+                    double *pr_t = pr + t * n_all;
+                    const int64_t *pr_tp_t = pr_tp + t * n_all;
+                    recall[t * stride_r + cell] = nd ? (double)tp[t] / (double)npig : 0.0;
+                    for (int64_t j = num_pr[t] - 1; j > 0; j--)  /* precision envelope */
+                        if (pr_t[j] > pr_t[j - 1]) pr_t[j - 1] = pr_t[j];
+                    int64_t j = 0;
+                    for (int64_t q = 0; q < num_rec; q++) {
+                        while (j < num_pr[t] && pr_tp_t[j] < needed[q]) j++;
+                        precision[(t * num_rec + q) * stride_r + cell] =
+                            j < num_pr[t] ? pr_t[j] : 0.0;
+                    }
+                }
+            }
+        }
+    }
+done:
+    free(ranks);
+    free(tp_flags);
+    free(fp_flags);
+    free(pr);
+    free(pr_tp);
+    free(num_pr);
+    free(tp);
+    free(fp);
+    free(needed);
+    return status;
+}

@@ -1,0 +1,222 @@
+"""The compiled COCO evaluation kernels (``_cocoeval.c``), loaded with ctypes.
+
+``setup.py`` builds ``kdet/metrics/_cocoeval.c`` into a shared library in
+``kdet/metrics/_kernels/`` (``pip install`` / ``pip install -e .``, or ``python setup.py
+build_ext --inplace`` in a checkout): a folder that is no package, so that tools
+walking kdet's modules do not take the library for a Python extension module.
+:mod:`kdet.metrics.coco` calls it for the matching, the accumulation, keypoint OKS and
+mask IoU when it is there, and falls back to its numpy code (and pycocotools' mask API)
+when it is not; both give pycocotools' numbers bit for bit. ``KDET_NATIVE=0`` forces the
+numpy code (the tests run both).
+
+The C code takes plain arrays (no Python or numpy headers): each function here
+converts its arguments to contiguous arrays of the C types and passes pointers.
+"""
+import ctypes
+import functools
+import importlib.machinery
+import os
+import pathlib
+
+import numpy as np
+
+__all__ = ["library", "library_path", "DecodedRles", "rle_areas_boxes", "rle_pair_iou",
+           "pair_oks",
+           "match_detections", "accumulate"]
+
+_ABI = 5  # kdet_cocoeval_abi() of the C source this file was written for
+_LIBRARY_DIR = pathlib.Path(__file__).resolve().parent / "_kernels"
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_SIGNATURES = {
+    "kdet_cocoeval_abi": [],
+    "kdet_match_detections": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR,
+                              _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR],
+    "kdet_rle_count": [_I64, _PTR, _PTR],
+    "kdet_rle_decode": [_I64, _PTR, _PTR, _PTR, _PTR],
+    "kdet_rle_area_bbox": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
+    "kdet_rle_pair_iou": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
+    "kdet_oks_exponents": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64,
+                           ctypes.c_double, _PTR, _PTR],
+    "kdet_oks_means": [_I64, _I64, _PTR, _PTR, _PTR],
+    "kdet_accumulate": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64, _PTR,
+                        _I64, _PTR, _PTR],
+}
+
+
+def library_path():
+    """Path of the built library (``_cocoeval<extension suffix>``), or None."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = _LIBRARY_DIR / f"_cocoeval{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def library():
+    """The loaded kernels (a ``ctypes.CDLL``), or None: not built, or ``KDET_NATIVE=0``."""
+    if os.environ.get("KDET_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    return _load()
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    """The library, looked for and loaded once per process (None when not built)."""
+    path = library_path()
+    if path is None:
+        return None
+    lib = ctypes.CDLL(str(path))
+    if not hasattr(lib, "kdet_cocoeval_abi") or lib.kdet_cocoeval_abi() != _ABI:
+        return None  # a stale build of an older source: rebuild
+    for name, argtypes in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, _I64
+    return lib
+
+
+def _array(values, dtype):
+    values = np.asarray(values)
+    if values.dtype == bool and dtype == np.uint8:  # the same bytes: no copy
+        values = values.view(np.uint8)
+    return np.ascontiguousarray(values, dtype=dtype)
+
+
+def _call(function, *args):
+    """Call ``function`` with numpy arrays as pointers (kept alive by ``args``)."""
+    c_args = [a.ctypes.data if isinstance(a, np.ndarray) else a for a in args]
+    if function(*c_args) != 0:
+        raise MemoryError(f"{function.__name__}: out of memory")
+
+
+class DecodedRles:
+    """Compressed COCO RLEs (dicts with ``size`` and string ``counts``) decoded in C, as
+    pycocotools' ``rleFrString``: ``counts`` (uint32) and ``offsets`` (RLE i's counts are
+    ``counts[offsets[i]:offsets[i + 1]]``); ``areas()`` and ``boxes()`` as
+    ``maskUtils.area`` and ``maskUtils.toBbox``. The strings must be valid (checked
+    when the detections and ground truths were read)."""
+
+    def __init__(self, rles):
+        texts = [r["counts"] for r in rles]
+        if set(map(type, texts)) <= {str}:  # one join; ASCII: a character is a byte
+            data = "".join(texts).encode("latin-1")
+        else:
+            texts = [t.encode("latin-1") if isinstance(t, str) else bytes(t) for t in texts]
+            data = b"".join(texts)
+        text_offsets = np.zeros(len(texts) + 1, np.int64)
+        np.cumsum(np.fromiter(map(len, texts), np.int64, len(texts)), out=text_offsets[1:])
+        text = np.frombuffer(data or bytes(1), np.uint8)
+        size = library().kdet_rle_count(len(texts), text.ctypes.data, text_offsets.ctypes.data)
+        self.counts = np.empty(max(size, 1), np.uint32)
+        self.offsets = np.empty(len(texts) + 1, np.int64)
+        _call(library().kdet_rle_decode, len(texts), text, text_offsets, self.counts,
+              self.offsets)
+        self.heights = np.fromiter((r["size"][0] for r in rles), np.int64, len(rles))
+        self.widths = np.fromiter((r["size"][1] for r in rles), np.int64, len(rles))
+        self._area = self._box = None
+
+    def __len__(self):
+        return len(self.heights)
+
+    def _area_bbox(self):
+        if self._area is None:
+            self._area, self._box = np.empty(len(self)), np.empty((len(self), 4))
+            _call(library().kdet_rle_area_bbox, len(self), self.counts, self.offsets,
+                  self.heights, self.widths, self._area, self._box)
+        return self._area, self._box
+
+    def areas(self):
+        return self._area_bbox()[0]
+
+    def boxes(self):
+        return self._area_bbox()[1]
+
+
+def rle_areas_boxes(rles, chunk=1 << 15):
+    """``maskUtils.area`` and ``maskUtils.toBbox`` of compressed RLEs, decoded in chunks
+    (the decoded counts of 400k masks would take ~300 MB)."""
+    area, box = np.empty(len(rles)), np.empty((len(rles), 4))
+    for begin in range(0, len(rles), chunk):
+        decoded = DecodedRles(rles[begin:begin + chunk])
+        area[begin:begin + chunk], box[begin:begin + chunk] = decoded.areas(), decoded.boxes()
+    return area, box
+
+
+def rle_pair_iou(dets, det_index, gts, gt_index, crowd):
+    """``maskUtils.iou`` of aligned (``dets[det_index[p]]``, ``gts[gt_index[p]]``) pairs of
+    :class:`DecodedRles` of equal sizes; ``crowd[p]``: the ground truth is a crowd."""
+    out = np.empty(len(det_index))
+    _call(library().kdet_rle_pair_iou, len(out), _array(det_index, np.int64),
+          _array(gt_index, np.int64), dets.counts, dets.offsets, gts.counts, gts.offsets,
+          _array(crowd, np.uint8), out)
+    return out
+
+
+def pair_oks(det_kpts, gt_kpts, gt_boxes, gt_area, sigmas, pair_det, pair_gt, min_oks,
+             chunk=1 << 16):
+    """``kdet.metrics.coco._pair_oks`` in C (the same arguments, and the lowest threshold
+    ``min_oks``): pycocotools' ``computeOks`` of every (detection, ground truth) pair,
+    0 for pairs whose OKS is certainly below ``min_oks``.
+
+    The exponents and the means are C; the exponentials stay numpy's ``np.exp`` (as in
+    pycocotools: C's ``exp`` may differ in the last bit). In chunks of pairs, so the
+    exponent buffer stays a few MB.
+    """
+    num_kpts = len(sigmas)
+    lib = library()
+    det_kpts, gt_kpts = _array(det_kpts, np.float64), _array(gt_kpts, np.float64)
+    gt_boxes, gt_area = _array(gt_boxes, np.float64), _array(gt_area, np.float64)
+    variances = _array((np.asarray(sigmas, np.float64) * 2) ** 2, np.float64)
+    pair_det, pair_gt = _array(pair_det, np.int64), _array(pair_gt, np.int64)
+    # every exp(-e) < min_oks once the least e exceeds this (1e-6: margin for rounding)
+    max_exponent = -np.log(min_oks) + 1e-6
+    oks = np.zeros(len(pair_det))
+    exponents = np.zeros((min(chunk, len(pair_det)), num_kpts))
+    count = np.zeros(len(exponents), np.int64)
+    for begin in range(0, len(pair_det), chunk):
+        d, g = pair_det[begin:begin + chunk], pair_gt[begin:begin + chunk]
+        n = len(d)
+        _call(lib.kdet_oks_exponents, n, d, g, det_kpts, gt_kpts, gt_boxes, gt_area, variances,
+              num_kpts, float(max_exponent), exponents, count)
+        np.negative(exponents[:n], out=exponents[:n])
+        np.exp(exponents[:n], out=exponents[:n])
+        _call(lib.kdet_oks_means, n, num_kpts, exponents, count, oks[begin:begin + n])
+    return oks
+
+
+def match_detections(pair_iou, pair_start, group_first, group_ndet, group_gt_first,
+                     group_ngt, gt_ignore, gt_crowd, gt_id_nonzero, num_dets, thresholds,
+                     det_outside):
+    """``kdet.metrics.coco._greedy_match`` (same arguments) and the flags that follow it:
+    returns ``true_pos`` and ``false_pos``, bool ``[num_dets, A, T]``, where a detection
+    matched to an ignored ground truth, or unmatched and outside the area range
+    (``det_outside [num_dets, A]``) is neither."""
+    num_areas, num_thr = gt_ignore.shape[1], len(thresholds)
+    true_pos = np.empty((num_dets, num_areas, num_thr), np.uint8)
+    false_pos = np.empty((num_dets, num_areas, num_thr), np.uint8)
+    i64, u8 = np.int64, np.uint8
+    _call(library().kdet_match_detections, len(group_first), _array(group_first, i64),
+          _array(group_ndet, i64), _array(group_gt_first, i64), _array(group_ngt, i64),
+          _array(pair_start, i64), _array(pair_iou, np.float64), _array(gt_ignore, u8),
+          _array(gt_crowd, u8), _array(gt_id_nonzero, u8), num_areas,
+          _array(thresholds, np.float64), num_thr, num_dets, _array(det_outside, u8),
+          true_pos, false_pos)
+    return true_pos.view(bool), false_pos.view(bool)
+
+
+def accumulate(order, category_bounds, rank, true_pos, false_pos, num_positives, max_dets,
+               recall_thresholds):
+    """pycocotools' ``accumulate`` in C: precision ``[T, R, K, A, M]``, recall ``[T, K, A, M]``.
+
+    ``order``: the evaluated detections sorted by (category, score descending, image,
+    rank); category k's are ``order[category_bounds[k]:category_bounds[k + 1]]``.
+    """
+    num_cats, num_areas = num_positives.shape
+    num_thr, num_rec, num_m = true_pos.shape[2], len(recall_thresholds), len(max_dets)
+    precision = np.empty((num_thr, num_rec, num_cats, num_areas, num_m))
+    recall = np.empty((num_thr, num_cats, num_areas, num_m))
+    i64, u8 = np.int64, np.uint8
+    _call(library().kdet_accumulate, num_cats, _array(order, i64), _array(category_bounds, i64),
+          _array(rank, i64), _array(true_pos, u8), _array(false_pos, u8),
+          _array(num_positives, i64), num_areas, num_thr, _array(max_dets, i64), num_m,
+          _array(recall_thresholds, np.float64), num_rec, precision, recall)
+    return precision, recall

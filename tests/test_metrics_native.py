@@ -1,0 +1,185 @@
+"""kdet/metrics/_cocoeval.c (the evaluator's C kernels) and its numpy fallback.
+
+Both paths against pycocotools on awkward scenes (empty images, images with only
+crowd ground truth, tied scores, maxDets cuts, zero-area boxes, people without
+labelled keypoints, categories without ground truth or without detections), the OKS
+kernel value by value against pycocotools' computeOks formula, and in CI the library
+must be built (a broken build would otherwise only make the evaluator slow).
+"""
+import numpy as np
+import pytest
+
+pytest.importorskip("pycocotools", reason="pycocotools is the reference")
+
+from strict_references import references_required  # noqa: E402
+from test_metrics_coco import (  # noqa: E402
+    assert_same_as_reference, keypoint_detections, keypoint_ground_truth, reference_eval,
+    run_kdet)
+
+from kdet.metrics import native  # noqa: E402
+from kdet.metrics.coco import COCO_KEYPOINT_SIGMAS  # noqa: E402
+
+
+def test_native_library_is_built(monkeypatch):
+    """CI installs with pip, which builds the library: there it must load."""
+    monkeypatch.delenv("KDET_NATIVE", raising=False)
+    if native.library() is None:
+        message = ("kdet's C evaluation kernels not installed (kdet/metrics/_kernels/"
+                   "_cocoeval*.so): `pip install -e .` or `python setup.py build_ext "
+                   "--inplace` builds them")
+        if references_required():
+            pytest.fail(message)
+        pytest.skip(message)
+    monkeypatch.setenv("KDET_NATIVE", "0")
+    assert native.library() is None
+
+
+def awkward_box_scene(seed):
+    """Images without ground truth or detections, an image with only crowd ground truth,
+    zero-area boxes on both sides, tied scores, 120 detections of one (image, category)
+    (past maxDets 100), a category without ground truth and one without detections."""
+    rng = np.random.default_rng(seed)
+    images = [{"id": i, "height": 120, "width": 160} for i in range(1, 8)]
+    anns, dets = [], []
+
+    def box(x, y, w, h, image_id, cat, crowd=0):
+        anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat,
+                     "bbox": [x, y, w, h], "area": float(w * h), "iscrowd": crowd})
+
+    for image_id in (1, 2, 3):
+        for _ in range(int(rng.integers(2, 6))):
+            x, y = rng.uniform(0, 100, 2)
+            w, h = np.exp(rng.uniform(np.log(3), np.log(60), 2))
+            cat = int(rng.choice([1, 2]))
+            box(x, y, w, h, image_id, cat, crowd=int(rng.random() < 0.15))
+            for _ in range(int(rng.integers(0, 4))):
+                j = rng.normal(0, 0.1, 4) * [w, h, w, h]
+                dets.append({"image_id": image_id, "category_id": cat,
+                             "bbox": [x + j[0], y + j[1], max(w + j[2], 0), max(h + j[3], 0)],
+                             "score": round(float(rng.random()), 1)})  # ties
+        box(10, 10, 0, 5, image_id, 1)  # zero-area ground truth
+        dets.append({"image_id": image_id, "category_id": 1, "bbox": [10, 10, 0, 5],
+                     "score": 0.5})
+    box(0, 0, 80, 120, 4, 1, crowd=1)  # image 4: crowd only
+    box(80, 0, 80, 60, 4, 2, crowd=1)
+    for _ in range(6):
+        x, y = rng.uniform(0, 100, 2)
+        dets.append({"image_id": 4, "category_id": int(rng.choice([1, 2])),
+                     "bbox": [x, y, 20, 20], "score": 0.3})
+    for _ in range(120):  # image 5: no ground truth, many detections; category 3 has none
+        x, y = rng.uniform(0, 140, 2)
+        dets.append({"image_id": 5, "category_id": int(rng.choice([1, 3])),
+                     "bbox": [x, y, 10, 10], "score": round(float(rng.random()), 1)})
+    box(5, 5, 30, 30, 6, 4)  # category 4: ground truth, no detections; image 7: nothing
+    for _ in range(120):  # one (image, category) past maxDets 100
+        x, y = rng.uniform(0, 100, 2)
+        dets.append({"image_id": 1, "category_id": 2, "bbox": [x, y, 25, 25],
+                     "score": round(float(rng.random()), 1)})
+    categories = [{"id": c, "name": str(c)} for c in (1, 2, 3, 4)]
+    return {"images": images, "annotations": anns, "categories": categories}, dets
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bbox_awkward_scene_matches_pycocotools(evaluator_path, seed):
+    gt, dets = awkward_box_scene(seed)
+    ev, result = run_kdet(gt, dets, "bbox")
+    assert_same_as_reference(ev, result, reference_eval(gt, dets, "bbox"))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_keypoints_without_labelled_ground_truth_match_pycocotools(evaluator_path, seed):
+    """Every person of the even images has no labelled keypoint (OKS then measures the
+    distance to the grown box); an image has only crowd people."""
+    gt = keypoint_ground_truth(seed + 20, num_images=12)
+    for ann in gt["annotations"]:
+        if ann["image_id"] % 2 == 0:
+            ann["keypoints"], ann["num_keypoints"] = [0] * 51, 0
+        if ann["image_id"] == 3:
+            ann["iscrowd"] = 1
+    dets = keypoint_detections(gt, seed + 30)
+    ev, result = run_kdet(gt, dets, "keypoints")
+    assert_same_as_reference(ev, result, reference_eval(gt, dets, "keypoints"))
+
+
+def _compute_oks(d, g, box, area, sigmas):
+    """pycocotools' computeOks for one pair, line for line."""
+    variances = (sigmas * 2) ** 2
+    xg, yg, vg = g[0::3], g[1::3], g[2::3]
+    k1 = np.count_nonzero(vg > 0)
+    x0, x1 = box[0] - box[2], box[0] + box[2] * 2
+    y0, y1 = box[1] - box[3], box[1] + box[3] * 2
+    xd, yd = d[0::3], d[1::3]
+    if k1 > 0:
+        dx, dy = xd - xg, yd - yg
+    else:
+        z = np.zeros(len(sigmas))
+        dx = np.max((z, x0 - xd), axis=0) + np.max((z, xd - x1), axis=0)
+        dy = np.max((z, y0 - yd), axis=0) + np.max((z, yd - y1), axis=0)
+    e = (dx ** 2 + dy ** 2) / variances / (area + np.spacing(1)) / 2
+    if k1 > 0:
+        e = e[vg > 0]
+    return np.sum(np.exp(-e)) / e.shape[0]
+
+
+@pytest.mark.parametrize("num_kpts", [17, 5, 140])  # 140: numpy's sum splits past 128
+def test_pair_oks_is_bit_identical_to_compute_oks(num_kpts):
+    if native.library() is None:
+        pytest.skip("kdet's C evaluation kernels not installed")
+    rng = np.random.default_rng(num_kpts)
+    sigmas = COCO_KEYPOINT_SIGMAS[np.arange(num_kpts) % 17] if num_kpts != 5 else \
+        np.array([.05, .07, .09, .11, .13])
+    num_gt, num_det = 40, 60
+    boxes = np.c_[rng.uniform(0, 200, (num_gt, 2)), rng.uniform(0.5, 80, (num_gt, 2))]
+    gt_kpts = np.zeros((num_gt, num_kpts, 3))
+    gt_kpts[..., 0] = boxes[:, :1] + rng.random((num_gt, num_kpts)) * boxes[:, 2:3]
+    gt_kpts[..., 1] = boxes[:, 1:2] + rng.random((num_gt, num_kpts)) * boxes[:, 3:4]
+    gt_kpts[..., 2] = rng.choice([0, 1, 2], (num_gt, num_kpts))
+    gt_kpts[::4, :, 2] = 0  # no labelled keypoint
+    gt_kpts[1, :, 2] = 2  # all labelled
+    area = boxes[:, 2] * boxes[:, 3] * rng.uniform(0.3, 1, num_gt)
+    area[2] = 0  # zero area: only eps in the denominator
+    det_kpts = gt_kpts[rng.integers(num_gt, size=num_det)].copy()
+    det_kpts[..., :2] += rng.normal(0, rng.choice([0.5, 3, 30], (num_det, 1, 1)),
+                                    (num_det, num_kpts, 2))
+    det_kpts[..., 2] = 1
+    det_kpts[0] = gt_kpts[1]  # an exact hit: OKS 1
+    pair_det = np.repeat(np.arange(num_det), num_gt)
+    pair_gt = np.tile(np.arange(num_gt), num_det)
+    oks = native.pair_oks(det_kpts.reshape(num_det, -1), gt_kpts.reshape(num_gt, -1), boxes,
+                          area, sigmas, pair_det, pair_gt, 0.5, chunk=333)
+    expected = np.array([_compute_oks(det_kpts[d].ravel(), gt_kpts[g].ravel(), boxes[g],
+                                      area[g], sigmas) for d, g in zip(pair_det, pair_gt)])
+    near = oks != 0
+    assert (expected[~near] < 0.5).all()  # left 0 only where it never matches
+    assert np.array_equal(oks[near], expected[near])  # bit for bit
+    assert (expected >= 0.5).sum() > 20 and near.sum() > (expected >= 0.5).sum()
+    assert oks[0 * num_gt + 1] == 1.0
+
+
+def test_rle_area_box_and_iou_equal_mask_utils():
+    """Decoded in C: areas, boxes and pair IoUs (crowd and not) equal pycocotools' on
+    random, empty, full, one-pixel and striped masks, string and bytes counts."""
+    if native.library() is None:
+        pytest.skip("kdet's C evaluation kernels not installed")
+    from pycocotools import mask as mask_utils
+    rng = np.random.default_rng(0)
+    for h, w in [(1, 1), (7, 3), (40, 50), (64, 1)]:
+        masks = [np.zeros((h, w)), np.ones((h, w))]
+        masks += [rng.random((h, w)) < p for p in (0.02, 0.3, 0.7, 0.97) for _ in range(4)]
+        stripes = np.zeros((h, w))
+        stripes[:, ::2] = 1
+        masks.append(stripes)
+        rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in masks]
+        for i, r in enumerate(rles[::2]):  # half as str, as in result files
+            r["counts"] = r["counts"].decode("ascii")
+        decoded = native.DecodedRles(rles)
+        as_bytes = [dict(r, counts=r["counts"].encode() if isinstance(r["counts"], str)
+                         else r["counts"]) for r in rles]
+        np.testing.assert_array_equal(decoded.areas(), mask_utils.area(as_bytes))
+        np.testing.assert_array_equal(decoded.boxes(), mask_utils.toBbox(as_bytes))
+        n = len(rles)
+        crowd = rng.random(n) < 0.3
+        a, b = np.repeat(np.arange(n), n), np.tile(np.arange(n), n)
+        expected = np.asarray(mask_utils.iou(as_bytes, as_bytes, crowd.astype(np.uint8)))
+        got = native.rle_pair_iou(decoded, a, decoded, b, crowd[b])
+        np.testing.assert_array_equal(got, expected.reshape(n, n)[a, b])
