@@ -20,8 +20,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 needs_torchvision = pytest.mark.skipif(not HAVE_TORCHVISION, reason="torchvision not installed")
 
 CHOSEN = {"model": "efficientdet", "phi": "lite0", "backbone_weights": "imagenet",
-          "image_size": 384, "batch_size": 8, "epochs": 20, "scale_range": (0.1, 2.0),
-          "ema": "auto"}
+          "image_size": 384, "batch_size": 8, "learning_rate": 0.08, "epochs": 20,
+          "scale_range": (0.5, 1.5), "ema": "auto"}
 
 
 def _benchmark():
