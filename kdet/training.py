@@ -260,6 +260,9 @@ def _train_in_scope(settings, model, datasets, extra_callbacks, started, scopes)
     settings.update(epochs=epochs, steps_per_epoch=steps)  # config.yaml: a resume reuses them
     optimizer = make_optimizer(model, settings, total_steps=epochs * steps, steps_per_epoch=steps)
     model.compile(optimizer=optimizer, jit_compile=jit_compile)
+    if settings["preset"] and settings["verbose"]:
+        from kdet.workflow.presets import PRESETS, describe as describe_preset
+        print("\n".join(describe_preset(PRESETS[settings["preset"]])), flush=True)
     recipe = model_recipe(model, settings)
     if recipe is not None and settings["verbose"]:
         from kdet.recipes import describe

@@ -22,6 +22,7 @@ import os
 import re
 
 from kdet.recipes import RECIPES
+from kdet.workflow.presets import PRESETS
 
 DATA_FORMATS = ("coco", "voc", "yolo", "tfrecord", "shapes", "masks")
 # built from settings by kdet.workflow.models.build_model (the dense ones, then the R-CNNs)
@@ -208,6 +209,10 @@ OPTIONS = (
         Option("recipe", _optional(str), None, "training recipe of kdet.recipes (default: the "
                "model's: automl for EfficientDet, torchvision for RetinaNet / Faster R-CNN)",
                ("train",), choices=RECIPE_NAMES),
+        Option("preset", _optional(str), None,
+               "named settings for a kind of run (kdet.workflow.presets), under the config "
+               "file's and the flags' (small_data: a few hundred images, ImageNet backbone)",
+               ("train",), choices=tuple(PRESETS)),
         Option("time_budget", _optional(parse_duration), None,
                "train for this long (30m, 1h30m, 900s; a bare number is seconds): epochs "
                "are chosen from the measured step time so the LR schedule ends on time",
@@ -378,7 +383,8 @@ def convert_value(name, value, where="config"):
 
 
 def resolve(command, file_config=None, overrides=None, config_path="config"):
-    """The full settings dict of ``command``: defaults < ``file_config`` < ``overrides``.
+    """The full settings dict of ``command``: defaults < ``preset`` < ``file_config`` <
+    ``overrides``.
 
     Keys of other commands are dropped; unknown keys raise ``ValueError``.
     """
@@ -386,10 +392,17 @@ def resolve(command, file_config=None, overrides=None, config_path="config"):
     overrides = dict(overrides or {})
     _check_known(file_config, config_path)
     _check_known(overrides, "arguments")
+    preset = {}
+    if any(o.name == "preset" for o in options_for(command)):
+        name = overrides.get("preset", file_config.get("preset"))
+        name = convert_value("preset", name, "preset") if name is not None else None
+        preset = PRESETS[name].settings if name else {}
     settings = {}
     for option in options_for(command):
         value = list(option.default) if isinstance(option.default, list) else option.default
         where = "default"
+        if option.name in preset:
+            value, where = preset[option.name], "preset"
         if option.name in file_config:
             value, where = file_config[option.name], config_path
         if option.name in overrides:
