@@ -51,6 +51,13 @@ def test_preset_sits_under_the_config_file_and_the_flags(tmp_path):
     resolved = wconfig.resolve(command, file_config=settings, config_path=where)
     assert resolved["image_size"] == 512 and resolved["epochs"] == 3
     assert resolved["phi"] == CHOSEN["phi"] and resolved["scale_range"] == CHOSEN["scale_range"]
+    # the preset's rate is per image: another batch scales it, unless a rate is given
+    for args, rate in ((["--batch-size", "4"], 0.04), (["--batch-size", "16"], 0.16),
+                       (["--batch-size", "4", "--learning-rate", "0.1"], 0.1)):
+        command, settings, where = cli.parse(["train", "--format", "coco", "--preset",
+                                              "small_data"] + args)
+        resolved = wconfig.resolve(command, file_config=settings, config_path=where)
+        assert resolved["learning_rate"] == pytest.approx(rate), args
     with pytest.raises(ValueError, match="preset='tiny' is not one of"):
         wconfig.resolve("train", {"preset": "tiny"})
     # another command ignores the key (one file drives train and eval)

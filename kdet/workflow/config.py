@@ -409,6 +409,12 @@ def resolve(command, file_config=None, overrides=None, config_path="config"):
             value, where = overrides[option.name], "command line"
         settings[option.name] = convert_value(option.name, value, where) \
             if where != "default" else value
+    if "learning_rate" in preset and settings.get("learning_rate") == preset["learning_rate"] \
+            and settings.get("batch_size") != preset.get("batch_size") \
+            and "learning_rate" not in file_config and "learning_rate" not in overrides:
+        # the preset's rate is per image: another batch scales it linearly, as recipes do
+        settings["learning_rate"] = preset["learning_rate"] / preset["batch_size"] \
+            * settings["batch_size"]
     if "augment" in settings and settings["augment"] is not None:
         unknown = sorted(set(settings["augment"]) - set(AUGMENTATIONS))
         if unknown:

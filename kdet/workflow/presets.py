@@ -17,8 +17,8 @@ __all__ = ["Preset", "PRESETS", "describe"]
 @dataclasses.dataclass(frozen=True)
 class Preset:
     """``settings``: config keys and values (before conversion, as a config file holds
-    them; ``learning_rate`` is the peak for the preset's ``batch_size``: a different batch
-    needs its own); ``evidence``: where the choice was measured."""
+    them; ``learning_rate`` is the peak for the preset's ``batch_size``, scaled linearly when
+    the user picks another batch and no rate); ``evidence``: where the choice was measured."""
 
     name: str
     summary: str
