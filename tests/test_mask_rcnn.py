@@ -236,6 +236,7 @@ def test_mask_head_on_the_detected_rows_only_gives_the_same_masks():
     assert fast["masks"].shape == (1, 40, 128, 128)
 
 
+@slow_on_jax
 def test_mask_loss_on_the_foreground_rows_only_gives_the_same_loss(monkeypatch):
     # mask_rcnn_loss runs targets, RoIAlign and the mask head on the smallest bucket of
     # leading rows holding every image's foreground RoIs: loss and gradient must equal
