@@ -48,8 +48,9 @@ edge-padded by one pixel (torchvision clamps samples in ``[-1, 0]`` and
 ``[H - 1, H]`` onto the border) and the ``g x g`` samples of a bin are averaged.
 It reads the 4 neighbours of each sample in one fused kernel instead of
 materialising the ``4 * g_h * g_w`` tap lattice (about half the CPU time for
-1000 RoIs on P2-P5, and its gradient is ``CropAndResizeGradImage`` instead of a
-scatter-add). The sample positions go through crop-and-resize's normalised box
+1000 RoIs on P2-P5). Its gradient is the gather route's scatter-add
+(TensorFlow's ``CropAndResizeGradImage`` races between CPU threads). The
+forward's sample positions go through crop-and-resize's normalised box
 arithmetic, so they may move by a few ulps (~1e-5 on unit-variance features,
 as torchvision's own loop against another summation order). It is not taken
 under XLA (``jit_compile``: no XLA kernel for ``CropAndResize``), nor where
@@ -402,7 +403,33 @@ def _edge_padded_canvas(features_list, sizes, offsets, canvas_h, canvas_w):
     return tf.concat([first, column], axis=2)
 
 
-def _crop_and_resize_path(features_list, level_index, geometry, grid, out_h, out_w):
+def _crop_and_resize_path(features_list, level_index, rois, geometry, grid, out_h, out_w):
+    """Forward by :func:`_crop_and_resize_forward`, gradient by the gather route's.
+
+    TensorFlow's CPU ``CropAndResizeGradImage`` adds the boxes' contributions
+    from several threads without synchronisation: with more than one intra-op
+    thread, RoIs that overlap lose updates (gradients off by ~0.5 from one run
+    to the next on 512 RoIs). The gradient is therefore the gather route's
+    (a scatter-add; its forward gather is not needed and not run).
+    """
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def pooled(*features):
+        def gradient(upstream):
+            with tf.GradientTape() as tape:
+                tape.watch(features)
+                reference = _gather_path(list(features), level_index, rois, geometry, grid,
+                                         None, out_h, out_w)
+            return tape.gradient(reference, list(features), output_gradients=upstream)
+
+        return _crop_and_resize_forward(list(features), level_index, geometry, grid,
+                                        out_h, out_w), gradient
+
+    return pooled(*features_list)
+
+
+def _crop_and_resize_forward(features_list, level_index, geometry, grid, out_h, out_w):
     """Fixed-grid RoIAlign by ``tf.image.crop_and_resize`` (TensorFlow only).
 
     RoI ``r``'s samples along y are ``start + (k + 0.5) * bin / g`` for
@@ -494,7 +521,7 @@ def roi_align(features, rois, output_size, spatial_scale=1.0, sampling_ratio=-1,
         return _separable_roi_align(features, geometry, out_h, out_w)
     level_index = ops.zeros(ops.shape(rois)[:2], dtype="int32")
     if _crop_and_resize_enabled([features], sampling_ratio, max_sampling_ratio):
-        return _crop_and_resize_path([features], level_index, geometry, sampling_ratio,
+        return _crop_and_resize_path([features], level_index, rois, geometry, sampling_ratio,
                                      out_h, out_w)
     return _gather_path([features], level_index, rois, geometry, sampling_ratio,
                         max_sampling_ratio, out_h, out_w)
@@ -605,8 +632,8 @@ def multilevel_roi_align(features_by_level, rois, output_size, levels=(2, 3, 4, 
         scale = ops.take(scales, level_index)
         geometry = _roi_geometry(rois, scale, aligned, out_h, out_w)
         if _crop_and_resize_enabled(features_list, sampling_ratio, max_sampling_ratio):
-            return _crop_and_resize_path(features_list, level_index, geometry, sampling_ratio,
-                                         out_h, out_w)
+            return _crop_and_resize_path(features_list, level_index, rois, geometry,
+                                         sampling_ratio, out_h, out_w)
         return _gather_path(features_list, level_index, rois, geometry, sampling_ratio,
                             max_sampling_ratio, out_h, out_w)
     result = None
