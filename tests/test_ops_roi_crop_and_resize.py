@@ -250,3 +250,32 @@ def test_gradient_is_deterministic_with_many_overlapping_rois():
     for a, b, c in zip(first, second, gathered):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_inside_nested_conds_the_gather_route_runs_and_differentiates():
+    """Mask R-CNN's training runs RoIAlign inside nested ops.cond (row buckets), where
+    the crop-and-resize route's custom gradient cannot be differentiated: it gathers."""
+    import keras
+    import tensorflow as tf
+
+    rng = np.random.default_rng(6)
+    features = [tf.constant(_noise(rng, (1, 32 // 2 ** i, 32 // 2 ** i, 4))) for i in range(4)]
+    rois = _rois(rng, 128, 128, 1, count=10)
+
+    def pool(count):
+        return lambda: multilevel_roi_align(features, rois[:, :count], 7, canonical_scale=32)[:, :2]
+
+    @tf.function
+    def gradient(flag):
+        with tf.GradientTape() as tape:
+            tape.watch(features)
+            out = keras.ops.cond(flag < 1, pool(2),
+                                 lambda: keras.ops.cond(flag < 2, pool(4), pool(16)))
+            loss = tf.reduce_sum(out * out)
+        return tape.gradient(loss, features)
+
+    got = gradient(tf.constant(1))  # with the crop route inside: AssertionError in cond_v2
+    with _gather_route():
+        expected = tf.function(gradient.python_function)(tf.constant(1))
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

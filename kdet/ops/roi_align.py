@@ -355,7 +355,8 @@ def _gather_path(features_list, level_index, rois, geometry, sampling_ratio,
 
 def _crop_and_resize_enabled(features_list, sampling_ratio, max_sampling_ratio):
     """True where :func:`_crop_and_resize_path` may run: TF backend, fixed grid,
-    float32 maps of static size, not traced for XLA, not switched off."""
+    float32 maps of static size, not traced for XLA nor inside a cond / loop
+    branch, not switched off."""
     import keras
 
     if not CROP_AND_RESIZE or keras.backend.backend() != "tensorflow":
@@ -365,9 +366,19 @@ def _crop_and_resize_enabled(features_list, sampling_ratio, max_sampling_ratio):
     if any(f.dtype != "float32" or None in tuple(f.shape[1:3]) for f in features_list):
         return False
     import tensorflow as tf
-    from tensorflow.python.ops import control_flow_util
+    from tensorflow.python.ops import control_flow_util, control_flow_v2_func_graphs
 
-    return not control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+    graph = tf.compat.v1.get_default_graph()
+    if control_flow_util.GraphOrParentsInXlaContext(graph):
+        return False
+    # Inside ops.cond / while_loop (the mask branch's row buckets) the custom gradient
+    # cannot be differentiated (cond_v2 rejects the tensors its gradient reads): gather.
+    while graph is not None:
+        if isinstance(graph, (control_flow_v2_func_graphs.CondBranchFuncGraph,
+                              control_flow_v2_func_graphs.WhileBodyFuncGraph)):
+            return False
+        graph = getattr(graph, "outer_graph", None)
+    return True
 
 
 def _canvas_layout(sizes):
