@@ -234,3 +234,48 @@ def test_mask_head_on_the_detected_rows_only_gives_the_same_masks():
             assert np.all(fast["masks"][b, n:] == 0)
     assert counts[0] == 40 and 8 < counts[1] <= 32 and 0 < counts[2] <= 8 and counts[3] == 0
     assert fast["masks"].shape == (1, 40, 128, 128)
+
+
+@slow_on_jax
+def test_mask_loss_on_the_foreground_rows_only_gives_the_same_loss(monkeypatch):
+    # mask_rcnn_loss runs targets, RoIAlign and the mask head on the smallest bucket of
+    # leading rows holding every image's foreground RoIs: loss and gradient must equal
+    # those of all max_rois rows (buckets off), whichever bucket the counts pick.
+    # Buckets (2, 4, 8) of 16 rows stand in for (16, 32, 64) of 128 (the same code).
+    from kdet.models import faster_rcnn
+
+    keras.utils.set_random_seed(0)
+    model = kdet.models.MaskRCNN(num_classes=3, image_size=64)
+    rng = np.random.default_rng(0)
+    features = [rng.normal(size=(2, 64 // 2 ** lv, 64 // 2 ** lv, 256)).astype("float32")
+                for lv in (2, 3, 4, 5)]
+    xy = rng.uniform(0, 40, size=(2, 64, 2))
+    gt_masks = (rng.uniform(size=(2, 2, 64, 64)) > 0.5).astype("float32")
+
+    def loss_and_grad(roi):
+        weights = model.roi_heads.mask_head.trainable_variables
+        if keras.backend.backend() != "tensorflow":
+            return _np(faster_rcnn.mask_rcnn_loss(model.roi_heads, features, roi, gt_masks,
+                                                  (64, 64), 16)), []
+        import tensorflow as tf
+        with tf.GradientTape() as tape:
+            loss = faster_rcnn.mask_rcnn_loss(model.roi_heads, features, roi, gt_masks,
+                                              (64, 64), 16)
+        return _np(loss), [_np(g) for g in tape.gradient(loss, weights)]
+
+    # foreground RoIs per image: bucket 2, 4, 8 and all 16 rows
+    for foreground in ((0, 0), (3, 1), (2, 7), (16, 12)):
+        labels = np.full((2, 64), -1, "int32")
+        for b, count in enumerate(foreground):
+            labels[b, rng.choice(64, size=count, replace=False)] = rng.integers(0, 3, count)
+        roi = {"labels": labels, "matches": rng.integers(0, 2, size=(2, 64)).astype("int32"),
+               "rois": np.concatenate([xy, xy + rng.uniform(4, 24, (2, 64, 2))], -1)
+               .astype("float32")}
+        monkeypatch.setattr(faster_rcnn, "MASK_TRAIN_ROW_BUCKETS", (2, 4, 8))
+        loss, grads = loss_and_grad(roi)
+        monkeypatch.setattr(faster_rcnn, "MASK_TRAIN_ROW_BUCKETS", ())
+        every_row_loss, every_row_grads = loss_and_grad(roi)
+        np.testing.assert_allclose(loss, every_row_loss, rtol=1e-5, atol=1e-6)
+        assert (loss > 0) == (max(foreground) > 0)
+        for got, expected in zip(grads, every_row_grads):
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)

@@ -49,6 +49,14 @@ def _run(fn, *arrays):
     return np.asarray(fn(*arrays))
 
 
+def _crop_and_resize_tol(sampling_ratio):
+    """Tolerance vs torchvision where TF takes the crop-and-resize route (fixed grid):
+    its sample positions are a few float32 ulps off torchvision's, which on
+    unit-variance noise on maps over ~64 px reaches 2e-5 (see
+    test_ops_roi_crop_and_resize.py, which checks that route on its own)."""
+    return 5e-5 if backend() == "tensorflow" and sampling_ratio > 0 else TOL
+
+
 def align(features, rois, *args, **kwargs):
     return _run(lambda f, r: roi_align(f, r, *args, **kwargs), features, rois)
 
@@ -596,7 +604,8 @@ def test_multilevel_matches_torchvision(rng, image, canonical_scale, sampling_ra
                                           canonical_scale=canonical_scale)
     _record("multilevel_roi_align vs torchvision MultiScaleRoIAlign",
             np.abs(got - expected).max())
-    np.testing.assert_allclose(got, expected, atol=TOL, rtol=TOL)
+    tol = _crop_and_resize_tol(sampling_ratio)
+    np.testing.assert_allclose(got, expected, atol=tol, rtol=tol)
 
 
 def test_multilevel_gradient_reaches_each_level(rng):
@@ -647,7 +656,9 @@ def test_roi_align_compiled_matches_reference(rng, sampling_ratio, cap):
     eager = np.asarray(roi_align(features, rois, (5, 3), 0.25, sampling_ratio, False,
                                  max_sampling_ratio=cap))
     _record("roi_align compiled vs eager", np.abs(got - eager).max())
-    np.testing.assert_allclose(got, eager, atol=1e-6)
+    # Eager TF with a fixed grid takes the crop-and-resize route, XLA gathers.
+    tol = TOL if _crop_and_resize_tol(sampling_ratio) > TOL else 1e-6
+    np.testing.assert_allclose(got, eager, atol=tol)
 
 
 def test_roi_pool_and_multilevel_compiled(rng):

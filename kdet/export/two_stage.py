@@ -197,19 +197,23 @@ def _signbit_without_bitcast(original):
 
 @contextlib.contextmanager
 def _portable_ops(litert=False):
-    """Trace with ops that every runtime has (ONNX: no ``Bitcast``; LiteRT: also no
-    rank > 5 strided slice or int32 ReLU, see :func:`_litert_gather_roi_align`)."""
+    """Trace with ops that every runtime has (ONNX: no ``Bitcast``, no ``CropAndResize``:
+    RoIAlign gathers; LiteRT: also no rank > 5 strided slice or int32 ReLU, see
+    :func:`_litert_gather_roi_align`)."""
     from keras.src.backend.tensorflow import numpy as tf_numpy
 
     roi_align = _roi_align_module()
     original_gather, original_signbit = roi_align._gather_roi_align, tf_numpy.signbit
+    original_crop = roi_align.CROP_AND_RESIZE
     tf_numpy.signbit = _signbit_without_bitcast(original_signbit)
+    roi_align.CROP_AND_RESIZE = False  # neither runtime has CropAndResize
     if litert:
         roi_align._gather_roi_align = _litert_gather_roi_align
     try:
         yield
     finally:
         roi_align._gather_roi_align = original_gather
+        roi_align.CROP_AND_RESIZE = original_crop
         tf_numpy.signbit = original_signbit
 
 
