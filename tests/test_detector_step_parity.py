@@ -241,7 +241,12 @@ def check_torchvision_recipe(builder, architecture, monkeypatch, with_masks=Fals
           f"  max |kdet - ref64| {error:.3g} ({worst}); max |ref32 - ref64| {ref_error:.3g} "
           f"({ref_worst}); max change {change:.3g} ({changed}); "
           f"{time.perf_counter() - start:.0f} s")
-    np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL)
+    # each loss within LOSS_RTOL of the exact one, or (later steps, where RoI sampling and
+    # top-n choices amplify rounding) within FLOAT_TOL x the reference's own float32 error
+    loss_error = np.abs(np.asarray(losses) - ref_losses)
+    ref_loss_error = np.abs(np.asarray(ref32_losses) - ref_losses)
+    allowed = np.maximum(LOSS_RTOL * np.abs(ref_losses), FLOAT_TOL * ref_loss_error)
+    assert np.all(loss_error <= allowed), (losses, ref_losses, ref32_losses)
     # kdet's float32 run lands as close to the exact (float64) reference as the
     # reference's own float32 run, and the weights move far more than that
     assert error <= FLOAT_TOL * ref_error, (error, ref_error)

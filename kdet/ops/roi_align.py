@@ -595,7 +595,7 @@ def _check_levels(levels, owner):
 
 def multilevel_roi_align(features_by_level, rois, output_size, levels=(2, 3, 4, 5),
                          sampling_ratio=2, aligned=False, canonical_scale=224,
-                         canonical_level=4, max_sampling_ratio=None):
+                         canonical_level=4, max_sampling_ratio=None, crop_and_resize=True):
     """``torchvision.ops.MultiScaleRoIAlign``: each RoI pooled from its FPN level.
 
     The level of a RoI is ``map_roi_levels(rois, levels[0], levels[-1], ...)``
@@ -614,6 +614,12 @@ def multilevel_roi_align(features_by_level, rois, output_size, levels=(2, 3, 4, 
         output_size, sampling_ratio, aligned, max_sampling_ratio: as ``roi_align``.
         levels: consecutive pyramid levels present, e.g. ``(2, 3, 4, 5)``.
         canonical_scale, canonical_level: LevelMapper constants (224, 4).
+        crop_and_resize: False keeps the gather route even where the crop-and-resize
+            one could run (:data:`CROP_AND_RESIZE`). ``MultiLevelRoIAlign`` passes False
+            in training: the two routes differ by float32 ulps, enough to flip a
+            training run's discrete choices (RPN top-n, RoI sampling) within a few steps
+            against the reference trainer, and training gains little (the gradient is the
+            gather route's either way).
 
     Returns:
         ``[B, R, out_h, out_w, C]``.
@@ -642,7 +648,8 @@ def multilevel_roi_align(features_by_level, rois, output_size, levels=(2, 3, 4, 
     if sampling_ratio > 0 or max_sampling_ratio is not None:
         scale = ops.take(scales, level_index)
         geometry = _roi_geometry(rois, scale, aligned, out_h, out_w)
-        if _crop_and_resize_enabled(features_list, sampling_ratio, max_sampling_ratio):
+        if crop_and_resize and _crop_and_resize_enabled(features_list, sampling_ratio,
+                                                        max_sampling_ratio):
             return _crop_and_resize_path(features_list, level_index, rois, geometry,
                                          sampling_ratio, out_h, out_w)
         return _gather_path(features_list, level_index, rois, geometry, sampling_ratio,
