@@ -46,6 +46,16 @@ def rng():
     return np.random.default_rng(0)
 
 
+def load_benchmark(name):
+    """``benchmarks/<name>.py`` imported as a module (benchmarks/ is no package)."""
+    import importlib.util
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def backend():
     import keras
     return keras.backend.backend()

@@ -90,12 +90,8 @@ def test_bfloat16_rows_run_both_sides_in_mixed_precision(capsys):
 
 
 def test_gpu_script_runs_every_row_and_trains_in_float32_only(monkeypatch):
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_speed.py"
-    spec = importlib.util.spec_from_file_location("gpu_speed", path)
-    gpu_speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_speed)
+    from conftest import load_benchmark
+    gpu_speed = load_benchmark("gpu_speed")
     jobs = []
 
     def fake_launch(job, timeout):

@@ -6,30 +6,19 @@ defaults"); ``CHOSEN`` repeats them here so that a change to the preset is a del
 (~10 s, TensorFlow backend only: it is torch code); its kdet side traces a whole EfficientDet
 training step (~1 min) and is slow-marked.
 """
-import importlib.util
-import pathlib
 
 import pytest
 
-from conftest import HAVE_TORCHVISION, backend
+from conftest import HAVE_TORCHVISION, backend, load_benchmark
 from kdet import cli
 from kdet.workflow import config as wconfig
 from kdet.workflow.presets import PRESETS, describe
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 needs_torchvision = pytest.mark.skipif(not HAVE_TORCHVISION, reason="torchvision not installed")
 
 CHOSEN = {"model": "efficientdet", "phi": "lite0", "backbone_weights": "imagenet",
           "image_size": 384, "batch_size": 8, "learning_rate": 0.08, "epochs": 20,
           "scale_range": (0.75, 1.25), "ema": "auto"}
-
-
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("small_data",
-                                                  REPO / "benchmarks" / "small_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_small_data_preset_is_what_kdet_train_uses():
@@ -72,7 +61,7 @@ def test_reference_side_smoke(shared_data, tmp_path):
     from kdet.converters.backbones import installed_imagenet_checkpoint
     if installed_imagenet_checkpoint("mobilenet_v2") is None:
         pytest.skip("the ImageNet package of mobilenet_v2 is not installed")
-    bench = _benchmark()
+    bench = load_benchmark("small_data")
     model = bench.tutorial_model(1, 800, None)
     assert model.backbone.out_channels == 1280 and model.transform.min_size == (800,)
     assert model.transform.max_size == 1333
@@ -91,7 +80,7 @@ def test_reference_side_smoke(shared_data, tmp_path):
 
 @pytest.mark.slow
 def test_kdet_side_smoke(shared_data, tmp_path):
-    bench = _benchmark()
+    bench = load_benchmark("small_data")
     args = bench.parse_args(["--side", "kdet", "--limit", "2", "--out", str(tmp_path), "--kdet",
                              "preset=small_data", "backbone_weights=none", "image_size=128",
                              "epochs=1", "batch_size=2", "verbose=0"])

