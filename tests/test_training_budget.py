@@ -182,3 +182,26 @@ def test_plan_time_budget_fits_the_costs():
     with_eval = budget.plan_time_budget(100, 10, 0.1, 2.1, 50, 8, val_images=200,
                                         epoch_seconds=0.5)
     assert with_eval[0] * with_eval[1] < epochs * spe and with_eval[2] <= 81
+
+
+def test_deadline_guard_counts_the_time_between_epochs():
+    """An epoch's cost is end to end: what runs after the guard's epoch end (callbacks
+    listed after it, Keras' own bookkeeping, the next epoch's set-up) counts. Epochs of no
+    time with 0.1 s between them, 1 s left, 100 epochs of 2 steps planned: the guard must
+    plan <= ~10 epochs (it planned them all when it timed only epoch begin to end)."""
+    import types
+
+    model = types.SimpleNamespace(optimizer=types.SimpleNamespace(iterations=keras.Variable(0)),
+                                  stop_training=False)
+    guard = budget.deadline_guard(1.0, time.monotonic(), epochs=100, steps_per_epoch=2,
+                                  verbose=0)
+    guard.set_model(model)
+    guard.on_train_begin()
+    for epoch in range(3):
+        guard.on_epoch_begin(epoch)
+        for step in range(2):
+            model.optimizer.iterations.assign(model.optimizer.iterations + 1)
+            guard.on_train_batch_end(step)
+        guard.on_epoch_end(epoch)
+        time.sleep(0.1)  # a later callback, outside the guard's epoch
+    assert guard.epochs_left is not None and guard.epochs_left <= 10, guard.epochs_left

@@ -150,7 +150,9 @@ def deadline_guard(budget_seconds, start, epochs, steps_per_epoch, margin=0.97, 
 
     After each epoch: ``epoch_time`` = the longer of the last epoch and the mean epoch of
     this ``fit`` (conservative when the machine slows down; the first epoch without its
-    first step, which pays the graph trace), ``fit`` = the epochs that fit into ``margin``
+    first step, which pays the graph trace). An epoch's time runs from the previous epoch's
+    end to this one's, so what other callbacks do between epochs (evaluation, checkpoints)
+    counts; ``fit`` = the epochs that fit into ``margin``
     x the time left (at least one). When the ``R`` steps left of the schedule need more
     epochs than ``fit``, the optimizer's step counter skips ``(R - fit x steps_per_epoch)
     / fit`` steps before each remaining epoch: the learning-rate schedule of ``epochs x
@@ -167,9 +169,7 @@ def deadline_guard(budget_seconds, start, epochs, steps_per_epoch, margin=0.97, 
             self.durations = []
             self.first_step_end = None
             self.epochs_left = None
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.began = time.monotonic()
+            self.last_end = None
 
         def on_train_batch_end(self, batch, logs=None):
             if self.first_step_end is None:
@@ -177,14 +177,16 @@ def deadline_guard(budget_seconds, start, epochs, steps_per_epoch, margin=0.97, 
 
         def on_epoch_end(self, epoch, logs=None):
             now = time.monotonic()
+            last_end, self.last_end = self.last_end, now
             done = _steps_done(self.model)
             steps_left = total - done
             if steps_left <= 0:
                 self.model.stop_training = True
                 self.epochs_left = 0
                 return
-            if self.durations:
-                self.durations.append(now - self.began)
+            if last_end is not None:
+                # end to end: the callbacks that ran after this one last epoch count
+                self.durations.append(now - last_end)
             elif steps_per_epoch > 1:
                 # the first step of a fit pays the graph trace (the plan counted it once):
                 # the epoch's time from its other steps
