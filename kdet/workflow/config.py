@@ -409,9 +409,9 @@ def resolve(command, file_config=None, overrides=None, config_path="config"):
             value, where = overrides[option.name], "command line"
         settings[option.name] = convert_value(option.name, value, where) \
             if where != "default" else value
-    if "learning_rate" in preset and settings.get("learning_rate") == preset["learning_rate"] \
-            and settings.get("batch_size") != preset.get("batch_size") \
-            and "learning_rate" not in file_config and "learning_rate" not in overrides:
+    rate_from_preset = "learning_rate" in preset and not (
+        "learning_rate" in file_config or "learning_rate" in overrides)
+    if rate_from_preset and settings["batch_size"] != preset["batch_size"]:
         # the preset's rate is per image: another batch scales it linearly, as recipes do
         settings["learning_rate"] = preset["learning_rate"] / preset["batch_size"] \
             * settings["batch_size"]
