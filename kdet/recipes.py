@@ -245,7 +245,7 @@ def make_optimizer(recipe, batch_size=None, steps=10000, steps_per_epoch=None,
 
 
 def apply_to_model(recipe, model):
-    """Set what ``recipe`` fixes in the model itself; returns the changes as text lines.
+    """Set what ``recipe`` fixes in the model itself (:func:`describe` states it).
 
     ``backbone_batch_norm_momentum``: the momentum of every trainable batch norm of the
     backbone (the detector's nested backbone model); ``drop_path_off_for``: stochastic
@@ -254,23 +254,14 @@ def apply_to_model(recipe, model):
     import keras
 
     recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
-    changes = []
     for backbone in (layer for layer in model.layers if isinstance(layer, keras.Model)):
-        norms = [layer for layer in backbone._flatten_layers()
-                 if isinstance(layer, keras.layers.BatchNormalization)]
-        if recipe.backbone_batch_norm_momentum is not None and norms:
-            for layer in norms:
+        drop_path_off = backbone.name.startswith(tuple(recipe.drop_path_off_for))
+        for layer in backbone._flatten_layers():
+            if isinstance(layer, keras.layers.BatchNormalization) and \
+                    recipe.backbone_batch_norm_momentum is not None:
                 layer.momentum = float(recipe.backbone_batch_norm_momentum)
-            changes.append(f"  {backbone.name}: BN momentum {recipe.backbone_batch_norm_momentum}"
-                           f" ({len(norms)} layers)")
-        if backbone.name.startswith(tuple(recipe.drop_path_off_for)):
-            drops = [layer for layer in backbone._flatten_layers()
-                     if isinstance(layer, keras.layers.Dropout) and layer.rate > 0]
-            for layer in drops:
+            elif isinstance(layer, keras.layers.Dropout) and drop_path_off:
                 layer.rate = 0.0
-            if drops:
-                changes.append(f"  {backbone.name}: stochastic depth off ({len(drops)} layers)")
-    return changes
 
 
 def describe(recipe, batch_size=None, steps=None, steps_per_epoch=None):
