@@ -27,17 +27,16 @@ def check_norm(norm, owner):
 
 
 def make_norm(norm, epsilon, momentum, name):
-    """``"batch"`` -> ``BatchNormalization``; ``"frozen_batch"`` -> constants only.
+    """``"batch"`` -> ``BatchNormalization``; ``"frozen_batch"`` -> constants only
+    (:func:`kdet.layers.conv_norm_act.make_norm` with the backbones' choices).
 
     ``momentum`` is in Keras terms (PyTorch's 0.1 is Keras' 0.9).
     """
-    if norm == "batch":
-        from kdet.layers import BatchNormalization
-        return BatchNormalization(epsilon=epsilon, momentum=momentum, name=name)
-    if norm == "frozen_batch":
-        from kdet.layers import FrozenBatchNormalization
-        return FrozenBatchNormalization(epsilon=epsilon, name=name)
-    raise ValueError(f"unknown norm {norm!r}, expected one of {NORMS}")
+    from kdet.layers.conv_norm_act import make_norm as make_layer_norm
+
+    check_norm(norm, name)
+    return make_layer_norm(norm, bn_epsilon=epsilon, bn_momentum=momentum, groups=None,
+                           group_epsilon=None, dtype=None, name=name)
 
 
 def check_return_levels(return_levels, available, owner):
