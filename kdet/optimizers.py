@@ -58,7 +58,10 @@ class EMAWarmupMixin:
             # model, tf.train.ExponentialMovingAverage initialises its slots from the variables)
             for var, average in zip(variables, self._model_variables_moving_average):
                 if average is not None:
-                    average.assign(var)
+                    # a copy: on JAX, assigning the variable itself shares its buffer, and
+                    # the jitted train step (which donates its state) then failed with
+                    # "Attempt to donate the same buffer twice"
+                    average.assign(ops.copy(var))
 
     def _backend_apply_gradients(self, grads, trainable_variables):
         if self.use_ema and self.ema_from_initial and keras.backend.backend() == "tensorflow":
