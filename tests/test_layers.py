@@ -179,8 +179,8 @@ def test_frozen_batch_norm_formula(rng):
     x = rng.normal(size=(2, 5, 6, 7)).astype("float32")
     layer.build(x.shape)
     randomize_bn(layer, rng)
-    want = np_batch_norm(x, *(to_np(v) for v in (layer.gamma, layer.beta, layer.moving_mean,
-                                                  layer.moving_variance)), 1e-5)
+    statistics = (layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance)
+    want = np_batch_norm(x, *(to_np(v) for v in statistics), 1e-5)
     for training in (False, True):  # frozen: identical in training
         np.testing.assert_allclose(to_np(layer(x, training=training)), want, atol=1e-5)
     assert [v.name for v in layer.weights] == ["gamma", "beta", "moving_mean", "moving_variance"]
@@ -924,3 +924,89 @@ def test_batch_norm_keras_update_on_request_and_config_roundtrip():
     clone = BatchNormalization.from_config(BatchNormalization(momentum=0.5).get_config())
     assert clone.unbiased_moving_variance is True and clone.momentum == 0.5
     assert BatchNormalization.from_config(ours.get_config()).unbiased_moving_variance is False
+
+
+@pytest.mark.skipif(not HAVE_EFFDET, reason="effdet/timm not installed")
+def test_batch_norm_statistics_average_equals_timm_model_ema():
+    """effdet's trainer averages the whole state dict with timm's ``ModelEmaV2`` (decay
+    fixed, from a copy of the model before training), BN buffers included. kdet's
+    BatchNormalization(statistics_ema_momentum=d) after 4 training calls: the average of
+    the moving mean and variance equals ModelEmaV2's copy of BatchNorm2d's buffers."""
+    from timm.utils import ModelEmaV2
+
+    from kdet.layers import BatchNormalization
+    rng = np.random.default_rng(2)
+    batches = [rng.normal(1.0, 2.0, s).astype("float32")
+               for s in [(4, 3, 3, 5), (1, 1, 2, 5), (3, 2, 2, 5), (2, 4, 1, 5)]]
+    layer = BatchNormalization(momentum=0.9, epsilon=1e-5, statistics_ema_momentum=0.7)
+    bn = torch.nn.BatchNorm2d(5, momentum=0.1, eps=1e-5)
+    ema = ModelEmaV2(bn, decay=0.7)
+    for x in batches:
+        layer(x, training=True)
+        bn(torch.from_numpy(x).permute(0, 3, 1, 2))
+        ema.update(bn)
+    np.testing.assert_allclose(to_np(layer.averaged_moving_mean),
+                               ema.module.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_np(layer.averaged_moving_variance),
+                               ema.module.running_var.numpy(), rtol=1e-5, atol=1e-6)
+    # the average is not the moving statistics themselves
+    assert np.max(np.abs(to_np(layer.averaged_moving_variance) - bn.running_var.numpy())) > 0.1
+
+
+def test_batch_norm_statistics_average_in_fit_with_ema_warmup(tmp_path):
+    """Through ``fit`` with an EMA optimizer (kdet.optimizers.SGD, automl's warm-up and
+    averages from the initial values) and ``EMAWeightsAtEpochEnd``: after each epoch the
+    model holds the average of the moving statistics, written out here: ``a_0`` = the
+    statistics before training, ``a_t = m_t a_(t-1) + (1 - m_t) v_t`` with ``m_t =
+    min(M, (1 + t) / (10 + t))``; the raw statistics are back at the next epoch's start;
+    the average survives saving; the optimizer's own EMA stays trainable-only."""
+    from kdet.layers import BatchNormalization, average_batch_norm_statistics
+    from kdet.optimizers import SGD
+    from kdet.workflow.callbacks import EMAWeightsAtEpochEnd
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(2.0, 3.0, (12, 4)).astype("float32")
+    y = rng.normal(size=(12, 1)).astype("float32")
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Dense(1)(BatchNormalization(momentum=0.8, name="bn")(inputs))
+    model = keras.Model(inputs, outputs)
+    model.get_layer("bn").moving_mean.assign(np.full(4, 0.5, "float32"))  # "loaded" statistics
+    layers = average_batch_norm_statistics(model, 0.9, warmup=True)
+    assert [layer.name for layer in layers] == ["bn"]
+    model.compile(optimizer=SGD(0.01, use_ema=True, ema_momentum=0.9, ema_from_initial=True),
+                  loss="mse")
+    seen = []
+
+    class Watch(keras.callbacks.Callback):  # after EMAWeightsAtEpochEnd
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append(to_np(self.model.get_layer("bn").moving_mean).copy())
+
+        def on_epoch_begin(self, epoch, logs=None):
+            seen.append(to_np(self.model.get_layer("bn").moving_mean).copy())
+
+    model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0,
+              callbacks=[EMAWeightsAtEpochEnd(), Watch()])
+    moving, average = np.full(4, 0.5), np.full(4, 0.5)
+    expected_average, expected_raw = [], []
+    for t in range(1, 7):
+        batch = x[(t - 1) % 3 * 4:(t - 1) % 3 * 4 + 4].astype("float64")
+        moving = 0.8 * moving + 0.2 * batch.mean(0)
+        m = min(0.9, (1 + t) / (10 + t))
+        average = m * average + (1 - m) * moving
+        if t % 3 == 0:
+            expected_average.append(average.copy())
+            expected_raw.append(moving.copy())
+    # epoch 1 begins (raw, 0.5), ends (average), epoch 2 begins (raw), ends (average)
+    np.testing.assert_allclose(seen[0], 0.5)
+    np.testing.assert_allclose(seen[1], expected_average[0], rtol=1e-5)
+    np.testing.assert_allclose(seen[2], expected_raw[0], rtol=1e-5)
+    np.testing.assert_allclose(seen[3], expected_average[1], rtol=1e-5)
+    bn = model.get_layer("bn")
+    np.testing.assert_allclose(to_np(bn.moving_mean), expected_average[1], rtol=1e-5)
+    assert float(to_np(bn.statistics_updates)) == 6
+    assert not any("averaged" in v.path for v in model.trainable_variables)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(to_np(loaded.get_layer("bn").averaged_moving_mean),
+                               to_np(bn.averaged_moving_mean))
+    assert loaded.get_layer("bn").statistics_ema_warmup is True

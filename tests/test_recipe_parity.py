@@ -29,6 +29,7 @@ from conftest import HAVE_TORCHVISION
 import keras
 
 from kdet import recipes
+from kdet.layers import averaged_batch_norms
 
 needs_torch = pytest.mark.skipif(not HAVE_TORCHVISION, reason="torchvision not installed")
 
@@ -239,7 +240,8 @@ def test_effdet_recipe_sets_timm_backbone_batch_norm_and_lite_stochastic_depth()
                  if isinstance(layer, keras.layers.Dropout)]
         return momenta, head, max(drops)
 
-    for recipe, want in (("automl", ({0.99}, {0.99}, 0.2 * 14 / 16)),  # block 14 of 16: the last with a skip
+    # automl's drop rate: block 14 of 16 is the last with a skip
+    for recipe, want in (("automl", ({0.99}, {0.99}, 0.2 * 14 / 16)),
                          ("effdet", ({0.9}, {0.99}, 0.0))):
         model = EfficientDet(phi="lite0", num_classes=2, image_size=64)
         assert settings_of(model)[2] > 0.1  # kdet's default: automl's stochastic depth
@@ -247,6 +249,15 @@ def test_effdet_recipe_sets_timm_backbone_batch_norm_and_lite_stochastic_depth()
         momenta, head, drop = settings_of(model)
         assert momenta == want[0] and head == want[1]
         assert drop == pytest.approx(want[2])
+        # both EMAs average the BN statistics with the weights' momentum and warm-up
+        # (timm ModelEmaV2's state dict; automl's moving_mean/variance)
+        norms = [layer for layer in model._flatten_layers()
+                 if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+        assert norms and {(layer.statistics_ema_momentum, layer.statistics_ema_warmup)
+                          for layer in norms} == {(0.9998, recipe == "automl")}
+    model = EfficientDet(phi="lite0", num_classes=2, image_size=64)
+    make_optimizer(model, {"recipe": "effdet", "batch_size": 2, "ema": False}, total_steps=10)
+    assert not averaged_batch_norms(model)  # no EMA: no statistics average
     lines = recipes.describe("effdet")
     assert any("backbone BN momentum 0.9" in line and "stochastic depth off" in line
                for line in lines)

@@ -5,6 +5,7 @@ _EXPORTS = {
     "ConvNormAct": ".conv_norm_act", "SeparableConvNormAct": ".conv_norm_act",
     "BatchNormalization": ".normalization", "FrozenBatchNormalization": ".normalization",
     "ImageNormalization": ".normalization",
+    "average_batch_norm_statistics": ".normalization", "averaged_batch_norms": ".normalization",
     "FPN": ".fpn", "BiFPN": ".bifpn", "WeightedFusion": ".bifpn", "ResampleFeature": ".bifpn",
     "EfficientDetHead": ".heads", "RetinaNetHead": ".heads",
     "DetectionDecoder": ".detection_decoder",

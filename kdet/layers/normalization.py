@@ -14,6 +14,7 @@ import numpy as np
 from keras import ops
 
 from kdet.distribute import all_replicas_sum
+from kdet.optimizers import ema_momentum_at
 
 
 @keras.saving.register_keras_serializable(package="kdet")
@@ -30,8 +31,23 @@ class BatchNormalization(keras.layers.BatchNormalization):
     maps of small inputs. Inference is Keras' layer, and the variables are
     Keras', so weights load either way.
 
+    The reference trainers' weight EMA also averages the BN statistics (timm's
+    ``ModelEmaV2`` averages the whole state dict, automl's EMA its moving means and
+    variances), where Keras' optimizer EMA sees trainable variables only. With
+    ``statistics_ema_momentum`` the layer keeps that average itself: after each
+    training call ``average = m * average + (1 - m) * moving`` (the first starting
+    from the statistics before it, ``m = min(momentum, (1 + t) / (10 + t))`` at update
+    ``t`` with ``statistics_ema_warmup``, as :class:`kdet.optimizers.SGD`), in the
+    variables ``averaged_moving_mean`` / ``averaged_moving_variance``.
+    :func:`average_batch_norm_statistics` turns it on in a model;
+    ``kdet.workflow.callbacks.EMAWeightsAtEpochEnd`` puts the averages in the moving
+    statistics wherever it puts the optimizer's EMA in the weights.
+
     Args:
         unbiased_moving_variance: False gives Keras' update.
+        statistics_ema_momentum: None (no average), or the EMA momentum of the
+            statistics' average (:meth:`average_statistics` sets it on a built layer).
+        statistics_ema_warmup: the EMA warm-up of :mod:`kdet.optimizers`.
         **kwargs: ``keras.layers.BatchNormalization``'s arguments.
 
     >>> import numpy as np
@@ -41,31 +57,101 @@ class BatchNormalization(keras.layers.BatchNormalization):
     2.0
     """
 
-    def __init__(self, unbiased_moving_variance=True, **kwargs):
+    def __init__(self, unbiased_moving_variance=True, statistics_ema_momentum=None,
+                 statistics_ema_warmup=False, **kwargs):
         super().__init__(**kwargs)
         self.unbiased_moving_variance = bool(unbiased_moving_variance)
+        self.statistics_ema_momentum = None
+        self.statistics_ema_warmup = bool(statistics_ema_warmup)
+        if statistics_ema_momentum is not None:
+            self._set_statistics_ema(statistics_ema_momentum, statistics_ema_warmup)
+
+    def _set_statistics_ema(self, momentum, warmup):
+        momentum = float(momentum)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"statistics_ema_momentum must lie in [0, 1), got {momentum}")
+        if self.renorm:
+            raise ValueError("statistics_ema_momentum: not with renorm=True")
+        self.statistics_ema_momentum = momentum
+        self.statistics_ema_warmup = bool(warmup)
+
+    def average_statistics(self, momentum, warmup=False):
+        """Keep the EMA of the moving statistics from now on (creates its variables on a
+        built layer; call before the training function is traced)."""
+        self._set_statistics_ema(momentum, warmup)
+        if self.built:
+            # a built layer's state is locked; Keras' own quantize() adds variables so
+            self._tracker.unlock()
+            try:
+                self._build_statistics_average()
+            finally:
+                self._tracker.lock()
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if self.statistics_ema_momentum is not None:
+            self._build_statistics_average()
+
+    def _build_statistics_average(self):
+        if getattr(self, "averaged_moving_mean", None) is not None:
+            return
+        shape = self.moving_mean.shape
+        self.averaged_moving_mean = self.add_weight(
+            shape=shape, initializer="zeros", trainable=False, autocast=False,
+            name="averaged_moving_mean")
+        self.averaged_moving_variance = self.add_weight(
+            shape=shape, initializer="ones", trainable=False, autocast=False,
+            name="averaged_moving_variance")
+        self.statistics_updates = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, autocast=False,
+            name="statistics_updates")
 
     def call(self, inputs, training=None, mask=None):
-        if not (training and self.trainable and self.unbiased_moving_variance) or self.renorm:
+        own_update = self.unbiased_moving_variance or self.statistics_ema_momentum is not None
+        if not (training and self.trainable and own_update) or self.renorm:
             return super().call(inputs, training=training, mask=mask)
         if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
             raise ValueError("The mask provided should be one dimension less than the inputs. "
                              f"Received: mask.shape={mask.shape}, inputs.shape={inputs.shape}")
         inputs = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
         mean, variance = self._moments(inputs, mask)
-        count = self._reduced_count(inputs, mask)
-        unbiased = variance * (count / ops.maximum(count - 1.0, 1.0))
+        if self.unbiased_moving_variance:
+            count = self._reduced_count(inputs, mask)
+            update_variance = variance * (count / ops.maximum(count - 1.0, 1.0))
+        else:
+            update_variance = variance
         momentum = self.momentum
-        self.moving_mean.assign(
-            ops.cast(self.moving_mean, inputs.dtype) * momentum + mean * (1.0 - momentum))
-        self.moving_variance.assign(
-            ops.cast(self.moving_variance, inputs.dtype) * momentum + unbiased * (1.0 - momentum))
+        old_mean = ops.cast(self.moving_mean, inputs.dtype)
+        old_variance = ops.cast(self.moving_variance, inputs.dtype)
+        new_mean = old_mean * momentum + mean * (1.0 - momentum)
+        new_variance = old_variance * momentum + update_variance * (1.0 - momentum)
+        self.moving_mean.assign(new_mean)
+        self.moving_variance.assign(new_variance)
+        if self.statistics_ema_momentum is not None:
+            self._update_statistics_average(old_mean, old_variance, new_mean, new_variance)
         outputs = ops.batch_normalization(
             inputs, mean, variance, axis=self.axis,
             offset=ops.cast(self.beta, inputs.dtype) if self.center else None,
             scale=ops.cast(self.gamma, inputs.dtype) if self.scale else None,
             epsilon=self.epsilon)
         return ops.cast(outputs, self.compute_dtype)
+
+    def _update_statistics_average(self, old_mean, old_variance, new_mean, new_variance):
+        updates = self.statistics_updates
+        first = ops.equal(updates, 0.0)
+        if self.statistics_ema_warmup:
+            # the optimizer's count after this update (kdet.optimizers: iterations + 1)
+            m = ema_momentum_at(updates + 1.0, self.statistics_ema_momentum)
+        else:
+            m = ops.convert_to_tensor(self.statistics_ema_momentum, "float32")
+        m = ops.cast(m, new_mean.dtype)
+        for average, old, new in ((self.averaged_moving_mean, old_mean, new_mean),
+                                  (self.averaged_moving_variance, old_variance, new_variance)):
+            # the average starts from the statistics before the first update (the loaded
+            # ones), as the references' EMA copies the model before training
+            previous = ops.where(first, old, ops.cast(average, new.dtype))
+            average.assign(m * previous + (1.0 - m) * new)
+        updates.assign(updates + 1.0)
 
     def _reduced_count(self, inputs, mask):
         """The number of values behind each channel's statistics, as a float tensor."""
@@ -84,8 +170,28 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"unbiased_moving_variance": self.unbiased_moving_variance})
+        config.update({"unbiased_moving_variance": self.unbiased_moving_variance,
+                       "statistics_ema_momentum": self.statistics_ema_momentum,
+                       "statistics_ema_warmup": self.statistics_ema_warmup})
         return config
+
+
+def average_batch_norm_statistics(model, momentum, warmup=False):
+    """Make every :class:`BatchNormalization` in ``model`` keep the EMA of its moving
+    statistics (:meth:`BatchNormalization.average_statistics`); returns those layers.
+    Call it before ``fit`` traces the training step."""
+    layers = averaged_batch_norms(model, every=True)
+    for layer in layers:
+        layer.average_statistics(momentum, warmup)
+    return layers
+
+
+def averaged_batch_norms(model, every=False):
+    """The :class:`BatchNormalization` layers of ``model`` that keep a statistics average
+    (``every``: all of them)."""
+    return [layer for layer in model._flatten_layers(include_self=False)
+            if isinstance(layer, BatchNormalization)
+            and (every or layer.statistics_ema_momentum is not None)]
 
 
 @keras.saving.register_keras_serializable(package="kdet")

@@ -415,7 +415,10 @@ class EMAWeightsAtEpochEnd(keras.callbacks.Callback):
     ``finalize_variable_values`` copies the averages into the model) ends with
     the EMA weights however it ends: after the last epoch or stopped early by
     a later callback (where ``SwapEMAWeights`` leaves the raw weights).
-    Only public optimizer API is used. Does nothing without ``use_ema``.
+    Only public optimizer API is used. Does nothing without ``use_ema``. The batch
+    norms that average their statistics
+    (:func:`kdet.layers.normalization.average_batch_norm_statistics`, as the references'
+    EMA does) get those averages in their moving statistics at the same times.
     """
 
     def __init__(self):
@@ -426,22 +429,35 @@ class EMAWeightsAtEpochEnd(keras.callbacks.Callback):
         optimizer = getattr(self.model, "optimizer", None)
         return optimizer is not None and optimizer_uses_ema(optimizer)
 
+    def _averaged_statistics(self):
+        """(moving, its average) of the batch norms that average their statistics."""
+        from kdet.layers.normalization import averaged_batch_norms
+
+        return [pair for layer in averaged_batch_norms(self.model)
+                for pair in ((layer.moving_mean, layer.averaged_moving_mean),
+                             (layer.moving_variance, layer.averaged_moving_variance))]
+
     def on_epoch_end(self, epoch, logs=None):
         if not self._enabled():
             return
         variables = self.model.trainable_variables
-        self._raw = [keras.ops.convert_to_numpy(v) for v in variables]
+        statistics = self._averaged_statistics()
+        targets = list(variables) + [moving for moving, _ in statistics]
+        self._raw = [(v, keras.ops.convert_to_numpy(v)) for v in targets]
         self.model.optimizer.finalize_variable_values(variables)
+        for moving, average in statistics:
+            moving.assign(average)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._restore()
 
     def on_train_end(self, logs=None):
-        self._raw = None  # fit has put the EMA weights in the model
+        # fit has put the EMA weights in the model, the epoch end the statistics' average
+        self._raw = None
 
     def _restore(self):
         if self._raw is not None:
-            for variable, value in zip(self.model.trainable_variables, self._raw):
+            for variable, value in self._raw:
                 variable.assign(value)
             self._raw = None
 

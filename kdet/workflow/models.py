@@ -235,7 +235,9 @@ def make_optimizer(model, settings, total_steps, steps_per_epoch=None):
     """The model's recipe (``default_optimizer``, :mod:`kdet.recipes`) for the settings'
     global batch, with their overrides (``learning_rate``, ``warmup_steps``, ``recipe``).
     What the recipe fixes in the model (backbone BN momentum, stochastic depth:
-    :func:`kdet.recipes.apply_to_model`) is set on ``model`` here too."""
+    :func:`kdet.recipes.apply_to_model`) is set on ``model`` here too, and with an EMA
+    the batch norms average their statistics with the weights' EMA momentum
+    (:func:`kdet.layers.normalization.average_batch_norm_statistics`)."""
     import inspect
 
     import keras
@@ -271,6 +273,15 @@ def make_optimizer(model, settings, total_steps, steps_per_epoch=None):
         if not 0 <= momentum < 1:
             raise ValueError(f"ema_momentum must lie in [0, 1), got {momentum}")
         optimizer.ema_momentum = momentum
+    from kdet.workflow.callbacks import optimizer_uses_ema
+    if optimizer_uses_ema(optimizer):
+        # the references' EMA averages the BN statistics too (timm ModelEmaV2's state
+        # dict, automl's moving_mean/variance): Keras' optimizer EMA sees trainables only
+        from kdet.layers.normalization import average_batch_norm_statistics
+
+        inner = getattr(optimizer, "inner_optimizer", optimizer)
+        average_batch_norm_statistics(model, getattr(inner, "ema_momentum", 0.99),
+                                      warmup=getattr(inner, "ema_warmup", False))
     return optimizer
 
 
