@@ -66,7 +66,10 @@ class Recipe:
     variable_clipnorm: float = None
     ema_momentum: float = None
     ema_warmup: bool = False           # automl: min(decay, (1 + t) / (10 + t))
-    augmentation: str = ""
+    augmentation: str = ""             # the reference's, in its words
+    # what kdet's pipeline applies for it (kdet train's --augment / --scale-range default)
+    augment: tuple = ("flip",)
+    scale_range: tuple = None
     batch_norm: str = ""
     # What the reference sets in the model itself (apply_to_model): the backbone's BN
     # momentum in Keras terms (None: the model's own) and the backbones (nested model
@@ -130,9 +133,10 @@ RECIPES = {r.name: r for r in (
         warmup_epochs=1.0, warmup_start=0.008, global_clipnorm=10.0, variable_clipnorm=10.0,
         ema_momentum=0.9998, ema_warmup=True,
         augmentation="hflip + scale jitter 0.1-2.0",
+        augment=("scale_jitter", "flip"), scale_range=(0.1, 2.0),
         batch_norm="momentum 0.99, epsilon 1e-3; moving variance from the unbiased batch "
                    "variance (TF fused batch norm; kdet.layers.BatchNormalization)",
-        notes="EMA of trainable variables only (automl also averages BN statistics)"),
+        notes="its EMA averages the BN statistics too (kdet: statistics_ema_momentum)"),
     Recipe(
         name="effdet",
         source=f"rwightman/efficientdet-pytorch train.py@{_EFFDET_COMMIT} (--opt momentum 0.9, "
@@ -146,6 +150,7 @@ RECIPES = {r.name: r for r in (
         scale_warmup_start=False, min_learning_rate=1e-5, cosine_epochs=300,
         global_clipnorm=10.0, ema_momentum=0.9998, ema_warmup=False,
         augmentation="hflip + random resize-crop (scale 0.1-2.0)",
+        augment=("scale_jitter", "flip"), scale_range=(0.1, 2.0),
         batch_norm="BiFPN and heads momentum 0.99, epsilon 1e-3 (effdet norm_kwargs "
                    "momentum .01); backbone momentum 0.9 (timm's BatchNorm2d default 0.1, "
                    "epsilon 1e-3 for tf_ models); moving variance from the unbiased batch "
@@ -154,8 +159,8 @@ RECIPES = {r.name: r for r in (
         # effdet/config/model_config.py: tf_efficientdet_lite* backbone_args drop_path_rate
         # 0.0 (its D-models' 0.2 is kdet's / automl's)
         drop_path_off_for=("efficientnet_lite",),
-        notes="cooldown epochs (10, at min_lr) are not part of the schedule; EMA of trainable "
-              "variables only (ModelEmaV2 also averages BN buffers)"),
+        notes="cooldown epochs (10, at min_lr) are not part of the schedule; ModelEmaV2 "
+              "averages the BN buffers too (kdet: statistics_ema_momentum)"),
     Recipe(
         name="fast_rcnn_paper",
         source="rbgirshick/fast-rcnn models/*/solver.prototxt (base_lr 0.001, momentum 0.9, "
@@ -284,7 +289,11 @@ def describe(recipe, batch_size=None, steps=None, steps_per_epoch=None):
         lines.append(f"  {steps} steps ({steps / spe:g} epochs of {spe}); warmup {warmup} steps"
                      + (f"; lr x{recipe.gamma} at steps {list(milestones)}" if milestones
                         else ""))
-    lines.append(f"  augmentation (reference): {recipe.augmentation}; BN: {recipe.batch_norm}")
+    applied = ", ".join(recipe.augment) or "none"
+    if "scale_jitter" in recipe.augment and recipe.scale_range:
+        applied += " {:g}-{:g}".format(*recipe.scale_range)
+    lines.append(f"  augmentation: {applied} (reference: {recipe.augmentation}); "
+                 f"BN: {recipe.batch_norm}")
     model_settings = []
     if recipe.backbone_batch_norm_momentum is not None:
         model_settings.append(f"backbone BN momentum {recipe.backbone_batch_norm_momentum}")

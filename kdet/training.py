@@ -190,7 +190,8 @@ def _train_in_scope(settings, model, datasets, extra_callbacks, started, scopes)
     from kdet.workflow import data as wdata
     from kdet.workflow.config import dump
     from kdet.workflow.models import (build_model, model_annotations, model_image_size,
-                                      model_recipe, required_annotations, resolve_jit_compile)
+                                      model_recipe, required_annotations, resolve_augmentation,
+                                      resolve_jit_compile)
 
     seed = int(settings["seed"])
     if model is not None and not isinstance(model, keras.Model):
@@ -229,6 +230,7 @@ def _train_in_scope(settings, model, datasets, extra_callbacks, started, scopes)
     annotations = model_annotations(model)
     image_size = model_image_size(model)
     settings.update(num_classes=int(num_classes), image_size=int(image_size))
+    resolve_augmentation(model, settings)  # the recipe's, where the user set none
 
     output_dir = settings["output_dir"]
     multiworker = settings["strategy"] == "multiworker"
@@ -267,6 +269,11 @@ def _train_in_scope(settings, model, datasets, extra_callbacks, started, scopes)
     if recipe is not None and settings["verbose"]:
         from kdet.recipes import describe
         print("\n".join(describe(recipe, batch_size, epochs * steps, steps)), flush=True)
+    if settings["verbose"]:
+        augment = ", ".join(settings["augment"]) or "none"
+        if "scale_jitter" in settings["augment"]:
+            augment += " {:g}-{:g}".format(*settings["scale_range"])
+        print(f"augmentation applied: {augment}", flush=True)
 
     # tf.data resolves its op seeds against TF's global seed when a pipeline is built: fix it
     # here, so an interrupted run and its resumption build identical epochs

@@ -261,3 +261,28 @@ def test_effdet_recipe_sets_timm_backbone_batch_norm_and_lite_stochastic_depth()
     lines = recipes.describe("effdet")
     assert any("backbone BN momentum 0.9" in line and "stochastic depth off" in line
                for line in lines)
+
+
+def test_kdet_train_applies_the_recipes_augmentation():
+    """Where the user sets none, ``kdet train`` augments as the model's reference trainer:
+    torchvision's references hflip only (``--data-augmentation hflip``), automl and
+    effdet hflip + scale jitter 0.1-2.0 (no colour); a user's choice stays."""
+    from kdet.workflow.models import resolve_augmentation
+
+    for name, recipe in recipes.RECIPES.items():
+        assert "flip" in recipe.augment and "hflip" in recipe.augmentation, name
+        jitter = "scale" in recipe.augmentation
+        assert ("scale_jitter" in recipe.augment) == jitter, name
+        assert recipe.scale_range == ((0.1, 2.0) if jitter else None), name
+        assert "color" not in recipe.augment, name
+    stand_in = types.SimpleNamespace(RECIPE="torchvision")
+    assert resolve_augmentation(stand_in, {"augment": None, "scale_range": None}) == \
+        {"augment": ["flip"], "scale_range": (0.1, 2.0)}
+    stand_in = types.SimpleNamespace(RECIPE="automl")
+    assert resolve_augmentation(stand_in, {"augment": None, "scale_range": None}) == \
+        {"augment": ["scale_jitter", "flip"], "scale_range": (0.1, 2.0)}
+    chosen = {"augment": ["color"], "scale_range": (0.5, 1.5)}
+    assert resolve_augmentation(stand_in, dict(chosen)) == chosen
+    assert resolve_augmentation(stand_in, {"augment": [], "scale_range": None})["augment"] == []
+    lines = "\n".join(recipes.describe("automl"))
+    assert "augmentation: scale_jitter, flip 0.1-2 (reference: hflip + scale jitter" in lines

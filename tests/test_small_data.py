@@ -18,7 +18,8 @@ needs_torchvision = pytest.mark.skipif(not HAVE_TORCHVISION, reason="torchvision
 
 CHOSEN = {"model": "efficientdet", "phi": "lite0", "backbone_weights": "imagenet",
           "image_size": 384, "batch_size": 8, "learning_rate": 0.08, "epochs": 20,
-          "scale_range": (0.75, 1.25), "ema": "auto"}
+          "augment": ["scale_jitter", "flip", "color"], "scale_range": (0.75, 1.25),
+          "ema": "auto"}
 
 
 def test_small_data_preset_is_what_kdet_train_uses():

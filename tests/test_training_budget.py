@@ -86,6 +86,8 @@ def test_time_budget_plans_from_the_measured_costs(tmp_path, capsys, monkeypatch
     _schedule_completed(result, config, rows)
     assert "time budget 1m00s: 2.000 s/step measured (first step 2.5 s, 1.00 s per epoch)" in out
     assert "recipe torchvision:" in out and "lr 0.005 = 0.02 / 16 images x batch 4" in out
+    # the recipe's augmentation (torchvision's references: hflip only) where none was set
+    assert "augmentation applied: flip\n" in out and config["augment"] == ["flip"]
     assert f"1/{config['epochs']} epochs: elapsed" in out and "ETA" in out
     assert f"{config['epochs']}/{config['epochs']} epochs: elapsed" in out
 

@@ -219,9 +219,12 @@ OPTIONS = (
                ("train",), metavar="DURATION"),
         Option("max_images", _optional(int), None,
                "train on this many images in all: sets the epochs (and the steps)", ("train",)),
-        Option("augment", _str_list, list(AUGMENTATIONS), "training augmentations", ("train",),
-               metavar="A,B,..."),
-        Option("scale_range", _float_pair, (0.1, 2.0), "scale-jitter range (automl: 0.1,2.0)",
+        Option("augment", _str_list, None,
+               f"training augmentations, of {','.join(AUGMENTATIONS)} ('' for none); default: "
+               "the model's recipe's (kdet.recipes: hflip for the torchvision recipes, "
+               "scale_jitter,flip for automl / effdet)", ("train",), metavar="A,B,..."),
+        Option("scale_range", _optional(_float_pair), None,
+               "scale-jitter range; default: the recipe's (automl / effdet: 0.1,2.0)",
                ("train",), metavar="LOW,HIGH"),
         Option("max_boxes", _optional(int), None,
                "objects per image after padding; more are dropped and counted in a warning "

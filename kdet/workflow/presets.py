@@ -39,7 +39,8 @@ PRESETS = {p.name: p for p in (
         # (10 epochs: 0.266 in 357)
         settings={"model": "efficientdet", "phi": "lite0", "backbone_weights": "imagenet",
                   "image_size": 384, "batch_size": 8, "learning_rate": 0.08, "epochs": 20,
-                  "scale_range": "0.75,1.25", "ema": "auto"},
+                  "augment": "scale_jitter,flip,color", "scale_range": "0.75,1.25",
+                  "ema": "auto"},
         evidence="benchmarks/RESULTS.md, 'Small-data defaults (issue #12 item 4)': raccoon "
                  "(160 train / 40 test images) vs the torchvision tutorial's MobileNetV2 "
                  "Faster R-CNN, pycocotools AP per CPU second (benchmarks/small_data.py)"),
