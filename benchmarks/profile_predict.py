@@ -9,6 +9,12 @@ after a warm-up, one TF thread by default: the steady figure on a shared machine
 
     python benchmarks/profile_predict.py --model retinanet --image-size 640
     python benchmarks/profile_predict.py --model maskrcnn --image-size 800 --threads 1
+
+``--train``: each stage forward and forward + gradients of every trainable variable (a
+dummy loss, the sum of the stage's outputs), then the whole ``train_on_batch``:
+
+    python benchmarks/profile_predict.py --model retinanet --backbone mobilenet_v2 \
+        --num-classes 2 --image-size 256 --batch 2 --train --repeats 6
 """
 import argparse
 import os
@@ -54,12 +60,37 @@ def run_until(model, images, last):
     return layer["roi_heads"](levels[:4], proposals["proposals"], proposals["valid"])
 
 
-def build(name, size):
+def build(name, size, backbone=None, num_classes=None):
+    """The model, COCO's classes by default (torchvision's 91 for RetinaNet, 90 + background
+    for the R-CNNs)."""
     import kdet
+    extra = {} if backbone is None else {"backbone": backbone}
     if name == "retinanet":
-        return kdet.models.RetinaNet(num_classes=91, image_size=size)
+        return kdet.models.RetinaNet(num_classes=num_classes or 91, image_size=size, **extra)
     cls = kdet.models.MaskRCNN if name == "maskrcnn" else kdet.models.FasterRCNN
-    return cls(num_classes=90, image_size=size)
+    return cls(num_classes=num_classes or 90, image_size=size, **extra)
+
+
+def training_rows(model, images, stages, repeats):
+    """(stage, forward CPU s, forward + backward CPU s) per stage, training mode."""
+    import tensorflow as tf
+
+    variables = [v.value for v in model.trainable_variables]
+    rows = []
+    for stage in stages:
+        def forward(stage=stage):
+            return run_until(model, images, stage)
+
+        def forward_backward(stage=stage):
+            with tf.GradientTape() as tape:
+                out = run_until(model, images, stage)
+                loss = tf.add_n([tf.reduce_sum(tf.cast(v, tf.float32)) * 1e-6
+                                 for v in tf.nest.flatten(out)])
+            return tape.gradient(loss, variables,
+                                 unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        rows.append((stage, timed(tf.function(forward), repeats)[1],
+                     timed(tf.function(forward_backward), repeats)[1]))
+    return rows
 
 
 def timed(fn, repeats):
@@ -74,6 +105,10 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, default=640)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--backbone", default=None, help="the model's backbone (default its own)")
+    parser.add_argument("--num-classes", type=int, default=None, help="default: COCO's")
+    parser.add_argument("--train", action="store_true",
+                        help="forward and forward + backward per stage, then train_on_batch")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--all-mask-rows", action="store_true",
                         help="Mask R-CNN: run the mask head on all D rows (the code before "
@@ -86,7 +121,9 @@ def main(argv=None):
     import keras
     import numpy as np
 
-    model = build(args.model, args.image_size)
+    model = build(args.model, args.image_size, args.backbone, args.num_classes)
+    if args.train:
+        return print_training(model, args)
     if args.all_mask_rows:
         model.roi_heads.skip_padded_masks = False
     images = np.random.default_rng(0).uniform(
@@ -108,6 +145,34 @@ def main(argv=None):
     print("|---|---|---|---|")
     for name, wall, cpu, stage in rows:
         print(f"| {name} | {wall:.3f} | {cpu:.3f} | {stage:+.3f} |")
+
+
+def print_training(model, args):
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    size, batch = args.image_size, args.batch
+    images = tf.constant(rng.uniform(0, 255, (batch, size, size, 3)).astype("float32"))
+    rows = training_rows(model, images, STAGES[args.model][1:], args.repeats)
+    boxes = np.zeros((batch, 8, 4), "float32")
+    labels = -np.ones((batch, 8), "int32")
+    for b in range(batch):  # 3 objects an image
+        for i in range(3):
+            x0, y0 = rng.uniform(0, size * 0.6, 2)
+            w, h = rng.uniform(0.08 * size, 0.4 * size, 2)
+            boxes[b, i], labels[b, i] = [x0, y0, x0 + w, y0 + h], 0
+    model.compile(optimizer=model.default_optimizer(steps=100, batch_size=batch),
+                  jit_compile=False)
+    step = timed(lambda: model.train_on_batch(images, {"boxes": boxes, "labels": labels}),
+                 args.repeats)[1]
+    print(f"{args.model} ({args.backbone or 'default backbone'}) @ {size}, batch {batch}, "
+          f"{args.threads} thread(s), training, median CPU s of {args.repeats}")
+    print("| up to | forward (s) | forward + backward (s) |")
+    print("|---|---|---|")
+    for stage, forward, both in rows:
+        print(f"| {stage} | {forward:.3f} | {both:.3f} |")
+    print(f"| train_on_batch (loss, update) | - | {step:.3f} |")
 
 
 if __name__ == "__main__":
