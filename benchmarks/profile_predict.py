@@ -11,7 +11,9 @@ after a warm-up, one TF thread by default: the steady figure on a shared machine
     python benchmarks/profile_predict.py --model maskrcnn --image-size 800 --threads 1
 
 ``--train``: each stage forward and forward + gradients of every trainable variable (a
-dummy loss, the sum of the stage's outputs), then the whole ``train_on_batch``:
+dummy loss, the sum of the stage's outputs; the stages' layers run as in inference, batch
+norms on their moving statistics, and the R-CNN stages on the inference proposals), then
+the whole ``train_on_batch`` (3 random boxes an image):
 
     python benchmarks/profile_predict.py --model retinanet --backbone mobilenet_v2 \
         --num-classes 2 --image-size 256 --batch 2 --train --repeats 6
