@@ -183,3 +183,91 @@ def test_rle_area_box_and_iou_equal_mask_utils():
         expected = np.asarray(mask_utils.iou(as_bytes, as_bytes, crowd.astype(np.uint8)))
         got = native.rle_pair_iou(decoded, a, decoded, b, crowd[b])
         np.testing.assert_array_equal(got, expected.reshape(n, n)[a, b])
+
+
+def _awkward_polygon_masks(rng, num):
+    """Masks of 1-3 polygons: convex, random (self-intersecting, partly or wholly outside
+    the image), integer / half-integer vertices with a repeated one, zero-area lines,
+    the image border, and fewer than 3 points or an odd number of values."""
+    masks = []
+    for _ in range(num):
+        h, w = int(rng.integers(1, 60)), int(rng.integers(1, 60))
+        polygons = []
+        for _ in range(int(rng.integers(1, 4))):
+            kind, k = int(rng.integers(6)), int(rng.integers(3, 12))
+            if kind == 0:
+                t, r = np.sort(rng.uniform(0, 2 * np.pi, k)), rng.uniform(1, 30)
+                p = np.stack([w / 2 + r * np.cos(t), h / 2 + r * np.sin(t)], 1)
+            elif kind == 1:
+                p = rng.uniform(-20, max(h, w) + 20, (k, 2))
+            elif kind == 2:
+                p = rng.integers(0, max(h, w) + 1, (k, 2)) / rng.choice([1, 2])
+                p[1] = p[0]
+            elif kind == 3:
+                p = np.stack([np.full(k, rng.uniform(0, w)), rng.uniform(-5, h + 5, k)], 1)
+            elif kind == 4:
+                p = np.array([[0, 0], [w, 0], [w, h], [0, h]], float) + rng.choice([0, .5, -.5])
+            else:
+                p = rng.uniform(0, max(h, w), (int(rng.integers(1, 3)), 2))
+            flat = [round(float(v), int(rng.integers(0, 3))) for v in p.ravel()]
+            if kind == 5 and rng.random() < 0.5:
+                flat.append(1.5)
+            polygons.append(flat)
+        if len(polygons[0]) <= 4:  # pycocotools reads a first polygon of 4 values as a box
+            polygons[0] = polygons[0] + [0.0, 0.0, 1.0]
+        masks.append((polygons, h, w))
+    return masks
+
+
+def test_polygons_rasterised_in_c_equal_pycocotools():
+    """kdet_polygons_to_rle + kdet_rle_union + kdet_rle_encode: the same RLE strings as
+    pycocotools' frPyObjects + merge, and the same areas / boxes."""
+    if native.library() is None:
+        pytest.skip("kdet's C evaluation kernels not installed")
+    from pycocotools import mask as mask_utils
+    masks = _awkward_polygon_masks(np.random.default_rng(0), 1500)
+    masks.append(([[0.0, 0.0, 639.6, 0.0, 639.6, 479.4, 0.0, 479.4]], 480, 640))  # large
+    flat = [p for polygons, _, _ in masks for p in polygons]
+    rles = native.polygons_to_rles(
+        np.fromiter((v for p in flat for v in p), float), np.r_[0, np.cumsum([len(p) for p in flat])],
+        [len(m[0]) for m in masks], [m[1] for m in masks], [m[2] for m in masks])
+    expected = []
+    for polygons, h, w in masks:
+        parts = mask_utils.frPyObjects(polygons, h, w)
+        expected.append(mask_utils.merge(parts) if len(parts) > 1 else parts[0])
+    assert native.encode_rles(rles) == [e["counts"].decode() for e in expected]
+    for i in range(0, len(expected), 255):  # maskUtils.area overflows on longer lists
+        np.testing.assert_array_equal(rles.areas()[i:i + 255], mask_utils.area(expected[i:i + 255]))
+        np.testing.assert_array_equal(rles.boxes()[i:i + 255],
+                                      mask_utils.toBbox(expected[i:i + 255]))
+
+
+def test_rle_strings_checked_in_c_as_the_numpy_reader():
+    """kdet_rle_check: the same verdict as decode_rle_strings + check_counts on awkward
+    strings (outside the alphabet, unfinished, long numbers, negative runs, wrong sums),
+    and maskUtils' area and box of the valid ones."""
+    if native.library() is None:
+        pytest.skip("kdet's C evaluation kernels not installed")
+    from pycocotools import mask as mask_utils
+    from test_metrics_rle import _awkward_strings
+
+    from kdet.metrics.rle import check_counts, decode_rle_strings
+    rng = np.random.default_rng(3)
+    texts = [t for t in _awkward_strings(rng) if not any(ord(c) > 255 for c in
+                                                         (t if isinstance(t, str) else ""))]
+    sizes = [(int(rng.integers(1, 40)), int(rng.integers(1, 40))) for _ in texts]
+    for i in range(0, len(texts), 3):  # real masks of the sizes given
+        h, w = sizes[i]
+        m = (rng.random((h, w)) < rng.choice([0.0, 0.3, 1.0])).astype(np.uint8)
+        texts[i] = mask_utils.encode(np.asfortranarray(m))["counts"].decode()
+    h, w = np.array(sizes).T
+    status, area, box = native.check_rle_strings(texts, h, w)
+    counts, offsets, ok = decode_rle_strings(texts)
+    ok &= check_counts(counts, offsets, h * w)
+    exact = status == 2
+    assert exact.sum() >= 1 and (status == 0).sum() > 100
+    assert ((status == 0) == ok)[~exact].all()
+    valid = np.flatnonzero(status == 0)
+    rles = [{"size": [int(h[i]), int(w[i])], "counts": texts[i]} for i in valid[:255]]
+    np.testing.assert_array_equal(area[valid[:255]], mask_utils.area(rles))
+    np.testing.assert_array_equal(box[valid[:255]], mask_utils.toBbox(rles))

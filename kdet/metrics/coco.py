@@ -276,7 +276,128 @@ def _to_rles(segmentations, heights, widths, what):
     """:func:`_to_rle` of every segmentation (``_ABSENT`` becomes ``None``) in batches:
     compressed RLE dicts checked together, polygons converted one pycocotools call per
     image size. The others, and any that fail a check, go one at a time (which raises
-    the error naming the first bad record)."""
+    the error naming the first bad record).
+
+    With the C kernels (:func:`_read_masks`) also the masks' areas and boxes (NaN where
+    not measured): returns ``(rles, area, box)``; without them ``(rles, None, None)``.
+    """
+    if native.library() is not None:
+        masks = _read_masks(segmentations, heights, widths, what)
+        out = masks.rles
+        if len(masks.polygons):  # polygons rasterised in C: their compressed strings
+            for i, text in zip(masks.polygons.tolist(), native.encode_rles(masks.polygon_rles)):
+                out[i] = {"size": [int(heights[i]), int(widths[i])], "counts": text}
+        return out, masks.area, masks.box
+    return _to_rles_numpy(segmentations, heights, widths, what), None, None
+
+
+class _Masks:
+    """What :func:`_read_masks` found: ``rles`` (the checked compressed RLE dicts, the
+    input's; ``None`` for polygons and absent ones), ``polygons`` (indices) and their
+    :class:`kdet.metrics.native.Rles` ``polygon_rles``, ``strings`` (indices whose RLE
+    string was checked in C), ``area`` / ``box`` (NaN where not measured)."""
+
+
+def _read_masks(segmentations, heights, widths, what):
+    """Checks and measures segmentations with the C kernels, without pycocotools.
+
+    Compressed RLE strings: checked (the same verdict as :func:`decode_rle_strings` and
+    :func:`check_counts`) and measured in one C pass; polygons: rasterised in C as
+    pycocotools' ``frPyObjects`` + ``merge``, bit for bit. Anything else, or any
+    segmentation that fails a check, goes through :func:`_to_rle` one at a time (which
+    raises naming the record, or converts odd input as pycocotools does).
+    """
+    n = len(segmentations)
+    masks = _Masks()
+    masks.rles = list(segmentations)
+    masks.area, masks.box = np.full(n, np.nan), np.full((n, 4), np.nan)
+    good = np.zeros(n, bool)
+    strings, polygons = [], []
+    for i, s in enumerate(segmentations):
+        if isinstance(s, dict):
+            if isinstance(s.get("counts"), (str, bytes)) and "size" in s:
+                strings.append(i)
+        elif _plain_polygons(s):
+            polygons.append(i)
+    strings = np.array(strings, np.int64)
+    if len(strings):
+        h, w = heights[strings].astype(np.int64), widths[strings].astype(np.int64)
+        checked = native.check_rle_strings([segmentations[i]["counts"] for i in strings], h, w)
+        if checked is None:  # a character past latin-1: the numpy check
+            status = np.full(len(strings), 2, np.uint8)
+        else:
+            status, masks.area[strings], masks.box[strings] = checked
+        exact = np.flatnonzero(status == 2)  # numbers too long for C's int64 reading
+        ok = status == 0
+        if len(exact):
+            counts, offsets, decoded = decode_rle_strings(
+                [segmentations[i]["counts"] for i in strings[exact]])
+            ok[exact] = decoded & check_counts(counts, offsets, h[exact] * w[exact])
+            masks.area[strings[exact]] = np.nan  # measured later, from the dicts
+        ok &= _sizes_are([segmentations[i]["size"] for i in strings], h, w)
+        good[strings] = ok
+    masks.strings = strings[good[strings]] if len(strings) else strings
+    masks.polygons = np.zeros(0, np.int64)
+    if polygons:
+        found = _polygon_coordinates(segmentations, polygons, heights, widths)
+        if found is not None:
+            indices, coords, offsets, per_mask = found
+            rles = native.polygons_to_rles(coords, offsets, per_mask, heights[indices],
+                                           widths[indices])
+            masks.polygons, masks.polygon_rles = indices, rles
+            masks.area[indices], masks.box[indices] = rles.areas(), rles.boxes()
+            good[indices] = True
+            for i in indices.tolist():
+                masks.rles[i] = None
+    for i in np.flatnonzero(~good):
+        masks.rles[i] = None if masks.rles[i] is _ABSENT else _to_rle(
+            masks.rles[i], int(heights[i]), int(widths[i]), what(i))
+    return masks
+
+
+def _sizes_are(sizes, heights, widths):
+    """``[_size_is(s, h, w) ...]``; two ints each (the usual) compared in one pass."""
+    if set(map(type, sizes)) <= {list, tuple} and set(map(len, sizes)) == {2} and set(
+            map(type, itertools.chain.from_iterable(sizes))) == {int}:
+        try:
+            flat = np.fromiter(itertools.chain.from_iterable(sizes), np.int64, 2 * len(sizes))
+        except OverflowError:
+            flat = None
+        if flat is not None:
+            return (flat[0::2] == heights) & (flat[1::2] == widths)
+    return np.array([_size_is(s, hi, wi) for s, hi, wi in
+                     zip(sizes, heights.tolist(), widths.tolist())], bool)
+
+
+def _polygon_coordinates(segmentations, indices, heights, widths):
+    """The plain polygons of ``segmentations[indices]`` whose coordinates are within
+    :func:`_segmentation_crash`'s range, flat: ``(kept indices, coordinates, offsets,
+    polygons per mask)``; None when a value is no float (an int past float range)."""
+    indices = np.asarray(indices)
+    num_polygons = np.fromiter(map(len, (segmentations[i] for i in indices.tolist())),
+                               np.int64, len(indices))
+    flat = [p for i in indices.tolist() for p in segmentations[i]]
+    lengths = np.fromiter(map(len, flat), np.int64, len(flat))
+    try:
+        values = np.fromiter(itertools.chain.from_iterable(flat), np.float64,
+                             int(lengths.sum()))
+    except OverflowError:
+        return None
+    owner = np.repeat(np.repeat(np.arange(len(indices)), num_polygons), lengths)
+    limit = 4 * np.maximum(heights[indices], widths[indices]) + 1000
+    ok = np.ones(len(indices), bool)
+    ok[owner[~(np.abs(values) <= limit[owner])]] = False  # NaN too
+    offsets = np.r_[0, np.cumsum(lengths)]
+    if not ok.all():
+        keep_poly = np.repeat(ok, num_polygons)
+        values = values[np.repeat(keep_poly, lengths)]
+        lengths, num_polygons, indices = lengths[keep_poly], num_polygons[ok], indices[ok]
+        offsets = np.r_[0, np.cumsum(lengths)]
+    return indices, values, offsets, num_polygons
+
+
+def _to_rles_numpy(segmentations, heights, widths, what):
+    """:func:`_to_rles` without the C kernels: numpy checks, pycocotools' conversions."""
     out = list(segmentations)
     good = np.zeros(len(out), bool)
     strings, polygons = [], []
@@ -494,10 +615,34 @@ class _GroundTruth:
         missing = np.setdiff1d(indices, np.fromiter(self._rles, np.int64, len(self._rles)))
         if len(missing):
             img = self.image[missing]
-            converted = _to_rles([self.segmentation[i] for i in missing], self.heights[img],
-                                 self.widths[img], lambda k: self.describe(missing[k]))
+            converted = _to_rles_numpy([self.segmentation[i] for i in missing],
+                                       self.heights[img], self.widths[img],
+                                       lambda k: self.describe(missing[k]))
             self._rles.update(zip(missing.tolist(), converted))
         return [self._rles[i] for i in np.asarray(indices).tolist()]
+
+    def decoded_masks(self, indices):
+        """The masks of (sorted) annotations ``indices`` as decoded
+        :class:`kdet.metrics.native.Rles`, in that order (C kernels only): polygons
+        rasterised and RLE strings decoded in C, odd input through :func:`_to_rle`."""
+        indices = np.asarray(indices, np.int64)
+        img = self.image[indices]
+        heights, widths = self.heights[img], self.widths[img]
+        masks = _read_masks([self.segmentation[i] for i in indices.tolist()], heights, widths,
+                            lambda k: self.describe(indices[k]))
+        parts, rows = [], np.empty(len(indices), np.int64)
+        placed = np.zeros(len(indices), bool)
+        if len(masks.polygons):
+            parts.append(masks.polygon_rles)
+            rows[masks.polygons] = np.arange(len(masks.polygons))
+            placed[masks.polygons] = True
+        others = np.flatnonzero(~placed)  # checked strings and _to_rle's conversions
+        if len(others):
+            parts.append(native.DecodedRles([masks.rles[i] for i in others.tolist()]))
+            rows[others] = len(masks.polygons) + np.arange(len(others))
+        if len(parts) == 1 and len(others) in (0, len(indices)):
+            return parts[0]
+        return native.Rles.concatenate(parts).take(rows)
 
 
 # --------------------------------------------------------------------------- detections
@@ -513,8 +658,10 @@ class _Detections:
         self.bbox = np.full((n, 4), np.nan) if bbox is None else bbox
         self.segmentation = [None] * n if segmentation is None else segmentation
         self.keypoints = [None] * n if keypoints is None else keypoints
-        self.mask_area = None  # maskUtils.area of every segmentation, once computed
-        self.mask_box = None  # maskUtils.toBbox of every segmentation (C path), once computed
+        # maskUtils.area / toBbox of every segmentation (C path: measured when read, NaN
+        # where not: those are measured on first use)
+        self.mask_area = None
+        self.mask_box = None
         # [n, 3K] when every detection's keypoints are rows of it (one width)
         self.keypoint_table = None
 
@@ -537,6 +684,11 @@ class _Detections:
         out.segmentation = [s for c in chunks for s in c.segmentation]
         out.keypoints = [k for c in chunks for k in c.keypoints]
         out.mask_area = out.mask_box = None
+        if any(c.mask_area is not None for c in chunks):
+            out.mask_area = np.concatenate([np.full(len(c), np.nan) if c.mask_area is None
+                                            else c.mask_area for c in chunks])
+            out.mask_box = np.concatenate([np.full((len(c), 4), np.nan) if c.mask_box is None
+                                           else c.mask_box for c in chunks])
         tables = [c.keypoint_table for c in chunks]
         out.keypoint_table = None if any(t is None for t in tables) or len(
             {t.shape[1] for t in tables}) > 1 else np.concatenate(tables)
@@ -947,10 +1099,12 @@ class COCOEvaluator:
             bbox[rows] = _float_rows(values, 4, "bbox", lambda j: what(rows[j]))
             _check_boxes(bbox, what, valid=has_bbox)
         segmentation = keypoints = None
+        mask_area = mask_box = None
         if self.iou_type == "segm" or (self.iou_type == "keypoints" and
                                         any("segmentation" in d for d in detections)):
-            segmentation = _to_rles([d.get("segmentation", _ABSENT) for d in detections],
-                                    gt.heights[image], gt.widths[image], what)
+            segmentation, mask_area, mask_box = _to_rles(
+                [d.get("segmentation", _ABSENT) for d in detections], gt.heights[image],
+                gt.widths[image], what)
         table = None
         if self.iou_type == "keypoints":
             keypoints = self._keypoint_rows(detections, category, what)
@@ -958,6 +1112,7 @@ class COCOEvaluator:
                 table, keypoints = keypoints, list(keypoints)
         chunk = _Detections(image, category, score, bbox, segmentation, keypoints)
         chunk.keypoint_table = table
+        chunk.mask_area, chunk.mask_box = mask_area, mask_box
         self._append(chunk)
 
     def _keypoint_rows(self, detections, category, what):
@@ -1177,7 +1332,7 @@ class COCOEvaluator:
                 raise ValueError(f"detection #{missing[0]} has no 'segmentation' but the first "
                                  "one has: COCO.loadRes then takes every area from the mask")
             if native.library() is not None:  # the boxes too, for the IoU bound
-                det.mask_area, det.mask_box = native.rle_areas_boxes(det.segmentation)
+                self._measure_masks(det)
             else:
                 det.mask_area = _mask_areas(det.segmentation)
             return det.mask_area
@@ -1191,6 +1346,17 @@ class COCOEvaluator:
                 areas[rows] = (x.max(1) - x.min(1)) * (y.max(1) - y.min(1))
             return areas
         raise ValueError("detection #0 has no 'bbox', 'segmentation' or 'keypoints'")
+
+    @staticmethod
+    def _measure_masks(det):
+        """Areas and boxes of the detections' masks not measured when read (C path)."""
+        if det.mask_area is None:
+            det.mask_area, det.mask_box = np.full(len(det), np.nan), np.full((len(det), 4), np.nan)
+        todo = np.flatnonzero(np.isnan(det.mask_area) & np.array(
+            [s is not None for s in det.segmentation], bool))
+        if len(todo):
+            det.mask_area[todo], det.mask_box[todo] = native.rle_areas_boxes(
+                [det.segmentation[i] for i in todo.tolist()])
 
     def _pair_ious(self, det, ev, pair_det, pair_gt, pair_start, pair_count):
         """IoU/OKS of every (evaluated detection, ground truth) pair."""
@@ -1243,14 +1409,14 @@ class COCOEvaluator:
         out = np.zeros(len(pair_gt))
         dets, det_of_pair = np.unique(det_index, return_inverse=True)
         gts, gt_of_pair = np.unique(pair_gt, return_inverse=True)
-        gt_rles = gt.rles(gts)
         if native.library() is not None:  # boxes, areas and IoU in C
-            if det.mask_box is None:
-                det.mask_area, det.mask_box = native.rle_areas_boxes(det.segmentation)
+            self._measure_masks(det)
             det_box, det_area = det.mask_box, det.mask_area  # every detection's
-            gt_area, gt_box = native.rle_areas_boxes(gt_rles)
+            gt_masks = gt.decoded_masks(gts)
+            gt_area, gt_box = gt_masks.areas(), gt_masks.boxes()
             det_of_pair = dets[det_of_pair]
         else:
+            gt_rles = gt.rles(gts)
             det_rles = [det.segmentation[i] for i in dets]
             det_box = _mask_boxes(det_rles)
             det_area = _mask_areas(det_rles) if det.mask_area is None else det.mask_area[dets]
@@ -1270,7 +1436,7 @@ class COCOEvaluator:
             g_used, g_row = np.unique(gt_of_pair[todo], return_inverse=True)
             out[todo] = native.rle_pair_iou(
                 native.DecodedRles([det.segmentation[i] for i in d_used.tolist()]), d_row,
-                native.DecodedRles([gt_rles[j] for j in g_used.tolist()]), g_row, crowd[todo])
+                gt_masks, g_used[g_row], crowd[todo])
             return out
         # One call per image: its detections (rows) and ground truths (columns) with pairs
         # left; each pair reads its entry.
