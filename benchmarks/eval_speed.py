@@ -15,7 +15,10 @@ within the run; the table is printed and appended to ``benchmarks/RESULTS.md``.
     python benchmarks/eval_speed.py --iou-types bbox,segm,keypoints --repeats 3
     python benchmarks/eval_speed.py --images 20000 --categories 1000 --reference hotcoco
 
-``kdet-numpy`` is kdet with ``KDET_NATIVE=0`` (its numpy fallback, no C kernels).
+``kdet-numpy`` is kdet with ``KDET_NATIVE=0`` (its numpy fallback, no C kernels);
+``kdet-arrays`` is kdet fed columns (``add_detection_arrays``: image ids, category ids,
+scores, boxes / keypoints as arrays, built outside the timing), what kdet's own
+evaluation loop pays; the peers and ``kdet`` read the result dicts.
 Timed for pycocotools and faster-coco-eval: ``loadRes`` + ``evaluate`` +
 ``accumulate`` + ``summarize``; for kdet: ``add_detections`` + ``evaluate``.
 Building the ground-truth index (``COCO(...)`` / ``COCOEvaluator(...)``) is timed
@@ -223,6 +226,34 @@ def time_kdet(gt, dets, iou_type):
     return load, run, ev.stats
 
 
+def detection_columns(dets, iou_type):
+    """The result list as the columns ``COCOEvaluator.add_detection_arrays`` takes (what a
+    predict loop holds; built outside the timing)."""
+    columns = {"image_ids": np.array([d["image_id"] for d in dets], np.int64),
+               "category_ids": np.array([d["category_id"] for d in dets], np.int64),
+               "scores": np.array([d["score"] for d in dets], np.float64)}
+    if iou_type == "bbox" or all("bbox" in d for d in dets):  # keypoints: areas from boxes
+        columns["boxes"] = np.array([d["bbox"] for d in dets], np.float64)
+    if iou_type == "keypoints":
+        columns["keypoints"] = np.array([d["keypoints"] for d in dets], np.float64)
+    return columns
+
+
+def time_kdet_arrays(gt, dets, iou_type):
+    """kdet from columns (``add_detection_arrays``): what kdet's own evaluation loop pays.
+    segm has no columnar input (masks are RLE strings): timed from the dicts."""
+    if iou_type == "segm":
+        return time_kdet(gt, dets, iou_type)
+    columns = detection_columns(dets, iou_type)
+    clock = _Clock()
+    ev = COCOEvaluator(gt, iou_type=iou_type)
+    load = clock.lap()
+    ev.add_detection_arrays(**columns)
+    ev.evaluate()
+    run = clock.lap()
+    return load, run, ev.stats
+
+
 def time_kdet_numpy(gt, dets, iou_type):
     """kdet without its C kernels (``KDET_NATIVE=0``): the numpy fallback."""
     previous = os.environ.get("KDET_NATIVE")
@@ -240,6 +271,7 @@ def time_kdet_numpy(gt, dets, iou_type):
 EVALUATORS = (
     ("pycocotools", "pycocotools", "pycocotools", _cocoapi(_pycocotools_gt, _pycocotools_eval)),
     ("kdet", None, "kdet", time_kdet),
+    ("kdet-arrays", None, "kdet", time_kdet_arrays),
     ("kdet-numpy", None, "kdet", time_kdet_numpy),
     ("faster-coco-eval", "faster-coco-eval", "faster_coco_eval",
      _cocoapi(_faster_gt, _faster_eval)),
@@ -286,7 +318,7 @@ def run_one(iou_type, args):
             ref_stats = stats
         dev = float(np.abs(stats[:len(ref_stats)] - ref_stats).max())
         assert dev <= 1e-12, f"{name} {iou_type} stats differ from {reference} by {dev}"
-        if name == "kdet":
+        if name in ("kdet", "kdet-arrays"):
             name += " (C kernels)" if native.library() is not None else " (numpy: no C kernels)"
         rows.append((name + _version(distribution), load, run, dev))
         print(f"  {rows[-1][0]}: eval {run[0]:.2f} s wall, {run[1]:.2f} s CPU", flush=True)

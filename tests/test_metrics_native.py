@@ -229,7 +229,8 @@ def test_polygons_rasterised_in_c_equal_pycocotools():
     masks.append(([[0.0, 0.0, 639.6, 0.0, 639.6, 479.4, 0.0, 479.4]], 480, 640))  # large
     flat = [p for polygons, _, _ in masks for p in polygons]
     rles = native.polygons_to_rles(
-        np.fromiter((v for p in flat for v in p), float), np.r_[0, np.cumsum([len(p) for p in flat])],
+        np.fromiter((v for p in flat for v in p), float),
+        np.r_[0, np.cumsum([len(p) for p in flat])],
         [len(m[0]) for m in masks], [m[1] for m in masks], [m[2] for m in masks])
     expected = []
     for polygons, h, w in masks:
@@ -271,3 +272,60 @@ def test_rle_strings_checked_in_c_as_the_numpy_reader():
     rles = [{"size": [int(h[i]), int(w[i])], "counts": texts[i]} for i in valid[:255]]
     np.testing.assert_array_equal(area[valid[:255]], mask_utils.area(rles))
     np.testing.assert_array_equal(box[valid[:255]], mask_utils.toBbox(rles))
+
+
+def _columns(dets, keys):
+    out = {"image_ids": np.array([d["image_id"] for d in dets], np.int64),
+           "category_ids": np.array([d["category_id"] for d in dets], np.int64),
+           "scores": np.array([d["score"] for d in dets])}
+    for key, name in keys:
+        out[name] = np.array([d[key] for d in dets], np.float64)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_detection_arrays_equal_the_dicts_and_pycocotools(evaluator_path, seed):
+    """add_detection_arrays on the awkward box scene (empty images, crowd-only image, ties,
+    zero-area boxes, a maxDets cut) and on keypoints with and without boxes: the stats
+    and precision of pycocotools, and of the same detections as dicts."""
+    from kdet.metrics.coco import COCOEvaluator
+    gt, dets = awkward_box_scene(seed)
+    ref = reference_eval(gt, dets, "bbox")
+    ev = COCOEvaluator(gt)
+    cols = _columns(dets, [("bbox", "boxes")])
+    half = len(dets) // 2  # in two calls, the ids as int32
+    ev.add_detection_arrays(**{k: v[:half] for k, v in cols.items()})
+    ev.add_detection_arrays(**{k: (v[half:].astype(np.int32) if k.endswith("ids") else v[half:])
+                               for k, v in cols.items()})
+    assert_same_as_reference(ev, ev.evaluate(), ref)
+    dict_ev, _ = run_kdet(gt, dets, "bbox")
+    np.testing.assert_array_equal(ev.precision, dict_ev.precision)
+    gt = keypoint_ground_truth(seed + 40, num_images=12)
+    for with_bbox in (False, True):
+        dets = keypoint_detections(gt, seed + 50, with_bbox=with_bbox)
+        ev = COCOEvaluator(gt, iou_type="keypoints")
+        keys = [("keypoints", "keypoints")] + [("bbox", "boxes")] * with_bbox
+        ev.add_detection_arrays(**_columns(dets, keys))
+        assert_same_as_reference(ev, ev.evaluate(), reference_eval(gt, dets, "keypoints"))
+
+
+def test_detection_arrays_reject_bad_input():
+    from kdet.metrics.coco import COCOEvaluator
+    gt, dets = awkward_box_scene(0)
+    cols = _columns(dets[:3], [("bbox", "boxes")])
+    ev = COCOEvaluator(gt)
+    for change, message in [
+            (dict(image_ids=np.array([1, 2, 99])), "image_id 99 is not in the ground truth"),
+            (dict(category_ids=np.array([1, 7, 1])), "category_id 7 is not in the ground"),
+            (dict(scores=np.array([0.5, np.nan, 1])), "score nan is not finite"),
+            (dict(boxes=np.array([[0, 0, 1, 1], [0, 0, -1, 1], [0, 0, 1, 1]])), "negative size"),
+            (dict(boxes=np.zeros((3, 3))), "boxes must be"),
+            (dict(scores=np.zeros(2)), "must be [N] alike"),
+            (dict(boxes=None), "needs boxes")]:
+        with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+            ev.add_detection_arrays(**{**cols, **change})
+    ev.add_detection_arrays(np.zeros(0, int), np.zeros(0, int), np.zeros(0), np.zeros((0, 4)))
+    assert ev.results() == []  # nothing added
+    ev = COCOEvaluator(keypoint_ground_truth(0, num_images=2), iou_type="keypoints")
+    with pytest.raises(ValueError, match="3 per sigma"):
+        ev.add_detection_arrays([1], [1], [0.5], keypoints=np.zeros((1, 15)))

@@ -1115,6 +1115,90 @@ class COCOEvaluator:
         chunk.mask_area, chunk.mask_box = mask_area, mask_box
         self._append(chunk)
 
+    def add_detection_arrays(self, image_ids, category_ids, scores, boxes=None, keypoints=None):
+        """Add detections given as columns: the result list of :meth:`add_detections`
+        without building a dict per detection (what a model's predict loop already holds).
+
+        Args:
+            image_ids: ``[N]`` COCO image id of each detection.
+            category_ids: ``[N]`` COCO category id of each detection.
+            scores: ``[N]`` scores.
+            boxes: ``[N, 4]`` COCO ``[x, y, w, h]`` boxes (needed for ``bbox``; for
+                ``keypoints`` optional: they then set the areas, as ``COCO.loadRes``).
+            keypoints: ``[N, 3K]`` (or ``[N, K, 3]``) ``x, y, v`` rows, for ``keypoints``.
+
+        The same stats as :meth:`add_detections` of the equivalent records.
+        """
+        gt = self._gt
+        image_ids, category_ids = np.asarray(image_ids), np.asarray(category_ids)
+        score = np.asarray(scores, np.float64)
+        n = len(score)
+        if score.shape != (n,) or image_ids.shape != (n,) or category_ids.shape != (n,):
+            raise ValueError(f"image_ids, category_ids and scores must be [N] alike, got "
+                             f"{image_ids.shape}, {category_ids.shape} and {score.shape}")
+        if n == 0:
+            return
+        start = self._num_detections
+
+        def what(i):
+            return (f"detection #{start + i} (image_id={_show(image_ids[i].item())}, "
+                    f"category_id={_show(category_ids[i].item())})")
+        image = self._id_indices(image_ids, gt.image_ids, gt.image_index, "image_id",
+                                 "ground truth images", what)
+        category = self._id_indices(category_ids, gt.category_ids, gt.category_index,
+                                    "category_id", "ground truth categories", what)
+        if not np.isfinite(score).all():
+            i = int(np.flatnonzero(~np.isfinite(score))[0])
+            raise ValueError(f"{what(i)}: score {score[i]} is not finite")
+        bbox = None
+        if boxes is not None:
+            bbox = np.array(boxes, np.float64)  # a copy: the caller's array may change
+            if bbox.shape != (n, 4):
+                raise ValueError(f"boxes must be [N, 4] = {(n, 4)}, got {bbox.shape}")
+            _check_boxes(bbox, what)
+        elif self.iou_type == "bbox":
+            raise ValueError("iou_type='bbox' needs boxes")
+        rows = None
+        if self.iou_type == "keypoints":
+            if keypoints is None:
+                raise ValueError("iou_type='keypoints' needs keypoints")
+            rows = np.array(keypoints, np.float64).reshape(n, -1)
+            if not np.isfinite(rows).all():
+                i = int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
+                raise ValueError(f"{what(i)}: keypoints are not all finite")
+            for k in np.unique(category).tolist():
+                if rows.shape[1] != 3 * len(self._sigmas(k)):
+                    i = int(np.flatnonzero(category == k)[0])
+                    raise ValueError(f"{what(i)}: {rows.shape[1]} keypoint values, expected "
+                                     f"{3 * len(self._sigmas(k))} (3 per sigma)")
+        elif self.iou_type == "segm":
+            raise ValueError("add_detection_arrays takes boxes and keypoints; masks go "
+                             "through add_detections or add_predictions")
+        chunk = _Detections(image, category, score, bbox, None,
+                            None if rows is None else list(rows))
+        chunk.keypoint_table = rows
+        self._append(chunk)
+
+    @staticmethod
+    def _id_indices(ids, sorted_ids, index, key, where, what):
+        """Positions of the ``ids`` array in ``sorted_ids``: one searchsorted for integer
+        ids (the usual), else a dict lookup each; raises naming the first unknown one."""
+        if ids.dtype.kind in "iu" and sorted_ids and set(map(type, sorted_ids)) == {int}:
+            try:
+                table = np.array(sorted_ids, np.int64)
+            except OverflowError:  # ids past int64: looked up one by one
+                table = None
+            if table is not None:
+                out = np.searchsorted(table, ids.astype(np.int64))
+                out = np.minimum(out, len(table) - 1)
+                out[table[out] != ids] = -1
+                if (out < 0).any():
+                    i = int(np.flatnonzero(out < 0)[0])
+                    raise ValueError(f"{what(i)}: {key} {_show(ids[i].item())} is not in the "
+                                     f"{where}")
+                return out
+        return COCOEvaluator._indices(ids.tolist(), index, key, where, what)
+
     def _keypoint_rows(self, detections, category, what):
         """Each detection's keypoints as a float64 row, checked against its sigmas:
         one array per row width; on any problem one record at a time (which raises
@@ -1337,6 +1421,9 @@ class COCOEvaluator:
                 det.mask_area = _mask_areas(det.segmentation)
             return det.mask_area
         if det.keypoints[0] is not None:  # keypoints branch: extent of the keypoints
+            if det.keypoint_table is not None:  # one width: one table
+                x, y = det.keypoint_table[:, 0::3], det.keypoint_table[:, 1::3]
+                return (x.max(1) - x.min(1)) * (y.max(1) - y.min(1))
             areas = np.empty(n)
             widths = np.fromiter(map(len, det.keypoints), np.int64, n)
             for width in np.unique(widths):  # categories may have their own keypoint counts
