@@ -1389,13 +1389,16 @@ class COCOEvaluator:
             if not np.isfinite(flat).all():
                 i = int(np.flatnonzero(~np.isfinite(flat).all(axis=1))[0])
                 raise ValueError(f"{what(i)}: keypoints are not all finite")
-            for i in range(len(flat)):
-                if flat.shape[1] != 3 * len(self._sigmas(det_category[i])):
+            for k in np.unique(det_category).tolist():  # one check per category
+                if flat.shape[1] != 3 * len(self._sigmas(k)):
+                    i = int(np.flatnonzero(det_category == k)[0])
                     raise ValueError(f"{what(i)}: {flat.shape[1] // 3} keypoints, but "
-                                     f"{len(self._sigmas(det_category[i]))} sigmas")
+                                     f"{len(self._sigmas(k))} sigmas")
             keypoints = list(flat)
-        self._append(_Detections(det_image, det_category, det_score, bbox, segmentation,
-                                 keypoints))
+        chunk = _Detections(det_image, det_category, det_score, bbox, segmentation, keypoints)
+        if keypoints is not None:
+            chunk.keypoint_table = flat
+        self._append(chunk)
 
     # ------------------------------------------------------------------ evaluation
     def _detection_areas(self, det):
