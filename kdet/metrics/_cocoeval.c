@@ -190,9 +190,15 @@ KDET_EXPORT int64_t kdet_rle_decode(int64_t num, const char *text, const int64_t
         if (status == 0 && total != (num_pixels)) status = 1;                              \
     } while (0)
 
-/* pycocotools' rleToBbox of one RLE, fed run by run (kdet_rle_area_bbox's arithmetic). */
+/* pycocotools' rleToBbox of one RLE, fed run by run: for run j the position t = (sum of
+ * runs 0..j) - j % 2 (uint32) gives y = t % h, x = t / h. The position of the running sum
+ * is tracked as (x, y) instead of divided out each run (a division costs more than
+ * the rest of the step); the exact division is kept where uint32 arithmetic wraps
+ * (t below 0, or masks of 2**32 pixels or more). */
 typedef struct {
     uint32_t h, w, xs, ys, xe, ye, cc, xp, area;
+    uint64_t pos_x, pos_y;  /* cc = pos_x * h + pos_y, pos_y < h */
+    int exact;  /* divide every run (h * w >= 2**32) */
     int64_t j;
 } BoxWalk;
 
@@ -203,20 +209,49 @@ static void box_walk_init(BoxWalk *b, uint32_t h, uint32_t w)
     b->xs = w;
     b->ys = h;
     b->xe = b->ye = b->cc = b->xp = b->area = 0;
+    b->pos_x = b->pos_y = 0;
+    b->exact = (uint64_t)h * w > UINT32_MAX;
     b->j = 0;
 }
 
 /* run j of the RLE; every run but an odd last one (m = (m_all / 2) * 2) */
-static void box_walk_step(BoxWalk *b, uint32_t count)
+static inline void box_walk_step(BoxWalk *b, uint32_t count)
 {
     const int64_t j = b->j++;
+    const uint32_t h = b->h;
     if (j % 2) b->area += count;
     b->cc += count;
-    const uint32_t t = b->cc - (uint32_t)(j % 2), y = t % b->h, x = (t - y) / b->h;
+    uint32_t x, y;
+    if (b->exact || (j % 2 && b->cc == 0)) {
+        const uint32_t t = b->cc - (uint32_t)(j % 2);
+        y = t % h;
+        x = (t - y) / h;
+    } else {
+        if (count < h) {
+            b->pos_y += count;
+        } else {
+            b->pos_x += count / h;
+            b->pos_y += count % h;
+        }
+        if (b->pos_y >= h) {
+            b->pos_y -= h;
+            b->pos_x++;
+        }
+        if (j % 2 == 0) {
+            x = (uint32_t)b->pos_x;
+            y = (uint32_t)b->pos_y;
+        } else if (b->pos_y > 0) {
+            x = (uint32_t)b->pos_x;
+            y = (uint32_t)b->pos_y - 1;
+        } else {
+            x = (uint32_t)b->pos_x - 1;
+            y = h - 1;
+        }
+    }
     if (j % 2 == 0) b->xp = x;
     else if (b->xp < x) {
         b->ys = 0;
-        b->ye = b->h - 1;
+        b->ye = h - 1;
     }
     b->xs = x < b->xs ? x : b->xs;
     b->xe = x > b->xe ? x : b->xe;
@@ -351,24 +386,31 @@ KDET_EXPORT int64_t kdet_polygon_bounds(int64_t num_polys, const double *xy,
  * (where the scaled x crosses a pixel centre column) as positions x * h + y. */
 typedef struct {
     int has_prev, prev_u, prev_v;
-    uint32_t *points;
+    uint32_t *points, *columns;
     int64_t n;
     double h, w_last;
     int h_int;
 } Outline;
 
-static void outline_point(Outline *o, int u, int v)
+/* floor(a / 5) for any int a */
+static int floor_div5(int a) { return a >= 0 ? a / 5 : -((4 - a) / 5); }
+
+static inline void outline_point(Outline *o, int u, int v)
 {
+    /* pycocotools: xd = (min u of the pair + .5) / 5 - .5, kept when it is an integer in
+     * [0, w - 1]; yd = ceil of (min v + .5) / 5 - .5 clamped to [0, h]. In integers: xd is
+     * an integer exactly when the min u is 2 mod 5 (then the float steps are exact:
+     * (5c + 2.5) / 5 = c + .5), and yd's ceil is ceil((min v - 2) / 5) (the float value
+     * is exact whenever that is an integer, and >= .2 from one otherwise). */
     if (o->has_prev && u != o->prev_u) {
-        double xd = (double)(u < o->prev_u ? u : u - 1);
-        xd = (xd + .5) / 5 - .5;
-        if (!(floor(xd) != xd || xd < 0 || xd > o->w_last)) {
-            double yd = (double)(v < o->prev_v ? v : o->prev_v);
-            yd = (yd + .5) / 5 - .5;
-            if (yd < 0) yd = 0;
-            else if (yd > o->h) yd = o->h;
-            yd = ceil(yd);
-            o->points[o->n++] = (uint32_t)((int)xd * o->h_int + (int)yd);
+        const int a = (u < o->prev_u ? u : u - 1) - 2;
+        const int c = floor_div5(a);
+        if (a == 5 * c && c >= 0 && (double)c <= o->w_last) {
+            const int b = v < o->prev_v ? v : o->prev_v;
+            int yd = b < 0 ? 0 : floor_div5(b - 2 + 4);  /* b < 0: below 0 (b may be INT_MIN) */
+            yd = yd > o->h_int ? o->h_int : yd;
+            o->columns[o->n] = (uint32_t)c + (yd == o->h_int);
+            o->points[o->n++] = (uint32_t)(c * o->h_int + yd);
         }
     }
     o->has_prev = 1;
@@ -396,10 +438,11 @@ KDET_EXPORT int64_t kdet_polygons_to_rle(int64_t num_polys, const double *xy,
     int64_t cap = 16, col_cap = 16;
     uint32_t *points = malloc(sizeof(uint32_t) * (size_t)cap);
     uint32_t *sorted = malloc(sizeof(uint32_t) * (size_t)cap);
+    uint32_t *columns = malloc(sizeof(uint32_t) * (size_t)cap);
     int64_t *col_start = malloc(sizeof(int64_t) * (size_t)col_cap);
     int64_t status = 0, out = 0;
     count_offsets[0] = 0;
-    if (!x || !y || !points || !sorted || !col_start) {
+    if (!x || !y || !points || !sorted || !columns || !col_start) {
         status = -1;
         goto done;
     }
@@ -412,14 +455,16 @@ KDET_EXPORT int64_t kdet_polygons_to_rle(int64_t num_polys, const double *xy,
             cap = bound * 2;
             free(points);
             free(sorted);
+            free(columns);
             points = malloc(sizeof(uint32_t) * (size_t)cap);
             sorted = malloc(sizeof(uint32_t) * (size_t)cap);
-            if (!points || !sorted) {
+            columns = malloc(sizeof(uint32_t) * (size_t)cap);
+            if (!points || !sorted || !columns) {
                 status = -1;
                 goto done;
             }
         }
-        Outline o = {0, 0, 0, points, 0, (double)(uint64_t)h, (double)((uint64_t)w - 1),
+        Outline o = {0, 0, 0, points, columns, 0, (double)(uint64_t)h, (double)((uint64_t)w - 1),
                      (int)h};
         for (int64_t j = 0; j < k; j++) {
             int xs = x[j], xe = x[j + 1], ys = y[j], ye = y[j + 1];
@@ -434,23 +479,44 @@ KDET_EXPORT int64_t kdet_polygons_to_rle(int64_t num_polys, const double *xy,
                 ye = t;
             }
             const double s = dx >= dy ? (double)(ye - ys) / dx : (double)(xe - xs) / dy;
-            if (dx >= dy)
-                for (int d = 0; d <= dx; d++) {
-                    const int t = flip ? dx - d : d;
+            if (dx >= dy) {
+                /* u steps by one along the edge: of the pairs (d - 1, d) only those whose
+                 * smaller u is 2 mod 5 can be kept ((u + .5) / 5 - .5 is an integer), so
+                 * only they are visited; then the last point becomes the previous one */
+                int t = flip ? dx : 0;
+                outline_point(&o, t + xs, (int)(ys + s * t + .5));
+                int d = flip ? ((xs + dx - 2) % 5 + 5) % 5 : ((3 - xs) % 5 + 5) % 5;
+                for (d = d == 0 ? 5 : d; d <= dx; d += 5) {
+                    t = flip ? dx - (d - 1) : d - 1;
+                    o.prev_u = t + xs;
+                    o.prev_v = (int)(ys + s * t + .5);
+                    t = flip ? dx - d : d;
                     outline_point(&o, t + xs, (int)(ys + s * t + .5));
                 }
-            else
+                t = flip ? 0 : dx;
+                o.prev_u = t + xs;
+                o.prev_v = (int)(ys + s * t + .5);
+            } else if (dx == 0) {
+                /* u is the same all along (s * t is 0): only the first point can pair
+                 * with the previous edge's last */
+                int t = flip ? dy : 0;
+                outline_point(&o, (int)(xs + s * t + .5), t + ys);
+                t = flip ? 0 : dy;
+                o.prev_u = (int)(xs + s * t + .5);
+                o.prev_v = t + ys;
+            } else
                 for (int d = 0; d <= dy; d++) {
                     const int t = flip ? dy - d : d;
                     outline_point(&o, (int)(xs + s * t + .5), t + ys);
                 }
         }
+        columns[o.n] = (uint32_t)w;
         points[o.n++] = (uint32_t)(h * w);
-        /* counting sort by column (position / h; the end h * w is column w) */
+        /* counting sort by column (the end h * w is column w) */
         const int64_t n = o.n;
         uint32_t lo = UINT32_MAX, hi = 0;
         for (int64_t j = 0; j < n; j++) {
-            const uint32_t c = points[j] / (uint32_t)h;
+            const uint32_t c = columns[j];
             lo = c < lo ? c : lo;
             hi = c > hi ? c : hi;
         }
@@ -465,9 +531,9 @@ KDET_EXPORT int64_t kdet_polygons_to_rle(int64_t num_polys, const double *xy,
             }
         }
         memset(col_start, 0, sizeof(int64_t) * (size_t)num_cols);
-        for (int64_t j = 0; j < n; j++) col_start[points[j] / (uint32_t)h - lo + 1]++;
+        for (int64_t j = 0; j < n; j++) col_start[columns[j] - lo + 1]++;
         for (int64_t c = 1; c < num_cols; c++) col_start[c] += col_start[c - 1];
-        for (int64_t j = 0; j < n; j++) sorted[col_start[points[j] / (uint32_t)h - lo]++] = points[j];
+        for (int64_t j = 0; j < n; j++) sorted[col_start[columns[j] - lo]++] = points[j];
         /* col_start[c] is now column c's end: insertion sort within each column */
         int64_t begin = 0;
         for (int64_t c = 0; c + 1 < num_cols; c++) {
@@ -511,6 +577,7 @@ done:
     free(y);
     free(points);
     free(sorted);
+    free(columns);
     free(col_start);
     return status;
 }
@@ -613,31 +680,19 @@ KDET_EXPORT int64_t kdet_rle_area_bbox(int64_t num, const uint32_t *counts,
         uint32_t a = 0;
         for (int64_t j = 1; j < m_all; j += 2) a += cnts[j];
         area[r] = (double)a;
-        const uint32_t h = (uint32_t)heights[r], w = (uint32_t)widths[r];
         const int64_t m = (m_all / 2) * 2;
-        uint32_t xs = w, ys = h, xe = 0, ye = 0, cc = 0, xp = 0;
         double *bb = bbox + 4 * r;
         if (m == 0) {
             bb[0] = bb[1] = bb[2] = bb[3] = 0;
             continue;
         }
-        for (int64_t j = 0; j < m; j++) {
-            cc += cnts[j];
-            const uint32_t t = cc - (uint32_t)(j % 2), y = t % h, x = (t - y) / h;
-            if (j % 2 == 0) xp = x;
-            else if (xp < x) {
-                ys = 0;
-                ye = h - 1;
-            }
-            xs = x < xs ? x : xs;
-            xe = x > xe ? x : xe;
-            ys = y < ys ? y : ys;
-            ye = y > ye ? y : ye;
-        }
-        bb[0] = xs;
-        bb[2] = xe - xs + 1;
-        bb[1] = ys;
-        bb[3] = ye - ys + 1;
+        BoxWalk b;
+        box_walk_init(&b, (uint32_t)heights[r], (uint32_t)widths[r]);
+        for (int64_t j = 0; j < m; j++) box_walk_step(&b, cnts[j]);
+        bb[0] = b.xs;
+        bb[2] = b.xe - b.xs + 1;
+        bb[1] = b.ys;
+        bb[3] = b.ye - b.ys + 1;
     }
     return 0;
 }
