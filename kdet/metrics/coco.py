@@ -31,6 +31,7 @@ missing keys, malformed JSON) raises ``ValueError`` naming the record.
 """
 import itertools
 import json
+import operator
 import os
 import sys
 
@@ -113,7 +114,7 @@ def _read_ground_truth(ground_truth):
 def _column(records, key, what):
     """``[r[key] for r in records]`` with an error naming the first record without it."""
     try:
-        return [r[key] for r in records]
+        return list(map(operator.itemgetter(key), records))  # the loop in C
     except (KeyError, TypeError):
         for i, r in enumerate(records):
             if not isinstance(r, dict):
@@ -313,13 +314,21 @@ def _read_masks(segmentations, heights, widths, what):
     masks.area, masks.box = np.full(n, np.nan), np.full((n, 4), np.nan)
     good = np.zeros(n, bool)
     strings, polygons = [], []
-    for i, s in enumerate(segmentations):
-        if isinstance(s, dict):
-            if isinstance(s.get("counts"), (str, bytes)) and "size" in s:
+    for i, s in enumerate(segmentations):  # exact types: subclasses go one at a time
+        kind = type(s)
+        if kind is dict:
+            if type(s.get("counts")) in (str, bytes) and "size" in s:
                 strings.append(i)
-        elif _plain_polygons(s):
-            polygons.append(i)
-    strings = np.array(strings, np.int64)
+        elif kind is list:
+            polygons.append(i)  # checked below, all at once
+    strings, polygons = np.array(strings, np.int64), np.array(polygons, np.int64)
+    if len(polygons):
+        candidates = [segmentations[i] for i in polygons.tolist()]
+        if not (set(map(type, itertools.chain.from_iterable(candidates))) == {list}
+                and set(map(type, itertools.chain.from_iterable(
+                    itertools.chain.from_iterable(candidates)))) <= _PLAIN_NUMBERS
+                and all(len(c) > 0 and len(c[0]) > 4 for c in candidates)):
+            polygons = polygons[[_plain_polygons(c) for c in candidates]]
     if len(strings):
         h, w = heights[strings].astype(np.int64), widths[strings].astype(np.int64)
         checked = native.check_rle_strings([segmentations[i]["counts"] for i in strings], h, w)
@@ -338,7 +347,7 @@ def _read_masks(segmentations, heights, widths, what):
         good[strings] = ok
     masks.strings = strings[good[strings]] if len(strings) else strings
     masks.polygons = np.zeros(0, np.int64)
-    if polygons:
+    if len(polygons):
         found = _polygon_coordinates(segmentations, polygons, heights, widths)
         if found is not None:
             indices, coords, offsets, per_mask = found
@@ -622,27 +631,27 @@ class _GroundTruth:
         return [self._rles[i] for i in np.asarray(indices).tolist()]
 
     def decoded_masks(self, indices):
-        """The masks of (sorted) annotations ``indices`` as decoded
-        :class:`kdet.metrics.native.Rles`, in that order (C kernels only): polygons
-        rasterised and RLE strings decoded in C, odd input through :func:`_to_rle`."""
+        """The masks of (sorted) annotations ``indices`` decoded (C kernels only): polygons
+        rasterised and RLE strings decoded in C, odd input through :func:`_to_rle`.
+
+        Returns ``[(rows, rles)]``: ``rles`` (:class:`kdet.metrics.native.Rles`) holds the
+        masks of ``indices[rows]``; the rasterised polygons are one part, the rest
+        another (no copy of the polygons' runs into one array).
+        """
         indices = np.asarray(indices, np.int64)
         img = self.image[indices]
         heights, widths = self.heights[img], self.widths[img]
         masks = _read_masks([self.segmentation[i] for i in indices.tolist()], heights, widths,
                             lambda k: self.describe(indices[k]))
-        parts, rows = [], np.empty(len(indices), np.int64)
-        placed = np.zeros(len(indices), bool)
+        parts = []
         if len(masks.polygons):
-            parts.append(masks.polygon_rles)
-            rows[masks.polygons] = np.arange(len(masks.polygons))
-            placed[masks.polygons] = True
-        others = np.flatnonzero(~placed)  # checked strings and _to_rle's conversions
+            parts.append((masks.polygons, masks.polygon_rles))
+        others = np.ones(len(indices), bool)
+        others[masks.polygons] = False
+        others = np.flatnonzero(others)  # checked strings and _to_rle's conversions
         if len(others):
-            parts.append(native.DecodedRles([masks.rles[i] for i in others.tolist()]))
-            rows[others] = len(masks.polygons) + np.arange(len(others))
-        if len(parts) == 1 and len(others) in (0, len(indices)):
-            return parts[0]
-        return native.Rles.concatenate(parts).take(rows)
+            parts.append((others, native.DecodedRles([masks.rles[i] for i in others.tolist()])))
+        return parts
 
 
 # --------------------------------------------------------------------------- detections
@@ -1487,7 +1496,7 @@ class COCOEvaluator:
         return native.pair_oks(table, g_kp, gt.bbox[rows], gt.area[rows], sigmas, det_index,
                                np.searchsorted(rows, pair_gt), IOU_THRESHOLDS.min())
 
-    def _pair_mask_ious(self, det, det_index, pair_gt):
+    def _pair_mask_ious(self, det, det_index, pair_gt, chunk_dets=8192):
         """Mask IoU (``maskUtils.iou``) of aligned pairs, left 0 where it is certainly
         below the lowest threshold: such a pair never matches, whatever its value.
 
@@ -1502,8 +1511,12 @@ class COCOEvaluator:
         if native.library() is not None:  # boxes, areas and IoU in C
             self._measure_masks(det)
             det_box, det_area = det.mask_box, det.mask_area  # every detection's
-            gt_masks = gt.decoded_masks(gts)
-            gt_area, gt_box = gt_masks.areas(), gt_masks.boxes()
+            gt_parts = gt.decoded_masks(gts)
+            gt_area, gt_box = np.empty(len(gts)), np.empty((len(gts), 4))
+            gt_part, gt_row = np.empty(len(gts), np.int64), np.empty(len(gts), np.int64)
+            for p, (rows, rles) in enumerate(gt_parts):
+                gt_area[rows], gt_box[rows] = rles.areas(), rles.boxes()
+                gt_part[rows], gt_row[rows] = p, np.arange(len(rows))
             det_of_pair = dets[det_of_pair]
         else:
             gt_rles = gt.rles(gts)
@@ -1521,12 +1534,23 @@ class COCOEvaluator:
         todo = np.flatnonzero(bound >= IOU_THRESHOLDS.min())
         if len(todo) == 0:
             return out
-        if native.library() is not None:  # only the masks of pairs left are decoded
-            d_used, d_row = np.unique(det_of_pair[todo], return_inverse=True)
-            g_used, g_row = np.unique(gt_of_pair[todo], return_inverse=True)
-            out[todo] = native.rle_pair_iou(
-                native.DecodedRles([det.segmentation[i] for i in d_used.tolist()]), d_row,
-                gt_masks, g_used[g_row], crowd[todo])
+        if native.library() is not None:
+            # Only the masks of pairs left are decoded, a chunk of detections at a time:
+            # buffers of a few MB are reused, one of every run at once is fresh memory
+            # (page faults cost more than the decoding).
+            todo = todo[np.argsort(det_of_pair[todo], kind="stable")]
+            pair_det, pair_gt = det_of_pair[todo], gt_of_pair[todo]
+            bounds = np.searchsorted(pair_det, np.unique(pair_det)[::chunk_dets])
+            for begin, end in zip(bounds, np.r_[bounds[1:], len(todo)]):
+                d_used, d_row = np.unique(pair_det[begin:end], return_inverse=True)
+                image = det.image[d_used]  # the sizes were checked to be the image's
+                decoded = native.DecodedRles([det.segmentation[i] for i in d_used.tolist()],
+                                             gt.heights[image], gt.widths[image])
+                g = pair_gt[begin:end]
+                for p, (_, rles) in enumerate(gt_parts):
+                    sel = np.flatnonzero(gt_part[g] == p)
+                    out[todo[begin + sel]] = native.rle_pair_iou(
+                        decoded, d_row[sel], rles, gt_row[g[sel]], crowd[todo[begin + sel]])
             return out
         # One call per image: its detections (rows) and ground truths (columns) with pairs
         # left; each pair reads its entry.

@@ -15,6 +15,7 @@ converts its arguments to contiguous arrays of the C types and passes pointers.
 import ctypes
 import functools
 import importlib.machinery
+import operator
 import os
 import pathlib
 
@@ -165,16 +166,17 @@ class DecodedRles(Rles):
     pycocotools' ``rleFrString``. The strings must be valid (checked when the detections
     and ground truths were read: :func:`check_rle_strings`)."""
 
-    def __init__(self, rles):
-        text, text_offsets = _joined_text([r["counts"] for r in rles])
+    def __init__(self, rles, heights=None, widths=None):
+        text, text_offsets = _joined_text(list(map(operator.itemgetter("counts"), rles)))
         num = len(rles)
         size = library().kdet_rle_count(num, text.ctypes.data, text_offsets.ctypes.data)
         counts = np.empty(max(size, 1), np.uint32)
         offsets = np.empty(num + 1, np.int64)
         _call(library().kdet_rle_decode, num, text, text_offsets, counts, offsets)
-        super().__init__(counts, offsets,
-                         np.fromiter((r["size"][0] for r in rles), np.int64, num),
-                         np.fromiter((r["size"][1] for r in rles), np.int64, num))
+        if heights is None:
+            heights = np.fromiter((r["size"][0] for r in rles), np.int64, num)
+            widths = np.fromiter((r["size"][1] for r in rles), np.int64, num)
+        super().__init__(counts, offsets, heights, widths)
 
 
 def check_rle_strings(texts, heights, widths):
