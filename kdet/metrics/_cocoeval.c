@@ -21,7 +21,7 @@
 #endif
 
 /* Version of this interface; native.py refuses a library with another. */
-KDET_EXPORT int64_t kdet_cocoeval_abi(void) { return 6; }
+KDET_EXPORT int64_t kdet_cocoeval_abi(void) { return 7; }
 
 /* evaluateImg's greedy matching for every (image, category) group, and the true /
  * false positive flags accumulate reads.
@@ -748,26 +748,28 @@ KDET_EXPORT int64_t kdet_rle_pair_iou(
 
 /* pycocotools' computeOks, first half: the exponents e of every (detection, ground
  * truth) pair, pair p's used keypoints packed at exponents[p * num_kpts ..], their count
- * in count[p]. Used: the ground truth's labelled keypoints (v > 0), or all of them
+ * in count[p] (only pairs kept, see below, get a row: pair near[r] is row r of
+ * *num_near). Used: the ground truth's labelled keypoints (v > 0), or all of them
  * when none is labelled (then the distance is to the ground truth's box grown to 3x).
  * e = (dx**2 + dy**2) / variance / (area + eps) / 2 in numpy's operation order.
- * A pair whose every e exceeds max_exponent gets count 0: its OKS, a mean of
+ * A pair whose every e exceeds max_exponent gets no row: its OKS, a mean of
  * exp(-e), is below the lowest threshold (the caller picks max_exponent so), so it
- * never matches and is left 0. The exponentials are numpy's (np.exp, as pycocotools),
+ * never matches and is left 0 (and no exponential is taken for it). The exponentials are numpy's (np.exp, as pycocotools),
  * the mean kdet_oks_means'.
  */
 KDET_EXPORT int64_t kdet_oks_exponents(
     int64_t num_pairs, const int64_t *pair_det, const int64_t *pair_gt, const double *det_kpts,
     const double *gt_kpts, const double *gt_box, const double *gt_area,
     const double *variances, int64_t num_kpts, double max_exponent, double *exponents,
-    int64_t *count)
+    int64_t *count, int64_t *near, int64_t *num_near)
 {
+    int64_t r = 0;  /* rows written: the pairs kept */
     for (int64_t p = 0; p < num_pairs; p++) {
         const double *d = det_kpts + pair_det[p] * 3 * num_kpts;
         const double *g = gt_kpts + pair_gt[p] * 3 * num_kpts;
         const double *box = gt_box + pair_gt[p] * 4;
         const double scale = gt_area[pair_gt[p]] + DBL_EPSILON;
-        double *e = exponents + p * num_kpts;
+        double *e = exponents + r * num_kpts;
         int64_t labelled = 0;
         for (int64_t j = 0; j < num_kpts; j++) labelled += g[3 * j + 2] > 0;
         const double x0 = box[0] - box[2], x1 = box[0] + box[2] * 2;
@@ -789,8 +791,11 @@ KDET_EXPORT int64_t kdet_oks_exponents(
             least = n == 0 || value < least ? value : least;
             e[n++] = value;
         }
-        count[p] = least > max_exponent ? 0 : n;
+        if (least > max_exponent) continue;  /* row r is overwritten by the next pair */
+        count[r] = n;
+        near[r++] = p;
     }
+    *num_near = r;
     return 0;
 }
 

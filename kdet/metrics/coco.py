@@ -602,8 +602,17 @@ class _GroundTruth:
             num_keypoints = np.array(columns["num_keypoints"])[order]
             self.ignore = (num_keypoints == 0) | self.ignore
             self.keypoints = [columns["keypoints"][i] for i in order]
+            self._keypoint_tables = {}
         self.num_categories = len(self.category_ids)
         self.group_key = self.image * self.num_categories + self.category
+
+    def keypoint_table(self, category, rows):
+        """The keypoints of category ``category``'s annotations ``rows`` (all of them, in
+        order) as one float64 table, built once."""
+        if category not in self._keypoint_tables:
+            self._keypoint_tables[category] = np.array(
+                [self.keypoints[g] for g in rows.tolist()], np.float64)
+        return self._keypoint_tables[category]
 
     @staticmethod
     def _sorted_unique(ids, what):
@@ -1492,7 +1501,7 @@ class COCOEvaluator:
             dets, det_index = np.unique(det_index, return_inverse=True)
             table = det.keypoint_rows(dets)
         rows = np.flatnonzero(gt.category == category)  # this category's ground truths
-        g_kp = np.array([gt.keypoints[g] for g in rows.tolist()], np.float64)
+        g_kp = gt.keypoint_table(category, rows)
         return native.pair_oks(table, g_kp, gt.bbox[rows], gt.area[rows], sigmas, det_index,
                                np.searchsorted(rows, pair_gt), IOU_THRESHOLDS.min())
 

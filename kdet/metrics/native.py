@@ -25,7 +25,7 @@ __all__ = ["library", "library_path", "Rles", "DecodedRles", "rle_areas_boxes",
            "rle_pair_iou", "check_rle_strings", "polygons_to_rles", "encode_rles", "pair_oks",
            "match_detections", "accumulate"]
 
-_ABI = 6  # kdet_cocoeval_abi() of the C source this file was written for
+_ABI = 7  # kdet_cocoeval_abi() of the C source this file was written for
 _LIBRARY_DIR = pathlib.Path(__file__).resolve().parent / "_kernels"
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
@@ -43,7 +43,7 @@ _SIGNATURES = {
     "kdet_rle_gather": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR],
     "kdet_rle_pair_iou": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     "kdet_oks_exponents": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64,
-                           ctypes.c_double, _PTR, _PTR],
+                           ctypes.c_double, _PTR, _PTR, _PTR, _PTR],
     "kdet_oks_means": [_I64, _I64, _PTR, _PTR, _PTR],
     "kdet_accumulate": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64, _PTR,
                         _I64, _PTR, _PTR],
@@ -285,14 +285,18 @@ def pair_oks(det_kpts, gt_kpts, gt_boxes, gt_area, sigmas, pair_det, pair_gt, mi
     oks = np.zeros(len(pair_det))
     exponents = np.zeros((min(chunk, len(pair_det)), num_kpts))
     count = np.zeros(len(exponents), np.int64)
+    near = np.zeros(len(exponents), np.int64)
+    num_near = np.zeros(1, np.int64)
+    means = np.zeros(len(exponents))
     for begin in range(0, len(pair_det), chunk):
         d, g = pair_det[begin:begin + chunk], pair_gt[begin:begin + chunk]
-        n = len(d)
-        _call(lib.kdet_oks_exponents, n, d, g, det_kpts, gt_kpts, gt_boxes, gt_area, variances,
-              num_kpts, float(max_exponent), exponents, count)
+        _call(lib.kdet_oks_exponents, len(d), d, g, det_kpts, gt_kpts, gt_boxes, gt_area,
+              variances, num_kpts, float(max_exponent), exponents, count, near, num_near)
+        n = int(num_near[0])  # the pairs that may match: rows 0 .. n - 1
         np.negative(exponents[:n], out=exponents[:n])
         np.exp(exponents[:n], out=exponents[:n])
-        _call(lib.kdet_oks_means, n, num_kpts, exponents, count, oks[begin:begin + n])
+        _call(lib.kdet_oks_means, n, num_kpts, exponents, count, means)
+        oks[begin + near[:n]] = means[:n]
     return oks
 
 
