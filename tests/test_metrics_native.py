@@ -329,3 +329,25 @@ def test_detection_arrays_reject_bad_input():
     ev = COCOEvaluator(keypoint_ground_truth(0, num_images=2), iou_type="keypoints")
     with pytest.raises(ValueError, match="3 per sigma"):
         ev.add_detection_arrays([1], [1], [0.5], keypoints=np.zeros((1, 15)))
+
+
+def test_coco128_polygons_rasterised_in_c_equal_pycocotools(shared_data):
+    """Real COCO polygons (several per object, every image size of coco128): the C
+    rasteriser's strings equal pycocotools' frPyObjects + merge."""
+    if native.library() is None:
+        pytest.skip("kdet's C evaluation kernels not installed")
+    from pycocotools import mask as mask_utils
+    from test_metrics_coco import COCO128, load_json
+    gt = load_json(shared_data / COCO128)
+    size = {i["id"]: (i["height"], i["width"]) for i in gt["images"]}
+    anns = [a for a in gt["annotations"] if isinstance(a["segmentation"], list)]
+    assert len(anns) > 500 and any(len(a["segmentation"]) > 1 for a in anns)
+    h, w = np.array([size[a["image_id"]] for a in anns]).T
+    flat = [p for a in anns for p in a["segmentation"]]
+    rles = native.polygons_to_rles(
+        np.fromiter((v for p in flat for v in p), float),
+        np.r_[0, np.cumsum([len(p) for p in flat])],
+        [len(a["segmentation"]) for a in anns], h, w)
+    expected = [mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], int(hi), int(wi)))
+                for a, hi, wi in zip(anns, h, w)]
+    assert native.encode_rles(rles) == [e["counts"].decode() for e in expected]

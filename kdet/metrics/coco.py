@@ -22,9 +22,15 @@ arrays:
   reads precision at the recall thresholds with integer ``searchsorted``.
 
 With the compiled kernels of :mod:`kdet.metrics.native` (``_cocoeval.c``, built on
-install) the matching, the accumulation, OKS and mask IoU/area/box run in C, one call
-per stage over the whole dataset; without them (or with ``KDET_NATIVE=0``) the numpy
-code above runs. Both give pycocotools' numbers bit for bit.
+install) the matching, the accumulation, OKS and the masks (RLE strings checked and
+measured in one pass, polygons rasterised as pycocotools' ``rleFrPoly``, mask
+IoU/area/box) run in C, one call per stage over the whole dataset, without
+pycocotools; without them (or with ``KDET_NATIVE=0``) the numpy code above runs. Both
+give pycocotools' numbers bit for bit.
+
+Detections come as result dicts (:meth:`COCOEvaluator.add_detections`), as a model's
+padded outputs (:meth:`COCOEvaluator.add_predictions`) or as columns
+(:meth:`COCOEvaluator.add_detection_arrays`, no dict per detection).
 
 Bad input (unknown image/category ids, non-finite or negative-size boxes,
 missing keys, malformed JSON) raises ``ValueError`` naming the record.
@@ -313,15 +319,7 @@ def _read_masks(segmentations, heights, widths, what):
     masks.rles = list(segmentations)
     masks.area, masks.box = np.full(n, np.nan), np.full((n, 4), np.nan)
     good = np.zeros(n, bool)
-    strings, polygons = [], []
-    for i, s in enumerate(segmentations):  # exact types: subclasses go one at a time
-        kind = type(s)
-        if kind is dict:
-            if type(s.get("counts")) in (str, bytes) and "size" in s:
-                strings.append(i)
-        elif kind is list:
-            polygons.append(i)  # checked below, all at once
-    strings, polygons = np.array(strings, np.int64), np.array(polygons, np.int64)
+    strings, polygons = _mask_kinds(segmentations)
     if len(polygons):
         candidates = [segmentations[i] for i in polygons.tolist()]
         if not (set(map(type, itertools.chain.from_iterable(candidates))) == {list}
@@ -331,7 +329,9 @@ def _read_masks(segmentations, heights, widths, what):
             polygons = polygons[[_plain_polygons(c) for c in candidates]]
     if len(strings):
         h, w = heights[strings].astype(np.int64), widths[strings].astype(np.int64)
-        checked = native.check_rle_strings([segmentations[i]["counts"] for i in strings], h, w)
+        texts = list(map(operator.itemgetter("counts"), map(segmentations.__getitem__,
+                                                             strings.tolist())))
+        checked = native.check_rle_strings(texts, h, w)
         if checked is None:  # a character past latin-1: the numpy check
             status = np.full(len(strings), 2, np.uint8)
         else:
@@ -339,11 +339,11 @@ def _read_masks(segmentations, heights, widths, what):
         exact = np.flatnonzero(status == 2)  # numbers too long for C's int64 reading
         ok = status == 0
         if len(exact):
-            counts, offsets, decoded = decode_rle_strings(
-                [segmentations[i]["counts"] for i in strings[exact]])
+            counts, offsets, decoded = decode_rle_strings([texts[i] for i in exact])
             ok[exact] = decoded & check_counts(counts, offsets, h[exact] * w[exact])
             masks.area[strings[exact]] = np.nan  # measured later, from the dicts
-        ok &= _sizes_are([segmentations[i]["size"] for i in strings], h, w)
+        ok &= _sizes_are(list(map(operator.itemgetter("size"), map(
+            segmentations.__getitem__, strings.tolist()))), h, w)
         good[strings] = ok
     masks.strings = strings[good[strings]] if len(strings) else strings
     masks.polygons = np.zeros(0, np.int64)
@@ -362,6 +362,33 @@ def _read_masks(segmentations, heights, widths, what):
         masks.rles[i] = None if masks.rles[i] is _ABSENT else _to_rle(
             masks.rles[i], int(heights[i]), int(widths[i]), what(i))
     return masks
+
+
+def _mask_kinds(segmentations):
+    """Indices of the RLE dicts with string counts and a size, and of the lists (polygon
+    candidates). Exact types: subclasses go one at a time. All RLE strings (detections)
+    or all lists are told by a few passes in C; a mix by one Python loop."""
+    n = len(segmentations)
+    kinds = set(map(type, segmentations))
+    if kinds == {dict}:
+        try:
+            counts = list(map(operator.itemgetter("counts"), segmentations))
+            if set(map(type, counts)) <= {str, bytes} and all(
+                    map(operator.contains, segmentations, itertools.repeat("size"))):
+                return np.arange(n), np.zeros(0, np.int64)
+        except KeyError:
+            pass
+    if kinds == {list}:
+        return np.zeros(0, np.int64), np.arange(n)
+    strings, polygons = [], []
+    for i, s in enumerate(segmentations):
+        kind = type(s)
+        if kind is dict:
+            if type(s.get("counts")) in (str, bytes) and "size" in s:
+                strings.append(i)
+        elif kind is list:
+            polygons.append(i)  # checked by the caller, all at once
+    return np.array(strings, np.int64), np.array(polygons, np.int64)
 
 
 def _sizes_are(sizes, heights, widths):
@@ -664,6 +691,23 @@ class _GroundTruth:
 
 
 # --------------------------------------------------------------------------- detections
+class _Rows:
+    """The rows of a table as a read-only sequence, without an array object per row
+    (100k row views are ~11 MB of small objects: fresh memory on every evaluation)."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __len__(self):
+        return len(self.table)
+
+    def __getitem__(self, i):
+        return self.table[i]
+
+    def __iter__(self):
+        return iter(self.table)
+
+
 class _Detections:
     """Detections in arrival order (pycocotools' ``loadRes`` order)."""
 
@@ -696,20 +740,23 @@ class _Detections:
     def concatenate(cls, chunks):
         if not chunks:
             return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+        if len(chunks) == 1:  # no copy (a copy of a large table is fresh memory: slow)
+            return chunks[0]
         out = cls.__new__(cls)
         for name in ("image", "category", "score", "has_bbox", "bbox"):
             setattr(out, name, np.concatenate([getattr(c, name) for c in chunks]))
         out.segmentation = [s for c in chunks for s in c.segmentation]
-        out.keypoints = [k for c in chunks for k in c.keypoints]
+        tables = [c.keypoint_table for c in chunks]
         out.mask_area = out.mask_box = None
         if any(c.mask_area is not None for c in chunks):
             out.mask_area = np.concatenate([np.full(len(c), np.nan) if c.mask_area is None
                                             else c.mask_area for c in chunks])
             out.mask_box = np.concatenate([np.full((len(c), 4), np.nan) if c.mask_box is None
                                            else c.mask_box for c in chunks])
-        tables = [c.keypoint_table for c in chunks]
         out.keypoint_table = None if any(t is None for t in tables) or len(
             {t.shape[1] for t in tables}) > 1 else np.concatenate(tables)
+        out.keypoints = _Rows(out.keypoint_table) if out.keypoint_table is not None else [
+            k for c in chunks for k in c.keypoints]
         return out
 
 
@@ -920,6 +967,7 @@ def _accumulate(category, rank, score, image, true_pos, false_pos, num_positives
                 num_categories, use_native=False):
     """pycocotools' ``accumulate``: precision ``[T, R, K, A, M]`` and recall ``[T, K, A, M]``.
 
+    The evaluated detections come in (image, category, rank) order.
     ``true_pos``/``false_pos``: ``[N, A, T]`` per evaluated detection; ``num_positives``:
     ``[K, A]`` non-ignored ground truths. Detections past a max-detections limit stay
     in the arrays as zero increments: that repeats earlier (recall, precision) points,
@@ -927,8 +975,10 @@ def _accumulate(category, rank, score, image, true_pos, false_pos, num_positives
     """
     # pycocotools concatenates images in id order, each in rank order, then mergesorts
     # by descending score: i.e. order by (score desc, image, rank). Sorting by category
-    # first makes every category a contiguous run.
-    order = np.lexsort((rank, image, -score, category))
+    # first makes every category a contiguous run. The detections come in (image,
+    # category, rank) order, so a stable sort by (category, score desc) keeps ties in
+    # (image, rank) order: two keys instead of four.
+    order = np.lexsort((-score, category))
     bounds = np.searchsorted(category[order], np.arange(num_categories + 1))
     if use_native:  # the same steps in C, one call for every category
         return native.accumulate(order, bounds, rank, true_pos, false_pos, num_positives,
@@ -1121,13 +1171,14 @@ class COCOEvaluator:
         if self.iou_type == "segm" or (self.iou_type == "keypoints" and
                                         any("segmentation" in d for d in detections)):
             segmentation, mask_area, mask_box = _to_rles(
+                column if needed == "segmentation" else
                 [d.get("segmentation", _ABSENT) for d in detections], gt.heights[image],
                 gt.widths[image], what)
         table = None
         if self.iou_type == "keypoints":
             keypoints = self._keypoint_rows(detections, category, what)
             if isinstance(keypoints, np.ndarray):
-                table, keypoints = keypoints, list(keypoints)
+                table, keypoints = keypoints, _Rows(keypoints)
         chunk = _Detections(image, category, score, bbox, segmentation, keypoints)
         chunk.keypoint_table = table
         chunk.mask_area, chunk.mask_box = mask_area, mask_box
@@ -1145,7 +1196,9 @@ class COCOEvaluator:
                 ``keypoints`` optional: they then set the areas, as ``COCO.loadRes``).
             keypoints: ``[N, 3K]`` (or ``[N, K, 3]``) ``x, y, v`` rows, for ``keypoints``.
 
-        The same stats as :meth:`add_detections` of the equivalent records.
+        The same stats as :meth:`add_detections` of the equivalent records. A float64
+        ``keypoints`` array is kept as it is (no copy): do not change it before
+        :meth:`evaluate`.
         """
         gt = self._gt
         image_ids, category_ids = np.asarray(image_ids), np.asarray(category_ids)
@@ -1180,7 +1233,7 @@ class COCOEvaluator:
         if self.iou_type == "keypoints":
             if keypoints is None:
                 raise ValueError("iou_type='keypoints' needs keypoints")
-            rows = np.array(keypoints, np.float64).reshape(n, -1)
+            rows = np.ascontiguousarray(keypoints, np.float64).reshape(n, -1)  # kept, no copy
             if not np.isfinite(rows).all():
                 i = int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
                 raise ValueError(f"{what(i)}: keypoints are not all finite")
@@ -1193,7 +1246,7 @@ class COCOEvaluator:
             raise ValueError("add_detection_arrays takes boxes and keypoints; masks go "
                              "through add_detections or add_predictions")
         chunk = _Detections(image, category, score, bbox, None,
-                            None if rows is None else list(rows))
+                            None if rows is None else _Rows(rows))
         chunk.keypoint_table = rows
         self._append(chunk)
 
@@ -1412,7 +1465,7 @@ class COCOEvaluator:
                     i = int(np.flatnonzero(det_category == k)[0])
                     raise ValueError(f"{what(i)}: {flat.shape[1] // 3} keypoints, but "
                                      f"{len(self._sigmas(k))} sigmas")
-            keypoints = list(flat)
+            keypoints = _Rows(flat)
         chunk = _Detections(det_image, det_category, det_score, bbox, segmentation, keypoints)
         if keypoints is not None:
             chunk.keypoint_table = flat
@@ -1596,7 +1649,7 @@ class COCOEvaluator:
         # Detections per (image, category) group in descending score order (stable),
         # the first max(max_dets) of each are evaluated (computeIoU / evaluateImg).
         n = len(det)
-        order = np.lexsort((np.arange(n), -det.score, det.category, det.image))
+        order = np.lexsort((-det.score, det.category, det.image))  # stable: ties in arrival order
         key = det.image[order] * num_cat + det.category[order]
         starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if n else np.zeros(0, int)
         rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
