@@ -6,8 +6,9 @@ build_ext --inplace`` in a checkout): a folder that is no package, so that tools
 walking kdet's modules do not take the library for a Python extension module.
 :mod:`kdet.metrics.coco` calls it for the matching, the accumulation, keypoint OKS and
 the masks (RLE strings checked and measured, polygons rasterised, IoU) when it is
-there, and falls back to its numpy code (and pycocotools' mask API) when it is not; both give pycocotools' numbers bit for bit. ``KDET_NATIVE=0`` forces the
-numpy code (the tests run both).
+there, and falls back to its numpy code (and pycocotools' mask API) when it is not;
+both give pycocotools' numbers bit for bit. ``KDET_NATIVE=0`` forces the numpy code
+(the tests run both).
 
 The C code takes plain arrays (no Python or numpy headers): each function here
 converts its arguments to contiguous arrays of the C types and passes pointers.
