@@ -351,3 +351,16 @@ def test_coco128_polygons_rasterised_in_c_equal_pycocotools(shared_data):
     expected = [mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], int(hi), int(wi)))
                 for a, hi, wi in zip(anns, h, w)]
     assert native.encode_rles(rles) == [e["counts"].decode() for e in expected]
+
+
+def test_eval_speed_runs_every_kdet_input_against_pycocotools(capsys):
+    """benchmarks/eval_speed.py on a small synthetic set: kdet from dicts and from
+    columns (kdet-arrays) and the numpy fallback, every iou type, stats asserted equal to
+    pycocotools' inside the harness."""
+    from conftest import load_benchmark
+    eval_speed = load_benchmark("eval_speed")
+    eval_speed.main(["--images", "25", "--dets-per-image", "6", "--iou-types",
+                     "bbox,segm,keypoints", "--no-write", "--evaluators",
+                     "kdet,kdet-arrays,kdet-numpy"])
+    out = capsys.readouterr().out
+    assert out.count("| kdet-arrays") == 3 and out.count("| kdet-numpy") == 3
