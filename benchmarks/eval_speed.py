@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import gc
 import importlib.metadata
 import io
 import os
@@ -309,19 +310,30 @@ def run_one(iou_type, args):
     only = set(args.evaluators.split(",")) if args.evaluators else None
     rows, ref_stats = [], None
     reference = args.reference
-    evaluators = sorted(EVALUATORS, key=lambda e: e[0] != reference)  # the reference first
-    for name, distribution, module, timer in evaluators:
+    evaluators = []
+    for entry in sorted(EVALUATORS, key=lambda e: e[0] != reference):  # the reference first
+        name, module = entry[0], entry[2]
         if only and name not in only and name != reference:
             continue
         if importlib.util.find_spec(module) is None:
             print(f"  {name}: not installed, skipped", flush=True)
-            continue
-        # every tool gets its own copy: loadRes writes into the result dicts
-        runs = [timer(gt, copy.deepcopy(dets), iou_type) for _ in range(args.repeats)]
-        load, run, stats = sorted(runs, key=lambda r: r[1][1])[len(runs) // 2]  # median CPU
-        if ref_stats is None:
-            if name != reference:
+            if name == reference:
                 raise SystemExit(f"the reference {reference} is not installed")
+            continue
+        evaluators.append(entry)
+    # Repeats in rounds (every tool once, then again): the state one tool leaves (freed
+    # memory, garbage) falls on each of the others in turn, not always on the next one.
+    runs = {entry[0]: [] for entry in evaluators}
+    for _ in range(args.repeats):
+        for name, _, _, timer in evaluators:
+            # every tool gets its own copy: loadRes writes into the result dicts
+            copied = copy.deepcopy(dets)
+            gc.collect()
+            runs[name].append(timer(gt, copied, iou_type))
+            del copied
+    for name, distribution, _, _ in evaluators:
+        load, run, stats = sorted(runs[name], key=lambda r: r[1][1])[len(runs[name]) // 2]
+        if ref_stats is None:  # median CPU above; the reference is first
             ref_stats = stats
         dev = float(np.abs(stats[:len(ref_stats)] - ref_stats).max())
         assert dev <= 1e-12, f"{name} {iou_type} stats differ from {reference} by {dev}"
@@ -345,7 +357,7 @@ def run_one(iou_type, args):
         f"load average {load_start:.1f} at the start, {load_avg:.1f} at the end (shared "
         "machine), "
         f"Python {platform.python_version()}, numpy {np.__version__}; one process; "
-        f"median CPU time of {args.repeats}; command: `{command.strip()}`",
+        f"median CPU time of {args.repeats} (in rounds); command: `{command.strip()}`",
         "",
         "| evaluator | GT index wall (s) | eval wall (s) | eval CPU (s) | of which system (s) "
         "| speed-up vs "
