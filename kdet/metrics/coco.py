@@ -301,8 +301,8 @@ def _to_rles(segmentations, heights, widths, what):
 class _Masks:
     """What :func:`_read_masks` found: ``rles`` (the checked compressed RLE dicts, the
     input's; ``None`` for polygons and absent ones), ``polygons`` (indices) and their
-    :class:`kdet.metrics.native.Rles` ``polygon_rles``, ``strings`` (indices whose RLE
-    string was checked in C), ``area`` / ``box`` (NaN where not measured)."""
+    :class:`kdet.metrics.native.Rles` ``polygon_rles``, ``area`` / ``box`` (NaN where
+    not measured)."""
 
 
 def _read_masks(segmentations, heights, widths, what):
@@ -345,7 +345,6 @@ def _read_masks(segmentations, heights, widths, what):
         ok &= _sizes_are(list(map(operator.itemgetter("size"), map(
             segmentations.__getitem__, strings.tolist()))), h, w)
         good[strings] = ok
-    masks.strings = strings[good[strings]] if len(strings) else strings
     masks.polygons = np.zeros(0, np.int64)
     if len(polygons):
         found = _polygon_coordinates(segmentations, polygons, heights, widths)
@@ -1202,9 +1201,9 @@ class COCOEvaluator:
         """
         gt = self._gt
         image_ids, category_ids = np.asarray(image_ids), np.asarray(category_ids)
-        score = np.asarray(scores, np.float64)
-        n = len(score)
-        if score.shape != (n,) or image_ids.shape != (n,) or category_ids.shape != (n,):
+        score = np.array(scores, np.float64)  # a copy: the caller's array may change
+        n = len(score) if score.ndim == 1 else -1
+        if n < 0 or image_ids.shape != (n,) or category_ids.shape != (n,):
             raise ValueError(f"image_ids, category_ids and scores must be [N] alike, got "
                              f"{image_ids.shape}, {category_ids.shape} and {score.shape}")
         if n == 0:
