@@ -240,12 +240,12 @@ def polygons_to_rles(coordinates, coordinate_offsets, polygons_per_mask, heights
                                     bound.ctypes.data)
     if total < 0:
         raise MemoryError("kdet_polygon_bounds: out of memory")
-    counts = np.empty(max(total, 1), np.uint32)
+    counts = _empty(max(total, 1), np.uint32)  # LVIS-scale ground truth: ~100 MB
     offsets = np.empty(num_polys + 1, np.int64)
     _call(lib.kdet_polygons_to_rle, num_polys, xy, xy_offsets, poly_h, poly_w, counts, offsets)
     if len(per_mask) == num_polys:  # one polygon a mask: nothing to unite
         return Rles(counts, offsets, heights, widths)
-    united = np.empty(max(int(offsets[-1]), 1), np.uint32)
+    united = _empty(max(int(offsets[-1]), 1), np.uint32)
     united_offsets = np.empty(len(per_mask) + 1, np.int64)
     _call(lib.kdet_rle_union, len(per_mask), per_mask, counts, offsets, united, united_offsets)
     return Rles(united, united_offsets, heights, widths)
