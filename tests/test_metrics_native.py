@@ -364,3 +364,27 @@ def test_eval_speed_runs_every_kdet_input_against_pycocotools(capsys):
                      "kdet,kdet-arrays,kdet-numpy"])
     out = capsys.readouterr().out
     assert out.count("| kdet-arrays") == 3 and out.count("| kdet-numpy") == 3
+
+
+def test_large_outputs_in_mapped_memory_match_pycocotools(evaluator_path):
+    """60 categories make the precision array 5.8 MB: from 4 MB on the C path takes it
+    from an anonymous mapping (native._empty), which must behave as numpy memory."""
+    rng = np.random.default_rng(7)
+    images = [{"id": i, "height": 100, "width": 100} for i in range(1, 31)]
+    anns, dets = [], []
+    for image in images:
+        for _ in range(4):
+            x, y, w, h = *rng.uniform(0, 60, 2), *rng.uniform(5, 40, 2)
+            cat = int(rng.integers(1, 61))
+            anns.append({"id": len(anns) + 1, "image_id": image["id"], "category_id": cat,
+                         "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+            dets.append({"image_id": image["id"], "category_id": cat, "score": float(rng.random()),
+                         "bbox": [x + rng.normal(0, 3), y + rng.normal(0, 3), w, h]})
+    gt = {"images": images, "annotations": anns,
+          "categories": [{"id": c, "name": str(c)} for c in range(1, 61)]}
+    ev, result = run_kdet(gt, dets, "bbox")
+    assert ev.precision.nbytes >= 1 << 22
+    assert_same_as_reference(ev, result, reference_eval(gt, dets, "bbox"))
+    big = native._empty((1 << 20, 2), np.float64)
+    big[:] = 1.5
+    assert big.shape == (1 << 20, 2) and big.dtype == np.float64 and big.sum() == 3 << 20
