@@ -21,7 +21,7 @@
 #endif
 
 /* Version of this interface; native.py refuses a library with another. */
-KDET_EXPORT int64_t kdet_cocoeval_abi(void) { return 7; }
+KDET_EXPORT int64_t kdet_cocoeval_abi(void) { return 8; }
 
 /* evaluateImg's greedy matching for every (image, category) group, and the true /
  * false positive flags accumulate reads.
@@ -650,21 +650,6 @@ KDET_EXPORT int64_t kdet_rle_union(int64_t num_groups, const int64_t *group_size
     }
     free(acc);
     free(next);
-    return 0;
-}
-
-/* out gets RLE index[i] of (counts, offsets) as its RLE i. */
-KDET_EXPORT int64_t kdet_rle_gather(int64_t num, const int64_t *index, const uint32_t *counts,
-                                    const int64_t *offsets, uint32_t *out, int64_t *out_offsets)
-{
-    int64_t o = 0;
-    out_offsets[0] = 0;
-    for (int64_t i = 0; i < num; i++) {
-        const int64_t n = offsets[index[i] + 1] - offsets[index[i]];
-        memcpy(out + o, counts + offsets[index[i]], sizeof(uint32_t) * (size_t)n);
-        o += n;
-        out_offsets[i + 1] = o;
-    }
     return 0;
 }
 

@@ -27,7 +27,7 @@ __all__ = ["library", "library_path", "Rles", "DecodedRles", "rle_areas_boxes",
            "rle_pair_iou", "check_rle_strings", "polygons_to_rles", "encode_rles", "pair_oks",
            "match_detections", "accumulate"]
 
-_ABI = 7  # kdet_cocoeval_abi() of the C source this file was written for
+_ABI = 8  # kdet_cocoeval_abi() of the C source this file was written for
 _LIBRARY_DIR = pathlib.Path(__file__).resolve().parent / "_kernels"
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
@@ -42,7 +42,6 @@ _SIGNATURES = {
     "kdet_polygon_bounds": [_I64, _PTR, _PTR, _PTR],
     "kdet_polygons_to_rle": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     "kdet_rle_union": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR],
-    "kdet_rle_gather": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR],
     "kdet_rle_pair_iou": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     "kdet_oks_exponents": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64,
                            ctypes.c_double, _PTR, _PTR, _PTR, _PTR],
@@ -160,23 +159,6 @@ class Rles:
 
     def boxes(self):
         return self._area_bbox()[1]
-
-    def take(self, index):
-        """The RLEs ``index`` (in that order), one gather."""
-        index = _array(index, np.int64)
-        sizes = np.diff(self.offsets)[index]
-        counts = np.empty(max(int(sizes.sum()), 1), np.uint32)
-        offsets = np.empty(len(index) + 1, np.int64)
-        _call(library().kdet_rle_gather, len(index), index, self.counts, self.offsets, counts,
-              offsets)
-        return Rles(counts, offsets, self.heights[index], self.widths[index])
-
-    @staticmethod
-    def concatenate(parts):
-        counts = np.concatenate([p.counts[:p.offsets[-1]] for p in parts])
-        sizes = np.concatenate([np.diff(p.offsets) for p in parts])
-        return Rles(counts, np.r_[0, np.cumsum(sizes)], np.concatenate([p.heights for p in parts]),
-                    np.concatenate([p.widths for p in parts]))
 
 
 class DecodedRles(Rles):
