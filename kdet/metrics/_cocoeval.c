@@ -151,7 +151,8 @@ KDET_EXPORT int64_t kdet_rle_decode(int64_t num, const char *text, const int64_t
 }
 
 /* One compressed RLE string's numbers, checked, with pycocotools' rleFrString running
- * sums: calls emit(count) for each run. Returns 0 (valid: every run within [0,
+ * sums: runs the statement EMIT for each run (which reads the run, x, and its index,
+ * m). Sets status to 0 (valid: every run within [0,
  * num_pixels] and adding up to num_pixels), 1 (invalid: a character outside the
  * alphabet 48..111, the string ends inside a number, a run out of range or the runs
  * do not add up), or 2 (a number of more than 12 characters: left to the caller's
