@@ -15,7 +15,10 @@ within the run; the table is printed and appended to ``benchmarks/RESULTS.md``.
     python benchmarks/eval_speed.py --iou-types bbox,segm,keypoints --repeats 3
     python benchmarks/eval_speed.py --images 20000 --categories 1000 --reference hotcoco
 
-``kdet-numpy`` is kdet with ``KDET_NATIVE=0`` (its numpy fallback, no C kernels).
+``kdet-numpy`` is kdet with ``KDET_NATIVE=0`` (its numpy fallback, no C kernels);
+``kdet-arrays`` is kdet fed columns (``add_detection_arrays``: image ids, category ids,
+scores, boxes / keypoints as arrays, built outside the timing), what kdet's own
+evaluation loop pays; the peers and ``kdet`` read the result dicts.
 Timed for pycocotools and faster-coco-eval: ``loadRes`` + ``evaluate`` +
 ``accumulate`` + ``summarize``; for kdet: ``add_detections`` + ``evaluate``.
 Building the ground-truth index (``COCO(...)`` / ``COCOEvaluator(...)``) is timed
@@ -26,6 +29,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import gc
 import importlib.metadata
 import io
 import os
@@ -140,15 +144,22 @@ def _quiet():
 
 
 class _Clock:
-    """Wall and process CPU seconds since the last ``lap()``."""
+    """Wall, process CPU (user + system) and system seconds since the last ``lap()``.
+    The system part is mostly page faults on fresh memory, which this kind of shared VM
+    charges very unevenly (the same run: 0.01 s or 0.4 s)."""
 
     def __init__(self):
-        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        self._last = self._now()
+
+    @staticmethod
+    def _now():
+        times = os.times()
+        return time.perf_counter(), time.process_time(), times.system
 
     def lap(self):
-        wall, cpu = time.perf_counter(), time.process_time()
-        out = (wall - self._wall, cpu - self._cpu)
-        self._wall, self._cpu = wall, cpu
+        now = self._now()
+        out = tuple(b - a for a, b in zip(self._last, now))
+        self._last = now
         return out
 
 
@@ -223,6 +234,34 @@ def time_kdet(gt, dets, iou_type):
     return load, run, ev.stats
 
 
+def detection_columns(dets, iou_type):
+    """The result list as the columns ``COCOEvaluator.add_detection_arrays`` takes (what a
+    predict loop holds; built outside the timing)."""
+    columns = {"image_ids": np.array([d["image_id"] for d in dets], np.int64),
+               "category_ids": np.array([d["category_id"] for d in dets], np.int64),
+               "scores": np.array([d["score"] for d in dets], np.float64)}
+    if iou_type == "bbox" or all("bbox" in d for d in dets):  # keypoints: areas from boxes
+        columns["boxes"] = np.array([d["bbox"] for d in dets], np.float64)
+    if iou_type == "keypoints":
+        columns["keypoints"] = np.array([d["keypoints"] for d in dets], np.float64)
+    return columns
+
+
+def time_kdet_arrays(gt, dets, iou_type):
+    """kdet from columns (``add_detection_arrays``): what kdet's own evaluation loop pays.
+    segm has no columnar input (masks are RLE strings): timed from the dicts."""
+    if iou_type == "segm":
+        return time_kdet(gt, dets, iou_type)
+    columns = detection_columns(dets, iou_type)
+    clock = _Clock()
+    ev = COCOEvaluator(gt, iou_type=iou_type)
+    load = clock.lap()
+    ev.add_detection_arrays(**columns)
+    ev.evaluate()
+    run = clock.lap()
+    return load, run, ev.stats
+
+
 def time_kdet_numpy(gt, dets, iou_type):
     """kdet without its C kernels (``KDET_NATIVE=0``): the numpy fallback."""
     previous = os.environ.get("KDET_NATIVE")
@@ -240,6 +279,7 @@ def time_kdet_numpy(gt, dets, iou_type):
 EVALUATORS = (
     ("pycocotools", "pycocotools", "pycocotools", _cocoapi(_pycocotools_gt, _pycocotools_eval)),
     ("kdet", None, "kdet", time_kdet),
+    ("kdet-arrays", None, "kdet", time_kdet_arrays),
     ("kdet-numpy", None, "kdet", time_kdet_numpy),
     ("faster-coco-eval", "faster-coco-eval", "faster_coco_eval",
      _cocoapi(_faster_gt, _faster_eval)),
@@ -270,31 +310,43 @@ def run_one(iou_type, args):
     only = set(args.evaluators.split(",")) if args.evaluators else None
     rows, ref_stats = [], None
     reference = args.reference
-    evaluators = sorted(EVALUATORS, key=lambda e: e[0] != reference)  # the reference first
-    for name, distribution, module, timer in evaluators:
+    evaluators = []
+    for entry in sorted(EVALUATORS, key=lambda e: e[0] != reference):  # the reference first
+        name, module = entry[0], entry[2]
         if only and name not in only and name != reference:
             continue
         if importlib.util.find_spec(module) is None:
             print(f"  {name}: not installed, skipped", flush=True)
-            continue
-        # every tool gets its own copy: loadRes writes into the result dicts
-        runs = [timer(gt, copy.deepcopy(dets), iou_type) for _ in range(args.repeats)]
-        load, run, stats = sorted(runs, key=lambda r: r[1][1])[len(runs) // 2]  # median CPU
-        if ref_stats is None:
-            if name != reference:
+            if name == reference:
                 raise SystemExit(f"the reference {reference} is not installed")
+            continue
+        evaluators.append(entry)
+    # Repeats in rounds (every tool once, then again): the state one tool leaves (freed
+    # memory, garbage) falls on each of the others in turn, not always on the next one.
+    runs = {entry[0]: [] for entry in evaluators}
+    for _ in range(args.repeats):
+        for name, _, _, timer in evaluators:
+            # every tool gets its own copy: loadRes writes into the result dicts
+            copied = copy.deepcopy(dets)
+            gc.collect()
+            runs[name].append(timer(gt, copied, iou_type))
+            del copied
+    for name, distribution, _, _ in evaluators:
+        load, run, stats = sorted(runs[name], key=lambda r: r[1][1])[len(runs[name]) // 2]
+        if ref_stats is None:  # median CPU above; the reference is first
             ref_stats = stats
         dev = float(np.abs(stats[:len(ref_stats)] - ref_stats).max())
         assert dev <= 1e-12, f"{name} {iou_type} stats differ from {reference} by {dev}"
-        if name == "kdet":
+        if name in ("kdet", "kdet-arrays"):
             name += " (C kernels)" if native.library() is not None else " (numpy: no C kernels)"
         rows.append((name + _version(distribution), load, run, dev))
-        print(f"  {rows[-1][0]}: eval {run[0]:.2f} s wall, {run[1]:.2f} s CPU", flush=True)
+        print(f"  {rows[-1][0]}: eval {run[0]:.2f} s wall, {run[1]:.2f} s CPU "
+              f"({run[2]:.2f} s system)", flush=True)
 
     cores = os.cpu_count()
     load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     command = "python benchmarks/eval_speed.py " + " ".join(args.argv)
-    ref_wall, ref_cpu = rows[0][2]
+    ref_wall, ref_cpu = rows[0][2][:2]
     k_cpu = next(r[2][1] for r in rows if r[0].startswith("kdet "))
     lines = [
         f"### {datetime.date.today().isoformat()}: {len(gt['images'])} images x "
@@ -305,15 +357,16 @@ def run_one(iou_type, args):
         f"load average {load_start:.1f} at the start, {load_avg:.1f} at the end (shared "
         "machine), "
         f"Python {platform.python_version()}, numpy {np.__version__}; one process; "
-        f"median CPU time of {args.repeats}; command: `{command.strip()}`",
+        f"median CPU time of {args.repeats} (in rounds); command: `{command.strip()}`",
         "",
-        "| evaluator | GT index wall (s) | eval wall (s) | eval CPU (s) | speed-up vs "
+        "| evaluator | GT index wall (s) | eval wall (s) | eval CPU (s) | of which system (s) "
+        "| speed-up vs "
         f"{reference} (wall) | speed-up vs {reference} (CPU) | kdet's CPU advantage "
         f"| max abs stat deviation vs {reference} |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, (load_wall, _), (wall, cpu), dev in rows:
-        lines.append(f"| {name} | {load_wall:.2f} | {wall:.2f} | {cpu:.2f} | "
+    for name, load, (wall, cpu, system), dev in rows:
+        lines.append(f"| {name} | {load[0]:.2f} | {wall:.2f} | {cpu:.2f} | {system:.2f} | "
                      f"{ref_wall / wall:.1f}x | {ref_cpu / cpu:.1f}x | {cpu / k_cpu:.2f}x | "
                      f"{dev:.1e} |")
     lines.append("")

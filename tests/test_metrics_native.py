@@ -183,3 +183,208 @@ def test_rle_area_box_and_iou_equal_mask_utils():
         expected = np.asarray(mask_utils.iou(as_bytes, as_bytes, crowd.astype(np.uint8)))
         got = native.rle_pair_iou(decoded, a, decoded, b, crowd[b])
         np.testing.assert_array_equal(got, expected.reshape(n, n)[a, b])
+
+
+def _awkward_polygon_masks(rng, num):
+    """Masks of 1-3 polygons: convex, random (self-intersecting, partly or wholly outside
+    the image), integer / half-integer vertices with a repeated one, zero-area lines,
+    the image border, and fewer than 3 points or an odd number of values."""
+    masks = []
+    for _ in range(num):
+        h, w = int(rng.integers(1, 60)), int(rng.integers(1, 60))
+        polygons = []
+        for _ in range(int(rng.integers(1, 4))):
+            kind, k = int(rng.integers(6)), int(rng.integers(3, 12))
+            if kind == 0:
+                t, r = np.sort(rng.uniform(0, 2 * np.pi, k)), rng.uniform(1, 30)
+                p = np.stack([w / 2 + r * np.cos(t), h / 2 + r * np.sin(t)], 1)
+            elif kind == 1:
+                p = rng.uniform(-20, max(h, w) + 20, (k, 2))
+            elif kind == 2:
+                p = rng.integers(0, max(h, w) + 1, (k, 2)) / rng.choice([1, 2])
+                p[1] = p[0]
+            elif kind == 3:
+                p = np.stack([np.full(k, rng.uniform(0, w)), rng.uniform(-5, h + 5, k)], 1)
+            elif kind == 4:
+                p = np.array([[0, 0], [w, 0], [w, h], [0, h]], float) + rng.choice([0, .5, -.5])
+            else:
+                p = rng.uniform(0, max(h, w), (int(rng.integers(1, 3)), 2))
+            flat = [round(float(v), int(rng.integers(0, 3))) for v in p.ravel()]
+            if kind == 5 and rng.random() < 0.5:
+                flat.append(1.5)
+            polygons.append(flat)
+        if len(polygons[0]) <= 4:  # pycocotools reads a first polygon of 4 values as a box
+            polygons[0] = polygons[0] + [0.0, 0.0, 1.0]
+        masks.append((polygons, h, w))
+    return masks
+
+
+def test_polygons_rasterised_in_c_equal_pycocotools():
+    """kdet_polygons_to_rle + kdet_rle_union + kdet_rle_encode: the same RLE strings as
+    pycocotools' frPyObjects + merge, and the same areas / boxes."""
+    if native.library() is None:
+        pytest.skip("kdet's C evaluation kernels not installed")
+    from pycocotools import mask as mask_utils
+    masks = _awkward_polygon_masks(np.random.default_rng(0), 1500)
+    masks.append(([[0.0, 0.0, 639.6, 0.0, 639.6, 479.4, 0.0, 479.4]], 480, 640))  # large
+    flat = [p for polygons, _, _ in masks for p in polygons]
+    rles = native.polygons_to_rles(
+        np.fromiter((v for p in flat for v in p), float),
+        np.r_[0, np.cumsum([len(p) for p in flat])],
+        [len(m[0]) for m in masks], [m[1] for m in masks], [m[2] for m in masks])
+    expected = []
+    for polygons, h, w in masks:
+        parts = mask_utils.frPyObjects(polygons, h, w)
+        expected.append(mask_utils.merge(parts) if len(parts) > 1 else parts[0])
+    assert native.encode_rles(rles) == [e["counts"].decode() for e in expected]
+    for i in range(0, len(expected), 255):  # maskUtils.area overflows on longer lists
+        np.testing.assert_array_equal(rles.areas()[i:i + 255], mask_utils.area(expected[i:i + 255]))
+        np.testing.assert_array_equal(rles.boxes()[i:i + 255],
+                                      mask_utils.toBbox(expected[i:i + 255]))
+
+
+def test_rle_strings_checked_in_c_as_the_numpy_reader():
+    """kdet_rle_check: the same verdict as decode_rle_strings + check_counts on awkward
+    strings (outside the alphabet, unfinished, long numbers, negative runs, wrong sums),
+    and maskUtils' area and box of the valid ones."""
+    if native.library() is None:
+        pytest.skip("kdet's C evaluation kernels not installed")
+    from pycocotools import mask as mask_utils
+    from test_metrics_rle import _awkward_strings
+
+    from kdet.metrics.rle import check_counts, decode_rle_strings
+    rng = np.random.default_rng(3)
+    texts = [t for t in _awkward_strings(rng) if not any(ord(c) > 255 for c in
+                                                         (t if isinstance(t, str) else ""))]
+    sizes = [(int(rng.integers(1, 40)), int(rng.integers(1, 40))) for _ in texts]
+    for i in range(0, len(texts), 3):  # real masks of the sizes given
+        h, w = sizes[i]
+        m = (rng.random((h, w)) < rng.choice([0.0, 0.3, 1.0])).astype(np.uint8)
+        texts[i] = mask_utils.encode(np.asfortranarray(m))["counts"].decode()
+    h, w = np.array(sizes).T
+    status, area, box = native.check_rle_strings(texts, h, w)
+    counts, offsets, ok = decode_rle_strings(texts)
+    ok &= check_counts(counts, offsets, h * w)
+    exact = status == 2
+    assert exact.sum() >= 1 and (status == 0).sum() > 100
+    assert ((status == 0) == ok)[~exact].all()
+    valid = np.flatnonzero(status == 0)
+    rles = [{"size": [int(h[i]), int(w[i])], "counts": texts[i]} for i in valid[:255]]
+    np.testing.assert_array_equal(area[valid[:255]], mask_utils.area(rles))
+    np.testing.assert_array_equal(box[valid[:255]], mask_utils.toBbox(rles))
+
+
+def _columns(dets, keys):
+    out = {"image_ids": np.array([d["image_id"] for d in dets], np.int64),
+           "category_ids": np.array([d["category_id"] for d in dets], np.int64),
+           "scores": np.array([d["score"] for d in dets])}
+    for key, name in keys:
+        out[name] = np.array([d[key] for d in dets], np.float64)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_detection_arrays_equal_the_dicts_and_pycocotools(evaluator_path, seed):
+    """add_detection_arrays on the awkward box scene (empty images, crowd-only image, ties,
+    zero-area boxes, a maxDets cut) and on keypoints with and without boxes: the stats
+    and precision of pycocotools, and of the same detections as dicts."""
+    from kdet.metrics.coco import COCOEvaluator
+    gt, dets = awkward_box_scene(seed)
+    ref = reference_eval(gt, dets, "bbox")
+    ev = COCOEvaluator(gt)
+    cols = _columns(dets, [("bbox", "boxes")])
+    half = len(dets) // 2  # in two calls, the ids as int32
+    ev.add_detection_arrays(**{k: v[:half] for k, v in cols.items()})
+    ev.add_detection_arrays(**{k: (v[half:].astype(np.int32) if k.endswith("ids") else v[half:])
+                               for k, v in cols.items()})
+    assert_same_as_reference(ev, ev.evaluate(), ref)
+    dict_ev, _ = run_kdet(gt, dets, "bbox")
+    np.testing.assert_array_equal(ev.precision, dict_ev.precision)
+    gt = keypoint_ground_truth(seed + 40, num_images=12)
+    for with_bbox in (False, True):
+        dets = keypoint_detections(gt, seed + 50, with_bbox=with_bbox)
+        ev = COCOEvaluator(gt, iou_type="keypoints")
+        keys = [("keypoints", "keypoints")] + [("bbox", "boxes")] * with_bbox
+        ev.add_detection_arrays(**_columns(dets, keys))
+        assert_same_as_reference(ev, ev.evaluate(), reference_eval(gt, dets, "keypoints"))
+
+
+def test_detection_arrays_reject_bad_input():
+    from kdet.metrics.coco import COCOEvaluator
+    gt, dets = awkward_box_scene(0)
+    cols = _columns(dets[:3], [("bbox", "boxes")])
+    ev = COCOEvaluator(gt)
+    for change, message in [
+            (dict(image_ids=np.array([1, 2, 99])), "image_id 99 is not in the ground truth"),
+            (dict(category_ids=np.array([1, 7, 1])), "category_id 7 is not in the ground"),
+            (dict(scores=np.array([0.5, np.nan, 1])), "score nan is not finite"),
+            (dict(boxes=np.array([[0, 0, 1, 1], [0, 0, -1, 1], [0, 0, 1, 1]])), "negative size"),
+            (dict(boxes=np.zeros((3, 3))), "boxes must be"),
+            (dict(scores=np.zeros(2)), "must be [N] alike"),
+            (dict(boxes=None), "needs boxes")]:
+        with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+            ev.add_detection_arrays(**{**cols, **change})
+    ev.add_detection_arrays(np.zeros(0, int), np.zeros(0, int), np.zeros(0), np.zeros((0, 4)))
+    assert ev.results() == []  # nothing added
+    ev = COCOEvaluator(keypoint_ground_truth(0, num_images=2), iou_type="keypoints")
+    with pytest.raises(ValueError, match="3 per sigma"):
+        ev.add_detection_arrays([1], [1], [0.5], keypoints=np.zeros((1, 15)))
+
+
+def test_coco128_polygons_rasterised_in_c_equal_pycocotools(shared_data):
+    """Real COCO polygons (several per object, every image size of coco128): the C
+    rasteriser's strings equal pycocotools' frPyObjects + merge."""
+    if native.library() is None:
+        pytest.skip("kdet's C evaluation kernels not installed")
+    from pycocotools import mask as mask_utils
+    from test_metrics_coco import COCO128, load_json
+    gt = load_json(shared_data / COCO128)
+    size = {i["id"]: (i["height"], i["width"]) for i in gt["images"]}
+    anns = [a for a in gt["annotations"] if isinstance(a["segmentation"], list)]
+    assert len(anns) > 500 and any(len(a["segmentation"]) > 1 for a in anns)
+    h, w = np.array([size[a["image_id"]] for a in anns]).T
+    flat = [p for a in anns for p in a["segmentation"]]
+    rles = native.polygons_to_rles(
+        np.fromiter((v for p in flat for v in p), float),
+        np.r_[0, np.cumsum([len(p) for p in flat])],
+        [len(a["segmentation"]) for a in anns], h, w)
+    expected = [mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], int(hi), int(wi)))
+                for a, hi, wi in zip(anns, h, w)]
+    assert native.encode_rles(rles) == [e["counts"].decode() for e in expected]
+
+
+def test_eval_speed_runs_every_kdet_input_against_pycocotools(capsys):
+    """benchmarks/eval_speed.py on a small synthetic set: kdet from dicts and from
+    columns (kdet-arrays) and the numpy fallback, every iou type, stats asserted equal to
+    pycocotools' inside the harness."""
+    from conftest import load_benchmark
+    eval_speed = load_benchmark("eval_speed")
+    eval_speed.main(["--images", "25", "--dets-per-image", "6", "--iou-types",
+                     "bbox,segm,keypoints", "--no-write", "--evaluators",
+                     "kdet,kdet-arrays,kdet-numpy"])
+    out = capsys.readouterr().out
+    assert out.count("| kdet-arrays") == 3 and out.count("| kdet-numpy") == 3
+
+
+def test_large_outputs_in_mapped_memory_match_pycocotools(evaluator_path):
+    """60 categories make the precision array 5.8 MB: from 4 MB on the C path takes it
+    from an anonymous mapping (native._empty), which must behave as numpy memory."""
+    rng = np.random.default_rng(7)
+    images = [{"id": i, "height": 100, "width": 100} for i in range(1, 31)]
+    anns, dets = [], []
+    for image in images:
+        for _ in range(4):
+            x, y, w, h = *rng.uniform(0, 60, 2), *rng.uniform(5, 40, 2)
+            cat = int(rng.integers(1, 61))
+            anns.append({"id": len(anns) + 1, "image_id": image["id"], "category_id": cat,
+                         "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+            dets.append({"image_id": image["id"], "category_id": cat, "score": float(rng.random()),
+                         "bbox": [x + rng.normal(0, 3), y + rng.normal(0, 3), w, h]})
+    gt = {"images": images, "annotations": anns,
+          "categories": [{"id": c, "name": str(c)} for c in range(1, 61)]}
+    ev, result = run_kdet(gt, dets, "bbox")
+    assert ev.precision.nbytes >= 1 << 22
+    assert_same_as_reference(ev, result, reference_eval(gt, dets, "bbox"))
+    big = native._empty((1 << 20, 2), np.float64)
+    big[:] = 1.5
+    assert big.shape == (1 << 20, 2) and big.dtype == np.float64 and big.sum() == 3 << 20

@@ -9,6 +9,7 @@
  * contraction: see setup.py), so every value is bit-identical to its numpy code.
  */
 #include <float.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,7 +21,7 @@
 #endif
 
 /* Version of this interface; native.py refuses a library with another. */
-KDET_EXPORT int64_t kdet_cocoeval_abi(void) { return 5; }
+KDET_EXPORT int64_t kdet_cocoeval_abi(void) { return 8; }
 
 /* evaluateImg's greedy matching for every (image, category) group, and the true /
  * false positive flags accumulate reads.
@@ -149,6 +150,510 @@ KDET_EXPORT int64_t kdet_rle_decode(int64_t num, const char *text, const int64_t
     return 0;
 }
 
+/* One compressed RLE string's numbers, checked, with pycocotools' rleFrString running
+ * sums: runs the statement EMIT for each run (which reads the run, x, and its index,
+ * m). Sets status to 0 (valid: every run within [0,
+ * num_pixels] and adding up to num_pixels), 1 (invalid: a character outside the
+ * alphabet 48..111, the string ends inside a number, a run out of range or the runs
+ * do not add up), or 2 (a number of more than 12 characters: left to the caller's
+ * exact arbitrary-precision reading). The values are exact integers, as
+ * kdet.metrics.rle.decode_rle_strings' (not pycocotools' wrapping long/uint). */
+#define KDET_RLE_SCAN(text, begin, end, num_pixels, EMIT, status)                          \
+    do {                                                                                   \
+        int64_t prev2 = 0, prev1 = 0, total = 0, m = 0;                                    \
+        int64_t p = (begin);                                                               \
+        status = 0;                                                                        \
+        while (p < (end) && status == 0) {                                                 \
+            uint64_t bits = 0;                                                             \
+            int k = 0, more = 1;                                                           \
+            int64_t x = 0;                                                                 \
+            while (more) {                                                                 \
+                if (p >= (end)) { status = 1; break; }  /* ends inside a number */         \
+                const uint8_t c = (uint8_t)((uint8_t)(text)[p] - 48);                      \
+                if (c >= 64) { status = 1; break; }                                        \
+                if (k == 12) { status = 2; break; }                                        \
+                bits |= (uint64_t)(c & 0x1f) << (5 * k);                                   \
+                more = c & 0x20;                                                           \
+                p++;                                                                       \
+                k++;                                                                       \
+                if (!more && (c & 0x10)) bits |= ~(uint64_t)0 << (5 * k);                  \
+            }                                                                              \
+            if (status) break;                                                             \
+            x = (int64_t)bits;                                                             \
+            if (m > 2) x += prev2;                                                         \
+            if (x < 0 || x > (num_pixels) || total + x > (num_pixels)) { status = 1; break; } \
+            total += x;                                                                    \
+            EMIT;                                                                          \
+            prev2 = prev1;                                                                 \
+            prev1 = x;                                                                     \
+            m++;                                                                           \
+        }                                                                                  \
+        if (status == 0 && total != (num_pixels)) status = 1;                              \
+    } while (0)
+
+/* pycocotools' rleToBbox of one RLE, fed run by run: for run j the position t = (sum of
+ * runs 0..j) - j % 2 (uint32) gives y = t % h, x = t / h. The position of the running sum
+ * is tracked as (x, y) instead of divided out each run (a division costs more than
+ * the rest of the step); the exact division is kept where uint32 arithmetic wraps
+ * (t below 0, or masks of 2**32 pixels or more). */
+typedef struct {
+    uint32_t h, w, xs, ys, xe, ye, cc, xp, area;
+    uint64_t pos_x, pos_y;  /* cc = pos_x * h + pos_y, pos_y < h */
+    int exact;  /* divide every run (h * w >= 2**32) */
+    int64_t j;
+} BoxWalk;
+
+static void box_walk_init(BoxWalk *b, uint32_t h, uint32_t w)
+{
+    b->h = h;
+    b->w = w;
+    b->xs = w;
+    b->ys = h;
+    b->xe = b->ye = b->cc = b->xp = b->area = 0;
+    b->pos_x = b->pos_y = 0;
+    b->exact = (uint64_t)h * w > UINT32_MAX;
+    b->j = 0;
+}
+
+/* run j of the RLE; every run but an odd last one (m = (m_all / 2) * 2) */
+static inline void box_walk_step(BoxWalk *b, uint32_t count)
+{
+    const int64_t j = b->j++;
+    const uint32_t h = b->h;
+    if (j % 2) b->area += count;
+    b->cc += count;
+    uint32_t x, y;
+    if (b->exact || (j % 2 && b->cc == 0)) {
+        const uint32_t t = b->cc - (uint32_t)(j % 2);
+        y = t % h;
+        x = (t - y) / h;
+    } else {
+        if (count < h) {
+            b->pos_y += count;
+        } else {
+            b->pos_x += count / h;
+            b->pos_y += count % h;
+        }
+        if (b->pos_y >= h) {
+            b->pos_y -= h;
+            b->pos_x++;
+        }
+        if (j % 2 == 0) {
+            x = (uint32_t)b->pos_x;
+            y = (uint32_t)b->pos_y;
+        } else if (b->pos_y > 0) {
+            x = (uint32_t)b->pos_x;
+            y = (uint32_t)b->pos_y - 1;
+        } else {
+            x = (uint32_t)b->pos_x - 1;
+            y = h - 1;
+        }
+    }
+    if (j % 2 == 0) b->xp = x;
+    else if (b->xp < x) {
+        b->ys = 0;
+        b->ye = h - 1;
+    }
+    b->xs = x < b->xs ? x : b->xs;
+    b->xe = x > b->xe ? x : b->xe;
+    b->ys = y < b->ys ? y : b->ys;
+    b->ye = y > b->ye ? y : b->ye;
+}
+
+/* Checks num compressed RLE strings (string i is text[text_offsets[i] .. text_offsets[i
+ * + 1]], of heights[i] x widths[i] pixels) and measures the valid ones in the same
+ * pass, without keeping their runs: status[i] as KDET_RLE_SCAN's; for status 0,
+ * area[i] and bbox[4 i ..] as maskUtils.area and maskUtils.toBbox. */
+KDET_EXPORT int64_t kdet_rle_check(int64_t num, const char *text, const int64_t *text_offsets,
+                                   const int64_t *heights, const int64_t *widths,
+                                   uint8_t *status, double *area, double *bbox)
+{
+    for (int64_t r = 0; r < num; r++) {
+        const int64_t num_pixels = heights[r] * widths[r];
+        BoxWalk b;
+        box_walk_init(&b, (uint32_t)heights[r], (uint32_t)widths[r]);
+        uint32_t pending = 0, area_odd = 0;
+        int has_pending = 0, st;
+        /* the box walk skips an odd last run; the area counts every odd-indexed one */
+        KDET_RLE_SCAN(text, text_offsets[r], text_offsets[r + 1], num_pixels, {
+            if (m % 2) area_odd += (uint32_t)x;
+            if (has_pending) box_walk_step(&b, pending);
+            pending = (uint32_t)x;
+            has_pending = 1;
+        }, st);
+        status[r] = (uint8_t)st;
+        double *bb = bbox + 4 * r;
+        area[r] = (double)area_odd;
+        if (st) continue;
+        /* m runs: the walk took runs 0 .. m - 2; run m - 1 goes in when m is even */
+        if (has_pending && b.j % 2 == 1) box_walk_step(&b, pending);
+        if (b.j == 0) {
+            bb[0] = bb[1] = bb[2] = bb[3] = 0;
+            continue;
+        }
+        bb[0] = b.xs;
+        bb[2] = b.xe - b.xs + 1;
+        bb[1] = b.ys;
+        bb[3] = b.ye - b.ys + 1;
+    }
+    return 0;
+}
+
+/* pycocotools' rleToString of num RLEs (counts[offsets[i] .. offsets[i + 1]]): text gets
+ * every string back to back (room for 7 characters a run), text_offsets[i + 1] the end
+ * of string i. */
+KDET_EXPORT int64_t kdet_rle_encode(int64_t num, const uint32_t *counts, const int64_t *offsets,
+                                    char *text, int64_t *text_offsets)
+{
+    int64_t p = 0;
+    text_offsets[0] = 0;
+    for (int64_t r = 0; r < num; r++) {
+        const uint32_t *cnts = counts + offsets[r];
+        const int64_t m = offsets[r + 1] - offsets[r];
+        for (int64_t i = 0; i < m; i++) {
+            int64_t x = (int64_t)cnts[i] - (i > 2 ? (int64_t)cnts[i - 2] : 0);
+            int more = 1;
+            while (more) {
+                char c = (char)(x & 0x1f);
+                x >>= 5;  /* arithmetic shift: gcc and clang on every target kdet builds on */
+                more = (c & 0x10) ? x != -1 : x != 0;
+                if (more) c |= 0x20;
+                text[p++] = (char)(c + 48);
+            }
+        }
+        text_offsets[r + 1] = p;
+    }
+    return 0;
+}
+
+/* Polygon i's k = (xy_offsets[i + 1] - xy_offsets[i]) / 2 vertices, scaled by 5 and
+ * rounded as pycocotools' rleFrPoly: (int)(5 * v + .5). */
+static void scaled_vertices(const double *xy, int64_t k, int *x, int *y)
+{
+    const double scale = 5;
+    for (int64_t j = 0; j < k; j++) {
+        x[j] = (int)(scale * xy[2 * j] + .5);
+        y[j] = (int)(scale * xy[2 * j + 1] + .5);
+    }
+    if (k > 0) {
+        x[k] = x[0];
+        y[k] = y[0];
+    }
+}
+
+/* At most this many column crossings (plus the end) come out of a polygon's boundary:
+ * an edge of scaled width dx crosses at most dx / 5 + 1 pixel-centre columns (and a
+ * rounding at an end may add one between edges). */
+static int64_t polygon_bound(const int *x, int64_t k)
+{
+    int64_t n = 2;
+    for (int64_t j = 0; j < k; j++) n += abs(x[j] - x[j + 1]) / 5 + 3;  /* + 1 per edge, + 2 spare */
+    return n;
+}
+
+static int64_t vertices_needed(int64_t num_polys, const int64_t *xy_offsets)
+{
+    int64_t most = 0;
+    for (int64_t i = 0; i < num_polys; i++)
+        if ((xy_offsets[i + 1] - xy_offsets[i]) / 2 > most) most = (xy_offsets[i + 1] - xy_offsets[i]) / 2;
+    return most + 1;
+}
+
+/* Upper bounds of kdet_polygons_to_rle's runs, per polygon (bound[i]); returns their
+ * sum, or -1 when out of memory. */
+KDET_EXPORT int64_t kdet_polygon_bounds(int64_t num_polys, const double *xy,
+                                        const int64_t *xy_offsets, int64_t *bound)
+{
+    const int64_t most = vertices_needed(num_polys, xy_offsets);
+    int *x = malloc(sizeof(int) * (size_t)most), *y = malloc(sizeof(int) * (size_t)most);
+    if (!x || !y) {
+        free(x);
+        free(y);
+        return -1;
+    }
+    int64_t total = 0;
+    for (int64_t i = 0; i < num_polys; i++) {
+        const int64_t k = (xy_offsets[i + 1] - xy_offsets[i]) / 2;
+        scaled_vertices(xy + xy_offsets[i], k, x, y);
+        bound[i] = polygon_bound(x, k);
+        total += bound[i];
+    }
+    free(x);
+    free(y);
+    return total;
+}
+
+/* One boundary point of the upsampled outline; keeps pycocotools' y-boundary points
+ * (where the scaled x crosses a pixel centre column) as positions x * h + y. */
+typedef struct {
+    int has_prev, prev_u, prev_v;
+    uint32_t *points, *columns;
+    int64_t n;
+    double h, w_last;
+    int h_int;
+} Outline;
+
+/* floor(a / 5) for any int a */
+static int floor_div5(int a) { return a >= 0 ? a / 5 : -((4 - a) / 5); }
+
+static inline void outline_point(Outline *o, int u, int v)
+{
+    /* pycocotools: xd = (min u of the pair + .5) / 5 - .5, kept when it is an integer in
+     * [0, w - 1]; yd = ceil of (min v + .5) / 5 - .5 clamped to [0, h]. In integers: xd is
+     * an integer exactly when the min u is 2 mod 5 (then the float steps are exact:
+     * (5c + 2.5) / 5 = c + .5), and yd's ceil is ceil((min v - 2) / 5) (the float value
+     * is exact whenever that is an integer, and >= .2 from one otherwise). */
+    if (o->has_prev && u != o->prev_u) {
+        const int a = (u < o->prev_u ? u : u - 1) - 2;
+        const int c = floor_div5(a);
+        if (a == 5 * c && c >= 0 && (double)c <= o->w_last) {
+            const int b = v < o->prev_v ? v : o->prev_v;
+            int yd = b < 0 ? 0 : floor_div5(b - 2 + 4);  /* b < 0: below 0 (b may be INT_MIN) */
+            yd = yd > o->h_int ? o->h_int : yd;
+            o->columns[o->n] = (uint32_t)c + (yd == o->h_int);
+            o->points[o->n++] = (uint32_t)(c * o->h_int + yd);
+        }
+    }
+    o->has_prev = 1;
+    o->prev_u = u;
+    o->prev_v = v;
+}
+
+/* pycocotools' rleFrPoly of num_polys polygons (polygon i: the doubles xy[xy_offsets[i]
+ * .. xy_offsets[i + 1]] as x, y pairs, a trailing odd one ignored; heights[i] x
+ * widths[i] pixels): the runs of polygon i go to counts[count_offsets[i] ..
+ * count_offsets[i + 1]], back to back (counts has room for kdet_polygon_bounds' sum).
+ *
+ * The same outline as pycocotools (each edge upsampled 5x, stepped along its longer
+ * axis, the same roundings), read point by point instead of stored; the y-boundary
+ * points are sorted by column (a counting sort over the polygon's columns, then an
+ * insertion sort within a column: few points each) instead of qsort: the same order.
+ * Returns 0, or -1 when out of memory. */
+KDET_EXPORT int64_t kdet_polygons_to_rle(int64_t num_polys, const double *xy,
+                                         const int64_t *xy_offsets, const int64_t *heights,
+                                         const int64_t *widths, uint32_t *counts,
+                                         int64_t *count_offsets)
+{
+    const int64_t most = vertices_needed(num_polys, xy_offsets);
+    int *x = malloc(sizeof(int) * (size_t)most), *y = malloc(sizeof(int) * (size_t)most);
+    int64_t cap = 16, col_cap = 16;
+    uint32_t *points = malloc(sizeof(uint32_t) * (size_t)cap);
+    uint32_t *sorted = malloc(sizeof(uint32_t) * (size_t)cap);
+    uint32_t *columns = malloc(sizeof(uint32_t) * (size_t)cap);
+    int64_t *col_start = malloc(sizeof(int64_t) * (size_t)col_cap);
+    int64_t status = 0, out = 0;
+    count_offsets[0] = 0;
+    if (!x || !y || !points || !sorted || !columns || !col_start) {
+        status = -1;
+        goto done;
+    }
+    for (int64_t i = 0; i < num_polys; i++) {
+        const int64_t k = (xy_offsets[i + 1] - xy_offsets[i]) / 2;
+        const int64_t h = heights[i], w = widths[i];
+        scaled_vertices(xy + xy_offsets[i], k, x, y);
+        const int64_t bound = polygon_bound(x, k);
+        if (bound > cap) {
+            cap = bound * 2;
+            free(points);
+            free(sorted);
+            free(columns);
+            points = malloc(sizeof(uint32_t) * (size_t)cap);
+            sorted = malloc(sizeof(uint32_t) * (size_t)cap);
+            columns = malloc(sizeof(uint32_t) * (size_t)cap);
+            if (!points || !sorted || !columns) {
+                status = -1;
+                goto done;
+            }
+        }
+        Outline o = {0, 0, 0, points, columns, 0, (double)(uint64_t)h, (double)((uint64_t)w - 1),
+                     (int)h};
+        for (int64_t j = 0; j < k; j++) {
+            int xs = x[j], xe = x[j + 1], ys = y[j], ye = y[j + 1];
+            const int dx = abs(xe - xs), dy = abs(ys - ye);
+            const int flip = (dx >= dy && xs > xe) || (dx < dy && ys > ye);
+            if (flip) {
+                int t = xs;
+                xs = xe;
+                xe = t;
+                t = ys;
+                ys = ye;
+                ye = t;
+            }
+            const double s = dx >= dy ? (double)(ye - ys) / dx : (double)(xe - xs) / dy;
+            if (dx >= dy) {
+                /* u steps by one along the edge: of the pairs (d - 1, d) only those whose
+                 * smaller u is 2 mod 5 can be kept ((u + .5) / 5 - .5 is an integer), so
+                 * only they are visited; then the last point becomes the previous one */
+                int t = flip ? dx : 0;
+                outline_point(&o, t + xs, (int)(ys + s * t + .5));
+                int d = flip ? ((xs + dx - 2) % 5 + 5) % 5 : ((3 - xs) % 5 + 5) % 5;
+                for (d = d == 0 ? 5 : d; d <= dx; d += 5) {
+                    t = flip ? dx - (d - 1) : d - 1;
+                    o.prev_u = t + xs;
+                    o.prev_v = (int)(ys + s * t + .5);
+                    t = flip ? dx - d : d;
+                    outline_point(&o, t + xs, (int)(ys + s * t + .5));
+                }
+                t = flip ? 0 : dx;
+                o.prev_u = t + xs;
+                o.prev_v = (int)(ys + s * t + .5);
+            } else if (dx == 0) {
+                /* u is the same all along (s * t is 0): only the first point can pair
+                 * with the previous edge's last */
+                int t = flip ? dy : 0;
+                outline_point(&o, (int)(xs + s * t + .5), t + ys);
+                t = flip ? 0 : dy;
+                o.prev_u = (int)(xs + s * t + .5);
+                o.prev_v = t + ys;
+            } else
+                for (int d = 0; d <= dy; d++) {
+                    const int t = flip ? dy - d : d;
+                    outline_point(&o, (int)(xs + s * t + .5), t + ys);
+                }
+        }
+        columns[o.n] = (uint32_t)w;
+        points[o.n++] = (uint32_t)(h * w);
+        /* counting sort by column (the end h * w is column w) */
+        const int64_t n = o.n;
+        uint32_t lo = UINT32_MAX, hi = 0;
+        for (int64_t j = 0; j < n; j++) {
+            const uint32_t c = columns[j];
+            lo = c < lo ? c : lo;
+            hi = c > hi ? c : hi;
+        }
+        const int64_t num_cols = (int64_t)(hi - lo) + 2;
+        if (num_cols > col_cap) {
+            col_cap = num_cols * 2;
+            free(col_start);
+            col_start = malloc(sizeof(int64_t) * (size_t)col_cap);
+            if (!col_start) {
+                status = -1;
+                goto done;
+            }
+        }
+        memset(col_start, 0, sizeof(int64_t) * (size_t)num_cols);
+        for (int64_t j = 0; j < n; j++) col_start[columns[j] - lo + 1]++;
+        for (int64_t c = 1; c < num_cols; c++) col_start[c] += col_start[c - 1];
+        for (int64_t j = 0; j < n; j++) sorted[col_start[columns[j] - lo]++] = points[j];
+        /* col_start[c] is now column c's end: insertion sort within each column */
+        int64_t begin = 0;
+        for (int64_t c = 0; c + 1 < num_cols; c++) {
+            const int64_t end = col_start[c];
+            for (int64_t a = begin + 1; a < end; a++) {
+                const uint32_t v = sorted[a];
+                int64_t b = a;
+                while (b > begin && sorted[b - 1] > v) {
+                    sorted[b] = sorted[b - 1];
+                    b--;
+                }
+                sorted[b] = v;
+            }
+            begin = end;
+        }
+        /* differences; a zero difference (two boundaries at one place) cancels: the
+         * next difference joins the previous run */
+        uint32_t previous = 0;
+        int64_t m = 0, j = 0;
+        uint32_t *runs = counts + out;
+        while (j < n) {
+            const uint32_t diff = sorted[j] - previous;
+            previous = sorted[j];
+            if (j == 0 || diff > 0) {
+                runs[m++] = diff;
+                j++;
+                continue;
+            }
+            j++;
+            if (j < n) {
+                runs[m - 1] += sorted[j] - previous;
+                previous = sorted[j];
+                j++;
+            }
+        }
+        out += m;
+        count_offsets[i + 1] = out;
+    }
+done:
+    free(x);
+    free(y);
+    free(points);
+    free(sorted);
+    free(columns);
+    free(col_start);
+    return status;
+}
+
+/* pycocotools' rleMerge (union, intersect=0) of consecutive RLEs of one size: group g
+ * unites group_size[g] RLEs (in order, pairwise as pycocotools), writing its runs to
+ * out[out_offsets[g] ..] back to back (out has room for all input runs). Returns 0, or
+ * -1 when out of memory. */
+KDET_EXPORT int64_t kdet_rle_union(int64_t num_groups, const int64_t *group_size,
+                                   const uint32_t *counts, const int64_t *offsets,
+                                   uint32_t *out, int64_t *out_offsets)
+{
+    int64_t most = 1, r = 0;
+    for (int64_t g = 0; g < num_groups; g++) {
+        const int64_t n = offsets[r + group_size[g]] - offsets[r];
+        most = n > most ? n : most;
+        r += group_size[g];
+    }
+    uint32_t *acc = malloc(sizeof(uint32_t) * (size_t)(most + 1));
+    uint32_t *next = malloc(sizeof(uint32_t) * (size_t)(most + 1));
+    if (!acc || !next) {
+        free(acc);
+        free(next);
+        return -1;
+    }
+    int64_t o = 0;
+    r = 0;
+    out_offsets[0] = 0;
+    for (int64_t g = 0; g < num_groups; g++) {
+        int64_t m = offsets[r + 1] - offsets[r];
+        memcpy(acc, counts + offsets[r], sizeof(uint32_t) * (size_t)m);
+        for (int64_t q = 1; q < group_size[g]; q++) {
+            const uint32_t *bc = counts + offsets[r + q];
+            const int64_t kb = offsets[r + q + 1] - offsets[r + q];
+            uint32_t ca = acc[0], cb = bc[0], cc = 0, ct = 1;
+            int64_t a = 1, b = 1, n = 0;
+            int va = 0, vb = 0, v = 0;
+            while (ct > 0) {
+                const uint32_t c = ca < cb ? ca : cb;
+                cc += c;
+                ct = 0;
+                ca -= c;
+                if (!ca && a < m) {
+                    ca = acc[a++];
+                    va = !va;
+                }
+                ct += ca;
+                cb -= c;
+                if (!cb && b < kb) {
+                    cb = bc[b++];
+                    vb = !vb;
+                }
+                ct += cb;
+                const int vp = v;
+                v = va || vb;
+                if (v != vp || ct == 0) {
+                    next[n++] = cc;
+                    cc = 0;
+                }
+            }
+            uint32_t *t = acc;
+            acc = next;
+            next = t;
+            m = n;
+        }
+        memcpy(out + o, acc, sizeof(uint32_t) * (size_t)m);
+        o += m;
+        out_offsets[g + 1] = o;
+        r += group_size[g];
+    }
+    free(acc);
+    free(next);
+    return 0;
+}
+
 /* pycocotools' rleArea and rleToBbox (x, y, w, h as doubles) of num decoded RLEs of
  * heights[i] rows. */
 KDET_EXPORT int64_t kdet_rle_area_bbox(int64_t num, const uint32_t *counts,
@@ -161,31 +666,19 @@ KDET_EXPORT int64_t kdet_rle_area_bbox(int64_t num, const uint32_t *counts,
         uint32_t a = 0;
         for (int64_t j = 1; j < m_all; j += 2) a += cnts[j];
         area[r] = (double)a;
-        const uint32_t h = (uint32_t)heights[r], w = (uint32_t)widths[r];
         const int64_t m = (m_all / 2) * 2;
-        uint32_t xs = w, ys = h, xe = 0, ye = 0, cc = 0, xp = 0;
         double *bb = bbox + 4 * r;
         if (m == 0) {
             bb[0] = bb[1] = bb[2] = bb[3] = 0;
             continue;
         }
-        for (int64_t j = 0; j < m; j++) {
-            cc += cnts[j];
-            const uint32_t t = cc - (uint32_t)(j % 2), y = t % h, x = (t - y) / h;
-            if (j % 2 == 0) xp = x;
-            else if (xp < x) {
-                ys = 0;
-                ye = h - 1;
-            }
-            xs = x < xs ? x : xs;
-            xe = x > xe ? x : xe;
-            ys = y < ys ? y : ys;
-            ye = y > ye ? y : ye;
-        }
-        bb[0] = xs;
-        bb[2] = xe - xs + 1;
-        bb[1] = ys;
-        bb[3] = ye - ys + 1;
+        BoxWalk b;
+        box_walk_init(&b, (uint32_t)heights[r], (uint32_t)widths[r]);
+        for (int64_t j = 0; j < m; j++) box_walk_step(&b, cnts[j]);
+        bb[0] = b.xs;
+        bb[2] = b.xe - b.xs + 1;
+        bb[1] = b.ys;
+        bb[3] = b.ye - b.ys + 1;
     }
     return 0;
 }
@@ -241,26 +734,28 @@ KDET_EXPORT int64_t kdet_rle_pair_iou(
 
 /* pycocotools' computeOks, first half: the exponents e of every (detection, ground
  * truth) pair, pair p's used keypoints packed at exponents[p * num_kpts ..], their count
- * in count[p]. Used: the ground truth's labelled keypoints (v > 0), or all of them
+ * in count[p] (only pairs kept, see below, get a row: pair near[r] is row r of
+ * *num_near). Used: the ground truth's labelled keypoints (v > 0), or all of them
  * when none is labelled (then the distance is to the ground truth's box grown to 3x).
  * e = (dx**2 + dy**2) / variance / (area + eps) / 2 in numpy's operation order.
- * A pair whose every e exceeds max_exponent gets count 0: its OKS, a mean of
+ * A pair whose every e exceeds max_exponent gets no row: its OKS, a mean of
  * exp(-e), is below the lowest threshold (the caller picks max_exponent so), so it
- * never matches and is left 0. The exponentials are numpy's (np.exp, as pycocotools),
+ * never matches and is left 0 (and no exponential is taken for it). The exponentials are numpy's (np.exp, as pycocotools),
  * the mean kdet_oks_means'.
  */
 KDET_EXPORT int64_t kdet_oks_exponents(
     int64_t num_pairs, const int64_t *pair_det, const int64_t *pair_gt, const double *det_kpts,
     const double *gt_kpts, const double *gt_box, const double *gt_area,
     const double *variances, int64_t num_kpts, double max_exponent, double *exponents,
-    int64_t *count)
+    int64_t *count, int64_t *near, int64_t *num_near)
 {
+    int64_t r = 0;  /* rows written: the pairs kept */
     for (int64_t p = 0; p < num_pairs; p++) {
         const double *d = det_kpts + pair_det[p] * 3 * num_kpts;
         const double *g = gt_kpts + pair_gt[p] * 3 * num_kpts;
         const double *box = gt_box + pair_gt[p] * 4;
         const double scale = gt_area[pair_gt[p]] + DBL_EPSILON;
-        double *e = exponents + p * num_kpts;
+        double *e = exponents + r * num_kpts;
         int64_t labelled = 0;
         for (int64_t j = 0; j < num_kpts; j++) labelled += g[3 * j + 2] > 0;
         const double x0 = box[0] - box[2], x1 = box[0] + box[2] * 2;
@@ -282,8 +777,11 @@ KDET_EXPORT int64_t kdet_oks_exponents(
             least = n == 0 || value < least ? value : least;
             e[n++] = value;
         }
-        count[p] = least > max_exponent ? 0 : n;
+        if (least > max_exponent) continue;  /* row r is overwritten by the next pair */
+        count[r] = n;
+        near[r++] = p;
     }
+    *num_near = r;
     return 0;
 }
 

@@ -22,15 +22,22 @@ arrays:
   reads precision at the recall thresholds with integer ``searchsorted``.
 
 With the compiled kernels of :mod:`kdet.metrics.native` (``_cocoeval.c``, built on
-install) the matching, the accumulation, OKS and mask IoU/area/box run in C, one call
-per stage over the whole dataset; without them (or with ``KDET_NATIVE=0``) the numpy
-code above runs. Both give pycocotools' numbers bit for bit.
+install) the matching, the accumulation, OKS and the masks (RLE strings checked and
+measured in one pass, polygons rasterised as pycocotools' ``rleFrPoly``, mask
+IoU/area/box) run in C, one call per stage over the whole dataset, without
+pycocotools; without them (or with ``KDET_NATIVE=0``) the numpy code above runs. Both
+give pycocotools' numbers bit for bit.
+
+Detections come as result dicts (:meth:`COCOEvaluator.add_detections`), as a model's
+padded outputs (:meth:`COCOEvaluator.add_predictions`) or as columns
+(:meth:`COCOEvaluator.add_detection_arrays`, no dict per detection).
 
 Bad input (unknown image/category ids, non-finite or negative-size boxes,
 missing keys, malformed JSON) raises ``ValueError`` naming the record.
 """
 import itertools
 import json
+import operator
 import os
 import sys
 
@@ -113,7 +120,7 @@ def _read_ground_truth(ground_truth):
 def _column(records, key, what):
     """``[r[key] for r in records]`` with an error naming the first record without it."""
     try:
-        return [r[key] for r in records]
+        return list(map(operator.itemgetter(key), records))  # the loop in C
     except (KeyError, TypeError):
         for i, r in enumerate(records):
             if not isinstance(r, dict):
@@ -276,7 +283,156 @@ def _to_rles(segmentations, heights, widths, what):
     """:func:`_to_rle` of every segmentation (``_ABSENT`` becomes ``None``) in batches:
     compressed RLE dicts checked together, polygons converted one pycocotools call per
     image size. The others, and any that fail a check, go one at a time (which raises
-    the error naming the first bad record)."""
+    the error naming the first bad record).
+
+    With the C kernels (:func:`_read_masks`) also the masks' areas and boxes (NaN where
+    not measured): returns ``(rles, area, box)``; without them ``(rles, None, None)``.
+    """
+    if native.library() is not None:
+        masks = _read_masks(segmentations, heights, widths, what)
+        out = masks.rles
+        if len(masks.polygons):  # polygons rasterised in C: their compressed strings
+            for i, text in zip(masks.polygons.tolist(), native.encode_rles(masks.polygon_rles)):
+                out[i] = {"size": [int(heights[i]), int(widths[i])], "counts": text}
+        return out, masks.area, masks.box
+    return _to_rles_numpy(segmentations, heights, widths, what), None, None
+
+
+class _Masks:
+    """What :func:`_read_masks` found: ``rles`` (the checked compressed RLE dicts, the
+    input's; ``None`` for polygons and absent ones), ``polygons`` (indices) and their
+    :class:`kdet.metrics.native.Rles` ``polygon_rles``, ``area`` / ``box`` (NaN where
+    not measured)."""
+
+
+def _read_masks(segmentations, heights, widths, what):
+    """Checks and measures segmentations with the C kernels, without pycocotools.
+
+    Compressed RLE strings: checked (the same verdict as :func:`decode_rle_strings` and
+    :func:`check_counts`) and measured in one C pass; polygons: rasterised in C as
+    pycocotools' ``frPyObjects`` + ``merge``, bit for bit. Anything else, or any
+    segmentation that fails a check, goes through :func:`_to_rle` one at a time (which
+    raises naming the record, or converts odd input as pycocotools does).
+    """
+    n = len(segmentations)
+    masks = _Masks()
+    masks.rles = list(segmentations)
+    masks.area, masks.box = np.full(n, np.nan), np.full((n, 4), np.nan)
+    good = np.zeros(n, bool)
+    strings, polygons = _mask_kinds(segmentations)
+    if len(polygons):
+        candidates = [segmentations[i] for i in polygons.tolist()]
+        if not (set(map(type, itertools.chain.from_iterable(candidates))) == {list}
+                and set(map(type, itertools.chain.from_iterable(
+                    itertools.chain.from_iterable(candidates)))) <= _PLAIN_NUMBERS
+                and all(len(c) > 0 and len(c[0]) > 4 for c in candidates)):
+            polygons = polygons[[_plain_polygons(c) for c in candidates]]
+    if len(strings):
+        h, w = heights[strings].astype(np.int64), widths[strings].astype(np.int64)
+        texts = list(map(operator.itemgetter("counts"), map(segmentations.__getitem__,
+                                                             strings.tolist())))
+        checked = native.check_rle_strings(texts, h, w)
+        if checked is None:  # a character past latin-1: the numpy check
+            status = np.full(len(strings), 2, np.uint8)
+        else:
+            status, masks.area[strings], masks.box[strings] = checked
+        exact = np.flatnonzero(status == 2)  # numbers too long for C's int64 reading
+        ok = status == 0
+        if len(exact):
+            counts, offsets, decoded = decode_rle_strings([texts[i] for i in exact])
+            ok[exact] = decoded & check_counts(counts, offsets, h[exact] * w[exact])
+            masks.area[strings[exact]] = np.nan  # measured later, from the dicts
+        ok &= _sizes_are(list(map(operator.itemgetter("size"), map(
+            segmentations.__getitem__, strings.tolist()))), h, w)
+        good[strings] = ok
+    masks.polygons = np.zeros(0, np.int64)
+    if len(polygons):
+        found = _polygon_coordinates(segmentations, polygons, heights, widths)
+        if found is not None:
+            indices, coords, offsets, per_mask = found
+            rles = native.polygons_to_rles(coords, offsets, per_mask, heights[indices],
+                                           widths[indices])
+            masks.polygons, masks.polygon_rles = indices, rles
+            masks.area[indices], masks.box[indices] = rles.areas(), rles.boxes()
+            good[indices] = True
+            for i in indices.tolist():
+                masks.rles[i] = None
+    for i in np.flatnonzero(~good):
+        masks.rles[i] = None if masks.rles[i] is _ABSENT else _to_rle(
+            masks.rles[i], int(heights[i]), int(widths[i]), what(i))
+    return masks
+
+
+def _mask_kinds(segmentations):
+    """Indices of the RLE dicts with string counts and a size, and of the lists (polygon
+    candidates). Exact types: subclasses go one at a time. All RLE strings (detections)
+    or all lists are told by a few passes in C; a mix by one Python loop."""
+    n = len(segmentations)
+    kinds = set(map(type, segmentations))
+    if kinds == {dict}:
+        try:
+            counts = list(map(operator.itemgetter("counts"), segmentations))
+            if set(map(type, counts)) <= {str, bytes} and all(
+                    map(operator.contains, segmentations, itertools.repeat("size"))):
+                return np.arange(n), np.zeros(0, np.int64)
+        except KeyError:
+            pass
+    if kinds == {list}:
+        return np.zeros(0, np.int64), np.arange(n)
+    strings, polygons = [], []
+    for i, s in enumerate(segmentations):
+        kind = type(s)
+        if kind is dict:
+            if type(s.get("counts")) in (str, bytes) and "size" in s:
+                strings.append(i)
+        elif kind is list:
+            polygons.append(i)  # checked by the caller, all at once
+    return np.array(strings, np.int64), np.array(polygons, np.int64)
+
+
+def _sizes_are(sizes, heights, widths):
+    """``[_size_is(s, h, w) ...]``; two ints each (the usual) compared in one pass."""
+    if set(map(type, sizes)) <= {list, tuple} and set(map(len, sizes)) == {2} and set(
+            map(type, itertools.chain.from_iterable(sizes))) == {int}:
+        try:
+            flat = np.fromiter(itertools.chain.from_iterable(sizes), np.int64, 2 * len(sizes))
+        except OverflowError:
+            flat = None
+        if flat is not None:
+            return (flat[0::2] == heights) & (flat[1::2] == widths)
+    return np.array([_size_is(s, hi, wi) for s, hi, wi in
+                     zip(sizes, heights.tolist(), widths.tolist())], bool)
+
+
+def _polygon_coordinates(segmentations, indices, heights, widths):
+    """The plain polygons of ``segmentations[indices]`` whose coordinates are within
+    :func:`_segmentation_crash`'s range, flat: ``(kept indices, coordinates, offsets,
+    polygons per mask)``; None when a value is no float (an int past float range)."""
+    indices = np.asarray(indices)
+    num_polygons = np.fromiter(map(len, (segmentations[i] for i in indices.tolist())),
+                               np.int64, len(indices))
+    flat = [p for i in indices.tolist() for p in segmentations[i]]
+    lengths = np.fromiter(map(len, flat), np.int64, len(flat))
+    try:
+        values = np.fromiter(itertools.chain.from_iterable(flat), np.float64,
+                             int(lengths.sum()))
+    except OverflowError:
+        return None
+    owner = np.repeat(np.repeat(np.arange(len(indices)), num_polygons), lengths)
+    limit = 4 * np.maximum(heights[indices], widths[indices]) + 1000
+    ok = np.ones(len(indices), bool)
+    ok[owner[~(np.abs(values) <= limit[owner])]] = False  # NaN too
+    offsets = np.r_[0, np.cumsum(lengths)]
+    if not ok.all():
+        keep_poly = np.repeat(ok, num_polygons)
+        values = values[np.repeat(keep_poly, lengths)]
+        lengths, num_polygons, indices = lengths[keep_poly], num_polygons[ok], indices[ok]
+        offsets = np.r_[0, np.cumsum(lengths)]
+    return indices, values, offsets, num_polygons
+
+
+def _to_rles_numpy(segmentations, heights, widths, what):
+    """:func:`_to_rles` without the C kernels: numpy checks, pycocotools' conversions."""
     out = list(segmentations)
     good = np.zeros(len(out), bool)
     strings, polygons = [], []
@@ -472,8 +628,17 @@ class _GroundTruth:
             num_keypoints = np.array(columns["num_keypoints"])[order]
             self.ignore = (num_keypoints == 0) | self.ignore
             self.keypoints = [columns["keypoints"][i] for i in order]
+            self._keypoint_tables = {}
         self.num_categories = len(self.category_ids)
         self.group_key = self.image * self.num_categories + self.category
+
+    def keypoint_table(self, category, rows):
+        """The keypoints of category ``category``'s annotations ``rows`` (all of them, in
+        order) as one float64 table, built once."""
+        if category not in self._keypoint_tables:
+            self._keypoint_tables[category] = np.array(
+                [self.keypoints[g] for g in rows.tolist()], np.float64)
+        return self._keypoint_tables[category]
 
     @staticmethod
     def _sorted_unique(ids, what):
@@ -494,13 +659,54 @@ class _GroundTruth:
         missing = np.setdiff1d(indices, np.fromiter(self._rles, np.int64, len(self._rles)))
         if len(missing):
             img = self.image[missing]
-            converted = _to_rles([self.segmentation[i] for i in missing], self.heights[img],
-                                 self.widths[img], lambda k: self.describe(missing[k]))
+            converted = _to_rles_numpy([self.segmentation[i] for i in missing],
+                                       self.heights[img], self.widths[img],
+                                       lambda k: self.describe(missing[k]))
             self._rles.update(zip(missing.tolist(), converted))
         return [self._rles[i] for i in np.asarray(indices).tolist()]
 
+    def decoded_masks(self, indices):
+        """The masks of (sorted) annotations ``indices`` decoded (C kernels only): polygons
+        rasterised and RLE strings decoded in C, odd input through :func:`_to_rle`.
+
+        Returns ``[(rows, rles)]``: ``rles`` (:class:`kdet.metrics.native.Rles`) holds the
+        masks of ``indices[rows]``; the rasterised polygons are one part, the rest
+        another (no copy of the polygons' runs into one array).
+        """
+        indices = np.asarray(indices, np.int64)
+        img = self.image[indices]
+        heights, widths = self.heights[img], self.widths[img]
+        masks = _read_masks([self.segmentation[i] for i in indices.tolist()], heights, widths,
+                            lambda k: self.describe(indices[k]))
+        parts = []
+        if len(masks.polygons):
+            parts.append((masks.polygons, masks.polygon_rles))
+        others = np.ones(len(indices), bool)
+        others[masks.polygons] = False
+        others = np.flatnonzero(others)  # checked strings and _to_rle's conversions
+        if len(others):
+            parts.append((others, native.DecodedRles([masks.rles[i] for i in others.tolist()])))
+        return parts
+
 
 # --------------------------------------------------------------------------- detections
+class _Rows:
+    """The rows of a table as a read-only sequence, without an array object per row
+    (100k row views are ~11 MB of small objects: fresh memory on every evaluation)."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __len__(self):
+        return len(self.table)
+
+    def __getitem__(self, i):
+        return self.table[i]
+
+    def __iter__(self):
+        return iter(self.table)
+
+
 class _Detections:
     """Detections in arrival order (pycocotools' ``loadRes`` order)."""
 
@@ -513,8 +719,10 @@ class _Detections:
         self.bbox = np.full((n, 4), np.nan) if bbox is None else bbox
         self.segmentation = [None] * n if segmentation is None else segmentation
         self.keypoints = [None] * n if keypoints is None else keypoints
-        self.mask_area = None  # maskUtils.area of every segmentation, once computed
-        self.mask_box = None  # maskUtils.toBbox of every segmentation (C path), once computed
+        # maskUtils.area / toBbox of every segmentation (C path: measured when read, NaN
+        # where not: those are measured on first use)
+        self.mask_area = None
+        self.mask_box = None
         # [n, 3K] when every detection's keypoints are rows of it (one width)
         self.keypoint_table = None
 
@@ -531,15 +739,23 @@ class _Detections:
     def concatenate(cls, chunks):
         if not chunks:
             return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+        if len(chunks) == 1:  # no copy (a copy of a large table is fresh memory: slow)
+            return chunks[0]
         out = cls.__new__(cls)
         for name in ("image", "category", "score", "has_bbox", "bbox"):
             setattr(out, name, np.concatenate([getattr(c, name) for c in chunks]))
         out.segmentation = [s for c in chunks for s in c.segmentation]
-        out.keypoints = [k for c in chunks for k in c.keypoints]
-        out.mask_area = out.mask_box = None
         tables = [c.keypoint_table for c in chunks]
+        out.mask_area = out.mask_box = None
+        if any(c.mask_area is not None for c in chunks):
+            out.mask_area = np.concatenate([np.full(len(c), np.nan) if c.mask_area is None
+                                            else c.mask_area for c in chunks])
+            out.mask_box = np.concatenate([np.full((len(c), 4), np.nan) if c.mask_box is None
+                                           else c.mask_box for c in chunks])
         out.keypoint_table = None if any(t is None for t in tables) or len(
             {t.shape[1] for t in tables}) > 1 else np.concatenate(tables)
+        out.keypoints = _Rows(out.keypoint_table) if out.keypoint_table is not None else [
+            k for c in chunks for k in c.keypoints]
         return out
 
 
@@ -750,6 +966,7 @@ def _accumulate(category, rank, score, image, true_pos, false_pos, num_positives
                 num_categories, use_native=False):
     """pycocotools' ``accumulate``: precision ``[T, R, K, A, M]`` and recall ``[T, K, A, M]``.
 
+    The evaluated detections come in (image, category, rank) order.
     ``true_pos``/``false_pos``: ``[N, A, T]`` per evaluated detection; ``num_positives``:
     ``[K, A]`` non-ignored ground truths. Detections past a max-detections limit stay
     in the arrays as zero increments: that repeats earlier (recall, precision) points,
@@ -757,8 +974,10 @@ def _accumulate(category, rank, score, image, true_pos, false_pos, num_positives
     """
     # pycocotools concatenates images in id order, each in rank order, then mergesorts
     # by descending score: i.e. order by (score desc, image, rank). Sorting by category
-    # first makes every category a contiguous run.
-    order = np.lexsort((rank, image, -score, category))
+    # first makes every category a contiguous run. The detections come in (image,
+    # category, rank) order, so a stable sort by (category, score desc) keeps ties in
+    # (image, rank) order: two keys instead of four.
+    order = np.lexsort((-score, category))
     bounds = np.searchsorted(category[order], np.arange(num_categories + 1))
     if use_native:  # the same steps in C, one call for every category
         return native.accumulate(order, bounds, rank, true_pos, false_pos, num_positives,
@@ -947,18 +1166,108 @@ class COCOEvaluator:
             bbox[rows] = _float_rows(values, 4, "bbox", lambda j: what(rows[j]))
             _check_boxes(bbox, what, valid=has_bbox)
         segmentation = keypoints = None
+        mask_area = mask_box = None
         if self.iou_type == "segm" or (self.iou_type == "keypoints" and
                                         any("segmentation" in d for d in detections)):
-            segmentation = _to_rles([d.get("segmentation", _ABSENT) for d in detections],
-                                    gt.heights[image], gt.widths[image], what)
+            segmentation, mask_area, mask_box = _to_rles(
+                column if needed == "segmentation" else
+                [d.get("segmentation", _ABSENT) for d in detections], gt.heights[image],
+                gt.widths[image], what)
         table = None
         if self.iou_type == "keypoints":
             keypoints = self._keypoint_rows(detections, category, what)
             if isinstance(keypoints, np.ndarray):
-                table, keypoints = keypoints, list(keypoints)
+                table, keypoints = keypoints, _Rows(keypoints)
         chunk = _Detections(image, category, score, bbox, segmentation, keypoints)
         chunk.keypoint_table = table
+        chunk.mask_area, chunk.mask_box = mask_area, mask_box
         self._append(chunk)
+
+    def add_detection_arrays(self, image_ids, category_ids, scores, boxes=None, keypoints=None):
+        """Add detections given as columns: the result list of :meth:`add_detections`
+        without building a dict per detection (what a model's predict loop already holds).
+
+        Args:
+            image_ids: ``[N]`` COCO image id of each detection.
+            category_ids: ``[N]`` COCO category id of each detection.
+            scores: ``[N]`` scores.
+            boxes: ``[N, 4]`` COCO ``[x, y, w, h]`` boxes (needed for ``bbox``; for
+                ``keypoints`` optional: they then set the areas, as ``COCO.loadRes``).
+            keypoints: ``[N, 3K]`` (or ``[N, K, 3]``) ``x, y, v`` rows, for ``keypoints``.
+
+        The same stats as :meth:`add_detections` of the equivalent records. A float64
+        ``keypoints`` array is kept as it is (no copy): do not change it before
+        :meth:`evaluate`.
+        """
+        gt = self._gt
+        image_ids, category_ids = np.asarray(image_ids), np.asarray(category_ids)
+        score = np.array(scores, np.float64)  # a copy: the caller's array may change
+        n = len(score) if score.ndim == 1 else -1
+        if n < 0 or image_ids.shape != (n,) or category_ids.shape != (n,):
+            raise ValueError(f"image_ids, category_ids and scores must be [N] alike, got "
+                             f"{image_ids.shape}, {category_ids.shape} and {score.shape}")
+        if n == 0:
+            return
+        start = self._num_detections
+
+        def what(i):
+            return (f"detection #{start + i} (image_id={_show(image_ids[i].item())}, "
+                    f"category_id={_show(category_ids[i].item())})")
+        image = self._id_indices(image_ids, gt.image_ids, gt.image_index, "image_id",
+                                 "ground truth images", what)
+        category = self._id_indices(category_ids, gt.category_ids, gt.category_index,
+                                    "category_id", "ground truth categories", what)
+        if not np.isfinite(score).all():
+            i = int(np.flatnonzero(~np.isfinite(score))[0])
+            raise ValueError(f"{what(i)}: score {score[i]} is not finite")
+        bbox = None
+        if boxes is not None:
+            bbox = np.array(boxes, np.float64)  # a copy: the caller's array may change
+            if bbox.shape != (n, 4):
+                raise ValueError(f"boxes must be [N, 4] = {(n, 4)}, got {bbox.shape}")
+            _check_boxes(bbox, what)
+        elif self.iou_type == "bbox":
+            raise ValueError("iou_type='bbox' needs boxes")
+        rows = None
+        if self.iou_type == "keypoints":
+            if keypoints is None:
+                raise ValueError("iou_type='keypoints' needs keypoints")
+            rows = np.ascontiguousarray(keypoints, np.float64).reshape(n, -1)  # kept, no copy
+            if not np.isfinite(rows).all():
+                i = int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
+                raise ValueError(f"{what(i)}: keypoints are not all finite")
+            for k in np.unique(category).tolist():
+                if rows.shape[1] != 3 * len(self._sigmas(k)):
+                    i = int(np.flatnonzero(category == k)[0])
+                    raise ValueError(f"{what(i)}: {rows.shape[1]} keypoint values, expected "
+                                     f"{3 * len(self._sigmas(k))} (3 per sigma)")
+        elif self.iou_type == "segm":
+            raise ValueError("add_detection_arrays takes boxes and keypoints; masks go "
+                             "through add_detections or add_predictions")
+        chunk = _Detections(image, category, score, bbox, None,
+                            None if rows is None else _Rows(rows))
+        chunk.keypoint_table = rows
+        self._append(chunk)
+
+    @staticmethod
+    def _id_indices(ids, sorted_ids, index, key, where, what):
+        """Positions of the ``ids`` array in ``sorted_ids``: one searchsorted for integer
+        ids (the usual), else a dict lookup each; raises naming the first unknown one."""
+        if ids.dtype.kind in "iu" and sorted_ids and set(map(type, sorted_ids)) == {int}:
+            try:
+                table = np.array(sorted_ids, np.int64)
+            except OverflowError:  # ids past int64: looked up one by one
+                table = None
+            if table is not None:
+                out = np.searchsorted(table, ids.astype(np.int64))
+                out = np.minimum(out, len(table) - 1)
+                out[table[out] != ids] = -1
+                if (out < 0).any():
+                    i = int(np.flatnonzero(out < 0)[0])
+                    raise ValueError(f"{what(i)}: {key} {_show(ids[i].item())} is not in the "
+                                     f"{where}")
+                return out
+        return COCOEvaluator._indices(ids.tolist(), index, key, where, what)
 
     def _keypoint_rows(self, detections, category, what):
         """Each detection's keypoints as a float64 row, checked against its sigmas:
@@ -1150,13 +1459,16 @@ class COCOEvaluator:
             if not np.isfinite(flat).all():
                 i = int(np.flatnonzero(~np.isfinite(flat).all(axis=1))[0])
                 raise ValueError(f"{what(i)}: keypoints are not all finite")
-            for i in range(len(flat)):
-                if flat.shape[1] != 3 * len(self._sigmas(det_category[i])):
+            for k in np.unique(det_category).tolist():  # one check per category
+                if flat.shape[1] != 3 * len(self._sigmas(k)):
+                    i = int(np.flatnonzero(det_category == k)[0])
                     raise ValueError(f"{what(i)}: {flat.shape[1] // 3} keypoints, but "
-                                     f"{len(self._sigmas(det_category[i]))} sigmas")
-            keypoints = list(flat)
-        self._append(_Detections(det_image, det_category, det_score, bbox, segmentation,
-                                 keypoints))
+                                     f"{len(self._sigmas(k))} sigmas")
+            keypoints = _Rows(flat)
+        chunk = _Detections(det_image, det_category, det_score, bbox, segmentation, keypoints)
+        if keypoints is not None:
+            chunk.keypoint_table = flat
+        self._append(chunk)
 
     # ------------------------------------------------------------------ evaluation
     def _detection_areas(self, det):
@@ -1177,11 +1489,14 @@ class COCOEvaluator:
                 raise ValueError(f"detection #{missing[0]} has no 'segmentation' but the first "
                                  "one has: COCO.loadRes then takes every area from the mask")
             if native.library() is not None:  # the boxes too, for the IoU bound
-                det.mask_area, det.mask_box = native.rle_areas_boxes(det.segmentation)
+                self._measure_masks(det)
             else:
                 det.mask_area = _mask_areas(det.segmentation)
             return det.mask_area
         if det.keypoints[0] is not None:  # keypoints branch: extent of the keypoints
+            if det.keypoint_table is not None:  # one width: one table
+                x, y = det.keypoint_table[:, 0::3], det.keypoint_table[:, 1::3]
+                return (x.max(1) - x.min(1)) * (y.max(1) - y.min(1))
             areas = np.empty(n)
             widths = np.fromiter(map(len, det.keypoints), np.int64, n)
             for width in np.unique(widths):  # categories may have their own keypoint counts
@@ -1191,6 +1506,17 @@ class COCOEvaluator:
                 areas[rows] = (x.max(1) - x.min(1)) * (y.max(1) - y.min(1))
             return areas
         raise ValueError("detection #0 has no 'bbox', 'segmentation' or 'keypoints'")
+
+    @staticmethod
+    def _measure_masks(det):
+        """Areas and boxes of the detections' masks not measured when read (C path)."""
+        if det.mask_area is None:
+            det.mask_area, det.mask_box = np.full(len(det), np.nan), np.full((len(det), 4), np.nan)
+        todo = np.flatnonzero(np.isnan(det.mask_area) & np.array(
+            [s is not None for s in det.segmentation], bool))
+        if len(todo):
+            det.mask_area[todo], det.mask_box[todo] = native.rle_areas_boxes(
+                [det.segmentation[i] for i in todo.tolist()])
 
     def _pair_ious(self, det, ev, pair_det, pair_gt, pair_start, pair_count):
         """IoU/OKS of every (evaluated detection, ground truth) pair."""
@@ -1227,11 +1553,11 @@ class COCOEvaluator:
             dets, det_index = np.unique(det_index, return_inverse=True)
             table = det.keypoint_rows(dets)
         rows = np.flatnonzero(gt.category == category)  # this category's ground truths
-        g_kp = np.array([gt.keypoints[g] for g in rows.tolist()], np.float64)
+        g_kp = gt.keypoint_table(category, rows)
         return native.pair_oks(table, g_kp, gt.bbox[rows], gt.area[rows], sigmas, det_index,
                                np.searchsorted(rows, pair_gt), IOU_THRESHOLDS.min())
 
-    def _pair_mask_ious(self, det, det_index, pair_gt):
+    def _pair_mask_ious(self, det, det_index, pair_gt, chunk_dets=8192):
         """Mask IoU (``maskUtils.iou``) of aligned pairs, left 0 where it is certainly
         below the lowest threshold: such a pair never matches, whatever its value.
 
@@ -1243,14 +1569,18 @@ class COCOEvaluator:
         out = np.zeros(len(pair_gt))
         dets, det_of_pair = np.unique(det_index, return_inverse=True)
         gts, gt_of_pair = np.unique(pair_gt, return_inverse=True)
-        gt_rles = gt.rles(gts)
         if native.library() is not None:  # boxes, areas and IoU in C
-            if det.mask_box is None:
-                det.mask_area, det.mask_box = native.rle_areas_boxes(det.segmentation)
+            self._measure_masks(det)
             det_box, det_area = det.mask_box, det.mask_area  # every detection's
-            gt_area, gt_box = native.rle_areas_boxes(gt_rles)
+            gt_parts = gt.decoded_masks(gts)
+            gt_area, gt_box = np.empty(len(gts)), np.empty((len(gts), 4))
+            gt_part, gt_row = np.empty(len(gts), np.int64), np.empty(len(gts), np.int64)
+            for p, (rows, rles) in enumerate(gt_parts):
+                gt_area[rows], gt_box[rows] = rles.areas(), rles.boxes()
+                gt_part[rows], gt_row[rows] = p, np.arange(len(rows))
             det_of_pair = dets[det_of_pair]
         else:
+            gt_rles = gt.rles(gts)
             det_rles = [det.segmentation[i] for i in dets]
             det_box = _mask_boxes(det_rles)
             det_area = _mask_areas(det_rles) if det.mask_area is None else det.mask_area[dets]
@@ -1265,12 +1595,23 @@ class COCOEvaluator:
         todo = np.flatnonzero(bound >= IOU_THRESHOLDS.min())
         if len(todo) == 0:
             return out
-        if native.library() is not None:  # only the masks of pairs left are decoded
-            d_used, d_row = np.unique(det_of_pair[todo], return_inverse=True)
-            g_used, g_row = np.unique(gt_of_pair[todo], return_inverse=True)
-            out[todo] = native.rle_pair_iou(
-                native.DecodedRles([det.segmentation[i] for i in d_used.tolist()]), d_row,
-                native.DecodedRles([gt_rles[j] for j in g_used.tolist()]), g_row, crowd[todo])
+        if native.library() is not None:
+            # Only the masks of pairs left are decoded, a chunk of detections at a time:
+            # buffers of a few MB are reused, one of every run at once is fresh memory
+            # (page faults cost more than the decoding).
+            todo = todo[np.argsort(det_of_pair[todo], kind="stable")]
+            pair_det, pair_gt = det_of_pair[todo], gt_of_pair[todo]
+            bounds = np.searchsorted(pair_det, np.unique(pair_det)[::chunk_dets])
+            for begin, end in zip(bounds, np.r_[bounds[1:], len(todo)]):
+                d_used, d_row = np.unique(pair_det[begin:end], return_inverse=True)
+                image = det.image[d_used]  # the sizes were checked to be the image's
+                decoded = native.DecodedRles([det.segmentation[i] for i in d_used.tolist()],
+                                             gt.heights[image], gt.widths[image])
+                g = pair_gt[begin:end]
+                for p, (_, rles) in enumerate(gt_parts):
+                    sel = np.flatnonzero(gt_part[g] == p)
+                    out[todo[begin + sel]] = native.rle_pair_iou(
+                        decoded, d_row[sel], rles, gt_row[g[sel]], crowd[todo[begin + sel]])
             return out
         # One call per image: its detections (rows) and ground truths (columns) with pairs
         # left; each pair reads its entry.
@@ -1307,7 +1648,7 @@ class COCOEvaluator:
         # Detections per (image, category) group in descending score order (stable),
         # the first max(max_dets) of each are evaluated (computeIoU / evaluateImg).
         n = len(det)
-        order = np.lexsort((np.arange(n), -det.score, det.category, det.image))
+        order = np.lexsort((-det.score, det.category, det.image))  # stable: ties in arrival order
         key = det.image[order] * num_cat + det.category[order]
         starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if n else np.zeros(0, int)
         rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))

@@ -5,9 +5,10 @@
 build_ext --inplace`` in a checkout): a folder that is no package, so that tools
 walking kdet's modules do not take the library for a Python extension module.
 :mod:`kdet.metrics.coco` calls it for the matching, the accumulation, keypoint OKS and
-mask IoU when it is there, and falls back to its numpy code (and pycocotools' mask API)
-when it is not; both give pycocotools' numbers bit for bit. ``KDET_NATIVE=0`` forces the
-numpy code (the tests run both).
+the masks (RLE strings checked and measured, polygons rasterised, IoU) when it is
+there, and falls back to its numpy code (and pycocotools' mask API) when it is not;
+both give pycocotools' numbers bit for bit. ``KDET_NATIVE=0`` forces the numpy code
+(the tests run both).
 
 The C code takes plain arrays (no Python or numpy headers): each function here
 converts its arguments to contiguous arrays of the C types and passes pointers.
@@ -15,16 +16,18 @@ converts its arguments to contiguous arrays of the C types and passes pointers.
 import ctypes
 import functools
 import importlib.machinery
+import mmap
+import operator
 import os
 import pathlib
 
 import numpy as np
 
-__all__ = ["library", "library_path", "DecodedRles", "rle_areas_boxes", "rle_pair_iou",
-           "pair_oks",
+__all__ = ["library", "library_path", "Rles", "DecodedRles", "rle_areas_boxes",
+           "rle_pair_iou", "check_rle_strings", "polygons_to_rles", "encode_rles", "pair_oks",
            "match_detections", "accumulate"]
 
-_ABI = 5  # kdet_cocoeval_abi() of the C source this file was written for
+_ABI = 8  # kdet_cocoeval_abi() of the C source this file was written for
 _LIBRARY_DIR = pathlib.Path(__file__).resolve().parent / "_kernels"
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
@@ -34,9 +37,14 @@ _SIGNATURES = {
     "kdet_rle_count": [_I64, _PTR, _PTR],
     "kdet_rle_decode": [_I64, _PTR, _PTR, _PTR, _PTR],
     "kdet_rle_area_bbox": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
+    "kdet_rle_check": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
+    "kdet_rle_encode": [_I64, _PTR, _PTR, _PTR, _PTR],
+    "kdet_polygon_bounds": [_I64, _PTR, _PTR, _PTR],
+    "kdet_polygons_to_rle": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
+    "kdet_rle_union": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR],
     "kdet_rle_pair_iou": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     "kdet_oks_exponents": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64,
-                           ctypes.c_double, _PTR, _PTR],
+                           ctypes.c_double, _PTR, _PTR, _PTR, _PTR],
     "kdet_oks_means": [_I64, _I64, _PTR, _PTR, _PTR],
     "kdet_accumulate": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64, _PTR,
                         _I64, _PTR, _PTR],
@@ -81,6 +89,22 @@ def _array(values, dtype):
     return np.ascontiguousarray(values, dtype=dtype)
 
 
+def _empty(shape, dtype):
+    """``np.empty(shape, dtype)``; from 4 MB on, memory mapped with ordinary pages.
+
+    numpy asks the kernel for transparent huge pages for arrays of 4 MB and more; on a
+    host whose memory is fragmented a huge-page fault can stall on compaction (the LVIS
+    precision array, 97 MB: 0.01 s or 0.8 s of system time from one run to the next),
+    while 4 KB faults cost a steady few microseconds each. An anonymous mapping gets
+    ordinary pages; the array keeps it alive and it is unmapped with the array.
+    """
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size < 1 << 22:
+        return np.empty(shape, dtype)
+    return np.frombuffer(mmap.mmap(-1, size), dtype).reshape(shape)
+
+
 def _call(function, *args):
     """Call ``function`` with numpy arrays as pointers (kept alive by ``args``)."""
     c_args = [a.ctypes.data if isinstance(a, np.ndarray) else a for a in args]
@@ -88,30 +112,36 @@ def _call(function, *args):
         raise MemoryError(f"{function.__name__}: out of memory")
 
 
-class DecodedRles:
-    """Compressed COCO RLEs (dicts with ``size`` and string ``counts``) decoded in C, as
-    pycocotools' ``rleFrString``: ``counts`` (uint32) and ``offsets`` (RLE i's counts are
-    ``counts[offsets[i]:offsets[i + 1]]``); ``areas()`` and ``boxes()`` as
-    ``maskUtils.area`` and ``maskUtils.toBbox``. The strings must be valid (checked
-    when the detections and ground truths were read)."""
-
-    def __init__(self, rles):
-        texts = [r["counts"] for r in rles]
-        if set(map(type, texts)) <= {str}:  # one join; ASCII: a character is a byte
+def _joined_text(texts):
+    """``texts`` (``str`` / ``bytes``) back to back as uint8 and their int64 offsets;
+    None when a ``str`` holds a character past latin-1 (no byte of the alphabet)."""
+    if set(map(type, texts)) <= {str}:  # one join; a character is a byte
+        try:
             data = "".join(texts).encode("latin-1")
-        else:
+        except UnicodeEncodeError:
+            return None
+    else:
+        try:
             texts = [t.encode("latin-1") if isinstance(t, str) else bytes(t) for t in texts]
-            data = b"".join(texts)
-        text_offsets = np.zeros(len(texts) + 1, np.int64)
-        np.cumsum(np.fromiter(map(len, texts), np.int64, len(texts)), out=text_offsets[1:])
-        text = np.frombuffer(data or bytes(1), np.uint8)
-        size = library().kdet_rle_count(len(texts), text.ctypes.data, text_offsets.ctypes.data)
-        self.counts = np.empty(max(size, 1), np.uint32)
-        self.offsets = np.empty(len(texts) + 1, np.int64)
-        _call(library().kdet_rle_decode, len(texts), text, text_offsets, self.counts,
-              self.offsets)
-        self.heights = np.fromiter((r["size"][0] for r in rles), np.int64, len(rles))
-        self.widths = np.fromiter((r["size"][1] for r in rles), np.int64, len(rles))
+        except UnicodeEncodeError:
+            return None
+        data = b"".join(texts)
+    offsets = np.zeros(len(texts) + 1, np.int64)
+    np.cumsum(np.fromiter(map(len, texts), np.int64, len(texts)), out=offsets[1:])
+    return np.frombuffer(data or bytes(1), np.uint8), offsets
+
+
+class Rles:
+    """Decoded COCO RLEs: RLE i's runs are ``counts[offsets[i]:offsets[i + 1]]`` (uint32),
+    of ``heights[i] x widths[i]`` pixels; ``areas()`` and ``boxes()`` as
+    ``maskUtils.area`` and ``maskUtils.toBbox``."""
+
+    def __init__(self, counts, offsets, heights, widths):
+        self.counts = np.ascontiguousarray(counts, np.uint32)
+        if len(self.counts) == 0:
+            self.counts = np.zeros(1, np.uint32)  # a valid pointer
+        self.offsets = _array(offsets, np.int64)
+        self.heights, self.widths = _array(heights, np.int64), _array(widths, np.int64)
         self._area = self._box = None
 
     def __len__(self):
@@ -129,6 +159,89 @@ class DecodedRles:
 
     def boxes(self):
         return self._area_bbox()[1]
+
+
+class DecodedRles(Rles):
+    """Compressed COCO RLEs (dicts with ``size`` and string ``counts``) decoded in C, as
+    pycocotools' ``rleFrString``. The strings must be valid (checked when the detections
+    and ground truths were read: :func:`check_rle_strings`)."""
+
+    def __init__(self, rles, heights=None, widths=None):
+        text, text_offsets = _joined_text(list(map(operator.itemgetter("counts"), rles)))
+        num = len(rles)
+        size = library().kdet_rle_count(num, text.ctypes.data, text_offsets.ctypes.data)
+        counts = np.empty(max(size, 1), np.uint32)
+        offsets = np.empty(num + 1, np.int64)
+        _call(library().kdet_rle_decode, num, text, text_offsets, counts, offsets)
+        if heights is None:
+            heights = np.fromiter((r["size"][0] for r in rles), np.int64, num)
+            widths = np.fromiter((r["size"][1] for r in rles), np.int64, num)
+        super().__init__(counts, offsets, heights, widths)
+
+
+def check_rle_strings(texts, heights, widths):
+    """Compressed RLE strings checked and measured in one C pass, without keeping their runs.
+
+    Returns ``(status, area, box)``: ``status[i]`` 0 where string i decodes (as
+    :func:`kdet.metrics.rle.decode_rle_strings`) to runs that are all >= 0 and add up to
+    ``heights[i] * widths[i]`` (:func:`kdet.metrics.rle.check_counts`), 1 where not, 2
+    where a number is longer than 12 characters (for the caller's exact reading); for
+    status 0 ``area[i]`` and ``box[i]`` are ``maskUtils.area`` and ``maskUtils.toBbox``.
+    None when a string holds a character past latin-1.
+    """
+    joined = _joined_text(texts)
+    if joined is None:
+        return None
+    text, text_offsets = joined
+    num = len(texts)
+    status, area, box = np.empty(num, np.uint8), np.empty(num), np.empty((num, 4))
+    _call(library().kdet_rle_check, num, text, text_offsets, _array(heights, np.int64),
+          _array(widths, np.int64), status, area, box)
+    return status, area, box
+
+
+def polygons_to_rles(coordinates, coordinate_offsets, polygons_per_mask, heights, widths):
+    """pycocotools' ``frPyObjects`` of polygons and ``merge`` of each mask's polygons, in C.
+
+    ``coordinates``: every polygon's x, y values back to back (float64), polygon j's
+    being ``coordinates[coordinate_offsets[j]:coordinate_offsets[j + 1]]``; mask i is the
+    union of the next ``polygons_per_mask[i]`` (>= 1) polygons, of ``heights[i] x
+    widths[i]`` pixels. Returns the masks' :class:`Rles`.
+    """
+    lib = library()
+    xy = _array(coordinates, np.float64)
+    if len(xy) == 0:
+        xy = np.zeros(1)
+    xy_offsets = _array(coordinate_offsets, np.int64)
+    per_mask = _array(polygons_per_mask, np.int64)
+    num_polys = len(xy_offsets) - 1
+    poly_h = np.repeat(_array(heights, np.int64), per_mask)
+    poly_w = np.repeat(_array(widths, np.int64), per_mask)
+    bound = np.empty(num_polys, np.int64)
+    total = lib.kdet_polygon_bounds(num_polys, xy.ctypes.data, xy_offsets.ctypes.data,
+                                    bound.ctypes.data)
+    if total < 0:
+        raise MemoryError("kdet_polygon_bounds: out of memory")
+    counts = _empty(max(total, 1), np.uint32)  # LVIS-scale ground truth: ~100 MB
+    offsets = np.empty(num_polys + 1, np.int64)
+    _call(lib.kdet_polygons_to_rle, num_polys, xy, xy_offsets, poly_h, poly_w, counts, offsets)
+    if len(per_mask) == num_polys:  # one polygon a mask: nothing to unite
+        return Rles(counts, offsets, heights, widths)
+    united = _empty(max(int(offsets[-1]), 1), np.uint32)
+    united_offsets = np.empty(len(per_mask) + 1, np.int64)
+    _call(lib.kdet_rle_union, len(per_mask), per_mask, counts, offsets, united, united_offsets)
+    return Rles(united, united_offsets, heights, widths)
+
+
+def encode_rles(rles):
+    """pycocotools' ``rleToString`` of every RLE of an :class:`Rles`: ``str`` counts."""
+    num = len(rles)
+    text = np.empty(max(7 * int(rles.offsets[-1]), 1), np.uint8)
+    text_offsets = np.empty(num + 1, np.int64)
+    _call(library().kdet_rle_encode, num, rles.counts, rles.offsets, text, text_offsets)
+    joined = text[:text_offsets[-1]].tobytes().decode("ascii")
+    bounds = text_offsets.tolist()
+    return [joined[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def rle_areas_boxes(rles, chunk=1 << 15):
@@ -172,14 +285,18 @@ def pair_oks(det_kpts, gt_kpts, gt_boxes, gt_area, sigmas, pair_det, pair_gt, mi
     oks = np.zeros(len(pair_det))
     exponents = np.zeros((min(chunk, len(pair_det)), num_kpts))
     count = np.zeros(len(exponents), np.int64)
+    near = np.zeros(len(exponents), np.int64)
+    num_near = np.zeros(1, np.int64)
+    means = np.zeros(len(exponents))
     for begin in range(0, len(pair_det), chunk):
         d, g = pair_det[begin:begin + chunk], pair_gt[begin:begin + chunk]
-        n = len(d)
-        _call(lib.kdet_oks_exponents, n, d, g, det_kpts, gt_kpts, gt_boxes, gt_area, variances,
-              num_kpts, float(max_exponent), exponents, count)
+        _call(lib.kdet_oks_exponents, len(d), d, g, det_kpts, gt_kpts, gt_boxes, gt_area,
+              variances, num_kpts, float(max_exponent), exponents, count, near, num_near)
+        n = int(num_near[0])  # the pairs that may match: rows 0 .. n - 1
         np.negative(exponents[:n], out=exponents[:n])
         np.exp(exponents[:n], out=exponents[:n])
-        _call(lib.kdet_oks_means, n, num_kpts, exponents, count, oks[begin:begin + n])
+        _call(lib.kdet_oks_means, n, num_kpts, exponents, count, means)
+        oks[begin + near[:n]] = means[:n]
     return oks
 
 
@@ -191,8 +308,8 @@ def match_detections(pair_iou, pair_start, group_first, group_ndet, group_gt_fir
     matched to an ignored ground truth, or unmatched and outside the area range
     (``det_outside [num_dets, A]``) is neither."""
     num_areas, num_thr = gt_ignore.shape[1], len(thresholds)
-    true_pos = np.empty((num_dets, num_areas, num_thr), np.uint8)
-    false_pos = np.empty((num_dets, num_areas, num_thr), np.uint8)
+    true_pos = _empty((num_dets, num_areas, num_thr), np.uint8)
+    false_pos = _empty((num_dets, num_areas, num_thr), np.uint8)
     i64, u8 = np.int64, np.uint8
     _call(library().kdet_match_detections, len(group_first), _array(group_first, i64),
           _array(group_ndet, i64), _array(group_gt_first, i64), _array(group_ngt, i64),
@@ -212,8 +329,8 @@ def accumulate(order, category_bounds, rank, true_pos, false_pos, num_positives,
     """
     num_cats, num_areas = num_positives.shape
     num_thr, num_rec, num_m = true_pos.shape[2], len(recall_thresholds), len(max_dets)
-    precision = np.empty((num_thr, num_rec, num_cats, num_areas, num_m))
-    recall = np.empty((num_thr, num_cats, num_areas, num_m))
+    precision = _empty((num_thr, num_rec, num_cats, num_areas, num_m), np.float64)
+    recall = _empty((num_thr, num_cats, num_areas, num_m), np.float64)
     i64, u8 = np.int64, np.uint8
     _call(library().kdet_accumulate, num_cats, _array(order, i64), _array(category_bounds, i64),
           _array(rank, i64), _array(true_pos, u8), _array(false_pos, u8),
