@@ -442,6 +442,24 @@ def test_keras_file_round_trip(builder, tmp_path, rng):
         np.testing.assert_allclose(_np(got[key]), _np(expected[key]), atol=1e-5)
 
 
+@pytest.mark.parametrize("builder", [
+    lambda: EfficientNet("b0", input_shape=(64, 64, 3)),
+    lambda: EfficientNetLite(0, input_shape=(64, 64, 3)),
+    lambda: MobileNetV2(input_shape=(64, 64, 3)),
+    lambda: ResNet(18, input_shape=(64, 64, 3), norm="batch"),
+])
+def test_every_backbone_batch_norm_is_kdets(builder):
+    """Each trainable batch norm is kdet's (the references' unbiased moving variance,
+    the EMA of the statistics): the B0-B7 backbone re-uses keras.applications layers,
+    whose Keras batch norms it once kept (D0's backbone then updated with the biased
+    variance, and its training step ran Keras' composite ops)."""
+    from kdet.layers import BatchNormalization
+
+    norms = [layer for layer in builder()._flatten_layers()
+             if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms and all(type(layer) is BatchNormalization for layer in norms)
+
+
 # --- MobileNetV2 ------------------------------------------------------------
 
 @pytest.mark.parametrize("alpha", [1.0] + _slow(0.5, 1.4))

@@ -88,7 +88,8 @@ def EfficientNet(variant="b0", input_shape=(None, None, 3), weights=None,
         A functional ``keras.Model``: images ``[B, H, W, 3]`` ->
         ``{"C1": [B, H/2, W/2, 16], ..., "C5": [B, H/32, W/32, 320]}`` (B0).
         Layers keep the Keras application names (``"block2a_expand_conv"``);
-        BN epsilon 1e-3, swish, squeeze-excite, stochastic depth 0.2.
+        BN epsilon 1e-3 (``kdet.layers.BatchNormalization``), swish,
+        squeeze-excite, stochastic depth 0.2.
 
     >>> import numpy as np
     >>> backbone = EfficientNet("b0", input_shape=(64, 64, 3), return_levels=(3, 4, 5))
@@ -110,8 +111,14 @@ def EfficientNet(variant="b0", input_shape=(None, None, 3), weights=None,
     # The re-called layers still remember their first call inside the
     # application, so `layer.output` would point into a graph that includes the
     # preprocessing. Rebuilding from the config gives fresh layers called once
-    # (the initialisation is random either way).
-    model = keras.Model.from_config(model.get_config())
+    # (the initialisation is random either way), with kdet's batch norm in place of
+    # Keras' (the same variables; the references' unbiased moving variance, TF's fused
+    # kernel in training, the EMA of the statistics: kdet.layers.BatchNormalization).
+    config = model.get_config()
+    for layer in config["layers"]:
+        if layer["class_name"] == "BatchNormalization":
+            layer.update(module=None, registered_name="kdet>BatchNormalization")
+    model = keras.Model.from_config(config)
     return load_weights_file(model, weights, "EfficientNet")
 
 
