@@ -123,6 +123,8 @@ def load_torch_state_dict(model, state_dict, torch_name=None, prefix="", strict=
     Returns:
         The list of ``state_dict`` keys that were copied.
     """
+    from kdet.layers.normalization import is_statistics_average
+
     torch_name = torch_name or (lambda name: name)
     state = {key: value for key, value in state_dict.items()}
     used, missing = [], []
@@ -136,6 +138,8 @@ def load_torch_state_dict(model, state_dict, torch_name=None, prefix="", strict=
         modules.add(prefix + module)
         for variable in layer.weights:
             var_name = variable.name.split("/")[-1]
+            if is_statistics_average(variable):
+                continue  # kdet's training state (the EMA of the BN statistics)
             if var_name not in _TORCH_SUFFIX:
                 raise ValueError(f"load_torch_state_dict: layer {layer.name!r} has variable "
                                  f"{var_name!r} with no PyTorch counterpart")

@@ -72,6 +72,10 @@ def copy_layer_weights(source, target):
     for layer in target._flatten_layers(include_self=False, recursive=True):
         if not layer.weights or layer.name not in by_name:
             continue
-        layer.set_weights(by_name[layer.name].get_weights())
+        # by variable name: either side may keep a BN statistics average the other lacks
+        values = {v.name: v for v in by_name[layer.name].weights}
+        for variable in layer.weights:
+            if variable.name in values:
+                variable.assign(values[variable.name])
         copied.append(layer.name)
     return copied

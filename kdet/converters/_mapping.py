@@ -36,11 +36,14 @@ def split_path(path):
 
 
 def model_variables(model, skip=()):
-    """``{Keras path: variable}`` of ``model``, leaving out the layers in ``skip``."""
+    """``{Keras path: variable}`` of ``model``, leaving out the layers in ``skip`` and the
+    batch norms' statistics averages (kdet's training state, in no checkpoint)."""
+    from kdet.layers.normalization import is_statistics_average
+
     skipped = {id(v) for layer in skip for v in layer.weights}
     out = {}
     for variable in model.weights:
-        if id(variable) in skipped:
+        if id(variable) in skipped or is_statistics_average(variable):
             continue
         if variable.path in out:
             raise ValueError(f"two weights share the Keras path {variable.path!r}; the converter "

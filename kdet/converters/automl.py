@@ -120,8 +120,12 @@ def _backbone_names(backbone, scope):
                      for name in timm.values() if name.startswith("blocks.")})
     flat = {block: index for index, block in enumerate(blocks)}
     expanded = {name.rsplit(".", 1)[0] for name in timm.values() if name.endswith(".conv_pwl")}
+    from kdet.layers.normalization import is_statistics_average
+
     names = {}
     for variable in backbone.weights:
+        if is_statistics_average(variable):
+            continue  # kdet's training state, in no checkpoint
         layer, _, var = variable.path.rpartition("/")
         module = timm[layer.split("/")[-1]]
         if module in ("conv_stem", "bn1"):

@@ -211,6 +211,17 @@ class BatchNormalization(keras.layers.BatchNormalization):
         return config
 
 
+# the variables of a statistics average: training state with no counterpart in a
+# reference checkpoint (weight loaders and converters leave them alone)
+STATISTICS_AVERAGE_VARIABLES = ("averaged_moving_mean", "averaged_moving_variance",
+                                "statistics_updates")
+
+
+def is_statistics_average(variable):
+    """Whether ``variable`` belongs to a :class:`BatchNormalization`'s statistics average."""
+    return variable.name.rsplit("/", 1)[-1] in STATISTICS_AVERAGE_VARIABLES
+
+
 def average_batch_norm_statistics(model, momentum, warmup=False):
     """Make every :class:`BatchNormalization` in ``model`` keep the EMA of its moving
     statistics (:meth:`BatchNormalization.average_statistics`); returns those layers.
