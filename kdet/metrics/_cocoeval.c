@@ -583,6 +583,20 @@ done:
     return status;
 }
 
+/* One cursor of a two-RLE walk (pycocotools' rleMerge / rleIou): take c from the current
+   run; when it is used up and runs are left, move to the next run, whose value flips.
+   Returns what remains of the current run. */
+static inline uint32_t rle_step(uint32_t *count, int64_t *index, int *value,
+                                const uint32_t *runs, int64_t length, uint32_t c)
+{
+    *count -= c;
+    if (!*count && *index < length) {
+        *count = runs[(*index)++];
+        *value = !*value;
+    }
+    return *count;
+}
+
 /* pycocotools' rleMerge (union, intersect=0) of consecutive RLEs of one size: group g
  * unites group_size[g] RLEs (in order, pairwise as pycocotools), writing its runs to
  * out[out_offsets[g] ..] back to back (out has room for all input runs). Returns 0, or
@@ -619,19 +633,7 @@ KDET_EXPORT int64_t kdet_rle_union(int64_t num_groups, const int64_t *group_size
             while (ct > 0) {
                 const uint32_t c = ca < cb ? ca : cb;
                 cc += c;
-                ct = 0;
-                ca -= c;
-                if (!ca && a < m) {
-                    ca = acc[a++];
-                    va = !va;
-                }
-                ct += ca;
-                cb -= c;
-                if (!cb && b < kb) {
-                    cb = bc[b++];
-                    vb = !vb;
-                }
-                ct += cb;
+                ct = rle_step(&ca, &a, &va, acc, m, c) + rle_step(&cb, &b, &vb, bc, kb, c);
                 const int vp = v;
                 v = va || vb;
                 if (v != vp || ct == 0) {
@@ -708,19 +710,7 @@ KDET_EXPORT int64_t kdet_rle_pair_iou(
                 u += c;
                 if (va && vb) i += c;
             }
-            ct = 0;
-            ca -= c;
-            if (!ca && a < ka) {
-                ca = ac[a++];
-                va = !va;
-            }
-            ct += ca;
-            cb -= c;
-            if (!cb && b < kb) {
-                cb = bc[b++];
-                vb = !vb;
-            }
-            ct += cb;
+            ct = rle_step(&ca, &a, &va, ac, ka, c) + rle_step(&cb, &b, &vb, bc, kb, c);
         }
         if (i == 0) u = 1;
         else if (crowd[p]) {
