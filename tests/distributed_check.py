@@ -16,7 +16,8 @@ interpreter with two logical CPU devices (TF: ``set_logical_device_configuration
   batch: the largest loss and weight differences, and the weight change for scale.
 * ``"batch_norm"`` (TF): kdet's synchronised ``BatchNormalization`` (momentum 0, so the
   moving variance is the batch's unbiased variance) run on the two halves of a batch, one
-  device on the whole batch, and numpy's ``var(ddof=1)``.
+  device on the whole batch, and numpy's ``var(ddof=1)``; the two-replica layer also
+  averages its statistics (``statistics_ema_momentum=0.5``, two calls).
 """
 import argparse
 import json
@@ -159,14 +160,18 @@ def batch_norm_comparison():
     one(x, training=True)
     strategy = TWO_REPLICAS
     with strategy.scope():
-        two = BatchNormalization(momentum=0.0, synchronized=True)
+        two = BatchNormalization(momentum=0.0, synchronized=True, statistics_ema_momentum=0.5)
         two.build(x.shape)
     halves = strategy.experimental_distribute_values_from_function(
         lambda context: x[2 * context.replica_id_in_sync_group:
                           2 * context.replica_id_in_sync_group + 2])
-    tf.function(lambda h: strategy.run(lambda a: two(a, training=True), args=(h,)))(halves)
+    step = tf.function(lambda h: strategy.run(lambda a: two(a, training=True), args=(h,)))
+    step(halves)
+    step(halves)  # the statistics' average: 0.5 x (0.5 x 1 + 0.5 v) + 0.5 v
     return {"one_device": ops.convert_to_numpy(one.moving_variance).tolist(),
             "two_replicas": ops.convert_to_numpy(two.moving_variance).tolist(),
+            "two_replicas_average": ops.convert_to_numpy(two.averaged_moving_variance).tolist(),
+            "two_replicas_updates": float(ops.convert_to_numpy(two.statistics_updates)),
             "numpy_unbiased": x.reshape(-1, x.shape[-1]).astype("float64").var(0, ddof=1).tolist()}
 
 

@@ -66,6 +66,10 @@ def test_synchronized_batch_norm_moving_variance_is_the_global_unbiased_one(chec
     bn = check_result["batch_norm"]
     np.testing.assert_allclose(bn["two_replicas"], bn["numpy_unbiased"], rtol=1e-5)
     np.testing.assert_allclose(bn["one_device"], bn["numpy_unbiased"], rtol=1e-5)
+    # the EMA of the statistics under MirroredStrategy: one update a step, from the initial 1
+    unbiased = np.asarray(bn["numpy_unbiased"])
+    np.testing.assert_allclose(bn["two_replicas_average"], 0.25 + 0.75 * unbiased, rtol=1e-5)
+    assert bn["two_replicas_updates"] == 2
 
 
 @pytest.mark.parametrize("loss", ["rpn", "fastrcnn", "mask", "keypoint",
