@@ -17,7 +17,7 @@ from kdet.workflow.presets import PRESETS, describe
 needs_torchvision = pytest.mark.skipif(not HAVE_TORCHVISION, reason="torchvision not installed")
 
 CHOSEN = {"model": "efficientdet", "phi": "lite0", "backbone_weights": "imagenet",
-          "image_size": 384, "batch_size": 8, "learning_rate": 0.08, "epochs": 20,
+          "image_size": 384, "batch_size": 8, "learning_rate": 0.08, "epochs": 40,
           "augment": ["scale_jitter", "flip", "color"], "scale_range": (0.75, 1.25),
           "ema": "auto"}
 
