@@ -25,8 +25,8 @@ the reference's).
 import dataclasses
 import math
 
-__all__ = ["Recipe", "RECIPES", "make_optimizer", "describe", "schedule_lengths",
-           "apply_to_model"]
+__all__ = ["Recipe", "RECIPES", "make_optimizer", "describe", "describe_augmentation",
+           "schedule_lengths", "apply_to_model"]
 
 _TV = "pytorch/vision references/detection"
 _TV_COMMIT = "3ceb056d4c4a2d79ccdc65cbd2342b0e89a7ae47"
@@ -269,6 +269,18 @@ def apply_to_model(recipe, model):
                 layer.rate = 0.0
 
 
+def describe_augmentation(augment, scale_range):
+    """``"scale_jitter, flip 0.1-2"``: the augmentations, the jitter's range with it.
+
+    >>> describe_augmentation(("scale_jitter", "flip"), (0.1, 2.0)), describe_augmentation((), None)
+    ('scale_jitter, flip 0.1-2', 'none')
+    """
+    text = ", ".join(augment) or "none"
+    if "scale_jitter" in augment and scale_range:
+        text += " {:g}-{:g}".format(*scale_range)
+    return text
+
+
 def describe(recipe, batch_size=None, steps=None, steps_per_epoch=None):
     """Lines stating ``recipe`` (what ``kdet train`` prints at the start)."""
     recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
@@ -289,11 +301,8 @@ def describe(recipe, batch_size=None, steps=None, steps_per_epoch=None):
         lines.append(f"  {steps} steps ({steps / spe:g} epochs of {spe}); warmup {warmup} steps"
                      + (f"; lr x{recipe.gamma} at steps {list(milestones)}" if milestones
                         else ""))
-    applied = ", ".join(recipe.augment) or "none"
-    if "scale_jitter" in recipe.augment and recipe.scale_range:
-        applied += " {:g}-{:g}".format(*recipe.scale_range)
-    lines.append(f"  augmentation: {applied} (reference: {recipe.augmentation}); "
-                 f"BN: {recipe.batch_norm}")
+    lines.append(f"  augmentation: {describe_augmentation(recipe.augment, recipe.scale_range)}"
+                 f" (reference: {recipe.augmentation}); BN: {recipe.batch_norm}")
     model_settings = []
     if recipe.backbone_batch_norm_momentum is not None:
         model_settings.append(f"backbone BN momentum {recipe.backbone_batch_norm_momentum}")

@@ -270,10 +270,9 @@ def _train_in_scope(settings, model, datasets, extra_callbacks, started, scopes)
         from kdet.recipes import describe
         print("\n".join(describe(recipe, batch_size, epochs * steps, steps)), flush=True)
     if settings["verbose"]:
-        augment = ", ".join(settings["augment"]) or "none"
-        if "scale_jitter" in settings["augment"]:
-            augment += " {:g}-{:g}".format(*settings["scale_range"])
-        print(f"augmentation applied: {augment}", flush=True)
+        from kdet.recipes import describe_augmentation
+        print("augmentation applied: "
+              + describe_augmentation(settings["augment"], settings["scale_range"]), flush=True)
 
     # tf.data resolves its op seeds against TF's global seed when a pipeline is built: fix it
     # here, so an interrupted run and its resumption build identical epochs
