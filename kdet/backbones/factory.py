@@ -10,6 +10,7 @@ import keras
 from kdet.backbones.efficientnet import EfficientNet
 from kdet.backbones.mobilenet import MobileNetV2
 from kdet.backbones.resnet import ResNet
+from kdet.layers.normalization import is_statistics_average
 
 NAMES = ("resnet50", "resnet101", "efficientnet_b0..efficientnet_b7", "mobilenet_v2")
 
@@ -72,10 +73,14 @@ def copy_layer_weights(source, target):
     for layer in target._flatten_layers(include_self=False, recursive=True):
         if not layer.weights or layer.name not in by_name:
             continue
-        # by variable name: either side may keep a BN statistics average the other lacks
-        values = {v.name: v for v in by_name[layer.name].weights}
-        for variable in layer.weights:
-            if variable.name in values:
-                variable.assign(values[variable.name])
+        # by variable name, leaving out the BN statistics averages (training state either
+        # side may keep); every other variable must match, as set_weights required
+        values = {v.name: v for v in by_name[layer.name].weights if not is_statistics_average(v)}
+        targets = [v for v in layer.weights if not is_statistics_average(v)]
+        if sorted(values) != sorted(v.name for v in targets):
+            raise ValueError(f"copy_layer_weights: layer {layer.name!r} has variables "
+                             f"{sorted(v.name for v in targets)}, the source {sorted(values)}")
+        for variable in targets:
+            variable.assign(values[variable.name])
         copied.append(layer.name)
     return copied
