@@ -17,10 +17,11 @@ number of steps into the Keras optimizer; each detector's ``default_optimizer()`
     >>> opt._learning_rate.milestones                # epochs 16 and 22 of 26
     (1600, 2200)
 
-What kdet does not reproduce (the recipes' ``notes`` say it per recipe): timm's
-ModelEmaV2 and automl's EMA also average the BatchNorm moving statistics, Keras' EMA only
-the trainable variables; data augmentation is kdet's pipeline's (``augmentation`` names
-the reference's).
+Like timm's ModelEmaV2 and automl's EMA, kdet averages the BatchNorm moving statistics
+beside the weights (``kdet.layers.BatchNormalization(statistics_ema_momentum=)``, set by
+:func:`kdet.workflow.models.make_optimizer`). What kdet does not reproduce (the recipes'
+``notes`` say it per recipe): data augmentation is kdet's pipeline's (``augmentation``
+names the reference's, ``augment`` what kdet applies for it).
 """
 import dataclasses
 import math
@@ -142,10 +143,13 @@ RECIPES = {r.name: r for r in (
         source=f"rwightman/efficientdet-pytorch train.py@{_EFFDET_COMMIT} (--opt momentum 0.9, "
                "--weight-decay 4e-5 via timm create_optimizer: no decay on biases and 1-d "
                "params, --clip-grad 10 norm before optimizer.step, --sched cosine per epoch, "
-               "--warmup-lr 1e-4, --min-lr 1e-5, --epochs 300, --model-ema-decay 0.9998 "
-               "(ModelEmaV2) + README's COCO D0 command: 4 GPUs x -b 16, --lr .09, "
-               "--warmup-epochs 5, --model-ema)",
-        reference_batch=64, learning_rate=0.09, reference_epochs=300, schedule="timm_cosine",
+               "--warmup-lr 1e-4, --min-lr 1e-5, --epochs 300, --cooldown-epochs 10 (then "
+               "at min_lr: 310 epochs in all), --model-ema-decay 0.9998 (ModelEmaV2) + "
+               "README's COCO D0 command: 4 GPUs x -b 16, --lr .09, --warmup-epochs 5, "
+               "--model-ema)",
+        # the cosine spans 300 of the 310 epochs, so a run of any length ends with the
+        # same 1/31 at min_lr as effdet's cool-down
+        reference_batch=64, learning_rate=0.09, reference_epochs=310, schedule="timm_cosine",
         weight_decay=4e-5, decay_variables="kernels", warmup_epochs=5, warmup_start=1e-4,
         scale_warmup_start=False, min_learning_rate=1e-5, cosine_epochs=300,
         global_clipnorm=10.0, ema_momentum=0.9998, ema_warmup=False,
@@ -159,8 +163,9 @@ RECIPES = {r.name: r for r in (
         # effdet/config/model_config.py: tf_efficientdet_lite* backbone_args drop_path_rate
         # 0.0 (its D-models' 0.2 is kdet's / automl's)
         drop_path_off_for=("efficientnet_lite",),
-        notes="cooldown epochs (10, at min_lr) are not part of the schedule; ModelEmaV2 "
-              "averages the BN buffers too (kdet: statistics_ema_momentum)"),
+        notes="the cool-down is a fraction of the run (10 of 310 epochs), not 10 epochs "
+              "whatever its length; ModelEmaV2 averages the BN buffers too (kdet: "
+              "statistics_ema_momentum)"),
     Recipe(
         name="fast_rcnn_paper",
         source="rbgirshick/fast-rcnn models/*/solver.prototxt (base_lr 0.001, momentum 0.9, "

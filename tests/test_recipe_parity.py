@@ -121,8 +121,9 @@ def test_effdet_timm_momentum_cosine_clip_ema():
     net = _torch_net()
     params = list(net.parameters())
     initial = [p.detach().numpy().copy() for p in params]
-    batch, steps_per_epoch, epochs = 16, 2, 12
-    # the EMA's decay lowered so that 24 steps move it measurably
+    # 31 epochs: timm's cosine over 30 and effdet's cool-down (10 of its 310 epochs) over 1
+    batch, steps_per_epoch, epochs = 16, 2, 31
+    # the EMA's decay lowered so that 62 steps move it measurably
     recipe = dataclasses.replace(recipes.RECIPES["effdet"], ema_momentum=0.9)
     ours = recipes.make_optimizer(recipe, batch_size=batch, steps=epochs * steps_per_epoch,
                                   steps_per_epoch=steps_per_epoch)
@@ -131,12 +132,13 @@ def test_effdet_timm_momentum_cosine_clip_ema():
     # effdet train.py's arguments (defaults, README's lr .09 for 64 images, scaled)
     args = types.SimpleNamespace(
         opt="momentum", lr=0.09 / 64 * batch, weight_decay=4e-5, momentum=0.9, sched="cosine",
-        epochs=epochs, warmup_epochs=recipes.schedule_lengths(
+        epochs=30, warmup_epochs=recipes.schedule_lengths(
             recipe, epochs * steps_per_epoch, steps_per_epoch)[2] // steps_per_epoch,
-        warmup_lr=1e-4, min_lr=1e-5, cooldown_epochs=0, decay_rate=0.1, lr_noise=None)
+        warmup_lr=1e-4, min_lr=1e-5, cooldown_epochs=1, decay_rate=0.1, lr_noise=None)
     assert args.warmup_epochs == 5
     optimizer = timm_optim.create_optimizer(args, net)
-    scheduler, _ = timm_scheduler.create_scheduler(args, optimizer)
+    scheduler, num_epochs = timm_scheduler.create_scheduler(args, optimizer)
+    assert num_epochs == epochs  # train.py: the cosine's epochs + the cool-down's
     ema = timm_utils.ModelEmaV2(net, decay=0.9)
     step = 0
     for epoch in range(epochs):
