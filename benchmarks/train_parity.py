@@ -20,8 +20,8 @@ Rows (``ROWS``):
   Faster R-CNN: torchvision ``FasterRCNN`` over ``BackboneWithFPN(mobilenet_v2().features,
   features 3/6/13/18 -> 256, LastLevelMaxPool)`` with its default FPN anchors and RoIAlign.
 * ``retinanet_mobilenet``: ``torchvision_retinanet`` recipe; torchvision ``RetinaNet`` over
-  the same body at C3..C5 with P6/P7 from P5 (kdet ``version=1``); kdet's RetinaNet (and
-  EfficientDet) need ``--image-size`` a multiple of 128; effdet's predict needs >= 256 px
+  the same body at C3..C5 with P6/P7 from P5 (kdet ``version=1``); kdet's RetinaNet needs
+  ``--image-size`` a multiple of 32, EfficientDet one of 128; effdet's predict needs >= 256 px
   (it takes the top 5000 anchors: 128 px has ~4000).
 * ``maskrcnn_mobilenet``: the Faster R-CNN row's model with torchvision's mask head;
   box and mask AP (Penn-Fudan's ``PedMasks`` as RLEs in the split).

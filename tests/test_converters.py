@@ -269,6 +269,36 @@ def test_retinanet_matches_torchvision(version):
 
 
 @needs_torchvision
+def test_retinanet_off_128_sizes_match_torchvision_anchors_and_pyramid():
+    """A size that is a multiple of 32 but not of 128 (torchvision pads to 32; its default
+    800 px is one): P6 / P7 round up (288 px: 5 and 3 cells) and torchvision steps their
+    anchors by ``image // cells`` (57 and 96, not 64 and 128). Pyramid shapes, raw outputs
+    and anchors equal torchvision's."""
+    import torch
+    from torchvision.models.detection.image_list import ImageList
+
+    num_classes, size = 3, 288
+    images = _images(size, batch=1)
+    ref, x = _retinanet_reference(1, num_classes, images)
+    model = build_torchvision("retinanet_resnet50_fpn", num_classes=num_classes,
+                              image_size=size, backbone_norm="batch")
+    convert_torchvision(ref.state_dict(), model)
+    with torch.no_grad():
+        pyramid = list(ref.backbone(x).values())
+        expected = ref.head(pyramid)
+    assert [tuple(p.shape[-2:]) for p in pyramid] == [(36, 36), (18, 18), (9, 9), (5, 5),
+                                                      (3, 3)]
+    out = _forward(model, images)
+    _report("288 px cls_logits", _np(out["cls_logits"]), expected["cls_logits"].numpy())
+    _report("288 px box_deltas", _np(out["box_deltas"]), expected["bbox_regression"].numpy())
+    anchors = ref.anchor_generator(ImageList(x, [(size, size)]), pyramid)[0].numpy()
+    np.testing.assert_allclose(model.anchors, anchors, atol=1e-4)
+    # the last level's anchors step by 288 // 3 = 96 px
+    last = model.anchors[-9 * 9:].reshape(3, 3, 9, 4)
+    np.testing.assert_allclose(last[0, 1, 0] - last[0, 0, 0], [96, 0, 96, 0])
+
+
+@needs_torchvision
 def test_torchvision_classification_checkpoints_go_to_backbones():
     import torchvision
     ref = torchvision.models.resnet18()

@@ -47,7 +47,7 @@ def test_variant_names_and_errors():
     assert kdet.models.EfficientDet(phi="lite0", num_classes=2, image_size=128).variant == "lite0"
     with pytest.raises(ValueError, match="unknown EfficientDet variant"):
         kdet.models.EfficientDet(phi=9)
-    with pytest.raises(ValueError, match="multiple of 128"):
+    with pytest.raises(ValueError, match="multiple of 32"):
         kdet.models.RetinaNet(num_classes=2, image_size=300)
     with pytest.raises(ValueError, match="version"):
         kdet.models.RetinaNet(num_classes=2, version=3)

@@ -45,6 +45,8 @@ import logging
 logger = logging.getLogger("kdet.data")
 
 AUGMENTATIONS = ("scale_jitter", "flip", "color")
+# automl's / effdet's jitter: the image resized by a random factor in this range
+SCALE_RANGE = (0.1, 2.0)
 BOX_FORMATS = ("xyxy", "yxyx", "xywh", "center_xywh", "center_yxhw",
                "rel_xyxy", "rel_yxyx", "rel_xywh", "rel_center_xywh")
 
@@ -252,7 +254,7 @@ def warn_objects_beyond(dataset, max_boxes, keep_crowd=False):
 
 def build_pipeline(dataset, image_size, batch_size, training, max_boxes=100,
                    augment=AUGMENTATIONS, seed=None, deterministic=False,
-                   bounding_box_format="xyxy", scale_range=(0.1, 2.0), keypoint_flip_map=None,
+                   bounding_box_format="xyxy", scale_range=SCALE_RANGE, keypoint_flip_map=None,
                    include_masks=None, mask_size=None, keep_crowd=False, shuffle=None,
                    shuffle_buffer=2048, drop_remainder=None, repeat=False, check_pixels=True,
                    min_size=None, max_size=1333):

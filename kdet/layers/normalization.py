@@ -226,18 +226,21 @@ def average_batch_norm_statistics(model, momentum, warmup=False):
     """Make every :class:`BatchNormalization` in ``model`` keep the EMA of its moving
     statistics (:meth:`BatchNormalization.average_statistics`); returns those layers.
     Call it before ``fit`` traces the training step."""
-    layers = averaged_batch_norms(model, every=True)
+    layers = batch_norms(model)
     for layer in layers:
         layer.average_statistics(momentum, warmup)
     return layers
 
 
-def averaged_batch_norms(model, every=False):
-    """The :class:`BatchNormalization` layers of ``model`` that keep a statistics average
-    (``every``: all of them)."""
+def batch_norms(model):
+    """The :class:`BatchNormalization` layers of ``model`` (nested models included)."""
     return [layer for layer in model._flatten_layers(include_self=False)
-            if isinstance(layer, BatchNormalization)
-            and (every or layer.statistics_ema_momentum is not None)]
+            if isinstance(layer, BatchNormalization)]
+
+
+def averaged_batch_norms(model):
+    """The :class:`BatchNormalization` layers of ``model`` that keep a statistics average."""
+    return [layer for layer in batch_norms(model) if layer.statistics_ema_momentum is not None]
 
 
 @keras.saving.register_keras_serializable(package="kdet")

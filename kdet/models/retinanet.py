@@ -35,8 +35,11 @@ class RetinaNet(DenseDetector):
         num_classes: foreground classes (torchvision COCO: 91).
         backbone: "resnet50" | "resnet101" | "efficientnet_b0".."b7" | "mobilenet_v2".
         version: 1 or 2 (see module docstring).
-        image_size: square input size, a multiple of 128 (torchvision resizes
-            to 800-1333; kdet trains on fixed padded squares).
+        image_size: square input size, a multiple of 32 (torchvision resizes
+            to 800-1333 and pads to 32; kdet trains on fixed padded squares). Where
+            it is not a multiple of 128, P6 / P7 round up (800: 13 and 7 cells) and
+            their anchors step by ``image_size // cells`` (61 and 114), torchvision's
+            rule.
         backbone_norm: "batch" (torchvision with ``weights=None``) or
             "frozen_batch" (torchvision's pretrained builders).
         trainable_backbone_layers: 0..5, torchvision semantics.
@@ -52,8 +55,8 @@ class RetinaNet(DenseDetector):
         if version not in (1, 2):
             raise ValueError(f"RetinaNet version must be 1 or 2, got {version!r}")
         size = int(image_size)
-        if size % 128:
-            raise ValueError(f"image_size {size} must be a multiple of 128 (P7 has stride 128)")
+        if size % 32:
+            raise ValueError(f"image_size {size} must be a multiple of 32 (C5 has stride 32)")
         images = keras.Input((size, size, 3), name="images")
         x = ImageNormalization(name="normalize")(images)  # ImageNet mean/std
         body = build_backbone(backbone, size, backbone_weights, backbone_norm,

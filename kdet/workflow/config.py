@@ -21,6 +21,7 @@ import json
 import os
 import re
 
+from kdet.data.pipeline import AUGMENTATIONS
 from kdet.recipes import RECIPES
 from kdet.workflow.presets import PRESETS
 
@@ -29,7 +30,6 @@ DATA_FORMATS = ("coco", "voc", "yolo", "tfrecord", "shapes", "masks")
 MODEL_NAMES = ("efficientdet", "retinanet", "fasterrcnn", "fasterrcnn_c4", "maskrcnn",
                "keypointrcnn")
 RECIPE_NAMES = tuple(RECIPES)
-AUGMENTATIONS = ("scale_jitter", "flip", "color")
 
 
 def _bool(value):

@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 
+from kdet.data.pipeline import AUGMENTATIONS, SCALE_RANGE
 from kdet.workflow.config import DATA_FORMATS
 
 EPOCH_SEED_STRIDE = 100003
@@ -215,7 +216,7 @@ def _fit_targets(annotations):
 
 
 def training_batches(dataset, image_size, batch_size, steps_per_epoch, first_epoch, epochs,
-                     seed=0, augment=("scale_jitter", "flip", "color"), scale_range=(0.1, 2.0),
+                     seed=0, augment=AUGMENTATIONS, scale_range=SCALE_RANGE,
                      max_boxes=None, deterministic=True, annotations=()):
     """``(images, {"boxes", "labels"})`` batches of epochs ``first_epoch .. epochs - 1``.
 

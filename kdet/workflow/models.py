@@ -289,14 +289,14 @@ def resolve_augmentation(model, settings):
     """Fill ``settings["augment"]`` / ``["scale_range"]`` left unset with the model's recipe's
     (:class:`kdet.recipes.Recipe` ``augment`` / ``scale_range``: what the reference trainer
     applies), or kdet's pipeline defaults for a model without a recipe."""
-    from kdet.data.pipeline import AUGMENTATIONS
+    from kdet.data.pipeline import AUGMENTATIONS, SCALE_RANGE
 
     recipe = model_recipe(model, settings)
     if settings.get("augment") is None:
         settings["augment"] = list(recipe.augment if recipe is not None else AUGMENTATIONS)
     if settings.get("scale_range") is None:
         scale_range = recipe.scale_range if recipe is not None else None
-        settings["scale_range"] = tuple(scale_range or (0.1, 2.0))
+        settings["scale_range"] = tuple(scale_range or SCALE_RANGE)
     return settings
 
 
