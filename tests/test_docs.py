@@ -415,7 +415,8 @@ def test_modules_import_no_cycles():
 # Where TensorFlow and JAX may be imported (docs/architecture.md, "Backends").
 TENSORFLOW_PACKAGES = ("kdet.data", "kdet.export", "kdet.workflow", "kdet.training")
 TENSORFLOW_MODULES = ("kdet.converters.automl", "kdet.ops.nms", "kdet.ops.roi_align",
-                      "kdet.layers.normalization", "kdet.tf_startup", "kdet.distribute")
+                      "kdet.layers.normalization", "kdet.layers.depthwise", "kdet.tf_startup",
+                      "kdet.distribute")
 JAX_MODULES = ("kdet.ops.nms",)
 
 

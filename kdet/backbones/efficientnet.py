@@ -31,6 +31,7 @@ import keras
 
 from kdet.backbones._common import (check_return_levels, conv_initializer, feature_model,
                                     load_torch_state_dict, load_weights_file)
+from kdet.layers.depthwise import DepthwiseConv2D
 from kdet.layers.normalization import BatchNormalization
 
 _LEVELS = (1, 2, 3, 4, 5)
@@ -113,11 +114,12 @@ def EfficientNet(variant="b0", input_shape=(None, None, 3), weights=None,
     # preprocessing. Rebuilding from the config gives fresh layers called once
     # (the initialisation is random either way), with kdet's batch norm in place of
     # Keras' (the same variables; the references' unbiased moving variance, TF's fused
-    # kernel in training, the EMA of the statistics: kdet.layers.BatchNormalization).
+    # kernel in training, the EMA of the statistics: kdet.layers.BatchNormalization) and
+    # kdet's depthwise convolution (the same variables; a fast kernel gradient on TF).
     config = model.get_config()
     for layer in config["layers"]:
-        if layer["class_name"] == "BatchNormalization":
-            layer.update(module=None, registered_name="kdet>BatchNormalization")
+        if layer["class_name"] in ("BatchNormalization", "DepthwiseConv2D"):
+            layer.update(module=None, registered_name=f"kdet>{layer['class_name']}")
     model = keras.Model.from_config(config)
     return load_weights_file(model, weights, "EfficientNet")
 
@@ -169,9 +171,8 @@ def _lite_conv(filters, kernel_size, strides, name):
 
 
 def _lite_dwconv(kernel_size, strides, name):
-    return keras.layers.DepthwiseConv2D(kernel_size, strides=strides, padding="same",
-                                        use_bias=False,
-                                        depthwise_initializer=conv_initializer(), name=name)
+    return DepthwiseConv2D(kernel_size, strides=strides, padding="same", use_bias=False,
+                           depthwise_initializer=conv_initializer(), name=name)
 
 
 def _bn(name):
