@@ -18,11 +18,15 @@ CASES = [  # (batch, size, channels, kernel, stride, padding)
 ]
 
 
-def _pair(kernel, stride, padding, use_bias, activation):
+def _pair(kernel, stride, padding, use_bias, activation, input_shape):
+    """kdet's layer and Keras', built for ``input_shape`` with the same (random) weights."""
     kwargs = dict(strides=stride, padding=padding, use_bias=use_bias, activation=activation,
                   depthwise_initializer="glorot_uniform", bias_initializer="glorot_uniform")
     ours, theirs = DepthwiseConv2D(kernel, **kwargs), keras.layers.DepthwiseConv2D(kernel,
                                                                                   **kwargs)
+    ours.build(input_shape)
+    theirs.build(input_shape)
+    theirs.set_weights(ours.get_weights())
     return ours, theirs
 
 
@@ -35,10 +39,7 @@ def test_fast_kernel_gradient_equals_keras(case, use_bias, activation):
     batch, size, channels, kernel, stride, padding = case
     rng = np.random.default_rng(size * kernel + stride)
     x = tf.constant(rng.normal(size=(batch, size, size, channels)).astype("float32"))
-    ours, theirs = _pair(kernel, stride, padding, use_bias, activation)
-    ours.build(x.shape)
-    theirs.build(x.shape)
-    theirs.set_weights(ours.get_weights())
+    ours, theirs = _pair(kernel, stride, padding, use_bias, activation, x.shape)
     assert ours._fast_route(x, True) and not ours._fast_route(x, False)
 
     def grads(layer, training):
@@ -61,11 +62,8 @@ def test_fast_kernel_gradient_equals_keras(case, use_bias, activation):
 def test_fast_kernel_gradient_with_an_unknown_batch():
     import tensorflow as tf
 
-    ours, theirs = _pair(5, 2, "same", False, None)
     x = np.random.default_rng(0).normal(size=(3, 12, 12, 4)).astype("float32")
-    ours.build(x.shape)
-    theirs.build(x.shape)
-    theirs.set_weights(ours.get_weights())
+    ours, theirs = _pair(5, 2, "same", False, None, x.shape)
 
     @tf.function(input_signature=[tf.TensorSpec([None, 12, 12, 4], tf.float32)])
     def kernel_gradient(images):
@@ -80,11 +78,8 @@ def test_fast_kernel_gradient_with_an_unknown_batch():
 
 
 def test_same_layer_and_variables_as_keras_elsewhere():
-    ours, theirs = _pair(5, 1, "same", True, None)
     x = np.random.default_rng(1).normal(size=(2, 8, 8, 3)).astype("float32")
-    ours.build(x.shape)
-    theirs.build(x.shape)
-    theirs.set_weights(ours.get_weights())
+    ours, theirs = _pair(5, 1, "same", True, None, x.shape)
     assert [v.path.split("/")[-1] for v in ours.weights] == \
         [v.path.split("/")[-1] for v in theirs.weights]
     for training in (False, None):  # predict / export: Keras' own call
