@@ -20,7 +20,8 @@ Rows (``ROWS``):
   Faster R-CNN: torchvision ``FasterRCNN`` over ``BackboneWithFPN(mobilenet_v2().features,
   features 3/6/13/18 -> 256, LastLevelMaxPool)`` with its default FPN anchors and RoIAlign.
 * ``retinanet_mobilenet``: ``torchvision_retinanet`` recipe; torchvision ``RetinaNet`` over
-  the same body at C3..C5 with P6/P7 from P5 (kdet ``version=1``); kdet's RetinaNet needs
+  the same body at C3..C5 with P6/P7 from P5 (kdet ``version=1``), one output per class as
+  kdet's (``reference_label_offset``); kdet's RetinaNet needs
   ``--image-size`` a multiple of 32, EfficientDet one of 128; effdet's predict needs >= 256 px
   (it takes the top 5000 anchors: 128 px has ~4000).
 * ``maskrcnn_mobilenet``: the Faster R-CNN row's model with torchvision's mask head;
@@ -311,6 +312,15 @@ def tv_mobilenet_fpn(levels, extra_blocks, imagenet):
         [MOBILENET_LEVELS[n][1] for n in levels], 256, extra_blocks=extra_blocks)
 
 
+def reference_label_offset(row):
+    """What the reference's labels are below the split's category ids (1-based): 1 for
+    RetinaNet, built here with one output per class like kdet's (torchvision's own
+    convention counts an unused class 0, whose always-negative focal loss would train the
+    shared head too; the session 8 run with it is ``retinanet_mobilenet_10ep.json``), 0
+    for the R-CNNs, whose class 0 is the softmax's background on both sides."""
+    return 1 if ROWS[row]["reference"] == "tv_retinanet_mobilenet_fpn" else 0
+
+
 def build_reference(row, num_classes, image_size, imagenet):
     """``(model, loss_fn)``: the reference detector of ``row`` (``num_classes`` foreground
     classes) and ``loss_fn(images, targets) -> loss`` of one batch (xyxy pixel targets)."""
@@ -324,7 +334,8 @@ def build_reference(row, num_classes, image_size, imagenet):
     size = dict(min_size=image_size, max_size=image_size)
     if name == "tv_retinanet_mobilenet_fpn":  # v1: P6 from P5 (kdet version=1)
         backbone = tv_mobilenet_fpn((3, 4, 5), LastLevelP6P7(256, 256), imagenet)
-        model = RetinaNet(backbone, num_classes + 1, anchor_generator=_default_anchorgen(),
+        # one output per class, as kdet's (reference_label_offset)
+        model = RetinaNet(backbone, num_classes, anchor_generator=_default_anchorgen(),
                           **size)
     else:  # torchvision's default FPN anchors / RoIAlign, as kdet's FasterRCNN
         backbone = tv_mobilenet_fpn((2, 3, 4, 5), LastLevelMaxPool(), imagenet)
@@ -504,7 +515,8 @@ def run_reference(row, args, split):
                 info, pixels = data[order[(step * args.batch_size + k) % len(order)]]
                 objects = targets.get(info["id"], [])
                 boxes = torch.tensor([b for b, _ in objects], dtype=torch.float32).reshape(-1, 4)
-                target = {"labels": torch.tensor([c for _, c in objects], dtype=torch.int64)}
+                target = {"labels": torch.tensor([c - reference_label_offset(row)
+                                                  for _, c in objects], dtype=torch.int64)}
                 if ROWS[row].get("masks"):
                     target["masks"] = torch.stack(masks[info["id"]]) if objects else \
                         torch.zeros((0,) + tuple(pixels.shape[-2:]), dtype=torch.uint8)
@@ -559,7 +571,8 @@ def reference_detections(row, model, test_coco):
                                          "segmentation": dict(rle, counts=rle["counts"].decode()),
                                          "score": float(score)})
             for box, score, label in rows:
-                detections.append({"image_id": info["id"], "category_id": int(label),
+                label = int(label) + reference_label_offset(row)
+                detections.append({"image_id": info["id"], "category_id": label,
                                    "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
                                    "score": float(score)})
     return detections, segments
