@@ -12,7 +12,7 @@ gradient as the filter and the batch folded into the channels::
 summed over ``n`` afterwards -- 2-5x faster than the native op for 5 x 5 kernels
 (3 x 3 kernels are faster natively, so they keep it). :class:`DepthwiseConv2D` takes
 that route when TensorFlow trains a float32, channels-last, undilated layer with a
-kernel of 5 or more; everywhere else (JAX, predict, export, 3 x 3) it is
+kernel of 5 or more on CPU; everywhere else (JAX, a GPU, predict, export, 3 x 3) it is
 ``keras.layers.DepthwiseConv2D``, with the same variables.
 """
 import keras
@@ -75,6 +75,14 @@ def _depthwise_conv_fast_filter_gradient(inputs, kernel, strides, padding):
     return conv(inputs, tf.identity(kernel))
 
 
+def _cpu_only():
+    """Whether TensorFlow sees no GPU: the measured gain is over its CPU kernel (cuDNN's
+    gradient is another matter, not measured here)."""
+    import tensorflow as tf
+
+    return not tf.config.list_logical_devices("GPU")
+
+
 @keras.saving.register_keras_serializable(package="kdet")
 class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
     """``keras.layers.DepthwiseConv2D`` with a fast kernel gradient when TensorFlow trains
@@ -87,7 +95,7 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
     """
 
     def _fast_route(self, inputs, training):
-        return (training and keras.backend.backend() == "tensorflow"
+        return (training and keras.backend.backend() == "tensorflow" and _cpu_only()
                 and self.data_format == "channels_last" and self.depth_multiplier == 1
                 and tuple(self.dilation_rate) == (1, 1) and self.padding in ("same", "valid")
                 and min(self.kernel_size) >= FAST_FILTER_GRADIENT_MIN_KERNEL
