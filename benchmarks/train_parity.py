@@ -504,6 +504,7 @@ def run_reference(row, args, split):
     optimizer, per_epoch, per_step, clip = reference_optimizer(
         row, model, recipe, args.batch_size, epochs, steps_per_epoch)
     rng = np.random.default_rng(args.seed)
+    label_offset = reference_label_offset(row)
     clock = StepClock()
     start = time.perf_counter(), time.process_time()
     model.train()
@@ -515,8 +516,8 @@ def run_reference(row, args, split):
                 info, pixels = data[order[(step * args.batch_size + k) % len(order)]]
                 objects = targets.get(info["id"], [])
                 boxes = torch.tensor([b for b, _ in objects], dtype=torch.float32).reshape(-1, 4)
-                target = {"labels": torch.tensor([c - reference_label_offset(row)
-                                                  for _, c in objects], dtype=torch.int64)}
+                target = {"labels": torch.tensor([c - label_offset for _, c in objects],
+                                                 dtype=torch.int64)}
                 if ROWS[row].get("masks"):
                     target["masks"] = torch.stack(masks[info["id"]]) if objects else \
                         torch.zeros((0,) + tuple(pixels.shape[-2:]), dtype=torch.uint8)
@@ -546,6 +547,7 @@ def reference_detections(row, model, test_coco):
     detections, segments = [], ([] if ROWS[row].get("masks") else None)
     model.eval()
     effdet_bench = ROWS[row]["reference"].startswith("effdet_")
+    label_offset = reference_label_offset(row)
     if effdet_bench:
         from effdet import DetBenchPredict
         predictor = DetBenchPredict(model.model).eval()
@@ -571,8 +573,8 @@ def reference_detections(row, model, test_coco):
                                          "segmentation": dict(rle, counts=rle["counts"].decode()),
                                          "score": float(score)})
             for box, score, label in rows:
-                label = int(label) + reference_label_offset(row)
-                detections.append({"image_id": info["id"], "category_id": label,
+                detections.append({"image_id": info["id"],
+                                   "category_id": int(label) + label_offset,
                                    "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
                                    "score": float(score)})
     return detections, segments

@@ -95,13 +95,14 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
     """
 
     def _fast_route(self, inputs, training):
-        return (training and keras.backend.backend() == "tensorflow" and _cpu_only()
+        # the device query last: the layer's own attributes rule out most calls first
+        return (training and keras.backend.backend() == "tensorflow"
                 and self.data_format == "channels_last" and self.depth_multiplier == 1
                 and tuple(self.dilation_rate) == (1, 1) and self.padding in ("same", "valid")
                 and min(self.kernel_size) >= FAST_FILTER_GRADIENT_MIN_KERNEL
                 and keras.backend.standardize_dtype(inputs.dtype) == "float32"
                 and keras.backend.standardize_dtype(self.kernel.dtype) == "float32"
-                and None not in tuple(inputs.shape[1:]))
+                and None not in tuple(inputs.shape[1:]) and _cpu_only())
 
     def call(self, inputs, training=None):
         if not self._fast_route(inputs, training):
