@@ -198,11 +198,12 @@ def _adaptive_grid(size, out_size):
     return ops.ceil(_exact_divide(size, _f32(out_size)))
 
 
-def _gather_roi_align(flat_features, base, row_stride, height, width, geometry,
-                      grid_h, grid_w, max_grid_h, max_grid_w, out_h, out_w, dtype):
+def _gather_roi_align(features_list, num_rows, base, row_stride, height, width, geometry,
+                      grid_h, grid_w, max_grid_h, max_grid_w, out_h, out_w):
     """Bin means by gathering the 4 neighbours of every sample.
 
-    ``flat_features [N, C]``; per RoI ``[B, R]``: ``base`` (flat index of pixel
+    The levels are read as their row concatenation (``num_rows`` rows of ``C``,
+    :func:`_level_layout`); per RoI ``[B, R]``: ``base`` (flat index of pixel
     (0, 0) of the RoI's image/level), ``row_stride`` (its width, int32),
     ``height``/``width`` (float32), ``grid_h``/``grid_w`` (float sample counts,
     masked to ``max_grid_*`` static slots).
@@ -238,10 +239,121 @@ def _gather_roi_align(flat_features, base, row_stride, height, width, geometry,
     index = (base[..., None, None, None, None]
              + (rows * row_stride[..., None, None])[..., :, None, :, None]
              + cols[..., None, :, None, :])
-    index = ops.clip(index, 0, ops.shape(flat_features)[0] - 1)
-    weight = ops.cast(wy[..., :, None, :, None] * wx[..., None, :, None, :], dtype)
-    values = ops.take(flat_features, index, axis=0)
+    index = ops.clip(index, 0, num_rows - 1)
+    weight = ops.cast(wy[..., :, None, :, None] * wx[..., None, :, None, :],
+                      features_list[0].dtype)
+    return _weighted_gather(features_list, index, weight)
+
+
+def _weighted_gather(features_list, index, weight):
+    """``sum over the tap axes of flat[index] * weight``: ``[B, R, out_h, out_w, C]``,
+    ``flat`` being the levels' row concatenation (:func:`_concat_levels`).
+
+    ``index`` and ``weight`` are ``[B, R, out_h, out_w, taps_h, taps_w]``. The tap
+    lattice ``[..., taps_h, taps_w, C]`` is 16 times the output (2 x 2 samples x 4
+    neighbours); see :func:`_chunked_weighted_gather` for where it is not built whole.
+    """
+    if _chunked_route_enabled(features_list, index):
+        return _chunked_weighted_gather(features_list, index, weight)
+    values = ops.take(_concat_levels(features_list), index, axis=0)
     return ops.sum(values * weight[..., None], axis=(4, 5))
+
+
+# Elements of the tap lattice one chunk of ``_chunked_weighted_gather`` builds per
+# image (~32 MB of float32), forward and backward.
+_LATTICE_CHUNK_ELEMENTS = 1 << 23
+
+
+def _in_xla_cond_or_loop(cond=True):
+    """Whether TensorFlow is tracing for XLA or inside a while-loop body (or, with
+    ``cond``, an ``ops.cond`` branch), where a ``tf.custom_gradient`` route is not
+    taken: XLA fuses the plain ops anyway, and cond_v2 rejects the tensors the
+    crop-and-resize route's gradient reads (its tape re-runs the gather route)."""
+    import tensorflow as tf
+    from tensorflow.python.ops import control_flow_util, control_flow_v2_func_graphs
+
+    graph = tf.compat.v1.get_default_graph()
+    if control_flow_util.GraphOrParentsInXlaContext(graph):
+        return True
+    kinds = (control_flow_v2_func_graphs.WhileBodyFuncGraph,
+             *((control_flow_v2_func_graphs.CondBranchFuncGraph,) if cond else ()))
+    while graph is not None:
+        if isinstance(graph, kinds):
+            return True
+        graph = getattr(graph, "outer_graph", None)
+    return False
+
+
+def _chunked_route_enabled(features_list, index):
+    import keras
+
+    channels = features_list[0].shape[-1]
+    if keras.backend.backend() != "tensorflow" or features_list[0].dtype != "float32":
+        return False
+    num_rois, per_roi = index.shape[1], index.shape[2:]
+    if num_rois is None or None in per_roi or channels is None:
+        return False
+    lattice = int(np.prod(per_roi)) * int(channels)
+    if num_rois * lattice <= _LATTICE_CHUNK_ELEMENTS:
+        return False  # one chunk: the plain ops
+    # cond branches are fine: Mask R-CNN's training mask head runs in one (row buckets)
+    return not _in_xla_cond_or_loop(cond=False)
+
+
+def _chunked_weighted_gather(features_list, index, weight):
+    """:func:`_weighted_gather` a chunk of RoIs at a time (TensorFlow graph / eager).
+
+    The plain ops build the whole tap lattice in the forward, and their gradient
+    (the gather's ``IndexedSlices``, converted to a dense sum) builds it twice more:
+    for Mask R-CNN's 512 box RoIs and 128 mask RoIs an image on P2-P5 that is
+    ~0.8 GB each, held at once, where torchvision's kernel scatters into the map
+    directly (``benchmarks/RESULTS.md``, "Mask R-CNN training-step memory").
+    Here the forward gathers ~``_LATTICE_CHUNK_ELEMENTS`` lattice elements an image
+    per chunk, and the gradient adds each chunk's weighted taps into one buffer of
+    the levels' rows with ``tensor_scatter_nd_add``. Control dependencies make each
+    chunk wait for the previous one, so the graph cannot run them all at once. The
+    taps add up in the order the plain gradient adds them (RoI by RoI), and both
+    are serial on the CPU, so the results are the same to the bit.
+
+    The levels, not their concatenation, are the custom gradient's inputs: the
+    concatenation is freed after the forward (inside ``ops.cond``, the mask head's
+    case, the gradient machinery would otherwise keep every input until backward).
+    """
+    import tensorflow as tf
+
+    num_rois = index.shape[1]
+    channels = features_list[0].shape[-1]
+    lattice = int(np.prod(index.shape[2:])) * int(channels)
+    chunk = max(1, _LATTICE_CHUNK_ELEMENTS // lattice)
+    bounds = [(start, min(start + chunk, num_rois)) for start in range(0, num_rois, chunk)]
+
+    @tf.custom_gradient
+    def pooled(*levels):
+        shapes = [tf.shape(level) for level in levels]
+        flat = _concat_levels(levels)
+        outputs = []
+        for start, stop in bounds:
+            with tf.control_dependencies(outputs[-1:]):
+                values = tf.gather(flat, index[:, start:stop])
+            outputs.append(tf.reduce_sum(values * weight[:, start:stop, ..., None],
+                                         axis=(4, 5)))
+
+        def gradient(upstream):
+            sizes = [tf.reduce_prod(shape[:-1]) for shape in shapes]
+            total = tf.zeros(tf.stack([tf.add_n(sizes), channels]), weight.dtype)
+            for start, stop in bounds:
+                with tf.control_dependencies([total]):
+                    taps = (upstream[:, start:stop, :, :, None, None, :]
+                            * weight[:, start:stop, ..., None])
+                total = tf.tensor_scatter_nd_add(
+                    total, tf.reshape(index[:, start:stop], [-1, 1]),
+                    tf.reshape(taps, [-1, channels]))
+            parts = tf.split(total, sizes) if len(levels) > 1 else [total]
+            return [tf.reshape(part, shape) for part, shape in zip(parts, shapes)]
+
+        return tf.concat(outputs, axis=1), gradient
+
+    return pooled(*features_list)
 
 
 def _interpolation_matrix(start, bin_size, grid, out_size, size):
@@ -299,31 +411,35 @@ def _separable_roi_align(features, geometry, out_h, out_w):
     return ops.einsum("brpwc,brqw->brpqc", partial, a_x)
 
 
-def _flatten_levels(features_list):
-    """Concatenate ``[B, H_l, W_l, C]`` maps into ``[sum_l B*H_l*W_l, C]``.
+def _level_layout(features_list):
+    """Where each ``[B, H_l, W_l, C]`` map sits in their row concatenation
+    ``[sum_l B*H_l*W_l, C]`` (:func:`_concat_levels`).
 
-    Returns ``(flat, offsets, heights, widths)`` with per-level start offsets
-    and (possibly dynamic) sizes.
+    Returns ``(offsets, heights, widths, rows)``: per-level start offsets and
+    (possibly dynamic) sizes, and the concatenation's row count.
     """
-    flats, offsets, heights, widths = [], [], [], []
+    offsets, heights, widths = [], [], []
     offset = 0
     for features in features_list:
         shape = ops.shape(features)
         height = features.shape[1] if features.shape[1] is not None else shape[1]
         width = features.shape[2] if features.shape[2] is not None else shape[2]
-        flats.append(ops.reshape(features, [-1, features.shape[-1]]))
         offsets.append(offset)
         heights.append(height)
         widths.append(width)
         offset = offset + shape[0] * height * width
-    flat = flats[0] if len(flats) == 1 else ops.concatenate(flats, axis=0)
-    return flat, offsets, heights, widths
+    return offsets, heights, widths, offset
+
+
+def _concat_levels(features_list):
+    flats = [ops.reshape(features, [-1, features.shape[-1]]) for features in features_list]
+    return flats[0] if len(flats) == 1 else ops.concatenate(flats, axis=0)
 
 
 def _gather_path(features_list, level_index, rois, geometry, sampling_ratio,
                  max_sampling_ratio, out_h, out_w):
     """Gather strategy over one or several levels (``level_index [B, R]`` picks)."""
-    flat, offsets, heights, widths = _flatten_levels(features_list)
+    offsets, heights, widths, num_rows = _level_layout(features_list)
     batch = ops.shape(rois)[0]
     image = ops.arange(batch, dtype="int32")[:, None]
 
@@ -349,8 +465,8 @@ def _gather_path(features_list, level_index, rois, geometry, sampling_ratio,
         grid_h = ops.where(ops.isnan(grid_h), 0.0, grid_h)
         grid_w = ops.where(ops.isnan(grid_w), 0.0, grid_w)
         max_h = max_w = int(max_sampling_ratio)
-    return _gather_roi_align(flat, base, stride, height, width, geometry, grid_h, grid_w,
-                             max_h, max_w, out_h, out_w, features_list[0].dtype)
+    return _gather_roi_align(features_list, num_rows, base, stride, height, width, geometry,
+                             grid_h, grid_w, max_h, max_w, out_h, out_w)
 
 
 def _crop_and_resize_enabled(features_list, sampling_ratio, max_sampling_ratio):
@@ -365,20 +481,8 @@ def _crop_and_resize_enabled(features_list, sampling_ratio, max_sampling_ratio):
         return False
     if any(f.dtype != "float32" or None in tuple(f.shape[1:3]) for f in features_list):
         return False
-    import tensorflow as tf
-    from tensorflow.python.ops import control_flow_util, control_flow_v2_func_graphs
-
-    graph = tf.compat.v1.get_default_graph()
-    if control_flow_util.GraphOrParentsInXlaContext(graph):
-        return False
-    # Inside ops.cond / while_loop (the mask branch's row buckets) the custom gradient
-    # cannot be differentiated (cond_v2 rejects the tensors its gradient reads): gather.
-    while graph is not None:
-        if isinstance(graph, (control_flow_v2_func_graphs.CondBranchFuncGraph,
-                              control_flow_v2_func_graphs.WhileBodyFuncGraph)):
-            return False
-        graph = getattr(graph, "outer_graph", None)
-    return True
+    # Inside ops.cond / while_loop (the mask branch's row buckets): gather.
+    return not _in_xla_cond_or_loop()
 
 
 def _canvas_layout(sizes):

@@ -1,0 +1,208 @@
+"""Fixed-grid RoIAlign's gather route a chunk of RoIs at a time (TensorFlow).
+
+Where the tap lattice (``[B, R, out_h, out_w, 2g, 2g, C]``: 16 times the
+output at sampling ratio 2) would exceed ``_LATTICE_CHUNK_ELEMENTS`` an image,
+``kdet.ops.roi_align`` gathers it a chunk of RoIs at a time and scatters the
+gradient chunk by chunk into one buffer (Mask R-CNN's training memory:
+``benchmarks/RESULTS.md``). Checked here with a small chunk budget, so that
+many chunks and a partial last one run: forward and gradient equal
+torchvision's and, bit for bit, the plain route's; no tensor in the graph is
+as large as the whole lattice; cond branches (Mask R-CNN's mask head) chunk
+and differentiate; XLA and while-loop bodies keep the plain ops.
+"""
+import contextlib
+import importlib
+
+import numpy as np
+import pytest
+from conftest import HAVE_TORCHVISION, backend
+
+from kdet.ops.roi_align import multilevel_roi_align, roi_align
+
+roi_align_module = importlib.import_module("kdet.ops.roi_align")
+
+pytestmark = pytest.mark.skipif(backend() != "tensorflow",
+                                reason="the chunked route is TensorFlow-only (XLA fuses the "
+                                       "plain ops on JAX)")
+needs_torchvision = pytest.mark.skipif(not HAVE_TORCHVISION, reason="torchvision not installed")
+
+if HAVE_TORCHVISION:
+    import torch
+    import torchvision
+
+LEVELS = (2, 3, 4, 5)
+IMAGE = 128
+CHANNELS = 8
+
+
+@contextlib.contextmanager
+def _gather_route():
+    saved = roi_align_module.CROP_AND_RESIZE
+    roi_align_module.CROP_AND_RESIZE = False
+    try:
+        yield
+    finally:
+        roi_align_module.CROP_AND_RESIZE = saved
+
+
+@contextlib.contextmanager
+def _chunk_budget(elements):
+    saved = roi_align_module._LATTICE_CHUNK_ELEMENTS
+    roi_align_module._LATTICE_CHUNK_ELEMENTS = elements
+    try:
+        yield
+    finally:
+        roi_align_module._LATTICE_CHUNK_ELEMENTS = saved
+
+
+def _case(batch, count, seed=0):
+    rng = np.random.default_rng(seed)
+    features = [rng.normal(size=(batch, IMAGE // 2 ** lv, IMAGE // 2 ** lv, CHANNELS))
+                .astype(np.float32) for lv in LEVELS]
+    xy = rng.uniform(-0.1, 0.9, size=(batch, count, 2)) * IMAGE
+    wh = np.exp(rng.uniform(np.log(2.0), np.log(IMAGE * 1.2), size=(batch, count, 2)))
+    rois = np.concatenate([xy, xy + wh], axis=-1)
+    # awkward rows: zero and negative size, outside, a duplicate, the whole image
+    rois[:, 0] = [30, 30, 30, 30]
+    rois[:, 1] = [60, 50, 20, 10]
+    rois[:, 2] = [-300, -200, -150, -120]
+    rois[:, 3] = rois[:, 4]
+    rois[:, 5] = [0, 0, IMAGE, IMAGE]
+    upstream = rng.normal(size=(batch, count, 7, 7, CHANNELS)).astype(np.float32)
+    return features, rois.astype(np.float32), upstream
+
+
+def _value_and_grad(features, rois, upstream):
+    import tensorflow as tf
+
+    inputs = [tf.constant(f) for f in features]
+
+    @tf.function
+    def run(inputs):
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            out = multilevel_roi_align(inputs, rois, 7, LEVELS, 2, crop_and_resize=False,
+                                       canonical_scale=IMAGE / 4)
+        return out, tape.gradient(out, inputs, output_gradients=upstream)
+
+    out, grads = run(inputs)
+    graph = run.get_concrete_function(inputs).graph
+    return np.asarray(out), [np.asarray(g) for g in grads], graph
+
+
+def _largest_tensor(graph):
+    sizes = [int(np.prod(t.shape.as_list())) for op in graph.get_operations()
+             for t in op.outputs if t.shape.rank and t.shape.is_fully_defined()]
+    return max(sizes)
+
+
+def _op_types(graph):
+    """Op types of the graph and of the functions it calls (cond branches)."""
+    graph_def = graph.as_graph_def()
+    return ({node.op for node in graph_def.node}
+            | {node.op for function in graph_def.library.function for node in function.node_def})
+
+
+# One RoI's lattice: 7 x 7 bins x 4 x 4 taps x 8 channels = 6,272 elements; a
+# budget of 5 RoIs' worth splits 23 RoIs into chunks of 5, 5, 5, 5, 3.
+BUDGET = 5 * 7 * 7 * 16 * CHANNELS
+
+
+@needs_torchvision
+@pytest.mark.parametrize("batch", [1, 2])
+def test_chunks_match_torchvision_and_the_plain_route_bit_for_bit(batch):
+    from collections import OrderedDict
+
+    features, rois, upstream = _case(batch, 23, seed=batch)
+    with _chunk_budget(BUDGET):
+        got, grads, graph = _value_and_grad(features, rois, upstream)
+    assert "TensorScatterAdd" in _op_types(graph)  # the chunked route ran
+    lattice = batch * 23 * 7 * 7 * 16 * CHANNELS
+    assert _largest_tensor(graph) < lattice // 3
+
+    plain, plain_grads, plain_graph = _value_and_grad(features, rois, upstream)
+    assert "TensorScatterAdd" not in _op_types(plain_graph)
+    assert _largest_tensor(plain_graph) >= lattice
+    np.testing.assert_array_equal(got, plain)
+    for grad, plain_grad in zip(grads, plain_grads):
+        np.testing.assert_array_equal(grad, plain_grad)
+
+    names = [f"p{lv}" for lv in LEVELS]
+    inputs = [torch.from_numpy(np.ascontiguousarray(f.transpose(0, 3, 1, 2))).requires_grad_()
+              for f in features]
+    pooler = torchvision.ops.MultiScaleRoIAlign(names, 7, 2, canonical_scale=IMAGE / 4)
+    ref = pooler(OrderedDict(zip(names, inputs)), [torch.from_numpy(r) for r in rois],
+                 [(IMAGE, IMAGE)] * batch)
+    ref.backward(torch.from_numpy(upstream.reshape(-1, 7, 7, CHANNELS).transpose(0, 3, 1, 2)))
+    ref_out = ref.detach().permute(0, 2, 3, 1).numpy().reshape(got.shape)
+    np.testing.assert_allclose(got, ref_out, atol=1e-5, rtol=1e-5)
+    for grad, x in zip(grads, inputs):
+        np.testing.assert_allclose(grad, x.grad.numpy().transpose(0, 2, 3, 1),
+                                   atol=1e-5, rtol=1e-5)
+    assert max(np.abs(g).max() for g in grads[1:]) > 0.05  # upper levels were used
+
+
+def test_cond_branches_chunk_and_xla_while_and_one_chunk_keep_the_plain_ops():
+    """Mask R-CNN's training mask head pools inside ``ops.cond`` (row buckets)."""
+    import tensorflow as tf
+
+    features, rois, _ = _case(1, 23)
+    inputs = [tf.constant(f) for f in features]
+
+    def pool(inputs):
+        return multilevel_roi_align(inputs, rois, 7, LEVELS, 2, crop_and_resize=False)
+
+    def in_nested_cond(inputs):
+        inner = lambda: tf.cond(tf.reduce_sum(inputs[1]) > -1e9,  # noqa: E731
+                                lambda: pool(inputs), lambda: pool(inputs) * 0.0)
+        return tf.cond(tf.reduce_sum(inputs[0]) > -1e9, inner, lambda: pool(inputs) * 0.0)
+
+    def in_while(inputs):
+        return tf.while_loop(lambda i, _: i < 1, lambda i, x: (i + 1, pool(inputs)),
+                             (0, tf.zeros([1, 23, 7, 7, CHANNELS])))[1]
+
+    def value_and_grad(fn, jit=False):
+        @tf.function(jit_compile=jit)
+        def run(inputs):
+            with tf.GradientTape() as tape:
+                tape.watch(inputs)
+                out = fn(inputs)
+                loss = tf.reduce_sum(out * out)
+            return out, tape.gradient(loss, inputs)
+        graph = run.get_concrete_function(inputs).graph
+        return [np.asarray(v) for v in tf.nest.flatten(run(inputs))], _op_types(graph)
+
+    plain, ops_used = value_and_grad(in_nested_cond)  # the default budget: one chunk
+    assert "TensorScatterAdd" not in ops_used
+    with _chunk_budget(BUDGET):
+        chunked, ops_used = value_and_grad(in_nested_cond)
+        assert "TensorScatterAdd" in ops_used
+        for fn, jit in ((pool, True), (in_while, False)):
+            assert "TensorScatterAdd" not in value_and_grad(fn, jit)[1]
+    for got, want in zip(chunked, plain):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_single_level_roi_align_chunks_with_an_unknown_batch():
+    import tensorflow as tf
+
+    features, rois, upstream = _case(2, 23, seed=7)
+    spec = tf.TensorSpec([None, 32, 32, CHANNELS], tf.float32)
+    roi_spec = tf.TensorSpec([None, 23, 4], tf.float32)
+
+    def run(feature, boxes, up):
+        with tf.GradientTape() as tape:
+            tape.watch(feature)
+            out = roi_align(feature, boxes, 7, 0.25, 2)
+        return out, tape.gradient(out, feature, output_gradients=up)
+
+    results = []
+    for budget in (BUDGET, 1 << 40):
+        with _chunk_budget(budget), _gather_route():
+            fn = tf.function(run, input_signature=[
+                spec, roi_spec, tf.TensorSpec([None, 23, 7, 7, CHANNELS], tf.float32)])
+            results.append([np.asarray(v) for v in fn(features[0], rois, upstream)])
+            assert ("TensorScatterAdd" in _op_types(fn.get_concrete_function().graph)) == (
+                budget == BUDGET)
+    for chunked, plain in zip(*results):
+        np.testing.assert_array_equal(chunked, plain)
