@@ -10,7 +10,6 @@ torchvision's and, bit for bit, the plain route's; no tensor in the graph is
 as large as the whole lattice; cond branches (Mask R-CNN's mask head) chunk
 and differentiate; XLA and while-loop bodies keep the plain ops.
 """
-import contextlib
 import importlib
 
 import numpy as np
@@ -33,26 +32,6 @@ if HAVE_TORCHVISION:
 LEVELS = (2, 3, 4, 5)
 IMAGE = 128
 CHANNELS = 8
-
-
-@contextlib.contextmanager
-def _gather_route():
-    saved = roi_align_module.CROP_AND_RESIZE
-    roi_align_module.CROP_AND_RESIZE = False
-    try:
-        yield
-    finally:
-        roi_align_module.CROP_AND_RESIZE = saved
-
-
-@contextlib.contextmanager
-def _chunk_budget(elements):
-    saved = roi_align_module._LATTICE_CHUNK_ELEMENTS
-    roi_align_module._LATTICE_CHUNK_ELEMENTS = elements
-    try:
-        yield
-    finally:
-        roi_align_module._LATTICE_CHUNK_ELEMENTS = saved
 
 
 def _case(batch, count, seed=0):
@@ -110,11 +89,12 @@ BUDGET = 5 * 7 * 7 * 16 * CHANNELS
 
 @needs_torchvision
 @pytest.mark.parametrize("batch", [1, 2])
-def test_chunks_match_torchvision_and_the_plain_route_bit_for_bit(batch):
+def test_chunks_match_torchvision_and_the_plain_route_bit_for_bit(batch, monkeypatch):
     from collections import OrderedDict
 
     features, rois, upstream = _case(batch, 23, seed=batch)
-    with _chunk_budget(BUDGET):
+    with monkeypatch.context() as patch:
+        patch.setattr(roi_align_module, "_LATTICE_CHUNK_ELEMENTS", BUDGET)
         got, grads, graph = _value_and_grad(features, rois, upstream)
     assert "TensorScatterAdd" in _op_types(graph)  # the chunked route ran
     lattice = batch * 23 * 7 * 7 * 16 * CHANNELS
@@ -142,7 +122,7 @@ def test_chunks_match_torchvision_and_the_plain_route_bit_for_bit(batch):
     assert max(np.abs(g).max() for g in grads[1:]) > 0.05  # upper levels were used
 
 
-def test_cond_branches_chunk_and_xla_while_and_one_chunk_keep_the_plain_ops():
+def test_cond_branches_chunk_and_xla_while_and_one_chunk_keep_the_plain_ops(monkeypatch):
     """Mask R-CNN's training mask head pools inside ``ops.cond`` (row buckets)."""
     import tensorflow as tf
 
@@ -174,7 +154,8 @@ def test_cond_branches_chunk_and_xla_while_and_one_chunk_keep_the_plain_ops():
 
     plain, ops_used = value_and_grad(in_nested_cond)  # the default budget: one chunk
     assert "TensorScatterAdd" not in ops_used
-    with _chunk_budget(BUDGET):
+    with monkeypatch.context() as patch:
+        patch.setattr(roi_align_module, "_LATTICE_CHUNK_ELEMENTS", BUDGET)
         chunked, ops_used = value_and_grad(in_nested_cond)
         assert "TensorScatterAdd" in ops_used
         for fn, jit in ((pool, True), (in_while, False)):
@@ -183,7 +164,7 @@ def test_cond_branches_chunk_and_xla_while_and_one_chunk_keep_the_plain_ops():
         np.testing.assert_array_equal(got, want)
 
 
-def test_single_level_roi_align_chunks_with_an_unknown_batch():
+def test_single_level_roi_align_chunks_with_an_unknown_batch(monkeypatch):
     import tensorflow as tf
 
     features, rois, upstream = _case(2, 23, seed=7)
@@ -197,12 +178,13 @@ def test_single_level_roi_align_chunks_with_an_unknown_batch():
         return out, tape.gradient(out, feature, output_gradients=up)
 
     results = []
+    monkeypatch.setattr(roi_align_module, "CROP_AND_RESIZE", False)
     for budget in (BUDGET, 1 << 40):
-        with _chunk_budget(budget), _gather_route():
-            fn = tf.function(run, input_signature=[
-                spec, roi_spec, tf.TensorSpec([None, 23, 7, 7, CHANNELS], tf.float32)])
-            results.append([np.asarray(v) for v in fn(features[0], rois, upstream)])
-            assert ("TensorScatterAdd" in _op_types(fn.get_concrete_function().graph)) == (
-                budget == BUDGET)
+        monkeypatch.setattr(roi_align_module, "_LATTICE_CHUNK_ELEMENTS", budget)
+        fn = tf.function(run, input_signature=[
+            spec, roi_spec, tf.TensorSpec([None, 23, 7, 7, CHANNELS], tf.float32)])
+        results.append([np.asarray(v) for v in fn(features[0], rois, upstream)])
+        assert ("TensorScatterAdd" in _op_types(fn.get_concrete_function().graph)) == (
+            budget == BUDGET)
     for chunked, plain in zip(*results):
         np.testing.assert_array_equal(chunked, plain)

@@ -24,7 +24,12 @@ Two evaluation strategies, both exact:
 
 * **gather** (``sampling_ratio > 0``, the detection heads' setting): one gather
   of the 4 bilinear neighbours of every sample from the flattened features
-  and a weighted sum; memory ``4 * g_h * g_w`` times the output.
+  and a weighted sum; memory ``4 * g_h * g_w`` times the output. On the
+  TensorFlow backend (not under XLA), a tap lattice larger than
+  ``_LATTICE_CHUNK_ELEMENTS`` an image is gathered a chunk of RoIs at a time
+  and its gradient scatter-added chunk by chunk (:func:`_chunked_weighted_gather`),
+  with the same results to the bit: Mask R-CNN's training RoIs would otherwise
+  hold ~0.8 GB an image per pooler, three times over.
 * **separable** (adaptive ``sampling_ratio <= 0``): the per-RoI sample count
   is data dependent and unbounded (a RoI as large as the map on a 200 x 200
   map needs 29 x 29 samples per bin), so no static sample grid is exact.
