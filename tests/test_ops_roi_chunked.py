@@ -188,3 +188,29 @@ def test_single_level_roi_align_chunks_with_an_unknown_batch(monkeypatch):
             budget == BUDGET)
     for chunked, plain in zip(*results):
         np.testing.assert_array_equal(chunked, plain)
+
+
+def test_export_tracing_keeps_the_plain_gather(monkeypatch):
+    """SavedModel / ONNX / LiteRT graphs hold the plain ops: no custom gradient to serialise."""
+    import tensorflow as tf
+
+    from kdet.export.two_stage import _portable_ops
+
+    features, rois, _ = _case(1, 23)
+    inputs = [tf.constant(f) for f in features]
+    monkeypatch.setattr(roi_align_module, "_LATTICE_CHUNK_ELEMENTS", BUDGET)
+
+    def pool(inputs):
+        return multilevel_roi_align(inputs, rois, 7, LEVELS, 2, canonical_scale=IMAGE / 4)
+
+    chunked = tf.function(pool).get_concrete_function(inputs).graph
+    assert "CropAndResize" in _op_types(chunked)  # inference outside an export
+    for litert in (False, True):
+        with _portable_ops(litert=litert):
+            graph = tf.function(pool).get_concrete_function(inputs).graph
+            exported = np.asarray(tf.function(pool)(inputs))
+        assert not {"CropAndResize", "IdentityN"} & _op_types(graph)
+        with monkeypatch.context() as patch:
+            patch.setattr(roi_align_module, "CROP_AND_RESIZE", False)
+            np.testing.assert_allclose(exported, np.asarray(pool(inputs)), rtol=1e-6, atol=1e-6)
+    assert roi_align_module.CHUNKED_GATHER  # restored

@@ -108,8 +108,8 @@ def _mask_rows_without_control_flow(model):
         heads.skip_padded_masks = before
 
 
-def _litert_gather_roi_align(flat_features, base, row_stride, height, width, geometry,
-                             grid_h, grid_w, max_grid_h, max_grid_w, out_h, out_w, dtype):
+def _litert_gather_roi_align(features_list, num_rows, base, row_stride, height, width,
+                             geometry, grid_h, grid_w, max_grid_h, max_grid_w, out_h, out_w):
     """:func:`kdet.ops.roi_align._gather_roi_align` with tensors of rank <= 5, no int ReLU.
 
     The same taps, weights and sum (kdet.ops.roi_align is the reference), but
@@ -123,30 +123,8 @@ def _litert_gather_roi_align(flat_features, base, row_stride, height, width, geo
     from keras import ops
 
     reference = _roi_align_module()
-
-    safe_gh = ops.where(grid_h >= 1.0, grid_h, 1.0)
-    safe_gw = ops.where(grid_w >= 1.0, grid_w, 1.0)
-    ys = reference._sample_coordinates(geometry["start_y"], geometry["bin_h"], safe_gh, out_h,
-                                       max_grid_h)
-    xs = reference._sample_coordinates(geometry["start_x"], geometry["bin_w"], safe_gw, out_w,
-                                       max_grid_w)
-    valid_y, y_low, ly = reference._bilinear_axis(ys, height[..., None, None])
-    valid_x, x_low, lx = reference._bilinear_axis(xs, width[..., None, None])
-    slot_h = ops.cast(ops.arange(max_grid_h), "float32")
-    slot_w = ops.cast(ops.arange(max_grid_w), "float32")
-    valid_y = ops.logical_and(valid_y, slot_h < grid_h[..., None, None])
-    valid_x = ops.logical_and(valid_x, slot_w < grid_w[..., None, None])
-    count = ops.maximum(grid_h * grid_w, 1.0)
-    y_low_i = ops.cast(y_low, "int32")
-    x_low_i = ops.cast(x_low, "int32")
-    y_max = ops.cast(height, "int32")[..., None, None] - 1
-    x_max = ops.cast(width, "int32")[..., None, None] - 1
-    rows = ops.concatenate([y_low_i, ops.minimum(y_low_i + 1, y_max)], axis=-1)
-    cols = ops.concatenate([x_low_i, ops.minimum(x_low_i + 1, x_max)], axis=-1)
-    wy = ops.concatenate([ops.where(valid_y, 1.0 - ly, 0.0), ops.where(valid_y, ly, 0.0)], axis=-1)
-    wx = ops.concatenate([ops.where(valid_x, 1.0 - lx, 0.0), ops.where(valid_x, lx, 0.0)], axis=-1)
-    wy = wy / count[..., None, None]
-
+    rows, cols, wy, wx = reference._bilinear_taps(geometry, height, width, grid_h, grid_w,
+                                                  max_grid_h, max_grid_w, out_h, out_w)
     batch_rois = ops.shape(base)
     taps_h, taps_w = 2 * max_grid_h, 2 * max_grid_w
     base = ops.reshape(base, [-1])
@@ -158,15 +136,15 @@ def _litert_gather_roi_align(flat_features, base, row_stride, height, width, geo
     index = (base[:, None, None, None, None]
              + (rows * row_stride[:, None, None])[:, :, None, :, None]
              + cols[:, None, :, None, :])
-    last = ops.shape(flat_features)[0] - 1
+    last = num_rows - 1
     index = ops.where(index < 0, 0, ops.where(index > last, last, index))
     index = ops.reshape(index, [-1, taps_h * taps_w])
-    weight = ops.cast(wy[:, :, None, :, None] * wx[:, None, :, None, :], dtype)
+    weight = ops.cast(wy[:, :, None, :, None] * wx[:, None, :, None, :], features_list[0].dtype)
     weight = ops.reshape(weight, [-1, taps_h * taps_w, 1])
-    values = ops.take(flat_features, index, axis=0)
+    values = ops.take(reference._concat_levels(features_list), index, axis=0)
     pooled = ops.sum(values * weight, axis=1)
     return ops.reshape(pooled, [batch_rois[0], batch_rois[1], out_h, out_w,
-                                flat_features.shape[-1]])
+                                features_list[0].shape[-1]])
 
 
 def _roi_align_module():
@@ -204,9 +182,10 @@ def _portable_ops(litert=False):
 
     roi_align = _roi_align_module()
     original_gather, original_signbit = roi_align._gather_roi_align, tf_numpy.signbit
-    original_crop = roi_align.CROP_AND_RESIZE
+    original_crop, original_chunked = roi_align.CROP_AND_RESIZE, roi_align.CHUNKED_GATHER
     tf_numpy.signbit = _signbit_without_bitcast(original_signbit)
     roi_align.CROP_AND_RESIZE = False  # neither runtime has CropAndResize
+    roi_align.CHUNKED_GATHER = False  # the plain gather: no custom gradient in the graph
     if litert:
         roi_align._gather_roi_align = _litert_gather_roi_align
     try:
@@ -214,6 +193,7 @@ def _portable_ops(litert=False):
     finally:
         roi_align._gather_roi_align = original_gather
         roi_align.CROP_AND_RESIZE = original_crop
+        roi_align.CHUNKED_GATHER = original_chunked
         tf_numpy.signbit = original_signbit
 
 

@@ -93,6 +93,11 @@ _SEPARABLE_CANDIDATES = 12
 # exports switch it off while tracing: neither runtime has ``CropAndResize``.
 CROP_AND_RESIZE = True
 
+# Whether the TensorFlow backend may gather a large tap lattice a chunk of RoIs
+# at a time (:func:`_chunked_weighted_gather`). The exports switch it off while
+# tracing, so their graphs hold the plain ops (no custom gradient to serialise).
+CHUNKED_GATHER = True
+
 
 def _output_pair(output_size, owner="roi_align"):
     if isinstance(output_size, numbers.Integral):
@@ -203,15 +208,15 @@ def _adaptive_grid(size, out_size):
     return ops.ceil(_exact_divide(size, _f32(out_size)))
 
 
-def _gather_roi_align(features_list, num_rows, base, row_stride, height, width, geometry,
-                      grid_h, grid_w, max_grid_h, max_grid_w, out_h, out_w):
-    """Bin means by gathering the 4 neighbours of every sample.
+def _bilinear_taps(geometry, height, width, grid_h, grid_w, max_grid_h, max_grid_w,
+                   out_h, out_w):
+    """Per-axis taps ``[B, R, out, 2G]`` of every bin's samples: the low and high
+    neighbour rows / columns (int32) and their weights, ``wy`` already divided by
+    the RoI's sample count; weights are zero for invalid samples (which then read
+    a harmless pixel) and for static slots beyond the RoI's own grid.
 
-    The levels are read as their row concatenation (``num_rows`` rows of ``C``,
-    :func:`_level_layout`); per RoI ``[B, R]``: ``base`` (flat index of pixel
-    (0, 0) of the RoI's image/level), ``row_stride`` (its width, int32),
-    ``height``/``width`` (float32), ``grid_h``/``grid_w`` (float sample counts,
-    masked to ``max_grid_*`` static slots).
+    ``height``/``width``: float32 ``[B, R]`` (the RoI's level); ``grid_h``/``grid_w``:
+    float sample counts ``[B, R]``, masked to ``max_grid_*`` static slots.
     """
     safe_gh = ops.where(grid_h >= 1.0, grid_h, 1.0)
     safe_gw = ops.where(grid_w >= 1.0, grid_w, 1.0)
@@ -219,15 +224,11 @@ def _gather_roi_align(features_list, num_rows, base, row_stride, height, width, 
     xs = _sample_coordinates(geometry["start_x"], geometry["bin_w"], safe_gw, out_w, max_grid_w)
     valid_y, y_low, ly = _bilinear_axis(ys, height[..., None, None])
     valid_x, x_low, lx = _bilinear_axis(xs, width[..., None, None])
-    # Static slots beyond the RoI's own grid are padding.
     slot_h = ops.cast(ops.arange(max_grid_h), "float32")
     slot_w = ops.cast(ops.arange(max_grid_w), "float32")
     valid_y = ops.logical_and(valid_y, slot_h < grid_h[..., None, None])
     valid_x = ops.logical_and(valid_x, slot_w < grid_w[..., None, None])
     count = ops.maximum(grid_h * grid_w, 1.0)
-
-    # Per-axis taps [B, R, out, 2G]: low and high neighbour of every sample,
-    # weights zero for invalid samples (which then read a harmless pixel).
     y_low_i = ops.cast(y_low, "int32")
     x_low_i = ops.cast(x_low, "int32")
     y_max = ops.cast(height, "int32")[..., None, None] - 1
@@ -236,8 +237,20 @@ def _gather_roi_align(features_list, num_rows, base, row_stride, height, width, 
     cols = ops.concatenate([x_low_i, ops.minimum(x_low_i + 1, x_max)], axis=-1)
     wy = ops.concatenate([ops.where(valid_y, 1.0 - ly, 0.0), ops.where(valid_y, ly, 0.0)], axis=-1)
     wx = ops.concatenate([ops.where(valid_x, 1.0 - lx, 0.0), ops.where(valid_x, lx, 0.0)], axis=-1)
-    wy = wy / count[..., None, None]
+    return rows, cols, wy / count[..., None, None], wx
 
+
+def _gather_roi_align(features_list, num_rows, base, row_stride, height, width, geometry,
+                      grid_h, grid_w, max_grid_h, max_grid_w, out_h, out_w):
+    """Bin means by gathering the 4 neighbours of every sample.
+
+    The levels are read as their row concatenation (``num_rows`` rows of ``C``,
+    :func:`_level_layout`); per RoI ``[B, R]``: ``base`` (flat index of pixel
+    (0, 0) of the RoI's image/level), ``row_stride`` (its width, int32), and
+    :func:`_bilinear_taps`' arguments.
+    """
+    rows, cols, wy, wx = _bilinear_taps(geometry, height, width, grid_h, grid_w,
+                                        max_grid_h, max_grid_w, out_h, out_w)
     # Lattice of taps [B, R, out_h, out_w, 2G_h, 2G_w]: one gather, then the
     # weighted sum over the taps (tap axes next to C for a fast reduction).
     # Elementwise, not a matmul: float32 exact even where matmuls use TF32.
@@ -258,8 +271,9 @@ def _weighted_gather(features_list, index, weight):
     lattice ``[..., taps_h, taps_w, C]`` is 16 times the output (2 x 2 samples x 4
     neighbours); see :func:`_chunked_weighted_gather` for where it is not built whole.
     """
-    if _chunked_route_enabled(features_list, index):
-        return _chunked_weighted_gather(features_list, index, weight)
+    bounds = _lattice_chunks(features_list, index)
+    if bounds is not None:
+        return _chunked_weighted_gather(features_list, index, weight, bounds)
     values = ops.take(_concat_levels(features_list), index, axis=0)
     return ops.sum(values * weight[..., None], axis=(4, 5))
 
@@ -289,23 +303,26 @@ def _in_xla_cond_or_loop(cond=True):
     return False
 
 
-def _chunked_route_enabled(features_list, index):
+def _lattice_chunks(features_list, index):
+    """``[(start, stop)]`` RoI ranges of :func:`_chunked_weighted_gather`, or None where
+    the plain ops run (not TensorFlow, not float32, dynamic sizes, one chunk, XLA)."""
     import keras
 
     channels = features_list[0].shape[-1]
-    if keras.backend.backend() != "tensorflow" or features_list[0].dtype != "float32":
-        return False
+    if (not CHUNKED_GATHER or keras.backend.backend() != "tensorflow"
+            or features_list[0].dtype != "float32"):
+        return None
     num_rois, per_roi = index.shape[1], index.shape[2:]
     if num_rois is None or None in per_roi or channels is None:
-        return False
-    lattice = int(np.prod(per_roi)) * int(channels)
-    if num_rois * lattice <= _LATTICE_CHUNK_ELEMENTS:
-        return False  # one chunk: the plain ops
+        return None
+    chunk = max(1, _LATTICE_CHUNK_ELEMENTS // (int(np.prod(per_roi)) * int(channels)))
     # cond branches are fine: Mask R-CNN's training mask head runs in one (row buckets)
-    return not _in_xla_cond_or_loop(cond=False)
+    if chunk >= num_rois or _in_xla_cond_or_loop(cond=False):
+        return None
+    return [(start, min(start + chunk, num_rois)) for start in range(0, num_rois, chunk)]
 
 
-def _chunked_weighted_gather(features_list, index, weight):
+def _chunked_weighted_gather(features_list, index, weight, bounds):
     """:func:`_weighted_gather` a chunk of RoIs at a time (TensorFlow graph / eager).
 
     The plain ops build the whole tap lattice in the forward, and their gradient
@@ -314,9 +331,10 @@ def _chunked_weighted_gather(features_list, index, weight):
     ~0.8 GB each, held at once, where torchvision's kernel scatters into the map
     directly (``benchmarks/RESULTS.md``, "Mask R-CNN training-step memory").
     Here the forward gathers ~``_LATTICE_CHUNK_ELEMENTS`` lattice elements an image
-    per chunk, and the gradient adds each chunk's weighted taps into one buffer of
-    the levels' rows with ``tensor_scatter_nd_add``. Control dependencies make each
-    chunk wait for the previous one, so the graph cannot run them all at once. The
+    per chunk (``bounds``: :func:`_lattice_chunks`), and the gradient adds each
+    chunk's weighted taps into one buffer of the levels' rows with
+    ``tensor_scatter_nd_add``. Control dependencies make each chunk wait for the
+    previous one, so the graph cannot run them all at once. The
     taps add up in the order the plain gradient adds them (RoI by RoI), and both
     are serial on the CPU, so the results are the same to the bit.
 
@@ -326,11 +344,7 @@ def _chunked_weighted_gather(features_list, index, weight):
     """
     import tensorflow as tf
 
-    num_rois = index.shape[1]
     channels = features_list[0].shape[-1]
-    lattice = int(np.prod(index.shape[2:])) * int(channels)
-    chunk = max(1, _LATTICE_CHUNK_ELEMENTS // lattice)
-    bounds = [(start, min(start + chunk, num_rois)) for start in range(0, num_rois, chunk)]
 
     @tf.custom_gradient
     def pooled(*levels):
