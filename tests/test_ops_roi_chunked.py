@@ -8,7 +8,8 @@ gradient chunk by chunk into one buffer (Mask R-CNN's training memory:
 many chunks and a partial last one run: forward and gradient equal
 torchvision's and, bit for bit, the plain route's; no tensor in the graph is
 as large as the whole lattice; cond branches (Mask R-CNN's mask head) chunk
-and differentiate; XLA and while-loop bodies keep the plain ops.
+and differentiate; XLA, while-loop bodies and the exports' tracing keep the
+plain ops.
 """
 import importlib
 
