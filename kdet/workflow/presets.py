@@ -35,8 +35,9 @@ PRESETS = {p.name: p for p in (
         # 0.1-2.0 took AP from 0.12 to 0.27 (0.5-1.5: 0.21); 0.08 for 8 images (automl's
         # 0.01 x 8) from 0.10 to 0.12. Length: 20 epochs AP 0.365 (0.333 with the BN
         # statistics' EMA), 40 epochs 0.434 (0.406 on the code with the EMA and the fused
-        # batch norm, in 949 CPU s at 1 thread): 40, still under half of the torchvision
-        # tutorial's 2 epochs (AP 0.233 in 2064 CPU s)
+        # batch norm, in 949 CPU s at 1 thread; 0.415 in 868 with the effdet recipe's
+        # cool-down): 40, still under half of the torchvision tutorial's 2 epochs (AP 0.233
+        # in 2064 CPU s)
         settings={"model": "efficientdet", "phi": "lite0", "backbone_weights": "imagenet",
                   "image_size": 384, "batch_size": 8, "learning_rate": 0.08, "epochs": 40,
                   "augment": "scale_jitter,flip,color", "scale_range": "0.75,1.25",
