@@ -224,6 +224,7 @@ class StepClock:
 
     def __init__(self):
         self.steps, self.first, self.last = 0, None, None
+        self.epoch_losses = []  # mean training loss of each epoch, both sides
 
     def tick(self):
         self.steps += 1
@@ -258,7 +259,9 @@ def run_kdet(row, args, split, out):
     import keras
 
     clock = StepClock()
-    ticker = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: clock.tick())
+    ticker = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: clock.tick(),
+        on_epoch_end=lambda epoch, logs: clock.epoch_losses.append(float(logs["loss"])))
     start = time.perf_counter(), time.process_time()
     result = train(settings, extra_callbacks=[ticker])
     wall, cpu = time.perf_counter() - start[0], time.process_time() - start[1]
@@ -510,6 +513,7 @@ def run_reference(row, args, split):
     model.train()
     for epoch in range(epochs):
         order = rng.permutation(len(data))
+        total = 0.0
         for step in range(steps_per_epoch):
             images, batch_targets = [], []
             for k in range(args.batch_size):
@@ -528,9 +532,11 @@ def run_reference(row, args, split):
                         target["masks"] = target["masks"].flip(-1)
                 images.append(pixels)
                 batch_targets.append(dict(target, boxes=boxes))
-            reference_step(model, loss_fn, optimizer, clip, images, batch_targets)
+            total += float(reference_step(model, loss_fn, optimizer, clip, images,
+                                          batch_targets))
             per_step(epoch * steps_per_epoch + step)
             clock.tick()
+        clock.epoch_losses.append(total / steps_per_epoch)
         per_epoch(epoch)
     wall, cpu = time.perf_counter() - start[0], time.process_time() - start[1]
     test_coco = json.load(open(os.path.join(split, "test.json")))
@@ -606,7 +612,8 @@ def run_one(args):
                   images_per_cpu_s=round(args.max_images / max(cpu, 1e-9), 3),
                   steady_images_per_s=None if steady[0] is None else round(steady[0], 3),
                   steady_images_per_cpu_s=None if steady[1] is None else round(steady[1], 3),
-                  steps=clock.steps, load_1min=round(os.getloadavg()[0], 2), **scores)
+                  steps=clock.steps, load_1min=round(os.getloadavg()[0], 2),
+                  epoch_losses=[round(v, 4) for v in clock.epoch_losses], **scores)
     print("RESULT " + json.dumps(record), flush=True)
 
 
