@@ -305,7 +305,8 @@ def _in_xla_cond_or_loop(cond=True):
 
 def _lattice_chunks(features_list, index):
     """``[(start, stop)]`` RoI ranges of :func:`_chunked_weighted_gather`, or None where
-    the plain ops run (not TensorFlow, not float32, dynamic sizes, one chunk, XLA)."""
+    the plain ops run: not TensorFlow, not float32, dynamic sizes, one chunk, XLA, a
+    while-loop body, or :data:`CHUNKED_GATHER` off (the exports)."""
     import keras
 
     channels = features_list[0].shape[-1]
@@ -334,9 +335,9 @@ def _chunked_weighted_gather(features_list, index, weight, bounds):
     per chunk (``bounds``: :func:`_lattice_chunks`), and the gradient adds each
     chunk's weighted taps into one buffer of the levels' rows with
     ``tensor_scatter_nd_add``. Control dependencies make each chunk wait for the
-    previous one, so the graph cannot run them all at once. The
-    taps add up in the order the plain gradient adds them (RoI by RoI), and both
-    are serial on the CPU, so the results are the same to the bit.
+    previous one, so the graph cannot run them all at once. The taps add up in the
+    order the plain gradient adds them (RoI by RoI), and both are serial on the CPU,
+    so the results are the same to the bit.
 
     The levels, not their concatenation, are the custom gradient's inputs: the
     concatenation is freed after the forward (inside ``ops.cond``, the mask head's
