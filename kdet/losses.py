@@ -225,15 +225,12 @@ def mask_bce_loss(mask_logits, labels, mask_targets, valid=None, data_format=Non
     targets = _float(mask_targets)
     num_channels = logits.shape[-1] if channels_last else logits.shape[-3]
     channel = ops.clip(ops.cast(labels, "int32"), 0, num_channels - 1)
-    index = channel[..., None, None, None]
-    if channels_last:
-        # ops.shape: leading dimensions may be dynamic (evaluate / a smaller last batch)
-        index = ops.broadcast_to(index, tuple(ops.shape(logits)[:-1]) + (1,))
-        picked = ops.take_along_axis(logits, index, axis=-1)[..., 0]
-    else:
-        index = ops.broadcast_to(index, tuple(ops.shape(logits)[:-3]) + (1,)
-                                 + tuple(logits.shape[-2:]))
-        picked = ops.take_along_axis(logits, index, axis=-3)[..., 0, :, :]
+    # The RoI's own channel as a product with its one-hot class: its gradient is an outer
+    # product, where take_along_axis' is a scatter (UnsortedSegmentSum on TF) over all C
+    # channels, ~6x slower at [8, 128, 28, 28, 91]. Equal values while the logits are finite.
+    one_hot = ops.one_hot(channel, num_channels, dtype=logits.dtype)
+    picked = ops.einsum("...hwc,...c->...hw" if channels_last else "...chw,...c->...hw",
+                        logits, one_hot)
     pixel_loss = sigmoid_cross_entropy(targets, picked)
     if valid is None:
         valid = ops.ones(picked.shape[:-2], "bool")

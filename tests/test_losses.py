@@ -232,6 +232,45 @@ def test_mask_bce_loss(rng, data_format):
 
 
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_mask_bce_loss_gradient_with_batch_dimension(rng, data_format):
+    """Value and gradient with leading ``[B, R]`` dimensions equal torch autograd through
+    torchvision's indexing pick: the gradient lives only in each valid RoI's own channel."""
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+    batch, rois, classes, size = 2, 5, 3, 4
+    logits = rng.normal(0, 2, (batch, rois, classes, size, size)).astype("float32")
+    labels = rng.integers(0, classes, (batch, rois)).astype("int32")
+    targets = (rng.random((batch, rois, size, size)) < 0.5).astype("float32")
+    valid = rng.random((batch, rois)) < 0.7
+    valid[0, 0] = True
+    given = logits if data_format == "channels_first" else logits.transpose(0, 1, 3, 4, 2)
+    reference = torch.from_numpy(logits).requires_grad_()
+    picked = reference[torch.arange(batch)[:, None], torch.arange(rois)[None],
+                       torch.from_numpy(labels).long()]
+    mask = torch.from_numpy(valid)
+    expected = F.binary_cross_entropy_with_logits(picked[mask], torch.from_numpy(targets)[mask])
+    expected.backward()
+    expected_grad = reference.grad.numpy()
+
+    def loss(x):
+        return L.mask_bce_loss(x, labels, targets, valid, data_format=data_format)
+    if backend() == "jax":
+        import jax
+        value, grad = loss(given), jax.grad(loss)(given)
+    else:
+        import tensorflow as tf
+        variable = tf.Variable(given)
+        with tf.GradientTape() as tape:
+            value = loss(variable)
+        grad = tape.gradient(value, variable)
+    grad = np_(grad) if data_format == "channels_first" else np_(grad).transpose(0, 1, 4, 2, 3)
+    np.testing.assert_allclose(np_(value), expected.item(), rtol=1e-5)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-9)
+    own = valid[..., None] & (labels[..., None] == np.arange(classes))  # [B, R, C]
+    assert (grad[~own] == 0).all() and (np.abs(grad[own]).sum(axis=(-2, -1)) > 0).all()
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 def test_keypoint_loss(rng, data_format):
     rois, kps, size = 5, 3, 8
     logits = rng.normal(0, 2, (rois, kps, size, size)).astype("float32")
