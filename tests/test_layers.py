@@ -1047,3 +1047,69 @@ def test_batch_norm_fused_training_path_equals_the_composite_one():
         for fused, composite in zip(*results):
             # atol: where n = 1 the gamma gradient is 0, the composite ops' rounding 1.5e-4
             np.testing.assert_allclose(fused, composite, rtol=1e-4, atol=5e-4)
+
+
+@pytest.mark.parametrize("layer_kind", ["bn", "bn_no_affine", "frozen_eps0", "frozen"])
+def test_batch_norm_fused_inference_equals_the_composite_ops(layer_kind, monkeypatch):
+    """On TensorFlow a 4-D float32 batch in inference runs as one ``FusedBatchNormV3``
+    (mean 0, variance 1, epsilon 0: the folded scale and shift), which grappler folds into
+    the convolution before it; output and input gradient equal the multiply-add form
+    (``FUSED_INFERENCE`` off), at batch 1 and with zero-variance channels. Training (a
+    frozen or non-trainable batch norm's too), float16 and 2-D inputs keep the composite
+    ops."""
+    if backend() != "tensorflow":
+        pytest.skip("TensorFlow's fused kernel")
+    import tensorflow as tf
+
+    from kdet.layers import BatchNormalization
+    from kdet.layers import normalization
+    rng = np.random.default_rng(5)
+
+    def make():
+        if layer_kind.startswith("frozen"):
+            layer = FrozenBatchNormalization(epsilon=0.0 if layer_kind == "frozen_eps0" else 1e-5)
+        else:
+            affine = layer_kind == "bn"
+            layer = BatchNormalization(epsilon=1e-3, scale=affine, center=affine)
+            layer.trainable = False  # a frozen BN inside a trained model: inference form
+        layer.build((None, None, None, 6))
+        keras.utils.set_random_seed(1)
+        for v in layer.weights:
+            values = rng.uniform(0.5, 2.0, v.shape).astype("float32")
+            if "variance" in v.name and layer_kind != "frozen_eps0":
+                values[0] = 0.0  # a dead channel: only epsilon keeps it finite
+            v.assign(values)
+        return layer
+
+    layer = make()
+    for shape in [(2, 5, 4, 6), (1, 1, 1, 6)]:
+        x = tf.constant(rng.normal(1.0, 2.0, shape).astype("float32"))
+        results = []
+        for fused in (True, False):
+            monkeypatch.setattr(normalization, "FUSED_INFERENCE", fused)
+
+            @tf.function
+            def step(training):
+                with tf.GradientTape() as tape:
+                    tape.watch(x)
+                    y = layer(x, training=training)
+                    loss = tf.reduce_sum(y * tf.range(1.0, 1.0 + y.shape[-1]) * y)
+                return y, tape.gradient(loss, x)
+            for training in (False, True):
+                graph = step.get_concrete_function(training).graph
+                ops_used = {op.type for op in graph.get_operations()}
+                assert ("FusedBatchNormV3" in ops_used) == (fused and not training)
+                results.append([to_np(t) for t in step(training)])
+        for got, want in zip(results[:2], results[2:]):
+            np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(normalization, "FUSED_INFERENCE", True)
+    kind = FrozenBatchNormalization if layer_kind.startswith("frozen") else BatchNormalization
+    flat, half = kind(), kind(dtype="mixed_float16")
+    flat.build((None, 6))
+    half.build((None, None, None, 6))
+    for x, target in ((np.ones((2, 6), "float32"), flat),
+                      (np.ones((1, 2, 2, 6), "float16"), half)):
+        graph = tf.function(lambda t: target(t, training=False)).get_concrete_function(
+            tf.constant(x)).graph
+        assert "FusedBatchNormV3" not in {op.type for op in graph.get_operations()}
