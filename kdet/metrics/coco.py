@@ -1142,29 +1142,44 @@ class COCOEvaluator:
             f"category_id={_show(detections[i].get('category_id'))})"
             if isinstance(detections[i], dict) else "")
         gt = self._gt
-        image = self._indices(_column(detections, "image_id", what), gt.image_index, "image_id",
-                              "ground truth images", what)
-        category = self._indices(_column(detections, "category_id", what), gt.category_index,
-                                 "category_id", "ground truth categories", what)
-        score = _float_values(_column(detections, "score", what), "score", what)
+        if not isinstance(detections, list):
+            detections = list(detections)  # the C reader takes lists
+        needed = {"bbox": "bbox", "segm": "segmentation", "keypoints": "keypoints"}[self.iou_type]
+        # the C reader reads plain records; on anything else it returns None and the
+        # Python code below reads them, naming the first bad record
+        fast = native.record_detections(detections, gt.image_index, gt.category_index,
+                                        "bbox" if needed == "bbox" else None, 4)
+        if fast is not None:
+            image, category, score, bbox = fast
+        else:
+            bbox = None
+            image = self._indices(_column(detections, "image_id", what), gt.image_index,
+                                  "image_id", "ground truth images", what)
+            category = self._indices(_column(detections, "category_id", what),
+                                     gt.category_index, "category_id",
+                                     "ground truth categories", what)
+            score = _float_values(_column(detections, "score", what), "score", what)
         if not np.isfinite(score).all():
             i = int(np.flatnonzero(~np.isfinite(score))[0])
             value = detections[i]["score"]
             problem = "is not finite" if isinstance(value, (int, float, np.number)) else \
                 "must be a number"
             raise ValueError(f"{what(i)}: score {_show(value)} {problem}")
-        needed = {"bbox": "bbox", "segm": "segmentation", "keypoints": "keypoints"}[self.iou_type]
-        column = _column(detections, needed, what)  # raises naming the first without it
-        if needed == "bbox":
-            has_bbox = np.ones(len(detections), bool)
+        if bbox is not None and needed == "bbox":  # plain bbox records, read in C
+            column = None
+            _check_boxes(bbox, what)
         else:
-            has_bbox = np.array(["bbox" in d for d in detections])
-        bbox = np.full((len(detections), 4), np.nan)
-        if has_bbox.any():
-            rows = np.flatnonzero(has_bbox)
-            values = column if needed == "bbox" else [detections[i]["bbox"] for i in rows]
-            bbox[rows] = _float_rows(values, 4, "bbox", lambda j: what(rows[j]))
-            _check_boxes(bbox, what, valid=has_bbox)
+            column = _column(detections, needed, what)  # raises naming the first without it
+            if needed == "bbox":
+                has_bbox = np.ones(len(detections), bool)
+            else:
+                has_bbox = np.array(["bbox" in d for d in detections])
+            bbox = np.full((len(detections), 4), np.nan)
+            if has_bbox.any():
+                rows = np.flatnonzero(has_bbox)
+                values = column if needed == "bbox" else [detections[i]["bbox"] for i in rows]
+                bbox[rows] = _float_rows(values, 4, "bbox", lambda j: what(rows[j]))
+                _check_boxes(bbox, what, valid=has_bbox)
         segmentation = keypoints = None
         mask_area = mask_box = None
         if self.iou_type == "segm" or (self.iou_type == "keypoints" and
@@ -1278,8 +1293,10 @@ class COCOEvaluator:
             row_width = np.array([width[k] for k in category.tolist()])
             keypoints = [None] * len(detections)
             if len(width) == 1:  # one width: one table
-                block = _float_rows([d["keypoints"] for d in detections], row_width[0],
-                                    "keypoints", what)
+                block = native.record_rows(detections, "keypoints", row_width[0])
+                if block is None:
+                    block = _float_rows([d["keypoints"] for d in detections], row_width[0],
+                                        "keypoints", what)
                 if not np.isfinite(block).all():
                     raise ValueError("not finite")
                 return block

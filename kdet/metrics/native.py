@@ -23,8 +23,8 @@ import pathlib
 
 import numpy as np
 
-__all__ = ["library", "library_path", "Rles", "DecodedRles", "rle_areas_boxes",
-           "rle_pair_iou", "check_rle_strings", "polygons_to_rles", "encode_rles", "pair_oks",
+__all__ = ["library", "library_path", "records", "record_detections", "record_rows", "Rles",
+           "DecodedRles", "rle_areas_boxes", "rle_pair_iou", "check_rle_strings", "polygons_to_rles", "encode_rles", "pair_oks",
            "match_detections", "accumulate"]
 
 _ABI = 8  # kdet_cocoeval_abi() of the C source this file was written for
@@ -62,9 +62,11 @@ def library_path():
 
 def library():
     """The loaded kernels (a ``ctypes.CDLL``), or None: not built, or ``KDET_NATIVE=0``."""
-    if os.environ.get("KDET_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
-    return _load()
+    return None if _disabled() else _load()
+
+
+def _disabled():
+    return os.environ.get("KDET_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,6 +82,50 @@ def _load():
         function = getattr(lib, name)
         function.argtypes, function.restype = argtypes, _I64
     return lib
+
+
+def records():
+    """The compiled reader of result dicts (``kdet/metrics/_records.c``), or None: not
+    built, or ``KDET_NATIVE=0``."""
+    return None if _disabled() else _load_records()
+
+
+@functools.lru_cache(maxsize=None)
+def _load_records():
+    try:
+        from kdet.metrics import _records
+    except ImportError:
+        return None
+    return _records
+
+
+def record_detections(detections, image_index, category_index, row_key=None, width=0):
+    """``(image, category, score, rows)`` of result dicts, each record read once in C:
+    ``image_index[d["image_id"]]``, ``category_index[d["category_id"]]`` (int64),
+    ``float(d["score"])`` and ``d[row_key]`` as ``[N, width]`` float64 (``[N, 0]`` without
+    ``row_key``); or None: the reader is not built, or a record is not of the plain form
+    (exact dicts, ids int / str / float in the index, plain int / float numbers, rows lists
+    or tuples of ``width``); then read them in Python, which names the bad one."""
+    reader = records()
+    width = int(width) if row_key is not None else 0
+    out = None if reader is None else reader.detections(detections, image_index,
+                                                        category_index, row_key, width)
+    if out is None:
+        return None
+    image, category, score, rows = out
+    return (np.frombuffer(image, np.int64), np.frombuffer(category, np.int64),
+            np.frombuffer(score, np.float64),
+            np.frombuffer(rows, np.float64).reshape(len(detections), width))
+
+
+def record_rows(detections, key, width):
+    """``[N, width]`` float64 of each ``d[key]``, a list / tuple of ``width`` plain
+    numbers, or None as :func:`record_detections`."""
+    reader = records()
+    out = None if reader is None else reader.rows(detections, key, int(width))
+    if out is None:
+        return None
+    return np.frombuffer(out, np.float64).reshape(len(detections), int(width))
 
 
 def _array(values, dtype):
