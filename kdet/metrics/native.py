@@ -24,8 +24,8 @@ import pathlib
 import numpy as np
 
 __all__ = ["library", "library_path", "records", "record_detections", "record_rows", "Rles",
-           "DecodedRles", "rle_areas_boxes", "rle_pair_iou", "check_rle_strings", "polygons_to_rles", "encode_rles", "pair_oks",
-           "match_detections", "accumulate"]
+           "DecodedRles", "rle_areas_boxes", "rle_pair_iou", "check_rle_strings",
+           "polygons_to_rles", "encode_rles", "pair_oks", "match_detections", "accumulate"]
 
 _ABI = 8  # kdet_cocoeval_abi() of the C source this file was written for
 _LIBRARY_DIR = pathlib.Path(__file__).resolve().parent / "_kernels"
