@@ -346,3 +346,27 @@ def test_default_optimizers_follow_the_recipes(small_efficientdet, small_retinan
     assert retina_opt.momentum == 0.9 and retina_opt.coupled_weight_decay == 1e-4
     assert retina_opt.decay_variables == "all" and not retina_opt.global_clipnorm
     assert not retina_opt.use_ema
+
+
+@pytest.mark.parametrize("count,classes,k", [(300, 7, 40), (300, 7, 300), (50, 7, 100),
+                                             (300, 1, 40), (9, 3, 5)])
+def test_topk_candidates_equal_the_flat_top_k_ties_included(rng, count, classes, k):
+    """The two-stage top-k (best class per anchor, then the pairs of those anchors) gives
+    the flat top-k's values and indices, ties broken at the lower flat index, -inf
+    (a NaN logit) included, at batch 2."""
+    from kdet.layers.detection_decoder import _topk_candidates
+    scores = rng.integers(0, 6, (2, count, classes)).astype("float32") / 5  # many ties
+    scores[0, 3] = -np.inf
+    scores[1, :count // 2] = -np.inf  # fewer finite pairs than k in some cases
+    # equal scores on anchors of different best class: anchor 1 ranks first by its best
+    # class, anchor 0's 0.5 first among the pairs
+    tie = np.array([[[0.5, 0.6], [0.5, 0.9], [0.1, 0.1], [0.1, 0.1], [0.0, 0.0]]], "float32")
+    for batch_scores, top in ((scores, k), (tie, 4)):
+        values, index = _topk_candidates(keras.ops.convert_to_tensor(batch_scores), top)
+        values, index = keras.ops.convert_to_numpy(values), keras.ops.convert_to_numpy(index)
+        take = min(top, batch_scores.shape[1] * batch_scores.shape[2])
+        for b in range(len(batch_scores)):
+            flat = batch_scores[b].reshape(-1)
+            expected = np.argsort(-flat, kind="stable")[:take]  # ties: lower index first
+            np.testing.assert_array_equal(index[b], expected)
+            np.testing.assert_array_equal(values[b], flat[expected])

@@ -13,11 +13,27 @@ from kdet.boxes import BoxCoder, clip_boxes, nonempty_box_mask
 from kdet.ops.nms import batched_nms
 
 
-def _topk_candidates(scores_flat, k):
-    """Top-k over flattened (anchor, class) scores -> values, anchor idx, class idx."""
-    k = min(k, int(scores_flat.shape[-1]))
-    values, flat_index = ops.top_k(scores_flat, k=k, sorted=True)
-    return values, flat_index
+def _topk_candidates(scores, k):
+    """Top-k of ``scores [B, A, K]`` over all (anchor, class) pairs -> ``(values, flat
+    index anchor * K + class)``, both ``[B, k]``: ``top_k`` of the flattened scores.
+
+    With more anchors than ``k``, the top k pairs lie on the top k anchors by their best
+    class (an anchor outside them has k anchors ranking above it, each with a pair
+    above all of its pairs: higher score, or equal score at a lower flat index), so the
+    pairs of those anchors, in anchor order, give the same top-k, ties included (top_k
+    puts the lower index first): ~6x less work at RetinaNet's P3 (90,000 anchors x 91
+    classes) and 2x at EfficientDet-D0's 49,104 x 90."""
+    batch, count, classes = ops.shape(scores)[0], int(scores.shape[1]), int(scores.shape[2])
+    k = min(k, count * classes)
+    if k >= count or classes == 1:
+        return ops.top_k(ops.reshape(scores, (batch, count * classes)), k=k, sorted=True)
+    _, anchors = ops.top_k(ops.max(scores, axis=-1), k=k, sorted=True)
+    anchors = ops.sort(anchors, axis=-1)  # flat-index order among the pairs kept
+    kept = ops.take_along_axis(scores, ops.broadcast_to(ops.expand_dims(anchors, -1),
+                                                        (batch, k, classes)), axis=1)
+    values, index = ops.top_k(ops.reshape(kept, (batch, k * classes)), k=k, sorted=True)
+    anchor = ops.take_along_axis(anchors, index // classes, axis=1)
+    return values, anchor * classes + index % classes
 
 
 @keras.saving.register_keras_serializable(package="kdet")
@@ -70,7 +86,6 @@ class DetectionDecoder(keras.layers.Layer):
 
     def call(self, cls_logits, box_deltas, anchors, level_counts=None, image_size=None,
              scale=None):
-        batch = ops.shape(cls_logits)[0]
         k = self.num_classes
         probs = ops.sigmoid(ops.cast(cls_logits, "float32"))
         # NaN logits: -inf ranks last in the pre-NMS top-k and passes no score threshold.
@@ -82,8 +97,8 @@ class DetectionDecoder(keras.layers.Layer):
         scores, anchor_index, labels = [], [], []
         start = 0
         for count in level_counts:
-            level = ops.reshape(probs[:, start:start + count, :], (batch, count * k))
-            values, flat = _topk_candidates(level, self.pre_nms_topk)
+            values, flat = _topk_candidates(probs[:, start:start + count, :],
+                                            self.pre_nms_topk)
             scores.append(values)
             # flat index = anchor * K + class within the level.
             anchor_index.append(flat // k + start)
