@@ -362,7 +362,8 @@ def test_topk_candidates_equal_the_flat_top_k_ties_included(rng, count, classes,
     # class, anchor 0's 0.5 first among the pairs
     tie = np.array([[[0.5, 0.6], [0.5, 0.9], [0.1, 0.1], [0.1, 0.1], [0.0, 0.0]]], "float32")
     for batch_scores, top in ((scores, k), (tie, 4)):
-        values, index = _topk_candidates(keras.ops.convert_to_tensor(batch_scores), top)
+        values, index = _topk_candidates(keras.ops.convert_to_tensor(batch_scores), top,
+                                         *batch_scores.shape[1:])
         values, index = keras.ops.convert_to_numpy(values), keras.ops.convert_to_numpy(index)
         take = min(top, batch_scores.shape[1] * batch_scores.shape[2])
         for b in range(len(batch_scores)):

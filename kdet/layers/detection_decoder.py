@@ -13,9 +13,10 @@ from kdet.boxes import BoxCoder, clip_boxes, nonempty_box_mask
 from kdet.ops.nms import batched_nms
 
 
-def _topk_candidates(scores, k):
-    """Top-k of ``scores [B, A, K]`` over all (anchor, class) pairs -> ``(values, flat
-    index anchor * K + class)``, both ``[B, k]``: ``top_k`` of the flattened scores.
+def _topk_candidates(scores, k, count, classes):
+    """Top-k of ``scores [B, A, K]`` (``A = count``, ``K = classes``) over all (anchor,
+    class) pairs -> ``(values, flat index anchor * K + class)``, both ``[B, k]``: ``top_k``
+    of the flattened scores.
 
     With more anchors than ``k``, the top k pairs lie on the top k anchors by their best
     class (an anchor outside them has k anchors ranking above it, each with a pair
@@ -23,7 +24,11 @@ def _topk_candidates(scores, k):
     pairs of those anchors, in anchor order, give the same top-k, ties included (top_k
     puts the lower index first): ~6x less work at RetinaNet's P3 (90,000 anchors x 91
     classes) and 2x at EfficientDet-D0's 49,104 x 90."""
-    batch, count, classes = ops.shape(scores)[0], int(scores.shape[1]), int(scores.shape[2])
+    count, classes = int(count), int(classes)
+    batch = ops.shape(scores)[0]
+    # the static anchor count: the scores' may be unknown (predict retraced for a
+    # smaller last batch)
+    scores = ops.reshape(scores, (batch, count, classes))
     k = min(k, count * classes)
     if k >= count or classes == 1:
         return ops.top_k(ops.reshape(scores, (batch, count * classes)), k=k, sorted=True)
@@ -98,7 +103,7 @@ class DetectionDecoder(keras.layers.Layer):
         start = 0
         for count in level_counts:
             values, flat = _topk_candidates(probs[:, start:start + count, :],
-                                            self.pre_nms_topk)
+                                            self.pre_nms_topk, count, k)
             scores.append(values)
             # flat index = anchor * K + class within the level.
             anchor_index.append(flat // k + start)
