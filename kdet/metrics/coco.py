@@ -1165,27 +1165,24 @@ class COCOEvaluator:
             problem = "is not finite" if isinstance(value, (int, float, np.number)) else \
                 "must be a number"
             raise ValueError(f"{what(i)}: score {_show(value)} {problem}")
-        column = None
-        if bbox is not None and needed == "bbox":  # plain bbox records, read in C
+        if needed != "bbox":  # keypoint / segm records with a plain box each: read in C
+            bbox = native.record_rows(detections, "bbox", 4)
+        # raises naming the first record without the key
+        column = None if bbox is not None and needed == "bbox" else \
+            _column(detections, needed, what)
+        if bbox is not None:
             _check_boxes(bbox, what)
         else:
-            column = _column(detections, needed, what)  # raises naming the first without it
-            # keypoint / segm records with a plain box each: their boxes read in C too
-            bbox = None if needed == "bbox" else native.record_rows(detections, "bbox", 4)
-            if bbox is not None:
-                _check_boxes(bbox, what)
+            if needed == "bbox":
+                has_bbox = np.ones(len(detections), bool)
             else:
-                if needed == "bbox":
-                    has_bbox = np.ones(len(detections), bool)
-                else:
-                    has_bbox = np.array(["bbox" in d for d in detections])
-                bbox = np.full((len(detections), 4), np.nan)
-                if has_bbox.any():
-                    rows = np.flatnonzero(has_bbox)
-                    values = column if needed == "bbox" else [detections[i]["bbox"]
-                                                              for i in rows]
-                    bbox[rows] = _float_rows(values, 4, "bbox", lambda j: what(rows[j]))
-                    _check_boxes(bbox, what, valid=has_bbox)
+                has_bbox = np.array(["bbox" in d for d in detections])
+            bbox = np.full((len(detections), 4), np.nan)
+            if has_bbox.any():
+                rows = np.flatnonzero(has_bbox)
+                values = column if needed == "bbox" else [detections[i]["bbox"] for i in rows]
+                bbox[rows] = _float_rows(values, 4, "bbox", lambda j: what(rows[j]))
+                _check_boxes(bbox, what, valid=has_bbox)
         segmentation = keypoints = None
         mask_area = mask_box = None
         if self.iou_type == "segm" or (self.iou_type == "keypoints" and
