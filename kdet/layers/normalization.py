@@ -27,6 +27,16 @@ def _fusable_inference(inputs):
             and len(inputs.shape) == 4 and inputs.dtype == "float32")
 
 
+def _folded_scale_shift(mean, variance, epsilon, gamma=None, beta=None):
+    """``(scale, shift)`` with ``x * scale + shift`` the batch norm of ``x`` (no ``gamma``:
+    scale 1; no ``beta``: offset 0), as torchvision's ``FrozenBatchNorm2d`` folds them."""
+    scale = ops.rsqrt(variance + epsilon)
+    if gamma is not None:
+        scale = gamma * scale
+    shift = -mean * scale if beta is None else beta - mean * scale
+    return scale, shift
+
+
 def _fused_scale_shift(inputs, scale, shift):
     """``inputs * scale + shift`` per channel as TensorFlow's inference batch norm (mean 0,
     variance 1, epsilon 0: the same products and sums). Grappler's remapper folds that op
@@ -137,13 +147,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
         # 2-4% more than the multiply-add's
         if not training and not self.renorm and mask is None and self.axis in (-1, 3) \
                 and _fusable_inference(inputs):
-            scale = ops.rsqrt(self.moving_variance + self.epsilon)
-            if self.scale:
-                scale = self.gamma * scale
-            shift = -self.moving_mean * scale
-            if self.center:
-                shift = self.beta + shift
-            return _fused_scale_shift(inputs, scale, shift)
+            return _fused_scale_shift(inputs, *_folded_scale_shift(
+                self.moving_mean, self.moving_variance, self.epsilon,
+                self.gamma if self.scale else None, self.beta if self.center else None))
         own_update = self.unbiased_moving_variance or self.statistics_ema_momentum is not None
         if not (training and self.trainable and own_update) or self.renorm:
             return super().call(inputs, training=training, mask=mask)
@@ -333,8 +339,8 @@ class FrozenBatchNormalization(keras.layers.Layer):
     def call(self, inputs, training=None):
         # Fold into one scale and shift in float32 (as FrozenBatchNorm2d does),
         # then apply in the compute dtype.
-        scale = self.gamma * ops.rsqrt(self.moving_variance + self.epsilon)
-        shift = self.beta - self.moving_mean * scale
+        scale, shift = _folded_scale_shift(self.moving_mean, self.moving_variance,
+                                           self.epsilon, self.gamma, self.beta)
         if not training and _fusable_inference(inputs):
             return _fused_scale_shift(inputs, scale, shift)
         scale = ops.cast(scale, inputs.dtype)
