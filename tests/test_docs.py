@@ -416,7 +416,7 @@ def test_modules_import_no_cycles():
 TENSORFLOW_PACKAGES = ("kdet.data", "kdet.export", "kdet.workflow", "kdet.training")
 TENSORFLOW_MODULES = ("kdet.converters.automl", "kdet.ops.nms", "kdet.ops.roi_align",
                       "kdet.layers.normalization", "kdet.layers.depthwise", "kdet.tf_startup",
-                      "kdet.distribute")
+                      "kdet.distribute", "kdet.ops.winograd", "kdet.layers.conv")
 JAX_MODULES = ("kdet.ops.nms",)
 
 

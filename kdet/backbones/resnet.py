@@ -20,6 +20,7 @@ import keras
 from kdet.backbones._common import (check_norm, check_return_levels, conv_initializer,
                                     feature_model, load_torch_state_dict, load_weights_file,
                                     make_norm)
+from kdet.layers.conv import Conv2D
 
 # depth -> (block kind, blocks per layer)
 RESNET_SPECS = {
@@ -41,8 +42,8 @@ def _conv(filters, kernel_size, strides, name):
 def _conv3x3(x, filters, strides, name):
     # torchvision pads 1 on every side; "same" would pad (0, 1) at stride 2.
     if strides == 1:
-        return keras.layers.Conv2D(filters, 3, padding="same", use_bias=False,
-                                   kernel_initializer=conv_initializer(), name=name)(x)
+        return Conv2D(filters, 3, padding="same", use_bias=False,
+                      kernel_initializer=conv_initializer(), name=name)(x)
     x = keras.layers.ZeroPadding2D(1, name=f"{name}_pad")(x)
     return _conv(filters, 3, strides, name)(x)
 

@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from kdet.export import postprocess
+from kdet.layers.conv import direct_convolutions
 
 FORMATS = ("saved_model", "litert", "onnx")
 _FORMAT_ALIASES = {"saved_model": "saved_model", "tf_saved_model": "saved_model",
@@ -52,7 +53,8 @@ def serving_function(model, settings, input_dtype="float32", batch_size=1, runti
                          name="images")
 
     def serve(images):
-        raw = model(tf.cast(images, tf.float32), training=False)
+        with direct_convolutions():  # portable graphs: plain Conv2D ops
+            raw = model(tf.cast(images, tf.float32), training=False)
         if nms == "tflite_postprocess":
             return postprocess.ssd_detections(raw["cls_logits"], raw["box_deltas"], settings,
                                               batch_size, detections_per_class)

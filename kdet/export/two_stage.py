@@ -35,6 +35,7 @@ import os
 import tempfile
 
 from kdet.export import core
+from kdet.layers.conv import direct_convolutions
 
 PREDICTION_KEYS = ("boxes", "scores", "labels", "num_detections", "masks", "keypoints")
 INT_KEYS = ("labels", "num_detections")
@@ -80,7 +81,7 @@ def serving_function(model, input_dtype="float32", batch_size=1):
     keys = output_keys(model)
 
     def serve(images):
-        with _mask_rows_without_control_flow(model):
+        with _mask_rows_without_control_flow(model), direct_convolutions():
             out = model(tf.cast(images, tf.float32), training=False)
         missing = [k for k in keys if k not in out]
         if missing:

@@ -8,6 +8,7 @@ either framework map onto them one to one.
 """
 import keras
 
+from kdet.layers.conv import Conv2D
 from kdet.layers.normalization import BatchNormalization, FrozenBatchNormalization
 
 NORMS = (None, "batch", "group", "frozen_batch")
@@ -171,7 +172,7 @@ class ConvNormAct(_ConvNormActBase):
                             group_epsilon)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.conv = keras.layers.Conv2D(
+        self.conv = Conv2D(
             self.filters, self.kernel_size, strides=self.strides, padding=self._conv_padding,
             dilation_rate=self.dilation_rate, use_bias=self.use_bias,
             kernel_initializer=self.kernel_initializer, bias_initializer=self.bias_initializer,

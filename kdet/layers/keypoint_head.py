@@ -20,6 +20,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from kdet.layers.conv import Conv2D
 from kdet.layers.roi import MultiLevelRoIAlign
 from kdet.layers.roi_heads import (RoIHeads, _build_conv_stack, _kaiming_fan_out,
                                    _run_conv_stack)
@@ -62,8 +63,8 @@ class KeypointRCNNHead(keras.layers.Layer):
         self.layer_channels = tuple(int(c) for c in layers)
         common = dict(kernel_initializer=_kaiming_fan_out(), bias_initializer="zeros",
                       dtype=self.dtype_policy)
-        self.convs = [keras.layers.Conv2D(c, 3, padding="same", activation="relu",
-                                          name=f"keypoint_fcn{i}", **common)
+        self.convs = [Conv2D(c, 3, padding="same", activation="relu",
+                             name=f"keypoint_fcn{i}", **common)
                       for i, c in enumerate(self.layer_channels)]
         # torch ConvTranspose2d(k=4, s=2, padding=1): 14 -> 28, the same as Keras "same".
         self.kps_score_lowres = keras.layers.Conv2DTranspose(

@@ -40,6 +40,7 @@ import numpy as np
 from keras import ops
 
 from kdet.boxes import BoxCoder, clip_boxes
+from kdet.layers.conv import Conv2D
 from kdet.layers.normalization import BatchNormalization, FrozenBatchNormalization
 from kdet.layers.roi import MultiLevelRoIAlign
 from kdet.ops.nms import batched_nms
@@ -188,11 +189,11 @@ class FastRCNNConvFCHead(keras.layers.Layer):
         self.norm = norm
         self.norms = [_head_batch_norm(norm, i, "bn", self.dtype_policy)
                       for i in range(len(self.conv_layers))]
-        self.convs = [keras.layers.Conv2D(c, 3, padding="same", use_bias=norm is None,
-                                          activation="relu" if norm is None else None,
-                                          kernel_initializer=_kaiming_fan_out(),
-                                          bias_initializer="zeros", dtype=self.dtype_policy,
-                                          name=f"conv{i}")
+        self.convs = [Conv2D(c, 3, padding="same", use_bias=norm is None,
+                             activation="relu" if norm is None else None,
+                             kernel_initializer=_kaiming_fan_out(),
+                             bias_initializer="zeros", dtype=self.dtype_policy,
+                             name=f"conv{i}")
                       for i, c in enumerate(self.conv_layers)]
         self.fcs = [keras.layers.Dense(c, activation="relu",
                                        kernel_initializer=_torch_linear_kernel(),
@@ -422,9 +423,9 @@ class MaskRCNNHead(keras.layers.Layer):
                       dtype=self.dtype_policy)
         self.norms = [_head_batch_norm(norm, i, "mask_bn", self.dtype_policy)
                       for i in range(len(self.layer_channels))]
-        self.convs = [keras.layers.Conv2D(c, 3, padding="same", use_bias=norm is None,
-                                          activation="relu" if norm is None else None,
-                                          name=f"mask_fcn{i}", **common)
+        self.convs = [Conv2D(c, 3, padding="same", use_bias=norm is None,
+                             activation="relu" if norm is None else None,
+                             name=f"mask_fcn{i}", **common)
                       for i, c in enumerate(self.layer_channels)]
         self.conv5_mask = keras.layers.Conv2DTranspose(self.dim_reduced, 2, strides=2,
                                                        activation="relu", name="conv5_mask",

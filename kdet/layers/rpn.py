@@ -28,6 +28,7 @@ from keras import ops
 
 from kdet.anchors import AnchorGenerator
 from kdet.boxes import BoxCoder, clip_boxes
+from kdet.layers.conv import Conv2D
 from kdet.ops.nms import batched_nms
 
 
@@ -66,8 +67,8 @@ class RPNHead(keras.layers.Layer):
         common = dict(kernel_initializer=_normal_001(), bias_initializer="zeros",
                       dtype=self.dtype_policy)
         # The first keeps v1's name "conv" so v1 models and their .keras files are unchanged.
-        self.convs = [keras.layers.Conv2D(self.channels, 3, padding="same", activation="relu",
-                                          name="conv" if i == 0 else f"conv{i}", **common)
+        self.convs = [Conv2D(self.channels, 3, padding="same", activation="relu",
+                             name="conv" if i == 0 else f"conv{i}", **common)
                       for i in range(self.conv_depth)]
         self.conv = self.convs[0]
         self.cls_logits = keras.layers.Conv2D(self.num_anchors, 1, name="cls_logits", **common)

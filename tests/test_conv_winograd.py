@@ -1,0 +1,191 @@
+"""Winograd F(2 x 2, 3 x 3) convolution (``kdet.ops.winograd``) and the ``Conv2D`` layer
+that routes TensorFlow inference through it (``kdet.layers.conv``).
+
+Reference: the convolution written out in float64 numpy (sum over the 3 x 3 taps of the
+zero-padded input times the kernel); the direct ``tf.nn.conv2d`` and ``keras.layers.Conv2D``
+for the layer's contract.
+"""
+import numpy as np
+import pytest
+
+from conftest import backend
+
+import keras  # noqa: E402  (after torch, see conftest)
+
+from kdet.layers import conv as conv_module  # noqa: E402
+from kdet.layers.conv import Conv2D, direct_convolutions  # noqa: E402
+
+pytestmark = pytest.mark.skipif(backend() != "tensorflow",
+                                reason="the Winograd route is TensorFlow's (JAX keeps the "
+                                       "direct convolution, covered by the doctest)")
+
+
+def conv3x3_reference(x, kernel):
+    """SAME, stride 1, in float64: out[n, y, x, o] = sum_ijc xpad[n, y+i, x+j, c] k[i, j, c, o]."""
+    x = np.asarray(x, np.float64)
+    kernel = np.asarray(kernel, np.float64)
+    n, h, w, _ = x.shape
+    padded = np.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)])
+    out = np.zeros((n, h, w, kernel.shape[-1]))
+    for i in range(3):
+        for j in range(3):
+            out += padded[:, i:i + h, j:j + w] @ kernel[i, j]
+    return out
+
+
+def _op_types(fn, *specs):
+    return [op.type for op in fn.get_concrete_function(*specs).graph.get_operations()]
+
+
+@pytest.mark.parametrize("shape,filters", [
+    ((1, 16, 16, 8), 5),      # even sizes, batch 1
+    ((3, 15, 17, 6), 4),      # odd height and width: the last tile row / column is cropped
+    ((2, 1, 1, 3), 2),        # one pixel: a single tile, three sides padding
+    ((1, 2, 5, 4), 3),        # thinner than a tile
+])
+def test_winograd_conv_equals_the_written_out_convolution(shape, filters):
+    import tensorflow as tf
+
+    from kdet.ops.winograd import conv3x3_same, transformed_kernel
+    rng = np.random.default_rng(sum(shape))
+    x = rng.normal(0, 2, shape).astype("float32")
+    kernel = rng.normal(0, 0.5, (3, 3, shape[-1], filters)).astype("float32")
+    expected = conv3x3_reference(x, kernel)
+    got = conv3x3_same(tf.constant(x), transformed_kernel(tf.constant(kernel))).numpy()
+    direct = tf.nn.conv2d(x, kernel, 1, "SAME").numpy()
+    assert got.shape == expected.shape
+    scale = np.abs(expected).max()
+    # float32 rounding of the same size as the direct convolution's (a few ulps of the scale)
+    assert np.abs(got - expected).max() <= max(4 * np.abs(direct - expected).max(), 1e-6 * scale)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6 * scale)
+
+
+def test_winograd_conv_at_width_is_as_accurate_as_the_direct_one():
+    """256 channels in, 819 out (RetinaNet's class logits): the error against float64 stays
+    within a few times the direct convolution's."""
+    import tensorflow as tf
+
+    from kdet.ops.winograd import conv3x3_same, transformed_kernel
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (1, 9, 10, 256)).astype("float32")
+    kernel = rng.normal(0, 0.03, (3, 3, 256, 819)).astype("float32")
+    expected = conv3x3_reference(x, kernel)
+    got = conv3x3_same(tf.constant(x), transformed_kernel(tf.constant(kernel))).numpy()
+    direct = tf.nn.conv2d(x, kernel, 1, "SAME").numpy()
+    winograd_error = np.abs(got - expected).max()
+    direct_error = np.abs(direct - expected).max()
+    assert winograd_error <= 4 * direct_error, (winograd_error, direct_error)
+    assert winograd_error <= 3e-6 * np.abs(expected).max()
+
+
+def _pair(filters, activation="relu", use_bias=True):
+    """kdet's Conv2D and keras' with the same weights."""
+    layer = Conv2D(filters, 3, padding="same", activation=activation, use_bias=use_bias)
+    plain = keras.layers.Conv2D(filters, 3, padding="same", activation=activation,
+                                use_bias=use_bias)
+    return layer, plain
+
+
+@pytest.mark.parametrize("use_bias,activation", [(True, "relu"), (False, None)])
+def test_conv2d_layer_route_equals_keras_conv2d(use_bias, activation):
+    """Inference at 256 channels on a 14 x 14 map or more takes the route (no ``Conv2D`` op
+    in the graph) and gives keras' ``Conv2D`` results, with an unknown batch size too."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(1)
+    layer, plain = _pair(32, activation, use_bias)
+    shape = (2, 15, 14, 256)
+    layer.build(shape)
+    plain.build(shape)
+    weights = [rng.normal(0, 0.05, w.shape).astype("float32") for w in plain.weights]
+    layer.set_weights(weights)
+    plain.set_weights(weights)
+    x = rng.normal(0, 1, shape).astype("float32")
+    fn = tf.function(lambda t: layer(t, training=False))
+    spec = tf.TensorSpec((None,) + shape[1:])
+    types = _op_types(fn, spec)
+    assert "Conv2D" not in types and "BatchMatMulV2" in types
+    expected = plain(x).numpy()
+    got = fn(x).numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=3e-6 * np.abs(expected).max())
+    np.testing.assert_allclose(layer(x).numpy(), expected, rtol=0,  # eager, outside a trace
+                               atol=3e-6 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("case", ["training", "few_channels", "small_map", "float16",
+                                  "strided", "valid", "dilated", "5x5", "xla", "export"])
+def test_conv2d_layer_keeps_the_direct_convolution(case):
+    """Where the route does not pay or does not belong, the graph holds the plain op."""
+    import tensorflow as tf
+
+    kwargs = dict(padding="same")
+    shape, training, jit, dtype = (1, 20, 20, 256), False, False, "float32"
+    if case == "few_channels":
+        shape = (1, 20, 20, 128)
+    elif case == "small_map":
+        shape = (4, 12, 12, 256)  # 6 x 6 = 36 tiles an image, under MIN_TILES (49)
+    elif case == "float16":
+        dtype = "float16"
+    elif case == "strided":
+        kwargs["strides"] = 2
+    elif case == "valid":
+        kwargs["padding"] = "valid"
+    elif case == "dilated":
+        kwargs["dilation_rate"] = 2
+    elif case == "training":
+        training = True
+    elif case == "xla":
+        jit = True
+    size = 5 if case == "5x5" else 3
+    layer = Conv2D(8, size, dtype=dtype, **kwargs)
+    layer.build(shape)
+
+    def call(t):
+        if case == "export":
+            with direct_convolutions():
+                return layer(t, training=training)
+        return layer(t, training=training)
+
+    fn = tf.function(call, jit_compile=jit)
+    types = _op_types(fn, tf.TensorSpec(shape, dtype))
+    assert "BatchMatMulV2" not in types and "SpaceToDepth" not in types
+    assert conv_module.WINOGRAD  # the context manager restores the switch
+
+
+def test_conv2d_layer_transforms_a_shared_kernel_once_per_graph():
+    """A head applied to several pyramid levels in one trace transforms its kernel once."""
+    import tensorflow as tf
+
+    layer = Conv2D(16, 3, padding="same")
+    layer.build((None, None, None, 256))
+
+    def two_levels(a, b):
+        return layer(a), layer(b)
+
+    def matmuls(fn):
+        types = _op_types(tf.function(fn), tf.TensorSpec((1, 20, 20, 256)),
+                          tf.TensorSpec((1, 14, 16, 256)))
+        return types.count("MatMul")
+
+    # each call: 2 transform products (B, A); the kernel: 2 more (G on both sides)
+    assert matmuls(two_levels) == 2 * 2 + 2
+    assert matmuls(lambda a, b: layer(a)) == 2 + 2
+
+
+def test_retinanet_predict_with_and_without_winograd(monkeypatch):
+    """A whole RetinaNet (ResNet-50 layer3/4, FPN, heads on the route at 224 px: P3 28 x 28)
+    predicts the same detections with the switch on and off."""
+    import kdet
+    from kdet.export.compare import match_detections
+    keras.utils.set_random_seed(3)
+    model = kdet.models.RetinaNet(num_classes=5, image_size=224, score_threshold=0.0)
+    images = np.random.default_rng(3).uniform(0, 255, (2, 224, 224, 3)).astype("float32")
+    outputs = {}
+    for flag in (True, False):
+        monkeypatch.setattr(conv_module, "WINOGRAD", flag)
+        model.predict_function = None
+        outputs[flag] = {k: np.asarray(v) for k, v in model.predict_on_batch(images).items()}
+    assert outputs[False]["num_detections"].min() > 0
+    fraction, score_diff, iou, unmatched = match_detections(
+        outputs[False], outputs[True], iou_min=0.999, score_tol=1e-4, nms_iou=0.5)
+    assert fraction == 1.0 and score_diff <= 1e-4 and iou >= 0.999, unmatched
