@@ -5,6 +5,8 @@ Reference: the convolution written out in float64 numpy (sum over the 3 x 3 taps
 zero-padded input times the kernel); the direct ``tf.nn.conv2d`` and ``keras.layers.Conv2D``
 for the layer's contract.
 """
+import functools
+
 import numpy as np
 import pytest
 
@@ -78,6 +80,68 @@ def test_winograd_conv_at_width_is_as_accurate_as_the_direct_one():
     assert winograd_error <= 3e-6 * np.abs(expected).max()
 
 
+@pytest.mark.parametrize("shape,filters", [((2, 7, 9, 5), 3), ((1, 1, 1, 4), 2),
+                                          ((3, 6, 6, 8), 8), ((1, 12, 10, 64), 96)])
+def test_winograd_conv_gradients_equal_the_float64_ones(shape, filters):
+    """The hand-written gradient (transposed transforms, ``dV = dM U^T``, ``dU = V^T dM``)
+    against TensorFlow's float64 convolution gradients, odd sizes and batch 1 included."""
+    import tensorflow as tf
+
+    from kdet.ops.winograd import conv3x3_same_trainable
+    rng = np.random.default_rng(sum(shape) + filters)
+    x = rng.normal(0, 1, shape)
+    kernel = rng.normal(0, 0.3, (3, 3, shape[-1], filters))
+    weights = rng.normal(0, 1, shape[:3] + (filters,))
+
+    def gradients(conv, dtype):
+        xs, ks = tf.constant(x, dtype), tf.constant(kernel, dtype)
+        with tf.GradientTape() as tape:
+            tape.watch([xs, ks])
+            loss = tf.reduce_sum(conv(xs, ks) * tf.constant(weights, dtype))
+        return [g.numpy() for g in tape.gradient(loss, [xs, ks])]
+
+    expected = gradients(lambda a, b: tf.nn.conv2d(a, b, 1, "SAME"), tf.float64)
+    got = gradients(conv3x3_same_trainable, tf.float32)
+    direct = gradients(lambda a, b: tf.nn.conv2d(a, b, 1, "SAME"), tf.float32)
+    for g, d, e in zip(got, direct, expected):
+        scale = np.abs(e).max()
+        assert np.abs(g - e).max() <= max(4 * np.abs(d - e).max(), 1e-6 * scale)
+        np.testing.assert_allclose(g, e, rtol=0, atol=3e-6 * scale)
+
+
+def test_conv2d_layer_training_route_gradients_equal_keras_conv2d():
+    """In training the layer runs the hand-written gradient (no convolution op or its
+    backprop in the graph); the variables' and input's gradients equal keras' Conv2D's,
+    with an unknown batch size."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(4)
+    layer, plain = _pair(24)
+    shape = (2, 14, 15, 256)
+    layer.build(shape)
+    plain.build(shape)
+    weights = [rng.normal(0, 0.05, w.shape).astype("float32") for w in plain.weights]
+    layer.set_weights(weights)
+    plain.set_weights(weights)
+    x = tf.constant(rng.normal(0, 1, shape).astype("float32"))
+    upstream = tf.constant(rng.normal(0, 1, shape[:3] + (24,)).astype("float32"))
+
+    def step(conv, t):
+        with tf.GradientTape() as tape:
+            tape.watch(t)
+            loss = tf.reduce_sum(conv(t, training=True) * upstream)
+        return tape.gradient(loss, [t] + list(conv.trainable_variables))
+
+    fn = tf.function(functools.partial(step, layer))
+    types = _op_types(fn, tf.TensorSpec((None,) + shape[1:]))
+    assert not [t for t in types if t.startswith("Conv2D")], types
+    got = fn(x)
+    expected = step(plain, x)
+    for g, e in zip(got, expected):
+        e = np.asarray(e)
+        np.testing.assert_allclose(np.asarray(g), e, rtol=0, atol=3e-6 * np.abs(e).max())
+
+
 def _pair(filters, activation="relu", use_bias=True):
     """kdet's Conv2D and keras' with the same weights."""
     layer = Conv2D(filters, 3, padding="same", activation=activation, use_bias=use_bias)
@@ -112,14 +176,14 @@ def test_conv2d_layer_route_equals_keras_conv2d(use_bias, activation):
                                atol=3e-6 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("case", ["training", "few_channels", "small_map", "float16",
+@pytest.mark.parametrize("case", ["few_channels", "small_map", "float16",
                                   "strided", "valid", "dilated", "5x5", "xla", "export"])
 def test_conv2d_layer_keeps_the_direct_convolution(case):
     """Where the route does not pay or does not belong, the graph holds the plain op."""
     import tensorflow as tf
 
     kwargs = dict(padding="same")
-    shape, training, jit, dtype = (1, 20, 20, 256), False, False, "float32"
+    shape, jit, dtype = (1, 20, 20, 256), False, "float32"
     if case == "few_channels":
         shape = (1, 20, 20, 128)
     elif case == "small_map":
@@ -132,23 +196,22 @@ def test_conv2d_layer_keeps_the_direct_convolution(case):
         kwargs["padding"] = "valid"
     elif case == "dilated":
         kwargs["dilation_rate"] = 2
-    elif case == "training":
-        training = True
     elif case == "xla":
         jit = True
     size = 5 if case == "5x5" else 3
     layer = Conv2D(8, size, dtype=dtype, **kwargs)
     layer.build(shape)
 
-    def call(t):
+    def call(t, training):
         if case == "export":
             with direct_convolutions():
                 return layer(t, training=training)
         return layer(t, training=training)
 
-    fn = tf.function(call, jit_compile=jit)
-    types = _op_types(fn, tf.TensorSpec(shape, dtype))
-    assert "BatchMatMulV2" not in types and "SpaceToDepth" not in types
+    for training in (False, True):
+        fn = tf.function(functools.partial(call, training=training), jit_compile=jit)
+        types = _op_types(fn, tf.TensorSpec(shape, dtype))
+        assert "BatchMatMulV2" not in types and "SpaceToDepth" not in types
     assert conv_module.WINOGRAD  # the context manager restores the switch
 
 

@@ -1,18 +1,17 @@
-"""Conv2D whose wide 3 x 3 convolutions run by Winograd's algorithm in TensorFlow inference.
+"""Conv2D whose wide 3 x 3 convolutions run by Winograd's algorithm on TensorFlow's CPU.
 
 The heads of RetinaNet, the RPN, the FPN outputs, the mask and keypoint heads and ResNet's
 later stages spend most of their time in 3 x 3 convolutions of 256-819 channels. On CPU,
 TensorFlow runs those as oneDNN direct convolutions (as PyTorch does); F(2 x 2, 3 x 3)
-(:mod:`kdet.ops.winograd`) does 2.25x fewer multiplications. Measured forward, 1 thread,
-direct -> Winograd: ``[1, 80, 80, 256]`` to 256 channels 68 -> 48 ms, to 819 (RetinaNet's
-class logits) 227 -> 127 ms; ``[1, 25, 25, 512]`` 26 -> 21 ms; ``[100, 14, 14, 256]`` (a
-mask head) 187 -> 151 ms. With fewer channels or smaller maps the transforms cost more
-than they save (``[1, 100, 100, 128]`` 0.92x, ``[1, 10, 10, 256]`` 0.81x, ``[512, 7, 7,
-256]`` 0.84x; ``[1, 14, 14, 256]`` breaks even), so those keep the direct convolution.
-
-Inference only: in training the backward pass through the transforms costs about what
-the products save (forward + backward ``[1, 80, 80, 256]`` 1.11x, ``[100, 14, 14, 256]``
-0.94x; a RetinaNet training step measured the same either way).
+(:mod:`kdet.ops.winograd`) does 2.25x fewer multiplications, in the forward pass and in
+both gradients. Measured, 1 thread, direct -> Winograd, forward: ``[1, 80, 80, 256]`` to
+256 channels 68 -> 48 ms, to 819 (RetinaNet's class logits) 227 -> 127 ms; ``[1, 25, 25,
+512]`` 26 -> 21 ms; ``[100, 14, 14, 256]`` (a mask head) 187 -> 151 ms. Forward and
+backward: ``[1, 80, 80, 256]`` 148 -> 94 ms, to 819 491 -> 246 ms, ``[1, 25, 25, 512]``
+58 -> 41 ms, ``[100, 14, 14, 256]`` 387 -> 292 ms. With fewer channels or smaller maps the
+transforms cost more than they save (forward ``[1, 100, 100, 128]`` 0.92x, ``[1, 10, 10,
+256]`` 0.81x, ``[512, 7, 7, 256]`` 0.84x; ``[1, 14, 14, 256]`` breaks even), so those keep
+the direct convolution.
 
 The layer keeps ``keras.layers.Conv2D``'s arguments and variables (checkpoints load either
 way); JAX, a GPU, XLA and the exports (:func:`direct_convolutions`) use the direct op.
@@ -60,8 +59,8 @@ def _cpu_only():
 
 @keras.saving.register_keras_serializable(package="kdet")
 class Conv2D(keras.layers.Conv2D):
-    """``keras.layers.Conv2D``; in TensorFlow inference on CPU its wide 3 x 3 ``same``
-    convolutions run by Winograd's F(2 x 2, 3 x 3) (module doc). Same arguments, variables
+    """``keras.layers.Conv2D``; on TensorFlow's CPU its wide 3 x 3 ``same`` convolutions
+    run by Winograd's F(2 x 2, 3 x 3) (module doc). Same arguments, variables
     and results (to float32 rounding).
 
         >>> import numpy as np
@@ -74,9 +73,9 @@ class Conv2D(keras.layers.Conv2D):
         super().__init__(*args, **kwargs)
         self._kernel_16 = None  # (graph, tensor): the transformed kernel of one trace
 
-    def _winograd_route(self, inputs, training):
+    def _winograd_route(self, inputs):
         shape = tuple(inputs.shape)
-        if not (WINOGRAD and not training and keras.backend.backend() == "tensorflow"
+        if not (WINOGRAD and keras.backend.backend() == "tensorflow"
                 and len(shape) == 4 and tuple(self.kernel_size) == (3, 3)
                 and tuple(self.strides) == (1, 1)
                 and tuple(self.dilation_rate) == (1, 1) and self.padding == "same"
@@ -90,8 +89,8 @@ class Conv2D(keras.layers.Conv2D):
 
     def _transformed_kernel(self):
         """The kernel in the Winograd domain, computed once per traced graph: a head shared
-        by five pyramid levels transforms its kernels once, not five times. (Inference
-        only, so the variable does not change within a graph's call.)"""
+        by five pyramid levels transforms its kernels once, not five times. (Inference:
+        the variable does not change within a graph's call.)"""
         import tensorflow as tf
 
         from kdet.ops.winograd import transformed_kernel
@@ -107,11 +106,14 @@ class Conv2D(keras.layers.Conv2D):
         return kernel_16
 
     def call(self, inputs, training=None):
-        if not self._winograd_route(inputs, training):
+        if not self._winograd_route(inputs):
             return super().call(inputs)
-        from kdet.ops.winograd import conv3x3_same
+        from kdet.ops.winograd import conv3x3_same, conv3x3_same_trainable
 
-        outputs = conv3x3_same(inputs, self._transformed_kernel())
+        if training:
+            outputs = conv3x3_same_trainable(inputs, ops.convert_to_tensor(self.kernel))
+        else:
+            outputs = conv3x3_same(inputs, self._transformed_kernel())
         if self.use_bias:
             outputs = ops.add(outputs, ops.reshape(self.bias, (1, 1, 1, -1)))
         if self.activation is not None:
