@@ -39,6 +39,19 @@ def _op_types(fn, *specs):
     return [op.type for op in fn.get_concrete_function(*specs).graph.get_operations()]
 
 
+def _pair(filters, shape, rng, activation="relu", use_bias=True):
+    """kdet's Conv2D and keras' built for ``shape``, with the same random weights."""
+    layer = Conv2D(filters, 3, padding="same", activation=activation, use_bias=use_bias)
+    plain = keras.layers.Conv2D(filters, 3, padding="same", activation=activation,
+                                use_bias=use_bias)
+    layer.build(shape)
+    plain.build(shape)
+    weights = [rng.normal(0, 0.05, w.shape).astype("float32") for w in plain.weights]
+    layer.set_weights(weights)
+    plain.set_weights(weights)
+    return layer, plain
+
+
 @pytest.mark.parametrize("shape,filters", [
     ((1, 16, 16, 8), 5),      # even sizes, batch 1
     ((3, 15, 17, 6), 4),      # odd height and width: the last tile row / column is cropped
@@ -80,8 +93,8 @@ def test_winograd_conv_at_width_is_as_accurate_as_the_direct_one():
     assert winograd_error <= 3e-6 * np.abs(expected).max()
 
 
-@pytest.mark.parametrize("shape,filters", [((2, 7, 9, 5), 3), ((1, 1, 1, 4), 2),
-                                          ((3, 6, 6, 8), 8), ((1, 12, 10, 64), 96)])
+@pytest.mark.parametrize("shape,filters", [
+    ((2, 7, 9, 5), 3), ((1, 1, 1, 4), 2), ((3, 6, 6, 8), 8), ((1, 12, 10, 64), 96)])
 def test_winograd_conv_gradients_equal_the_float64_ones(shape, filters):
     """The hand-written gradient (transposed transforms, ``dV = dM U^T``, ``dU = V^T dM``)
     against TensorFlow's float64 convolution gradients, odd sizes and batch 1 included."""
@@ -116,13 +129,8 @@ def test_conv2d_layer_training_route_gradients_equal_keras_conv2d():
     import tensorflow as tf
 
     rng = np.random.default_rng(4)
-    layer, plain = _pair(24)
     shape = (2, 14, 15, 256)
-    layer.build(shape)
-    plain.build(shape)
-    weights = [rng.normal(0, 0.05, w.shape).astype("float32") for w in plain.weights]
-    layer.set_weights(weights)
-    plain.set_weights(weights)
+    layer, plain = _pair(24, shape, rng)
     x = tf.constant(rng.normal(0, 1, shape).astype("float32"))
     upstream = tf.constant(rng.normal(0, 1, shape[:3] + (24,)).astype("float32"))
 
@@ -142,14 +150,6 @@ def test_conv2d_layer_training_route_gradients_equal_keras_conv2d():
         np.testing.assert_allclose(np.asarray(g), e, rtol=0, atol=3e-6 * np.abs(e).max())
 
 
-def _pair(filters, activation="relu", use_bias=True):
-    """kdet's Conv2D and keras' with the same weights."""
-    layer = Conv2D(filters, 3, padding="same", activation=activation, use_bias=use_bias)
-    plain = keras.layers.Conv2D(filters, 3, padding="same", activation=activation,
-                                use_bias=use_bias)
-    return layer, plain
-
-
 @pytest.mark.parametrize("use_bias,activation", [(True, "relu"), (False, None)])
 def test_conv2d_layer_route_equals_keras_conv2d(use_bias, activation):
     """Inference at 256 channels on a 14 x 14 map or more takes the route (no ``Conv2D`` op
@@ -157,13 +157,8 @@ def test_conv2d_layer_route_equals_keras_conv2d(use_bias, activation):
     import tensorflow as tf
 
     rng = np.random.default_rng(1)
-    layer, plain = _pair(32, activation, use_bias)
     shape = (2, 15, 14, 256)
-    layer.build(shape)
-    plain.build(shape)
-    weights = [rng.normal(0, 0.05, w.shape).astype("float32") for w in plain.weights]
-    layer.set_weights(weights)
-    plain.set_weights(weights)
+    layer, plain = _pair(32, shape, rng, activation, use_bias)
     x = rng.normal(0, 1, shape).astype("float32")
     fn = tf.function(lambda t: layer(t, training=False))
     spec = tf.TensorSpec((None,) + shape[1:])
