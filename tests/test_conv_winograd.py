@@ -171,9 +171,9 @@ def test_conv2d_layer_route_equals_keras_conv2d(use_bias, activation):
                                atol=3e-6 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("case", ["few_channels", "small_map", "float16",
+@pytest.mark.parametrize("case", ["few_channels", "small_map", "too_large", "float16",
                                   "strided", "valid", "dilated", "5x5", "xla", "export"])
-def test_conv2d_layer_keeps_the_direct_convolution(case):
+def test_conv2d_layer_keeps_the_direct_convolution(case, monkeypatch):
     """Where the route does not pay or does not belong, the graph holds the plain op."""
     import tensorflow as tf
 
@@ -183,6 +183,10 @@ def test_conv2d_layer_keeps_the_direct_convolution(case):
         shape = (1, 20, 20, 128)
     elif case == "small_map":
         shape = (4, 12, 12, 256)  # 6 x 6 = 36 tiles an image, under MIN_TILES (49)
+    elif case == "too_large":
+        # V of 3 images x 100 tiles x 16 x 256 floats: 4.9 MB, over a cap lowered to 1 MB
+        shape = (3, 20, 20, 256)
+        monkeypatch.setattr(conv_module, "MAX_TRANSFORMED_BYTES", 2 ** 20)
     elif case == "float16":
         dtype = "float16"
     elif case == "strided":

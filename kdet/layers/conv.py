@@ -26,6 +26,13 @@ from keras import ops
 # above): 256 channels and 14 x 14 maps (49 tiles) or more
 MIN_CHANNELS = 256
 MIN_TILES = 49
+# The transformed inputs V ([16, tiles, C] float32) and the products are 4x the input's
+# size, alive for one convolution (forward, and again in the backward pass): an FPN's P2
+# at 800 px holds 164 MB an image, where the direct convolution holds none. Past this
+# size (batch included, where it is static) a call keeps the direct convolution, so a
+# large training batch does not grow its peak memory by gigabytes (Mask R-CNN, 800 px:
+# batch 2 takes the route everywhere, +1.0 GB; batch 4 and more run P2 directly).
+MAX_TRANSFORMED_BYTES = 512 * 2 ** 20
 # switched off while an export traces (see :func:`direct_convolutions`)
 WINOGRAD = True
 
@@ -40,6 +47,11 @@ def direct_convolutions():
         yield
     finally:
         WINOGRAD = previous
+
+
+def _tiles(shape):
+    """2 x 2 output tiles of one ``[N, H, W, C]`` image."""
+    return (-(-shape[1] // 2)) * (-(-shape[2] // 2))
 
 
 def _outside_xla():
@@ -81,7 +93,8 @@ class Conv2D(keras.layers.Conv2D):
                 and tuple(self.dilation_rate) == (1, 1) and self.padding == "same"
                 and self.groups == 1 and self.data_format == "channels_last"
                 and None not in shape[1:] and shape[3] >= MIN_CHANNELS
-                and (-(-shape[1] // 2)) * (-(-shape[2] // 2)) >= MIN_TILES
+                and _tiles(shape) >= MIN_TILES
+                and (shape[0] or 1) * _tiles(shape) * shape[3] * 64 <= MAX_TRANSFORMED_BYTES
                 and keras.backend.standardize_dtype(inputs.dtype) == "float32"
                 and keras.backend.standardize_dtype(self.kernel.dtype) == "float32"):
             return False
