@@ -29,10 +29,12 @@ MIN_TILES = 49
 # The transformed inputs V ([16, tiles, C] float32) and the products are 4x the input's
 # size, alive for one convolution (forward, and again in the backward pass): an FPN's P2
 # at 800 px holds 164 MB an image, where the direct convolution holds none. Past this
-# size (batch included, where it is static) a call keeps the direct convolution, so a
-# large training batch does not grow its peak memory by gigabytes (Mask R-CNN, 800 px:
-# batch 2 takes the route everywhere, +1.0 GB; batch 4 and more run P2 directly).
-MAX_TRANSFORMED_BYTES = 512 * 2 ** 20
+# size (batch or RoI rows included, where static) a call keeps the direct convolution,
+# so large training batches do not grow their peak memory by gigabytes. Mask R-CNN at
+# 800 px, 1 thread, peak RSS against the direct convolutions' 6.51 GiB (batch 2) and
+# 11.21 GiB (batch 4): this cap 6.96 and 11.29 GiB; no cap at batch 2, 7.52 GiB; a
+# 512 MB cap at batch 4, 12.56 GiB. (Step times: benchmarks/RESULTS.md.)
+MAX_TRANSFORMED_BYTES = 256 * 2 ** 20
 # switched off while an export traces (see :func:`direct_convolutions`)
 WINOGRAD = True
 
