@@ -251,3 +251,23 @@ def test_retinanet_predict_with_and_without_winograd(monkeypatch):
     fraction, score_diff, iou, unmatched = match_detections(
         outputs[False], outputs[True], iou_min=0.999, score_tol=1e-4, nms_iou=0.5)
     assert fraction == 1.0 and score_diff <= 1e-4 and iou >= 0.999, unmatched
+
+
+def test_export_serving_graphs_hold_plain_convolutions():
+    """The dense and the two-stage exports trace the direct convolutions: no Winograd
+    transform (``SpaceToDepth``) in the serving graph, while the Keras predict graph of the
+    same model has them."""
+    import tensorflow as tf
+
+    import kdet
+    from kdet.export import core, postprocess, two_stage
+    keras.utils.set_random_seed(0)
+    dense = kdet.models.RetinaNet(num_classes=3, image_size=128)
+    two = kdet.models.FasterRCNN(num_classes=3, image_size=128)
+    serving = [core.serving_function(dense, postprocess.settings_from_model(dense)),
+               two_stage.serving_function(two)]
+    for fn, signature in serving:
+        types = _op_types(tf.function(fn), *signature)
+        assert "SpaceToDepth" not in types and "Conv2D" in " ".join(types)
+    predict = tf.function(lambda x: dense(x, training=False))
+    assert "SpaceToDepth" in _op_types(predict, tf.TensorSpec((1, 128, 128, 3)))
