@@ -671,7 +671,8 @@ class RoIHeads(keras.layers.Layer):
         return self.box_predictor(hidden)
 
     def mask_logits(self, features, rois, training=None, roi_mask=None):
-        """Mask logits ``[B, R, 28, 28, K+1]`` for ``rois [B, R, 4]`` (arguments as ``box_logits``)."""
+        """Mask logits ``[B, R, 28, 28, K+1]`` for ``rois [B, R, 4]`` (arguments as
+        ``box_logits``)."""
         return self.mask_head(self.mask_roi_pool(features, rois), training=training,
                               roi_mask=roi_mask)
 
