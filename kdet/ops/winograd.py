@@ -18,7 +18,7 @@ measured; F(2 x 2, 3 x 3) is the most accurate of the Winograd family).
 """
 import numpy as np
 
-# input transform B^T, filter transform G, output transform A^T (Lavin & Gray, eq. 7)
+# input transform B^T, filter transform G, output transform A^T (Lavin & Gray, F(2 x 2, 3 x 3))
 B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
 G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
 A_T = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
