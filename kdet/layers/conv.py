@@ -22,6 +22,8 @@ import weakref
 import keras
 from keras import ops
 
+from kdet.layers.depthwise import _cpu_only
+
 # input channels and 2 x 2 output tiles per image from which the route pays (measured
 # above): 256 channels and 14 x 14 maps (49 tiles) or more
 MIN_CHANNELS = 256
@@ -63,12 +65,6 @@ def _outside_xla():
 
     graph = tf.compat.v1.get_default_graph()
     return not control_flow_util.GraphOrParentsInXlaContext(graph)
-
-
-def _cpu_only():
-    import tensorflow as tf
-
-    return not tf.config.list_logical_devices("GPU")
 
 
 @keras.saving.register_keras_serializable(package="kdet")
