@@ -1,20 +1,32 @@
 """Conv2D whose wide 3 x 3 convolutions run by Winograd's algorithm on TensorFlow's CPU.
 
 The heads of RetinaNet, the RPN, the FPN outputs, the mask and keypoint heads and ResNet's
-later stages spend most of their time in 3 x 3 convolutions of 256-819 channels. On CPU,
-TensorFlow runs those as oneDNN direct convolutions (as PyTorch does); F(2 x 2, 3 x 3)
-(:mod:`kdet.ops.winograd`) does 2.25x fewer multiplications, in the forward pass and in
-both gradients. Measured, 1 thread, direct -> Winograd, forward: ``[1, 80, 80, 256]`` to
-256 channels 68 -> 48 ms, to 819 (RetinaNet's class logits) 227 -> 127 ms; ``[1, 25, 25,
-512]`` 26 -> 21 ms; ``[100, 14, 14, 256]`` (a mask head) 187 -> 151 ms. Forward and
-backward: ``[1, 80, 80, 256]`` 148 -> 94 ms, to 819 491 -> 246 ms, ``[1, 25, 25, 512]``
-58 -> 41 ms, ``[100, 14, 14, 256]`` 387 -> 292 ms. With fewer channels or smaller maps the
-transforms cost more than they save (forward ``[1, 100, 100, 128]`` 0.92x, ``[1, 10, 10,
-256]`` 0.81x, ``[512, 7, 7, 256]`` 0.84x; ``[1, 14, 14, 256]`` breaks even), so those keep
-the direct convolution.
+later stages spend most of their time in 3 x 3 convolutions of 128-819 channels. On CPU,
+TensorFlow runs those as oneDNN direct convolutions (as PyTorch does); Winograd's
+F(4 x 4, 3 x 3) and F(2 x 2, 3 x 3) (:mod:`kdet.ops.winograd`) do 4x and 2.25x fewer
+multiplications, in the forward pass and in both gradients, at the price of input and
+output transforms whose cost is per pixel, not per channel pair.
 
-The layer keeps ``keras.layers.Conv2D``'s arguments and variables (checkpoints load either
-way); JAX, a GPU, XLA and the exports (:func:`direct_convolutions`) use the direct op.
+Measured, 1 thread, CPU ms, direct / F(2 x 2, 3 x 3) / F(4 x 4, 3 x 3), forward and
+(forward + backward), 256 channels in and out unless said:
+
+- ``[1, 200, 200, 256]`` (an FPN's P2 at 800 px): 451 / 338 / 241 (1458 / 1000 / 701)
+- ``[1, 80, 80, 256]``: 70 / 52 / 39 (247 / 150 / 112)
+- ``[1, 40, 40, 256]``: 17.8 / 13.6 / 11.4 (54.6 / 36.4 / 27.5)
+- ``[2, 28, 28, 256]``: 17.4 / 13.1 / 10.6 (51.8 / 36.1 / 27.9)
+- ``[1, 24, 24, 256]``: 6.8 / 5.5 / 5.9 (20.5 / 15.8 / 14.6)
+- ``[1, 14, 14, 256]``: 2.8 / 3.1 / 3.7 (7.6 / 6.3 / 7.8)
+- ``[1, 25, 25, 512]``: 29.6 / 27.0 / 26.6 (88.3 / 60.0 / 59.2)
+- ``[100, 14, 14, 256]`` (a mask head): 190 / 159 / 152 (614 / 479 / 467)
+- ``[1, 100, 100, 128]`` (ResNet's layer2 at 800 px): 27.2 / 30.6 / 22.2 (94.6 / 88.2 / 63.0)
+- ``[1, 50, 50, 128]``: 7.6 / 8.6 / 6.9 (22.0 / 18.9 / 14.2)
+- ``[1, 100, 100, 64]``: 7.5 / 11.5 / 8.6; ``[1, 200, 200, 64]``: 28.1 / 62.2 / 52.0
+- ``[1, 10, 10, 512]``: 6.2 / 9.2 / 14.3
+
+So each map takes the cheaper of the two where either beats the direct convolution
+(:data:`TILE_RULES`), and narrow or small ones keep it. The layer keeps
+``keras.layers.Conv2D``'s arguments and variables (checkpoints load either way); JAX, a
+GPU, XLA and the exports (:func:`direct_convolutions`) use the direct op.
 """
 import contextlib
 import weakref
@@ -24,18 +36,20 @@ from keras import ops
 
 from kdet.layers.depthwise import _cpu_only
 
-# input channels and 2 x 2 output tiles per image from which the route pays (measured
-# above): 256 channels and 14 x 14 maps (49 tiles) or more
-MIN_CHANNELS = 256
-MIN_TILES = 49
-# The transformed inputs V ([16, tiles, C] float32) and the products are 4x the input's
-# size, alive for one convolution (forward, and again in the backward pass): an FPN's P2
-# at 800 px holds 164 MB an image, where the direct convolution holds none. Past this
-# size (batch or RoI rows included, where static) a call keeps the direct convolution,
-# so large training batches do not grow their peak memory by gigabytes. Mask R-CNN at
-# 800 px, 1 thread, peak RSS against the direct convolutions' 6.51 GiB (batch 2) and
-# 11.21 GiB (batch 4): this cap 6.96 and 11.29 GiB; no cap at batch 2, 7.52 GiB; a
-# 512 MB cap at batch 4, 12.56 GiB. (Step times: benchmarks/RESULTS.md.)
+# From which input channels and output tiles per image the route pays (measured above,
+# forward and training): F(4 x 4, 3 x 3) from 256 channels and 49 of its tiles (maps of
+# 25 x 25 and more), or 128 channels and 169 tiles (49 x 49); F(2 x 2, 3 x 3) from 256
+# channels and 49 of its tiles (13 x 13). Fewer channels (64: 0.54-0.87x) never pay.
+TILE_RULES = ((4, 256, 49), (4, 128, 169), (2, 256, 49))
+# The transformed inputs V ([(tile + 2)^2, tiles, C] float32: 4x the input's size for
+# F(2 x 2, 3 x 3), 2.25x for F(4 x 4, 3 x 3)) and the products are alive for one
+# convolution (forward, and again in the backward pass): an FPN's P2 at 800 px holds up
+# to 164 MB an image, where the direct convolution holds none. Past this size (batch or
+# RoI rows included, where static) a call keeps the direct convolution, so large
+# training batches do not grow their peak memory by gigabytes. Mask R-CNN at 800 px, 1
+# thread, F(2 x 2, 3 x 3) only, peak RSS against the direct convolutions' 6.51 GiB
+# (batch 2) and 11.21 GiB (batch 4): this cap 6.96 and 11.29 GiB; no cap at batch 2,
+# 7.52 GiB; a 512 MB cap at batch 4, 12.56 GiB. (Step times: benchmarks/RESULTS.md.)
 MAX_TRANSFORMED_BYTES = 256 * 2 ** 20
 # switched off while an export traces (see :func:`direct_convolutions`)
 WINOGRAD = True
@@ -53,9 +67,20 @@ def direct_convolutions():
         WINOGRAD = previous
 
 
-def _tiles(shape):
-    """2 x 2 output tiles of one ``[N, H, W, C]`` image."""
-    return (-(-shape[1] // 2)) * (-(-shape[2] // 2))
+def _tiles(shape, tile):
+    """``tile x tile`` output blocks of one ``[N, H, W, C]`` image."""
+    return (-(-shape[1] // tile)) * (-(-shape[2] // tile))
+
+
+def winograd_tile(shape):
+    """The output tile (4 or 2) of the Winograd algorithm :data:`TILE_RULES` pick for a
+    3 x 3 convolution of ``[N, H, W, C]`` inputs, or 0 for the direct convolution."""
+    for tile, channels, tiles in TILE_RULES:
+        if shape[3] >= channels and _tiles(shape, tile) >= tiles:
+            transformed_bytes = (shape[0] or 1) * _tiles(shape, tile) * shape[3] * 4 * (
+                tile + 2) ** 2
+            return tile if transformed_bytes <= MAX_TRANSFORMED_BYTES else 0
+    return 0
 
 
 def _outside_xla():
@@ -81,24 +106,25 @@ class Conv2D(keras.layers.Conv2D):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._kernel_16 = None  # (graph, tensor): the transformed kernel of one trace
+        # (graph, {tile: tensor}): the transformed kernels of one trace
+        self._kernels_t = None
 
-    def _winograd_route(self, inputs):
+    def _winograd_tile(self, inputs):
+        """The Winograd output tile this call takes (4 or 2), or 0 for the direct op."""
         shape = tuple(inputs.shape)
         if not (WINOGRAD and keras.backend.backend() == "tensorflow"
                 and len(shape) == 4 and tuple(self.kernel_size) == (3, 3)
                 and tuple(self.strides) == (1, 1)
                 and tuple(self.dilation_rate) == (1, 1) and self.padding == "same"
                 and self.groups == 1 and self.data_format == "channels_last"
-                and None not in shape[1:] and shape[3] >= MIN_CHANNELS
-                and _tiles(shape) >= MIN_TILES
-                and (shape[0] or 1) * _tiles(shape) * shape[3] * 64 <= MAX_TRANSFORMED_BYTES
+                and None not in shape[1:]
                 and keras.backend.standardize_dtype(inputs.dtype) == "float32"
                 and keras.backend.standardize_dtype(self.kernel.dtype) == "float32"):
-            return False
-        return _outside_xla() and _cpu_only()
+            return 0
+        tile = winograd_tile(shape)
+        return tile if tile and _outside_xla() and _cpu_only() else 0
 
-    def _transformed_kernel(self):
+    def _transformed_kernel(self, tile):
         """The kernel in the Winograd domain, computed once per traced graph: a head shared
         by five pyramid levels transforms its kernels once, not five times. (Inference:
         the variable does not change within a graph's call.)"""
@@ -107,24 +133,25 @@ class Conv2D(keras.layers.Conv2D):
         from kdet.ops.winograd import transformed_kernel
 
         if tf.executing_eagerly():
-            return transformed_kernel(ops.convert_to_tensor(self.kernel))
+            return transformed_kernel(ops.convert_to_tensor(self.kernel), tile)
         graph = tf.compat.v1.get_default_graph()
-        cached = self._kernel_16
-        if cached is not None and cached[0]() is graph:
-            return cached[1]
-        kernel_16 = transformed_kernel(ops.convert_to_tensor(self.kernel))
-        self._kernel_16 = (weakref.ref(graph), kernel_16)
-        return kernel_16
+        if self._kernels_t is None or self._kernels_t[0]() is not graph:
+            self._kernels_t = (weakref.ref(graph), {})
+        kernels = self._kernels_t[1]
+        if tile not in kernels:
+            kernels[tile] = transformed_kernel(ops.convert_to_tensor(self.kernel), tile)
+        return kernels[tile]
 
     def call(self, inputs, training=None):
-        if not self._winograd_route(inputs):
+        tile = self._winograd_tile(inputs)
+        if not tile:
             return super().call(inputs)
         from kdet.ops.winograd import conv3x3_same, conv3x3_same_trainable
 
         if training:
-            outputs = conv3x3_same_trainable(inputs, ops.convert_to_tensor(self.kernel))
+            outputs = conv3x3_same_trainable(inputs, ops.convert_to_tensor(self.kernel), tile)
         else:
-            outputs = conv3x3_same(inputs, self._transformed_kernel())
+            outputs = conv3x3_same(inputs, self._transformed_kernel(tile), tile)
         if self.use_bias:
             outputs = ops.add(outputs, ops.reshape(self.bias, (1, 1, 1, -1)))
         if self.activation is not None:
