@@ -178,8 +178,9 @@ def conv3x3_same_trainable(inputs, kernel, tile=2):
     """:func:`conv3x3_same` from the ``[3, 3, C, C_out]`` kernel, differentiable in both
     by the transposed transforms and two more products per tile position (``dV = dM U^T``,
     ``dU = V^T dM``), each again 2.25x (``tile`` 2) or 4x (4) fewer multiplications than
-    a direct convolution's input and kernel gradients. (TensorFlow's own gradient of the forward ops gets there
-    through strided-slice gradients that cost what the products save.) The backward pass
+    a direct convolution's input and kernel gradients. (TensorFlow's own gradient of the
+    forward ops gets there through strided-slice gradients that cost what the products
+    save.) The backward pass
     recomputes ``V`` from the inputs rather than keeping it: it is 4x the inputs' size for
     ``tile`` 2, 2.25x for 4 (0.09-0.16 GB for an FPN's P2 at 800 px), and recomputing
     costs one input transform."""
