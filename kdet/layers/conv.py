@@ -8,20 +8,19 @@ multiplications, in the forward pass and in both gradients, at the price of inpu
 output transforms whose cost is per pixel, not per channel pair.
 
 Measured, 1 thread, CPU ms, direct / F(2 x 2, 3 x 3) / F(4 x 4, 3 x 3), forward and
-(forward + backward), 256 channels in and out unless said:
+(forward + backward) where measured, as many channels out as in (benchmarks/RESULTS.md,
+session 12, has the full table):
 
-- ``[1, 200, 200, 256]`` (an FPN's P2 at 800 px): 451 / 338 / 241 (1458 / 1000 / 701)
-- ``[1, 80, 80, 256]``: 70 / 52 / 39 (247 / 150 / 112)
-- ``[1, 40, 40, 256]``: 17.8 / 13.6 / 11.4 (54.6 / 36.4 / 27.5)
-- ``[2, 28, 28, 256]``: 17.4 / 13.1 / 10.6 (51.8 / 36.1 / 27.9)
-- ``[1, 24, 24, 256]``: 6.8 / 5.5 / 5.9 (20.5 / 15.8 / 14.6)
-- ``[1, 14, 14, 256]``: 2.8 / 3.1 / 3.7 (7.6 / 6.3 / 7.8)
-- ``[1, 25, 25, 512]``: 29.6 / 27.0 / 26.6 (88.3 / 60.0 / 59.2)
-- ``[100, 14, 14, 256]`` (a mask head): 190 / 159 / 152 (614 / 479 / 467)
-- ``[1, 100, 100, 128]`` (ResNet's layer2 at 800 px): 27.2 / 30.6 / 22.2 (94.6 / 88.2 / 63.0)
-- ``[1, 50, 50, 128]``: 7.6 / 8.6 / 6.9 (22.0 / 18.9 / 14.2)
-- ``[1, 100, 100, 64]``: 7.5 / 11.5 / 8.6; ``[1, 200, 200, 64]``: 28.1 / 62.2 / 52.0
-- ``[1, 10, 10, 512]``: 6.2 / 9.2 / 14.3
+- ``[1, 200, 200, 256]`` (an FPN's P2 at 800 px): 451 / 302 / 192 (1458 / 889 / 576)
+- ``[1, 80, 80, 256]``: 70 / 50 / 29 (247 / - / 93)
+- ``[1, 20, 20, 256]``: 5.0 / 4.5 / 4.2; ``[1, 24, 24, 256]``: 6.7 / 5.3 / 5.7
+- ``[1, 14, 14, 256]``: 2.7 / 2.9 / 3.7; ``[1, 13, 13, 256]``: 2.5 / 3.1 / 3.5
+- ``[100, 14, 14, 256]`` (a mask head): 191 / 148 / 122 (614 / 440 / 359)
+- ``[1, 100, 100, 128]`` (ResNet's layer2 at 800 px): 27.2 / - / 17.3 (94.6 / - / 45.8)
+- ``[1, 28, 28, 128]``: 2.6 / 2.5 / 2.0 (7.5 / 6.5 / 4.7)
+- ``[1, 200, 200, 64]`` (layer1): 27.0 / 34.7 / 24.1 (86.1 / 104.0 / 76.1)
+- ``[1, 56, 56, 64]``: 2.3 / 2.2 / 1.6; ``[1, 28, 28, 64]``: 0.8 / 0.9 / 0.8;
+  ``[1, 25, 25, 64]``: 0.8 / 0.9 / 1.0
 
 So each map takes the cheaper of the two where either beats the direct convolution
 (:data:`TILE_RULES`), and narrow or small ones keep it. The layer keeps
@@ -36,10 +35,14 @@ from keras import ops
 
 from kdet.layers.depthwise import _cpu_only
 
-# From which input channels and output tiles per image the route pays (measured above,
-# forward and training): F(4 x 4, 3 x 3) from 256 channels and 49 of its tiles (maps of
-# 25 x 25 and more), or 128 channels and 169 tiles (49 x 49); F(2 x 2, 3 x 3) from 256
-# channels and 49 of its tiles (13 x 13). Fewer channels (64: 0.54-0.87x) never pay.
+# (tile, input channels, output tiles per image) from which the route pays, the first rule
+# that holds wins: F(4 x 4, 3 x 3) from 256 channels and 49 of its tiles (maps of 25 x 25
+# and more), or 128 channels and 169 tiles (49 x 49); F(2 x 2, 3 x 3) from 256 channels
+# and 49 of its tiles (13 x 13). The rest keeps the direct convolution. Alone, F(4 x 4,
+# 3 x 3) also beats it at 128 channels from 28 x 28 and 64 channels from 40 x 40 (above),
+# but in whole models (ResNet-50's layer1 / layer2, where the direct convolution fuses its
+# batch norm and ReLU) those lower bounds cost 3% (RetinaNet @ 640, Faster R-CNN @ 800
+# predict; benchmarks/RESULTS.md, session 12).
 TILE_RULES = ((4, 256, 49), (4, 128, 169), (2, 256, 49))
 # The transformed inputs V ([(tile + 2)^2, tiles, C] float32: 4x the input's size for
 # F(2 x 2, 3 x 3), 2.25x for F(4 x 4, 3 x 3)) and the products are alive for one

@@ -18,6 +18,8 @@ to float32 rounding: relative 2e-6 for 256 channels with m = 2, the most accurat
 family; 1e-5 with m = 4, whose transforms hold larger constants (measured,
 ``tests/test_conv_winograd.py``).
 """
+import functools
+
 import numpy as np
 
 # Per output tile m (F(m x m, 3 x 3), input tiles of m + 2): the input transform B^T, the
@@ -34,6 +36,10 @@ TRANSFORMS = {
         np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
                   [0, 1, -1, 8, -8, 1]])),
 }
+
+
+# the name scope of the route's ops (tests find the route in a graph by it)
+SCOPE = "winograd"
 
 
 def _transform_2d(matrix):
@@ -67,8 +73,9 @@ def conv3x3_same(inputs, kernel_t, tile=2):
     ``tile``)."""
     import tensorflow as tf
 
-    products = tf.matmul(_transformed_inputs(inputs, tile), kernel_t)
-    return _output_blocks(products, inputs.shape[1], inputs.shape[2], tile)
+    with tf.name_scope(SCOPE):
+        products = tf.matmul(_transformed_inputs(inputs, tile), kernel_t)
+        return _output_blocks(products, inputs.shape[1], inputs.shape[2], tile)
 
 
 def _transformed_inputs(inputs, tile):
@@ -76,9 +83,19 @@ def _transformed_inputs(inputs, tile):
     import tensorflow as tf
 
     height, width, channels = inputs.shape[1], inputs.shape[2], inputs.shape[3]
-    taps = _input_taps(inputs, _tiles(height, tile), _tiles(width, tile), tile)
+    size = tile + 2
+    layout = _layout(height, width, tile)
+    padded = tf.pad(inputs, [[0, 0], [1, layout.padded[0] - 1 - height],
+                             [1, layout.padded[1] - 1 - width], [0, 0]])
+    pixels = tf.reshape(padded, [-1, channels])
+    # each tap of each tile is one row (pixel) of the padded image: one gather writes them
+    # in the products' layout, where transposes of shifted views copied the image 4x
+    batch = tf.shape(inputs)[0]
+    images = tf.range(batch)[None, :, None] * (layout.padded[0] * layout.padded[1])
+    taps = tf.gather(pixels, layout.taps[:, None, :] + images)  # [size^2, N, T, C]
     b_t = tf.constant(_transform_2d(TRANSFORMS[tile][0]), dtype=inputs.dtype)
-    return tf.reshape(tf.matmul(b_t, taps), [(tile + 2) ** 2, -1, channels])
+    transformed = tf.matmul(b_t, tf.reshape(taps, [size * size, -1]))
+    return tf.reshape(transformed, [size * size, -1, channels])
 
 
 def _output_blocks(products, height, width, tile):
@@ -86,77 +103,100 @@ def _output_blocks(products, height, width, tile):
     ``tile x tile`` output block of its tile: ``[N, H, W, C_out]``."""
     import tensorflow as tf
 
-    tiles_h, tiles_w = _tiles(height, tile), _tiles(width, tile)
     filters = products.shape[-1]
+    layout = _layout(height, width, tile)
     a_t = tf.constant(_transform_2d(TRANSFORMS[tile][2]), dtype=products.dtype)
-    outputs = tf.matmul(a_t, tf.reshape(products, [(tile + 2) ** 2, -1]))
-    outputs = tf.reshape(outputs, [tile, tile, -1, tiles_h, tiles_w, filters])
-    outputs = tf.reshape(tf.transpose(outputs, [2, 3, 0, 4, 1, 5]),
-                         [-1, tile * tiles_h, tile * tiles_w, filters])
-    if (tile * tiles_h, tile * tiles_w) != (height, width):
-        outputs = outputs[:, :height, :width]
-    return outputs
+    blocks = tf.matmul(a_t, tf.reshape(products, [(tile + 2) ** 2, -1]))
+    rows = tf.reshape(blocks, [-1, filters])  # (block pixel, image, tile) row-major
+    tiles = tf.shape(products)[1]
+    per_image = layout.tiles_h * layout.tiles_w
+    images = tf.range(tiles // per_image)[:, None] * per_image
+    index = layout.block_pixel[None, :] * tiles + images + layout.block_tile[None, :]
+    return tf.reshape(tf.gather(rows, index), [-1, height, width, filters])
 
 
-def _input_taps(inputs, tiles_h, tiles_w, tile):
-    """``[(tile + 2)^2, tiles * C]``: the input tile of every output block, row-major."""
+def _input_taps_transposed(tap_gradient, height, width, channels, tile):
+    """The adjoint of the taps' gather in :func:`_transformed_inputs`: ``[(tile + 2)^2,
+    tiles * C]`` -> ``[N, H, W, C]``, each pixel summing the (at most 4) taps that read it."""
     import tensorflow as tf
 
-    height, width, channels = inputs.shape[1], inputs.shape[2], inputs.shape[3]
-    # one pixel of SAME padding before, and after it enough that the blocks of
-    # space_to_depth below number one more than the tiles
-    padded = tf.pad(inputs, [[0, 0], [1, tile * (tiles_h + 1) - 1 - height],
-                             [1, tile * (tiles_w + 1) - 1 - width], [0, 0]])
-    # tile (y, x) row i = tile * a + i2 (a = 0, 1), column j = tile * b + j2, is block
-    # (y + a, x + b), sub-pixel (i2, j2): four shifted views of space_to_depth hold every
-    # tap; of the second block only the first two rows / columns are the tile's
-    blocks = tf.nn.space_to_depth(padded, tile)  # [N, th + 1, tw + 1, (i2, j2, C)]
-    shifted = tf.stack([blocks[:, a:a + tiles_h, b:b + tiles_w] for a in (0, 1)
-                        for b in (0, 1)])  # [(a, b), N, th, tw, (i2, j2, C)]
-    taps = tf.transpose(tf.reshape(shifted, [2, 2, -1, tile, tile, channels]),
-                        [0, 3, 1, 4, 2, 5])  # (a, i2, b, j2, tiles, C)
-    size = tile + 2
-    taps = tf.reshape(taps, [2 * tile, 2 * tile, -1])
-    if size < 2 * tile:
-        taps = taps[:size, :size]
-    return tf.reshape(taps, [size * size, -1])
+    layout = _layout(height, width, tile)
+    rows = tf.reshape(tap_gradient, [-1, channels])
+    rows = tf.concat([rows, tf.zeros([1, channels], rows.dtype)], 0)  # the last: no tap
+    tiles = (tf.shape(rows)[0] - 1) // (tile + 2) ** 2
+    per_image = layout.tiles_h * layout.tiles_w
+    images = tf.range(tiles // per_image)[None, :, None] * per_image
+    index = layout.reader_tap[:, None, :] * tiles + images + layout.reader_tile[:, None, :]
+    index = tf.where(layout.reader_tap[:, None, :] >= 0, index, tf.shape(rows)[0] - 1)
+    gathered = tf.gather(rows, index)  # [4, N, H * W, C]
+    return tf.reshape(tf.reduce_sum(gathered, 0), [-1, height, width, channels])
 
 
-def _input_taps_transposed(tap_gradient, batch, height, width, channels, tile):
-    """The adjoint of :func:`_input_taps`: ``[(tile + 2)^2, tiles * C]`` -> ``[N, H, W, C]``,
-    each pixel summing the taps that read it."""
-    import tensorflow as tf
-
-    tiles_h, tiles_w = _tiles(height, tile), _tiles(width, tile)
-    size = tile + 2
-    taps = tf.reshape(tap_gradient, [size, size, -1])
-    if size < 2 * tile:
-        taps = tf.pad(taps, [[0, 2 * tile - size], [0, 2 * tile - size], [0, 0]])
-    taps = tf.reshape(taps, [2, tile, 2, tile, -1, channels])  # (a, i2, b, j2, tiles, C)
-    shifted = tf.reshape(tf.transpose(taps, [0, 2, 4, 1, 3, 5]),
-                         [4, batch, tiles_h, tiles_w, tile * tile * channels])
-    blocks = (tf.pad(shifted[0], [[0, 0], [0, 1], [0, 1], [0, 0]])
-              + tf.pad(shifted[1], [[0, 0], [0, 1], [1, 0], [0, 0]])
-              + tf.pad(shifted[2], [[0, 0], [1, 0], [0, 1], [0, 0]])
-              + tf.pad(shifted[3], [[0, 0], [1, 0], [1, 0], [0, 0]]))
-    padded = tf.nn.depth_to_space(blocks, tile)
-    return padded[:, 1:1 + height, 1:1 + width]
-
-
-def _output_blocks_transposed(output_gradient, tiles_h, tiles_w, tile):
+def _output_blocks_transposed(output_gradient, tile):
     """The adjoint of :func:`_output_blocks`: ``[N, H, W, C_out]`` ->
     ``[(tile + 2)^2, tiles, C_out]``."""
     import tensorflow as tf
 
     height, width, filters = output_gradient.shape[1:]
-    if (tile * tiles_h, tile * tiles_w) != (height, width):
-        output_gradient = tf.pad(output_gradient, [[0, 0], [0, tile * tiles_h - height],
-                                                   [0, tile * tiles_w - width], [0, 0]])
-    blocks = tf.reshape(output_gradient, [-1, tiles_h, tile, tiles_w, tile, filters])
-    blocks = tf.reshape(tf.transpose(blocks, [2, 4, 0, 1, 3, 5]), [tile * tile, -1])
+    layout = _layout(height, width, tile)
+    rows = tf.reshape(output_gradient, [-1, filters])
+    rows = tf.concat([rows, tf.zeros([1, filters], rows.dtype)], 0)  # cropped block pixels
+    batch = tf.shape(output_gradient)[0]
+    images = tf.range(batch)[None, :, None] * (height * width)
+    index = layout.pixel_of_block[:, None, :] + images
+    index = tf.where(layout.pixel_of_block[:, None, :] >= 0, index, tf.shape(rows)[0] - 1)
+    blocks = tf.reshape(tf.gather(rows, index), [tile * tile, -1])  # [tile^2, N T C_out]
     a_t = tf.constant(_transform_2d(TRANSFORMS[tile][2]), dtype=blocks.dtype)
     products = tf.matmul(a_t, blocks, transpose_a=True)
     return tf.reshape(products, [(tile + 2) ** 2, -1, filters])
+
+
+class _Layout:
+    """Static row indices of one image's tiles (numpy int32), for the gathers above.
+
+    ``taps [(tile + 2)^2, T]``: the padded-image pixel of tap ``k`` of tile ``t``;
+    ``block_pixel``, ``block_tile [H * W]``: the output block pixel and tile of each
+    output pixel; ``pixel_of_block [tile^2, T]``: the output pixel of each block pixel, -1
+    where cropped; ``reader_tap``, ``reader_tile [4, H * W]``: the taps reading each input
+    pixel, -1 where fewer than 4 do (a tile of ``tile + 2`` at stride ``tile`` overlaps
+    its neighbours by 2 pixels, so a pixel lies in at most 2 x 2 tiles).
+    """
+
+    def __init__(self, height, width, tile):
+        size = tile + 2
+        self.tiles_h, self.tiles_w = _tiles(height, tile), _tiles(width, tile)
+        self.padded = (tile * self.tiles_h + 2, tile * self.tiles_w + 2)
+        ty, tx, i, j = np.meshgrid(np.arange(self.tiles_h), np.arange(self.tiles_w),
+                                   np.arange(size), np.arange(size), indexing="ij")
+        pixel = (tile * ty + i) * self.padded[1] + tile * tx + j  # [th, tw, size, size]
+        self.taps = pixel.transpose(2, 3, 0, 1).reshape(size * size, -1).astype(np.int32)
+        y, x = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+        self.block_pixel = ((y % tile) * tile + x % tile).reshape(-1).astype(np.int32)
+        self.block_tile = ((y // tile) * self.tiles_w + x // tile).reshape(-1).astype(np.int32)
+        by, bx, r, c = np.meshgrid(np.arange(self.tiles_h), np.arange(self.tiles_w),
+                                   np.arange(tile), np.arange(tile), indexing="ij")
+        out_y, out_x = tile * by + r, tile * bx + c
+        of_block = np.where((out_y < height) & (out_x < width), out_y * width + out_x, -1)
+        self.pixel_of_block = of_block.transpose(2, 3, 0, 1).reshape(tile * tile, -1)
+        self.pixel_of_block = self.pixel_of_block.astype(np.int32)
+        # the taps reading interior pixel (y, x): padded row y + 1 = tile * ty + i
+        reader_tap = -np.ones((4, height * width), np.int32)
+        reader_tile = np.zeros((4, height * width), np.int32)
+        count = np.zeros(height * width, np.int32)
+        flat_pixel = self.taps.reshape(-1)
+        tap_k = np.repeat(np.arange(size * size), self.tiles_h * self.tiles_w)
+        tap_t = np.tile(np.arange(self.tiles_h * self.tiles_w), size * size)
+        py, px = flat_pixel // self.padded[1] - 1, flat_pixel % self.padded[1] - 1
+        inside = (py >= 0) & (py < height) & (px >= 0) & (px < width)
+        for k, t, p in zip(tap_k[inside], tap_t[inside], (py * width + px)[inside]):
+            reader_tap[count[p], p], reader_tile[count[p], p] = k, t
+            count[p] += 1
+        self.reader_tap, self.reader_tile = reader_tap, reader_tile
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(height, width, tile):
+    return _Layout(height, width, tile)
 
 
 def _kernel_gradient(kernel_t_gradient, tile):
@@ -178,16 +218,15 @@ def conv3x3_same_trainable(inputs, kernel, tile=2):
     """:func:`conv3x3_same` from the ``[3, 3, C, C_out]`` kernel, differentiable in both
     by the transposed transforms and two more products per tile position (``dV = dM U^T``,
     ``dU = V^T dM``), each again 2.25x (``tile`` 2) or 4x (4) fewer multiplications than
-    a direct convolution's input and kernel gradients. (TensorFlow's own gradient of the
-    forward ops gets there through strided-slice gradients that cost what the products
-    save.) The backward pass
-    recomputes ``V`` from the inputs rather than keeping it: it is 4x the inputs' size for
-    ``tile`` 2, 2.25x for 4 (0.09-0.16 GB for an FPN's P2 at 800 px), and recomputing
-    costs one input transform."""
+    a direct convolution's input and kernel gradients; the gathers' adjoints are gathers
+    too. (TensorFlow's own gradient of the forward ops gets there through scatters that
+    cost what the products save.) The backward pass recomputes ``V`` from the inputs
+    rather than keeping it: it is 4x the inputs' size for ``tile`` 2, 2.25x for 4
+    (0.09-0.16 GB for an FPN's P2 at 800 px), and recomputing costs one input
+    transform."""
     import tensorflow as tf
 
     height, width, channels = inputs.shape[1], inputs.shape[2], inputs.shape[3]
-    tiles_h, tiles_w = _tiles(height, tile), _tiles(width, tile)
     size = tile + 2
     b_t = tf.constant(_transform_2d(TRANSFORMS[tile][0]), dtype=inputs.dtype)
 
@@ -197,7 +236,7 @@ def conv3x3_same_trainable(inputs, kernel, tile=2):
         products = tf.matmul(_transformed_inputs(x, tile), kernel_t)
 
         def gradient(upstream):
-            d_products = _output_blocks_transposed(upstream, tiles_h, tiles_w, tile)
+            d_products = _output_blocks_transposed(upstream, tile)
             d_transformed = tf.matmul(d_products, kernel_t, transpose_b=True)
             # recompute V only once this layer's gradient arrives: without the dependency
             # the executor may recompute every layer's V at the start of the backward
@@ -205,11 +244,12 @@ def conv3x3_same_trainable(inputs, kernel, tile=2):
             with tf.control_dependencies([d_products]):
                 transformed = _transformed_inputs(x, tile)
             d_kernel_t = tf.matmul(transformed, d_products, transpose_a=True)
-            d_taps = tf.matmul(b_t, tf.reshape(d_transformed, [size * size, -1]), transpose_a=True)
-            d_x = _input_taps_transposed(d_taps, tf.shape(x)[0], height, width, channels,
-                                         tile)
+            d_taps = tf.matmul(b_t, tf.reshape(d_transformed, [size * size, -1]),
+                               transpose_a=True)
+            d_x = _input_taps_transposed(d_taps, height, width, channels, tile)
             return d_x, _kernel_gradient(d_kernel_t, tile)
 
         return _output_blocks(products, height, width, tile), gradient
 
-    return conv(inputs, tf.identity(kernel))
+    with tf.name_scope(SCOPE):
+        return conv(inputs, tf.identity(kernel))
