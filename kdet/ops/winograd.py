@@ -121,14 +121,12 @@ def _input_taps_transposed(tap_gradient, height, width, channels, tile):
     import tensorflow as tf
 
     layout = _layout(height, width, tile)
-    rows = tf.reshape(tap_gradient, [-1, channels])
-    rows = tf.concat([rows, tf.zeros([1, channels], rows.dtype)], 0)  # the last: no tap
-    tiles = (tf.shape(rows)[0] - 1) // (tile + 2) ** 2
+    tiles = tf.shape(tap_gradient)[1] // channels
     per_image = layout.tiles_h * layout.tiles_w
     images = tf.range(tiles // per_image)[None, :, None] * per_image
     index = layout.reader_tap[:, None, :] * tiles + images + layout.reader_tile[:, None, :]
-    index = tf.where(layout.reader_tap[:, None, :] >= 0, index, tf.shape(rows)[0] - 1)
-    gathered = tf.gather(rows, index)  # [4, N, H * W, C]
+    gathered = _gather_or_zero(tf.reshape(tap_gradient, [-1, channels]), index,
+                               layout.reader_tap[:, None, :] >= 0)  # [4, N, H * W, C]
     return tf.reshape(tf.reduce_sum(gathered, 0), [-1, height, width, channels])
 
 
@@ -139,16 +137,23 @@ def _output_blocks_transposed(output_gradient, tile):
 
     height, width, filters = output_gradient.shape[1:]
     layout = _layout(height, width, tile)
-    rows = tf.reshape(output_gradient, [-1, filters])
-    rows = tf.concat([rows, tf.zeros([1, filters], rows.dtype)], 0)  # cropped block pixels
     batch = tf.shape(output_gradient)[0]
     images = tf.range(batch)[None, :, None] * (height * width)
-    index = layout.pixel_of_block[:, None, :] + images
-    index = tf.where(layout.pixel_of_block[:, None, :] >= 0, index, tf.shape(rows)[0] - 1)
-    blocks = tf.reshape(tf.gather(rows, index), [tile * tile, -1])  # [tile^2, N T C_out]
+    blocks = _gather_or_zero(tf.reshape(output_gradient, [-1, filters]),
+                             layout.pixel_of_block[:, None, :] + images,
+                             layout.pixel_of_block[:, None, :] >= 0)  # cropped: zeros
+    blocks = tf.reshape(blocks, [tile * tile, -1])  # [tile^2, N T C_out]
     a_t = tf.constant(_transform_2d(TRANSFORMS[tile][2]), dtype=blocks.dtype)
     products = tf.matmul(a_t, blocks, transpose_a=True)
     return tf.reshape(products, [(tile + 2) ** 2, -1, filters])
+
+
+def _gather_or_zero(rows, index, valid):
+    """``rows[index]`` where ``valid``, a zero row elsewhere."""
+    import tensorflow as tf
+
+    rows = tf.concat([rows, tf.zeros_like(rows[:1])], 0)
+    return tf.gather(rows, tf.where(valid, index, tf.shape(rows)[0] - 1))
 
 
 class _Layout:
@@ -179,19 +184,27 @@ class _Layout:
         of_block = np.where((out_y < height) & (out_x < width), out_y * width + out_x, -1)
         self.pixel_of_block = of_block.transpose(2, 3, 0, 1).reshape(tile * tile, -1)
         self.pixel_of_block = self.pixel_of_block.astype(np.int32)
-        # the taps reading interior pixel (y, x): padded row y + 1 = tile * ty + i
-        reader_tap = -np.ones((4, height * width), np.int32)
-        reader_tile = np.zeros((4, height * width), np.int32)
-        count = np.zeros(height * width, np.int32)
-        flat_pixel = self.taps.reshape(-1)
-        tap_k = np.repeat(np.arange(size * size), self.tiles_h * self.tiles_w)
-        tap_t = np.tile(np.arange(self.tiles_h * self.tiles_w), size * size)
-        py, px = flat_pixel // self.padded[1] - 1, flat_pixel % self.padded[1] - 1
-        inside = (py >= 0) & (py < height) & (px >= 0) & (px < width)
-        for k, t, p in zip(tap_k[inside], tap_t[inside], (py * width + px)[inside]):
-            reader_tap[count[p], p], reader_tile[count[p], p] = k, t
-            count[p] += 1
-        self.reader_tap, self.reader_tile = reader_tap, reader_tile
+        # the taps reading interior pixel (y, x): along each axis, padded position p = y + 1
+        # lies in tile p // tile at offset p % tile, and in the tile before it at offset
+        # p % tile + tile when that is within the tile's size
+        (tile_y, offset_y, valid_y), (tile_x, offset_x, valid_x) = (
+            _axis_readers(height, self.tiles_h, tile), _axis_readers(width, self.tiles_w, tile))
+        tap = offset_y[:, None, :, None] * size + offset_x[None, :, None, :]
+        tile_index = tile_y[:, None, :, None] * self.tiles_w + tile_x[None, :, None, :]
+        valid = valid_y[:, None, :, None] & valid_x[None, :, None, :]  # [2, 2, H, W]
+        self.reader_tap = np.where(valid, tap, -1).reshape(4, -1).astype(np.int32)
+        self.reader_tile = np.where(valid, tile_index, 0).reshape(4, -1).astype(np.int32)
+
+
+def _axis_readers(length, tiles, tile):
+    """Along one axis, ``(tile index, offset in the tile, valid) [2, length]`` of the two
+    tiles that may read each interior position."""
+    position = np.arange(length) + 1  # in the padded image
+    first = position // tile
+    tile_index = np.stack([first, first - 1])
+    offset = np.stack([position % tile, position % tile + tile])
+    valid = (tile_index >= 0) & (tile_index < tiles) & (offset < tile + 2)
+    return tile_index, offset, valid
 
 
 @functools.lru_cache(maxsize=64)
