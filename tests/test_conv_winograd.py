@@ -213,11 +213,65 @@ def test_conv2d_layer_route_equals_keras_conv2d(use_bias, activation, shape, til
     ((1, 24, 24, 256), 2), ((100, 14, 14, 256), 2), ((1, 13, 13, 256), 2), ((1, 12, 12, 256), 0),
     ((1, 100, 100, 128), 4), ((1, 49, 52, 128), 4), ((1, 48, 52, 128), 0),
     ((1, 200, 200, 64), 0), ((None, 80, 80, 256), 4),
-    # over the 256 MB cap: 48 images x 169 tiles x 36 positions x 256 channels x 4 B
-    ((48, 50, 50, 256), 0)])
+    # a batch over the 256 MB cap runs in slices (below): 48 x 169 tiles x 36 x 256 x 4 B
+    ((48, 50, 50, 256), 4),
+    # one image over it: 10,000 tiles x 36 positions x 256 channels x 4 B = 369 MB
+    ((1, 400, 400, 256), 0), ((1, 400, 400, 128), 4)])
 def test_winograd_tile_rule(shape, tile):
     """The tile each map takes by ``TILE_RULES`` (the measured break-even points)."""
     assert conv_module.winograd_tile(shape) == tile
+
+
+@pytest.mark.parametrize("shape,tile,cap,sizes", [
+    ((8, 200, 200, 256), 4, 256 * 2 ** 20, [2, 2, 2, 2]),  # 92.2 MB an image
+    ((800, 14, 14, 256), 2, 256 * 2 ** 20, [267, 267, 266]),  # 0.80 MB a RoI: 334 a slice
+    ((8, 100, 100, 256), 4, 256 * 2 ** 20, [8]),  # 184 MB: one slice
+    ((None, 200, 200, 256), 4, 256 * 2 ** 20, [None]),  # unknown when traced
+    ((7, 4, 4, 8), 2, 5000, [2, 2, 2, 1]),  # 4 tiles x 16 x 8 x 4 B = 2048 B an image
+    ((9, 4, 4, 8), 2, 6144, [3, 3, 3]),  # exactly 3 images a slice
+    ((3, 4, 4, 8), 2, 6143, [2, 1]),  # a byte short of 3
+])
+def test_batch_slices_hold_the_cap(shape, tile, cap, sizes, monkeypatch):
+    """Slices as even as they come, each within the cap, summing to the batch."""
+    monkeypatch.setattr(conv_module, "MAX_TRANSFORMED_BYTES", cap)
+    got = conv_module.batch_slices(shape, tile)
+    assert got == sizes
+    if shape[0] is not None:
+        per_image = -(-shape[1] // tile) * -(-shape[2] // tile) * shape[3] * 4 * (tile + 2) ** 2
+        assert sum(got) == shape[0] and max(got) - min(got) <= 1
+        assert max(got) == 1 or max(got) * per_image <= cap
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_conv2d_layer_runs_a_batch_over_the_cap_in_slices(training, monkeypatch):
+    """Over the cap, the batch runs in slices (one product group each) and the outputs and
+    gradients equal keras' Conv2D's."""
+    import tensorflow as tf
+
+    shape = (5, 20, 20, 256)  # F(2 x 2, 3 x 3): 100 tiles x 16 x 256 x 4 B = 1.6 MB an image
+    monkeypatch.setattr(conv_module, "MAX_TRANSFORMED_BYTES", 2 * 1638400)  # 2 images a slice
+    rng = np.random.default_rng(7)
+    layer, plain = _pair(16, shape, rng)
+    x = tf.constant(rng.normal(0, 1, shape).astype("float32"))
+    upstream = tf.constant(rng.normal(0, 1, shape[:3] + (16,)).astype("float32"))
+
+    def step(conv, t):
+        with tf.GradientTape() as tape:
+            tape.watch(t)
+            out = conv(t, training=training)
+            loss = tf.reduce_sum(out * upstream)
+        return [out] + tape.gradient(loss, [t] + list(conv.trainable_variables))
+
+    forward = tf.function(lambda t: layer(t, training=training))
+    products = [op for op in forward.get_concrete_function(tf.TensorSpec(shape)).graph
+                .get_operations() if op.type == "BatchMatMulV2"]
+    assert sorted(op.outputs[0].shape[1] for op in products) == [100, 200, 200]  # tiles
+    fn = tf.function(functools.partial(step, layer))
+    assert not [t for t in _op_types(fn, tf.TensorSpec(shape)) if t.startswith("Conv2D")]
+    for g, e in zip(fn(x), step(plain, x)):
+        e = np.asarray(e)
+        np.testing.assert_allclose(np.asarray(g), e, rtol=0,
+                                   atol=RELATIVE_TOLERANCE[2] * np.abs(e).max())
 
 
 @pytest.mark.parametrize("case", ["few_channels", "small_map", "too_large", "float16",
@@ -233,7 +287,7 @@ def test_conv2d_layer_keeps_the_direct_convolution(case, monkeypatch):
     elif case == "small_map":
         shape = (4, 12, 12, 256)  # 6 x 6 = 36 tiles of 2 x 2 an image, under 49
     elif case == "too_large":
-        # V of 3 images x 100 tiles x 16 x 256 floats: 4.9 MB, over a cap lowered to 1 MB
+        # V of one image, 100 tiles x 16 x 256 floats: 1.6 MB, over a cap lowered to 1 MB
         shape = (3, 20, 20, 256)
         monkeypatch.setattr(conv_module, "MAX_TRANSFORMED_BYTES", 2 ** 20)
     elif case == "float16":

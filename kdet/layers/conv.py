@@ -47,12 +47,14 @@ TILE_RULES = ((4, 256, 49), (4, 128, 169), (2, 256, 49))
 # The transformed inputs V ([(tile + 2)^2, tiles, C] float32: 4x the input's size for
 # F(2 x 2, 3 x 3), 2.25x for F(4 x 4, 3 x 3)) and the products are alive for one
 # convolution (forward, and again in the backward pass): an FPN's P2 at 800 px holds up
-# to 164 MB an image, where the direct convolution holds none. Past this size (batch or
-# RoI rows included, where static) a call keeps the direct convolution, so large
-# training batches do not grow their peak memory by gigabytes. Mask R-CNN at 800 px, 1
+# to 164 MB an image, where the direct convolution holds none. A batch whose V would pass
+# this size (batch or RoI rows, where static) runs in slices that each stay within it
+# (:func:`batch_slices`), so large batches do not grow the peak memory by gigabytes; an
+# image that alone passes it keeps the direct convolution. Mask R-CNN at 800 px, 1
 # thread, F(2 x 2, 3 x 3) only, peak RSS against the direct convolutions' 6.51 GiB
-# (batch 2) and 11.21 GiB (batch 4): this cap 6.96 and 11.29 GiB; no cap at batch 2,
-# 7.52 GiB; a 512 MB cap at batch 4, 12.56 GiB. (Step times: benchmarks/RESULTS.md.)
+# (batch 2) and 11.21 GiB (batch 4): this cap (then as a whole-batch limit, falling back
+# to the direct convolution) 6.96 and 11.29 GiB; no cap at batch 2, 7.52 GiB; a 512 MB
+# cap at batch 4, 12.56 GiB. (Step times: benchmarks/RESULTS.md.)
 MAX_TRANSFORMED_BYTES = 256 * 2 ** 20
 # switched off while an export traces (see :func:`direct_convolutions`)
 WINOGRAD = True
@@ -75,15 +77,36 @@ def _tiles(shape, tile):
     return (-(-shape[1] // tile)) * (-(-shape[2] // tile))
 
 
+def _transformed_bytes(shape, tile):
+    """Bytes of one image's transformed input ``V`` (float32)."""
+    return _tiles(shape, tile) * shape[3] * 4 * (tile + 2) ** 2
+
+
 def winograd_tile(shape):
     """The output tile (4 or 2) of the Winograd algorithm :data:`TILE_RULES` pick for a
     3 x 3 convolution of ``[N, H, W, C]`` inputs, or 0 for the direct convolution."""
     for tile, channels, tiles in TILE_RULES:
         if shape[3] >= channels and _tiles(shape, tile) >= tiles:
-            transformed_bytes = (shape[0] or 1) * _tiles(shape, tile) * shape[3] * 4 * (
-                tile + 2) ** 2
-            return tile if transformed_bytes <= MAX_TRANSFORMED_BYTES else 0
+            return tile if _transformed_bytes(shape, tile) <= MAX_TRANSFORMED_BYTES else 0
     return 0
+
+
+def batch_slices(shape, tile):
+    """Sizes of the batch slices the route runs one after another, each holding at most
+    :data:`MAX_TRANSFORMED_BYTES` of transformed input, as even as they come:
+    ``[N]`` where the batch fits, or ``N`` is unknown when the graph is traced.
+
+    >>> batch_slices((8, 200, 200, 256), 4)  # 92 MB an image: 2 a slice
+    [2, 2, 2, 2]
+    >>> batch_slices((800, 14, 14, 256), 2), batch_slices((None, 200, 200, 256), 4)
+    ([267, 267, 266], [None])
+    """
+    if shape[0] is None:
+        return [None]
+    per_slice = max(1, MAX_TRANSFORMED_BYTES // _transformed_bytes(shape, tile))
+    count = -(-shape[0] // per_slice)
+    size, larger = divmod(shape[0], count)
+    return [size + 1] * larger + [size] * (count - larger)
 
 
 def _outside_xla():
@@ -152,9 +175,22 @@ class Conv2D(keras.layers.Conv2D):
         from kdet.ops.winograd import conv3x3_same, conv3x3_same_trainable
 
         if training:
-            outputs = conv3x3_same_trainable(inputs, ops.convert_to_tensor(self.kernel), tile)
+            kernel = ops.convert_to_tensor(self.kernel)
+
+            def convolve(x):
+                return conv3x3_same_trainable(x, kernel, tile)
         else:
-            outputs = conv3x3_same(inputs, self._transformed_kernel(tile), tile)
+            kernel = self._transformed_kernel(tile)
+
+            def convolve(x):
+                return conv3x3_same(x, kernel, tile)
+        sizes = batch_slices(tuple(inputs.shape), tile)
+        if len(sizes) == 1:
+            outputs = convolve(inputs)
+        else:
+            import tensorflow as tf
+
+            outputs = tf.concat([convolve(x) for x in tf.split(inputs, sizes)], axis=0)
         if self.use_bias:
             outputs = ops.add(outputs, ops.reshape(self.bias, (1, 1, 1, -1)))
         if self.activation is not None:

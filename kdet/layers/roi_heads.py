@@ -709,8 +709,10 @@ class RoIHeads(keras.layers.Layer):
         index = ops.broadcast_to(channel[:, :, None, None, None],
                                  tuple(ops.shape(logits)[:4]) + (1,))
         probs = ops.sigmoid(ops.take_along_axis(logits, index, axis=-1)[..., 0])
+        # Padded rows are zeroed before the paste, which is linear in the mask: the same
+        # result as zeroing the pasted [B, rows, H, W] maps, without another pass over them.
+        probs = probs * ops.cast(labels >= 0, "float32")[:, :, None, None]
         pasted = paste_masks(probs, boxes, self.image_size)
-        pasted = pasted * ops.cast(labels >= 0, "float32")[:, :, None, None]
         if rows == d:
             return pasted
         return ops.pad(pasted, [(0, 0), (0, d - rows), (0, 0), (0, 0)])
