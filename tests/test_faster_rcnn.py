@@ -430,3 +430,28 @@ def test_predict_and_evaluate_with_a_dynamic_batch(cls, rng):
         y["masks"][:, 0, 12:70, 10:60] = 1
     model.compile(optimizer=keras.optimizers.SGD(1e-3))
     assert np.isfinite(model.evaluate(images, y, batch_size=2, verbose=0))
+
+
+@pytest.mark.skipif(backend() != "tensorflow", reason="TensorFlow's predict_on_batch only (the "
+                    "other backends keep Keras' copies)")
+def test_predict_on_batch_returns_read_only_views_equal_to_predict(rng):
+    """No copy of the outputs: read-only arrays (writing raises), equal to ``predict``'s,
+    and still valid once the graph's tensors are gone and the model predicts again."""
+    import gc
+
+    model = small_model(kdet.models.MaskRCNN, image_size=96, box_score_thresh=0.0)
+    images = rng.uniform(0, 255, (2, 96, 96, 3)).astype("float32")
+    out = model.predict_on_batch(images)
+    expected = model.predict(images, batch_size=2, verbose=0)
+    assert set(out) == set(expected) and out["masks"].shape == (2, 100, 96, 96)
+    kept = {k: v.copy() for k, v in out.items()}
+    gc.collect()
+    model.predict_on_batch(images[::-1])  # fresh buffers in between
+    for key, value in out.items():
+        assert isinstance(value, np.ndarray) and not value.flags.writeable, key
+        np.testing.assert_array_equal(value, kept[key], err_msg=key)
+        np.testing.assert_allclose(value, expected[key], atol=1e-5, err_msg=key)
+    with pytest.raises(ValueError, match="read-only"):
+        out["boxes"][0, 0, 0] = 1.0
+    writable = out["masks"].copy()
+    writable[0] = 0.0  # a copy writes

@@ -123,6 +123,26 @@ def test_mask_head_shapes_and_transposed_conv_layout():
     np.testing.assert_allclose(out[0], logits, atol=1e-4)
 
 
+@pytest.mark.parametrize("norm", [None, "batch"])
+def test_mask_head_column_logits_equal_the_full_logits_column(norm):
+    """Inference reads one column per RoI (the detected class): ``column_logits`` equals
+    that column of the full logits, for each RoI's own column (repeats, the background's
+    and the last included), batch 2, v1 and v2 heads (with non-trivial BN statistics)."""
+    rng = np.random.default_rng(3)
+    head = MaskRCNNHead(num_classes=6, layers=(8, 8), dim_reduced=7, norm=norm)
+    x = rng.normal(size=(2, 4, 14, 14, 5)).astype("float32")
+    head.build(x.shape)
+    head.set_weights([rng.normal(0, 0.3, w.shape).astype("float32") + (
+        1.0 if "variance" in w.path else 0.0) for w in head.weights])
+    head.mask_fcn_logits.bias.assign(rng.normal(0, 1, (6,)).astype("float32"))
+    columns = np.array([[0, 5, 5, 2], [3, 1, 0, 4]], "int32")
+    full = _np(head(x, training=False))
+    got = _np(head.column_logits(x, columns))
+    assert got.shape == (2, 4, 28, 28)
+    expected = np.take_along_axis(full, columns[:, :, None, None, None], axis=-1)[..., 0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
 def _mask_fit_data(size, rng):
     images, y = _fit_data(size, rng)
     masks = np.zeros((2, 2, size, size), "float32")

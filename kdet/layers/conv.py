@@ -35,7 +35,8 @@ from keras import ops
 
 from kdet.layers.depthwise import _cpu_only
 
-# (tile, input channels, output tiles per image) from which the route pays, the first rule
+# (tile, input channels, output tiles of the call: an image's times the batch where the
+# batch is static, as the RoI heads' rows are) from which the route pays, the first rule
 # that holds wins: F(4 x 4, 3 x 3) from 256 channels and 49 of its tiles (maps of 25 x 25
 # and more), or 128 channels and 169 tiles (49 x 49); F(2 x 2, 3 x 3) from 256 channels
 # and 49 of its tiles (13 x 13). The rest keeps the direct convolution. Alone, F(4 x 4,
@@ -86,7 +87,7 @@ def winograd_tile(shape):
     """The output tile (4 or 2) of the Winograd algorithm :data:`TILE_RULES` pick for a
     3 x 3 convolution of ``[N, H, W, C]`` inputs, or 0 for the direct convolution."""
     for tile, channels, tiles in TILE_RULES:
-        if shape[3] >= channels and _tiles(shape, tile) >= tiles:
+        if shape[3] >= channels and (shape[0] or 1) * _tiles(shape, tile) >= tiles:
             return tile if _transformed_bytes(shape, tile) <= MAX_TRANSFORMED_BYTES else 0
     return 0
 

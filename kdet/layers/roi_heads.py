@@ -445,6 +445,26 @@ class MaskRCNNHead(keras.layers.Layer):
         y = self.mask_fcn_logits(self.conv5_mask(y))
         return ops.reshape(y, (batch, rois) + tuple(y.shape[1:]))
 
+    def column_logits(self, x, columns):
+        """Inference logits ``[B, R, 28, 28]`` of one column per RoI (``columns [B, R]``
+        int): ``call(x)[..., column]`` with the 1 x 1 predictor run for that column alone.
+
+        At inference only the detected class's mask is read, so the other ``K`` columns'
+        products (90 of 91 on COCO: 1.8 GMAC for 100 RoIs) are skipped: one
+        ``[784, C] @ [C, 1]`` product per RoI.
+        """
+        batch, rois = ops.shape(x)[0], ops.shape(x)[1]
+        y = self.conv5_mask(_run_conv_stack(x, self.convs, self.norms, False, None))
+        size = tuple(y.shape[1:3])
+        columns = ops.reshape(columns, (-1,))
+        kernel = ops.cast(self.mask_fcn_logits.kernel[0, 0], y.dtype)  # [C, K+1]
+        weights = ops.take(ops.transpose(kernel), columns, axis=0)  # [B R, C]
+        logits = ops.matmul(ops.reshape(y, (-1, size[0] * size[1], y.shape[-1])),
+                            weights[:, :, None])[..., 0]
+        logits = logits + ops.take(ops.cast(self.mask_fcn_logits.bias, y.dtype),
+                                   columns)[:, None]
+        return ops.reshape(logits, (batch, rois) + size)
+
     def compute_output_shape(self, input_shape):
         h, w = input_shape[2], input_shape[3]
         return (input_shape[0], input_shape[1], 2 * h, 2 * w, self.num_classes)
@@ -704,11 +724,9 @@ class RoIHeads(keras.layers.Layer):
         if rows == 0:
             return ops.zeros((batch, d) + self.image_size)
         boxes, labels = out["boxes"][:, :rows], out["labels"][:, :rows]
-        logits = ops.cast(self.mask_logits(features, boxes, training=False), "float32")
-        channel = ops.maximum(labels, 0) + 1  # column of the detected class
-        index = ops.broadcast_to(channel[:, :, None, None, None],
-                                 tuple(ops.shape(logits)[:4]) + (1,))
-        probs = ops.sigmoid(ops.take_along_axis(logits, index, axis=-1)[..., 0])
+        column = ops.maximum(labels, 0) + 1  # the detected class's (0 is the background)
+        logits = self.mask_head.column_logits(self.mask_roi_pool(features, boxes), column)
+        probs = ops.sigmoid(ops.cast(logits, "float32"))
         # Padded rows are zeroed before the paste, which is linear in the mask: the same
         # result as zeroing the pasted [B, rows, H, W] maps, without another pass over them.
         probs = probs * ops.cast(labels >= 0, "float32")[:, :, None, None]

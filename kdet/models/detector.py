@@ -36,6 +36,15 @@ def _as_rgb(image):
     return image[..., :3]
 
 
+def _read_only_numpy(tensor):
+    """A numpy view of a TensorFlow tensor's buffer (no copy, not writable)."""
+    import tensorflow as tf
+
+    if isinstance(tensor, tf.RaggedTensor):  # as Keras: ragged outputs stay ragged
+        return tensor
+    return np.asarray(tensor)
+
+
 def torchvision_resized_size(height, width, min_size=800, max_size=1333):
     """torchvision ``GeneralizedRCNNTransform`` resize rule: scale so the short side is
     ``min_size`` unless the long side would pass ``max_size``; the size is then
@@ -184,6 +193,21 @@ class DetectorMixin:
             optimizer = self.default_optimizer()
         kwargs.setdefault("loss", None)
         super().compile(optimizer=optimizer, **kwargs)
+
+    def predict_on_batch(self, x):
+        """``keras.Model.predict_on_batch``, the outputs as read-only numpy views of
+        TensorFlow's result buffers instead of copies (``.copy()`` one to write into it).
+
+        Mask R-CNN's masks are ``[B, D, H, W]`` float32: 256 MB an image at 800 px. Keras
+        copies each output into fresh memory, which on a 2-core VM cost 0-2 s a call at
+        batch 1 (median ~1.2 s against a 2.7 s prediction) and 11 s at batch 8
+        (benchmarks/RESULTS.md, session 13). Other backends keep Keras' copies.
+        """
+        if keras.backend.backend() != "tensorflow":
+            return super().predict_on_batch(x)
+        self.make_predict_function()
+        outputs = self.predict_function([(x,)])
+        return keras.tree.map_structure(_read_only_numpy, outputs)
 
 
 class LossTermsMixin:
