@@ -147,6 +147,24 @@ def test_winograd_conv_gradients_equal_the_float64_ones(shape, filters, tile):
         np.testing.assert_allclose(g, e, rtol=0, atol=RELATIVE_TOLERANCE[tile] * scale)
 
 
+def _output_and_gradients(conv, t, upstream, training=True):
+    """``[conv(t), d/dt, d/d variables]`` of the loss ``sum(conv(t) * upstream)``."""
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        tape.watch(t)
+        out = conv(t, training=training)
+        loss = tf.reduce_sum(out * upstream)
+    return [out] + tape.gradient(loss, [t] + list(conv.trainable_variables))
+
+
+def _assert_close(got, expected, tile):
+    for g, e in zip(got, expected):
+        e = np.asarray(e)
+        np.testing.assert_allclose(np.asarray(g), e, rtol=0,
+                                   atol=RELATIVE_TOLERANCE[tile] * np.abs(e).max())
+
+
 def _product_tiles(fn, spec):
     """The tile positions (the batch of the products ``V[k] @ U[k]``) in ``fn``'s graph:
     16 for F(2 x 2, 3 x 3), 36 for F(4 x 4, 3 x 3)."""
@@ -167,23 +185,11 @@ def test_conv2d_layer_training_route_gradients_equal_keras_conv2d(shape, tile):
     layer, plain = _pair(24, shape, rng)
     x = tf.constant(rng.normal(0, 1, shape).astype("float32"))
     upstream = tf.constant(rng.normal(0, 1, shape[:3] + (24,)).astype("float32"))
-
-    def step(conv, t):
-        with tf.GradientTape() as tape:
-            tape.watch(t)
-            loss = tf.reduce_sum(conv(t, training=True) * upstream)
-        return tape.gradient(loss, [t] + list(conv.trainable_variables))
-
-    fn = tf.function(functools.partial(step, layer))
+    fn = tf.function(functools.partial(_output_and_gradients, layer, upstream=upstream))
     types = _op_types(fn, tf.TensorSpec((None,) + shape[1:]))
     assert not [t for t in types if t.startswith("Conv2D")], types
     assert _product_tiles(fn, tf.TensorSpec((None,) + shape[1:])) == {(tile + 2) ** 2}
-    got = fn(x)
-    expected = step(plain, x)
-    for g, e in zip(got, expected):
-        e = np.asarray(e)
-        np.testing.assert_allclose(np.asarray(g), e, rtol=0,
-                                   atol=RELATIVE_TOLERANCE[tile] * np.abs(e).max())
+    _assert_close(fn(x), _output_and_gradients(plain, x, upstream), tile)
 
 
 @pytest.mark.parametrize("use_bias,activation,shape,tile", [
@@ -257,24 +263,14 @@ def test_conv2d_layer_runs_a_batch_over_the_cap_in_slices(training, monkeypatch)
     layer, plain = _pair(16, shape, rng)
     x = tf.constant(rng.normal(0, 1, shape).astype("float32"))
     upstream = tf.constant(rng.normal(0, 1, shape[:3] + (16,)).astype("float32"))
-
-    def step(conv, t):
-        with tf.GradientTape() as tape:
-            tape.watch(t)
-            out = conv(t, training=training)
-            loss = tf.reduce_sum(out * upstream)
-        return [out] + tape.gradient(loss, [t] + list(conv.trainable_variables))
-
     forward = tf.function(lambda t: layer(t, training=training))
     products = [op for op in forward.get_concrete_function(tf.TensorSpec(shape)).graph
                 .get_operations() if op.type == "BatchMatMulV2"]
     assert sorted(op.outputs[0].shape[1] for op in products) == [25, 50, 50]  # tiles
-    fn = tf.function(functools.partial(step, layer))
+    fn = tf.function(functools.partial(_output_and_gradients, layer, upstream=upstream,
+                                       training=training))
     assert not [t for t in _op_types(fn, tf.TensorSpec(shape)) if t.startswith("Conv2D")]
-    for g, e in zip(fn(x), step(plain, x)):
-        e = np.asarray(e)
-        np.testing.assert_allclose(np.asarray(g), e, rtol=0,
-                                   atol=RELATIVE_TOLERANCE[4] * np.abs(e).max())
+    _assert_close(fn(x), _output_and_gradients(plain, x, upstream, training), 4)
 
 
 @pytest.mark.parametrize("case", ["few_channels", "small_map", "too_large", "float16",
