@@ -36,15 +36,6 @@ def _as_rgb(image):
     return image[..., :3]
 
 
-def _read_only_numpy(tensor):
-    """A numpy view of a TensorFlow tensor's buffer (no copy, not writable)."""
-    import tensorflow as tf
-
-    if isinstance(tensor, tf.RaggedTensor):  # as Keras: ragged outputs stay ragged
-        return tensor
-    return np.asarray(tensor)
-
-
 def torchvision_resized_size(height, width, min_size=800, max_size=1333):
     """torchvision ``GeneralizedRCNNTransform`` resize rule: scale so the short side is
     ``min_size`` unless the long side would pass ``max_size``; the size is then
@@ -206,8 +197,8 @@ class DetectorMixin:
         if keras.backend.backend() != "tensorflow":
             return super().predict_on_batch(x)
         self.make_predict_function()
-        outputs = self.predict_function([(x,)])
-        return keras.tree.map_structure(_read_only_numpy, outputs)
+        outputs = self.predict_function([(x,)])  # dense tensors (the padded dict)
+        return keras.tree.map_structure(np.asarray, outputs)  # views of their buffers
 
 
 class LossTermsMixin:
