@@ -253,7 +253,8 @@ def test_batch_slices_hold_the_cap(shape, tile, cap, sizes, monkeypatch):
 
 @pytest.mark.parametrize("training", [False, True])
 def test_conv2d_layer_runs_a_batch_over_the_cap_in_slices(training, monkeypatch):
-    """Over the cap, the batch runs in slices (one product group each) and the outputs and
+    """Over the cap, inference runs the batch in slices (one product group each, each after
+    the previous one's output) and training keeps the direct convolution; the outputs and
     gradients equal keras' Conv2D's."""
     import tensorflow as tf
 
@@ -264,13 +265,19 @@ def test_conv2d_layer_runs_a_batch_over_the_cap_in_slices(training, monkeypatch)
     x = tf.constant(rng.normal(0, 1, shape).astype("float32"))
     upstream = tf.constant(rng.normal(0, 1, shape[:3] + (16,)).astype("float32"))
     forward = tf.function(lambda t: layer(t, training=training))
-    products = [op for op in forward.get_concrete_function(tf.TensorSpec(shape)).graph
-                .get_operations() if op.type == "BatchMatMulV2"]
+    operations = forward.get_concrete_function(tf.TensorSpec(shape)).graph.get_operations()
+    products = [op for op in operations if op.type == "BatchMatMulV2"]
+    if training:
+        assert not products and "Conv2D" in [op.type for op in operations]
+        return _assert_close([forward(x)], [plain(x)], 4)
     assert sorted(op.outputs[0].shape[1] for op in products) == [25, 50, 50]  # tiles
+    # slices 2 and 3 start from the previous slice's output
+    assert sum(1 for op in operations if op.type == "Identity" and op.control_inputs
+               and op.inputs[0].op.type == "SplitV") == 2
     fn = tf.function(functools.partial(_output_and_gradients, layer, upstream=upstream,
-                                       training=training))
+                                       training=False))
     assert not [t for t in _op_types(fn, tf.TensorSpec(shape)) if t.startswith("Conv2D")]
-    _assert_close(fn(x), _output_and_gradients(plain, x, upstream, training), 4)
+    _assert_close(fn(x), _output_and_gradients(plain, x, upstream, False), 4)
 
 
 @pytest.mark.parametrize("case", ["few_channels", "small_map", "too_large", "float16",
