@@ -379,3 +379,16 @@ def test_export_serving_graphs_hold_plain_convolutions():
         assert not _on_route(tf.function(fn), *signature) and "Conv2D" in " ".join(types)
     predict = tf.function(lambda x: dense(x, training=False))
     assert _on_route(predict, tf.TensorSpec((1, 128, 128, 3)))
+
+
+def test_conv2d_layer_traces_a_static_batch_of_unknown_size_maps():
+    """A static batch with unknown height and width keeps the direct convolution, in
+    training and inference (the slice sizes are not asked for)."""
+    import tensorflow as tf
+
+    layer = Conv2D(8, 3, padding="same")
+    layer.build((None, None, None, 256))
+    for training in (False, True):
+        fn = tf.function(functools.partial(layer, training=training))
+        spec = tf.TensorSpec((2, None, None, 256))
+        assert "Conv2D" in _op_types(fn, spec) and not _on_route(fn, spec)

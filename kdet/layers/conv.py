@@ -187,7 +187,7 @@ class Conv2D(keras.layers.Conv2D):
 
     def call(self, inputs, training=None):
         tile = self._winograd_tile(inputs)
-        if training and len(batch_slices(tuple(inputs.shape), tile or 2)) > 1:
+        if tile and training and len(batch_slices(tuple(inputs.shape), tile)) > 1:
             # Training over the cap keeps the direct convolution: the backward pass of
             # slices is not ordered, so their transformed inputs could all be alive at once
             # (Faster R-CNN @ 800, batch 8, ran out of this machine's 24 GB that way).
