@@ -187,12 +187,11 @@ class Conv2D(keras.layers.Conv2D):
 
     def call(self, inputs, training=None):
         tile = self._winograd_tile(inputs)
-        if tile and training and len(batch_slices(tuple(inputs.shape), tile)) > 1:
+        sizes = batch_slices(tuple(inputs.shape), tile) if tile else None
+        if not tile or (training and len(sizes) > 1):
             # Training over the cap keeps the direct convolution: the backward pass of
             # slices is not ordered, so their transformed inputs could all be alive at once
             # (Faster R-CNN @ 800, batch 8, ran out of this machine's 24 GB that way).
-            tile = 0
-        if not tile:
             return super().call(inputs)
         from kdet.ops.winograd import conv3x3_same, conv3x3_same_trainable
 
@@ -206,7 +205,6 @@ class Conv2D(keras.layers.Conv2D):
 
             def convolve(x):
                 return conv3x3_same(x, kernel, tile)
-        sizes = batch_slices(tuple(inputs.shape), tile)
         if len(sizes) == 1:
             outputs = convolve(inputs)
         else:
