@@ -441,9 +441,12 @@ class MaskRCNNHead(keras.layers.Layer):
 
     def call(self, x, training=None, roi_mask=None):
         batch, rois = ops.shape(x)[0], ops.shape(x)[1]
-        y = _run_conv_stack(x, self.convs, self.norms, training, roi_mask)
-        y = self.mask_fcn_logits(self.conv5_mask(y))
+        y = self.mask_fcn_logits(self._upsampled(x, training, roi_mask))
         return ops.reshape(y, (batch, rois) + tuple(y.shape[1:]))
+
+    def _upsampled(self, x, training, roi_mask):
+        """``[B R, 28, 28, dim_reduced]``: the convs, then the transposed conv (+ ReLU)."""
+        return self.conv5_mask(_run_conv_stack(x, self.convs, self.norms, training, roi_mask))
 
     def column_logits(self, x, columns):
         """Inference logits ``[B, R, 28, 28]`` of one column per RoI (``columns [B, R]``
@@ -454,7 +457,7 @@ class MaskRCNNHead(keras.layers.Layer):
         ``[784, C] @ [C, 1]`` product per RoI.
         """
         batch, rois = ops.shape(x)[0], ops.shape(x)[1]
-        y = self.conv5_mask(_run_conv_stack(x, self.convs, self.norms, False, None))
+        y = self._upsampled(x, False, None)
         size = tuple(y.shape[1:3])
         columns = ops.reshape(columns, (-1,))
         kernel = ops.cast(self.mask_fcn_logits.kernel[0, 0], y.dtype)  # [C, K+1]
