@@ -253,9 +253,9 @@ def test_batch_slices_hold_the_cap(shape, tile, cap, sizes, monkeypatch):
 
 @pytest.mark.parametrize("training", [False, True])
 def test_conv2d_layer_runs_a_batch_over_the_cap_in_slices(training, monkeypatch):
-    """Over the cap, inference runs the batch in slices (one product group each, each after
-    the previous one's output) and training keeps the direct convolution; the outputs and
-    gradients equal keras' Conv2D's."""
+    """Over the cap, the batch runs in slices (one product group each, each after the
+    previous one's output), in inference and in training, where the backward pass runs
+    the slices in turn too; the outputs and gradients equal keras' Conv2D's."""
     import tensorflow as tf
 
     shape = (5, 20, 20, 256)  # F(4 x 4, 3 x 3): 25 tiles x 36 x 256 x 4 B = 0.92 MB an image
@@ -267,17 +267,28 @@ def test_conv2d_layer_runs_a_batch_over_the_cap_in_slices(training, monkeypatch)
     forward = tf.function(lambda t: layer(t, training=training))
     operations = forward.get_concrete_function(tf.TensorSpec(shape)).graph.get_operations()
     products = [op for op in operations if op.type == "BatchMatMulV2"]
-    if training:
-        assert not products and "Conv2D" in [op.type for op in operations]
-        return _assert_close([forward(x)], [plain(x)], 4)
+    assert "Conv2D" not in [op.type for op in operations]
     assert sorted(op.outputs[0].shape[1] for op in products) == [25, 50, 50]  # tiles
     # slices 2 and 3 start from the previous slice's output
-    assert sum(1 for op in operations if op.type == "Identity" and op.control_inputs
-               and op.inputs[0].op.type == "SplitV") == 2
+    assert _ordered_slices(operations) == 2
     fn = tf.function(functools.partial(_output_and_gradients, layer, upstream=upstream,
-                                       training=False))
-    assert not [t for t in _op_types(fn, tf.TensorSpec(shape)) if t.startswith("Conv2D")]
-    _assert_close(fn(x), _output_and_gradients(plain, x, upstream, False), 4)
+                                       training=training))
+    graph = fn.get_concrete_function(tf.TensorSpec(shape)).graph
+    assert not [op for op in graph.get_operations() if op.type.startswith("Conv2D")]
+    # the backward slices too: slices 2 and 3 of the input (V recomputed) and of the
+    # upstream gradient wait for the previous slice's gradients
+    assert _ordered_slices(graph.get_operations()) == 2 + 4 * training
+    if training:  # V's gradient products dM U^T, one per slice: [36, tiles, C]
+        assert sorted(op.outputs[0].shape[1] for op in graph.get_operations()
+                      if op.type == "BatchMatMulV2" and op.outputs[0].shape[-1] == 256
+                      ) == [25, 50, 50]
+    _assert_close(fn(x), _output_and_gradients(plain, x, upstream, training), 4)
+
+
+def _ordered_slices(operations):
+    """Batch slices that start only after a control dependency (the previous slice)."""
+    return sum(1 for op in operations if op.type == "Identity" and op.control_inputs
+               and op.inputs[0].op.type == "SplitV")
 
 
 @pytest.mark.parametrize("case", ["few_channels", "small_map", "too_large", "float16",

@@ -50,13 +50,15 @@ TILE_RULES = ((4, 256, 49), (4, 128, 169), (2, 256, 49))
 # convolution (forward, and again in the backward pass): an FPN's P2 at 800 px holds up
 # to 164 MB an image, where the direct convolution holds none. A batch whose V would pass
 # this size (batch or RoI rows, where static) runs in slices that each stay within it
-# (:func:`batch_slices`) in inference, so large batches do not grow the peak memory by
-# gigabytes; in training such a batch, and anywhere an image that alone passes the cap,
-# keeps the direct convolution. Mask R-CNN at 800 px, 1
+# (:func:`batch_slices`), in inference and in training (whose backward pass runs the
+# slices in turn too), so large batches do not grow the peak memory by gigabytes; an
+# image that alone passes the cap keeps the direct convolution. Mask R-CNN at 800 px, 1
 # thread, F(2 x 2, 3 x 3) only, peak RSS against the direct convolutions' 6.51 GiB
 # (batch 2) and 11.21 GiB (batch 4): this cap (then as a whole-batch limit, falling back
 # to the direct convolution) 6.96 and 11.29 GiB; no cap at batch 2, 7.52 GiB; a 512 MB
-# cap at batch 4, 12.56 GiB. (Step times: benchmarks/RESULTS.md.)
+# cap at batch 4, 12.56 GiB. Batch 8 training in slices (session 14): 21.47 GiB against
+# 21.58 with the direct convolution over the cap, 85.3 against 112.2 CPU s a step.
+# (Step times: benchmarks/RESULTS.md.)
 MAX_TRANSFORMED_BYTES = 256 * 2 ** 20
 # switched off while an export traces (see :func:`direct_convolutions`)
 WINOGRAD = True
@@ -109,21 +111,6 @@ def batch_slices(shape, tile):
     count = -(-shape[0] // per_slice)
     size, larger = divmod(shape[0], count)
     return [size + 1] * larger + [size] * (count - larger)
-
-
-def _in_turn(convolve, inputs, sizes):
-    """``convolve`` on the batch slices ``sizes`` one after another (each slice waits for
-    the previous one's output, so one slice's transformed input is alive at a time),
-    concatenated."""
-    import tensorflow as tf
-
-    outputs = []
-    for part in tf.split(inputs, sizes):
-        if outputs:
-            with tf.control_dependencies([outputs[-1]]):
-                part = tf.identity(part)
-        outputs.append(convolve(part))
-    return tf.concat(outputs, axis=0)
 
 
 def _outside_xla():
@@ -187,28 +174,16 @@ class Conv2D(keras.layers.Conv2D):
 
     def call(self, inputs, training=None):
         tile = self._winograd_tile(inputs)
-        sizes = batch_slices(tuple(inputs.shape), tile) if tile else None
-        if not tile or (training and len(sizes) > 1):
-            # Training over the cap keeps the direct convolution: the backward pass of
-            # slices is not ordered, so their transformed inputs could all be alive at once
-            # (Faster R-CNN @ 800, batch 8, ran out of this machine's 24 GB that way).
+        if not tile:
             return super().call(inputs)
         from kdet.ops.winograd import conv3x3_same, conv3x3_same_trainable
 
+        slices = batch_slices(tuple(inputs.shape), tile)
         if training:
-            kernel = ops.convert_to_tensor(self.kernel)
-
-            def convolve(x):
-                return conv3x3_same_trainable(x, kernel, tile)
+            outputs = conv3x3_same_trainable(inputs, ops.convert_to_tensor(self.kernel),
+                                             tile, slices)
         else:
-            kernel = self._transformed_kernel(tile)
-
-            def convolve(x):
-                return conv3x3_same(x, kernel, tile)
-        if len(sizes) == 1:
-            outputs = convolve(inputs)
-        else:
-            outputs = _in_turn(convolve, inputs, sizes)
+            outputs = conv3x3_same(inputs, self._transformed_kernel(tile), tile, slices)
         if self.use_bias:
             outputs = ops.add(outputs, ops.reshape(self.bias, (1, 1, 1, -1)))
         if self.activation is not None:

@@ -67,15 +67,44 @@ def transformed_kernel(kernel, tile=2):
     return tf.reshape(both, [size * size, channels, filters])
 
 
-def conv3x3_same(inputs, kernel_t, tile=2):
+def conv3x3_same(inputs, kernel_t, tile=2, slices=None):
     """A stride-1, ``SAME``-padded 3 x 3 convolution of ``[N, H, W, C]`` float32 inputs
     (static ``H``, ``W``, ``C``) by a kernel from :func:`transformed_kernel` (same
-    ``tile``)."""
+    ``tile``); ``slices`` (batch sizes summing to ``N``) runs the batch in those slices one
+    after another (:func:`in_turn`)."""
     import tensorflow as tf
 
-    with tf.name_scope(SCOPE):
-        products = tf.matmul(_transformed_inputs(inputs, tile), kernel_t)
+    def convolve(part):
+        products = tf.matmul(_transformed_inputs(part, tile), kernel_t)
         return _output_blocks(products, inputs.shape[1], inputs.shape[2], tile)
+
+    with tf.name_scope(SCOPE):
+        return tf.concat(in_turn(convolve, _split(inputs, slices)), axis=0)
+
+
+def _split(batch, slices):
+    """``batch`` in ``slices`` along its first axis (one part where ``slices`` is None or
+    a single size)."""
+    import tensorflow as tf
+
+    return [batch] if slices is None or len(slices) < 2 else tf.split(batch, slices)
+
+
+def in_turn(step, parts):
+    """``[step(part) for part in parts]``, each part waiting for the previous result (the
+    parts' tensors as control dependencies), so that one part's intermediates are alive
+    at a time. A result may be a list: the next part waits for all of it."""
+    import tensorflow as tf
+
+    results = []
+    for part in parts:
+        if results:
+            previous = results[-1]
+            with tf.control_dependencies(previous if isinstance(previous, list)
+                                         else [previous]):
+                part = tf.nest.map_structure(tf.identity, part)
+        results.append(step(part))
+    return results
 
 
 def _transformed_inputs(inputs, tile):
@@ -227,7 +256,7 @@ def _kernel_gradient(kernel_t_gradient, tile):
     return tf.reshape(both, [3, 3, channels, filters])
 
 
-def conv3x3_same_trainable(inputs, kernel, tile=2):
+def conv3x3_same_trainable(inputs, kernel, tile=2, slices=None):
     """:func:`conv3x3_same` from the ``[3, 3, C, C_out]`` kernel, differentiable in both
     by the transposed transforms and two more products per tile position (``dV = dM U^T``,
     ``dU = V^T dM``), each again 2.25x (``tile`` 2) or 4x (4) fewer multiplications than
@@ -236,7 +265,8 @@ def conv3x3_same_trainable(inputs, kernel, tile=2):
     cost what the products save.) The backward pass recomputes ``V`` from the inputs
     rather than keeping it: it is 4x the inputs' size for ``tile`` 2, 2.25x for 4
     (0.09-0.16 GB for an FPN's P2 at 800 px), and recomputing costs one input
-    transform."""
+    transform. ``slices`` runs the batch in those slices one after another in both passes,
+    so one slice's ``V`` and product gradients are alive at a time."""
     import tensorflow as tf
 
     height, width, channels = inputs.shape[1], inputs.shape[2], inputs.shape[3]
@@ -246,23 +276,34 @@ def conv3x3_same_trainable(inputs, kernel, tile=2):
     @tf.custom_gradient
     def conv(x, k):
         kernel_t = transformed_kernel(k, tile)
-        products = tf.matmul(_transformed_inputs(x, tile), kernel_t)
+        parts = _split(x, slices)
 
-        def gradient(upstream):
+        def forward(part):
+            products = tf.matmul(_transformed_inputs(part, tile), kernel_t)
+            return _output_blocks(products, height, width, tile)
+
+        def backward(part_and_upstream):
+            part, upstream = part_and_upstream
             d_products = _output_blocks_transposed(upstream, tile)
             d_transformed = tf.matmul(d_products, kernel_t, transpose_b=True)
-            # recompute V only once this layer's gradient arrives: without the dependency
-            # the executor may recompute every layer's V at the start of the backward
-            # pass and hold them all (measured +1.9 GB at Mask R-CNN batch 2)
+            # recompute V only once this layer's (slice's) gradient arrives: without the
+            # dependency the executor may recompute every layer's V at the start of the
+            # backward pass and hold them all (measured +1.9 GB at Mask R-CNN batch 2)
             with tf.control_dependencies([d_products]):
-                transformed = _transformed_inputs(x, tile)
+                transformed = _transformed_inputs(part, tile)
             d_kernel_t = tf.matmul(transformed, d_products, transpose_a=True)
             d_taps = tf.matmul(b_t, tf.reshape(d_transformed, [size * size, -1]),
                                transpose_a=True)
-            d_x = _input_taps_transposed(d_taps, height, width, channels, tile)
-            return d_x, _kernel_gradient(d_kernel_t, tile)
+            return [_input_taps_transposed(d_taps, height, width, channels, tile),
+                    d_kernel_t]
 
-        return _output_blocks(products, height, width, tile), gradient
+        def gradient(upstream):
+            grads = in_turn(backward, list(zip(parts, _split(upstream, slices))))
+            d_kernel_t = tf.add_n([g[1] for g in grads])
+            return (tf.concat([g[0] for g in grads], axis=0),
+                    _kernel_gradient(d_kernel_t, tile))
+
+        return tf.concat(in_turn(forward, parts), axis=0), gradient
 
     with tf.name_scope(SCOPE):
         return conv(inputs, tf.identity(kernel))
