@@ -91,9 +91,10 @@ def _split(batch, slices):
 
 
 def in_turn(step, parts):
-    """``[step(part) for part in parts]``, each part waiting for the previous result (the
-    parts' tensors as control dependencies), so that one part's intermediates are alive
-    at a time. A result may be a list: the next part waits for all of it."""
+    """``[step(part) for part in parts]``, one after another: each part (a tensor or a
+    tuple of them) reaches ``step`` through identities that wait for the previous step's
+    result (all of it, where that is a list), so one part's intermediates are alive at a
+    time."""
     import tensorflow as tf
 
     results = []
