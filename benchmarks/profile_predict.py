@@ -164,10 +164,16 @@ def print_training(model, args):
             x0, y0 = rng.uniform(0, size * 0.6, 2)
             w, h = rng.uniform(0.08 * size, 0.4 * size, 2)
             boxes[b, i], labels[b, i] = [x0, y0, x0 + w, y0 + h], 0
+    targets = {"boxes": boxes, "labels": labels}
+    if getattr(model, "with_masks", False):  # box-shaped masks at the image's size
+        masks = np.zeros((batch, 8, size, size), "uint8")
+        for b, i in zip(*np.nonzero(labels >= 0)):
+            x0, y0, x1, y1 = boxes[b, i].astype(int)
+            masks[b, i, y0:y1, x0:x1] = 1
+        targets["masks"] = masks
     model.compile(optimizer=model.default_optimizer(steps=100, batch_size=batch),
                   jit_compile=False)
-    step = timed(lambda: model.train_on_batch(images, {"boxes": boxes, "labels": labels}),
-                 args.repeats)[1]
+    step = timed(lambda: model.train_on_batch(images, targets), args.repeats)[1]
     print(f"{args.model} ({args.backbone or 'default backbone'}) @ {size}, batch {batch}, "
           f"{args.threads} thread(s), training, median CPU s of {args.repeats}")
     print("| up to | forward (s) | forward + backward (s) |")
