@@ -277,11 +277,6 @@ def conv3x3_same_trainable(inputs, kernel, tile=2, slices=None):
     @tf.custom_gradient
     def conv(x, k):
         kernel_t = transformed_kernel(k, tile)
-        parts = _split(x, slices)
-
-        def forward(part):
-            products = tf.matmul(_transformed_inputs(part, tile), kernel_t)
-            return _output_blocks(products, height, width, tile)
 
         def backward(part_and_upstream):
             part, upstream = part_and_upstream
@@ -299,12 +294,12 @@ def conv3x3_same_trainable(inputs, kernel, tile=2, slices=None):
                     d_kernel_t]
 
         def gradient(upstream):
-            grads = in_turn(backward, list(zip(parts, _split(upstream, slices))))
+            grads = in_turn(backward, list(zip(_split(x, slices), _split(upstream, slices))))
             d_kernel_t = tf.add_n([g[1] for g in grads])
             return (tf.concat([g[0] for g in grads], axis=0),
                     _kernel_gradient(d_kernel_t, tile))
 
-        return tf.concat(in_turn(forward, parts), axis=0), gradient
+        return conv3x3_same(x, kernel_t, tile, slices), gradient
 
     with tf.name_scope(SCOPE):
         return conv(inputs, tf.identity(kernel))
