@@ -137,3 +137,143 @@ def test_add_detections_same_stats_and_errors_with_and_without_the_reader(reader
             COCOEvaluator(gt).add_detections(bad)
         messages.append(str(error.value))
     assert messages[0] == messages[1] and "detection #2" in messages[0] and "99" in messages[0]
+
+
+# ------------------------------------------------------------------ segmentations
+def _python_kinds(segmentations, heights, widths):
+    """What kdet.metrics.coco's Python reader makes of each mask: 0 a compressed RLE of
+    the image's size, 1 plain polygons within range, 2 anything else."""
+    from kdet.metrics.coco import _plain_polygons, _segmentation_crash, _size_is
+
+    kinds = []
+    for s, h, w in zip(segmentations, heights.tolist(), widths.tolist()):
+        if type(s) is dict and type(s.get("counts")) in (str, bytes) and "size" in s:
+            size = s["size"]
+            plain_size = type(size) in (list, tuple) and len(size) == 2 and all(
+                type(v) is int for v in size)
+            kinds.append(0 if plain_size and _size_is(size, h, w) else 2)
+        elif _plain_polygons(s):
+            try:
+                crash = _segmentation_crash(s, h, w)
+                [float(v) for p in s for v in p]
+            except OverflowError:
+                crash = "past float range"
+            kinds.append(1 if crash is None else 2)
+        else:
+            kinds.append(2)
+    return np.array(kinds, np.uint8)
+
+
+def test_segmentations_read_as_python_reads_them(reader):
+    rng = np.random.default_rng(5)
+    segmentations, heights, widths = [], [], []
+    for i in range(300):
+        h, w = int(rng.integers(1, 700)), int(rng.integers(1, 700))
+        kind = i % 3
+        if kind == 0:  # an RLE string (the reader does not judge the string itself)
+            counts = "".join(chr(c) for c in rng.integers(48, 112, int(rng.integers(0, 30))))
+            size = [h, w] if i % 4 else (h, w)
+            segmentations.append({"size": size, "counts": counts.encode() if i % 5 == 0
+                                  else counts})
+        elif kind == 1:  # 1-3 polygons of ints and floats, some past the image
+            polygons = []
+            for _ in range(int(rng.integers(1, 4))):
+                values = rng.uniform(-50, max(h, w) + 50, 2 * int(rng.integers(3, 9)))
+                polygons.append([int(v) if j % 3 == 0 else float(v)
+                                 for j, v in enumerate(values)])
+            segmentations.append(polygons)
+        else:
+            segmentations.append({"size": [h, w], "counts": [h * w]})  # uncompressed
+        heights.append(h)
+        widths.append(w)
+    heights, widths = np.array(heights), np.array(widths)
+    kinds, text, text_offsets, coords, coord_offsets, per_mask = reader.read_segmentations(
+        segmentations, heights, widths)
+    np.testing.assert_array_equal(kinds, _python_kinds(segmentations, heights, widths))
+    strings = [segmentations[i]["counts"] for i in np.flatnonzero(kinds == 0)]
+    as_bytes = [s if isinstance(s, bytes) else s.encode() for s in strings]
+    assert text[:text_offsets[-1]].tobytes() == b"".join(as_bytes)
+    np.testing.assert_array_equal(np.diff(text_offsets), [len(s) for s in as_bytes])
+    polygons = [segmentations[i] for i in np.flatnonzero(kinds == 1)]
+    np.testing.assert_array_equal(per_mask, [len(p) for p in polygons])
+    flat = [p for mask in polygons for p in mask]
+    np.testing.assert_array_equal(np.diff(coord_offsets), [len(p) for p in flat])
+    np.testing.assert_array_equal(coords, [float(v) for p in flat for v in p])
+    # read from records by key: the same
+    records = [{"segmentation": s, "score": 1.0} for s in segmentations]
+    again = reader.read_segmentations(records, heights, widths, key="segmentation")
+    for a, b in zip(again, (kinds, text, text_offsets, coords, coord_offsets, per_mask)):
+        np.testing.assert_array_equal(a, b)
+
+
+_POLYGON = [1.0, 2.0, 30.0, 2.0, 30.0, 20.0]
+
+
+@pytest.mark.parametrize("odd", [
+    {"size": [40, 50], "counts": [2000]}, {"size": [40, 51], "counts": "PP"},
+    {"size": [40.0, 50], "counts": "PP"}, {"size": [40, 50, 1], "counts": "PP"},
+    {"size": [True, 50], "counts": "PP"}, {"size": np.array([40, 50]), "counts": "PP"},
+    {"size": [40, 2 ** 70], "counts": "PP"}, {"counts": "PP"}, {"size": [40, 50]},
+    {"size": [40, 50], "counts": bytearray(b"PP")}, "PP", None, 5, [], [[]],
+    [[1.0, 2.0, 3.0, 4.0]], [_POLYGON, (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)],
+    [_POLYGON[:-1] + [True]], [_POLYGON[:-1] + [np.float64(20)]],
+    [_POLYGON[:-1] + ["20"]], [_POLYGON[:-1] + [float("nan")]],
+    [_POLYGON[:-1] + [1e9]], [_POLYGON[:-1] + [2 ** 1100]], [np.array(_POLYGON)],
+    "dict subclass", "list subclass"])
+def test_segmentations_not_plain_are_left_to_python(reader, odd):
+    if odd == "dict subclass":
+        odd = type("Mask", (dict,), {})({"size": [40, 50], "counts": "PP"})
+    elif odd == "list subclass":
+        odd = type("Polygons", (list,), {})([_POLYGON])
+    plain = [{"size": [40, 50], "counts": "PP"}, [_POLYGON]]
+    items = plain + [odd] + plain
+    h, w = np.full(5, 40), np.full(5, 50)
+    kinds, text, text_offsets, coords, coord_offsets, per_mask = reader.read_segmentations(
+        items, h, w)
+    assert kinds.tolist() == [0, 1, 2, 0, 1]
+    assert text[:text_offsets[-1]].tobytes() == b"PPPP"
+    np.testing.assert_array_equal(coords, _POLYGON * 2)  # nothing of the odd one kept
+    assert per_mask.tolist() == [1, 1]
+    # by key: a record that is no exact dict, or lacks the key, is left to Python too
+    records = [{"segmentation": s} for s in items] + [{}, [("segmentation", plain[0])]]
+    h, w = np.full(7, 40), np.full(7, 50)
+    kinds = reader.read_segmentations(records, h, w, key="segmentation")[0]
+    assert kinds.tolist() == [0, 1, 2, 0, 1, 2, 2]
+
+
+def test_segm_same_stats_and_errors_with_and_without_the_segmentation_reader(
+        reader, monkeypatch):
+    """The C kernels with the masks read in C or in Python (``_records.c`` absent): equal
+    stats on an awkward scene, odd masks included, and the same error for a bad one."""
+    from test_metrics_coco import awkward_mask_scene, reference_eval
+
+    gt, dets = awkward_mask_scene(1)
+    dets[3] = dict(dets[3], segmentation=dict(dets[3]["segmentation"]))
+    dets[3]["segmentation"]["counts"] = dets[3]["segmentation"]["counts"].encode()
+    dets[5] = dict(dets[5], segmentation=dict(dets[5]["segmentation"]))
+    dets[5]["segmentation"]["size"] = tuple(float(v) for v in dets[5]["segmentation"]["size"])
+    dets[7] = dict(dets[7], segmentation=[[1, 1, 9.5, 1, 9.5, 7, 1, 7]])
+    image = {i["id"]: i for i in gt["images"]}[dets[7]["image_id"]]
+    assert dets[8]["image_id"] == dets[7]["image_id"]
+    with_reader = native.read_segmentations
+    stats, messages = [], []
+    for read in (with_reader, lambda *args, **kwargs: None):
+        monkeypatch.setattr(native, "read_segmentations", read)
+        evaluator = COCOEvaluator(gt, iou_type="segm")
+        evaluator.add_detections(dets)
+        evaluator.evaluate()
+        stats.append(np.asarray(evaluator.stats, np.float64))
+        bad = [dict(d) for d in dets[:9]]
+        bad[8]["segmentation"] = {"size": [image["height"], image["width"]], "counts": "PPPP"}
+        with pytest.raises(ValueError) as error:
+            COCOEvaluator(gt, iou_type="segm").add_detections(bad)
+        messages.append(str(error.value))
+    np.testing.assert_array_equal(stats[0], stats[1])
+    from pycocotools import mask as mask_utils  # loadRes takes no polygon: its RLE there
+    as_rle = mask_utils.merge(mask_utils.frPyObjects(dets[7]["segmentation"], image["height"],
+                                                     image["width"]))
+    reference = reference_eval(gt, dets[:7] + [dict(dets[7], segmentation=as_rle)] + dets[8:],
+                               "segm")
+    np.testing.assert_allclose(stats[0], reference.stats, rtol=0, atol=1e-12)
+    assert stats[0][0] > 0.01
+    assert messages[0] == messages[1] and "detection #8" in messages[0]

@@ -12,8 +12,10 @@
  * words an error. Numbers convert as Python's float() does.
  */
 #define Py_LIMITED_API 0x030A0000
+#define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
 
 /* A plain number (exact int or float) as a double; 0 on failure (no exception left). */
 static int as_double(PyObject *value, double *out) {
@@ -151,12 +153,193 @@ done:
     return result;
 }
 
+/* A growable buffer of bytes (malloc'd; copied into a bytearray at the end). */
+typedef struct {
+    char *data;
+    Py_ssize_t size, room;
+} Growing;
+
+static int grow(Growing *g, Py_ssize_t more) {
+    if (g->size + more <= g->room) return 1;
+    Py_ssize_t room = g->room ? 2 * g->room : 1 << 16;
+    while (room < g->size + more) room *= 2;
+    char *data = PyMem_Realloc(g->data, room);
+    if (data == NULL) return 0;
+    g->data = data;
+    g->room = room;
+    return 1;
+}
+
+static int append(Growing *g, const void *bytes, Py_ssize_t count) {
+    if (!grow(g, count)) return 0;
+    memcpy(g->data + g->size, bytes, count);
+    g->size += count;
+    return 1;
+}
+
+/* An exact int or float as a double; 0 if not plain or past float range. */
+static int plain_number(PyObject *value, double *out) {
+    return (PyFloat_CheckExact(value) || PyLong_CheckExact(value)) && as_double(value, out);
+}
+
+/* segmentation["size"] is a list or tuple of two exact ints equal to height, width. */
+static int size_is(PyObject *segmentation, PyObject *size_key, long long height,
+                   long long width) {
+    PyObject *size = PyDict_GetItemWithError(segmentation, size_key);
+    if (size == NULL) return 0;
+    int is_list = PyList_CheckExact(size);
+    if (!(is_list || PyTuple_CheckExact(size)) ||
+            (is_list ? PyList_Size(size) : PyTuple_Size(size)) != 2) return 0;
+    long long hw[2];
+    for (Py_ssize_t j = 0; j < 2; j++) {
+        PyObject *item = is_list ? PyList_GetItem(size, j) : PyTuple_GetItem(size, j);
+        int overflow = 0;
+        if (item == NULL || !PyLong_CheckExact(item)) return 0;
+        hw[j] = PyLong_AsLongLongAndOverflow(item, &overflow);
+        if (overflow || (hw[j] == -1 && PyErr_Occurred())) return 0;
+    }
+    return hw[0] == height && hw[1] == width;
+}
+
+/* A segmentation's polygons appended to coords / polygon_ends when they are plain (a
+ * non-empty list of lists of exact ints / floats, the first longer than 4, every value
+ * within +-limit: what kdet.metrics.coco._plain_polygons and its range check accept);
+ * the number of polygons, or 0 (nothing appended). */
+static Py_ssize_t read_polygons(PyObject *segmentation, double limit, Growing *coords,
+                                Growing *polygon_ends) {
+    Py_ssize_t num = PyList_Size(segmentation);
+    Py_ssize_t coords_before = coords->size, ends_before = polygon_ends->size;
+    if (num <= 0) return 0;
+    for (Py_ssize_t j = 0; j < num; j++) {
+        PyObject *polygon = PyList_GetItem(segmentation, j);
+        if (polygon == NULL || !PyList_CheckExact(polygon)) goto not_plain;
+        Py_ssize_t length = PyList_Size(polygon);
+        if (j == 0 && length <= 4) goto not_plain;  /* pycocotools reads 4 values as a box */
+        if (!grow(coords, length * (Py_ssize_t)sizeof(double))) goto not_plain;
+        double *out = (double *)(coords->data + coords->size);
+        for (Py_ssize_t k = 0; k < length; k++) {
+            PyObject *item = PyList_GetItem(polygon, k);
+            if (item == NULL || !plain_number(item, out + k) ||
+                    !(out[k] <= limit && out[k] >= -limit)) goto not_plain;  /* NaN too */
+        }
+        coords->size += length * (Py_ssize_t)sizeof(double);
+        int64_t end = (int64_t)(coords->size / (Py_ssize_t)sizeof(double));
+        if (!append(polygon_ends, &end, sizeof(end))) goto not_plain;
+    }
+    return num;
+not_plain:
+    PyErr_Clear();
+    coords->size = coords_before;
+    polygon_ends->size = ends_before;
+    return 0;
+}
+
+/* segmentations(items, key, heights, widths) -> (kinds, text, text_ends, coords,
+ * polygon_ends, polygons_per_mask): the masks of a list, each items[i][key] (key None:
+ * items[i] itself) of an image of heights[i] x widths[i] pixels (int64 bytes), sorted
+ * by kind (uint8 bytes, one per item):
+ *   0  a compressed RLE: an exact dict with exact str / bytes "counts" (ASCII / UTF-8)
+ *      and a "size" of two exact ints equal to the image's; the strings back to back in
+ *      text, string j ending at text_ends[j] (int64);
+ *   1  plain polygons (read_polygons): their values back to back in coords (float64),
+ *      polygon p ending at polygon_ends[p] (int64, in values), mask j of
+ *      polygons_per_mask[j] (int64) polygons;
+ *   2  anything else (or item not an exact dict holding key): for the caller's Python
+ *      reading, which converts odd input or raises naming the record.
+ * Only plain input is recognised here; nothing is judged valid beyond its form (the
+ * strings are checked by kdet_rle_check). */
+static PyObject *segmentations(PyObject *self, PyObject *args) {
+    PyObject *items, *key, *heights_bytes, *widths_bytes;
+    if (!PyArg_ParseTuple(args, "OOSS", &items, &key, &heights_bytes, &widths_bytes) ||
+            !check_records(items)) return NULL;
+    Py_ssize_t n = PyList_Size(items);
+    if (PyBytes_Size(heights_bytes) != n * 8 || PyBytes_Size(widths_bytes) != n * 8) {
+        PyErr_SetString(PyExc_ValueError, "heights / widths must be int64 bytes, one a record");
+        return NULL;
+    }
+    const int64_t *heights = (const int64_t *)PyBytes_AsString(heights_bytes);
+    const int64_t *widths = (const int64_t *)PyBytes_AsString(widths_bytes);
+    PyObject *counts_key = PyUnicode_FromString("counts");
+    PyObject *size_key = PyUnicode_FromString("size");
+    PyObject *kinds = PyBytes_FromStringAndSize(NULL, n);
+    Growing text = {0}, text_ends = {0}, coords = {0}, polygon_ends = {0}, per_mask = {0};
+    PyObject *result = NULL;
+    if (counts_key == NULL || size_key == NULL || kinds == NULL) goto done;
+    char *kind = PyBytes_AsString(kinds);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *segmentation = PyList_GetItem(items, i);
+        kind[i] = 2;
+        if (key != Py_None) {
+            if (!PyDict_CheckExact(segmentation)) continue;
+            segmentation = PyDict_GetItemWithError(segmentation, key);
+            if (segmentation == NULL) {
+                PyErr_Clear();
+                continue;
+            }
+        }
+        if (PyDict_CheckExact(segmentation)) {
+            PyObject *counts = PyDict_GetItemWithError(segmentation, counts_key);
+            const char *chars = NULL;
+            Py_ssize_t length = 0;
+            if (counts == NULL) {
+                PyErr_Clear();
+                continue;
+            }
+            Py_INCREF(counts);  /* alive while read, whatever the size lookup runs */
+            int ok = size_is(segmentation, size_key, heights[i], widths[i]);
+            if (ok && PyUnicode_CheckExact(counts))
+                ok = (chars = PyUnicode_AsUTF8AndSize(counts, &length)) != NULL;
+            else if (ok && PyBytes_CheckExact(counts))
+                ok = PyBytes_AsStringAndSize(counts, (char **)&chars, &length) == 0;
+            else
+                ok = 0;
+            PyErr_Clear();
+            int64_t end = (int64_t)(text.size + length);
+            if (ok && !(append(&text, chars, length) && append(&text_ends, &end, sizeof(end)))) {
+                Py_DECREF(counts);
+                PyErr_NoMemory();
+                goto done;
+            }
+            Py_DECREF(counts);
+            if (ok) kind[i] = 0;
+        } else if (PyList_CheckExact(segmentation)) {
+            double side = (double)(heights[i] > widths[i] ? heights[i] : widths[i]);
+            Py_ssize_t num = read_polygons(segmentation, 4.0 * side + 1000.0, &coords,
+                                           &polygon_ends);
+            int64_t count = (int64_t)num;
+            if (num > 0 && append(&per_mask, &count, sizeof(count))) kind[i] = 1;
+            else if (num > 0) {  /* out of memory after the polygons went in */
+                PyErr_NoMemory();
+                goto done;
+            }
+        }
+    }
+    result = Py_BuildValue("(Oy#y#y#y#y#)", kinds, text.data ? text.data : "", text.size,
+                           text_ends.data ? text_ends.data : "", text_ends.size,
+                           coords.data ? coords.data : "", coords.size,
+                           polygon_ends.data ? polygon_ends.data : "", polygon_ends.size,
+                           per_mask.data ? per_mask.data : "", per_mask.size);
+done:
+    Py_XDECREF(counts_key);
+    Py_XDECREF(size_key);
+    Py_XDECREF(kinds);
+    PyMem_Free(text.data);
+    PyMem_Free(text_ends.data);
+    PyMem_Free(coords.data);
+    PyMem_Free(polygon_ends.data);
+    PyMem_Free(per_mask.data);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"detections", detections, METH_VARARGS,
      "detections(records, image_index, category_index, row_key, width): (image, category, "
      "score, rows) bytearrays, or None"},
     {"rows", rows, METH_VARARGS,
      "rows(records, key, width): float64 bytearray of len(records) x width, or None"},
+    {"segmentations", segmentations, METH_VARARGS,
+     "segmentations(items, key, heights, widths): (kinds, text, text_ends, coords, "
+     "polygon_ends, polygons_per_mask) bytes"},
     {NULL, NULL, 0, NULL},
 };
 

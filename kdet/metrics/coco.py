@@ -319,7 +319,61 @@ def _read_masks(segmentations, heights, widths, what):
     masks.rles = list(segmentations)
     masks.area, masks.box = np.full(n, np.nan), np.full((n, 4), np.nan)
     good = np.zeros(n, bool)
+    strings, checked, polygons = _mask_columns(masks.rles, heights, widths)
+    if len(strings):
+        h, w = heights[strings].astype(np.int64), widths[strings].astype(np.int64)
+        status, masks.area[strings], masks.box[strings] = checked
+        exact = np.flatnonzero(status == 2)  # numbers too long for C's int64 reading
+        ok = status == 0
+        if len(exact):
+            counts, offsets, decoded = decode_rle_strings(
+                [segmentations[i]["counts"] for i in strings[exact].tolist()])
+            ok[exact] = decoded & check_counts(counts, offsets, h[exact] * w[exact])
+            masks.area[strings[exact]] = np.nan  # measured later, from the dicts
+        good[strings] = ok
+    masks.polygons = np.zeros(0, np.int64)
+    if polygons is not None:
+        indices, coords, offsets, per_mask = polygons
+        rles = native.polygons_to_rles(coords, offsets, per_mask, heights[indices],
+                                       widths[indices])
+        masks.polygons, masks.polygon_rles = indices, rles
+        masks.area[indices], masks.box[indices] = rles.areas(), rles.boxes()
+        good[indices] = True
+        for i in indices.tolist():
+            masks.rles[i] = None
+    for i in np.flatnonzero(~good):
+        masks.rles[i] = None if masks.rles[i] is _ABSENT else _to_rle(
+            masks.rles[i], int(heights[i]), int(widths[i]), what(i))
+    return masks
+
+
+def _mask_columns(segmentations, heights, widths):
+    """What :func:`_read_masks` checks, read from the list: ``(strings, checked,
+    polygons)``. ``strings``: indices of the compressed RLEs whose size is the image's;
+    ``checked``: their :func:`kdet.metrics.native.check_rle_strings` (status 2 for all
+    when a string holds a character past latin-1); ``polygons``: None, or the plain
+    polygons within :func:`_segmentation_crash`'s range as ``(indices, coordinates,
+    offsets, polygons per mask)``. Read in C (``_records.c``) when it is built."""
+    read = native.read_segmentations(segmentations, heights, widths)
+    if read is not None:
+        kinds, text, text_offsets, coords, coord_offsets, per_mask = read
+        strings, polygons = np.flatnonzero(kinds == 0), np.flatnonzero(kinds == 1)
+        checked = native.check_rle_text(text, text_offsets, heights[strings], widths[strings]) \
+            if len(strings) else None
+        return strings, checked, (polygons, coords, coord_offsets, per_mask) \
+            if len(polygons) else None
     strings, polygons = _mask_kinds(segmentations)
+    checked = None
+    if len(strings):
+        h, w = heights[strings].astype(np.int64), widths[strings].astype(np.int64)
+        sizes = _sizes_are(list(map(operator.itemgetter("size"), map(
+            segmentations.__getitem__, strings.tolist()))), h, w)
+        strings, h, w = strings[sizes], h[sizes], w[sizes]
+        texts = [segmentations[i]["counts"] for i in strings.tolist()]
+        checked = native.check_rle_strings(texts, h, w)
+        if checked is None:  # a character past latin-1: the exact (numpy) check
+            checked = np.full(len(strings), 2, np.uint8), np.full(len(strings), np.nan), \
+                np.full((len(strings), 4), np.nan)
     if len(polygons):
         candidates = [segmentations[i] for i in polygons.tolist()]
         if not (set(map(type, itertools.chain.from_iterable(candidates))) == {list}
@@ -327,40 +381,9 @@ def _read_masks(segmentations, heights, widths, what):
                     itertools.chain.from_iterable(candidates)))) <= _PLAIN_NUMBERS
                 and all(len(c) > 0 and len(c[0]) > 4 for c in candidates)):
             polygons = polygons[[_plain_polygons(c) for c in candidates]]
-    if len(strings):
-        h, w = heights[strings].astype(np.int64), widths[strings].astype(np.int64)
-        texts = list(map(operator.itemgetter("counts"), map(segmentations.__getitem__,
-                                                             strings.tolist())))
-        checked = native.check_rle_strings(texts, h, w)
-        if checked is None:  # a character past latin-1: the numpy check
-            status = np.full(len(strings), 2, np.uint8)
-        else:
-            status, masks.area[strings], masks.box[strings] = checked
-        exact = np.flatnonzero(status == 2)  # numbers too long for C's int64 reading
-        ok = status == 0
-        if len(exact):
-            counts, offsets, decoded = decode_rle_strings([texts[i] for i in exact])
-            ok[exact] = decoded & check_counts(counts, offsets, h[exact] * w[exact])
-            masks.area[strings[exact]] = np.nan  # measured later, from the dicts
-        ok &= _sizes_are(list(map(operator.itemgetter("size"), map(
-            segmentations.__getitem__, strings.tolist()))), h, w)
-        good[strings] = ok
-    masks.polygons = np.zeros(0, np.int64)
-    if len(polygons):
-        found = _polygon_coordinates(segmentations, polygons, heights, widths)
-        if found is not None:
-            indices, coords, offsets, per_mask = found
-            rles = native.polygons_to_rles(coords, offsets, per_mask, heights[indices],
-                                           widths[indices])
-            masks.polygons, masks.polygon_rles = indices, rles
-            masks.area[indices], masks.box[indices] = rles.areas(), rles.boxes()
-            good[indices] = True
-            for i in indices.tolist():
-                masks.rles[i] = None
-    for i in np.flatnonzero(~good):
-        masks.rles[i] = None if masks.rles[i] is _ABSENT else _to_rle(
-            masks.rles[i], int(heights[i]), int(widths[i]), what(i))
-    return masks
+    found = _polygon_coordinates(segmentations, polygons, heights, widths) \
+        if len(polygons) else None
+    return strings, checked, found
 
 
 def _mask_kinds(segmentations):

@@ -24,7 +24,8 @@ import pathlib
 import numpy as np
 
 __all__ = ["library", "library_path", "records", "record_detections", "record_rows", "Rles",
-           "DecodedRles", "rle_areas_boxes", "rle_pair_iou", "check_rle_strings",
+           "DecodedRles", "rle_areas_boxes", "rle_pair_iou", "read_segmentations",
+           "check_rle_strings", "check_rle_text",
            "polygons_to_rles", "encode_rles", "pair_oks", "match_detections", "accumulate"]
 
 _ABI = 8  # kdet_cocoeval_abi() of the C source this file was written for
@@ -213,16 +214,47 @@ class DecodedRles(Rles):
     and ground truths were read: :func:`check_rle_strings`)."""
 
     def __init__(self, rles, heights=None, widths=None):
-        text, text_offsets = _joined_text(list(map(operator.itemgetter("counts"), rles)))
         num = len(rles)
+        if heights is None:
+            heights = np.fromiter((r["size"][0] for r in rles), np.int64, num)
+            widths = np.fromiter((r["size"][1] for r in rles), np.int64, num)
+        read = read_segmentations(rles, heights, widths) if type(rles) is list else None
+        if read is not None and (read[0] == 0).all():  # the strings read in one C pass
+            text, text_offsets = read[1], read[2]
+        else:
+            text, text_offsets = _joined_text(list(map(operator.itemgetter("counts"), rles)))
         size = library().kdet_rle_count(num, text.ctypes.data, text_offsets.ctypes.data)
         counts = np.empty(max(size, 1), np.uint32)
         offsets = np.empty(num + 1, np.int64)
         _call(library().kdet_rle_decode, num, text, text_offsets, counts, offsets)
-        if heights is None:
-            heights = np.fromiter((r["size"][0] for r in rles), np.int64, num)
-            widths = np.fromiter((r["size"][1] for r in rles), np.int64, num)
         super().__init__(counts, offsets, heights, widths)
+
+
+def read_segmentations(items, heights, widths, key=None):
+    """The masks of a list read in C (``kdet/metrics/_records.c``), each ``items[i][key]``
+    (``key`` None: ``items[i]``) of ``heights[i] x widths[i]`` pixels; None when the reader
+    is not built.
+
+    Returns ``(kinds, text, text_offsets, coordinates, coordinate_offsets,
+    polygons_per_mask)``: ``kinds[i]`` 0 for a compressed RLE (an exact dict, ``str`` /
+    ``bytes`` counts, a size of two ints equal to the image's; string j is
+    ``text[text_offsets[j]:text_offsets[j + 1]]``), 1 for plain polygons within
+    ``kdet.metrics.coco._segmentation_crash``'s range (as :func:`polygons_to_rles` takes
+    them), 2 for anything else (read in Python).
+    """
+    reader = records()
+    if reader is None:
+        return None
+    heights = np.ascontiguousarray(heights, np.int64).tobytes()
+    widths = np.ascontiguousarray(widths, np.int64).tobytes()
+    kinds, text, text_ends, coords, polygon_ends, per_mask = reader.segmentations(
+        items, key, heights, widths)
+    starts = np.zeros(1, np.int64)
+    return (np.frombuffer(kinds, np.uint8), np.frombuffer(text or bytes(1), np.uint8),
+            np.concatenate([starts, np.frombuffer(text_ends, np.int64)]),
+            np.frombuffer(coords, np.float64),
+            np.concatenate([starts, np.frombuffer(polygon_ends, np.int64)]),
+            np.frombuffer(per_mask, np.int64))
 
 
 def check_rle_strings(texts, heights, widths):
@@ -238,8 +270,13 @@ def check_rle_strings(texts, heights, widths):
     joined = _joined_text(texts)
     if joined is None:
         return None
-    text, text_offsets = joined
-    num = len(texts)
+    return check_rle_text(*joined, heights, widths)
+
+
+def check_rle_text(text, text_offsets, heights, widths):
+    """:func:`check_rle_strings` of strings back to back: string i is
+    ``text[text_offsets[i]:text_offsets[i + 1]]`` (uint8)."""
+    num = len(text_offsets) - 1
     status, area, box = np.empty(num, np.uint8), np.empty(num), np.empty((num, 4))
     _call(library().kdet_rle_check, num, text, text_offsets, _array(heights, np.int64),
           _array(widths, np.int64), status, area, box)
