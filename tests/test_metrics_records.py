@@ -277,3 +277,20 @@ def test_segm_same_stats_and_errors_with_and_without_the_segmentation_reader(
     np.testing.assert_allclose(stats[0], reference.stats, rtol=0, atol=1e-12)
     assert stats[0][0] > 0.01
     assert messages[0] == messages[1] and "detection #8" in messages[0]
+
+
+def test_keypoint_results_with_masks_on_some_name_the_first_without(reader):
+    """COCO.loadRes takes every area from the mask when the first result has one: a
+    later result without one is an error naming it."""
+    from test_metrics_coco import keypoint_detections, keypoint_ground_truth
+
+    gt = keypoint_ground_truth(2, num_images=3)
+    dets = keypoint_detections(gt, 3)
+    image = {i["id"]: i for i in gt["images"]}[dets[0]["image_id"]]
+    dets[0] = dict(dets[0], segmentation=[[1.0, 1.0, 9.0, 1.0, 9.0, 7.0]])
+    dets[2] = dict(dets[2], segmentation=[[1.0, 1.0, 9.0, 1.0, 9.0, 7.0]])
+    assert image["height"] > 7 and "segmentation" not in dets[1]
+    evaluator = COCOEvaluator(gt, iou_type="keypoints")
+    evaluator.add_detections(dets)
+    with pytest.raises(ValueError, match=r"detection #1 has no 'segmentation' but the first"):
+        evaluator.evaluate()

@@ -1527,7 +1527,9 @@ class COCOEvaluator:
             with np.errstate(over="ignore"):  # a huge finite box: inf, as in pycocotools
                 return det.bbox[:, 2] * det.bbox[:, 3]
         if det.segmentation[0] is not None:  # segmentation branch: mask area
-            missing = [i for i, s in enumerate(det.segmentation) if s is None]
+            # `None in` first: a C-level scan (a dict == None is False)
+            missing = [i for i, s in enumerate(det.segmentation) if s is None] \
+                if None in det.segmentation else []
             if missing:
                 raise ValueError(f"detection #{missing[0]} has no 'segmentation' but the first "
                                  "one has: COCO.loadRes then takes every area from the mask")
@@ -1555,8 +1557,8 @@ class COCOEvaluator:
         """Areas and boxes of the detections' masks not measured when read (C path)."""
         if det.mask_area is None:
             det.mask_area, det.mask_box = np.full(len(det), np.nan), np.full((len(det), 4), np.nan)
-        todo = np.flatnonzero(np.isnan(det.mask_area) & np.array(
-            [s is not None for s in det.segmentation], bool))
+        todo = np.flatnonzero(np.isnan(det.mask_area))
+        todo = todo[[det.segmentation[i] is not None for i in todo.tolist()]]
         if len(todo):
             det.mask_area[todo], det.mask_box[todo] = native.rle_areas_boxes(
                 [det.segmentation[i] for i in todo.tolist()])
