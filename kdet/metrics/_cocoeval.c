@@ -167,6 +167,12 @@ KDET_EXPORT int64_t kdet_rle_decode(int64_t num, const char *text, const int64_t
             uint64_t bits = 0;                                                             \
             int k = 0, more = 1;                                                           \
             int64_t x = 0;                                                                 \
+            const uint8_t c0 = (uint8_t)((uint8_t)(text)[p] - 48);                         \
+            if (c0 < 32) { /* one character (most runs): the loop's first step alone */    \
+                bits = (c0 & 0x10) ? (uint64_t)c0 | ~(uint64_t)0x1f : (uint64_t)c0;        \
+                p++;                                                                       \
+                more = 0;                                                                  \
+            }                                                                              \
             while (more) {                                                                 \
                 if (p >= (end)) { status = 1; break; }  /* ends inside a number */         \
                 const uint8_t c = (uint8_t)((uint8_t)(text)[p] - 48);                      \
