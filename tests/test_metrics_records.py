@@ -61,6 +61,18 @@ def test_plain_records_read_as_python_reads_them(reader):
     assert read(reader, [plain], index)[0].tolist() == [0]
 
 
+def test_rows_of_a_list_of_rows(reader):
+    """``record_rows(rows, None, width)``: the rows themselves (the ground truth's keypoint
+    table), as numpy reads plain rows; None for any row not plain."""
+    rng = np.random.default_rng(2)
+    rows = [[float(v) if j % 3 else int(v) for j, v in enumerate(rng.uniform(0, 500, 6))]
+            for _ in range(40)]
+    rows[3] = tuple(rows[3])
+    np.testing.assert_array_equal(reader.record_rows(rows, None, 6), np.array(rows, np.float64))
+    for bad in ([1.0] * 5, [1.0] * 5 + [True], np.ones(6), [1.0] * 5 + [np.float64(1)], None):
+        assert reader.record_rows(rows[:5] + [bad] + rows[5:], None, 6) is None
+
+
 @pytest.mark.parametrize("bad", [
     {"image_id": True}, {"image_id": np.int64(7)}, {"image_id": [7]}, {"image_id": 6},
     {"image_id": None}, {"category_id": 7}, {"category_id": False}, {"score": np.float32(0.5)},

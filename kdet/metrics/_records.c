@@ -71,8 +71,8 @@ static int read_row(PyObject *row, Py_ssize_t width, double *out) {
     return 1;
 }
 
-/* rows(records, key, width) -> float64 bytearray of n x width (each record[key] a list
- * or tuple of exactly width plain numbers) or None. */
+/* rows(records, key, width) -> float64 bytearray of n x width (each record[key], or with
+ * key None each record itself, a list or tuple of exactly width plain numbers) or None. */
 static PyObject *rows(PyObject *self, PyObject *args) {
     PyObject *records, *key;
     Py_ssize_t width;
@@ -84,9 +84,10 @@ static PyObject *rows(PyObject *self, PyObject *args) {
     if (buffer == NULL) return NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *record = PyList_GetItem(records, i);
-        if (record == NULL || !PyDict_CheckExact(record) ||
-                !read_row(PyDict_GetItemWithError(record, key), width,
-                          (double *)data + i * width)) {
+        PyObject *row = key == Py_None ? record : NULL;
+        if (row == NULL && record != NULL && PyDict_CheckExact(record))
+            row = PyDict_GetItemWithError(record, key);
+        if (!read_row(row, width, (double *)data + i * width)) {
             PyErr_Clear();
             Py_DECREF(buffer);
             Py_RETURN_NONE;

@@ -659,8 +659,12 @@ class _GroundTruth:
         """The keypoints of category ``category``'s annotations ``rows`` (all of them, in
         order) as one float64 table, built once."""
         if category not in self._keypoint_tables:
-            self._keypoint_tables[category] = np.array(
-                [self.keypoints[g] for g in rows.tolist()], np.float64)
+            keypoints = [self.keypoints[g] for g in rows.tolist()]
+            first = keypoints[0] if keypoints else None  # plain rows of one width: read in C
+            table = native.record_rows(keypoints, None, len(first)) \
+                if type(first) in (list, tuple) else None
+            self._keypoint_tables[category] = np.array(keypoints, np.float64) \
+                if table is None else table
         return self._keypoint_tables[category]
 
     @staticmethod

@@ -120,8 +120,8 @@ def record_detections(detections, image_index, category_index, row_key=None, wid
 
 
 def record_rows(detections, key, width):
-    """``[N, width]`` float64 of each ``d[key]``, a list / tuple of ``width`` plain
-    numbers, or None as :func:`record_detections`."""
+    """``[N, width]`` float64 of each ``d[key]`` (``key`` None: each ``d`` itself), a list /
+    tuple of ``width`` plain numbers, or None as :func:`record_detections`."""
     reader = records()
     out = None if reader is None else reader.rows(detections, key, int(width))
     if out is None:
