@@ -829,8 +829,12 @@ def test_image_index_packs_several_images_rois_in_one_row():
     packed = _run(lambda f0, f1, f2, f3, r, i: multilevel_roi_align(
         [f0, f1, f2, f3], r, 7, crop_and_resize=False, image_index=i),
         *features, packed_rois, image)
-    np.testing.assert_array_equal(packed, per_image[image, slot])
+    # the same ops on other shapes: equal to the bit on TF; XLA (JAX) may fuse a
+    # multiply-add into an FMA differently per shape (an ulp of a sample, ~2e-6 here)
+    exact = keras.backend.backend() == "tensorflow"
+    tolerance = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(packed, per_image[image, slot], **tolerance)
     per_image = _run(lambda m, r, i: roi_align_maps(m, r, i, 14), maps, rois, matches)
     packed = _run(lambda m, r, i, b: roi_align_maps(m, r, i, 14, image_index=b),
                   maps, packed_rois, matches[image, slot], image)
-    np.testing.assert_array_equal(packed, per_image[image, slot])
+    np.testing.assert_allclose(packed, per_image[image, slot], **tolerance)
