@@ -256,6 +256,28 @@ def test_mask_head_on_the_detected_rows_only_gives_the_same_masks():
     assert fast["masks"].shape == (1, 40, 128, 128)
 
 
+def _mask_loss_scene(seed):
+    """A 64 px Mask R-CNN, its pyramid (2 images), 64 RoI corners and 2 GT masks an image."""
+    keras.utils.set_random_seed(0)
+    model = kdet.models.MaskRCNN(num_classes=3, image_size=64)
+    rng = np.random.default_rng(seed)
+    features = [rng.normal(size=(2, 64 // 2 ** lv, 64 // 2 ** lv, 256)).astype("float32")
+                for lv in (2, 3, 4, 5)]
+    xy = rng.uniform(0, 40, size=(2, 64, 2))
+    gt_masks = (rng.uniform(size=(2, 2, 64, 64)) > 0.5).astype("float32")
+    return model, rng, features, xy, gt_masks
+
+
+def _foreground_roi(rng, xy, foreground):
+    """``encode_roi_targets``-like RoIs of 2 images with ``foreground[b]`` labelled RoIs."""
+    labels = np.full((2, 64), -1, "int32")
+    for b, count in enumerate(foreground):
+        labels[b, rng.choice(64, size=count, replace=False)] = rng.integers(0, 3, count)
+    return {"labels": labels, "matches": rng.integers(0, 2, size=(2, 64)).astype("int32"),
+            "rois": np.concatenate([xy, xy + rng.uniform(4, 24, (2, 64, 2))], -1)
+            .astype("float32")}
+
+
 @slow_on_jax
 def test_mask_loss_on_the_foreground_rows_only_gives_the_same_loss(monkeypatch):
     # mask_rcnn_loss packs the foreground RoIs of the batch into the smallest bucket of
@@ -271,13 +293,7 @@ def test_mask_loss_on_the_foreground_rows_only_gives_the_same_loss(monkeypatch):
     monkeypatch.setattr(sys.modules["kdet.ops.roi_align"], "CROP_AND_RESIZE", False)
     monkeypatch.setattr(conv, "WINOGRAD", False)
 
-    keras.utils.set_random_seed(0)
-    model = kdet.models.MaskRCNN(num_classes=3, image_size=64)
-    rng = np.random.default_rng(0)
-    features = [rng.normal(size=(2, 64 // 2 ** lv, 64 // 2 ** lv, 256)).astype("float32")
-                for lv in (2, 3, 4, 5)]
-    xy = rng.uniform(0, 40, size=(2, 64, 2))
-    gt_masks = (rng.uniform(size=(2, 2, 64, 64)) > 0.5).astype("float32")
+    model, rng, features, xy, gt_masks = _mask_loss_scene(0)
 
     def loss_and_grad(roi):
         weights = model.roi_heads.mask_head.trainable_variables
@@ -292,12 +308,7 @@ def test_mask_loss_on_the_foreground_rows_only_gives_the_same_loss(monkeypatch):
 
     # foreground RoIs per image: bucket 2, 4, 8, 16 and all 2 x 16 slots
     for foreground in ((0, 0), (1, 1), (3, 1), (7, 1), (2, 7), (16, 12)):
-        labels = np.full((2, 64), -1, "int32")
-        for b, count in enumerate(foreground):
-            labels[b, rng.choice(64, size=count, replace=False)] = rng.integers(0, 3, count)
-        roi = {"labels": labels, "matches": rng.integers(0, 2, size=(2, 64)).astype("int32"),
-               "rois": np.concatenate([xy, xy + rng.uniform(4, 24, (2, 64, 2))], -1)
-               .astype("float32")}
+        roi = _foreground_roi(rng, xy, foreground)
         monkeypatch.setattr(faster_rcnn, "MASK_TRAIN_ROW_BUCKETS", (2, 4, 8, 16))
         loss, grads = loss_and_grad(roi)
         monkeypatch.setattr(faster_rcnn, "MASK_TRAIN_ROW_BUCKETS", ())
@@ -317,13 +328,7 @@ def test_mask_loss_runs_the_mask_head_on_the_batch_foreground_count_bucket(monke
     # buckets of the largest count ran 2 x 8 = 16), with 3 + 1 it sees 4.
     from kdet.models import faster_rcnn
 
-    keras.utils.set_random_seed(0)
-    model = kdet.models.MaskRCNN(num_classes=3, image_size=64)
-    rng = np.random.default_rng(1)
-    features = [rng.normal(size=(2, 64 // 2 ** lv, 64 // 2 ** lv, 256)).astype("float32")
-                for lv in (2, 3, 4, 5)]
-    xy = rng.uniform(0, 40, size=(2, 64, 2))
-    gt_masks = (rng.uniform(size=(2, 2, 64, 64)) > 0.5).astype("float32")
+    model, rng, features, xy, gt_masks = _mask_loss_scene(1)
     heads = model.roi_heads
     seen = []
     original = heads.mask_logits
@@ -335,12 +340,7 @@ def test_mask_loss_runs_the_mask_head_on_the_batch_foreground_count_bucket(monke
     monkeypatch.setattr(heads, "mask_logits", counting)
     monkeypatch.setattr(faster_rcnn, "MASK_TRAIN_ROW_BUCKETS", (2, 4, 8, 16))
     for foreground, rows in (((7, 1), 8), ((3, 1), 4), ((0, 9), 16), ((16, 12), 32)):
-        labels = np.full((2, 64), -1, "int32")
-        for b, count in enumerate(foreground):
-            labels[b, rng.choice(64, size=count, replace=False)] = rng.integers(0, 3, count)
-        roi = {"labels": labels, "matches": rng.integers(0, 2, size=(2, 64)).astype("int32"),
-               "rois": np.concatenate([xy, xy + rng.uniform(4, 24, (2, 64, 2))], -1)
-               .astype("float32")}
+        roi = _foreground_roi(rng, xy, foreground)
         seen.clear()
         faster_rcnn.mask_rcnn_loss(heads, features, roi, gt_masks, (64, 64), 16)
         assert seen == [rows], (foreground, seen)
