@@ -220,6 +220,14 @@ def mask_bce_loss(mask_logits, labels, mask_targets, valid=None, data_format=Non
     Returns a scalar; 0 when no RoI is valid. Under ``tf.distribute`` the mean is over the
     valid RoIs of the global batch (this replica's share of it).
     """
+    total, count = mask_bce_sum(mask_logits, labels, mask_targets, valid, data_format)
+    # the count of the global batch under tf.distribute (kdet.distribute.global_mean)
+    return global_mean(total, count)
+
+
+def mask_bce_sum(mask_logits, labels, mask_targets, valid=None, data_format=None):
+    """:func:`mask_bce_loss` before the mean: ``(sum of the per-pixel BCE over the valid
+    RoIs, valid RoIs x M x M)``, two float32 scalars (arguments as ``mask_bce_loss``)."""
     channels_last = _data_format(data_format) == "channels_last"
     logits = _float(mask_logits)
     targets = _float(mask_targets)
@@ -237,8 +245,7 @@ def mask_bce_loss(mask_logits, labels, mask_targets, valid=None, data_format=Non
     weights = ops.cast(valid, "float32")
     pixels = float(picked.shape[-1] * picked.shape[-2])
     total = ops.sum(ops.sum(pixel_loss, axis=(-2, -1)) * weights)
-    # the count of the global batch under tf.distribute (kdet.distribute.global_mean)
-    return global_mean(total, ops.sum(weights) * pixels)
+    return total, ops.sum(weights) * pixels
 
 
 def keypoint_loss(keypoint_logits, keypoint_targets, valid, data_format=None):

@@ -256,21 +256,44 @@ def test_mask_head_on_the_detected_rows_only_gives_the_same_masks():
     assert fast["masks"].shape == (1, 40, 128, 128)
 
 
-@slow_on_jax
-def test_mask_loss_on_the_foreground_rows_only_gives_the_same_loss(monkeypatch):
-    # mask_rcnn_loss runs targets, RoIAlign and the mask head on the smallest bucket of
-    # leading rows holding every image's foreground RoIs: loss and gradient must equal
-    # those of all max_rois rows (buckets off), whichever bucket the counts pick.
-    # Buckets (2, 4, 8) of 16 rows stand in for (16, 32, 64) of 128 (the same code).
-    from kdet.models import faster_rcnn
-
+def _mask_loss_scene(seed):
+    """A 64 px Mask R-CNN, its pyramid (2 images), 64 RoI corners and 2 GT masks an image."""
     keras.utils.set_random_seed(0)
     model = kdet.models.MaskRCNN(num_classes=3, image_size=64)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     features = [rng.normal(size=(2, 64 // 2 ** lv, 64 // 2 ** lv, 256)).astype("float32")
                 for lv in (2, 3, 4, 5)]
     xy = rng.uniform(0, 40, size=(2, 64, 2))
     gt_masks = (rng.uniform(size=(2, 2, 64, 64)) > 0.5).astype("float32")
+    return model, rng, features, xy, gt_masks
+
+
+def _foreground_roi(rng, xy, foreground):
+    """``encode_roi_targets``-like RoIs of 2 images with ``foreground[b]`` labelled RoIs."""
+    labels = np.full((2, 64), -1, "int32")
+    for b, count in enumerate(foreground):
+        labels[b, rng.choice(64, size=count, replace=False)] = rng.integers(0, 3, count)
+    return {"labels": labels, "matches": rng.integers(0, 2, size=(2, 64)).astype("int32"),
+            "rois": np.concatenate([xy, xy + rng.uniform(4, 24, (2, 64, 2))], -1)
+            .astype("float32")}
+
+
+@slow_on_jax
+def test_mask_loss_on_the_foreground_rows_only_gives_the_same_loss(monkeypatch):
+    # mask_rcnn_loss packs the foreground RoIs of the batch into the smallest bucket of
+    # rows holding them all and runs targets, RoIAlign and the mask head there: loss and
+    # gradient must equal those of all B x max_rois rows (buckets off), whichever bucket
+    # the counts pick. Buckets (2, 4, 8, 16) of 2 x 16 slots stand in for
+    # (16, 32, ..., 192) of 2 x 128 (the same code). The packed rows read the features
+    # by the gather route (as in any cond branch of a graph) and their row counts pick
+    # other Winograd tiles: both routes fixed, so that only the packing is compared.
+    from kdet.layers import conv
+    from kdet.models import faster_rcnn
+
+    monkeypatch.setattr(sys.modules["kdet.ops.roi_align"], "CROP_AND_RESIZE", False)
+    monkeypatch.setattr(conv, "WINOGRAD", False)
+
+    model, rng, features, xy, gt_masks = _mask_loss_scene(0)
 
     def loss_and_grad(roi):
         weights = model.roi_heads.mask_head.trainable_variables
@@ -283,15 +306,10 @@ def test_mask_loss_on_the_foreground_rows_only_gives_the_same_loss(monkeypatch):
                                               (64, 64), 16)
         return _np(loss), [_np(g) for g in tape.gradient(loss, weights)]
 
-    # foreground RoIs per image: bucket 2, 4, 8 and all 16 rows
-    for foreground in ((0, 0), (3, 1), (2, 7), (16, 12)):
-        labels = np.full((2, 64), -1, "int32")
-        for b, count in enumerate(foreground):
-            labels[b, rng.choice(64, size=count, replace=False)] = rng.integers(0, 3, count)
-        roi = {"labels": labels, "matches": rng.integers(0, 2, size=(2, 64)).astype("int32"),
-               "rois": np.concatenate([xy, xy + rng.uniform(4, 24, (2, 64, 2))], -1)
-               .astype("float32")}
-        monkeypatch.setattr(faster_rcnn, "MASK_TRAIN_ROW_BUCKETS", (2, 4, 8))
+    # foreground RoIs per image: bucket 2, 4, 8, 16 and all 2 x 16 slots
+    for foreground in ((0, 0), (1, 1), (3, 1), (7, 1), (2, 7), (16, 12)):
+        roi = _foreground_roi(rng, xy, foreground)
+        monkeypatch.setattr(faster_rcnn, "MASK_TRAIN_ROW_BUCKETS", (2, 4, 8, 16))
         loss, grads = loss_and_grad(roi)
         monkeypatch.setattr(faster_rcnn, "MASK_TRAIN_ROW_BUCKETS", ())
         every_row_loss, every_row_grads = loss_and_grad(roi)
@@ -299,3 +317,41 @@ def test_mask_loss_on_the_foreground_rows_only_gives_the_same_loss(monkeypatch):
         assert (loss > 0) == (max(foreground) > 0)
         for got, expected in zip(grads, every_row_grads):
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="counts the rows of the branch that runs (eager tf.cond)")
+def test_mask_loss_runs_the_mask_head_on_the_batch_foreground_count_bucket(monkeypatch):
+    # torchvision runs the mask head on the batch's foreground RoIs alone. The rows kdet
+    # runs come from the batch's total count, not B x the largest image's count: with
+    # 7 + 1 foreground RoIs and buckets (2, 4, 8, 16) the head sees 8 rows (per-image
+    # buckets of the largest count ran 2 x 8 = 16), with 3 + 1 it sees 4.
+    from kdet.models import faster_rcnn
+
+    model, rng, features, xy, gt_masks = _mask_loss_scene(1)
+    heads = model.roi_heads
+    seen = []
+    original = heads.mask_logits
+
+    def counting(features, rois, **kwargs):
+        seen.append(int(np.prod(rois.shape[:2])))
+        return original(features, rois, **kwargs)
+
+    monkeypatch.setattr(heads, "mask_logits", counting)
+    monkeypatch.setattr(faster_rcnn, "MASK_TRAIN_ROW_BUCKETS", (2, 4, 8, 16))
+    for foreground, rows in (((7, 1), 8), ((3, 1), 4), ((0, 9), 16), ((16, 12), 32)):
+        roi = _foreground_roi(rng, xy, foreground)
+        seen.clear()
+        faster_rcnn.mask_rcnn_loss(heads, features, roi, gt_masks, (64, 64), 16)
+        assert seen == [rows], (foreground, seen)
+
+
+def test_pack_selected_rows_packs_the_batch_in_image_order():
+    from kdet.models.faster_rcnn import pack_selected_rows
+
+    selected = np.array([[False, True, True, False], [True, False, False, True]])
+    index, valid = pack_selected_rows(selected, 6)
+    assert _np(index).tolist() == [1, 2, 4, 7, 0, 0]
+    assert _np(valid).tolist() == [True] * 4 + [False] * 2
+    index, valid = pack_selected_rows(selected, 3)
+    assert _np(index).tolist() == [1, 2, 4] and _np(valid).all()

@@ -806,3 +806,35 @@ def test_roi_align_maps_equals_roi_align_of_each_rois_own_map(rng, chunk_element
         ref = torchvision.ops.roi_align(torch.from_numpy(maps.reshape(8, 1, 64, 48)), boxes,
                                         28, 1.0, -1, False).numpy().reshape(2, 7, 28, 28)
         np.testing.assert_allclose(out, ref, atol=TOL)
+
+
+def test_image_index_packs_several_images_rois_in_one_row():
+    # Mask R-CNN's training mask rows: the RoIs of both images in one row, each reading its
+    # own image (features and maps) through image_index, equal the per-image results.
+    from kdet.ops.roi_align import roi_align_maps
+
+    rng = np.random.default_rng(3)
+    features = [rng.normal(size=(2, 64 // 2 ** lv, 64 // 2 ** lv, 8)).astype("float32")
+                for lv in (2, 3, 4, 5)]
+    maps = (rng.uniform(size=(2, 3, 64, 64)) > 0.5).astype("float32")
+    xy = rng.uniform(0, 40, size=(2, 5, 2))
+    rois = np.concatenate([xy, xy + rng.uniform(2, 30, (2, 5, 2))], -1).astype("float32")
+    matches = rng.integers(0, 3, size=(2, 5)).astype("int32")
+    # image 1's RoIs 4, 0, 2, then image 0's 1, 3
+    image = np.array([[1, 1, 1, 0, 0]], "int32")
+    slot = np.array([[4, 0, 2, 1, 3]])
+    packed_rois = rois[image, slot]
+    per_image = _run(lambda f0, f1, f2, f3, r: multilevel_roi_align(
+        [f0, f1, f2, f3], r, 7, crop_and_resize=False), *features, rois)
+    packed = _run(lambda f0, f1, f2, f3, r, i: multilevel_roi_align(
+        [f0, f1, f2, f3], r, 7, crop_and_resize=False, image_index=i),
+        *features, packed_rois, image)
+    # the same ops on other shapes: equal to the bit on TF; XLA (JAX) may fuse a
+    # multiply-add into an FMA differently per shape (an ulp of a sample, ~2e-6 here)
+    exact = keras.backend.backend() == "tensorflow"
+    tolerance = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(packed, per_image[image, slot], **tolerance)
+    per_image = _run(lambda m, r, i: roi_align_maps(m, r, i, 14), maps, rois, matches)
+    packed = _run(lambda m, r, i, b: roi_align_maps(m, r, i, 14, image_index=b),
+                  maps, packed_rois, matches[image, slot], image)
+    np.testing.assert_allclose(packed, per_image[image, slot], **tolerance)

@@ -133,7 +133,7 @@ class MultiLevelRoIAlign(_RoILayer):
         self.canonical_level = int(canonical_level)
         self.max_sampling_ratio = max_sampling_ratio
 
-    def call(self, features, rois, training=None):
+    def call(self, features, rois, training=None, image_index=None):
         if isinstance(features, dict):
             features = {key: self._features(value) for key, value in features.items()}
         else:
@@ -143,7 +143,8 @@ class MultiLevelRoIAlign(_RoILayer):
             features, rois, self.output_size, levels=self.levels,
             sampling_ratio=self.sampling_ratio, aligned=self.aligned,
             canonical_scale=self.canonical_scale, canonical_level=self.canonical_level,
-            max_sampling_ratio=self.max_sampling_ratio, crop_and_resize=not training)
+            max_sampling_ratio=self.max_sampling_ratio, crop_and_resize=not training,
+            image_index=image_index)
 
     def compute_output_shape(self, features_shape, rois_shape):
         first = (list(features_shape.values())[0] if isinstance(features_shape, dict)

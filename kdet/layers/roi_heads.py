@@ -693,11 +693,13 @@ class RoIHeads(keras.layers.Layer):
             hidden = self.box_head(pooled)
         return self.box_predictor(hidden)
 
-    def mask_logits(self, features, rois, training=None, roi_mask=None):
+    def mask_logits(self, features, rois, training=None, roi_mask=None, image_index=None):
         """Mask logits ``[B, R, 28, 28, K+1]`` for ``rois [B, R, 4]`` (arguments as
-        ``box_logits``)."""
-        return self.mask_head(self.mask_roi_pool(features, rois), training=training,
-                              roi_mask=roi_mask)
+        ``box_logits``; ``image_index [B', R]``: the image of each RoI, for ``rois
+        [B', R, 4]`` packed from several images, see ``MultiLevelRoIAlign``)."""
+        pooled = (self.mask_roi_pool(features, rois) if image_index is None else
+                  self.mask_roi_pool(features, rois, image_index=image_index))
+        return self.mask_head(pooled, training=training, roi_mask=roi_mask)
 
     def _zeros(self, batch):
         d = self.detections_per_image

@@ -112,7 +112,7 @@ def _output_pair(output_size, owner="roi_align"):
     return out_h, out_w
 
 
-def _check_inputs(features, rois, owner):
+def _check_inputs(features, rois, owner, check_batch=True):
     if len(features.shape) != 4:
         raise ValueError(f"{owner}: features must be [B, H, W, C] (channels last), "
                          f"got shape {tuple(features.shape)}")
@@ -120,7 +120,7 @@ def _check_inputs(features, rois, owner):
         raise ValueError(f"{owner}: rois must be [B, R, 4] xyxy boxes, "
                          f"got shape {tuple(rois.shape)}")
     fb, rb = features.shape[0], rois.shape[0]
-    if fb is not None and rb is not None and fb != rb:
+    if check_batch and fb is not None and rb is not None and fb != rb:
         raise ValueError(f"{owner}: features batch {fb} != rois batch {rb}")
 
 
@@ -457,11 +457,15 @@ def _concat_levels(features_list):
 
 
 def _gather_path(features_list, level_index, rois, geometry, sampling_ratio,
-                 max_sampling_ratio, out_h, out_w):
-    """Gather strategy over one or several levels (``level_index [B, R]`` picks)."""
+                 max_sampling_ratio, out_h, out_w, image_index=None):
+    """Gather strategy over one or several levels (``level_index [B, R]`` picks;
+    ``image_index [B, R]``: the image of each RoI, default its row)."""
     offsets, heights, widths, num_rows = _level_layout(features_list)
-    batch = ops.shape(rois)[0]
-    image = ops.arange(batch, dtype="int32")[:, None]
+    if image_index is None:
+        batch = ops.shape(rois)[0]
+        image = ops.arange(batch, dtype="int32")[:, None]
+    else:
+        image = ops.cast(image_index, "int32")
 
     def per_roi(values, dtype):
         values = ops.stack([ops.cast(v, dtype) for v in values])
@@ -719,7 +723,8 @@ def _check_levels(levels, owner):
 
 def multilevel_roi_align(features_by_level, rois, output_size, levels=(2, 3, 4, 5),
                          sampling_ratio=2, aligned=False, canonical_scale=224,
-                         canonical_level=4, max_sampling_ratio=None, crop_and_resize=True):
+                         canonical_level=4, max_sampling_ratio=None, crop_and_resize=True,
+                         image_index=None):
     """``torchvision.ops.MultiScaleRoIAlign``: each RoI pooled from its FPN level.
 
     The level of a RoI is ``map_roi_levels(rois, levels[0], levels[-1], ...)``
@@ -744,9 +749,15 @@ def multilevel_roi_align(features_by_level, rois, output_size, levels=(2, 3, 4, 
             training run's discrete choices (RPN top-n, RoI sampling) within a few steps
             against the reference trainer, and training gains little (the gradient is the
             gather route's either way).
+        image_index: optional ``[B', R]`` int, the image of ``features_by_level`` each
+            RoI reads (default: RoI ``[b, r]`` reads image ``b``), so that ``rois
+            [B', R, 4]`` may pack the RoIs of several images in one row (Mask
+            R-CNN's training mask rows, ``kdet.models.faster_rcnn.mask_rcnn_loss``).
+            A fixed ``sampling_ratio`` or ``max_sampling_ratio`` only; it takes the
+            gather route.
 
     Returns:
-        ``[B, R, out_h, out_w, C]``.
+        ``[B, R, out_h, out_w, C]`` (``[B', R, ...]`` with ``image_index``).
 
     >>> import numpy as np
     >>> feats = [np.ones((1, 64 // 2 ** l, 64 // 2 ** l, 8), "float32") for l in (2, 3, 4, 5)]
@@ -765,19 +776,23 @@ def multilevel_roi_align(features_by_level, rois, output_size, levels=(2, 3, 4, 
     if len(channels) != 1:
         raise ValueError(f"{owner}: all levels need the same channel count, got {channels}")
     for features in features_list:
-        _check_inputs(features, rois, owner)
+        _check_inputs(features, rois, owner, check_batch=image_index is None)
     level = map_roi_levels(rois, levels[0], levels[-1], canonical_scale, canonical_level)
     level_index = level - levels[0]
     scales = ops.convert_to_tensor(np.array([2.0 ** -lv for lv in levels], "float32"))
+    if image_index is not None and not (sampling_ratio > 0 or max_sampling_ratio is not None):
+        raise ValueError(f"{owner}: image_index needs a fixed sampling_ratio or "
+                         f"max_sampling_ratio")
     if sampling_ratio > 0 or max_sampling_ratio is not None:
         scale = ops.take(scales, level_index)
         geometry = _roi_geometry(rois, scale, aligned, out_h, out_w)
+        crop_and_resize = crop_and_resize and image_index is None
         if crop_and_resize and _crop_and_resize_enabled(features_list, sampling_ratio,
                                                         max_sampling_ratio):
             return _crop_and_resize_path(features_list, level_index, rois, geometry,
                                          sampling_ratio, out_h, out_w)
         return _gather_path(features_list, level_index, rois, geometry, sampling_ratio,
-                            max_sampling_ratio, out_h, out_w)
+                            max_sampling_ratio, out_h, out_w, image_index=image_index)
     result = None
     for index, (features, lv) in enumerate(zip(features_list, levels)):
         geometry = _roi_geometry(rois, 2.0 ** -lv, aligned, out_h, out_w)
@@ -796,7 +811,7 @@ _MAPS_CHUNK_ELEMENTS = 1 << 22
 
 
 def roi_align_maps(maps, rois, map_indices, output_size, spatial_scale=1.0, sampling_ratio=-1,
-                   aligned=False, chunk_elements=None):
+                   aligned=False, chunk_elements=None, image_index=None):
     """RoIAlign where each RoI reads its own one-channel map (torchvision ``roi_align``
     with a box index per RoI, as ``project_masks_on_boxes`` calls it).
 
@@ -813,9 +828,12 @@ def roi_align_maps(maps, rois, map_indices, output_size, spatial_scale=1.0, samp
         rois: ``[B, R, 4]`` xyxy in input-image pixels.
         map_indices: ``[B, R]`` int, ``0..N-1`` (clip padding rows to 0).
         output_size, spatial_scale, sampling_ratio, aligned: as ``roi_align``.
+        image_index: optional ``[B', R]`` int, the image of ``maps`` each RoI reads
+            (default: RoI ``[b, r]`` reads image ``b``), so that ``rois [B', R, 4]``
+            may pack the RoIs of several images in one row.
 
     Returns:
-        ``[B, R, out_h, out_w]`` float32.
+        ``[B, R, out_h, out_w]`` float32 (``[B', R, ...]`` with ``image_index``).
 
     >>> import numpy as np
     >>> maps = np.stack([np.zeros((8, 8)), np.ones((8, 8))])[None].astype("float32")
@@ -837,13 +855,17 @@ def roi_align_maps(maps, rois, map_indices, output_size, spatial_scale=1.0, samp
         raise ValueError("roi_align_maps: N, H, W and R must be static")
     batch = ops.shape(rois)[0]
     flat_maps = ops.reshape(maps, (-1, height, width))  # [B * N, H, W]
-    image = ops.arange(batch, dtype="int32")[:, None] * num_maps
+    if image_index is None:
+        image = ops.arange(batch, dtype="int32")[:, None] * num_maps
+    else:
+        image = ops.cast(ops.convert_to_tensor(image_index), "int32") * num_maps
     budget = int(chunk_elements or _MAPS_CHUNK_ELEMENTS)
     chunk = max(1, min(num_rois, budget // (height * width)))
     outputs, dependency = [], None
     for start in range(0, num_rois, chunk):
         stop = min(start + chunk, num_rois)
-        index = ops.reshape(image + map_indices[:, start:stop], (-1,))
+        first = image if image_index is None else image[:, start:stop]
+        index = ops.reshape(first + map_indices[:, start:stop], (-1,))
         if dependency is not None:  # 0, computed from the previous chunk's output
             index = index + dependency
         per_roi = ops.cast(ops.take(flat_maps, index, axis=0), "float32")[..., None]
