@@ -178,11 +178,6 @@ static int append(Growing *g, const void *bytes, Py_ssize_t count) {
     return 1;
 }
 
-/* An exact int or float as a double; 0 if not plain or past float range. */
-static int plain_number(PyObject *value, double *out) {
-    return (PyFloat_CheckExact(value) || PyLong_CheckExact(value)) && as_double(value, out);
-}
-
 /* segmentation["size"] is a list or tuple of two exact ints equal to height, width. */
 static int size_is(PyObject *segmentation, PyObject *size_key, long long height,
                    long long width) {
@@ -220,7 +215,7 @@ static Py_ssize_t read_polygons(PyObject *segmentation, double limit, Growing *c
         double *out = (double *)(coords->data + coords->size);
         for (Py_ssize_t k = 0; k < length; k++) {
             PyObject *item = PyList_GetItem(polygon, k);
-            if (item == NULL || !plain_number(item, out + k) ||
+            if (item == NULL || !as_double(item, out + k) ||
                     !(out[k] <= limit && out[k] >= -limit)) goto not_plain;  /* NaN too */
         }
         coords->size += length * (Py_ssize_t)sizeof(double);
