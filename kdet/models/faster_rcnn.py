@@ -444,29 +444,29 @@ def mask_rcnn_loss(roi_heads, features, roi, gt_masks, image_size, max_rois, tra
     rows = rois.shape[1]
     batch = rois.shape[0]
 
-    def every_row():
-        """The loss sum and pixel count on all ``[B, rows]`` slots."""
+    def loss_sum(rois, matches, labels, valid, image=None):
+        """The loss sum and pixel count of these RoIs (``image``: each one's image)."""
         targets = ops.stop_gradient(project_masks_on_boxes(
-            gt_masks, rois, matches, image_size, output_size=28))
-        logits = roi_heads.mask_logits(features, rois, training=training, roi_mask=selected)
-        return losses.mask_bce_sum(logits, mask_labels + 1, targets, valid=selected,
+            gt_masks, rois, matches, image_size, output_size=28, image_index=image))
+        logits = roi_heads.mask_logits(features, rois, training=training, roi_mask=valid,
+                                       image_index=image)
+        return losses.mask_bce_sum(logits, labels + 1, targets, valid=valid,
                                    data_format="channels_last")
 
+    def every_row():
+        """On all ``[B, rows]`` slots."""
+        return loss_sum(rois, matches, mask_labels, selected)
+
     def packed(size):
-        """The loss sum and pixel count on the first ``size`` foreground RoIs of the
-        batch, packed into one row."""
+        """On the first ``size`` foreground RoIs of the batch, packed into one row."""
         index, valid = pack_selected_rows(selected, size)
-        image = (index // rows)[None]
-        picked_rois = ops.take(ops.reshape(rois, (-1, 4)), index, axis=0)[None]
-        picked_matches = ops.take(ops.reshape(matches, (-1,)), index, axis=0)[None]
-        picked_labels = ops.take(ops.reshape(mask_labels, (-1,)), index, axis=0)[None]
-        targets = ops.stop_gradient(project_masks_on_boxes(
-            gt_masks, picked_rois, picked_matches, image_size, output_size=28,
-            image_index=image))
-        logits = roi_heads.mask_logits(features, picked_rois, training=training,
-                                       roi_mask=valid[None], image_index=image)
-        return losses.mask_bce_sum(logits, picked_labels + 1, targets, valid=valid[None],
-                                   data_format="channels_last")
+
+        def pick(values):
+            flat = ops.reshape(values, (-1,) + tuple(values.shape[2:]))
+            return ops.take(flat, index, axis=0)[None]
+
+        return loss_sum(pick(rois), pick(matches), pick(mask_labels), valid[None],
+                        image=(index // rows)[None])
 
     slots = None if batch is None else batch * rows
     buckets = [b for b in MASK_TRAIN_ROW_BUCKETS if slots is None or b < slots]
