@@ -477,9 +477,11 @@ def reference_step(model, loss_fn, optimizer, clip, images, targets):
     return loss
 
 
-def run_reference(row, args, split):
+def run_reference(row, args, split, out=None):
     """The reference's training loop (same images seen, batch, hflip, schedule lengths as
-    kdet's run: kdet.workflow.budget.plan_epochs), then its detections on the test split."""
+    kdet's run: kdet.workflow.budget.plan_epochs), then its detections on the test split.
+    With ``out``, the trained weights go to ``<out>/reference.pth`` (as kdet's run keeps
+    ``last.keras``): the two sides' models can then be cross-checked on either's pipeline."""
     import numpy as np
     import torch
 
@@ -539,6 +541,8 @@ def run_reference(row, args, split):
         clock.epoch_losses.append(total / steps_per_epoch)
         per_epoch(epoch)
     wall, cpu = time.perf_counter() - start[0], time.process_time() - start[1]
+    if out is not None:
+        torch.save(model.state_dict(), os.path.join(out, "reference.pth"))
     test_coco = json.load(open(os.path.join(split, "test.json")))
     return (wall, cpu, clock) + reference_detections(row, model, test_coco)
 
@@ -600,7 +604,7 @@ def run_one(args):
     if args.side == "kdet":
         wall, cpu, clock, detections, segments = run_kdet(args.rows, args, split, out)
     else:
-        wall, cpu, clock, detections, segments = run_reference(args.rows, args, split)
+        wall, cpu, clock, detections, segments = run_reference(args.rows, args, split, out)
     scores = coco_scores(os.path.join(split, "test.json"), detections)
     if ROWS[args.rows].get("masks"):
         mask_scores = coco_scores(os.path.join(split, "test.json"), segments or [], "segm")

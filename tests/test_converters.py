@@ -269,6 +269,54 @@ def test_retinanet_matches_torchvision(version):
 
 
 @needs_torchvision
+@pytest.mark.parametrize("architecture", ["retinanet_mobilenet_v2_fpn",
+                                          "fasterrcnn_mobilenet_v2_fpn",
+                                          "maskrcnn_mobilenet_v2_fpn"])
+def test_mobilenet_fpn_detectors_match_torchvision(architecture):
+    """torchvision's detectors over BackboneWithFPN(mobilenet_v2().features), as
+    benchmarks/train_parity.py builds its references, convert into kdet's
+    ``backbone="mobilenet_v2"`` models: every entry used (strict), the same pyramid and
+    the same RPN / RetinaNet head outputs from raw pixels."""
+    import torch
+
+    from conftest import load_benchmark
+
+    harness, size, num_fg = load_benchmark("train_parity"), 128, 2
+    row = {"retinanet_mobilenet_v2_fpn": "retinanet_mobilenet",
+           "fasterrcnn_mobilenet_v2_fpn": "fasterrcnn_mobilenet",
+           "maskrcnn_mobilenet_v2_fpn": "maskrcnn_mobilenet"}[architecture]
+    torch.manual_seed(0)
+    ref, _ = harness.build_reference(row, num_fg, size, None)
+    normalise = lambda im: _nchw((im / 255.0 - IMAGENET_MEAN) / IMAGENET_STD)  # noqa: E731
+    _calibrate(ref.backbone, normalise(_images(size, batch=4, seed=1)))
+    ref.eval()
+    retinanet = architecture.startswith("retinanet")
+    # torchvision's RetinaNet counts an unused class 0; the harness builds it with one output
+    # per class (reference_label_offset), as kdet's RetinaNet counts
+    model = build_torchvision(architecture, num_classes=num_fg, image_size=size)
+    convert_torchvision(ref.state_dict(), model)
+    images = _images(size)
+    with torch.no_grad():
+        pyramid = list(ref.backbone(normalise(images)).values())
+        expected = ref.head(pyramid) if retinanet else ref.rpn.head(pyramid)
+    out = _forward(model, images)
+    if retinanet:
+        _report(f"{architecture} cls_logits", _np(out["cls_logits"]),
+                expected["cls_logits"].numpy())
+        _report(f"{architecture} box_deltas", _np(out["box_deltas"]),
+                expected["bbox_regression"].numpy())
+        return
+    for level, tensor in zip(range(2, 6), pyramid):
+        _report(f"{architecture} P{level}", _np(out[f"P{level}"]),
+                tensor.numpy().transpose(0, 2, 3, 1))
+    # torchvision's per-level [B, A, H, W] logits in kdet's (level, y, x, anchor) order
+    logits = np.concatenate([t.numpy().transpose(0, 2, 3, 1).reshape(len(images), -1)
+                             for t in expected[0]], axis=1)
+    _report(f"{architecture} rpn objectness", _np(out["rpn_objectness"]).reshape(logits.shape),
+            logits)
+
+
+@needs_torchvision
 def test_retinanet_off_128_sizes_match_torchvision_anchors_and_pyramid():
     """A size that is a multiple of 32 but not of 128 (torchvision pads to 32; its default
     800 px is one): P6 / P7 round up (288 px: 5 and 3 cells) and torchvision steps their

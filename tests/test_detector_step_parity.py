@@ -143,8 +143,37 @@ def torchvision_recipe_pair(builder, architecture, with_masks, monkeypatch, **kw
     return tv, model
 
 
+def torchvision_mobilenet_pair(row, with_masks, **kwargs):
+    """(the reference of benchmarks/train_parity.py's ``row``: torchvision's detector over
+    ``BackboneWithFPN(mobilenet_v2().features)`` with trainable ``BatchNorm2d``, the kdet
+    model converted from it). The harness builds it from ImageNet weights; here a random
+    body whose BN statistics were calibrated, with ``kwargs`` (RCNN_SETTINGS) set on both."""
+    import torch
+
+    from conftest import load_benchmark
+
+    harness = load_benchmark("train_parity")
+    torch.manual_seed(0)
+    tv, _ = harness.build_reference(row, NUM_FG, SIZE, None)
+    calibrate_bn(tv, SIZE, with_masks)
+    rpn, heads = tv.rpn, tv.roi_heads
+    rpn.fg_bg_sampler.batch_size_per_image = kwargs["rpn_batch_size_per_image"]
+    heads.fg_bg_sampler.batch_size_per_image = kwargs["box_batch_size_per_image"]
+    rpn._pre_nms_top_n["training"] = kwargs["rpn_pre_nms_top_n_train"]
+    rpn._post_nms_top_n["training"] = kwargs["rpn_post_nms_top_n_train"]
+    rpn.nms_thresh = kwargs["rpn_nms_thresh"]
+    with torch.no_grad():  # as torchvision_recipe_pair
+        rpn.head.cls_logits.weight.mul_(0.05)
+        if with_masks:
+            heads.mask_predictor.mask_fcn_logits.weight.mul_(0.05)
+    architecture = row.replace("_mobilenet", "_mobilenet_v2_fpn")
+    model = build_torchvision(architecture, num_classes=NUM_FG, image_size=SIZE, **kwargs)
+    convert_torchvision({k: v.detach().numpy() for k, v in tv.state_dict().items()}, model)
+    return tv, model
+
+
 def torchvision_reference_steps(tv, images, y, learning_rate, steps=STEPS, warmup=True,
-                                dtype="float32"):
+                                dtype="float32", weight_decay=1e-4):
     """references/detection train.py + engine.train_one_epoch, epoch 0, on the same batch,
     in ``dtype`` (a copy of ``tv``); returns the losses and the trained state_dict."""
     import copy
@@ -154,7 +183,8 @@ def torchvision_reference_steps(tv, images, y, learning_rate, steps=STEPS, warmu
     dtype = getattr(torch, dtype)
     tv = copy.deepcopy(tv).to(dtype)
     params = [p for p in tv.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=learning_rate, momentum=0.9, weight_decay=1e-4)
+    optimizer = torch.optim.SGD(params, lr=learning_rate, momentum=0.9,
+                                weight_decay=weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[16, 22],
                                                         gamma=0.1)
     warmup_scheduler = None
@@ -216,24 +246,35 @@ def largest(a, b):
 
 
 def check_torchvision_recipe(builder, architecture, monkeypatch, with_masks=False,
-                             check_wrong_recipe=False, steps=STEPS, **kwargs):
+                             check_wrong_recipe=False, steps=STEPS, pair=None, recipe=None,
+                             **kwargs):
     """``steps`` steps of kdet (float32) against the reference trainer in float64 (the
     exact math) and in float32 (the reference's own rounding, the scale of the
-    tolerance)."""
+    tolerance). ``pair``: the (torchvision, kdet) models, else torchvision_recipe_pair's;
+    ``recipe``: a :mod:`kdet.recipes` name (default: the model's, train.py's)."""
     start = time.perf_counter()
-    tv, model = torchvision_recipe_pair(builder, architecture, with_masks, monkeypatch,
-                                        **kwargs)
+    tv, model = pair or torchvision_recipe_pair(builder, architecture, with_masks,
+                                                monkeypatch, **kwargs)
     images, y = _batch(SIZE, with_masks)
     initial = _weights(model)
-    losses, optimizer = kdet_fit_steps(model, images, y, {"batch_size": BATCH}, steps=steps)
+    settings = {"batch_size": BATCH} if recipe is None else {"batch_size": BATCH,
+                                                               "recipe": recipe}
+    losses, optimizer = kdet_fit_steps(model, images, y, settings, steps=steps)
     trained = _weights(model)
     learning_rate = optimizer._learning_rate.learning_rate
-    per_16 = 0.01 if architecture.startswith("retinanet") else 0.02  # train.py --lr
-    assert learning_rate == pytest.approx(per_16 / 16 * BATCH)
+    if recipe is None:
+        per_16 = 0.01 if architecture.startswith("retinanet") else 0.02  # train.py --lr
+        per_image, weight_decay = per_16 / 16, 1e-4
+    else:
+        from kdet.recipes import RECIPES
+        reference = RECIPES[recipe]
+        per_image = reference.learning_rate / reference.reference_batch
+        weight_decay = reference.weight_decay
+    assert learning_rate == pytest.approx(per_image * BATCH)
     ref_losses, exact = torchvision_reference_steps(tv, images, y, learning_rate, steps=steps,
-                                                    dtype="float64")
+                                                    dtype="float64", weight_decay=weight_decay)
     ref32_losses, ref32 = torchvision_reference_steps(tv, images, y, learning_rate,
-                                                      steps=steps)
+                                                      steps=steps, weight_decay=weight_decay)
     exact, ref32 = converted(exact, model), converted(ref32, model)
     change, changed = largest(exact, initial)
     error, worst = largest(trained, exact)
@@ -289,6 +330,20 @@ def test_mask_rcnn_three_steps_match_torchvision_trainer(monkeypatch):
     check_torchvision_recipe("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", monkeypatch,
                              with_masks=True, steps=2,
                              **dict(RCNN_SETTINGS, rpn_pre_nms_top_n_train=50))
+
+
+@pytest.mark.slow
+@needs_torchvision
+def test_mobilenet_mask_rcnn_steps_match_the_tutorial_trainer(monkeypatch):
+    # benchmarks/train_parity.py's maskrcnn_mobilenet row: the MobileNetV2's batch norms
+    # train (batch statistics, running averages), the tutorial recipe (SGD 0.005 per 2
+    # images, coupled decay 5e-4 on every parameter, BN scales and offsets included). Two
+    # steps as the R50 test; top-50 a level.
+    settings = dict(RCNN_SETTINGS, rpn_pre_nms_top_n_train=50)
+    check_torchvision_recipe(
+        None, "maskrcnn_mobilenet_v2_fpn", monkeypatch, with_masks=True, steps=2,
+        pair=torchvision_mobilenet_pair("maskrcnn_mobilenet", True, **settings),
+        recipe="torchvision_tutorial")
 
 
 @pytest.mark.slow

@@ -137,14 +137,28 @@ TORCHVISION_ARCHITECTURES = {
         backbone_eps=None, backbone_prefix="backbone.", rules=RCNN_RULES + RES5_HEAD_RULES),
 }
 
-# kdet model class -> its torchvision architecture names by version ("c4": fpn=False).
-_KNOWN_MODELS = {
-    "RetinaNet": {1: "retinanet_resnet50_fpn", 2: "retinanet_resnet50_fpn_v2"},
-    "FasterRCNN": {1: "fasterrcnn_resnet50_fpn", 2: "fasterrcnn_resnet50_fpn_v2",
-                   "c4": "fasterrcnn_resnet50_c4"},
-    "MaskRCNN": {1: "maskrcnn_resnet50_fpn", 2: "maskrcnn_resnet50_fpn_v2"},
-    "KeypointRCNN": {1: "keypointrcnn_resnet50_fpn"},
-}
+# torchvision has no MobileNetV2-FPN builders either: these are its detector classes over
+# BackboneWithFPN(mobilenet_v2().features, {"3", "6", "13", "18"} -> C2..C5 (RetinaNet: C3..C5,
+# LastLevelP6P7(256, 256)), 256 channels), with its default anchors and RoIAlign -- the
+# models of the torchvision tutorial with an FPN, which kdet's backbone="mobilenet_v2" builds
+# (benchmarks/train_parity.py trains both). IntermediateLayerGetter keeps the children's
+# names, so torchvision's features.N is backbone.body.N; BatchNorm2d trains (eps 1e-5).
+for _name, _builder, _rules in (
+        ("retinanet_mobilenet_v2_fpn", "RetinaNet", FPN_RULES + RETINANET_HEAD_RULES),
+        ("fasterrcnn_mobilenet_v2_fpn", "FasterRCNN", FPN_RULES + RCNN_RULES),
+        ("maskrcnn_mobilenet_v2_fpn", "MaskRCNN", FPN_RULES + RCNN_RULES + MASK_RCNN_RULES)):
+    TORCHVISION_ARCHITECTURES[_name] = dict(
+        builder=f"kdet.models.{_builder}",
+        kwargs=dict(backbone="mobilenet_v2", version=1, backbone_norm="batch",
+                    num_classes=91 if _builder == "RetinaNet" else 90),
+        backbone_eps=None, rules=_rules)
+
+# kdet model class -> {(backbone, version or "c4" for fpn=False): torchvision architecture}.
+_KNOWN_MODELS = {}
+for _name, _spec in TORCHVISION_ARCHITECTURES.items():
+    _kwargs = _spec["kwargs"]
+    _KNOWN_MODELS.setdefault(_spec["builder"].rsplit(".", 1)[1], {})[
+        (_kwargs["backbone"], _kwargs.get("version", 1) if _kwargs.get("fpn", True) else "c4")] = _name
 
 # Entries a torchvision checkpoint may hold that no kdet weight takes.
 IGNORED = (r"num_batches_tracked$", r"^backbone\.body\.fc\.")
@@ -175,8 +189,8 @@ def architecture_of(model):
     """The ``TORCHVISION_ARCHITECTURES`` name that fits a kdet model."""
     config = getattr(model, "_config", {})
     names = _KNOWN_MODELS.get(type(model).__name__, {})
-    key = config.get("version") if config.get("fpn", True) else "c4"
-    if config.get("backbone") == "resnet50" and key in names:
+    key = (config.get("backbone"), config.get("version") if config.get("fpn", True) else "c4")
+    if key in names:
         return names[key]
     raise ValueError(f"convert_torchvision: no torchvision mapping for model {model.name!r} "
                      f"({type(model).__name__}); known: {sorted(TORCHVISION_ARCHITECTURES)}")
@@ -242,14 +256,10 @@ def convert_torchvision(source, model, strict=True):
     if type(model).__name__ not in _KNOWN_MODELS:  # a classification backbone
         from kdet.converters.backbones import convert_torchvision_backbone
         return convert_torchvision_backbone(state, model, strict=strict)
-    from kdet.backbones.resnet import load_torchvision_state_dict
-
     name = architecture_of(model)
     spec = TORCHVISION_ARCHITECTURES[name]
     backbone = find_backbone(model)
-    used = load_torchvision_state_dict(backbone, state,
-                                       prefix=spec.get("backbone_prefix", "backbone.body."),
-                                       strict=strict)
+    used = _load_backbone(backbone, state, spec, strict)
     # Sampler seed states (Faster/Mask R-CNN) are not weights.
     variables = {path: v for path, v in model_variables(model, skip=[backbone]).items()
                  if not path.split("/")[-1].startswith("seed_generator_state")}
@@ -259,3 +269,17 @@ def convert_torchvision(source, model, strict=True):
     if strict:
         check_unused(state, used, IGNORED, owner=f"convert_torchvision[{name}]")
     return model
+
+
+def _load_backbone(backbone, state, spec, strict):
+    """The body's entries of ``state`` into ``backbone``; returns the keys used."""
+    from kdet.backbones import mobilenet, resnet
+
+    prefix = spec.get("backbone_prefix", "backbone.body.")
+    if spec["kwargs"]["backbone"] != "mobilenet_v2":
+        return resnet.load_torchvision_state_dict(backbone, state, prefix=prefix, strict=strict)
+    # backbone.body.N is mobilenet_v2().features.N (see the MobileNetV2-FPN entries)
+    body = {"features." + key[len(prefix):]: value for key, value in state.items()
+            if key.startswith(prefix)}
+    used = mobilenet.load_torchvision_state_dict(backbone, body, strict=strict)
+    return [prefix + key[len("features."):] for key in used]
