@@ -257,8 +257,9 @@ def check_torchvision_recipe(builder, architecture, monkeypatch, with_masks=Fals
                                                 monkeypatch, **kwargs)
     images, y = _batch(SIZE, with_masks)
     initial = _weights(model)
-    settings = {"batch_size": BATCH} if recipe is None else {"batch_size": BATCH,
-                                                               "recipe": recipe}
+    settings = {"batch_size": BATCH}
+    if recipe is not None:
+        settings["recipe"] = recipe
     losses, optimizer = kdet_fit_steps(model, images, y, settings, steps=steps)
     trained = _weights(model)
     learning_rate = optimizer._learning_rate.learning_rate

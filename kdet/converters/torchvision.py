@@ -143,22 +143,28 @@ TORCHVISION_ARCHITECTURES = {
 # models of the torchvision tutorial with an FPN, which kdet's backbone="mobilenet_v2" builds
 # (benchmarks/train_parity.py trains both). IntermediateLayerGetter keeps the children's
 # names, so torchvision's features.N is backbone.body.N; BatchNorm2d trains (eps 1e-5).
-for _name, _builder, _rules in (
-        ("retinanet_mobilenet_v2_fpn", "RetinaNet", FPN_RULES + RETINANET_HEAD_RULES),
-        ("fasterrcnn_mobilenet_v2_fpn", "FasterRCNN", FPN_RULES + RCNN_RULES),
-        ("maskrcnn_mobilenet_v2_fpn", "MaskRCNN", FPN_RULES + RCNN_RULES + MASK_RCNN_RULES)):
-    TORCHVISION_ARCHITECTURES[_name] = dict(
-        builder=f"kdet.models.{_builder}",
+TORCHVISION_ARCHITECTURES.update({
+    f"{model.lower()}_mobilenet_v2_fpn": dict(
+        builder=f"kdet.models.{model}",
         kwargs=dict(backbone="mobilenet_v2", version=1, backbone_norm="batch",
-                    num_classes=91 if _builder == "RetinaNet" else 90),
-        backbone_eps=None, rules=_rules)
+                    num_classes=91 if model == "RetinaNet" else 90),
+        backbone_eps=None, rules=rules)
+    for model, rules in (("RetinaNet", FPN_RULES + RETINANET_HEAD_RULES),
+                         ("FasterRCNN", FPN_RULES + RCNN_RULES),
+                         ("MaskRCNN", FPN_RULES + RCNN_RULES + MASK_RCNN_RULES))})
 
-# kdet model class -> {(backbone, version or "c4" for fpn=False): torchvision architecture}.
-_KNOWN_MODELS = {}
-for _name, _spec in TORCHVISION_ARCHITECTURES.items():
-    _kwargs = _spec["kwargs"]
-    _KNOWN_MODELS.setdefault(_spec["builder"].rsplit(".", 1)[1], {})[
-        (_kwargs["backbone"], _kwargs.get("version", 1) if _kwargs.get("fpn", True) else "c4")] = _name
+
+def _known_models():
+    """kdet model class -> {(backbone, version or "c4" for fpn=False): architecture}."""
+    known = {}
+    for name, spec in TORCHVISION_ARCHITECTURES.items():
+        kwargs = spec["kwargs"]
+        key = kwargs.get("version", 1) if kwargs.get("fpn", True) else "c4"
+        known.setdefault(spec["builder"].rsplit(".", 1)[1], {})[(kwargs["backbone"], key)] = name
+    return known
+
+
+_KNOWN_MODELS = _known_models()
 
 # Entries a torchvision checkpoint may hold that no kdet weight takes.
 IGNORED = (r"num_batches_tracked$", r"^backbone\.body\.fc\.")
