@@ -70,23 +70,30 @@ def _learning_rate(optimizer, step):
 
 
 @needs_torch
-@pytest.mark.parametrize("name", ["torchvision", "torchvision_retinanet"])
+@pytest.mark.parametrize("name", ["torchvision", "torchvision_retinanet",
+                                  "torchvision_tutorial"])
 def test_torchvision_sgd_warmup_multistep(name):
     import torch
 
     net = _torch_net()
     params = [p for p in net.parameters() if p.requires_grad]
     initial = [p.detach().numpy().copy() for p in params]
-    batch, steps_per_epoch, epochs = 4, 3, 26
+    tutorial = name == "torchvision_tutorial"
+    batch, steps_per_epoch, epochs = 4, 3, 10 if tutorial else 26
     recipe = recipes.RECIPES[name]
     ours = recipes.make_optimizer(recipe, batch_size=batch, steps=epochs * steps_per_epoch,
                                   steps_per_epoch=steps_per_epoch)
     variables = _keras_variables(initial)
 
-    # references/detection/train.py + engine.py, lr scaled as its docstring says
-    lr = recipe.learning_rate / 16 * batch
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[16, 22], gamma=0.1)
+    # references/detection/train.py + engine.py (lr 0.02 / 0.01 per 16 images, decay 1e-4,
+    # MultiStepLR([16, 22])), or the tutorial (0.005 per 2 images, decay 5e-4 on every
+    # parameter, StepLR(3, 0.1)); lr scaled as their docstrings say
+    lr = recipe.learning_rate / (2 if tutorial else 16) * batch
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9,
+                                weight_decay=5e-4 if tutorial else 1e-4)
+    scheduler = (torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.1) if tutorial
+                 else torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[16, 22],
+                                                           gamma=0.1))
     step = 0
     for epoch in range(epochs):
         warmup = None
