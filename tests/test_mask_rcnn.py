@@ -355,3 +355,39 @@ def test_pack_selected_rows_packs_the_batch_in_image_order():
     assert _np(valid).tolist() == [True] * 4 + [False] * 2
     index, valid = pack_selected_rows(selected, 3)
     assert _np(index).tolist() == [1, 2, 4] and _np(valid).all()
+
+
+@pytest.mark.skipif(not HAVE_TORCHVISION, reason="torchvision not installed")
+def test_head_biases_start_as_torchvisions():
+    """torchvision leaves the box head's and predictors' biases at torch's default
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (its own inits touch the weights only); kdet draws
+    them the same way (it had zeros). Compared per variable with torchvision's modules: the
+    same bound (the largest |value| within 10% of it) and a uniform's std (bound / sqrt(3))."""
+    import torch
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+
+    from kdet.layers.roi_heads import FastRCNNPredictor as KPredictor
+    from kdet.layers.roi_heads import TwoMLPHead as KTwoMLP
+
+    torch.manual_seed(0)
+    keras.utils.set_random_seed(0)
+    box_head, predictor = KTwoMLP(1024), KPredictor(91)
+    box_head.build((2, 3, 7, 7, 256))
+    predictor.build((2, 3, 1024))
+    mask_head = MaskRCNNHead(91)
+    mask_head.build((2, 3, 14, 14, 256))
+    pairs = [
+        (box_head.fc6.bias, TwoMLPHead(256 * 49, 1024).fc6.bias),
+        (box_head.fc7.bias, TwoMLPHead(256 * 49, 1024).fc7.bias),
+        (predictor.cls_score.bias, FastRCNNPredictor(1024, 91).cls_score.bias),
+        (predictor.bbox_pred.bias, FastRCNNPredictor(1024, 91).bbox_pred.bias),
+        (mask_head.conv5_mask.bias, MaskRCNNPredictor(256, 256, 91).conv5_mask.bias),
+        (mask_head.mask_fcn_logits.bias, MaskRCNNPredictor(256, 256, 91).mask_fcn_logits.bias),
+    ]
+    for mine, theirs in pairs:
+        mine, theirs = _np(mine), theirs.detach().numpy()
+        assert mine.shape == theirs.shape
+        bound = np.abs(theirs).max()
+        assert 0.9 * bound <= np.abs(mine).max() <= bound / 0.9, (mine.shape, bound)
+        assert mine.std() == pytest.approx(theirs.std(), rel=0.2), mine.shape
