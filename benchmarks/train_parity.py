@@ -324,9 +324,10 @@ def reference_label_offset(row):
     return 1 if ROWS[row]["reference"] == "tv_retinanet_mobilenet_fpn" else 0
 
 
-def build_reference(row, num_classes, image_size, imagenet):
+def build_reference(row, num_classes, image_size, imagenet, **settings):
     """``(model, loss_fn)``: the reference detector of ``row`` (``num_classes`` foreground
-    classes) and ``loss_fn(images, targets) -> loss`` of one batch (xyxy pixel targets)."""
+    classes) and ``loss_fn(images, targets) -> loss`` of one batch (xyxy pixel targets).
+    ``settings``: more arguments of the torchvision detector class (the R-CNN rows)."""
     name = ROWS[row]["reference"]
     if name.startswith("effdet_"):
         return build_effdet(name[len("effdet_"):], num_classes, image_size, imagenet)
@@ -334,7 +335,7 @@ def build_reference(row, num_classes, image_size, imagenet):
     from torchvision.models.detection.retinanet import _default_anchorgen
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-    size = dict(min_size=image_size, max_size=image_size)
+    size = dict(min_size=image_size, max_size=image_size, **settings)
     if name == "tv_retinanet_mobilenet_fpn":  # v1: P6 from P5 (kdet version=1)
         backbone = tv_mobilenet_fpn((3, 4, 5), LastLevelP6P7(256, 256), imagenet)
         # one output per class, as kdet's (reference_label_offset)

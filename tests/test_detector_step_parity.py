@@ -154,18 +154,12 @@ def torchvision_mobilenet_pair(row, with_masks, **kwargs):
 
     harness = load_benchmark("train_parity")
     torch.manual_seed(0)
-    tv, _ = harness.build_reference(row, NUM_FG, SIZE, None)
+    tv, _ = harness.build_reference(row, NUM_FG, SIZE, None, **kwargs)
     calibrate_bn(tv, SIZE, with_masks)
-    rpn, heads = tv.rpn, tv.roi_heads
-    rpn.fg_bg_sampler.batch_size_per_image = kwargs["rpn_batch_size_per_image"]
-    heads.fg_bg_sampler.batch_size_per_image = kwargs["box_batch_size_per_image"]
-    rpn._pre_nms_top_n["training"] = kwargs["rpn_pre_nms_top_n_train"]
-    rpn._post_nms_top_n["training"] = kwargs["rpn_post_nms_top_n_train"]
-    rpn.nms_thresh = kwargs["rpn_nms_thresh"]
     with torch.no_grad():  # as torchvision_recipe_pair
-        rpn.head.cls_logits.weight.mul_(0.05)
+        tv.rpn.head.cls_logits.weight.mul_(0.05)
         if with_masks:
-            heads.mask_predictor.mask_fcn_logits.weight.mul_(0.05)
+            tv.roi_heads.mask_predictor.mask_fcn_logits.weight.mul_(0.05)
     architecture = row.replace("_mobilenet", "_mobilenet_v2_fpn")
     model = build_torchvision(architecture, num_classes=NUM_FG, image_size=SIZE, **kwargs)
     convert_torchvision({k: v.detach().numpy() for k, v in tv.state_dict().items()}, model)

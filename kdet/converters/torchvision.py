@@ -279,13 +279,12 @@ def convert_torchvision(source, model, strict=True):
 
 def _load_backbone(backbone, state, spec, strict):
     """The body's entries of ``state`` into ``backbone``; returns the keys used."""
-    from kdet.backbones import mobilenet, resnet
+    from kdet.backbones._common import load_torch_state_dict
 
-    prefix = spec.get("backbone_prefix", "backbone.body.")
-    if spec["kwargs"]["backbone"] != "mobilenet_v2":
-        return resnet.load_torchvision_state_dict(backbone, state, prefix=prefix, strict=strict)
     # backbone.body.N is mobilenet_v2().features.N (see the MobileNetV2-FPN entries)
-    body = {"features." + key[len(prefix):]: value for key, value in state.items()
-            if key.startswith(prefix)}
-    used = mobilenet.load_torchvision_state_dict(backbone, body, strict=strict)
-    return [prefix + key[len("features."):] for key in used]
+    mobilenet = spec["kwargs"]["backbone"] == "mobilenet_v2"
+    return load_torch_state_dict(backbone, state,
+                                 torch_name=(lambda name: name.removeprefix("features."))
+                                 if mobilenet else None,
+                                 prefix=spec.get("backbone_prefix", "backbone.body."),
+                                 strict=strict)
