@@ -51,12 +51,13 @@ def _torch_linear_kernel():
     return keras.initializers.VarianceScaling(1.0 / 3.0, mode="fan_in", distribution="uniform")
 
 
-def _build_with_torch_bias(layer, shape, fan_in):
+def _build_with_torch_bias(layer, shape, fan_in=None):
     """Build ``layer`` with torch's default bias init, ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``
     (``nn.Linear``, ``nn.Conv2d``, ``nn.ConvTranspose2d`` reset_parameters, ``fan_in`` taken
-    from the torch weight), which torchvision keeps in the box head, the box predictor and
-    the mask predictor (its own inits there touch the weights only)."""
-    bound = 1.0 / float(np.sqrt(fan_in))
+    from the torch weight: the input's channels ``shape[-1]`` for a Linear or a 1 x 1 conv),
+    which torchvision keeps in the box head, the box predictor and the mask predictor (its
+    own inits there touch the weights only)."""
+    bound = 1.0 / float(np.sqrt(shape[-1] if fan_in is None else fan_in))
     layer.bias_initializer = keras.initializers.RandomUniform(-bound, bound)
     layer.build(shape)
 
@@ -155,9 +156,8 @@ class TwoMLPHead(keras.layers.Layer):
 
     def build(self, input_shape):
         flat = int(np.prod(input_shape[2:]))
-        _build_with_torch_bias(self.fc6, (None, flat), flat)
-        _build_with_torch_bias(self.fc7, (None, self.representation_size),
-                               self.representation_size)
+        _build_with_torch_bias(self.fc6, (None, flat))
+        _build_with_torch_bias(self.fc7, (None, self.representation_size))
 
     def call(self, x):
         x = ops.transpose(x, (0, 1, 4, 2, 3))  # (C, y, x) like torch's flatten of NCHW
@@ -219,7 +219,7 @@ class FastRCNNConvFCHead(keras.layers.Layer):
         shape = _build_conv_stack(self.convs, self.norms, input_shape)
         flat = int(np.prod(shape[1:]))
         for fc in self.fcs:
-            _build_with_torch_bias(fc, (None, flat), flat)
+            _build_with_torch_bias(fc, (None, flat))
             flat = fc.units
 
     def call(self, x, training=None, roi_mask=None):
@@ -388,8 +388,8 @@ class FastRCNNPredictor(keras.layers.Layer):
         self.bbox_pred = keras.layers.Dense(4 * self.num_classes, name="bbox_pred", **common)
 
     def build(self, input_shape):
-        _build_with_torch_bias(self.cls_score, input_shape, input_shape[-1])
-        _build_with_torch_bias(self.bbox_pred, input_shape, input_shape[-1])
+        _build_with_torch_bias(self.cls_score, input_shape)
+        _build_with_torch_bias(self.bbox_pred, input_shape)
 
     def call(self, x):
         return {"class_logits": self.cls_score(x), "box_regression": self.bbox_pred(x)}
@@ -449,7 +449,7 @@ class MaskRCNNHead(keras.layers.Layer):
         # torch's fan_in of ConvTranspose2d(in, out, 2) is out x 2 x 2 (weight [in, out, 2, 2])
         _build_with_torch_bias(self.conv5_mask, shape, 4 * self.dim_reduced)
         shape = self.conv5_mask.compute_output_shape(shape)
-        _build_with_torch_bias(self.mask_fcn_logits, shape, self.dim_reduced)
+        _build_with_torch_bias(self.mask_fcn_logits, shape)
 
     def call(self, x, training=None, roi_mask=None):
         batch, rois = ops.shape(x)[0], ops.shape(x)[1]
