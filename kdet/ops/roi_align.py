@@ -333,9 +333,10 @@ def _chunked_weighted_gather(features_list, index, weight, bounds):
     directly (``benchmarks/RESULTS.md``, "Mask R-CNN training-step memory").
     Here the forward gathers ~``_LATTICE_CHUNK_ELEMENTS`` lattice elements an image
     per chunk (``bounds``: :func:`_lattice_chunks`), and the gradient adds each
-    chunk's weighted taps into one buffer of the levels' rows with
-    ``tensor_scatter_nd_add``. Control dependencies make each chunk wait for the
-    previous one, so the graph cannot run them all at once. The taps add up in the
+    chunk's weighted taps into one buffer of the levels' rows (the first chunk's
+    ``scatter_nd`` makes it, the others ``tensor_scatter_nd_add``). Control
+    dependencies make each chunk wait for the previous one, so the graph cannot run
+    them all at once. The taps add up in the
     order the plain gradient adds them (RoI by RoI), and both are serial on the CPU,
     so the results are the same to the bit.
 
@@ -360,14 +361,23 @@ def _chunked_weighted_gather(features_list, index, weight, bounds):
 
         def gradient(upstream):
             sizes = [tf.reduce_prod(shape[:-1]) for shape in shapes]
-            total = tf.zeros(tf.stack([tf.add_n(sizes), channels]), weight.dtype)
+            total = None
             for start, stop in bounds:
-                with tf.control_dependencies([total]):
+                with tf.control_dependencies([] if total is None else [total]):
                     taps = (upstream[:, start:stop, :, :, None, None, :]
                             * weight[:, start:stop, ..., None])
-                total = tf.tensor_scatter_nd_add(
-                    total, tf.reshape(index[:, start:stop], [-1, 1]),
-                    tf.reshape(taps, [-1, channels]))
+                rows = tf.reshape(index[:, start:stop], [-1, 1])
+                values = tf.reshape(taps, [-1, channels])
+                if total is None:
+                    # scatter_nd zeroes its buffer when it runs. A tf.zeros buffer of
+                    # these static sizes is folded by grappler into a graph constant,
+                    # held as long as the step's graph: one per copy of this gradient
+                    # (Mask R-CNN's mask-row buckets hold seven; 3.3 GB at batch 8,
+                    # 800 px, where the step then no longer fit 23 GB).
+                    total = tf.scatter_nd(rows, values,
+                                          tf.stack([tf.add_n(sizes), channels]))
+                else:
+                    total = tf.tensor_scatter_nd_add(total, rows, values)
             parts = tf.split(total, sizes) if len(levels) > 1 else [total]
             return [tf.reshape(part, shape) for part, shape in zip(parts, shapes)]
 
