@@ -92,11 +92,12 @@ C4_ANCHOR_SIZES = ((128, 256, 512),)  # 3 scales x 3 ratios on the stride-16 map
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 C4_BACKBONES = ("resnet50", "resnet101")
 # Row counts the mask branch of a training step may run on: the foreground RoIs of the
-# whole batch, packed (see mask_rcnn_loss). Each bucket is a branch of the training graph,
-# and TensorFlow's step holds memory for every branch, not only the one it runs: ~3.2 MB a
-# row summed over the buckets (R50-FPN Mask R-CNN, 800 px, batch 2: peak 6.91 GiB with no
-# bucket, 8.69 with these six, 9.86 with ten of 16-192). Ten cost as much a step as these
-# six on a trained MobileNetV2-FPN at 224 px (4.00 vs 4.01 CPU s median, 1 thread).
+# whole batch, packed (see mask_rcnn_loss). Each bucket is a branch of the training graph.
+# The step's memory once grew with the branches (R50-FPN Mask R-CNN, 800 px, batch 2: peak
+# 6.91 GiB with no bucket, 8.69 with these six, 9.86 with ten of 16-192): each held a graph
+# constant, its RoIAlign gradient's buffer folded by grappler, now made when the step runs
+# (kdet.ops.roi_align._chunked_weighted_gather). Ten cost as much a step as these six on a
+# trained MobileNetV2-FPN at 224 px (4.00 vs 4.01 CPU s median, 1 thread).
 MASK_TRAIN_ROW_BUCKETS = (16, 32, 64, 96, 128, 192)
 
 PREDICTION_KEYS = ("boxes", "scores", "labels", "num_detections", "masks", "keypoints")
