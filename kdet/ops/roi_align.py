@@ -336,9 +336,8 @@ def _chunked_weighted_gather(features_list, index, weight, bounds):
     chunk's weighted taps into one buffer of the levels' rows (the first chunk's
     ``scatter_nd`` makes it, the others ``tensor_scatter_nd_add``). Control
     dependencies make each chunk wait for the previous one, so the graph cannot run
-    them all at once. The taps add up in the
-    order the plain gradient adds them (RoI by RoI), and both are serial on the CPU,
-    so the results are the same to the bit.
+    them all at once. The taps add up in the order the plain gradient adds them (RoI
+    by RoI), and both are serial on the CPU, so the results are the same to the bit.
 
     The levels, not their concatenation, are the custom gradient's inputs: the
     concatenation is freed after the forward (inside ``ops.cond``, the mask head's
@@ -372,8 +371,9 @@ def _chunked_weighted_gather(features_list, index, weight, bounds):
                     # scatter_nd zeroes its buffer when it runs. A tf.zeros buffer of
                     # these static sizes is folded by grappler into a graph constant,
                     # held as long as the step's graph: one per copy of this gradient
-                    # (Mask R-CNN's mask-row buckets hold seven; 3.3 GB at batch 8,
-                    # 800 px, where the step then no longer fit 23 GB).
+                    # (Mask R-CNN's step has eight: the box head's, six mask-row
+                    # buckets', the every-row fallback's; 3.5 GB at batch 8, 800 px,
+                    # where the step then no longer fit 23 GB).
                     total = tf.scatter_nd(rows, values,
                                           tf.stack([tf.add_n(sizes), channels]))
                 else:
