@@ -96,10 +96,15 @@ def test_winograd_conv_equals_the_written_out_convolution(shape, filters, tile):
 
 
 @TILES
-def test_winograd_conv_at_width_is_as_accurate_as_the_direct_one(tile):
+def test_winograd_conv_at_width_stays_near_float32_rounding(tile):
     """256 channels in, 819 out (RetinaNet's class logits): the error against float64 stays
-    within a few times the direct convolution's (F(2 x 2, 3 x 3)), within 16 times
-    (F(4 x 4, 3 x 3))."""
+    within a few float32 roundings of the largest output's sum of |terms| (``eps * S``):
+    3 for F(2 x 2, 3 x 3), 32 for F(4 x 4, 3 x 3), whose transforms amplify rounding.
+
+    Measured 0.68 and 11.7 on an AVX2 VM, where the direct convolution's own error is
+    0.29 (oneDNN's AVX2 kernels); an earlier bound of 16 times the direct convolution's
+    error held on AVX-512 VMs and failed there, so the scale is the CPU-independent one.
+    """
     import tensorflow as tf
 
     from kdet.ops.winograd import conv3x3_same, transformed_kernel
@@ -109,10 +114,9 @@ def test_winograd_conv_at_width_is_as_accurate_as_the_direct_one(tile):
     expected = conv3x3_reference(x, kernel)
     got = conv3x3_same(tf.constant(x), transformed_kernel(tf.constant(kernel), tile),
                        tile).numpy()
-    direct = tf.nn.conv2d(x, kernel, 1, "SAME").numpy()
+    rounding = np.finfo(np.float32).eps * conv3x3_reference(np.abs(x), np.abs(kernel)).max()
     winograd_error = np.abs(got - expected).max()
-    direct_error = np.abs(direct - expected).max()
-    assert winograd_error <= {2: 4, 4: 16}[tile] * direct_error, (winograd_error, direct_error)
+    assert winograd_error <= {2: 3, 4: 32}[tile] * rounding, winograd_error / rounding
     assert winograd_error <= RELATIVE_TOLERANCE[tile] * np.abs(expected).max()
 
 
