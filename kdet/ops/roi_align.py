@@ -360,24 +360,25 @@ def _chunked_weighted_gather(features_list, index, weight, bounds):
 
         def gradient(upstream):
             sizes = [tf.reduce_prod(shape[:-1]) for shape in shapes]
-            total = None
-            for start, stop in bounds:
-                with tf.control_dependencies([] if total is None else [total]):
-                    taps = (upstream[:, start:stop, :, :, None, None, :]
-                            * weight[:, start:stop, ..., None])
-                rows = tf.reshape(index[:, start:stop], [-1, 1])
-                values = tf.reshape(taps, [-1, channels])
-                if total is None:
-                    # scatter_nd zeroes its buffer when it runs. A tf.zeros buffer of
-                    # these static sizes is folded by grappler into a graph constant,
-                    # held as long as the step's graph: one per copy of this gradient
-                    # (Mask R-CNN's step has eight: the box head's, six mask-row
-                    # buckets', the every-row fallback's; 3.5 GB at batch 8, 800 px,
-                    # where the step then no longer fit 23 GB).
-                    total = tf.scatter_nd(rows, values,
-                                          tf.stack([tf.add_n(sizes), channels]))
-                else:
-                    total = tf.tensor_scatter_nd_add(total, rows, values)
+
+            def chunk(start, stop):
+                """A chunk's buffer rows and weighted taps, flattened for the scatter."""
+                taps = (upstream[:, start:stop, :, :, None, None, :]
+                        * weight[:, start:stop, ..., None])
+                return (tf.reshape(index[:, start:stop], [-1, 1]),
+                        tf.reshape(taps, [-1, channels]))
+
+            (start, stop), *rest = bounds
+            # scatter_nd zeroes its buffer when it runs. A tf.zeros buffer of these static
+            # sizes is folded by grappler into a graph constant, held as long as the step's
+            # graph: one per copy of this gradient (Mask R-CNN's step has eight: the box
+            # head's, six mask-row buckets', the every-row fallback's; 3.5 GB at batch 8,
+            # 800 px, where the step then no longer fit 23 GB).
+            total = tf.scatter_nd(*chunk(start, stop), tf.stack([tf.add_n(sizes), channels]))
+            for start, stop in rest:
+                with tf.control_dependencies([total]):
+                    rows, values = chunk(start, stop)
+                total = tf.tensor_scatter_nd_add(total, rows, values)
             parts = tf.split(total, sizes) if len(levels) > 1 else [total]
             return [tf.reshape(part, shape) for part, shape in zip(parts, shapes)]
 
