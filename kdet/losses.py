@@ -99,6 +99,96 @@ def sigmoid_focal_loss(labels, logits, alpha=0.25, gamma=2.0, label_smoothing=0.
     return loss
 
 
+def focal_loss_per_image(labels, logits, alpha=0.25, gamma=2.0, label_smoothing=0.0):
+    """Per image ``[B]``: :func:`sigmoid_focal_loss` summed over the classes and the anchors
+    not ignored, from dense labels ``[B, A]`` (class ``>= 0`` foreground, ``-1``
+    background, ``-2`` ignored; a class ``>= C`` has no positive column, as in
+    :func:`dense_class_targets`) and logits ``[B, A, C]``. Equal to
+    ``sum(sigmoid_focal_loss(onehot, logits) * weights)`` over the last two axes.
+
+    On TensorFlow without label smoothing it is one custom gradient: every other column
+    is scored as a negative, ``s(x)**gamma softplus(x)`` (``s`` the sigmoid), the matched
+    column of each foreground anchor as a positive on ``[B, A]``, and the gradient is the
+    closed form ``s**gamma (gamma (1 - s) softplus(x) + s)``. That is ~20 of TensorFlow's
+    elementwise kernels over ``[B, A, C]`` for the composite's ~45: 16 against 44 ms for
+    EfficientDet-Lite0's 19,206 anchors x 90 classes (1 thread), a tenth of its training
+    step at batch 1. Elsewhere (JAX: XLA fuses the composite) it is the composite.
+
+        >>> import numpy as np
+        >>> logits = np.zeros((1, 3, 2), "float32")
+        >>> per_image = focal_loss_per_image(np.array([[1, -1, -2]]), logits, 0.25, 2.0)
+        >>> # each column: weight x (1/2)**2 x log 2; one positive (0.25), three negatives (0.75)
+        >>> round(float(per_image[0] / (0.25 * np.log(2))), 4)
+        2.5
+    """
+    logits = _float(logits)
+    labels = ops.cast(labels, "int32")
+    if keras.backend.backend() == "tensorflow" and not label_smoothing:
+        return _focal_loss_per_image_tf(labels, logits, float(alpha), float(gamma))
+    onehot, weights = dense_class_targets(labels, logits.shape[-1])
+    elementwise = sigmoid_focal_loss(onehot, logits, alpha, gamma, label_smoothing)
+    return ops.sum(elementwise * weights[..., None], axis=(1, 2))
+
+
+def _negative_focal_terms(x, gamma):
+    """``(s, softplus, s**gamma or None)`` of ``x``: a negative's focal loss is
+    ``s**gamma softplus`` (``1 - p_t = s``, ``BCE = softplus``), up to alpha."""
+    import tensorflow as tf
+
+    s = tf.sigmoid(x)
+    softplus = tf.nn.relu(x) + tf.math.log1p(tf.exp(-tf.abs(x)))  # finite for any x
+    return s, softplus, _power(s, gamma)
+
+
+def _negative_focal(terms):
+    _, softplus, modulating = terms
+    return softplus if modulating is None else modulating * softplus
+
+
+def _negative_focal_slope(terms, gamma):
+    """``d/dx s**gamma softplus(x) = s**gamma (gamma (1 - s) softplus + s)``, as
+    ``ds/dx = s (1 - s)`` and ``d softplus/dx = s``."""
+    s, softplus, modulating = terms
+    slope = gamma * (1.0 - s) * softplus + s if gamma else s
+    return slope if modulating is None else modulating * slope
+
+
+def _focal_loss_per_image_tf(labels, logits, alpha, gamma):
+    import tensorflow as tf
+
+    num_classes = logits.shape[-1]
+    # as dense_class_targets: a class >= C is foreground without a positive column
+    positive = (labels >= 0) & (labels < num_classes)
+    column = tf.where(positive, labels, 0)[..., None]  # [B, A, 1]
+    at_positive = tf.equal(tf.range(num_classes), tf.where(positive, labels, -1)[..., None])
+    weights = tf.cast(labels != -2, "float32")
+    negative_weight, positive_weight = (1.0 - alpha, alpha) if alpha >= 0 else (1.0, 1.0)
+
+    @tf.custom_gradient
+    def per_image(x):
+        # the positive column is left out of the negatives' sum and scored on [B, A]:
+        # subtracting its negative term back would cancel (a confident right positive's
+        # negative term is ~x, its loss ~0)
+        everywhere = _negative_focal_terms(x, gamma)
+        negatives = tf.reduce_sum(tf.where(at_positive, 0.0, _negative_focal(everywhere)), -1)
+        as_positive = _negative_focal_terms(-tf.gather(x, column, batch_dims=2)[..., 0], gamma)
+        positives = tf.where(positive, _negative_focal(as_positive), 0.0)
+        value = tf.reduce_sum(weights * (negative_weight * negatives
+                                         + positive_weight * positives), -1)
+
+        def gradient(upstream):  # [B]
+            anchor_weight = upstream[:, None] * weights  # [B, A]
+            d_negative = (negative_weight * anchor_weight)[..., None] * _negative_focal_slope(
+                everywhere, gamma)
+            d_positive = -positive_weight * anchor_weight * _negative_focal_slope(
+                as_positive, gamma)
+            return tf.where(at_positive, d_positive[..., None], d_negative)
+
+        return value, gradient
+
+    return per_image(logits)
+
+
 def dense_class_targets(labels, num_classes):
     """One-hot targets and weights from dense class labels (class / -1 bg / -2 ignore).
 

@@ -101,6 +101,73 @@ def test_ignored_entries_contribute_nothing(rng):
     assert np.isfinite(value) and value > 0
 
 
+def _value_and_gradient(fn, x, upstream):
+    """``fn(x)`` and the gradient of ``sum(upstream * fn(x))`` on the active backend."""
+    if backend() == "jax":
+        import jax
+        return np_(fn(x)), np_(jax.grad(lambda v: keras.ops.sum(upstream * fn(v)))(x))
+    import tensorflow as tf
+    variable = tf.Variable(x)
+    with tf.GradientTape() as tape:
+        value = fn(variable)
+        total = tf.reduce_sum(upstream * value)
+    return np_(value), np_(tape.gradient(total, variable))
+
+
+@pytest.mark.skipif(not HAVE_TORCHVISION, reason="torchvision not installed")
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (0.25, 1.5), (-1.0, 0.0), (0.5, 3.0),
+                                         (0.25, 1.0)])
+def test_focal_loss_per_image_matches_torchvision_value_and_gradient(rng, alpha, gamma):
+    """The detectors' classification loss (TensorFlow: one closed-form custom gradient;
+    JAX: the composite) against torchvision's ``sigmoid_focal_loss`` in float64 and torch's
+    autograd, on awkward logits: saturated (+-60, +-100) on the matched class and off it,
+    exact zeros, ties; labels with foreground, background, ignored, a class past the last
+    column (foreground without a positive column, as ``dense_class_targets``), an image
+    with no foreground and one all ignored."""
+    import torch
+    from torchvision.ops import sigmoid_focal_loss
+
+    classes = 5
+    x = rng.normal(-2, 4, (4, 40, classes)).astype("float32")
+    labels = rng.choice([-2, -1, -1, -1, 0, 1, 2, 3, 4], (4, 40)).astype("int32")
+    labels[0, :6] = [0, 1, 2, 3, 7, -1]
+    x[0, 0, 0], x[0, 0, 1] = 100.0, -100.0   # matched column confident and right; other wrong
+    x[0, 1, 1], x[0, 1, 0] = -60.0, 60.0     # matched column confidently wrong
+    x[0, 2] = 0.0
+    x[0, 3] = 1.25                            # ties across the row
+    labels[1] = -1                            # no foreground
+    labels[2] = -2                            # everything ignored
+    upstream = rng.uniform(0.5, 2.0, (4,)).astype("float32")
+
+    value, grad = _value_and_gradient(
+        lambda v: L.focal_loss_per_image(labels, v, alpha, gamma), x, upstream)
+
+    onehot = np.zeros((4, 40, classes))
+    fg = (labels >= 0) & (labels < classes)
+    onehot[fg, labels[fg]] = 1.0
+    weights = torch.from_numpy((labels != -2).astype("float64"))[..., None]
+    reference = torch.from_numpy(x.astype("float64")).requires_grad_()
+    per_image = (sigmoid_focal_loss(reference, torch.from_numpy(onehot), alpha, gamma,
+                                    reduction="none") * weights).sum((1, 2))
+    (per_image * torch.from_numpy(upstream.astype("float64"))).sum().backward()
+    np.testing.assert_allclose(value, per_image.detach().numpy(), rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(grad, reference.grad.numpy(), rtol=1e-5, atol=1e-7)
+    assert value[2] == 0 and (grad[2] == 0).all() and (grad[labels == -2] == 0).all()
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_focal_loss_per_image_is_the_summed_elementwise_loss(rng, smoothing):
+    """Label smoothing (effdet's) takes the composite on every backend: equal to the
+    weighted sum of :func:`sigmoid_focal_loss`, as is the unsmoothed route."""
+    x = rng.normal(0, 3, (2, 30, 4)).astype("float32")
+    labels = rng.integers(-2, 4, (2, 30)).astype("int32")
+    onehot, weights = L.dense_class_targets(labels, 4)
+    expected = np_(keras.ops.sum(L.sigmoid_focal_loss(onehot, x, 0.25, 1.5, smoothing)
+                                 * weights[..., None], axis=(1, 2)))
+    np.testing.assert_allclose(np_(L.focal_loss_per_image(labels, x, 0.25, 1.5, smoothing)),
+                               expected, rtol=1e-5)
+
+
 # ----------------------------------------------------------- softmax CE
 @pytest.mark.parametrize("background_index", [0, -1])
 def test_softmax_ce_with_background(rng, background_index):

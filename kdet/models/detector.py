@@ -261,13 +261,11 @@ class DenseDetector(DetectorMixin, keras.Model):
         cls_targets = targets["labels"]
         box_targets, matched_boxes = targets["box_targets"], targets["matched_boxes"]
         foreground = cls_targets >= 0
-        considered = cls_targets != -2  # -2: between thresholds, ignored
         fg = ops.cast(foreground, "float32")
         num_fg = ops.sum(fg, axis=1)  # [B]
 
-        onehot = ops.one_hot(ops.maximum(cls_targets, 0), self.num_classes) * fg[..., None]
-        cls_elem = losses.sigmoid_focal_loss(onehot, cls_logits, **self.classification_loss)
-        cls_per_image = ops.sum(cls_elem * ops.cast(considered, "float32")[..., None], axis=(1, 2))
+        cls_per_image = losses.focal_loss_per_image(cls_targets, cls_logits,
+                                                    **self.classification_loss)
 
         box_per_image = self._box_loss_per_image(box_deltas, box_targets, matched_boxes, anchors, fg)
 
