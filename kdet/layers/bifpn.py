@@ -85,8 +85,11 @@ class WeightedFusion(keras.layers.Layer):
             raise ValueError(f"WeightedFusion: built for {self.num_inputs} inputs, "
                              f"got {len(inputs)}")
         mode = FUSIONS[self.mode]
-        if mode == "sum":
-            return ops.sum(ops.stack(inputs, axis=-1), axis=-1)
+        if mode == "sum":  # adds, not a stack and a reduction: half the memory traffic
+            out = inputs[0]
+            for x in inputs[1:]:
+                out = out + x
+            return out
         if mode == "fast":
             weights = ops.relu(self.edge_weights)
             weights = weights / (ops.sum(weights) + self.epsilon)
