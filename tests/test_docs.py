@@ -416,7 +416,8 @@ def test_modules_import_no_cycles():
 TENSORFLOW_PACKAGES = ("kdet.data", "kdet.export", "kdet.workflow", "kdet.training")
 TENSORFLOW_MODULES = ("kdet.converters.automl", "kdet.ops.nms", "kdet.ops.roi_align",
                       "kdet.layers.normalization", "kdet.layers.depthwise", "kdet.tf_startup",
-                      "kdet.distribute", "kdet.ops.winograd", "kdet.layers.conv")
+                      "kdet.distribute", "kdet.ops.winograd", "kdet.layers.conv",
+                      "kdet.losses")
 JAX_MODULES = ("kdet.ops.nms",)
 
 

@@ -74,7 +74,12 @@ def _pycocotools_stats(gt_path, det_path):
 
 def test_quickstart_fast_runs_end_to_end(tmp_path):
     """``python examples/quickstart.py --fast`` from another folder: trains, prints COCO AP,
-    draws, exports a .tflite (TF backend) and finds it agrees with the Keras model."""
+    draws, exports a .tflite and finds it agrees with the Keras model."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the README's quickstart runs on TensorFlow, the default backend. On JAX "
+                    "XLA's CPU depthwise convolutions make its 10 Lite0 steps take ~10 min "
+                    "(628 s: 123 s compiling, ~40 s a step); JAX's fit on kdet's tf.data "
+                    "pipelines is run by tests/test_training.py")
     out = _run_example("quickstart.py", "--fast", "--out", "qs", cwd=tmp_path)
     ap = re.search(r"COCO box AP on 16 held-out images: AP ([\d.]+)  AP50 ([\d.]+)", out)
     assert ap, out
@@ -91,11 +96,8 @@ def test_quickstart_fast_runs_end_to_end(tmp_path):
         im["id"] for im in json.loads((tmp_path / "qs" / "val_ground_truth.json").read_text())[
             "images"]}
     assert (tmp_path / "qs" / "predictions.png").stat().st_size > 10_000
-    if keras.backend.backend() == "tensorflow":
-        assert (tmp_path / "qs" / "shapes_lite0.tflite").stat().st_size > 1_000_000
-        assert "100% found" in out and "-> they agree" in out, out
-    else:
-        assert "LiteRT export skipped" in out
+    assert (tmp_path / "qs" / "shapes_lite0.tflite").stat().st_size > 1_000_000
+    assert "100% found" in out and "-> they agree" in out, out
 
 
 @pytest.mark.slow
