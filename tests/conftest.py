@@ -61,6 +61,15 @@ def backend():
     return keras.backend.backend()
 
 
+def once_on_tensorflow(what):
+    """Skip under any backend but TensorFlow a test whose result does not depend on the
+    backend (``what`` says why): CI runs the suite on both, and the JAX copy would only
+    repeat it, at XLA's compile cost."""
+    return pytest.mark.skipif(
+        os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow",
+        reason=f"backend-independent ({what}): runs once, under TensorFlow")
+
+
 @pytest.fixture(params=["native", "numpy"])
 def evaluator_path(request, monkeypatch):
     """Runs a COCO evaluator test on the C kernels (kdet/metrics/_cocoeval.c) and on the

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import HAVE_TORCHVISION
+from conftest import HAVE_TORCHVISION, once_on_tensorflow
 
 try:
     import timm  # after torch (conftest), before keras
@@ -192,6 +192,7 @@ def _nhwc(t):
 
 # --- ResNet -----------------------------------------------------------------
 
+@once_on_tensorflow("the variables' shapes")
 def test_resnet_param_counts():
     assert _count(resnet50) == TORCHVISION_RESNET[50] == 23_508_032
     assert _count(ResNet, 18) == TORCHVISION_RESNET[18]
@@ -345,11 +346,13 @@ def _slow(*values):
 # Each new architecture costs ~1 s of builds on TF but tens of seconds on JAX
 # (one XLA compile per new weight shape for the random initialisers), so the
 # default run builds B0 / Lite0 only.
+@once_on_tensorflow("the variables' shapes")
 @pytest.mark.parametrize("variant", [0] + _slow(1, 2, 3, 4, 5, 6, 7))
 def test_efficientnet_param_counts(variant):
     assert _count(EfficientNet, f"b{variant}") == TIMM_EFFICIENTNET[variant]
 
 
+@once_on_tensorflow("the variables' shapes")
 @pytest.mark.parametrize("variant", [0] + _slow(1, 2, 3, 4))
 def test_efficientnet_lite_param_counts(variant):
     assert _count(EfficientNetLite, variant) == TIMM_LITE[variant]

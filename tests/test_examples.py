@@ -11,6 +11,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from conftest import once_on_tensorflow
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
@@ -30,6 +31,7 @@ def test_blocks_example_builds_a_trainable_detector():
     assert tuple(out["boxes"].shape) == (2, 50, 4)
 
 
+@once_on_tensorflow("Keras' registry of kdet's classes")
 def test_kdet_load_model_in_a_fresh_process(tmp_path):
     """A .keras file loads with kdet.load_model without importing kdet.models first."""
     import subprocess

@@ -8,7 +8,7 @@ training loss terms must agree.
 import numpy as np
 import pytest
 
-from conftest import HAVE_TORCHVISION, backend
+from conftest import HAVE_TORCHVISION, backend, once_on_tensorflow
 
 import keras
 from keras import ops
@@ -155,6 +155,7 @@ def check_training_losses(tv, model, size, with_masks):
 
 
 # ------------------------------------------------------------------ param counts
+@once_on_tensorflow("the variables' shapes")
 def test_param_counts_match_torchvision():
     # kdet counts foreground classes: torchvision's num_classes=91 is kdet's 90.
     model = kdet.models.FasterRCNN(num_classes=90, image_size=128)
@@ -163,6 +164,7 @@ def test_param_counts_match_torchvision():
     assert count_params(frozen) == 41_755_286
 
 
+@once_on_tensorflow("the variables' shapes")
 @needs_torchvision
 def test_param_count_equals_torchvision_build():
     import torchvision

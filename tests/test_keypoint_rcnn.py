@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import HAVE_TORCHVISION, backend  # noqa: E402
+from conftest import HAVE_TORCHVISION, backend, once_on_tensorflow  # noqa: E402
 from test_faster_rcnn import (_fit_data, _np, check_detections, detections,  # noqa: E402
                               run_torch_eval, slow_on_jax, small_model, synthetic_targets,
                               torch_images, torch_pair, torch_targets)
@@ -35,6 +35,7 @@ SLOTS = 8
 
 
 # ------------------------------------------------------------------ param counts
+@once_on_tensorflow("the variables' shapes")
 def test_param_counts_match_torchvision():
     # torchvision's num_classes=2 (background + person) is kdet's 1.
     model = kdet.models.KeypointRCNN(num_classes=1, num_keypoints=17, image_size=128)
@@ -43,6 +44,7 @@ def test_param_counts_match_torchvision():
     assert count_params(frozen) == 59_137_258
 
 
+@once_on_tensorflow("the variables' shapes")
 @needs_torchvision
 def test_param_count_equals_torchvision_build():
     import torchvision

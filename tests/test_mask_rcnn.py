@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import HAVE_TORCHVISION  # noqa: E402
+from conftest import HAVE_TORCHVISION, once_on_tensorflow  # noqa: E402
 from test_faster_rcnn import (_fit_data, _np, check_detections, check_training_losses,  # noqa: E402
                               detections, run_torch_eval, slow_on_jax, small_model, torch_pair)
 
@@ -26,6 +26,7 @@ from kdet.utils import count_params  # noqa: E402
 needs_torchvision = pytest.mark.skipif(not HAVE_TORCHVISION, reason="torchvision not installed")
 
 
+@once_on_tensorflow("the variables' shapes")
 def test_param_counts_match_torchvision():
     model = kdet.models.MaskRCNN(num_classes=90, image_size=128)  # torchvision's 91
     assert count_params(model) == 44_454_513

@@ -11,6 +11,7 @@ import pytest
 
 pytest.importorskip("pycocotools", reason="pycocotools is the reference")
 
+from conftest import once_on_tensorflow  # noqa: E402
 from strict_references import references_required  # noqa: E402
 from test_metrics_coco import (  # noqa: E402
     assert_same_as_reference, keypoint_detections, keypoint_ground_truth, reference_eval,
@@ -353,6 +354,7 @@ def test_coco128_polygons_rasterised_in_c_equal_pycocotools(shared_data):
     assert native.encode_rles(rles) == [e["counts"].decode() for e in expected]
 
 
+@once_on_tensorflow("NumPy and C evaluators")
 def test_eval_speed_runs_every_kdet_input_against_pycocotools(capsys):
     """benchmarks/eval_speed.py on a small synthetic set: kdet from dicts and from
     columns (kdet-arrays) and the numpy fallback, every iou type, stats asserted equal to

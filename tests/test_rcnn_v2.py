@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import HAVE_TORCHVISION, backend  # noqa: E402
+from conftest import HAVE_TORCHVISION, backend, once_on_tensorflow  # noqa: E402
 from test_faster_rcnn import (BIG, MEAN, STD, TRAIN_TOP_N, _fit_data, _np,  # noqa: E402
                               check_detections, check_training_losses, detections,
                               run_torch_eval, slow_on_jax, small_model, synthetic_targets,
@@ -69,6 +69,7 @@ def torch_params(model):
 
 
 # ------------------------------------------------------------------ param counts
+@once_on_tensorflow("the variables' shapes")
 def test_param_counts_match_torchvision_numbers():
     faster = kdet.models.FasterRCNN(num_classes=90, version=2, image_size=128)
     assert count_params(faster) == FASTER_V2
@@ -80,6 +81,7 @@ def test_param_counts_match_torchvision_numbers():
     assert count_params(frozen) == FASTER_V2_FROZEN
 
 
+@once_on_tensorflow("the variables' shapes")
 @needs_torchvision
 @pytest.mark.parametrize("with_masks", [False, True])
 def test_param_counts_equal_torchvision_builds(with_masks):
