@@ -205,6 +205,7 @@ def test_resnet101_and_152_param_counts():
     assert count_params(ResNet(34)) == TORCHVISION_RESNET[34]
 
 
+@once_on_tensorflow("the variables' shapes")
 @needs_torchvision
 def test_resnet_param_counts_match_torchvision():
     import torchvision
@@ -358,6 +359,7 @@ def test_efficientnet_lite_param_counts(variant):
     assert _count(EfficientNetLite, variant) == TIMM_LITE[variant]
 
 
+@once_on_tensorflow("the variables' shapes")
 @needs_timm
 @pytest.mark.parametrize("name,builder,variant", [("tf_efficientnet_b0", EfficientNet, "b0"),
                                                   ("tf_efficientnet_lite0", EfficientNetLite, 0)])
@@ -447,6 +449,7 @@ def test_keras_file_round_trip(builder, tmp_path, rng):
         np.testing.assert_allclose(_np(got[key]), _np(expected[key]), atol=1e-5)
 
 
+@once_on_tensorflow("the layers' classes")
 @pytest.mark.parametrize("builder", [
     lambda: EfficientNet("b0", input_shape=(64, 64, 3)),
     lambda: EfficientNetLite(0, input_shape=(64, 64, 3)),
