@@ -66,7 +66,7 @@ def test_build_torchvision_and_strict_conversion_of_coco_layout():
     assert architecture_of(model) == "keypointrcnn_resnet50_fpn"
     assert count_params(model) == 59_137_258  # frozen BN, as the pretrained builder
     tv = torchvision.models.detection.keypointrcnn_resnet50_fpn(weights=None,
-                                                               weights_backbone=None)
+                                                                weights_backbone=None)
     state = {k: v.numpy() for k, v in tv.state_dict().items()}
     convert_torchvision(state, model, strict=True)  # every entry used, every weight set
     head = model.get_layer("roi_heads").keypoint_head

@@ -232,6 +232,7 @@ def test_huber(rng):
 
 def _giou_np(a, b):
     a, b = a.astype(np.float64), b.astype(np.float64)
+
     def area(x):
         return np.clip(x[..., 2] - x[..., 0], 0, None) * np.clip(x[..., 3] - x[..., 1], 0, None)
 

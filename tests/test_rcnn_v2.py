@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import HAVE_TORCHVISION, backend, once_on_tensorflow  # noqa: E402
+from conftest import HAVE_TORCHVISION, once_on_tensorflow  # noqa: E402
 from test_faster_rcnn import (BIG, MEAN, STD, TRAIN_TOP_N, _fit_data, _np,  # noqa: E402
                               check_detections, check_training_losses, detections,
                               run_torch_eval, slow_on_jax, small_model, synthetic_targets,

@@ -267,7 +267,8 @@ class DenseDetector(DetectorMixin, keras.Model):
         cls_per_image = losses.focal_loss_per_image(cls_targets, cls_logits,
                                                     **self.classification_loss)
 
-        box_per_image = self._box_loss_per_image(box_deltas, box_targets, matched_boxes, anchors, fg)
+        box_per_image = self._box_loss_per_image(box_deltas, box_targets, matched_boxes,
+                                                 anchors, fg)
 
         # torchvision RetinaNet: per image by its positives; automl/effdet: one normaliser,
         # sum(positives) + 1. Both count over the global batch under tf.distribute.
@@ -291,10 +292,12 @@ class DenseDetector(DetectorMixin, keras.Model):
         if kind == "l1":
             elem = ops.abs(box_deltas - box_targets)
         elif kind == "smooth_l1":
-            elem = losses.smooth_l1_loss(box_deltas, box_targets, beta=self.box_loss.get("beta", 1.0 / 9))
+            elem = losses.smooth_l1_loss(box_deltas, box_targets,
+                                         beta=self.box_loss.get("beta", 1.0 / 9))
         elif kind == "huber":
             # automl divides the box loss by 4 * normaliser (mean over coordinates).
-            elem = losses.huber_loss(box_deltas, box_targets, delta=self.box_loss.get("delta", 0.1)) / 4.0
+            elem = losses.huber_loss(box_deltas, box_targets,
+                                     delta=self.box_loss.get("delta", 0.1)) / 4.0
         else:
             raise ValueError(f"unknown box loss {kind!r}")
         return ops.sum(elem * fg[..., None], axis=(1, 2))
