@@ -225,16 +225,21 @@ def _gt_valid(gt_labels):
 
 
 def gather_rows(values, indices):
-    """``values [B, M, ...]`` gathered along M by ``indices [B, N]`` -> ``[B, N, ...]``."""
+    """``values [B, M, ...]`` gathered along M by ``indices [B, N]`` -> ``[B, N, ...]``
+    (indices in ``[-M, M)``; negative ones count from the end, as ``take_along_axis``).
+
+    One row gather of the flattened batch: Keras' ``take_along_axis`` along axis 1
+    transposes all of ``values`` on TensorFlow and gathers element by element (5.7 of
+    EfficientDet-Lite0's 21 ms of decoding at batch 1, its [1, 19206, 90] scores).
+    """
     extra = tuple(values.shape[2:])
-    idx = indices
-    for _ in extra:
-        idx = ops.expand_dims(idx, -1)
-    if extra:
-        # ops.shape, not .shape: the batch dimension is None when Keras traces
-        # evaluate / a smaller last batch with a dynamic batch size.
-        idx = ops.broadcast_to(idx, tuple(ops.shape(indices)) + extra)
-    return ops.take_along_axis(values, idx, axis=1)
+    # ops.shape, not .shape: the batch dimension (and, in a retraced predict, M) is None
+    # when Keras traces evaluate / a smaller last batch with a dynamic batch size.
+    shape = ops.shape(values)
+    indices = ops.cast(indices, "int32")
+    indices = ops.where(indices < 0, indices + shape[1], indices)
+    offsets = ops.arange(shape[0], dtype="int32") * shape[1]
+    return ops.take(ops.reshape(values, (-1,) + extra), indices + offsets[:, None], axis=0)
 
 
 def _check_gt(gt_boxes, gt_labels, where):
