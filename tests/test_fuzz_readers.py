@@ -26,12 +26,11 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from PIL import Image
 
+from conftest import once_on_tensorflow
 from kdet.data import COCODataset, VOCDataset, YOLODataset
 from kdet.metrics.coco import COCOEvaluator
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow",
-    reason="backend-independent (NumPy/PIL/pycocotools): runs once, under TensorFlow")
+pytestmark = once_on_tensorflow("NumPy/PIL/pycocotools")
 
 # Fixed examples in CI (derandomize); KDET_FUZZ_EXAMPLES=5000 runs a longer, random search.
 _DEEP = os.environ.get("KDET_FUZZ_EXAMPLES")
@@ -127,6 +126,8 @@ COCO_FILE_SIZES = {"a.jpg": (48, 64), "b.png": (30, 40)}
 
 def _coco_sizes(r):  # by file: a corrupted id may move a file to another id
     return COCO_FILE_SIZES[os.path.basename(r["file_name"])]
+
+
 COCO_BASE = {
     "images": [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48},
                {"id": 2, "file_name": "b.png", "width": 40, "height": 30}],
