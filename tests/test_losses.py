@@ -320,19 +320,11 @@ def test_mask_bce_loss_gradient_with_batch_dimension(rng, data_format):
     expected.backward()
     expected_grad = reference.grad.numpy()
 
-    def loss(x):
-        return L.mask_bce_loss(x, labels, targets, valid, data_format=data_format)
-    if backend() == "jax":
-        import jax
-        value, grad = loss(given), jax.grad(loss)(given)
-    else:
-        import tensorflow as tf
-        variable = tf.Variable(given)
-        with tf.GradientTape() as tape:
-            value = loss(variable)
-        grad = tape.gradient(value, variable)
-    grad = np_(grad) if data_format == "channels_first" else np_(grad).transpose(0, 1, 4, 2, 3)
-    np.testing.assert_allclose(np_(value), expected.item(), rtol=1e-5)
+    value, grad = _value_and_gradient(
+        lambda x: L.mask_bce_loss(x, labels, targets, valid, data_format=data_format), given,
+        1.0)
+    grad = grad if data_format == "channels_first" else grad.transpose(0, 1, 4, 2, 3)
+    np.testing.assert_allclose(value, expected.item(), rtol=1e-5)
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-9)
     own = valid[..., None] & (labels[..., None] == np.arange(classes))  # [B, R, C]
     assert (grad[~own] == 0).all() and (np.abs(grad[own]).sum(axis=(-2, -1)) > 0).all()
