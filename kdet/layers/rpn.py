@@ -29,6 +29,7 @@ from keras import ops
 from kdet.anchors import AnchorGenerator
 from kdet.boxes import BoxCoder, clip_boxes
 from kdet.layers.conv import Conv2D
+from kdet.matching import gather_rows
 from kdet.ops.nms import batched_nms
 
 
@@ -208,8 +209,7 @@ class ProposalGenerator(keras.layers.Layer):
         for level, (count, k) in enumerate(zip(self.level_counts, per_level)):
             level_logits = objectness[:, start:start + count]
             top_logits, index = ops.top_k(level_logits, k)
-            level_deltas = ops.take_along_axis(box_deltas[:, start:start + count],
-                                               index[..., None], axis=1)
+            level_deltas = gather_rows(box_deltas, index + start)
             level_anchors = ops.take(anchors[start:start + count], index, axis=0)
             logits.append(top_logits)
             boxes.append(self.box_coder.decode(level_deltas, level_anchors))
