@@ -28,7 +28,7 @@ if HAVE_TORCHVISION:
 import keras  # noqa: E402  (after torch, see conftest)
 from keras import ops  # noqa: E402
 
-from kdet.layers import (BiFPN, ConvNormAct, EfficientDetHead, FPN,  # noqa: E402
+from kdet.layers import (Activation, BiFPN, ConvNormAct, EfficientDetHead, FPN,  # noqa: E402
                          FrozenBatchNormalization, ImageNormalization, ResampleFeature,
                          RetinaNetHead, SeparableConvNormAct, WeightedFusion)
 from kdet.layers.bifpn import bifpn_nodes  # noqa: E402
@@ -724,6 +724,7 @@ def _image(batch=2):
 
 
 CASES = {
+    "activation": (lambda: Activation("swish"), _image),
     "frozen_bn": (lambda: FrozenBatchNormalization(), _image),
     "image_norm": (lambda: ImageNormalization.for_mode("lite"), _image),
     "conv_norm_act": (lambda: ConvNormAct(8, 3, strides=2, padding="torch", norm="group",

@@ -31,6 +31,7 @@ import keras
 
 from kdet.backbones._common import (check_return_levels, conv_initializer, feature_model,
                                     load_torch_state_dict, load_weights_file)
+from kdet.layers.activation import Activation  # noqa: F401 (registers kdet>Activation)
 from kdet.layers.depthwise import DepthwiseConv2D
 from kdet.layers.normalization import BatchNormalization
 
@@ -115,10 +116,12 @@ def EfficientNet(variant="b0", input_shape=(None, None, 3), weights=None,
     # (the initialisation is random either way), with kdet's batch norm in place of
     # Keras' (the same variables; the references' unbiased moving variance, TF's fused
     # kernel in training, the EMA of the statistics: kdet.layers.BatchNormalization) and
-    # kdet's depthwise convolution (the same variables; a fast kernel gradient on TF).
+    # kdet's depthwise convolution (the same variables; a fast kernel gradient on TF) and
+    # kdet's activation layer (the same swish; one compiled kernel each way in TF's CPU
+    # training, kdet.layers.activation).
     config = model.get_config()
     for layer in config["layers"]:
-        if layer["class_name"] in ("BatchNormalization", "DepthwiseConv2D"):
+        if layer["class_name"] in ("BatchNormalization", "DepthwiseConv2D", "Activation"):
             layer.update(module=None, registered_name=f"kdet>{layer['class_name']}")
     model = keras.Model.from_config(config)
     return load_weights_file(model, weights, "EfficientNet")

@@ -12,6 +12,7 @@ first cell; nearest upsample; max-pool down), fuses them with
 import keras
 from keras import ops
 
+from kdet.layers.activation import activation_function
 from kdet.layers.conv_norm_act import ACTIVATIONS, ConvNormAct, SeparableConvNormAct
 from kdet.layers.fpn import resize_nearest
 
@@ -231,7 +232,7 @@ class BiFPNNode(keras.layers.Layer):
                             dtype=self.dtype_policy, name=f"resample_{i}")
             for i in range(self.num_inputs)]
         self.combine = WeightedFusion(fusion, dtype=self.dtype_policy, name="combine")
-        self._activation_fn = keras.activations.get(ACTIVATIONS[activation])
+        self._activation_fn = activation_function(ACTIVATIONS[activation])
         conv_cls = SeparableConvNormAct if self.separable else ConvNormAct
         self.conv = conv_cls(num_channels, 3, padding="same", norm="batch", activation=None,
                              use_bias=redundant_bias, bn_epsilon=bn_epsilon,
@@ -250,7 +251,7 @@ class BiFPNNode(keras.layers.Layer):
     def call(self, inputs, target, training=None):
         nodes = [resample(x, target=target, training=training)
                  for resample, x in zip(self.resample, inputs)]
-        x = self._activation_fn(self.combine(nodes))
+        x = self._activation_fn(self.combine(nodes), training=training)
         return self.conv(x, training=training)
 
     def compute_output_shape(self, inputs_shape, target_shape):

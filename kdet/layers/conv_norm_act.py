@@ -8,6 +8,7 @@ either framework map onto them one to one.
 """
 import keras
 
+from kdet.layers.activation import activation_function
 from kdet.layers.conv import Conv2D
 from kdet.layers.normalization import BatchNormalization, FrozenBatchNormalization
 
@@ -81,8 +82,7 @@ class _ConvNormActBase(keras.layers.Layer):
         self.bn_epsilon = float(bn_epsilon)
         self.bn_momentum = float(bn_momentum)
         self.group_epsilon = float(group_epsilon)
-        act = ACTIVATIONS[activation]
-        self._activation_fn = None if act is None else keras.activations.get(act)
+        self._activation_fn = activation_function(ACTIVATIONS[activation])
 
     def _make_norm_layer(self):
         # Created after the convs so the weights list reads conv, then norm.
@@ -113,7 +113,7 @@ class _ConvNormActBase(keras.layers.Layer):
             else:
                 x = self.norm_layer(x)
         if self._activation_fn is not None:
-            x = self._activation_fn(x)
+            x = self._activation_fn(x, training=training)
         return x
 
     def compute_output_shape(self, input_shape):

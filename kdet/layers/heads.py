@@ -13,6 +13,7 @@ import math
 import keras
 from keras import ops
 
+from kdet.layers.activation import activation_function
 from kdet.layers.conv_norm_act import ACTIVATIONS, ConvNormAct, SeparableConvNormAct
 from kdet.layers.normalization import BatchNormalization
 
@@ -96,7 +97,7 @@ class EfficientDetHead(keras.layers.Layer):
         self.redundant_bias = bool(redundant_bias)
         self.bn_epsilon = float(bn_epsilon)
         self.bn_momentum = float(bn_momentum)
-        self._activation_fn = keras.activations.get(ACTIVATIONS[activation])
+        self._activation_fn = activation_function(ACTIVATIONS[activation])
         self.bias_initializer = keras.initializers.Constant(
             0.0 if self.prior_probability is None else prior_bias(self.prior_probability))
         self.conv_rep = []
@@ -146,7 +147,7 @@ class EfficientDetHead(keras.layers.Layer):
         outputs = []
         for level, x in enumerate(features):
             for conv, bns in zip(self.conv_rep, self.bn_rep):
-                x = self._activation_fn(bns[level](conv(x), training=training))
+                x = self._activation_fn(bns[level](conv(x), training=training), training=training)
             outputs.append(_flatten_level(self.predict(x), self.num_outputs_per_anchor))
         return ops.concatenate(outputs, axis=1)
 
