@@ -3,8 +3,8 @@
 TensorFlow's ``silu`` is two kernels forward (``Sigmoid``, ``Mul``) and, as its
 gradient recomputes the sigmoid, six backward: each a pass over the activations.
 EfficientDet D0-D7's backbone, BiFPN and heads apply it to every batch-normed map,
-and on a 1-thread CPU those passes were ~16 % of a D0 training step at 512 px
-(``benchmarks/RESULTS.md``, session 20). Where :func:`silu` takes its route, the
+and on a 1-thread CPU those passes were 14-18 % of a D0 training step's op time at 512 px
+(``benchmarks/RESULTS.md``, sessions 19-20). Where :func:`silu` takes its route, the
 forward and the gradient are each one XLA-compiled kernel (the gradient recomputes
 the sigmoid inside it). Forward + backward, 1 thread, milliseconds (``tf.nn.silu`` /
 this route): ``[1, 256, 256, 32]`` 6.0 / 2.0, ``[1, 128, 128, 96]`` 4.4 / 1.9,
