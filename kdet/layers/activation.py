@@ -17,6 +17,9 @@ for float32 maps of :data:`MIN_VALUES` values or more with static sizes; inferen
 the exports, JAX and XLA-compiled training keep Keras' ``silu`` (in an XLA program the
 compiler fuses it anyway).
 """
+import functools
+import math
+
 import keras
 
 from kdet.layers.conv import _outside_xla
@@ -25,8 +28,6 @@ from kdet.layers.depthwise import _cpu_only
 # values of one call from which the compiled kernels pay (module doc)
 MIN_VALUES = 65536
 
-_COMPILED_SILU = []
-
 
 def _takes_compiled_route(x, training):
     shape = tuple(x.shape)
@@ -34,34 +35,31 @@ def _takes_compiled_route(x, training):
             and keras.backend.standardize_dtype(x.dtype) == "float32"
             and len(shape) >= 2 and None not in shape[1:]):
         return False
-    values = shape[0] or 1
-    for size in shape[1:]:
-        values *= size
+    values = (shape[0] or 1) * math.prod(shape[1:])
     return values >= MIN_VALUES and _outside_xla() and _cpu_only()
 
 
+@functools.cache
 def _compiled_silu():
     """``tf.custom_gradient`` SiLU whose forward and gradient are XLA-compiled kernels."""
-    if not _COMPILED_SILU:
-        import tensorflow as tf
+    import tensorflow as tf
 
-        @tf.function(jit_compile=True, autograph=False)
-        def forward(x):
-            return x * tf.sigmoid(x)
+    @tf.function(jit_compile=True, autograph=False)
+    def forward(x):
+        return x * tf.sigmoid(x)
 
-        @tf.function(jit_compile=True, autograph=False)
-        def backward(x, upstream):
-            # d/dx x s(x) = s + x s (1 - s), with the sigmoid recomputed in the kernel:
-            # cheaper than saving it (one more map to write and read back)
-            s = tf.sigmoid(x)
-            return upstream * (s * (1.0 + x * (1.0 - s)))
+    @tf.function(jit_compile=True, autograph=False)
+    def backward(x, upstream):
+        # d/dx x s(x) = s + x s (1 - s), with the sigmoid recomputed in the kernel:
+        # cheaper than saving it (one more map to write and read back)
+        s = tf.sigmoid(x)
+        return upstream * (s * (1.0 + x * (1.0 - s)))
 
-        @tf.custom_gradient
-        def silu(x):
-            return forward(x), lambda upstream: backward(x, upstream)
+    @tf.custom_gradient
+    def silu(x):
+        return forward(x), lambda upstream: backward(x, upstream)
 
-        _COMPILED_SILU.append(silu)
-    return _COMPILED_SILU[0]
+    return silu
 
 
 def silu(x, training=None):
@@ -82,9 +80,12 @@ def silu(x, training=None):
 def activation_function(name):
     """The function ``(x, training=None) -> y`` of an activation named as Keras names it
     (``"relu"``, ``"relu6"``, ``"silu"`` (``"swish"``), ``"sigmoid"``), or None for None."""
-    if name is None:
-        return None
-    function = keras.activations.get(name)
+    return None if name is None else _taking_training(keras.activations.get(name))
+
+
+def _taking_training(function):
+    """A Keras activation function as ``(x, training=None) -> y``: :func:`silu` for
+    Keras' ``silu``."""
     if function is keras.activations.silu:
         return silu
     return lambda x, training=None: function(x)
@@ -102,6 +103,4 @@ class Activation(keras.layers.Activation):
     """
 
     def call(self, inputs, training=None):
-        if self.activation is keras.activations.silu:
-            return silu(inputs, training=training)
-        return super().call(inputs)
+        return _taking_training(self.activation)(inputs, training=training)
