@@ -17,7 +17,7 @@ from test_metrics_coco import (  # noqa: E402
     assert_same_as_reference, keypoint_detections, keypoint_ground_truth, reference_eval,
     run_kdet)
 
-from kdet.metrics import native  # noqa: E402
+from kdet.metrics import COCOEvaluator, native  # noqa: E402
 from kdet.metrics.coco import COCO_KEYPOINT_SIGMAS  # noqa: E402
 
 
@@ -100,6 +100,99 @@ def test_keypoints_without_labelled_ground_truth_match_pycocotools(evaluator_pat
     dets = keypoint_detections(gt, seed + 30)
     ev, result = run_kdet(gt, dets, "keypoints")
     assert_same_as_reference(ev, result, reference_eval(gt, dets, "keypoints"))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_keypoints_not_finite_in_the_ground_truth(evaluator_path, seed):
+    """A labelled ground-truth keypoint off the finite plane would make pycocotools' OKS
+    NaN, which its matching takes (``iou < best`` is false) and after which it takes
+    every later ground truth, however far: kdet raises naming the annotation instead. Not
+    finite where OKS never looks (an unlabelled keypoint of a person with labelled ones):
+    the same stats as pycocotools."""
+    gt = keypoint_ground_truth(seed + 40)
+    rng = np.random.default_rng(seed)
+    dets = keypoint_detections(gt, seed + 50)
+    for ann in gt["annotations"]:
+        kp = ann["keypoints"]
+        if ann["num_keypoints"] and 0 in kp[2::3]:
+            kp[3 * kp[2::3].index(0) + int(rng.integers(2))] = float(rng.choice([np.nan, np.inf]))
+    ev, result = run_kdet(gt, dets, "keypoints")
+    assert_same_as_reference(ev, result, reference_eval(gt, dets, "keypoints"))
+    ann = next(a for a in gt["annotations"][5:] if a["num_keypoints"])
+    for value, where in ((np.nan, 0), (-np.inf, 1), (np.nan, 2)):
+        kp = list(ann["keypoints"])
+        kp[3 * kp[2::3].index(next(v for v in kp[2::3] if v > 0)) + where] = value
+        bad = {**gt, "annotations": [dict(a, keypoints=kp) if a is ann else a
+                                     for a in gt["annotations"]]}
+        with pytest.raises(ValueError, match=rf"annotations\[\d+\] \(id={ann['id']}\): a "
+                           "labelled keypoint"):
+            COCOEvaluator(bad, iou_type="keypoints")
+
+
+def _evaluate_img_flags(iou, ignore, crowd, id_nonzero, outside, thresholds):
+    """pycocotools' evaluateImg matching for one group and area range, line for line:
+    ``iou`` [D, G] (detections in score order), then ``dtm & ~dtIg``, ``~dtm & ~dtIg``."""
+    gtind = np.argsort(ignore, kind="mergesort")
+    iou, ignore, crowd, id_nonzero = iou[:, gtind], ignore[gtind], crowd[gtind], id_nonzero[gtind]
+    num_thr, (num_det, num_gt) = len(thresholds), iou.shape
+    gtm = np.zeros((num_thr, num_gt))
+    dtm = np.zeros((num_thr, num_det), bool)
+    dt_ig = np.repeat(outside[None, :], num_thr, 0)
+    for tind, t in enumerate(thresholds):
+        for dind in range(num_det):
+            best, m = min([t, 1 - 1e-10]), -1
+            for gind in range(num_gt):
+                if gtm[tind, gind] > 0 and not crowd[gind]:
+                    continue
+                if m > -1 and ignore[m] == 0 and ignore[gind] == 1:
+                    break
+                if iou[dind, gind] < best:
+                    continue
+                best, m = iou[dind, gind], gind
+            if m == -1:
+                continue
+            dt_ig[tind, dind] = ignore[m]
+            dtm[tind, dind] = id_nonzero[m]
+            gtm[tind, m] = 1
+    return (dtm & ~dt_ig).T, (~dtm & ~dt_ig).T
+
+
+def test_matching_kernel_equals_evaluate_img_line_for_line():
+    """``kdet_match_detections`` (which searches only the ground truths a detection could
+    match) against pycocotools' loop on random groups: IoUs tied, at the thresholds, 0,
+    1 and NaN (which pycocotools' ``iou < best`` lets through, and then every ground
+    truth after it), crowd, ignored and id-0 ground truths, two area ranges."""
+    if native.library() is None:
+        pytest.skip("kdet's C evaluation kernels not installed")
+    rng = np.random.default_rng(0)
+    thresholds = np.linspace(0.5, 0.95, 10)
+    values = np.r_[0.0, 0.3, 0.5, 0.55, 0.75, 0.95, 1.0, np.nan, 1 - 1e-11]
+    groups, pair_iou, pair_start, num_dets, num_gts = [], [], [], 0, 0
+    for _ in range(300):
+        num_det, num_gt = int(rng.integers(1, 9)), int(rng.integers(0, 7))
+        iou = np.where(rng.random((num_det, num_gt)) < 0.6, rng.choice(values, (num_det, num_gt)),
+                       rng.random((num_det, num_gt)))
+        if rng.random() < 0.7:
+            iou[np.isnan(iou)] = 0.6
+        groups.append((num_dets, num_det, num_gts, num_gt, iou))
+        for row in iou:
+            pair_start.append(len(pair_iou))
+            pair_iou.extend(row)
+        num_dets, num_gts = num_dets + num_det, num_gts + num_gt
+    gt_ignore = rng.random((num_gts, 2)) < 0.3
+    gt_crowd, gt_id_nonzero = rng.random(num_gts) < 0.2, rng.random(num_gts) < 0.9
+    outside = rng.random((num_dets, 2)) < 0.3
+    first, ndet, gt_first, ngt = (np.array([g[i] for g in groups]) for i in range(4))
+    true_pos, false_pos = native.match_detections(
+        np.array(pair_iou), np.array(pair_start), first, ndet, gt_first, ngt, gt_ignore,
+        gt_crowd, gt_id_nonzero, num_dets, thresholds, outside)
+    for d0, nd, g0, ng, iou in groups:
+        for a in range(2):
+            gts, dets = slice(g0, g0 + ng), slice(d0, d0 + nd)
+            tp, fp = _evaluate_img_flags(iou, gt_ignore[gts, a], gt_crowd[gts],
+                                         gt_id_nonzero[gts], outside[dets, a], thresholds)
+            np.testing.assert_array_equal(true_pos[dets, a], tp)
+            np.testing.assert_array_equal(false_pos[dets, a], fp)
 
 
 def _compute_oks(d, g, box, area, sigmas):

@@ -38,7 +38,10 @@ def plain_records(rng, n, index):
 
 
 def read(reader, records, index, row_key="bbox", width=4):
-    return reader.record_detections(records, index, index, row_key, width)
+    image, category, score, rows, boxes, flags = reader.record_detections(
+        records, index, index, row_key, width)
+    assert boxes is None and flags == ()  # neither asked for
+    return image, category, score, rows
 
 
 def test_plain_records_read_as_python_reads_them(reader):
@@ -59,6 +62,44 @@ def test_plain_records_read_as_python_reads_them(reader):
     # a float id equal to an int key finds it, as dict.get does
     plain = {"image_id": 7.0, "category_id": 9, "score": 1, "bbox": [0, 0, 1, 1]}
     assert read(reader, [plain], index)[0].tolist() == [0]
+
+
+def test_boxes_and_flag_read_in_the_same_pass(reader):
+    """``box_key``: every record's box when all are plain, else None with the other columns
+    still read (Python then reads the boxes and names a bad one); ``flag_keys``: whether any
+    record holds each key (a keypoint result with a mask, any box at all)."""
+    rng = np.random.default_rng(3)
+    index = {7: 0, "a": 1, 3.5: 2, 9: 4}
+    records = [dict(r, keypoints=[float(v) for v in rng.uniform(0, 50, 6)])
+               for r in plain_records(rng, 60, index)]
+    image, category, score, rows, boxes, flags = reader.record_detections(
+        records, index, index, "keypoints", 6, "bbox", ("segmentation", "bbox"))
+    np.testing.assert_array_equal(rows, [r["keypoints"] for r in records])
+    np.testing.assert_array_equal(boxes, [[float(v) for v in r["bbox"]] for r in records])
+    np.testing.assert_array_equal(score, [float(r["score"]) for r in records])
+    assert boxes.shape == (60, 4) and flags == (False, True)
+    for bad in ("missing", [1.0, 2.0, 3.0], [1, 2, 3, "4"], np.ones(4), None):
+        odd = [dict(r) for r in records]
+        if isinstance(bad, str):
+            del odd[59]["bbox"]
+        else:
+            odd[17]["bbox"] = bad
+        out = reader.record_detections(odd, index, index, "keypoints", 6, "bbox")
+        assert out[4] is None, bad
+        np.testing.assert_array_equal(out[3], rows)  # the rest still read
+        np.testing.assert_array_equal(out[0], image)
+    for where in (0, 30, 59):
+        flagged_records = [dict(r) for r in records]
+        flagged_records[where]["segmentation"] = None
+        assert reader.record_detections(flagged_records, index, index, None, 0, None,
+                                        ("segmentation", "keypoints"))[5] == (True, True)
+    no_boxes = [{k: v for k, v in r.items() if k != "bbox"} for r in records]
+    out = reader.record_detections(no_boxes, index, index, None, 0, "bbox", ("bbox",))
+    assert out[4] is None and out[5] == (False,)
+    empty = reader.record_detections([], index, index, "keypoints", 6, "bbox", ("bbox",))
+    assert empty[4].shape == (0, 4) and empty[5] == (False,)
+    with pytest.raises(TypeError, match="flag_keys"):
+        reader.records().detections(records, index, index, None, 0, None, "bbox")
 
 
 def test_rows_of_a_list_of_rows(reader):

@@ -21,7 +21,7 @@
 #endif
 
 /* Version of this interface; native.py refuses a library with another. */
-KDET_EXPORT int64_t kdet_cocoeval_abi(void) { return 8; }
+KDET_EXPORT int64_t kdet_cocoeval_abi(void) { return 9; }
 
 /* evaluateImg's greedy matching for every (image, category) group, and the true /
  * false positive flags accumulate reads.
@@ -57,10 +57,20 @@ KDET_EXPORT int64_t kdet_match_detections(
     int64_t max_gt = 0;
     for (int64_t g = 0; g < num_groups; g++)
         if (group_ngt[g] > max_gt) max_gt = group_ngt[g];
+    /* No ground truth of IoU below every threshold can be matched, whatever is taken:
+     * the search below skips it (it would only "continue"; a break it would have made
+     * is made at the next candidate, an ignored one too, as the ignored come last).
+     * Except after a NaN: pycocotools' "iou < best" lets a NaN through, and then every
+     * later one (nothing is < NaN), so a detection with a NaN IoU searches them all. */
+    double lowest = 1 - 1e-10;
+    for (int64_t t = 0; t < num_thr; t++)
+        if (thresholds[t] < lowest) lowest = thresholds[t];
     int64_t *order = malloc(sizeof(int64_t) * (size_t)(max_gt + 1));
+    int64_t *candidates = malloc(sizeof(int64_t) * (size_t)(max_gt + 1));
     uint8_t *taken = malloc((size_t)(max_gt * num_thr + 1));
-    if (!order || !taken) {
+    if (!order || !candidates || !taken) {
         free(order);
+        free(candidates);
         free(taken);
         return -1;
     }
@@ -78,12 +88,21 @@ KDET_EXPORT int64_t kdet_match_detections(
             for (int64_t r = 0; r < group_ndet[g]; r++) {
                 const int64_t det = group_first[g] + r;
                 const double *iou = pair_iou + pair_start[det];
+                int64_t num_candidates = 0, with_nan = 0;
+                for (int64_t s = 0; s < ngt; s++) {
+                    const double value = iou[order[s]];
+                    with_nan |= value != value;
+                    if (!(value < lowest)) candidates[num_candidates++] = order[s];
+                }
+                if (num_candidates == 0) continue;
+                const int64_t *searched = with_nan ? order : candidates;
+                if (with_nan) num_candidates = ngt;
                 for (int64_t t = 0; t < num_thr; t++) {
                     double best = thresholds[t] < 1 - 1e-10 ? thresholds[t] : 1 - 1e-10;
                     int64_t m = -1;
                     uint8_t m_ignored = 0;
-                    for (int64_t s = 0; s < ngt; s++) {
-                        const int64_t j = order[s];
+                    for (int64_t s = 0; s < num_candidates; s++) {
+                        const int64_t j = searched[s];
                         const uint8_t ignored = gt_ignore[(gt0 + j) * num_areas + a];
                         if (taken[t * ngt + j] && !gt_crowd[gt0 + j]) continue;
                         if (m > -1 && !m_ignored && ignored) break;
@@ -102,6 +121,7 @@ KDET_EXPORT int64_t kdet_match_detections(
         }
     }
     free(order);
+    free(candidates);
     free(taken);
     return 0;
 }
@@ -736,29 +756,49 @@ KDET_EXPORT int64_t kdet_rle_pair_iou(
  * e = (dx**2 + dy**2) / variance / (area + eps) / 2 in numpy's operation order.
  * A pair whose every e exceeds max_exponent gets no row: its OKS, a mean of
  * exp(-e), is below the lowest threshold (the caller picks max_exponent so), so it
- * never matches and is left 0 (and no exponential is taken for it). The exponentials are numpy's (np.exp, as pycocotools),
- * the mean kdet_oks_means'.
+ * never matches and is left 0 (and no exponential is taken for it). The exponentials are
+ * numpy's (np.exp, as pycocotools), the mean kdet_oks_means'.
+ * det_reach [D, 4] and gt_reach [G, 4] (x min, x max, y min, y max) bound where the
+ * distances are taken from: a detection's keypoints; a ground truth's labelled
+ * keypoints, or its grown box when none is labelled. The gap between the two bounds a
+ * pair's every dx, dy from below, so a pair whose gap is beyond the widest sigma's reach
+ * is dropped without a look at its keypoints (a NaN bound drops nothing).
  */
 KDET_EXPORT int64_t kdet_oks_exponents(
     int64_t num_pairs, const int64_t *pair_det, const int64_t *pair_gt, const double *det_kpts,
     const double *gt_kpts, const double *gt_box, const double *gt_area,
-    const double *variances, int64_t num_kpts, double max_exponent, double *exponents,
-    int64_t *count, int64_t *near, int64_t *num_near)
+    const double *variances, int64_t num_kpts, double max_exponent, const double *det_reach,
+    const double *gt_reach, double *exponents, int64_t *count, int64_t *near,
+    int64_t *num_near)
 {
+    /* A pair is first tested without divisions: e > max_exponent for every keypoint
+     * once dx**2 + dy**2 > max_exponent * 2 * variance * scale with a margin far above
+     * the rounding of e's three divisions and this product (relative 1e-15 each); only
+     * pairs that fail the test get their exponents (most pairs are far apart). */
+    const double reach = max_exponent * 2 * (1 + 1e-9);
+    double widest = 0;
+    for (int64_t j = 0; j < num_kpts; j++)
+        if (variances[j] > widest) widest = variances[j];
     int64_t r = 0;  /* rows written: the pairs kept */
     for (int64_t p = 0; p < num_pairs; p++) {
         const double *d = det_kpts + pair_det[p] * 3 * num_kpts;
         const double *g = gt_kpts + pair_gt[p] * 3 * num_kpts;
         const double *box = gt_box + pair_gt[p] * 4;
         const double scale = gt_area[pair_gt[p]] + DBL_EPSILON;
+        const double far = reach * scale;
+        const double *dr = det_reach + pair_det[p] * 4, *gr = gt_reach + pair_gt[p] * 4;
+        double gap_x = dr[0] - gr[1] > gr[0] - dr[1] ? dr[0] - gr[1] : gr[0] - dr[1];
+        double gap_y = dr[2] - gr[3] > gr[2] - dr[3] ? dr[2] - gr[3] : gr[2] - dr[3];
+        gap_x = gap_x > 0 ? gap_x : 0;
+        gap_y = gap_y > 0 ? gap_y : 0;
+        if (gap_x * gap_x + gap_y * gap_y > far * widest) continue;
         double *e = exponents + r * num_kpts;
         int64_t labelled = 0;
         for (int64_t j = 0; j < num_kpts; j++) labelled += g[3 * j + 2] > 0;
         const double x0 = box[0] - box[2], x1 = box[0] + box[2] * 2;
         const double y0 = box[1] - box[3], y1 = box[1] + box[3] * 2;
-        int64_t n = 0;
-        double least = 0;
-        for (int64_t j = 0; j < num_kpts; j++) {
+        int64_t n = 0, near_any = 0;
+        for (int64_t j = 0; j < num_kpts; j++) {  /* squared distances into e */
             double dx, dy;
             if (labelled) {
                 if (!(g[3 * j + 2] > 0)) continue;
@@ -769,11 +809,19 @@ KDET_EXPORT int64_t kdet_oks_exponents(
                 dx = (x0 - xd > 0 ? x0 - xd : 0) + (xd - x1 > 0 ? xd - x1 : 0);
                 dy = (y0 - yd > 0 ? y0 - yd : 0) + (yd - y1 > 0 ? yd - y1 : 0);
             }
-            const double value = (dx * dx + dy * dy) / variances[j] / scale / 2;
-            least = n == 0 || value < least ? value : least;
-            e[n++] = value;
+            const double squared = dx * dx + dy * dy;
+            near_any |= !(squared > far * variances[j]);  /* NaN: computed, as before */
+            e[n++] = squared;
         }
-        if (least > max_exponent) continue;  /* row r is overwritten by the next pair */
+        if (!near_any) continue;  /* row r is overwritten by the next pair */
+        double least = 0;
+        for (int64_t j = 0, k = 0; j < num_kpts; j++) {
+            if (labelled && !(g[3 * j + 2] > 0)) continue;
+            const double value = e[k] / variances[j] / scale / 2;
+            least = k == 0 || value < least ? value : least;
+            e[k++] = value;
+        }
+        if (least > max_exponent) continue;
         count[r] = n;
         near[r++] = p;
     }

@@ -96,15 +96,27 @@ static PyObject *rows(PyObject *self, PyObject *args) {
     return buffer;
 }
 
-/* detections(records, image_index, category_index, row_key, width) -> (image int64,
- * category int64, score float64, rows float64 n x width) bytearrays, each record visited
- * once ("image_id", "category_id", "score", row_key; row_key None: no rows, width 0), or
- * None. */
+/* detections(records, image_index, category_index, row_key, width[, box_key, flag_keys])
+ * -> (image int64, category int64, score float64, rows float64 n x width, boxes, flags):
+ * bytearrays, each record visited once ("image_id", "category_id", "score", row_key;
+ * row_key None: no rows, width 0), or None. With box_key (not None) boxes is a float64
+ * n x 4 bytearray of each record[box_key] when every record holds a plain one, else None
+ * (the caller reads them in Python; the other columns stand); without it None. flags:
+ * for each of the (at most 4) keys of the tuple flag_keys, whether any record holds it
+ * (flag_keys None: an empty tuple). */
 static PyObject *detections(PyObject *self, PyObject *args) {
     PyObject *records, *image_index, *category_index, *row_key;
+    PyObject *box_key = Py_None, *flag_keys = Py_None;
     Py_ssize_t width;
-    if (!PyArg_ParseTuple(args, "OOOOn", &records, &image_index, &category_index, &row_key,
-                          &width) || !check_records(records)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOOOn|OO", &records, &image_index, &category_index, &row_key,
+                          &width, &box_key, &flag_keys) || !check_records(records)) return NULL;
+    Py_ssize_t num_flags = flag_keys == Py_None ? 0 : -1;
+    if (flag_keys != Py_None && PyTuple_CheckExact(flag_keys)) num_flags = PyTuple_Size(flag_keys);
+    if (num_flags < 0 || num_flags > 4) {
+        PyErr_SetString(PyExc_TypeError, "flag_keys must be None or a tuple of at most 4 keys");
+        return NULL;
+    }
+    int flags[4] = {0, 0, 0, 0};
     if (!PyDict_CheckExact(image_index) || !PyDict_CheckExact(category_index)) {
         PyErr_SetString(PyExc_TypeError, "the indices must be dicts");
         return NULL;
@@ -119,11 +131,16 @@ static PyObject *detections(PyObject *self, PyObject *args) {
     PyObject *category = new_buffer(n, sizeof(int64_t), &category_data);
     PyObject *score = new_buffer(n, sizeof(double), &score_data);
     PyObject *row = new_buffer(n * width, sizeof(double), &row_data);
+    char *box_data = NULL;
+    int boxes_plain = box_key != Py_None;
+    PyObject *box = boxes_plain ? new_buffer(4 * n, sizeof(double), &box_data) : NULL;
     PyObject *result = NULL;
-    if (!image_key || !category_key || !score_key || !image || !category || !score || !row)
+    if (!image_key || !category_key || !score_key || !image || !category || !score || !row ||
+            (boxes_plain && !box))
         goto done;  /* an exception is set */
     int64_t *image_out = (int64_t *)image_data, *category_out = (int64_t *)category_data;
     double *score_out = (double *)score_data, *row_out = (double *)row_data;
+    double *box_out = (double *)box_data;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *record = PyList_GetItem(records, i);
         if (record == NULL || !PyDict_CheckExact(record)) goto not_plain;
@@ -136,8 +153,27 @@ static PyObject *detections(PyObject *self, PyObject *args) {
         if (value == NULL || !as_double(value, score_out + i)) goto not_plain;
         if (width && !read_row(PyDict_GetItemWithError(record, row_key), width,
                                row_out + i * width)) goto not_plain;
+        if (boxes_plain && !read_row(PyDict_GetItemWithError(record, box_key), 4,
+                                     box_out + 4 * i)) {
+            PyErr_Clear();
+            boxes_plain = 0;
+        }
+        for (Py_ssize_t f = 0; f < num_flags; f++) {
+            if (flags[f]) continue;
+            int holds = PyDict_Contains(record, PyTuple_GetItem(flag_keys, f));
+            if (holds < 0) goto not_plain;  /* an unhashable key: the caller's mistake */
+            flags[f] = holds;
+        }
     }
-    result = Py_BuildValue("(OOOO)", image, category, score, row);
+    PyObject *flag_tuple = PyTuple_New(num_flags);
+    if (flag_tuple == NULL) goto done;
+    for (Py_ssize_t f = 0; f < num_flags; f++) {
+        PyObject *value = flags[f] ? Py_True : Py_False;
+        Py_INCREF(value);
+        PyTuple_SetItem(flag_tuple, f, value);  /* steals the reference */
+    }
+    result = Py_BuildValue("(OOOOON)", image, category, score, row,
+                           boxes_plain ? box : Py_None, flag_tuple);
     goto done;
 not_plain:
     PyErr_Clear();
@@ -151,6 +187,7 @@ done:
     Py_XDECREF(category);
     Py_XDECREF(score);
     Py_XDECREF(row);
+    Py_XDECREF(box);
     return result;
 }
 

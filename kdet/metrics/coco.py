@@ -560,6 +560,14 @@ def _segmentation_crash(segmentation, height, width):
     return None
 
 
+def _unmeasurable_keypoints(rows):
+    """Which keypoint rows (float64 ``[N, 3 K]``) have a visibility that is not finite or a
+    labelled keypoint (v > 0) whose x or y is not."""
+    x, y, v = rows[:, 0::3], rows[:, 1::3], rows[:, 2::3]
+    off = (v > 0) & ~(np.isfinite(x) & np.isfinite(y))
+    return ~np.isfinite(v).all(1) | off.any(1)
+
+
 class _GroundTruth:
     """The ground truth as arrays, annotations sorted by (image, category, file order).
 
@@ -652,12 +660,23 @@ class _GroundTruth:
             self.ignore = (num_keypoints == 0) | self.ignore
             self.keypoints = [columns["keypoints"][i] for i in order]
             self._keypoint_tables = {}
+            self.all_keypoints = None  # read_keypoint_table's
         self.num_categories = len(self.category_ids)
         self.group_key = self.image * self.num_categories + self.category
+
+    def read_keypoint_table(self, width):
+        """Reads every annotation's keypoints as one float64 table (in C) when all are
+        plain lists / tuples of ``width`` numbers; returns whether they were."""
+        self.all_keypoints = native.record_rows(self.keypoints, None, width)
+        return self.all_keypoints is not None
 
     def keypoint_table(self, category, rows):
         """The keypoints of category ``category``'s annotations ``rows`` (all of them, in
         order) as one float64 table, built once."""
+        if category not in self._keypoint_tables and self.all_keypoints is not None:
+            whole = len(rows) == len(self.all_keypoints)  # rows are sorted and unique
+            self._keypoint_tables[category] = self.all_keypoints if whole else \
+                self.all_keypoints[rows]
         if category not in self._keypoint_tables:
             keypoints = [self.keypoints[g] for g in rows.tolist()]
             first = keypoints[0] if keypoints else None  # plain rows of one width: read in C
@@ -1130,17 +1149,40 @@ class COCOEvaluator:
         self.kpt_oks_sigmas = COCO_KEYPOINT_SIGMAS if kpt_oks_sigmas is None else kpt_oks_sigmas
         self._gt = _GroundTruth(ground_truth, iou_type)
         if keypoints:
-            for i, kp in enumerate(self._gt.keypoints):
-                n = 3 * len(self._sigmas(self._gt.category[i]))
-                if len(kp) != n:
-                    raise ValueError(f"{self._gt.describe(i)}: keypoints has {len(kp)} values, "
-                                     f"expected {n} (3 per sigma)")
+            self._check_ground_truth_keypoints()
         self._chunks = []
         self._num_detections = 0
         self._stats = None
         self.precision = self.recall = None
 
     # ------------------------------------------------------------------ input
+    def _check_ground_truth_keypoints(self):
+        """Every annotation's keypoints: 3 values per sigma of its category, numbers, and
+        each labelled one (v > 0) at finite x, y with a finite v (pycocotools would make
+        an OKS of NaN, which then matches whatever follows it); raises naming the first
+        annotation that is not."""
+        gt, width = self._gt, self._keypoint_width()
+        if width and gt.read_keypoint_table(width):  # plain rows of one width, read in C
+            bad = np.flatnonzero(_unmeasurable_keypoints(gt.all_keypoints))
+        else:
+            bad = []
+            for i, kp in enumerate(gt.keypoints):
+                n = 3 * len(self._sigmas(gt.category[i]))
+                if len(kp) != n:
+                    raise ValueError(f"{gt.describe(i)}: keypoints has {len(kp)} values, "
+                                     f"expected {n} (3 per sigma)")
+                try:
+                    row = np.asarray(kp, np.float64).reshape(1, n)
+                except (TypeError, ValueError):
+                    raise ValueError(f"{gt.describe(i)}: keypoints {_show(kp)} are not all "
+                                     "numbers") from None
+                if _unmeasurable_keypoints(row)[0]:
+                    bad.append(i)
+        if len(bad):
+            i = int(bad[0])
+            raise ValueError(f"{gt.describe(i)}: a labelled keypoint (v > 0) is not at finite "
+                             f"x, y, or a visibility is not finite: {_show(gt.keypoints[i])}")
+
     def _sigmas(self, category_index):
         sigmas = self.kpt_oks_sigmas
         if isinstance(sigmas, dict):
@@ -1172,12 +1214,25 @@ class COCOEvaluator:
         if not isinstance(detections, list):
             detections = list(detections)  # the C reader takes lists
         needed = {"bbox": "bbox", "segm": "segmentation", "keypoints": "keypoints"}[self.iou_type]
-        # the C reader reads plain records; on anything else it returns None and the
-        # Python code below reads them, naming the first bad record
-        fast = native.record_detections(detections, gt.image_index, gt.category_index,
-                                        "bbox" if needed == "bbox" else None, 4)
+        # the C reader reads plain records in one pass (ids, score, the boxes, keypoint
+        # rows of the one width every category has, whether any record holds a box and
+        # any keypoint record a mask); on anything else it returns None and the Python
+        # code below reads them, naming the first bad record
+        keypoint_width = self._keypoint_width() if needed == "keypoints" else None
+        flag_keys = {"bbox": (), "segmentation": ("bbox",),
+                     "keypoints": ("bbox", "segmentation")}[needed]
+        fast = native.record_detections(
+            detections, gt.image_index, gt.category_index,
+            "keypoints" if keypoint_width else "bbox" if needed == "bbox" else None,
+            keypoint_width or 4, None if needed == "bbox" else "bbox", flag_keys)
+        keypoint_block = any_bbox = has_segmentation = None
         if fast is not None:
-            image, category, score, bbox = fast
+            image, category, score, rows, bbox, flags = fast
+            any_bbox, has_segmentation = (flags + (None, None))[:2]
+            if needed == "bbox":
+                bbox = rows
+            elif keypoint_width:
+                keypoint_block = rows
         else:
             bbox = None
             image = self._indices(_column(detections, "image_id", what), gt.image_index,
@@ -1192,16 +1247,16 @@ class COCOEvaluator:
             problem = "is not finite" if isinstance(value, (int, float, np.number)) else \
                 "must be a number"
             raise ValueError(f"{what(i)}: score {_show(value)} {problem}")
-        if needed != "bbox":  # keypoint / segm records with a plain box each: read in C
-            bbox = native.record_rows(detections, "bbox", 4)
-        # raises naming the first record without the key
-        column = None if bbox is not None and needed == "bbox" else \
-            _column(detections, needed, what)
+        # raises naming the first record without the key (the C reader saw them all)
+        column = None if bbox is not None and needed == "bbox" or keypoint_block is not None \
+            else _column(detections, needed, what)
         if bbox is not None:
             _check_boxes(bbox, what)
         else:
             if needed == "bbox":
                 has_bbox = np.ones(len(detections), bool)
+            elif any_bbox is False:  # the C reader saw no record with a box
+                has_bbox = np.zeros(len(detections), bool)
             else:
                 has_bbox = np.array(["bbox" in d for d in detections])
             bbox = np.full((len(detections), 4), np.nan)
@@ -1212,15 +1267,16 @@ class COCOEvaluator:
                 _check_boxes(bbox, what, valid=has_bbox)
         segmentation = keypoints = None
         mask_area = mask_box = None
-        if self.iou_type == "segm" or (self.iou_type == "keypoints" and
-                                        any("segmentation" in d for d in detections)):
+        if has_segmentation is None and self.iou_type == "keypoints":
+            has_segmentation = any("segmentation" in d for d in detections)
+        if self.iou_type == "segm" or has_segmentation:
             segmentation, mask_area, mask_box = _to_rles(
                 column if needed == "segmentation" else
                 [d.get("segmentation", _ABSENT) for d in detections], gt.heights[image],
                 gt.widths[image], what)
         table = None
         if self.iou_type == "keypoints":
-            keypoints = self._keypoint_rows(detections, category, what)
+            keypoints = self._keypoint_rows(detections, category, what, keypoint_block)
             if isinstance(keypoints, np.ndarray):
                 table, keypoints = keypoints, _Rows(keypoints)
         chunk = _Detections(image, category, score, bbox, segmentation, keypoints)
@@ -1314,22 +1370,30 @@ class COCOEvaluator:
                 return out
         return COCOEvaluator._indices(ids.tolist(), index, key, where, what)
 
-    def _keypoint_rows(self, detections, category, what):
+    def _keypoint_width(self):
+        """The length of every keypoint row when all categories share one set of sigmas'
+        length (a list of sigmas, the usual), else None."""
+        sigmas = self.kpt_oks_sigmas
+        return None if isinstance(sigmas, dict) else 3 * len(np.asarray(sigmas, np.float64))
+
+    def _keypoint_rows(self, detections, category, what, block=None):
         """Each detection's keypoints as a float64 row, checked against its sigmas:
-        one array per row width; on any problem one record at a time (which raises
-        naming the first bad record)."""
+        one array per row width (``block``: the rows the C reader read already); on any
+        problem one record at a time (which raises naming the first bad record)."""
         try:
             width = {k: 3 * len(self._sigmas(k)) for k in np.unique(category).tolist()}
-            row_width = np.array([width[k] for k in category.tolist()])
             keypoints = [None] * len(detections)
             if len(width) == 1:  # one width: one table
-                block = native.record_rows(detections, "keypoints", row_width[0])
+                (n,) = width.values()
+                if block is None or block.shape[1] != n:
+                    block = native.record_rows(detections, "keypoints", n)
                 if block is None:
-                    block = _float_rows([d["keypoints"] for d in detections], row_width[0],
+                    block = _float_rows([d["keypoints"] for d in detections], n,
                                         "keypoints", what)
                 if not np.isfinite(block).all():
                     raise ValueError("not finite")
                 return block
+            row_width = np.array([width[k] for k in category.tolist()])
             for n in np.unique(row_width).tolist():
                 rows = np.flatnonzero(row_width == n)
                 block = _float_rows([detections[i]["keypoints"] for i in rows], n,
@@ -1580,6 +1644,9 @@ class COCOEvaluator:
             return self._pair_mask_ious(det, det_index, pair_gt)
         # One ground truth and detection table per category (rows differ in length
         # between categories with their own sigmas); pairs index into them.
+        categories = np.unique(det.category[ev[pair_count > 0]])
+        if len(categories) == 1 and native.library() is not None:  # one table (people)
+            return self._pair_oks_native(det, det_index, pair_gt, categories[0])
         categories = gt.category[pair_gt]
         for k in np.unique(categories):
             sel = np.flatnonzero(categories == k)
@@ -1603,8 +1670,10 @@ class COCOEvaluator:
             table = det.keypoint_rows(dets)
         rows = np.flatnonzero(gt.category == category)  # this category's ground truths
         g_kp = gt.keypoint_table(category, rows)
+        contiguous = len(rows) and rows[-1] - rows[0] + 1 == len(rows)  # e.g. one category
+        pair_row = pair_gt - rows[0] if contiguous else np.searchsorted(rows, pair_gt)
         return native.pair_oks(table, g_kp, gt.bbox[rows], gt.area[rows], sigmas, det_index,
-                               np.searchsorted(rows, pair_gt), IOU_THRESHOLDS.min())
+                               pair_row, IOU_THRESHOLDS.min())
 
     def _pair_mask_ious(self, det, det_index, pair_gt, chunk_dets=8192):
         """Mask IoU (``maskUtils.iou``) of aligned pairs, left 0 where it is certainly

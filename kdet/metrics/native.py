@@ -28,7 +28,7 @@ __all__ = ["library", "library_path", "records", "record_detections", "record_ro
            "check_rle_strings", "check_rle_text",
            "polygons_to_rles", "encode_rles", "pair_oks", "match_detections", "accumulate"]
 
-_ABI = 8  # kdet_cocoeval_abi() of the C source this file was written for
+_ABI = 9  # kdet_cocoeval_abi() of the C source this file was written for
 _LIBRARY_DIR = pathlib.Path(__file__).resolve().parent / "_kernels"
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
@@ -45,7 +45,7 @@ _SIGNATURES = {
     "kdet_rle_union": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR],
     "kdet_rle_pair_iou": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     "kdet_oks_exponents": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64,
-                           ctypes.c_double, _PTR, _PTR, _PTR, _PTR],
+                           ctypes.c_double, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     "kdet_oks_means": [_I64, _I64, _PTR, _PTR, _PTR],
     "kdet_accumulate": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64, _PTR,
                         _I64, _PTR, _PTR],
@@ -100,23 +100,29 @@ def _load_records():
     return _records
 
 
-def record_detections(detections, image_index, category_index, row_key=None, width=0):
-    """``(image, category, score, rows)`` of result dicts, each record read once in C:
-    ``image_index[d["image_id"]]``, ``category_index[d["category_id"]]`` (int64),
+def record_detections(detections, image_index, category_index, row_key=None, width=0,
+                      box_key=None, flag_keys=()):
+    """``(image, category, score, rows, boxes, flags)`` of result dicts, each record read
+    once in C: ``image_index[d["image_id"]]``, ``category_index[d["category_id"]]`` (int64),
     ``float(d["score"])`` and ``d[row_key]`` as ``[N, width]`` float64 (``[N, 0]`` without
-    ``row_key``); or None: the reader is not built, or a record is not of the plain form
-    (exact dicts, ids int / str / float in the index, plain int / float numbers, rows lists
-    or tuples of ``width``); then read them in Python, which names the bad one."""
+    ``row_key``); ``boxes``: each ``d[box_key]`` as ``[N, 4]`` float64 when every record
+    holds a plain one, else (or without ``box_key``) None; ``flags``: for each of the (at
+    most 4) ``flag_keys``, whether any record holds it. Or None: the reader is not built, or
+    a record is not of the plain
+    form (exact dicts, ids int / str / float in the index, plain int / float numbers, rows
+    lists or tuples of ``width``); then read them in Python, which names the bad one."""
     reader = records()
     width = int(width) if row_key is not None else 0
-    out = None if reader is None else reader.detections(detections, image_index,
-                                                        category_index, row_key, width)
+    out = None if reader is None else reader.detections(
+        detections, image_index, category_index, row_key, width, box_key, tuple(flag_keys))
     if out is None:
         return None
-    image, category, score, rows = out
+    image, category, score, rows, boxes, flags = out
     return (np.frombuffer(image, np.int64), np.frombuffer(category, np.int64),
             np.frombuffer(score, np.float64),
-            np.frombuffer(rows, np.float64).reshape(len(detections), width))
+            np.frombuffer(rows, np.float64).reshape(len(detections), width),
+            None if boxes is None else np.frombuffer(boxes, np.float64).reshape(-1, 4),
+            flags)
 
 
 def record_rows(detections, key, width):
@@ -365,6 +371,7 @@ def pair_oks(det_kpts, gt_kpts, gt_boxes, gt_area, sigmas, pair_det, pair_gt, mi
     pair_det, pair_gt = _array(pair_det, np.int64), _array(pair_gt, np.int64)
     # every exp(-e) < min_oks once the least e exceeds this (1e-6: margin for rounding)
     max_exponent = -np.log(min_oks) + 1e-6
+    det_reach, gt_reach = _keypoint_reach(det_kpts), _keypoint_reach(gt_kpts, gt_boxes)
     oks = np.zeros(len(pair_det))
     exponents = np.zeros((min(chunk, len(pair_det)), num_kpts))
     count = np.zeros(len(exponents), np.int64)
@@ -374,13 +381,36 @@ def pair_oks(det_kpts, gt_kpts, gt_boxes, gt_area, sigmas, pair_det, pair_gt, mi
     for begin in range(0, len(pair_det), chunk):
         d, g = pair_det[begin:begin + chunk], pair_gt[begin:begin + chunk]
         _call(lib.kdet_oks_exponents, len(d), d, g, det_kpts, gt_kpts, gt_boxes, gt_area,
-              variances, num_kpts, float(max_exponent), exponents, count, near, num_near)
+              variances, num_kpts, float(max_exponent), det_reach, gt_reach, exponents, count,
+              near, num_near)
         n = int(num_near[0])  # the pairs that may match: rows 0 .. n - 1
         np.negative(exponents[:n], out=exponents[:n])
         np.exp(exponents[:n], out=exponents[:n])
         _call(lib.kdet_oks_means, n, num_kpts, exponents, count, means)
         oks[begin + near[:n]] = means[:n]
     return oks
+
+
+def _keypoint_reach(keypoints, boxes=None):
+    """``[N, 4]`` (x min, x max, y min, y max) of where ``kdet_oks_exponents`` measures from:
+    all keypoints of a detection (``boxes`` None); a ground truth's labelled keypoints, or
+    its box grown to 3x when none is labelled (C's arithmetic). A row with a NaN spans
+    everything, so no pair of it is dropped on the bound."""
+    x, y = keypoints[:, 0::3], keypoints[:, 1::3]
+    if boxes is None:
+        reach = np.stack([x.min(1), x.max(1), y.min(1), y.max(1)], 1)
+    else:
+        labelled = keypoints[:, 2::3] > 0
+        reach = np.stack([np.where(labelled, x, np.inf).min(1),
+                          np.where(labelled, x, -np.inf).max(1),
+                          np.where(labelled, y, np.inf).min(1),
+                          np.where(labelled, y, -np.inf).max(1)], 1)
+        none = ~labelled.any(1)
+        grown = np.stack([boxes[:, 0] - boxes[:, 2], boxes[:, 0] + boxes[:, 2] * 2,
+                          boxes[:, 1] - boxes[:, 3], boxes[:, 1] + boxes[:, 3] * 2], 1)
+        reach[none] = grown[none]
+    reach[np.isnan(reach).any(1)] = [-np.inf, np.inf, -np.inf, np.inf]
+    return np.ascontiguousarray(reach)
 
 
 def match_detections(pair_iou, pair_start, group_first, group_ndet, group_gt_first,
