@@ -21,7 +21,7 @@ from pycocotools import mask as mask_utils  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
 
-from kdet.metrics import COCOEvaluator  # noqa: E402
+from kdet.metrics import COCOEvaluator, native  # noqa: E402
 from kdet.metrics.coco import COCO_KEYPOINT_SIGMAS, _pair_box_iou  # noqa: E402
 
 # Every test runs twice: on the C kernels and on the numpy fallback (conftest.py).
@@ -70,8 +70,8 @@ def assert_same_as_reference(evaluator, result, ref):
     np.testing.assert_allclose([result[n] for n in names], ref.stats, rtol=0, atol=ATOL)
     expected = reference_per_class_ap(ref)
     assert result["per_class_AP"].keys() == expected.keys()
-    np.testing.assert_allclose(list(result["per_class_AP"].values()), list(expected.values()),
-                               rtol=0, atol=ATOL)
+    np.testing.assert_array_equal(list(result["per_class_AP"].values()),  # bit for bit
+                                  list(expected.values()))
     np.testing.assert_allclose(evaluator.precision, ref.eval["precision"], rtol=0, atol=ATOL)
     np.testing.assert_allclose(evaluator.recall, ref.eval["recall"], rtol=0, atol=ATOL)
 
@@ -362,11 +362,34 @@ def test_box_iou_is_bit_identical_to_mask_utils(rng):
     gts[:5, 2:] = 0  # degenerate
     dets[:3] = gts[5:8]  # identical boxes
     dets[3] = [gts[9, 0] + gts[9, 2], gts[9, 1], 5, 5]  # touching edge
+    dets[4], gts[10] = [1e200, 1e200, 1e200, 1e200], [1e200, 1e200, 2e200, 1e200]  # overflow
+    dets[5] = [-1e300, -1e300, 1e300, 1e300]
     crowd = rng.random(30) < 0.3
-    expected = mask_utils.iou(dets.tolist(), gts.tolist(), crowd.astype(int).tolist())
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = mask_utils.iou(dets.tolist(), gts.tolist(), crowd.astype(int).tolist())
     d, g = np.meshgrid(np.arange(40), np.arange(30), indexing="ij")
     got = _pair_box_iou(dets[d.ravel()], gts[g.ravel()], crowd[g.ravel()]).reshape(40, 30)
     np.testing.assert_array_equal(got, expected)
+    if native.library() is not None:  # the C kernel (the "native" run), boxes indexed in place
+        in_c = native.pair_box_iou(dets, d.ravel(), gts, g.ravel(), crowd).reshape(40, 30)
+        np.testing.assert_array_equal(in_c, expected)
+
+
+def test_one_combined_sort_orders_as_lexsort(rng):
+    """The evaluator's sorts: one stable argsort of a combined key equals ``np.lexsort``
+    of (image, category, score desc) and (category, score desc), ties in arrival order;
+    scores tied, at -0.0 / 0.0, and keys too large to combine (lexsort then)."""
+    from kdet.metrics.coco import _score_rank, _stable_order
+    score = np.round(rng.random(3000), 2)
+    score[:50], score[50:60], score[60:70] = 0.5, 0.0, -0.0
+    group = rng.integers(0, 40, 3000)
+    rank = _score_rank(score)
+    np.testing.assert_array_equal(_stable_order(group, rank), np.lexsort((-score, group)))
+    huge = group.astype(np.int64) << 55  # major * span would overflow int64
+    np.testing.assert_array_equal(_stable_order(huge, rank), np.lexsort((-score, huge)))
+    assert len(set(rank[:50].tolist())) == 1 and rank[50:60].tolist() == rank[60:70].tolist() == \
+        [rank.max()] * 10
+    assert len(_stable_order(np.zeros(0, np.int64), _score_rank(np.zeros(0)))) == 0
 
 
 def test_annotation_id_zero_quirk_is_reproduced():

@@ -711,6 +711,27 @@ KDET_EXPORT int64_t kdet_rle_area_bbox(int64_t num, const uint32_t *counts,
     return 0;
 }
 
+/* maskApi.c's bbIou of aligned pairs: detection box det_boxes[det_index[p]] with ground
+ * truth gt_boxes[gt_index[p]] (xywh), operation for operation; union = the detection's
+ * area for a crowd ground truth (gt_crowd[gt_index[p]]); 0 without overlap. */
+KDET_EXPORT int64_t kdet_pair_box_iou(
+    int64_t num_pairs, const double *det_boxes, const int64_t *det_index,
+    const double *gt_boxes, const int64_t *gt_index, const uint8_t *gt_crowd, double *out)
+{
+    for (int64_t p = 0; p < num_pairs; p++) {
+        const double *D = det_boxes + det_index[p] * 4, *G = gt_boxes + gt_index[p] * 4;
+        const double ga = G[2] * G[3], da = D[2] * D[3];
+        out[p] = 0;
+        const double w = fmin(D[2] + D[0], G[2] + G[0]) - fmax(D[0], G[0]);
+        if (w <= 0) continue;
+        const double h = fmin(D[3] + D[1], G[3] + G[1]) - fmax(D[1], G[1]);
+        if (h <= 0) continue;
+        const double i = w * h;
+        out[p] = i / (gt_crowd[gt_index[p]] ? da : da + ga - i);
+    }
+    return 0;
+}
+
 /* pycocotools' rleIou of aligned pairs (RLE a_index[p] of set a, b_index[p] of set b,
  * same size): intersection / union pixel counts, union = a's area for a crowd b. */
 KDET_EXPORT int64_t kdet_rle_pair_iou(

@@ -18,7 +18,8 @@ arrays:
 * Greedy matching steps through the detection rank only; each step advances
   every (image, category) group, the 4 area ranges and the 10 IoU thresholds
   together.
-* Accumulation sorts all detections of a category once (``np.lexsort``) and
+* Accumulation sorts all detections of a category once (one stable argsort of a
+  combined (category, score rank) key) and
   reads precision at the recall thresholds with integer ``searchsorted``.
 
 With the compiled kernels of :mod:`kdet.metrics.native` (``_cocoeval.c``, built on
@@ -1008,11 +1009,34 @@ def _greedy_match(pair_iou, pair_start, group_first, group_ndet, group_gt_first,
 
 
 # --------------------------------------------------------------------------- accumulate
-def _accumulate(category, rank, score, image, true_pos, false_pos, num_positives, max_dets,
+def _score_rank(score):
+    """Each score's place among the distinct scores, highest first (ties share one):
+    sorting by it is sorting by ``-score``."""
+    ordered = np.argsort(-score)  # any order of ties: they get one rank
+    rank = np.empty(len(score), np.int64)
+    if len(score):
+        descending = score[ordered]
+        rank[ordered] = np.cumsum(np.r_[0, descending[1:] != descending[:-1]])
+    return rank
+
+
+def _stable_order(major, minor):
+    """``np.lexsort((minor, major))`` of non-negative int keys: one stable argsort of
+    ``major * (minor.max() + 1) + minor`` where that fits in int64 (one sort, not two)."""
+    if len(major) == 0:
+        return np.zeros(0, np.int64)
+    span = int(minor.max()) + 1
+    if int(major.max()) >= (1 << 62) // span:
+        return np.lexsort((minor, major))
+    return np.argsort(major * span + minor, kind="stable")
+
+
+def _accumulate(category, rank, score_rank, true_pos, false_pos, num_positives, max_dets,
                 num_categories, use_native=False):
     """pycocotools' ``accumulate``: precision ``[T, R, K, A, M]`` and recall ``[T, K, A, M]``.
 
-    The evaluated detections come in (image, category, rank) order.
+    The evaluated detections come in (image, category, rank) order; ``score_rank``:
+    :func:`_score_rank` of their scores.
     ``true_pos``/``false_pos``: ``[N, A, T]`` per evaluated detection; ``num_positives``:
     ``[K, A]`` non-ignored ground truths. Detections past a max-detections limit stay
     in the arrays as zero increments: that repeats earlier (recall, precision) points,
@@ -1022,8 +1046,8 @@ def _accumulate(category, rank, score, image, true_pos, false_pos, num_positives
     # by descending score: i.e. order by (score desc, image, rank). Sorting by category
     # first makes every category a contiguous run. The detections come in (image,
     # category, rank) order, so a stable sort by (category, score desc) keeps ties in
-    # (image, rank) order: two keys instead of four.
-    order = np.lexsort((-score, category))
+    # (image, rank) order: two keys instead of four, combined into one.
+    order = _stable_order(category, score_rank)
     bounds = np.searchsorted(category[order], np.arange(num_categories + 1))
     if use_native:  # the same steps in C, one call for every category
         return native.accumulate(order, bounds, rank, true_pos, false_pos, num_positives,
@@ -1638,6 +1662,8 @@ class COCOEvaluator:
             return np.zeros(0)
         det_index = ev[pair_det]
         if self.iou_type == "bbox":
+            if native.library() is not None:
+                return native.pair_box_iou(det.bbox, det_index, gt.bbox, pair_gt, gt.crowd)
             return _pair_box_iou(det.bbox[det_index], gt.bbox[pair_gt], gt.crowd[pair_gt])
         out = np.empty(len(pair_det))
         if self.iou_type == "segm":
@@ -1766,7 +1792,9 @@ class COCOEvaluator:
         # Detections per (image, category) group in descending score order (stable),
         # the first max(max_dets) of each are evaluated (computeIoU / evaluateImg).
         n = len(det)
-        order = np.lexsort((-det.score, det.category, det.image))  # stable: ties in arrival order
+        score_rank = _score_rank(det.score)
+        # by (image, category, score desc), stable: ties in arrival order
+        order = _stable_order(det.image * num_cat + det.category, score_rank)
         key = det.image[order] * num_cat + det.category[order]
         starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if n else np.zeros(0, int)
         rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
@@ -1804,8 +1832,8 @@ class COCOEvaluator:
         num_positives = np.zeros((num_cat, len(lo)), np.int64)
         np.add.at(num_positives, gt.category, (~gt_ignore).astype(np.int64))
         self.precision, self.recall = _accumulate(
-            det.category[ev], ev_rank, det.score[ev], det.image[ev], true_pos, false_pos,
-            num_positives, self.max_dets, num_cat, use_native=native.library() is not None)
+            det.category[ev], ev_rank, score_rank[ev], true_pos, false_pos, num_positives,
+            self.max_dets, num_cat, use_native=native.library() is not None)
 
         stats_spec = _KEYPOINT_STATS if self.iou_type == "keypoints" else _DETECTION_STATS
         results, stats = {}, []
@@ -1825,11 +1853,17 @@ class COCOEvaluator:
     def _per_class_ap(self):
         """AP per category over IoU 0.50:0.95, area 'all', the largest max-detections."""
         area = self.area_labels.index("all") if "all" in self.area_labels else 0
-        per_class = {}
-        for k, cat_id in enumerate(self._gt.category_ids):
-            p = self.precision[:, :, k, area, -1]
-            per_class[cat_id] = float(np.mean(p[p > -1])) if (p > -1).any() else -1.0
-        return per_class
+        # [K, T * R], each category's values in the order p[p > -1] lists them: a row's
+        # sum is numpy's pairwise sum of that 1-D array, so the mean is np.mean's
+        rows = np.moveaxis(self.precision[:, :, :, area, -1], 2, 0).reshape(
+            len(self._gt.category_ids), -1)
+        valid = rows > -1
+        full = valid.all(1)  # a category with ground truth: every entry set
+        ap = np.full(len(rows), -1.0)
+        ap[full] = rows[full].sum(1) / rows.shape[1]
+        for k in np.flatnonzero(~full & valid.any(1)):  # not seen from pycocotools' loops
+            ap[k] = np.mean(rows[k][valid[k]])
+        return dict(zip(self._gt.category_ids, ap.tolist()))
 
     def results(self):
         """Every detection added so far as COCO result dicts (the list ``COCO.loadRes``

@@ -44,6 +44,7 @@ _SIGNATURES = {
     "kdet_polygons_to_rle": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     "kdet_rle_union": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR],
     "kdet_rle_pair_iou": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
+    "kdet_pair_box_iou": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     "kdet_oks_exponents": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64,
                            ctypes.c_double, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     "kdet_oks_means": [_I64, _I64, _PTR, _PTR, _PTR],
@@ -341,6 +342,17 @@ def rle_areas_boxes(rles, chunk=1 << 15):
         decoded = DecodedRles(rles[begin:begin + chunk])
         area[begin:begin + chunk], box[begin:begin + chunk] = decoded.areas(), decoded.boxes()
     return area, box
+
+
+def pair_box_iou(det_boxes, det_index, gt_boxes, gt_index, gt_crowd):
+    """``kdet.metrics.coco._pair_box_iou`` of pairs (``det_boxes[det_index[p]]``,
+    ``gt_boxes[gt_index[p]]``), crowd per ground truth, in C (maskApi.c's ``bbIou``) without
+    gathering the boxes."""
+    out = np.empty(len(det_index))
+    _call(library().kdet_pair_box_iou, len(out), _array(det_boxes, np.float64),
+          _array(det_index, np.int64), _array(gt_boxes, np.float64),
+          _array(gt_index, np.int64), _array(gt_crowd, np.uint8), out)
+    return out
 
 
 def rle_pair_iou(dets, det_index, gts, gt_index, crowd):
