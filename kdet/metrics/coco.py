@@ -1119,8 +1119,12 @@ def _summarize_one(precision, recall, iou_thrs, area_labels, max_dets, ap, iou_t
     s = precision if ap == 1 else recall
     if iou_thr is not None:
         s = s[np.where(iou_thr == iou_thrs)[0]]
-    s = s[:, :, :, aind, mind] if ap == 1 else s[:, :, aind, mind]
-    return -1 if len(s[s > -1]) == 0 else np.mean(s[s > -1])
+    if len(aind) == 1 and len(mind) == 1:  # the usual: a view, not a copy (same order)
+        s = s[..., aind[0], mind[0]]
+    else:
+        s = s[:, :, :, aind, mind] if ap == 1 else s[:, :, aind, mind]
+    values = s[s > -1]
+    return -1 if len(values) == 0 else np.mean(values)
 
 
 # --------------------------------------------------------------------------- evaluator
