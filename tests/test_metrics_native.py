@@ -35,6 +35,25 @@ def test_native_library_is_built(monkeypatch):
     assert native.library() is None
 
 
+def test_ordinary_pages_switches_numpys_huge_page_advice_off_and_back():
+    """The evaluator's block without numpy's huge-page advice, restored after (also when
+    the block raises); skips where numpy has no such switch (the block then runs as is)."""
+    switch = getattr(np._core.multiarray, "_set_madvise_hugepage", None)
+    if switch is None:
+        pytest.skip("this numpy has no _set_madvise_hugepage")
+    before = switch(True)
+    try:
+        with native.ordinary_pages():
+            assert switch(False) is False  # off inside (the call returns the setting)
+        assert switch(True) is True  # back on after
+        with pytest.raises(ValueError):
+            with native.ordinary_pages():
+                raise ValueError
+        assert switch(True) is True
+    finally:
+        switch(before)
+
+
 def awkward_box_scene(seed):
     """Images without ground truth or detections, an image with only crowd ground truth,
     zero-area boxes on both sides, tied scores, 120 detections of one (image, category)

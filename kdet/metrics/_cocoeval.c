@@ -850,6 +850,44 @@ KDET_EXPORT int64_t kdet_oks_exponents(
     return 0;
 }
 
+/* kdet_oks_exponents' reach of n keypoint rows (num_kpts x, y, v triples each) into out
+ * [n, 4] (x min, x max, y min, y max): every keypoint of a detection (boxes NULL); a
+ * ground truth's labelled keypoints (v > 0), or when none is, its box boxes[i] grown to
+ * 3x in kdet_oks_exponents' arithmetic. A row with a NaN gets the whole plane. */
+KDET_EXPORT int64_t kdet_keypoint_reach(int64_t n, const double *kpts, int64_t num_kpts,
+                                        const double *boxes, double *out)
+{
+    for (int64_t i = 0; i < n; i++) {
+        const double *k = kpts + i * 3 * num_kpts;
+        double x0 = INFINITY, x1 = -INFINITY, y0 = INFINITY, y1 = -INFINITY;
+        int used = 0, nan = 0;
+        for (int64_t j = 0; j < num_kpts; j++) {
+            if (boxes && !(k[3 * j + 2] > 0)) continue;
+            const double x = k[3 * j], y = k[3 * j + 1];
+            nan |= x != x || y != y;
+            x0 = x < x0 ? x : x0;
+            x1 = x > x1 ? x : x1;
+            y0 = y < y0 ? y : y0;
+            y1 = y > y1 ? y : y1;
+            used = 1;
+        }
+        if (boxes && !used) {
+            const double *b = boxes + i * 4;
+            x0 = b[0] - b[2];
+            x1 = b[0] + b[2] * 2;
+            y0 = b[1] - b[3];
+            y1 = b[1] + b[3] * 2;
+            nan = x0 != x0 || x1 != x1 || y0 != y0 || y1 != y1;
+        }
+        double *o = out + i * 4;
+        o[0] = nan ? -INFINITY : x0;
+        o[1] = nan ? INFINITY : x1;
+        o[2] = nan ? -INFINITY : y0;
+        o[3] = nan ? INFINITY : y1;
+    }
+    return 0;
+}
+
 /* numpy's sum of a contiguous float64 vector (pairwise_sum in loops_utils.h), so the
  * mean adds in pycocotools' order. */
 static double numpy_sum(const double *a, int64_t n)

@@ -1229,6 +1229,10 @@ class COCOEvaluator:
     def add_detections(self, detections):
         """Add COCO result dicts ``{"image_id", "category_id", "bbox" | "segmentation" |
         "keypoints", "score"}`` (the list ``COCO.loadRes`` takes)."""
+        with native.ordinary_pages():
+            self._add_detections(detections)
+
+    def _add_detections(self, detections):
         if not isinstance(detections, (list, tuple)):
             raise ValueError(f"detections must be a list of dicts, got {type(detections).__name__}")
         if len(detections) == 0:
@@ -1787,6 +1791,10 @@ class COCOEvaluator:
 
     def evaluate(self):
         """Run the evaluation; returns the summary stats and ``"per_class_AP"``."""
+        with native.ordinary_pages():  # short-lived large temporaries: no huge-page stalls
+            return self._evaluate()
+
+    def _evaluate(self):
         gt = self._gt
         det = _Detections.concatenate(self._chunks)
         num_cat = gt.num_categories

@@ -13,6 +13,7 @@ both give pycocotools' numbers bit for bit. ``KDET_NATIVE=0`` forces the numpy c
 The C code takes plain arrays (no Python or numpy headers): each function here
 converts its arguments to contiguous arrays of the C types and passes pointers.
 """
+import contextlib
 import ctypes
 import functools
 import importlib.machinery
@@ -45,6 +46,7 @@ _SIGNATURES = {
     "kdet_rle_union": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR],
     "kdet_rle_pair_iou": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     "kdet_pair_box_iou": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
+    "kdet_keypoint_reach": [_I64, _PTR, _I64, _PTR, _PTR],
     "kdet_oks_exponents": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64,
                            ctypes.c_double, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     "kdet_oks_means": [_I64, _I64, _PTR, _PTR, _PTR],
@@ -157,6 +159,25 @@ def _empty(shape, dtype):
     if size < 1 << 22:
         return np.empty(shape, dtype)
     return np.frombuffer(mmap.mmap(-1, size), dtype).reshape(shape)
+
+
+@contextlib.contextmanager
+def ordinary_pages():
+    """numpy's arrays of 4 MB and more allocated without its transparent-huge-page advice
+    while the block runs (the evaluator's temporaries live milliseconds; see
+    :func:`_empty`), restored after. Measured on the 2-core VM, COCO keypoints: with the
+    advice an evaluation's system time swung 0.02-0.23 s from one call to the next,
+    without it 0.02-0.03. numpy's switch is private (``_set_madvise_hugepage``): where it
+    is missing the block runs as is."""
+    switch = getattr(getattr(np, "_core", np.core).multiarray, "_set_madvise_hugepage", None)
+    if switch is None:
+        yield
+        return
+    before = switch(False)
+    try:
+        yield
+    finally:
+        switch(before)
 
 
 def _call(function, *args):
@@ -404,25 +425,15 @@ def pair_oks(det_kpts, gt_kpts, gt_boxes, gt_area, sigmas, pair_det, pair_gt, mi
 
 
 def _keypoint_reach(keypoints, boxes=None):
-    """``[N, 4]`` (x min, x max, y min, y max) of where ``kdet_oks_exponents`` measures from:
-    all keypoints of a detection (``boxes`` None); a ground truth's labelled keypoints, or
-    its box grown to 3x when none is labelled (C's arithmetic). A row with a NaN spans
-    everything, so no pair of it is dropped on the bound."""
-    x, y = keypoints[:, 0::3], keypoints[:, 1::3]
-    if boxes is None:
-        reach = np.stack([x.min(1), x.max(1), y.min(1), y.max(1)], 1)
-    else:
-        labelled = keypoints[:, 2::3] > 0
-        reach = np.stack([np.where(labelled, x, np.inf).min(1),
-                          np.where(labelled, x, -np.inf).max(1),
-                          np.where(labelled, y, np.inf).min(1),
-                          np.where(labelled, y, -np.inf).max(1)], 1)
-        none = ~labelled.any(1)
-        grown = np.stack([boxes[:, 0] - boxes[:, 2], boxes[:, 0] + boxes[:, 2] * 2,
-                          boxes[:, 1] - boxes[:, 3], boxes[:, 1] + boxes[:, 3] * 2], 1)
-        reach[none] = grown[none]
-    reach[np.isnan(reach).any(1)] = [-np.inf, np.inf, -np.inf, np.inf]
-    return np.ascontiguousarray(reach)
+    """``[N, 4]`` (x min, x max, y min, y max) of where ``kdet_oks_exponents`` measures from
+    (``kdet_keypoint_reach``): all keypoints of a detection (``boxes`` None); a ground
+    truth's labelled keypoints, or its box grown to 3x when none is labelled. A row with a
+    NaN spans everything, so no pair of it is dropped on the bound. In C: numpy's
+    temporaries of [N, K] would be fresh memory, slower to touch than the loop."""
+    out = np.empty((len(keypoints), 4))
+    _call(library().kdet_keypoint_reach, len(out), keypoints, keypoints.shape[1] // 3,
+          None if boxes is None else boxes, out)
+    return out
 
 
 def match_detections(pair_iou, pair_start, group_first, group_ndet, group_gt_first,
