@@ -251,6 +251,7 @@ def test_pair_oks_is_bit_identical_to_compute_oks(num_kpts):
     gt_kpts[1, :, 2] = 2  # all labelled
     area = boxes[:, 2] * boxes[:, 3] * rng.uniform(0.3, 1, num_gt)
     area[2] = 0  # zero area: only eps in the denominator
+    area[3] = -40.0  # negative (only checked finite): e < 0, OKS > 1, no bound may drop it
     det_kpts = gt_kpts[rng.integers(num_gt, size=num_det)].copy()
     det_kpts[..., :2] += rng.normal(0, rng.choice([0.5, 3, 30], (num_det, 1, 1)),
                                     (num_det, num_kpts, 2))
@@ -265,6 +266,7 @@ def test_pair_oks_is_bit_identical_to_compute_oks(num_kpts):
     near = oks != 0
     assert (expected[~near] < 0.5).all()  # left 0 only where it never matches
     assert np.array_equal(oks[near], expected[near])  # bit for bit
+    assert (oks[pair_gt == 3] > 1).any()
     assert (expected >= 0.5).sum() > 20 and near.sum() > (expected >= 0.5).sum()
     assert oks[0 * num_gt + 1] == 1.0
 

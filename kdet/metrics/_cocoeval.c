@@ -797,28 +797,34 @@ KDET_EXPORT int64_t kdet_oks_exponents(
      * the rounding of e's three divisions and this product (relative 1e-15 each); only
      * pairs that fail the test get their exponents (most pairs are far apart). */
     const double reach = max_exponent * 2 * (1 + 1e-9);
-    double widest = 0;
-    for (int64_t j = 0; j < num_kpts; j++)
+    double widest = 0, narrowest = INFINITY;
+    for (int64_t j = 0; j < num_kpts; j++) {
         if (variances[j] > widest) widest = variances[j];
+        if (!(variances[j] >= narrowest)) narrowest = variances[j];  /* NaN sticks */
+    }
     int64_t r = 0;  /* rows written: the pairs kept */
     for (int64_t p = 0; p < num_pairs; p++) {
         const double *d = det_kpts + pair_det[p] * 3 * num_kpts;
         const double *g = gt_kpts + pair_gt[p] * 3 * num_kpts;
         const double *box = gt_box + pair_gt[p] * 4;
         const double scale = gt_area[pair_gt[p]] + DBL_EPSILON;
+        /* The tests hold where far * variance is a positive normal number; otherwise
+         * (an area <= -eps, a sigma of 0 or one so small that the product is subnormal)
+         * the pair gets its exponents as before. */
         const double far = reach * scale;
+        const int bounded = far * narrowest >= DBL_MIN;
         const double *dr = det_reach + pair_det[p] * 4, *gr = gt_reach + pair_gt[p] * 4;
         double gap_x = dr[0] - gr[1] > gr[0] - dr[1] ? dr[0] - gr[1] : gr[0] - dr[1];
         double gap_y = dr[2] - gr[3] > gr[2] - dr[3] ? dr[2] - gr[3] : gr[2] - dr[3];
         gap_x = gap_x > 0 ? gap_x : 0;
         gap_y = gap_y > 0 ? gap_y : 0;
-        if (gap_x * gap_x + gap_y * gap_y > far * widest) continue;
+        if (bounded && gap_x * gap_x + gap_y * gap_y > far * widest) continue;
         double *e = exponents + r * num_kpts;
         int64_t labelled = 0;
         for (int64_t j = 0; j < num_kpts; j++) labelled += g[3 * j + 2] > 0;
         const double x0 = box[0] - box[2], x1 = box[0] + box[2] * 2;
         const double y0 = box[1] - box[3], y1 = box[1] + box[3] * 2;
-        int64_t n = 0, near_any = 0;
+        int64_t n = 0, near_any = !bounded;
         for (int64_t j = 0; j < num_kpts; j++) {  /* squared distances into e */
             double dx, dy;
             if (labelled) {
