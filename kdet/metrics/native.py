@@ -27,7 +27,8 @@ import numpy as np
 __all__ = ["library", "library_path", "records", "record_detections", "record_rows", "Rles",
            "DecodedRles", "rle_areas_boxes", "rle_pair_iou", "read_segmentations",
            "check_rle_strings", "check_rle_text",
-           "polygons_to_rles", "encode_rles", "pair_oks", "match_detections", "accumulate"]
+           "polygons_to_rles", "encode_rles", "pair_box_iou", "pair_oks", "match_detections",
+           "accumulate", "ordinary_pages"]
 
 _ABI = 9  # kdet_cocoeval_abi() of the C source this file was written for
 _LIBRARY_DIR = pathlib.Path(__file__).resolve().parent / "_kernels"
@@ -111,9 +112,9 @@ def record_detections(detections, image_index, category_index, row_key=None, wid
     ``row_key``); ``boxes``: each ``d[box_key]`` as ``[N, 4]`` float64 when every record
     holds a plain one, else (or without ``box_key``) None; ``flags``: for each of the (at
     most 4) ``flag_keys``, whether any record holds it. Or None: the reader is not built, or
-    a record is not of the plain
-    form (exact dicts, ids int / str / float in the index, plain int / float numbers, rows
-    lists or tuples of ``width``); then read them in Python, which names the bad one."""
+    a record is not of the plain form (exact dicts, ids int / str / float in the index,
+    plain int / float numbers, rows lists or tuples of ``width``); then read them in
+    Python, which names the bad one."""
     reader = records()
     width = int(width) if row_key is not None else 0
     out = None if reader is None else reader.detections(
@@ -169,7 +170,8 @@ def ordinary_pages():
     advice an evaluation's system time swung 0.02-0.23 s from one call to the next,
     without it 0.02-0.03. numpy's switch is private (``_set_madvise_hugepage``): where it
     is missing the block runs as is."""
-    switch = getattr(getattr(np, "_core", np.core).multiarray, "_set_madvise_hugepage", None)
+    core = getattr(np, "_core", None) or np.core  # numpy 2 / 1
+    switch = getattr(getattr(core, "multiarray", None), "_set_madvise_hugepage", None)
     if switch is None:
         yield
         return
