@@ -162,6 +162,17 @@ def _get(index, key):
     return index.get(key, -1) if _hashable(key) else -1
 
 
+_PLAIN_IDS = {int, str, float}
+
+
+def _lookup(index, keys):
+    """``[_get(index, k) for k in keys]`` as int64: in one ``map`` where every key is a
+    plain int / str / float (the usual), else key by key."""
+    if set(map(type, keys)) <= _PLAIN_IDS:
+        return np.fromiter(map(index.get, keys, itertools.repeat(-1)), np.int64, len(keys))
+    return np.array([_get(index, k) for k in keys], np.int64)
+
+
 def _hashable(value):
     try:
         hash(value)
@@ -610,17 +621,18 @@ class _GroundTruth:
         needed += {"bbox": ["bbox"], "segm": ["segmentation"],
                    "keypoints": ["bbox", "keypoints", "num_keypoints"]}[iou_type]
         columns = {key: _column(anns, key, what) for key in needed}
-        img = np.array([_get(self.image_index, i) for i in columns["image_id"]], np.int64)
-        cat = np.array([_get(self.category_index, c) for c in columns["category_id"]], np.int64)
+        img = _lookup(self.image_index, columns["image_id"])
+        cat = _lookup(self.category_index, columns["category_id"])
         for arr, key in ((img, "image_id"), (cat, "category_id")):
             if (arr < 0).any():
                 i = int(np.flatnonzero(arr < 0)[0])
                 raise ValueError(f"{what(i)}: {key} {_show(columns[key][i])} is not in "
                                  f"'{'images' if key == 'image_id' else 'categories'}'")
         ids = columns["id"]
-        for i, ann_id in enumerate(ids):
-            if not _hashable(ann_id):
-                raise ValueError(f"{what(i)}: annotation id {_show(ann_id)} is unhashable")
+        if not set(map(type, ids)) <= _PLAIN_IDS:  # else every id is hashable
+            for i, ann_id in enumerate(ids):
+                if not _hashable(ann_id):
+                    raise ValueError(f"{what(i)}: annotation id {_show(ann_id)} is unhashable")
         if len(set(ids)) != len(ids):
             seen = set()
             for i, ann_id in enumerate(ids):
