@@ -165,12 +165,18 @@ def _get(index, key):
 _PLAIN_IDS = {int, str, float}
 
 
-def _lookup(index, keys):
-    """``[_get(index, k) for k in keys]`` as int64: in one ``map`` where every key is a
-    plain int / str / float (the usual), else key by key."""
+def _plain_lookup(index, keys):
+    """``index.get(k, -1)`` of every key as int64 in one ``map`` when every key is a plain
+    int / str / float (the usual ids), else None (the caller looks them up one by one)."""
     if set(map(type, keys)) <= _PLAIN_IDS:
         return np.fromiter(map(index.get, keys, itertools.repeat(-1)), np.int64, len(keys))
-    return np.array([_get(index, k) for k in keys], np.int64)
+    return None
+
+
+def _lookup(index, keys):
+    """``[_get(index, k) for k in keys]`` as int64."""
+    out = _plain_lookup(index, keys)
+    return np.array([_get(index, k) for k in keys], np.int64) if out is None else out
 
 
 def _hashable(value):
@@ -1461,10 +1467,8 @@ class COCOEvaluator:
     @staticmethod
     def _indices(values, index, key, where, what):
         # True == 1 and hashes alike, but a bool is no id; lists are unhashable
-        if set(map(type, values)) <= {int, str, float}:  # the usual ids: looked up in C
-            out = np.fromiter(map(index.get, values, itertools.repeat(-1)), np.int64,
-                              len(values))
-        else:
+        out = _plain_lookup(index, values)
+        if out is None:
             out = np.array([index.get(v, -1) if isinstance(v, (int, str, float, np.number))
                             and not isinstance(v, (bool, np.bool_)) else -1 for v in values],
                            np.int64)
