@@ -335,13 +335,46 @@ def _awkward_polygon_masks(rng, num):
     return masks
 
 
-def test_polygons_rasterised_in_c_equal_pycocotools():
+def _steep_and_large_polygons(rng, num):
+    """Polygons whose edges are steep (|dx| < |dy|: the outline's column crossings are
+    searched for, not stepped to) at every slope, in images up to 900 px, with vertices
+    outside the image and around 0 (C's truncation toward zero), plus a few past the
+    search's size limit (stepped): 10**6 px out, or 250,000 px tall."""
+    masks = []
+    for j in range(num):
+        h, w = int(rng.integers(1, 900)), int(rng.integers(1, 900))
+        k, kind = int(rng.integers(3, 14)), j % 5
+        if kind == 0:  # thin and tall: every edge steep
+            x = rng.uniform(-50, w + 50, k)
+            x = x.mean() + (x - x.mean()) * rng.uniform(0, 0.2)
+            y = rng.uniform(-50, h + 50, k)
+        elif kind == 1:  # near 45 degrees both ways
+            t, r = rng.uniform(0, 2 * np.pi, k), rng.uniform(1, 400)
+            x, y = w / 2 + r * np.cos(t) + rng.normal(0, 0.01, k), h / 2 + r * np.sin(t)
+        elif kind == 2:  # an octagon (eval_speed's ground truth), tall or wide
+            bx, by, bw, bh = rng.uniform(-10, w), rng.uniform(-10, h), *rng.uniform(1, 400, 2)
+            x = bx + bw * np.array([.3, .7, 1, 1, .7, .3, 0, 0])
+            y = by + bh * np.array([0, 0, .3, .7, 1, 1, .7, .3])
+        elif kind == 3:  # around 0
+            x, y = rng.uniform(-3, 3, k), rng.uniform(-30, 30, k)
+        else:
+            x, y = rng.uniform(-50, w + 50, k), rng.uniform(-50, h + 50, k)
+        if j % 500 == 499:  # far out, or edges 250,000 px tall
+            x, y = (x + 1e6, y) if j % 1000 == 999 else (x, y * 250)
+        masks.append(([[round(float(v), int(rng.integers(0, 4)))
+                        for v in np.stack([x, y], 1).ravel()]], h, w))
+    return masks
+
+
+@pytest.mark.parametrize("kind", ["awkward", "steep"])
+def test_polygons_rasterised_in_c_equal_pycocotools(kind):
     """kdet_polygons_to_rle + kdet_rle_union + kdet_rle_encode: the same RLE strings as
     pycocotools' frPyObjects + merge, and the same areas / boxes."""
     if native.library() is None:
         pytest.skip("kdet's C evaluation kernels not installed")
     from pycocotools import mask as mask_utils
-    masks = _awkward_polygon_masks(np.random.default_rng(0), 1500)
+    masks = _awkward_polygon_masks(np.random.default_rng(0), 1500) if kind == "awkward" \
+        else _steep_and_large_polygons(np.random.default_rng(1), 3000)
     masks.append(([[0.0, 0.0, 639.6, 0.0, 639.6, 479.4, 0.0, 479.4]], 480, 640))  # large
     flat = [p for polygons, _, _ in masks for p in polygons]
     rles = native.polygons_to_rles(

@@ -531,22 +531,52 @@ KDET_EXPORT int64_t kdet_polygons_to_rle(int64_t num_polys, const double *xy,
                 t = flip ? 0 : dy;
                 o.prev_u = (int)(xs + s * t + .5);
                 o.prev_v = t + ys;
+            } else if (dy < (1 << 20) && abs(xs) < (1 << 22) && abs(xe) < (1 << 22)) {
+                /* v steps by one, u = U(t) by at most one a step, monotonically (|s| <
+                 * 1 - 2**-20, far above the roundings' error at these sizes): of the pairs
+                 * where u changes, only those between 5c + 2 and 5c + 3 can be kept, so
+                 * only they are visited, each found from an estimate corrected with the
+                 * exact U; then the last point becomes the previous one */
+#define KDET_STEEP_U(t) ((int)(xs + s * (t) + .5))
+                const int t_first = flip ? dy : 0, t_last = flip ? 0 : dy;
+                outline_point(&o, KDET_STEEP_U(t_first), t_first + ys);
+                const int u_start = KDET_STEEP_U(0), u_end = KDET_STEEP_U(dy);
+                const int rising = u_end > u_start;
+                const int u_lo = rising ? u_start : u_end, u_hi = rising ? u_end : u_start;
+                for (int m = u_lo + ((2 - u_lo) % 5 + 5) % 5; m < u_hi; m += 5) {
+                    /* the first t with U(t) >= m + 1 (rising) or U(t) <= m (falling) */
+                    const double estimate = ceil((m + .5 - xs) / s);
+                    int t = estimate < 1 ? 1 : estimate > dy ? dy : (int)estimate;
+                    if (rising) {
+                        while (t > 1 && KDET_STEEP_U(t - 1) > m) t--;
+                        while (KDET_STEEP_U(t) <= m) t++;
+                    } else {
+                        while (t > 1 && KDET_STEEP_U(t - 1) <= m) t--;
+                        while (KDET_STEEP_U(t) > m) t++;
+                    }
+                    o.prev_u = KDET_STEEP_U(t - 1);
+                    o.prev_v = t - 1 + ys;
+                    outline_point(&o, KDET_STEEP_U(t), t + ys);
+                }
+                o.prev_u = KDET_STEEP_U(t_last);
+                o.prev_v = t_last + ys;
+#undef KDET_STEEP_U
             } else
                 for (int d = 0; d <= dy; d++) {
                     const int t = flip ? dy - d : d;
                     outline_point(&o, (int)(xs + s * t + .5), t + ys);
                 }
         }
-        columns[o.n] = (uint32_t)w;
-        points[o.n++] = (uint32_t)(h * w);
-        /* counting sort by column (the end h * w is column w) */
-        const int64_t n = o.n;
+        /* counting sort of the boundary points by column over the outline's columns
+         * only; the end h * w, at least every point, goes last */
+        const int64_t n = o.n + 1, n_points = o.n;
         uint32_t lo = UINT32_MAX, hi = 0;
-        for (int64_t j = 0; j < n; j++) {
+        for (int64_t j = 0; j < n_points; j++) {
             const uint32_t c = columns[j];
             lo = c < lo ? c : lo;
             hi = c > hi ? c : hi;
         }
+        if (n_points == 0) lo = hi = 0;
         const int64_t num_cols = (int64_t)(hi - lo) + 2;
         if (num_cols > col_cap) {
             col_cap = num_cols * 2;
@@ -558,9 +588,10 @@ KDET_EXPORT int64_t kdet_polygons_to_rle(int64_t num_polys, const double *xy,
             }
         }
         memset(col_start, 0, sizeof(int64_t) * (size_t)num_cols);
-        for (int64_t j = 0; j < n; j++) col_start[columns[j] - lo + 1]++;
+        for (int64_t j = 0; j < n_points; j++) col_start[columns[j] - lo + 1]++;
         for (int64_t c = 1; c < num_cols; c++) col_start[c] += col_start[c - 1];
-        for (int64_t j = 0; j < n; j++) sorted[col_start[columns[j] - lo]++] = points[j];
+        for (int64_t j = 0; j < n_points; j++) sorted[col_start[columns[j] - lo]++] = points[j];
+        sorted[n_points] = (uint32_t)(h * w);
         /* col_start[c] is now column c's end: insertion sort within each column */
         int64_t begin = 0;
         for (int64_t c = 0; c + 1 < num_cols; c++) {
