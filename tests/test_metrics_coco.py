@@ -745,6 +745,29 @@ def test_segm_awkward_scene_matches_pycocotools(seed):
     assert_same_as_reference(ev, result, reference_eval(gt, dets, "segm"))
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("uncompressed", [False, True], ids=["strings", "with-uncompressed"])
+def test_segm_in_chunks_of_mixed_forms_matches_pycocotools(seed, uncompressed):
+    """Detections added in three calls: str counts; str counts, some uncompressed RLEs
+    (read in Python) among them; bytes counts. The strings kept from each call are decoded
+    in evaluate (their places shifted as the calls are joined), or, where an uncompressed
+    one is among them, all from the dicts: pycocotools' stats on the same masks as one
+    result list."""
+    gt, dets = awkward_mask_scene(seed)
+    mine = copy.deepcopy(dets)
+    third = len(mine) // 3
+    for d in mine[third:2 * third:3] if uncompressed else []:
+        rle = d["segmentation"]
+        d["segmentation"] = {"size": rle["size"], "counts": _runs(
+            mask_utils.decode(dict(rle, counts=rle["counts"].encode())))}
+    for d in mine[2 * third:]:
+        d["segmentation"]["counts"] = d["segmentation"]["counts"].encode()
+    ev = COCOEvaluator(gt, iou_type="segm")
+    for begin, end in ((0, third), (third, 2 * third), (2 * third, len(mine))):
+        ev.add_detections(mine[begin:end])
+    assert_same_as_reference(ev, ev.evaluate(), reference_eval(gt, dets, "segm"))
+
+
 def test_keypoints_max_dets_cut_and_ties_match_pycocotools():
     """30 tied-score detections per image (keypoints' maxDets is 20) near people with
     and without labelled keypoints."""

@@ -21,7 +21,7 @@
 #endif
 
 /* Version of this interface; native.py refuses a library with another. */
-KDET_EXPORT int64_t kdet_cocoeval_abi(void) { return 9; }
+KDET_EXPORT int64_t kdet_cocoeval_abi(void) { return 10; }
 
 /* evaluateImg's greedy matching for every (image, category) group, and the true /
  * false positive flags accumulate reads.
@@ -128,28 +128,31 @@ KDET_EXPORT int64_t kdet_match_detections(
 
 /* How many counts the num compressed RLE strings in text hold: the characters that end
  * a number (no continuation bit 0x20), plus one per string for an unfinished last one. */
-KDET_EXPORT int64_t kdet_rle_count(int64_t num, const char *text, const int64_t *text_offsets)
+KDET_EXPORT int64_t kdet_rle_count(int64_t num, const char *text, const int64_t *starts,
+                                   const int64_t *ends)
 {
     int64_t total = num;
-    for (int64_t i = text_offsets[0]; i < text_offsets[num]; i++)
-        total += !((char)(text[i] - 48) & 0x20);
+    for (int64_t r = 0; r < num; r++)
+        for (int64_t i = starts[r]; i < ends[r]; i++)
+            total += !((char)(text[i] - 48) & 0x20);
     return total;
 }
 
-/* pycocotools' rleFrString for num compressed RLE strings, concatenated in text
- * (string i is text[text_offsets[i] .. text_offsets[i + 1]]): the counts of RLE i go to
- * counts[count_offsets[i] .. count_offsets[i + 1]] (counts has room for every
+/* pycocotools' rleFrString for num compressed RLE strings in text (string i is
+ * text[starts[i] .. ends[i]]: back to back, or any spans of a larger text): the counts of
+ * RLE i go to counts[count_offsets[i] .. count_offsets[i + 1]] (counts has room for every
  * number, kdet_rle_count). The strings were checked before (kdet.metrics.rle.check_counts).
  */
-KDET_EXPORT int64_t kdet_rle_decode(int64_t num, const char *text, const int64_t *text_offsets,
-                                    uint32_t *counts, int64_t *count_offsets)
+KDET_EXPORT int64_t kdet_rle_decode(int64_t num, const char *text, const int64_t *starts,
+                                    const int64_t *ends, uint32_t *counts,
+                                    int64_t *count_offsets)
 {
     int64_t m = 0;
     count_offsets[0] = 0;
     for (int64_t r = 0; r < num; r++) {
         const int64_t first = m;
-        int64_t p = text_offsets[r];
-        const int64_t end = text_offsets[r + 1];
+        int64_t p = starts[r];
+        const int64_t end = ends[r];
         while (p < end) {
             long x = 0;
             int64_t k = 0;

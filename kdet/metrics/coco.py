@@ -304,7 +304,8 @@ def _to_rles(segmentations, heights, widths, what):
     the error naming the first bad record).
 
     With the C kernels (:func:`_read_masks`) also the masks' areas and boxes (NaN where
-    not measured): returns ``(rles, area, box)``; without them ``(rles, None, None)``.
+    not measured) and the checked strings as read (:class:`_Masks`' ``text``): returns
+    ``(rles, area, box, text)``; without them ``(rles, None, None, None)``.
     """
     if native.library() is not None:
         masks = _read_masks(segmentations, heights, widths, what)
@@ -312,15 +313,18 @@ def _to_rles(segmentations, heights, widths, what):
         if len(masks.polygons):  # polygons rasterised in C: their compressed strings
             for i, text in zip(masks.polygons.tolist(), native.encode_rles(masks.polygon_rles)):
                 out[i] = {"size": [int(heights[i]), int(widths[i])], "counts": text}
-        return out, masks.area, masks.box
-    return _to_rles_numpy(segmentations, heights, widths, what), None, None
+        return out, masks.area, masks.box, masks.text
+    return _to_rles_numpy(segmentations, heights, widths, what), None, None, None
 
 
 class _Masks:
     """What :func:`_read_masks` found: ``rles`` (the checked compressed RLE dicts, the
     input's; ``None`` for polygons and absent ones), ``polygons`` (indices) and their
     :class:`kdet.metrics.native.Rles` ``polygon_rles``, ``area`` / ``box`` (NaN where
-    not measured)."""
+    not measured), ``text``: None, or ``(text, spans)``, the strings read in C back to
+    back (uint8) and ``[N, 2]`` (start, end) of each segmentation's there, -1 for those
+    not among them (polygons, strings checked in Python), so that they are decoded later
+    without reading the dicts again."""
 
 
 def _read_masks(segmentations, heights, widths, what):
@@ -337,7 +341,8 @@ def _read_masks(segmentations, heights, widths, what):
     masks.rles = list(segmentations)
     masks.area, masks.box = np.full(n, np.nan), np.full((n, 4), np.nan)
     good = np.zeros(n, bool)
-    strings, checked, polygons = _mask_columns(masks.rles, heights, widths)
+    strings, checked, polygons, text = _mask_columns(masks.rles, heights, widths)
+    masks.text = None
     if len(strings):
         h, w = heights[strings].astype(np.int64), widths[strings].astype(np.int64)
         status, masks.area[strings], masks.box[strings] = checked
@@ -349,6 +354,13 @@ def _read_masks(segmentations, heights, widths, what):
             ok[exact] = decoded & check_counts(counts, offsets, h[exact] * w[exact])
             masks.area[strings[exact]] = np.nan  # measured later, from the dicts
         good[strings] = ok
+        if text is not None:
+            text, text_offsets = text
+            spans = np.full((n, 2), -1, np.int64)
+            read = status == 0
+            spans[strings[read], 0] = text_offsets[:-1][read]
+            spans[strings[read], 1] = text_offsets[1:][read]
+            masks.text = text, spans
     masks.polygons = np.zeros(0, np.int64)
     if polygons is not None:
         indices, coords, offsets, per_mask = polygons
@@ -367,11 +379,12 @@ def _read_masks(segmentations, heights, widths, what):
 
 def _mask_columns(segmentations, heights, widths):
     """What :func:`_read_masks` checks, read from the list: ``(strings, checked,
-    polygons)``. ``strings``: indices of the compressed RLEs whose size is the image's;
+    polygons, text)``. ``strings``: indices of the compressed RLEs whose size is the image's;
     ``checked``: their :func:`kdet.metrics.native.check_rle_strings` (status 2 for all
     when a string holds a character past latin-1); ``polygons``: None, or the plain
     polygons within :func:`_segmentation_crash`'s range as ``(indices, coordinates,
-    offsets, polygons per mask)``. Read in C (``_records.c``) when it is built."""
+    offsets, polygons per mask)``; ``text``: the strings back to back and their offsets
+    (uint8, int64) when read in C (``_records.c``, when it is built), else None."""
     read = native.read_segmentations(segmentations, heights, widths)
     if read is not None:
         kinds, text, text_offsets, coords, coord_offsets, per_mask = read
@@ -379,7 +392,7 @@ def _mask_columns(segmentations, heights, widths):
         checked = native.check_rle_text(text, text_offsets, heights[strings], widths[strings]) \
             if len(strings) else None
         return strings, checked, (polygons, coords, coord_offsets, per_mask) \
-            if len(polygons) else None
+            if len(polygons) else None, (text, text_offsets)
     strings, polygons = _mask_kinds(segmentations)
     checked = None
     if len(strings):
@@ -401,7 +414,7 @@ def _mask_columns(segmentations, heights, widths):
             polygons = polygons[[_plain_polygons(c) for c in candidates]]
     found = _polygon_coordinates(segmentations, polygons, heights, widths) \
         if len(polygons) else None
-    return strings, checked, found
+    return strings, checked, found, None
 
 
 def _mask_kinds(segmentations):
@@ -790,6 +803,8 @@ class _Detections:
         self.mask_box = None
         # [n, 3K] when every detection's keypoints are rows of it (one width)
         self.keypoint_table = None
+        # (text, spans): the checked RLE strings as read in C (_Masks.text), or None
+        self.mask_text = None
 
     def __len__(self):
         return len(self.image)
@@ -817,6 +832,15 @@ class _Detections:
                                             else c.mask_area for c in chunks])
             out.mask_box = np.concatenate([np.full((len(c), 4), np.nan) if c.mask_box is None
                                            else c.mask_box for c in chunks])
+        out.mask_text = None
+        if any(c.mask_text is not None for c in chunks):
+            texts = [np.zeros(0, np.uint8) if c.mask_text is None else c.mask_text[0]
+                     for c in chunks]
+            shift = np.cumsum([0] + [len(t) for t in texts[:-1]])
+            spans = [np.full((len(c), 2), -1, np.int64) if c.mask_text is None else
+                     np.where(c.mask_text[1] >= 0, c.mask_text[1] + k, -1)
+                     for c, k in zip(chunks, shift)]
+            out.mask_text = np.concatenate(texts), np.concatenate(spans)
         out.keypoint_table = None if any(t is None for t in tables) or len(
             {t.shape[1] for t in tables}) > 1 else np.concatenate(tables)
         out.keypoints = _Rows(out.keypoint_table) if out.keypoint_table is not None else [
@@ -926,6 +950,19 @@ def _mask_api_chunks(function_name, rles, shape):
     return np.concatenate([np.zeros((0,) + shape)] + [
         np.asarray(function(rles[i:i + 255]), np.float64).reshape((-1,) + shape)
         for i in range(0, len(rles), 255)])
+
+
+def _detection_masks(det, indices, heights, widths):
+    """The masks of detections ``indices`` decoded in C (:class:`native.DecodedRles`):
+    from the strings kept when they were read where all are there, else from the dicts."""
+    if det.mask_text is not None:
+        text, spans = det.mask_text
+        spans = spans[indices]
+        if (spans[:, 0] >= 0).all():
+            return native.DecodedRles.from_spans(text, spans[:, 0], spans[:, 1], heights,
+                                                 widths)
+    return native.DecodedRles([det.segmentation[i] for i in np.asarray(indices).tolist()],
+                              heights, widths)
 
 
 def _mask_boxes(rles):
@@ -1320,7 +1357,7 @@ class COCOEvaluator:
         if has_segmentation is None and self.iou_type == "keypoints":
             has_segmentation = any("segmentation" in d for d in detections)
         if self.iou_type == "segm" or has_segmentation:
-            segmentation, mask_area, mask_box = _to_rles(
+            segmentation, mask_area, mask_box, mask_text = _to_rles(
                 column if needed == "segmentation" else
                 [d.get("segmentation", _ABSENT) for d in detections], gt.heights[image],
                 gt.widths[image], what)
@@ -1332,6 +1369,8 @@ class COCOEvaluator:
         chunk = _Detections(image, category, score, bbox, segmentation, keypoints)
         chunk.keypoint_table = table
         chunk.mask_area, chunk.mask_box = mask_area, mask_box
+        if self.iou_type == "segm":  # kept to decode the masks in evaluate
+            chunk.mask_text = mask_text
         self._append(chunk)
 
     def add_detection_arrays(self, image_ids, category_ids, scores, boxes=None, keypoints=None):
@@ -1769,12 +1808,13 @@ class COCOEvaluator:
             # (page faults cost more than the decoding).
             todo = todo[np.argsort(det_of_pair[todo], kind="stable")]
             pair_det, pair_gt = det_of_pair[todo], gt_of_pair[todo]
-            bounds = np.searchsorted(pair_det, np.unique(pair_det)[::chunk_dets])
+            first = np.r_[True, pair_det[1:] != pair_det[:-1]]  # sorted: each detection's
+            bounds = np.flatnonzero(first)[::chunk_dets]  # first pair
             for begin, end in zip(bounds, np.r_[bounds[1:], len(todo)]):
-                d_used, d_row = np.unique(pair_det[begin:end], return_inverse=True)
+                d_row = np.cumsum(first[begin:end]) - 1
+                d_used = pair_det[begin:end][first[begin:end]]
                 image = det.image[d_used]  # the sizes were checked to be the image's
-                decoded = native.DecodedRles([det.segmentation[i] for i in d_used.tolist()],
-                                             gt.heights[image], gt.widths[image])
+                decoded = _detection_masks(det, d_used, gt.heights[image], gt.widths[image])
                 g = pair_gt[begin:end]
                 for p, (_, rles) in enumerate(gt_parts):
                     sel = np.flatnonzero(gt_part[g] == p)

@@ -30,15 +30,15 @@ __all__ = ["library", "library_path", "records", "record_detections", "record_ro
            "polygons_to_rles", "encode_rles", "pair_box_iou", "pair_oks", "match_detections",
            "accumulate", "ordinary_pages"]
 
-_ABI = 9  # kdet_cocoeval_abi() of the C source this file was written for
+_ABI = 10  # kdet_cocoeval_abi() of the C source this file was written for
 _LIBRARY_DIR = pathlib.Path(__file__).resolve().parent / "_kernels"
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
     "kdet_cocoeval_abi": [],
     "kdet_match_detections": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR,
                               _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR],
-    "kdet_rle_count": [_I64, _PTR, _PTR],
-    "kdet_rle_decode": [_I64, _PTR, _PTR, _PTR, _PTR],
+    "kdet_rle_count": [_I64, _PTR, _PTR, _PTR],
+    "kdet_rle_decode": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR],
     "kdet_rle_area_bbox": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     "kdet_rle_check": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     "kdet_rle_encode": [_I64, _PTR, _PTR, _PTR, _PTR],
@@ -253,11 +253,28 @@ class DecodedRles(Rles):
             text, text_offsets = read[1], read[2]
         else:
             text, text_offsets = _joined_text(list(map(operator.itemgetter("counts"), rles)))
-        size = library().kdet_rle_count(num, text.ctypes.data, text_offsets.ctypes.data)
-        counts = np.empty(max(size, 1), np.uint32)
-        offsets = np.empty(num + 1, np.int64)
-        _call(library().kdet_rle_decode, num, text, text_offsets, counts, offsets)
+        counts, offsets = _decode_spans(text, text_offsets[:-1], text_offsets[1:])
         super().__init__(counts, offsets, heights, widths)
+
+    @classmethod
+    def from_spans(cls, text, starts, ends, heights, widths):
+        """The checked compressed RLE strings ``text[starts[i]:ends[i]]`` (uint8) decoded,
+        without reading them from their dicts again."""
+        out = cls.__new__(cls)
+        Rles.__init__(out, *_decode_spans(text, starts, ends), heights, widths)
+        return out
+
+
+def _decode_spans(text, starts, ends):
+    """``(counts, offsets)`` of the strings ``text[starts[i]:ends[i]]`` (kdet_rle_decode)."""
+    starts, ends = _array(starts, np.int64), _array(ends, np.int64)
+    num = len(starts)
+    size = library().kdet_rle_count(num, text.ctypes.data, starts.ctypes.data,
+                                    ends.ctypes.data)
+    counts = np.empty(max(size, 1), np.uint32)
+    offsets = np.empty(num + 1, np.int64)
+    _call(library().kdet_rle_decode, num, text, starts, ends, counts, offsets)
+    return counts, offsets
 
 
 def read_segmentations(items, heights, widths, key=None):
