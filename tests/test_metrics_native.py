@@ -392,6 +392,40 @@ def test_polygons_rasterised_in_c_equal_pycocotools(kind):
                                       mask_utils.toBbox(expected[i:i + 255]))
 
 
+def test_rle_areas_and_boxes_with_empty_runs_equal_mask_utils():
+    """kdet_rle_check and kdet_rle_area_bbox measure RLEs a (background, foreground) pair
+    at a time: runs of 0 anywhere (an empty foreground at a column's start or end moves
+    rleToBbox's box), the first two empty (pycocotools' uint32 t = 0 - 1), an odd last
+    run, runs across columns: maskUtils.area / toBbox on the same RLEs."""
+    if native.library() is None:
+        pytest.skip("kdet's C evaluation kernels not installed")
+    from pycocotools import mask as mask_utils
+    rng = np.random.default_rng(5)
+    rles = []
+    for i in range(600):
+        h, w = int(rng.integers(1, 12)), int(rng.integers(1, 12))
+        k = int(rng.integers(0, 2 * h * w + 3))
+        if i % 3 == 0:  # cuts on column starts and ends: empty runs there
+            cuts = rng.choice(np.r_[np.arange(0, h * w + 1, h), np.arange(h - 1, h * w, h)], k)
+        else:
+            cuts = rng.integers(0, h * w + 1, k)
+        counts = np.diff(np.r_[0, np.sort(cuts), h * w]).tolist()
+        if i % 7 == 0:
+            counts = [0, 0] + counts
+        rles.append(mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w))
+    assert sum(b"0" in r["counts"] for r in rles) > 100
+    texts = [r["counts"].decode() for r in rles]
+    h, w = np.array([r["size"] for r in rles]).T
+    status, area, box = native.check_rle_strings(texts, h, w)
+    decoded = native.DecodedRles(rles)
+    assert (status == 0).all()
+    for i in range(0, len(rles), 255):  # maskUtils.area overflows on longer lists
+        part = rles[i:i + 255]
+        for got_area, got_box in ((area, box), (decoded.areas(), decoded.boxes())):
+            np.testing.assert_array_equal(got_area[i:i + 255], mask_utils.area(part))
+            np.testing.assert_array_equal(got_box[i:i + 255], mask_utils.toBbox(part))
+
+
 def test_rle_strings_checked_in_c_as_the_numpy_reader():
     """kdet_rle_check: the same verdict as decode_rle_strings + check_counts on awkward
     strings (outside the alphabet, unfinished, long numbers, negative runs, wrong sums),

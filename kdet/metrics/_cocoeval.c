@@ -220,111 +220,125 @@ KDET_EXPORT int64_t kdet_rle_decode(int64_t num, const char *text, const int64_t
         if (status == 0 && total != (num_pixels)) status = 1;                              \
     } while (0)
 
-/* pycocotools' rleToBbox of one RLE, fed run by run: for run j the position t = (sum of
- * runs 0..j) - j % 2 (uint32) gives y = t % h, x = t / h. The position of the running sum
- * is tracked as (x, y) instead of divided out each run (a division costs more than
- * the rest of the step); the exact division is kept where uint32 arithmetic wraps
- * (t below 0, or masks of 2**32 pixels or more). */
-typedef struct {
-    uint32_t h, w, xs, ys, xe, ye, cc, xp, area;
-    uint64_t pos_x, pos_y;  /* cc = pos_x * h + pos_y, pos_y < h */
-    int exact;  /* divide every run (h * w >= 2**32) */
-    int64_t j;
-} BoxWalk;
-
-static void box_walk_init(BoxWalk *b, uint32_t h, uint32_t w)
+/* cc += count, as the position (x, y) of cc = x h + y, y < h (h > 0) */
+static inline void advance_position(uint32_t *x, uint32_t *y, uint32_t count, uint32_t h)
 {
-    b->h = h;
-    b->w = w;
-    b->xs = w;
-    b->ys = h;
-    b->xe = b->ye = b->cc = b->xp = b->area = 0;
-    b->pos_x = b->pos_y = 0;
-    b->exact = (uint64_t)h * w > UINT32_MAX;
-    b->j = 0;
+    if (count < h) {
+        *y += count;
+    } else {
+        *x += count / h;
+        *y += count % h;
+    }
+    if (*y >= h) {
+        *y -= h;
+        (*x)++;
+    }
 }
 
-/* run j of the RLE; every run but an odd last one (m = (m_all / 2) * 2) */
-static inline void box_walk_step(BoxWalk *b, uint32_t count)
+/* pycocotools' rleArea and rleToBbox (x, y, w, h as doubles) of one RLE of m_all runs,
+ * h x w pixels, with the runs adding up to h w. rleToBbox as fixed in 2021 (cocoapi pull
+ * request 477, in every pycocotools kdet accepts, >= 2.0.7; the earlier one also took
+ * the pixels next to empty runs): over the (background, foreground) pairs of the first
+ * m = m_all // 2 * 2
+ * runs, each non-empty foreground run's first pixel start and last pixel cc - 1 give
+ * (x, y) = (t / h, t % h); x spans them; y spans them where the run stays in one
+ * column, else it is 0 .. h - 1. In uint32 as pycocotools (the box's width and height
+ * wrap when no run is foreground). The positions are tracked as (x, y) instead of
+ * divided out each run (a division costs more than the rest), except where
+ * pycocotools' uint32 running sum wraps (masks of 2**32 pixels or more). */
+static void rle_measure(const uint32_t *cnts, int64_t m_all, uint32_t h, uint32_t w,
+                        double *area, double *bb)
 {
-    const int64_t j = b->j++;
-    const uint32_t h = b->h;
-    if (j % 2) b->area += count;
-    b->cc += count;
-    uint32_t x, y;
-    if (b->exact || (j % 2 && b->cc == 0)) {
-        const uint32_t t = b->cc - (uint32_t)(j % 2);
-        y = t % h;
-        x = (t - y) / h;
+    uint32_t a = 0;
+    for (int64_t j = 1; j < m_all; j += 2) a += cnts[j];
+    *area = (double)a;
+    const int64_t m = (m_all / 2) * 2;
+    if (m == 0) {
+        bb[0] = bb[1] = bb[2] = bb[3] = 0;
+        return;
+    }
+    uint32_t xs = w, xe = 0, ys = h, ye = 0, across = 0;
+    if (h == 0) {
+        /* no pixel: every run is empty (they add up to 0) */
+    } else if ((uint64_t)h * w > UINT32_MAX) {
+        uint32_t cc = 0;
+        for (int64_t j = 0; j < m; j += 2) {
+            cc += cnts[j];
+            const uint32_t start = cc;
+            cc += cnts[j + 1];
+            if (!cnts[j + 1]) continue;
+            const uint32_t y0 = start % h, x0 = (start - y0) / h;
+            const uint32_t y1 = (cc - 1) % h, x1 = (cc - 1 - y1) / h;
+            xs = x0 < xs ? x0 : xs;
+            xe = x1 > xe ? x1 : xe;
+            if (x0 < x1) {
+                across = 1;
+            } else {
+                ys = y0 < ys ? y0 : ys;
+                ye = y1 > ye ? y1 : ye;
+            }
+        }
     } else {
-        if (count < h) {
-            b->pos_y += count;
-        } else {
-            b->pos_x += count / h;
-            b->pos_y += count % h;
-        }
-        if (b->pos_y >= h) {
-            b->pos_y -= h;
-            b->pos_x++;
-        }
-        if (j % 2 == 0) {
-            x = (uint32_t)b->pos_x;
-            y = (uint32_t)b->pos_y;
-        } else if (b->pos_y > 0) {
-            x = (uint32_t)b->pos_x;
-            y = (uint32_t)b->pos_y - 1;
-        } else {
-            x = (uint32_t)b->pos_x - 1;
-            y = h - 1;
+        uint32_t x = 0, y = 0;
+        for (int64_t j = 0; j < m; j += 2) {
+            advance_position(&x, &y, cnts[j], h);
+            if (!cnts[j + 1]) continue;
+            const uint32_t x0 = x, y0 = y;  /* the foreground run's first pixel */
+            advance_position(&x, &y, cnts[j + 1], h);
+            const uint32_t x1 = y > 0 ? x : x - 1, y1 = y > 0 ? y - 1 : h - 1;  /* its last */
+            xs = x0 < xs ? x0 : xs;
+            xe = x1 > xe ? x1 : xe;
+            if (x0 < x1) {
+                across = 1;
+            } else {
+                ys = y0 < ys ? y0 : ys;
+                ye = y1 > ye ? y1 : ye;
+            }
         }
     }
-    if (j % 2 == 0) b->xp = x;
-    else if (b->xp < x) {
-        b->ys = 0;
-        b->ye = h - 1;
+    if (across) {  /* pycocotools sets 0 and h - 1, which no later run moves */
+        ys = 0;
+        ye = h - 1;
     }
-    b->xs = x < b->xs ? x : b->xs;
-    b->xe = x > b->xe ? x : b->xe;
-    b->ys = y < b->ys ? y : b->ys;
-    b->ye = y > b->ye ? y : b->ye;
+    bb[0] = xs;
+    bb[2] = (uint32_t)(xe - xs + 1);
+    bb[1] = ys;
+    bb[3] = (uint32_t)(ye - ys + 1);
 }
 
 /* Checks num compressed RLE strings (string i is text[text_offsets[i] .. text_offsets[i
  * + 1]], of heights[i] x widths[i] pixels) and measures the valid ones in the same
- * pass, without keeping their runs: status[i] as KDET_RLE_SCAN's; for status 0,
- * area[i] and bbox[4 i ..] as maskUtils.area and maskUtils.toBbox. */
+ * pass (the runs of one string at a time in a scratch buffer): status[i] as
+ * KDET_RLE_SCAN's; for status 0, area[i] and bbox[4 i ..] as maskUtils.area and
+ * maskUtils.toBbox. Returns 0, or -1 when out of memory. */
 KDET_EXPORT int64_t kdet_rle_check(int64_t num, const char *text, const int64_t *text_offsets,
                                    const int64_t *heights, const int64_t *widths,
                                    uint8_t *status, double *area, double *bbox)
 {
+    int64_t longest = 1;  /* a string of n characters holds at most n runs */
+    for (int64_t r = 0; r < num; r++)
+        if (text_offsets[r + 1] - text_offsets[r] > longest)
+            longest = text_offsets[r + 1] - text_offsets[r];
+    uint32_t *runs = malloc(sizeof(uint32_t) * (size_t)longest);
+    if (!runs) return -1;
     for (int64_t r = 0; r < num; r++) {
         const int64_t num_pixels = heights[r] * widths[r];
-        BoxWalk b;
-        box_walk_init(&b, (uint32_t)heights[r], (uint32_t)widths[r]);
-        uint32_t pending = 0, area_odd = 0;
-        int has_pending = 0, st;
-        /* the box walk skips an odd last run; the area counts every odd-indexed one */
+        int64_t num_runs = 0;
+        int st;
         KDET_RLE_SCAN(text, text_offsets[r], text_offsets[r + 1], num_pixels, {
-            if (m % 2) area_odd += (uint32_t)x;
-            if (has_pending) box_walk_step(&b, pending);
-            pending = (uint32_t)x;
-            has_pending = 1;
+            runs[num_runs++] = (uint32_t)x;
         }, st);
         status[r] = (uint8_t)st;
-        double *bb = bbox + 4 * r;
-        area[r] = (double)area_odd;
-        if (st) continue;
-        /* m runs: the walk took runs 0 .. m - 2; run m - 1 goes in when m is even */
-        if (has_pending && b.j % 2 == 1) box_walk_step(&b, pending);
-        if (b.j == 0) {
-            bb[0] = bb[1] = bb[2] = bb[3] = 0;
+        if (st) {  /* the runs read before the problem, as maskUtils.area would count them */
+            uint32_t a = 0;
+            for (int64_t j = 1; j < num_runs; j += 2) a += runs[j];
+            area[r] = (double)a;
             continue;
         }
-        bb[0] = b.xs;
-        bb[2] = b.xe - b.xs + 1;
-        bb[1] = b.ys;
-        bb[3] = b.ye - b.ys + 1;
+        rle_measure(runs, num_runs, (uint32_t)heights[r], (uint32_t)widths[r], area + r,
+                    bbox + 4 * r);
     }
+    free(runs);
     return 0;
 }
 
@@ -717,31 +731,14 @@ KDET_EXPORT int64_t kdet_rle_union(int64_t num_groups, const int64_t *group_size
 }
 
 /* pycocotools' rleArea and rleToBbox (x, y, w, h as doubles) of num decoded RLEs of
- * heights[i] rows. */
+ * heights[i] x widths[i] pixels (rle_measure). */
 KDET_EXPORT int64_t kdet_rle_area_bbox(int64_t num, const uint32_t *counts,
                                        const int64_t *count_offsets, const int64_t *heights,
                                        const int64_t *widths, double *area, double *bbox)
 {
-    for (int64_t r = 0; r < num; r++) {
-        const uint32_t *cnts = counts + count_offsets[r];
-        const int64_t m_all = count_offsets[r + 1] - count_offsets[r];
-        uint32_t a = 0;
-        for (int64_t j = 1; j < m_all; j += 2) a += cnts[j];
-        area[r] = (double)a;
-        const int64_t m = (m_all / 2) * 2;
-        double *bb = bbox + 4 * r;
-        if (m == 0) {
-            bb[0] = bb[1] = bb[2] = bb[3] = 0;
-            continue;
-        }
-        BoxWalk b;
-        box_walk_init(&b, (uint32_t)heights[r], (uint32_t)widths[r]);
-        for (int64_t j = 0; j < m; j++) box_walk_step(&b, cnts[j]);
-        bb[0] = b.xs;
-        bb[2] = b.xe - b.xs + 1;
-        bb[1] = b.ys;
-        bb[3] = b.ye - b.ys + 1;
-    }
+    for (int64_t r = 0; r < num; r++)
+        rle_measure(counts + count_offsets[r], count_offsets[r + 1] - count_offsets[r],
+                    (uint32_t)heights[r], (uint32_t)widths[r], area + r, bbox + 4 * r);
     return 0;
 }
 
