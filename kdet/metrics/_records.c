@@ -295,9 +295,19 @@ static PyObject *segmentations(PyObject *self, PyObject *args) {
     PyObject *counts_key = PyUnicode_FromString("counts");
     PyObject *size_key = PyUnicode_FromString("size");
     PyObject *kinds = PyBytes_FromStringAndSize(NULL, n);
-    Growing text = {0}, text_ends = {0}, coords = {0}, polygon_ends = {0}, per_mask = {0};
+    /* the strings are noted (held, with their characters' address and length) and
+     * copied once, after the loop, into one bytes object of the total length */
+    PyObject **held = PyMem_Calloc(n ? n : 1, sizeof(PyObject *));
+    const char **string_chars = PyMem_Malloc((n ? n : 1) * sizeof(char *));
+    PyObject *text = NULL;
+    Py_ssize_t num_strings = 0, text_size = 0;
+    Growing text_ends = {0}, coords = {0}, polygon_ends = {0}, per_mask = {0};
     PyObject *result = NULL;
-    if (counts_key == NULL || size_key == NULL || kinds == NULL) goto done;
+    if (counts_key == NULL || size_key == NULL || kinds == NULL || held == NULL ||
+            string_chars == NULL) {
+        if (held == NULL || string_chars == NULL) PyErr_NoMemory();
+        goto done;
+    }
     char *kind = PyBytes_AsString(kinds);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *segmentation = PyList_GetItem(items, i);
@@ -327,14 +337,20 @@ static PyObject *segmentations(PyObject *self, PyObject *args) {
             else
                 ok = 0;
             PyErr_Clear();
-            int64_t end = (int64_t)(text.size + length);
-            if (ok && !(append(&text, chars, length) && append(&text_ends, &end, sizeof(end)))) {
+            int64_t end = (int64_t)(text_size + length);
+            if (ok && !append(&text_ends, &end, sizeof(end))) {
                 Py_DECREF(counts);
                 PyErr_NoMemory();
                 goto done;
             }
-            Py_DECREF(counts);
-            if (ok) kind[i] = 0;
+            if (ok) {
+                kind[i] = 0;
+                held[num_strings] = counts;  /* the reference taken above */
+                string_chars[num_strings++] = chars;
+                text_size += length;
+            } else {
+                Py_DECREF(counts);
+            }
         } else if (PyList_CheckExact(segmentation)) {
             double side = (double)(heights[i] > widths[i] ? heights[i] : widths[i]);
             Py_ssize_t num = read_polygons(segmentation, 4.0 * side + 1000.0, &coords,
@@ -347,7 +363,16 @@ static PyObject *segmentations(PyObject *self, PyObject *args) {
             }
         }
     }
-    result = Py_BuildValue("(Oy#y#y#y#y#)", kinds, text.data ? text.data : "", text.size,
+    text = PyBytes_FromStringAndSize(NULL, text_size);
+    if (text == NULL) goto done;
+    char *text_chars = PyBytes_AsString(text);
+    if (text_chars == NULL) goto done;
+    const int64_t *ends = (const int64_t *)text_ends.data;
+    for (Py_ssize_t j = 0; j < num_strings; j++) {
+        const int64_t start = j ? ends[j - 1] : 0;
+        memcpy(text_chars + start, string_chars[j], (size_t)(ends[j] - start));
+    }
+    result = Py_BuildValue("(OOy#y#y#y#)", kinds, text,
                            text_ends.data ? text_ends.data : "", text_ends.size,
                            coords.data ? coords.data : "", coords.size,
                            polygon_ends.data ? polygon_ends.data : "", polygon_ends.size,
@@ -356,7 +381,10 @@ done:
     Py_XDECREF(counts_key);
     Py_XDECREF(size_key);
     Py_XDECREF(kinds);
-    PyMem_Free(text.data);
+    Py_XDECREF(text);
+    for (Py_ssize_t j = 0; j < num_strings; j++) Py_DECREF(held[j]);
+    PyMem_Free(held);
+    PyMem_Free(string_chars);
     PyMem_Free(text_ends.data);
     PyMem_Free(coords.data);
     PyMem_Free(polygon_ends.data);
