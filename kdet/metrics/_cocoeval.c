@@ -978,9 +978,11 @@ KDET_EXPORT int64_t kdet_oks_means(int64_t num_pairs, int64_t num_kpts, const do
  * grows (and the first point): pr is computed there only.
  *
  * precision is written a few categories at a time: their cells' values go to a scratch
- * table in cell order (a few hundred KB), then out row by row of precision, the block's
- * cells side by side. Written straight, each value would land 8 * K * A * M bytes from
- * the last (96 KB at LVIS scale's 1,000 categories): a cache miss per value.
+ * table laid out as precision's rows of the block (a few hundred KB: [T, R, block
+ * cells]), then out one contiguous copy a row. Written straight, each value would land
+ * 8 * K * A * M bytes from the last (96 KB at LVIS scale's 1,000 categories): a cache
+ * miss per value. Cells without ground truth are set to -1 there, the others written
+ * whole.
  */
 KDET_EXPORT int64_t kdet_accumulate(
     int64_t num_cats, const int64_t *order, const int64_t *cat_bounds, const int64_t *rank,
@@ -1018,7 +1020,6 @@ KDET_EXPORT int64_t kdet_accumulate(
     for (int64_t k0 = 0; k0 < num_cats; k0 += block_cats) {
         const int64_t k1 = k0 + block_cats < num_cats ? k0 + block_cats : num_cats;
         const int64_t cell0 = k0 * cells_per_cat, block_cells = (k1 - k0) * cells_per_cat;
-        for (int64_t i = 0; i < block_cells * num_thr * num_rec; i++) scratch[i] = -1.0;
         for (int64_t k = k0; k < k1; k++) {
             const int64_t n_all = cat_bounds[k + 1] - cat_bounds[k];
             for (int64_t s = 0; s < n_all; s++) {
@@ -1029,7 +1030,14 @@ KDET_EXPORT int64_t kdet_accumulate(
             }
             for (int64_t a = 0; a < num_areas; a++) {
                 const int64_t npig = num_positives[k * num_areas + a];
-                if (npig == 0) continue;
+                if (npig == 0) {
+                    for (int64_t m = 0; m < num_m; m++) {
+                        const int64_t c = (k * num_areas + a) * num_m + m - cell0;
+                        for (int64_t i = 0; i < num_thr * num_rec; i++)
+                            scratch[i * block_cells + c] = -1.0;
+                    }
+                    continue;
+                }
                 /* np.searchsorted(tp / npig, rec_thr, 'left') reads the first point whose tp
                  * reaches needed[q] (npig + 1: never) */
                 int64_t c = 0;
@@ -1066,21 +1074,18 @@ KDET_EXPORT int64_t kdet_accumulate(
                         for (int64_t j = num_pr[t] - 1; j > 0; j--)  /* precision envelope */
                             if (pr_t[j] > pr_t[j - 1]) pr_t[j - 1] = pr_t[j];
                         int64_t j = 0;
-                        double *out = scratch + ((cell - cell0) * num_thr + t) * num_rec;
+                        double *out = scratch + t * num_rec * block_cells + (cell - cell0);
                         for (int64_t q = 0; q < num_rec; q++) {
                             while (j < num_pr[t] && pr_tp_t[j] < needed[q]) j++;
-                            out[q] = j < num_pr[t] ? pr_t[j] : 0.0;
+                            out[q * block_cells] = j < num_pr[t] ? pr_t[j] : 0.0;
                         }
                     }
                 }
             }
         }
-        for (int64_t t = 0; t < num_thr; t++)  /* the block out, in precision's order */
-            for (int64_t q = 0; q < num_rec; q++) {
-                double *row = precision + (t * num_rec + q) * stride_r + cell0;
-                for (int64_t c = 0; c < block_cells; c++)
-                    row[c] = scratch[(c * num_thr + t) * num_rec + q];
-            }
+        for (int64_t i = 0; i < num_thr * num_rec; i++)  /* the block out, row by row */
+            memcpy(precision + i * stride_r + cell0, scratch + i * block_cells,
+                   sizeof(double) * (size_t)block_cells);
     }
 done:
     free(ranks);
