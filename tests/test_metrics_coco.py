@@ -376,17 +376,19 @@ def test_box_iou_is_bit_identical_to_mask_utils(rng):
 
 
 def test_one_combined_sort_orders_as_lexsort(rng):
-    """The evaluator's sorts: one stable argsort of a combined key equals ``np.lexsort``
-    of (image, category, score desc) and (category, score desc), ties in arrival order;
-    scores tied, at -0.0 / 0.0, and keys too large to combine (lexsort then)."""
+    """The evaluator's sorts: one sort of a combined key equals ``np.lexsort`` of
+    (image, category, score desc) and (category, score desc), ties in arrival order;
+    scores tied, at -0.0 / 0.0; keys with the positions packed in (values sorted), keys
+    too large for the positions (a stable argsort) and too large to combine (lexsort)."""
     from kdet.metrics.coco import _score_rank, _stable_order
     score = np.round(rng.random(3000), 2)
     score[:50], score[50:60], score[60:70] = 0.5, 0.0, -0.0
     group = rng.integers(0, 40, 3000)
     rank = _score_rank(score)
     np.testing.assert_array_equal(_stable_order(group, rank), np.lexsort((-score, group)))
-    huge = group.astype(np.int64) << 55  # major * span would overflow int64
-    np.testing.assert_array_equal(_stable_order(huge, rank), np.lexsort((-score, huge)))
+    for shift in (45, 55):  # no room for the positions; major * span overflows int64
+        big = group.astype(np.int64) << shift
+        np.testing.assert_array_equal(_stable_order(big, rank), np.lexsort((-score, big)))
     assert len(set(rank[:50].tolist())) == 1 and rank[50:60].tolist() == rank[60:70].tolist() == \
         [rank.max()] * 10
     assert len(_stable_order(np.zeros(0, np.int64), _score_rank(np.zeros(0)))) == 0

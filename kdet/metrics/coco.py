@@ -1076,14 +1076,24 @@ def _score_rank(score):
 
 
 def _stable_order(major, minor):
-    """``np.lexsort((minor, major))`` of non-negative int keys: one stable argsort of
-    ``major * (minor.max() + 1) + minor`` where that fits in int64 (one sort, not two)."""
-    if len(major) == 0:
+    """``np.lexsort((minor, major))`` of non-negative int keys, by one sort where the
+    keys fit: ``major * (minor.max() + 1) + minor`` with each one's position in the low
+    bits, sorted as values (unique, so any sort is stable; numpy sorts int64 values
+    several times faster than it argsorts them stably), the positions read back; else a
+    stable argsort of the combined key, or the lexsort where even that does not fit."""
+    n = len(major)
+    if n == 0:
         return np.zeros(0, np.int64)
     span = int(minor.max()) + 1
     if int(major.max()) >= (1 << 62) // span:
         return np.lexsort((minor, major))
-    return np.argsort(major * span + minor, kind="stable")
+    key = np.asarray(major, np.int64) * span + minor
+    shift = n.bit_length()
+    if (int(major.max()) * span + span) >> (62 - shift):  # no room for the positions
+        return np.argsort(key, kind="stable")
+    packed = (key << shift) | np.arange(n)
+    packed.sort()
+    return packed & ((1 << shift) - 1)
 
 
 def _accumulate(category, rank, score_rank, true_pos, false_pos, num_positives, max_dets,
@@ -1897,8 +1907,8 @@ class COCOEvaluator:
             ignored = matched_ignored | (~matched & outside[:, :, None])
             true_pos = matched & ~ignored
             false_pos = ~matched & ~ignored
-        num_positives = np.zeros((num_cat, len(lo)), np.int64)
-        np.add.at(num_positives, gt.category, (~gt_ignore).astype(np.int64))
+        num_positives = np.stack([np.bincount(gt.category[~ignored], minlength=num_cat)
+                                  for ignored in gt_ignore.T], axis=1).astype(np.int64)
         self.precision, self.recall = _accumulate(
             det.category[ev], ev_rank, score_rank[ev], true_pos, false_pos, num_positives,
             self.max_dets, num_cat, use_native=native.library() is not None)
