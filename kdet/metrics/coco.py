@@ -1880,9 +1880,16 @@ class COCOEvaluator:
         ev, ev_rank, ev_key = order[keep], rank[keep], key[keep]
         num_ev = len(ev)
 
-        # Pairs with every ground truth of the same group (det-major, gt in file order).
-        gt_first = np.searchsorted(gt.group_key, ev_key, side="left")
-        pair_count = np.searchsorted(gt.group_key, ev_key, side="right") - gt_first
+        # Pairs with every ground truth of the same group (det-major, gt in file order);
+        # the ground truths looked up once per group.
+        group_first = np.flatnonzero(np.r_[True, ev_key[1:] != ev_key[:-1]]) if num_ev \
+            else np.zeros(0, int)
+        group_ndet = np.diff(np.r_[group_first, num_ev])
+        group_gt_first = np.searchsorted(gt.group_key, ev_key[group_first], side="left")
+        group_gt_count = np.searchsorted(gt.group_key, ev_key[group_first],
+                                         side="right") - group_gt_first
+        gt_first = np.repeat(group_gt_first, group_ndet)
+        pair_count = np.repeat(group_gt_count, group_ndet)
         pair_start = np.cumsum(pair_count) - pair_count
         pair_det = np.repeat(np.arange(num_ev), pair_count)
         pair_gt = (np.repeat(gt_first, pair_count) + np.arange(len(pair_det))
@@ -1890,12 +1897,9 @@ class COCOEvaluator:
         pair_iou = self._pair_ious(det, ev, pair_det, pair_gt, pair_start, pair_count)
 
         gt_ignore = gt.ignore[:, None] | (gt.area[:, None] < lo) | (gt.area[:, None] > hi)
-        group_first = np.flatnonzero(np.r_[True, ev_key[1:] != ev_key[:-1]]) if num_ev \
-            else np.zeros(0, int)
-        group_ndet = np.diff(np.r_[group_first, num_ev])
-        with_gt = pair_count[group_first] > 0
+        with_gt = group_gt_count > 0
         groups = (pair_iou, pair_start, group_first[with_gt], group_ndet[with_gt],
-                  gt_first[group_first[with_gt]], pair_count[group_first[with_gt]],
+                  group_gt_first[with_gt], group_gt_count[with_gt],
                   gt_ignore, gt.crowd, gt.id_nonzero, num_ev, IOU_THRESHOLDS)
         # evaluateImg: unmatched detections outside the area range are ignored.
         ev_area = areas[ev]
