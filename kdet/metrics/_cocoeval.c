@@ -235,6 +235,25 @@ static inline void advance_position(uint32_t *x, uint32_t *y, uint32_t count, ui
     }
 }
 
+/* rleToBbox's extent so far */
+typedef struct {
+    uint32_t xs, xe, ys, ye, across;
+} Extent;
+
+/* a foreground run from pixel (x0, y0) to pixel (x1, y1) (x = column) */
+static inline void extent_take_run(Extent *e, uint32_t x0, uint32_t y0, uint32_t x1,
+                                   uint32_t y1)
+{
+    e->xs = x0 < e->xs ? x0 : e->xs;
+    e->xe = x1 > e->xe ? x1 : e->xe;
+    if (x0 < x1) {
+        e->across = 1;
+    } else {
+        e->ys = y0 < e->ys ? y0 : e->ys;
+        e->ye = y1 > e->ye ? y1 : e->ye;
+    }
+}
+
 /* pycocotools' rleArea and rleToBbox (x, y, w, h as doubles) of one RLE of m_all runs,
  * h x w pixels, with the runs adding up to h w. rleToBbox as fixed in 2021 (cocoapi pull
  * request 477, in every pycocotools kdet accepts, >= 2.0.7; the earlier one also took
@@ -257,7 +276,7 @@ static void rle_measure(const uint32_t *cnts, int64_t m_all, uint32_t h, uint32_
         bb[0] = bb[1] = bb[2] = bb[3] = 0;
         return;
     }
-    uint32_t xs = w, xe = 0, ys = h, ye = 0, across = 0;
+    Extent e = {w, 0, h, 0, 0};
     if (h == 0) {
         /* no pixel: every run is empty (they add up to 0) */
     } else if ((uint64_t)h * w > UINT32_MAX) {
@@ -269,14 +288,7 @@ static void rle_measure(const uint32_t *cnts, int64_t m_all, uint32_t h, uint32_
             if (!cnts[j + 1]) continue;
             const uint32_t y0 = start % h, x0 = (start - y0) / h;
             const uint32_t y1 = (cc - 1) % h, x1 = (cc - 1 - y1) / h;
-            xs = x0 < xs ? x0 : xs;
-            xe = x1 > xe ? x1 : xe;
-            if (x0 < x1) {
-                across = 1;
-            } else {
-                ys = y0 < ys ? y0 : ys;
-                ye = y1 > ye ? y1 : ye;
-            }
+            extent_take_run(&e, x0, y0, x1, y1);
         }
     } else {
         uint32_t x = 0, y = 0;
@@ -286,24 +298,17 @@ static void rle_measure(const uint32_t *cnts, int64_t m_all, uint32_t h, uint32_
             const uint32_t x0 = x, y0 = y;  /* the foreground run's first pixel */
             advance_position(&x, &y, cnts[j + 1], h);
             const uint32_t x1 = y > 0 ? x : x - 1, y1 = y > 0 ? y - 1 : h - 1;  /* its last */
-            xs = x0 < xs ? x0 : xs;
-            xe = x1 > xe ? x1 : xe;
-            if (x0 < x1) {
-                across = 1;
-            } else {
-                ys = y0 < ys ? y0 : ys;
-                ye = y1 > ye ? y1 : ye;
-            }
+            extent_take_run(&e, x0, y0, x1, y1);
         }
     }
-    if (across) {  /* pycocotools sets 0 and h - 1, which no later run moves */
-        ys = 0;
-        ye = h - 1;
+    if (e.across) {  /* pycocotools sets 0 and h - 1, which no later run moves */
+        e.ys = 0;
+        e.ye = h - 1;
     }
-    bb[0] = xs;
-    bb[2] = (uint32_t)(xe - xs + 1);
-    bb[1] = ys;
-    bb[3] = (uint32_t)(ye - ys + 1);
+    bb[0] = e.xs;
+    bb[2] = (uint32_t)(e.xe - e.xs + 1);
+    bb[1] = e.ys;
+    bb[3] = (uint32_t)(e.ye - e.ys + 1);
 }
 
 /* Checks num compressed RLE strings (string i is text[text_offsets[i] .. text_offsets[i
