@@ -255,12 +255,12 @@ static inline void extent_take_run(Extent *e, uint32_t x0, uint32_t y0, uint32_t
 }
 
 /* pycocotools' rleArea and rleToBbox (x, y, w, h as doubles) of one RLE of m_all runs,
- * h x w pixels, with the runs adding up to h w. rleToBbox as fixed in 2021 (cocoapi pull
- * request 477, in every pycocotools kdet accepts, >= 2.0.7; the earlier one also took
- * the pixels next to empty runs): over the (background, foreground) pairs of the first
- * m = m_all // 2 * 2
- * runs, each non-empty foreground run's first pixel start and last pixel cc - 1 give
- * (x, y) = (t / h, t % h); x spans them; y spans them where the run stays in one
+ * h x w pixels, with the runs adding up to h w. rleToBbox as fixed in 2021 in
+ * ppwwyyxx/cocoapi, the source of PyPI's pycocotools (cocoapi pull request 477; checked
+ * against 2.0.11; the earlier one also took the pixels next to empty runs): over the
+ * (background, foreground) pairs of the first m = m_all // 2 * 2 runs, each non-empty
+ * foreground run's first pixel start and last pixel cc - 1 give (x, y) = (t / h,
+ * t % h); x spans them; y spans them where the run stays in one
  * column, else it is 0 .. h - 1. In uint32 as pycocotools (the box's width and height
  * wrap when no run is foreground). The positions are tracked as (x, y) instead of
  * divided out each run (a division costs more than the rest), except where
