@@ -754,8 +754,16 @@ def test_segm_in_chunks_of_mixed_forms_matches_pycocotools(seed, uncompressed):
     (read in Python) among them; bytes counts. The strings kept from each call are decoded
     in evaluate (their places shifted as the calls are joined), or, where an uncompressed
     one is among them, all from the dicts: pycocotools' stats on the same masks as one
-    result list."""
+    result list. The ground truth's crowd RLEs likewise: all strings (decoded as read), or
+    some uncompressed among them (read from the dicts)."""
     gt, dets = awkward_mask_scene(seed)
+    for ann in gt["annotations"] if not uncompressed else []:
+        rle = ann["segmentation"]
+        if isinstance(rle, dict) and isinstance(rle["counts"], list):
+            h, w = rle["size"]
+            ann["segmentation"] = mask_utils.frPyObjects(rle, h, w)
+            ann["segmentation"]["counts"] = ann["segmentation"]["counts"].decode()
+    assert any(isinstance(a["segmentation"], dict) for a in gt["annotations"])
     mine = copy.deepcopy(dets)
     third = len(mine) // 3
     for d in mine[third:2 * third:3] if uncompressed else []:

@@ -126,8 +126,9 @@ KDET_EXPORT int64_t kdet_match_detections(
     return 0;
 }
 
-/* How many counts the num compressed RLE strings in text hold: the characters that end
- * a number (no continuation bit 0x20), plus one per string for an unfinished last one. */
+/* How many counts the num compressed RLE strings text[starts[i] .. ends[i]] hold: the
+ * characters that end a number (no continuation bit 0x20), plus one per string for an
+ * unfinished last one. */
 KDET_EXPORT int64_t kdet_rle_count(int64_t num, const char *text, const int64_t *starts,
                                    const int64_t *ends)
 {
@@ -235,6 +236,14 @@ static inline void advance_position(uint32_t *x, uint32_t *y, uint32_t count, ui
     }
 }
 
+/* pycocotools' rleArea of m runs: the odd-indexed ones, in uint32 as pycocotools */
+static double rle_area(const uint32_t *cnts, int64_t m)
+{
+    uint32_t a = 0;
+    for (int64_t j = 1; j < m; j += 2) a += cnts[j];
+    return (double)a;
+}
+
 /* rleToBbox's extent so far */
 typedef struct {
     uint32_t xs, xe, ys, ye, across;
@@ -268,9 +277,7 @@ static inline void extent_take_run(Extent *e, uint32_t x0, uint32_t y0, uint32_t
 static void rle_measure(const uint32_t *cnts, int64_t m_all, uint32_t h, uint32_t w,
                         double *area, double *bb)
 {
-    uint32_t a = 0;
-    for (int64_t j = 1; j < m_all; j += 2) a += cnts[j];
-    *area = (double)a;
+    *area = rle_area(cnts, m_all);
     const int64_t m = (m_all / 2) * 2;
     if (m == 0) {
         bb[0] = bb[1] = bb[2] = bb[3] = 0;
@@ -335,9 +342,7 @@ KDET_EXPORT int64_t kdet_rle_check(int64_t num, const char *text, const int64_t 
         }, st);
         status[r] = (uint8_t)st;
         if (st) {  /* the runs read before the problem, as maskUtils.area would count them */
-            uint32_t a = 0;
-            for (int64_t j = 1; j < num_runs; j += 2) a += runs[j];
-            area[r] = (double)a;
+            area[r] = rle_area(runs, num_runs);
             continue;
         }
         rle_measure(runs, num_runs, (uint32_t)heights[r], (uint32_t)widths[r], area + r,

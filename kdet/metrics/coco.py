@@ -763,7 +763,8 @@ class _GroundTruth:
         others[masks.polygons] = False
         others = np.flatnonzero(others)  # checked strings and _to_rle's conversions
         if len(others):
-            parts.append((others, native.DecodedRles([masks.rles[i] for i in others.tolist()])))
+            parts.append((others, _decode_strings(masks.text, masks.rles, others,
+                                                  heights[others], widths[others])))
         return parts
 
 
@@ -952,17 +953,16 @@ def _mask_api_chunks(function_name, rles, shape):
         for i in range(0, len(rles), 255)])
 
 
-def _detection_masks(det, indices, heights, widths):
-    """The masks of detections ``indices`` decoded in C (:class:`native.DecodedRles`):
-    from the strings kept when they were read where all are there, else from the dicts."""
-    if det.mask_text is not None:
-        text, spans = det.mask_text
+def _decode_strings(text, rles, indices, heights, widths):
+    """The checked compressed RLE dicts ``rles[i]`` of ``indices`` decoded in C: from the
+    strings as :func:`_read_masks` read them (``text``: its ``(text, spans)``) where all
+    are there, else (or ``text`` None) read from the dicts again."""
+    if text is not None:
+        text, spans = text
         spans = spans[indices]
         if (spans[:, 0] >= 0).all():
-            return native.DecodedRles.from_spans(text, spans[:, 0], spans[:, 1], heights,
-                                                 widths)
-    return native.DecodedRles([det.segmentation[i] for i in np.asarray(indices).tolist()],
-                              heights, widths)
+            return native.decode_rle_spans(text, spans[:, 0], spans[:, 1], heights, widths)
+    return native.DecodedRles([rles[i] for i in np.asarray(indices).tolist()], heights, widths)
 
 
 def _mask_boxes(rles):
@@ -1084,12 +1084,12 @@ def _stable_order(major, minor):
     n = len(major)
     if n == 0:
         return np.zeros(0, np.int64)
-    span = int(minor.max()) + 1
-    if int(major.max()) >= (1 << 62) // span:
+    span, major_max = int(minor.max()) + 1, int(major.max())
+    if major_max >= (1 << 62) // span:
         return np.lexsort((minor, major))
     key = np.asarray(major, np.int64) * span + minor
     shift = n.bit_length()
-    if (int(major.max()) * span + span) >> (62 - shift):  # no room for the positions
+    if (major_max * span + span) >> (62 - shift):  # no room for the positions
         return np.argsort(key, kind="stable")
     packed = (key << shift) | np.arange(n)
     packed.sort()
@@ -1824,7 +1824,8 @@ class COCOEvaluator:
                 d_row = np.cumsum(first[begin:end]) - 1
                 d_used = pair_det[begin:end][first[begin:end]]
                 image = det.image[d_used]  # the sizes were checked to be the image's
-                decoded = _detection_masks(det, d_used, gt.heights[image], gt.widths[image])
+                decoded = _decode_strings(det.mask_text, det.segmentation, d_used,
+                                          gt.heights[image], gt.widths[image])
                 g = pair_gt[begin:end]
                 for p, (_, rles) in enumerate(gt_parts):
                     sel = np.flatnonzero(gt_part[g] == p)

@@ -25,8 +25,8 @@ import pathlib
 import numpy as np
 
 __all__ = ["library", "library_path", "records", "record_detections", "record_rows", "Rles",
-           "DecodedRles", "rle_areas_boxes", "rle_pair_iou", "read_segmentations",
-           "check_rle_strings", "check_rle_text",
+           "DecodedRles", "decode_rle_spans", "rle_areas_boxes", "rle_pair_iou",
+           "read_segmentations", "check_rle_strings", "check_rle_text",
            "polygons_to_rles", "encode_rles", "pair_box_iou", "pair_oks", "match_detections",
            "accumulate", "ordinary_pages"]
 
@@ -256,13 +256,11 @@ class DecodedRles(Rles):
         counts, offsets = _decode_spans(text, text_offsets[:-1], text_offsets[1:])
         super().__init__(counts, offsets, heights, widths)
 
-    @classmethod
-    def from_spans(cls, text, starts, ends, heights, widths):
-        """The checked compressed RLE strings ``text[starts[i]:ends[i]]`` (uint8) decoded,
-        without reading them from their dicts again."""
-        out = cls.__new__(cls)
-        Rles.__init__(out, *_decode_spans(text, starts, ends), heights, widths)
-        return out
+
+def decode_rle_spans(text, starts, ends, heights, widths):
+    """:class:`Rles` of checked compressed RLE strings ``text[starts[i]:ends[i]]`` (uint8,
+    as :func:`read_segmentations` gives them), decoded without reading the dicts again."""
+    return Rles(*_decode_spans(text, starts, ends), heights, widths)
 
 
 def _decode_spans(text, starts, ends):
