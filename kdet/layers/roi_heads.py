@@ -41,6 +41,7 @@ from keras import ops
 
 from kdet.boxes import BoxCoder, clip_boxes
 from kdet.layers.conv import Conv2D
+from kdet.layers.dense import Dense
 from kdet.layers.normalization import BatchNormalization, FrozenBatchNormalization
 from kdet.layers.roi import MultiLevelRoIAlign
 from kdet.ops.nms import batched_nms
@@ -151,7 +152,7 @@ class TwoMLPHead(keras.layers.Layer):
         self.representation_size = int(representation_size)
         common = dict(activation="relu", kernel_initializer=_torch_linear_kernel(),
                       dtype=self.dtype_policy)
-        self.fc6 = keras.layers.Dense(self.representation_size, name="fc6", **common)
+        self.fc6 = Dense(self.representation_size, name="fc6", **common)
         self.fc7 = keras.layers.Dense(self.representation_size, name="fc7", **common)
 
     def build(self, input_shape):
@@ -206,9 +207,8 @@ class FastRCNNConvFCHead(keras.layers.Layer):
                              bias_initializer="zeros", dtype=self.dtype_policy,
                              name=f"conv{i}")
                       for i, c in enumerate(self.conv_layers)]
-        self.fcs = [keras.layers.Dense(c, activation="relu",
-                                       kernel_initializer=_torch_linear_kernel(),
-                                       dtype=self.dtype_policy, name=f"fc{j}")
+        self.fcs = [Dense(c, activation="relu", kernel_initializer=_torch_linear_kernel(),
+                          dtype=self.dtype_policy, name=f"fc{j}")
                     for j, c in enumerate(self.fc_layers)]
 
     @property
