@@ -2,8 +2,8 @@
 from kdet._lazy import lazy_exports
 
 _EXPORTS = {
-    "Activation": ".activation", "Conv2D": ".conv", "Dense": ".dense", "ConvNormAct": ".conv_norm_act",
-    "SeparableConvNormAct": ".conv_norm_act",
+    "Activation": ".activation", "Conv2D": ".conv", "Dense": ".dense",
+    "ConvNormAct": ".conv_norm_act", "SeparableConvNormAct": ".conv_norm_act",
     "BatchNormalization": ".normalization", "FrozenBatchNormalization": ".normalization",
     "ImageNormalization": ".normalization", "DepthwiseConv2D": ".depthwise",
     "average_batch_norm_statistics": ".normalization", "averaged_batch_norms": ".normalization",
