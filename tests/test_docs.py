@@ -417,7 +417,8 @@ TENSORFLOW_PACKAGES = ("kdet.data", "kdet.export", "kdet.workflow", "kdet.traini
 TENSORFLOW_MODULES = ("kdet.converters.automl", "kdet.ops.nms", "kdet.ops.roi_align",
                       "kdet.layers.normalization", "kdet.layers.depthwise", "kdet.tf_startup",
                       "kdet.distribute", "kdet.ops.winograd", "kdet.layers.conv",
-                      "kdet.losses", "kdet.layers.activation")
+                      "kdet.losses", "kdet.layers.activation", "kdet.ops.long_matmul",
+                      "kdet.layers.dense")
 JAX_MODULES = ("kdet.ops.nms",)
 
 
