@@ -304,8 +304,15 @@ def check_torchvision_recipe(builder, architecture, monkeypatch, with_masks=Fals
 @pytest.mark.slow
 @needs_torchvision
 def test_faster_rcnn_three_steps_match_torchvision_trainer(monkeypatch):
+    # Two steps, not three, as for Mask R-CNN below: the third step's proposal set is
+    # decided by float32 rounding. Measured (session 23, one run each, 2 threads): with the
+    # box head's fc6 as one MatMul the third loss is 1.1294, with it summed in pieces of
+    # 4,096 or 2,048 inputs (kdet.ops.long_matmul; relative 6e-7 from one product) 1.1712
+    # or 1.1717, the reference's 1.1307 (float32 1.1322); the first two losses agree to
+    # 2e-6 in all three, and the weights after three steps lie 1.05e-4 / 1.39e-4 / 1.29e-4
+    # from the float64 reference's, within its own float32 run's 1.71e-4.
     check_torchvision_recipe("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn", monkeypatch,
-                             check_wrong_recipe=True, **RCNN_SETTINGS)
+                             check_wrong_recipe=True, steps=2, **RCNN_SETTINGS)
 
 
 @pytest.mark.slow
