@@ -60,14 +60,15 @@ TILE_RULES = ((4, 256, 49), (4, 128, 169), (2, 256, 49))
 # 21.58 with the direct convolution over the cap, 85.3 against 112.2 CPU s a step.
 # (Step times: benchmarks/RESULTS.md.)
 MAX_TRANSFORMED_BYTES = 256 * 2 ** 20
+# the CPU routes (this module's Winograd convolutions, kdet.layers.dense's long products),
 # switched off while an export traces (see :func:`direct_convolutions`)
 WINOGRAD = True
 
 
 @contextlib.contextmanager
 def direct_convolutions():
-    """Trace with plain convolutions: exported graphs (SavedModel, LiteRT, ONNX) hold
-    ``Conv2D`` ops that every runtime and quantizer knows."""
+    """Trace with plain convolutions and products: exported graphs (SavedModel, LiteRT,
+    ONNX) hold ``Conv2D`` / ``MatMul`` ops that every runtime and quantizer knows."""
     global WINOGRAD
     previous, WINOGRAD = WINOGRAD, False
     try:
@@ -113,6 +114,14 @@ def batch_slices(shape, tile):
     return [size + 1] * larger + [size] * (count - larger)
 
 
+def tensorflow_cpu_route():
+    """Whether a call traced now may take a TensorFlow CPU route (the Winograd convolution,
+    :func:`kdet.ops.long_matmul.long_matmul`): TensorFlow, on CPU, outside XLA, not while an
+    export traces."""
+    return (WINOGRAD and keras.backend.backend() == "tensorflow" and _outside_xla()
+            and _cpu_only())
+
+
 def _outside_xla():
     from tensorflow.python.ops import control_flow_util
 
@@ -142,8 +151,7 @@ class Conv2D(keras.layers.Conv2D):
     def _winograd_tile(self, inputs):
         """The Winograd output tile this call takes (4 or 2), or 0 for the direct op."""
         shape = tuple(inputs.shape)
-        if not (WINOGRAD and keras.backend.backend() == "tensorflow"
-                and len(shape) == 4 and tuple(self.kernel_size) == (3, 3)
+        if not (len(shape) == 4 and tuple(self.kernel_size) == (3, 3)
                 and tuple(self.strides) == (1, 1)
                 and tuple(self.dilation_rate) == (1, 1) and self.padding == "same"
                 and self.groups == 1 and self.data_format == "channels_last"
@@ -152,7 +160,7 @@ class Conv2D(keras.layers.Conv2D):
                 and keras.backend.standardize_dtype(self.kernel.dtype) == "float32"):
             return 0
         tile = winograd_tile(shape)
-        return tile if tile and _outside_xla() and _cpu_only() else 0
+        return tile if tile and tensorflow_cpu_route() else 0
 
     def _transformed_kernel(self, tile):
         """The kernel in the Winograd domain, computed once per traced graph: a head shared

@@ -10,8 +10,7 @@ keep ``keras.layers.Dense``. Same arguments, variables and results (to float32 r
 import keras
 from keras import ops
 
-from kdet.layers import conv
-from kdet.layers.depthwise import _cpu_only
+from kdet.layers.conv import tensorflow_cpu_route
 from kdet.ops.long_matmul import MIN_INNER
 
 
@@ -27,12 +26,11 @@ class Dense(keras.layers.Dense):
 
     def _long_route(self, inputs):
         """Whether this call takes :func:`~kdet.ops.long_matmul.long_matmul`."""
-        return (conv.WINOGRAD and keras.backend.backend() == "tensorflow"
-                and inputs.shape[-1] is not None and inputs.shape[-1] >= MIN_INNER
+        return (inputs.shape[-1] is not None and inputs.shape[-1] >= MIN_INNER
                 and self.quantization_mode is None and not self.lora_enabled
                 and keras.backend.standardize_dtype(inputs.dtype) == "float32"
                 and keras.backend.standardize_dtype(self.kernel.dtype) == "float32"
-                and conv._outside_xla() and _cpu_only())
+                and tensorflow_cpu_route())
 
     def call(self, inputs, training=None):
         if not self._long_route(inputs):
