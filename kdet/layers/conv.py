@@ -151,7 +151,10 @@ class Conv2D(keras.layers.Conv2D):
     def _winograd_tile(self, inputs):
         """The Winograd output tile this call takes (4 or 2), or 0 for the direct op."""
         shape = tuple(inputs.shape)
-        if not (len(shape) == 4 and tuple(self.kernel_size) == (3, 3)
+        # the route first: on JAX the shapes may be symbolic, which winograd_tile's
+        # comparisons cannot decide
+        if not (tensorflow_cpu_route() and len(shape) == 4
+                and tuple(self.kernel_size) == (3, 3)
                 and tuple(self.strides) == (1, 1)
                 and tuple(self.dilation_rate) == (1, 1) and self.padding == "same"
                 and self.groups == 1 and self.data_format == "channels_last"
@@ -159,8 +162,7 @@ class Conv2D(keras.layers.Conv2D):
                 and keras.backend.standardize_dtype(inputs.dtype) == "float32"
                 and keras.backend.standardize_dtype(self.kernel.dtype) == "float32"):
             return 0
-        tile = winograd_tile(shape)
-        return tile if tile and tensorflow_cpu_route() else 0
+        return winograd_tile(shape)
 
     def _transformed_kernel(self, tile):
         """The kernel in the Winograd domain, computed once per traced graph: a head shared

@@ -26,11 +26,12 @@ class Dense(keras.layers.Dense):
 
     def _long_route(self, inputs):
         """Whether this call takes :func:`~kdet.ops.long_matmul.long_matmul`."""
-        return (inputs.shape[-1] is not None and inputs.shape[-1] >= MIN_INNER
+        # the route first: on JAX the shapes may be symbolic
+        return (tensorflow_cpu_route()
+                and inputs.shape[-1] is not None and inputs.shape[-1] >= MIN_INNER
                 and self.quantization_mode is None and not self.lora_enabled
                 and keras.backend.standardize_dtype(inputs.dtype) == "float32"
-                and keras.backend.standardize_dtype(self.kernel.dtype) == "float32"
-                and tensorflow_cpu_route())
+                and keras.backend.standardize_dtype(self.kernel.dtype) == "float32")
 
     def call(self, inputs, training=None):
         if not self._long_route(inputs):
