@@ -5,6 +5,11 @@ every training step faults its pages in again (45 % of a Mask R-CNN step's CPU t
 batch 4, 800 px: ``benchmarks/RESULTS.md``, session 18). The choice is read when
 TensorFlow makes its first CPU tensor, hence a fresh interpreter per case. Only the
 BFC allocator reports ``get_memory_info`` on the CPU: that is what tells them apart.
+
+Where TensorFlow turns oneDNN's rewrites on (x86 CPUs with AVX-512's neural-network
+extensions), its CPU allocator without BFC is oneDNN's own pool, which reports stats too (and
+does not fault pages in per step either); the probes turn the rewrites off
+(``TF_ENABLE_ONEDNN_OPTS=0``) so that they test the malloc / BFC choice on any CPU.
 """
 import os
 import subprocess
@@ -27,7 +32,7 @@ except ValueError as error:
 def _allocator(**env):
     base = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}
     result = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
-                            timeout=300, env=dict(base, TF_CPP_MIN_LOG_LEVEL="3",
+                            timeout=300, env=dict(base, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0",
                                                   PYTHONPATH=os.pathsep.join(sys.path), **env))
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout.strip().splitlines()[-1]
