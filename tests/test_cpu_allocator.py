@@ -32,7 +32,8 @@ except ValueError as error:
 def _allocator(**env):
     base = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}
     result = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
-                            timeout=300, env=dict(base, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0",
+                            timeout=300, env=dict(base, TF_CPP_MIN_LOG_LEVEL="3",
+                                                  TF_ENABLE_ONEDNN_OPTS="0",
                                                   PYTHONPATH=os.pathsep.join(sys.path), **env))
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout.strip().splitlines()[-1]
