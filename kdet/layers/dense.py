@@ -11,7 +11,7 @@ import keras
 from keras import ops
 
 from kdet.layers.conv import tensorflow_cpu_route
-from kdet.ops.long_matmul import MIN_INNER
+from kdet.ops.long_matmul import MIN_INNER, long_matmul
 
 
 @keras.saving.register_keras_serializable(package="kdet")
@@ -37,8 +37,6 @@ class Dense(keras.layers.Dense):
         if not self._long_route(inputs):
             return super().call(inputs, training=training)
         import tensorflow as tf
-
-        from kdet.ops.long_matmul import long_matmul
 
         rows = tf.reshape(inputs, (-1, inputs.shape[-1]))
         x = long_matmul(rows, tf.convert_to_tensor(self.kernel))
